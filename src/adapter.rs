@@ -1,0 +1,230 @@
+//! Stage 2 plumbing: attach LoRA adapters, move them in and out of HF PEFT's format, merge them.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ParamGroup, ParamId};
+
+use crate::error::{EmlocError, Result};
+use crate::matrix::Matrix;
+use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
+use crate::nn::{Linear, LoraAdapter, LoraConfig};
+use crate::peft::{LayerShape, PeftAdapter, PeftConfig, PeftLayer};
+
+/// Every `emloc::nn::Linear` of `model` with its shape, in traversal order.
+pub fn linear_layers<M: Module>(model: &M) -> Vec<LayerShape> {
+    let mut layers = Vec::new();
+    for_each_linear(model, |path, linear| {
+        layers.push(LayerShape {
+            path: path.to_string(),
+            d_in: linear.d_input(),
+            d_out: linear.d_output(),
+        })
+    });
+    layers
+}
+
+/// The error for a selection that matched nothing, naming stock `burn::nn::Linear` layers.
+fn no_layer_error<M: Module>(model: &M, what: String) -> EmlocError {
+    let emloc: Vec<String> = linear_layers(model).into_iter().map(|l| l.path).collect();
+    let stock: Vec<String> =
+        all_linear_paths(model).into_iter().filter(|p| !emloc.contains(p)).collect();
+    if stock.is_empty() {
+        EmlocError::NoMatchingLayers(what)
+    } else {
+        EmlocError::NoMatchingLayers(format!(
+            "{what}; these layers are stock burn::nn::Linear, which emloc cannot adapt (use \
+             emloc::nn::Linear, or Burn's own Module::apply_lora for dense LoRA): {stock:?}"
+        ))
+    }
+}
+
+/// Freezes every parameter of `model` except those in `trainable`.
+fn train_only<M: Module>(model: M, trainable: Vec<ParamId>) -> M {
+    model.no_grad().set_require_grad_group(ParamGroup::from_ids(trainable), true)
+}
+
+fn adapter_ids(lora: &LoraAdapter) -> [ParamId; 2] {
+    [lora.a.id, lora.b.id]
+}
+
+/// Attaches fresh LoRA adapters (PEFT init: `A` Kaiming-uniform, `B = 0`) to every
+/// `emloc::nn::Linear` that `config` targets, dense or emulated, and freezes every other
+/// parameter. Returns the model and the adapted module paths.
+///
+/// Fails before changing anything when the config is invalid, nothing is targeted, or a targeted
+/// layer already carries an adapter.
+pub fn attach_lora<M: Module>(model: M, config: &LoraConfig) -> Result<(M, Vec<String>)> {
+    config.validate()?;
+    let mut targets = Vec::new();
+    let mut problem = None;
+    for_each_linear(&model, |path, linear| match config.targets(path) {
+        Ok(true) if linear.lora.is_some() => {
+            problem.get_or_insert(EmlocError::InvalidConfig(format!(
+                "layer `{path}` already carries a LoRA adapter"
+            )));
+        }
+        Ok(true) => targets.push(path.to_string()),
+        Ok(false) => {}
+        Err(e) => {
+            problem.get_or_insert(e);
+        }
+    });
+    if let Some(e) = problem {
+        return Err(e);
+    }
+    if targets.is_empty() {
+        return Err(no_layer_error(&model, format!("the LoRA targets of {config:?}")));
+    }
+    let mut trainable = Vec::new();
+    let model = map_linears(model, |path, mut linear| {
+        if targets.iter().any(|t| t == path) {
+            let device = linear_device(&linear);
+            let lora = config.init(linear.d_input(), linear.d_output(), &device);
+            trainable.extend(adapter_ids(&lora));
+            linear.lora = Some(lora);
+        }
+        linear
+    });
+    Ok((train_only(model, trainable), targets))
+}
+
+fn linear_device(linear: &Linear) -> burn::tensor::Device {
+    match &linear.factors {
+        Some(f) => f.w_v.val().device(),
+        None => linear.weight.val().device(),
+    }
+}
+
+/// Reads every attached adapter into HF PEFT's format (`lora_A` `[r, d_in]`, `lora_B`
+/// `[d_out, r]`). Ranks and alphas that differ from the most common one go to `rank_pattern` /
+/// `alpha_pattern`; `target_modules` lists the adapted paths.
+pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
+    let mut layers = BTreeMap::new();
+    let mut meta = Vec::new();
+    for_each_linear(model, |path, linear| {
+        if let Some(lora) = &linear.lora {
+            layers.insert(
+                path.to_string(),
+                PeftLayer {
+                    lora_a: Matrix::from_tensor(lora.a.val()).transpose(),
+                    lora_b: Matrix::from_tensor(lora.b.val()).transpose(),
+                },
+            );
+            meta.push((path.to_string(), lora.rank(), lora.alpha, lora.use_rslora, lora.dropout.prob));
+        }
+    });
+    let Some(first) = meta.first() else {
+        return Err(no_layer_error(model, "any layer carrying a LoRA adapter".into()));
+    };
+    if meta.iter().any(|m| m.3 != first.3) {
+        return Err(EmlocError::InvalidConfig(
+            "adapters mix rsLoRA and plain scaling; PEFT's format stores one setting".into(),
+        ));
+    }
+    let rank = most_common(meta.iter().map(|m| m.1 as f64)) as usize;
+    let alpha = most_common(meta.iter().map(|m| m.2));
+    let mut config = PeftConfig::new(rank, alpha, meta.iter().map(|m| m.0.clone()).collect());
+    config.use_rslora = first.3;
+    config.lora_dropout = first.4;
+    for (path, r, a, _, _) in &meta {
+        if *r != rank {
+            config.rank_pattern.insert(path.clone(), *r);
+        }
+        if *a != alpha {
+            config.alpha_pattern.insert(path.clone(), *a);
+        }
+    }
+    Ok(PeftAdapter { config, layers })
+}
+
+fn most_common(values: impl Iterator<Item = f64>) -> f64 {
+    let mut counts: Vec<(f64, usize)> = Vec::new();
+    for v in values {
+        match counts.iter_mut().find(|(x, _)| *x == v) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((v, 1)),
+        }
+    }
+    counts.iter().max_by_key(|(_, n)| *n).map(|(v, _)| *v).unwrap_or(0.0)
+}
+
+/// Checks that `adapter` fits `model` and that every targeted layer is in the wanted form.
+fn check_adapter<M: Module>(model: &M, adapter: &PeftAdapter, dense_only: bool) -> Result<()> {
+    adapter.check_fits(&linear_layers(model))?;
+    let mut problem = None;
+    for_each_linear(model, |path, linear| {
+        if adapter.layers.contains_key(path) && problem.is_none() {
+            if dense_only && linear.is_emulated() {
+                problem = Some(EmlocError::InvalidConfig(format!(
+                    "layer `{path}` is an emulator layer; merge adapters into the original model"
+                )));
+            } else if linear.lora.is_some() {
+                problem = Some(EmlocError::InvalidConfig(format!(
+                    "layer `{path}` already carries a LoRA adapter"
+                )));
+            }
+        }
+    });
+    problem.map_or(Ok(()), Err)
+}
+
+/// Attaches a PEFT adapter to `model` unmerged (serving beside the original weights, or to keep
+/// training), freezing every other parameter. The adapter is validated against the model first.
+pub fn attach_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
+    check_adapter(&model, adapter, false)?;
+    let mut trainable = Vec::new();
+    let model = map_linears(model, |path, mut linear| {
+        if let Some(layer) = adapter.layers.get(path) {
+            let device = linear_device(&linear);
+            let lora = LoraAdapter::new(
+                layer.lora_a.transpose().to_tensor(&device),
+                layer.lora_b.transpose().to_tensor(&device),
+                adapter.config.alpha_for(path),
+                adapter.config.use_rslora,
+                adapter.config.lora_dropout,
+            );
+            trainable.extend(adapter_ids(&lora));
+            linear.lora = Some(lora);
+        }
+        linear
+    });
+    Ok(train_only(model, trainable))
+}
+
+/// Merges a PEFT adapter into the dense weights of `model` in f32: `W ← W + s · B A`.
+/// Validated first: every adapter layer must exist, be dense, carry no adapter and fit in shape.
+pub fn merge_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
+    check_adapter(&model, adapter, true)?;
+    Ok(map_linears(model, |path, mut linear| {
+        if let Some(layer) = adapter.layers.get(path) {
+            let device = linear.weight.val().device();
+            let scale = adapter.config.scale_for(path);
+            let a = layer.lora_a.transpose().to_tensor(&device);
+            let b = layer.lora_b.transpose().to_tensor(&device);
+            let delta = a.matmul(b).mul_scalar(scale);
+            linear.weight = linear.weight.map(|w| {
+                let dtype = w.dtype();
+                (w.cast(burn::tensor::FloatDType::F32) + delta).cast(dtype)
+            });
+        }
+        linear
+    }))
+}
+
+/// Folds every attached adapter of a dense `model` into its weights (`W ← W + s · B A`) and
+/// removes the adapters. Emulator layers keep their adapters (merging would densify them).
+pub fn merge_lora<M: Module>(model: M) -> M {
+    map_linears(model, |_, mut linear| {
+        if linear.factors.is_none()
+            && let Some(lora) = linear.lora.take()
+        {
+            let delta = lora.delta();
+            linear.weight = linear.weight.map(|w| {
+                let dtype = w.dtype();
+                (w.cast(burn::tensor::FloatDType::F32) + delta.cast(burn::tensor::FloatDType::F32))
+                    .cast(dtype)
+            });
+        }
+        linear
+    })
+}

@@ -1,0 +1,97 @@
+//! Calibration statistics: each selected layer's input Gram matrix `XᵀX` and token count,
+//! accumulated on the layer's device in `f32` while the original model runs on calibration data.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use burn::module::ParamId;
+use burn::tensor::{FloatDType, Tensor};
+
+/// Open calibration sessions in the process; `record` returns at once when zero, so a model that
+/// is not being calibrated pays one atomic load per linear forward.
+static OPEN_SESSIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Accumulators keyed by the id of the layer's weight parameter (unique per layer).
+static ACCUMULATORS: Mutex<Option<HashMap<ParamId, GramAccumulator>>> = Mutex::new(None);
+
+fn accumulators() -> MutexGuard<'static, Option<HashMap<ParamId, GramAccumulator>>> {
+    // A panic inside another session's forward must not poison every later calibration.
+    ACCUMULATORS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The running sum `Σ x xᵀ` over every token a layer has seen.
+#[derive(Debug, Default)]
+pub(crate) struct GramAccumulator {
+    /// `[d_in, d_in]` in f32, on the layer's device; `None` until the first token.
+    pub gram: Option<Tensor<2>>,
+    /// Number of tokens (rows of X) accumulated.
+    pub tokens: u64,
+}
+
+/// Called by `Linear::forward` with its input `[..., d_in]`.
+pub(crate) fn record<const D: usize>(id: &ParamId, input: &Tensor<D>) {
+    if OPEN_SESSIONS.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let mut guard = accumulators();
+    let Some(acc) = guard.as_mut().and_then(|map| map.get_mut(id)) else {
+        return;
+    };
+    let d_in = input.dims()[D - 1];
+    // Statistics only: no autodiff graph, and f32 even when the model runs in f16/bf16.
+    let x: Tensor<2> = input
+        .clone()
+        .without_autodiff()
+        .cast(FloatDType::F32)
+        .reshape([-1, d_in as i64]);
+    let tokens = x.dims()[0] as u64;
+    let gram = x.clone().transpose().matmul(x);
+    acc.gram = Some(match acc.gram.take() {
+        Some(g) => g + gram,
+        None => gram,
+    });
+    acc.tokens += tokens;
+}
+
+/// Registers layers for Gram accumulation until [`finish`](Self::finish) or drop.
+pub(crate) struct CalibrationSession {
+    ids: Vec<ParamId>,
+    open: bool,
+}
+
+impl CalibrationSession {
+    pub(crate) fn start(ids: Vec<ParamId>) -> Self {
+        {
+            let mut guard = accumulators();
+            let map = guard.get_or_insert_with(HashMap::new);
+            for id in &ids {
+                map.insert(*id, GramAccumulator::default());
+            }
+        }
+        OPEN_SESSIONS.fetch_add(1, Ordering::AcqRel);
+        Self { ids, open: true }
+    }
+
+    /// Stops recording and returns each layer's accumulator, in registration order.
+    pub(crate) fn finish(mut self) -> Vec<GramAccumulator> {
+        self.take_all()
+    }
+
+    fn take_all(&mut self) -> Vec<GramAccumulator> {
+        if !std::mem::replace(&mut self.open, false) {
+            return Vec::new();
+        }
+        let ids = std::mem::take(&mut self.ids);
+        OPEN_SESSIONS.fetch_sub(1, Ordering::AcqRel);
+        let mut guard = accumulators();
+        let map = guard.get_or_insert_with(HashMap::new);
+        ids.iter().map(|id| map.remove(id).unwrap_or_default()).collect()
+    }
+}
+
+impl Drop for CalibrationSession {
+    fn drop(&mut self) {
+        self.take_all();
+    }
+}

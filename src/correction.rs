@@ -1,0 +1,373 @@
+//! Stage 3: closed-form LoRA correction for the emulator/original mismatch.
+//!
+//! Per adapted layer, in f64 on the host: `Aᵀ = P Σ_A Rᵀ` (thin SVD), `A' = Pᵀ`,
+//! `B' = B R Σ_A`, `C = (W − W^E) P`, `γ_j = min(1, L · mean|s B'_{:,j}| / mean|C_{:,j}|)`,
+//! `A_c = A'`, `B_c = B' − C diag(γ) / s`. With `Γ = I`, `(W + s B_c A_c) x = (W^E + s B A) x`
+//! for every `x` in span(P), and the layer is untouched on span(P)^⊥.
+//!
+//! Unlike the official release, `C` is divided by the adapter scale `s` (`α/r`, or `α/√r` for
+//! rsLoRA), which the release omits because its configs use `α = r`, and the clamp compares
+//! `s · B'` with `C`; everything is computed in f64 rather than bf16.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::module::Module;
+use faer::Mat;
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::export_adapter;
+use crate::emulator::factorize::{weight_to_faer};
+use crate::error::{EmlocError, Result};
+use crate::matrix::Matrix;
+use crate::nn::hooks::for_each_linear;
+use crate::peft::{PeftAdapter, PeftLayer};
+
+/// Settings of the correction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CorrectionConfig {
+    /// Clamp `L`: a column's correction is scaled down so that its mean magnitude stays within
+    /// `L` times the adapter's own (`γ_j = min(1, L β_j / κ_j)`). `f64::INFINITY` disables it.
+    pub clamp: f64,
+}
+
+impl Default for CorrectionConfig {
+    fn default() -> Self {
+        Self { clamp: 3.0 }
+    }
+}
+
+/// What the correction did to one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCorrection {
+    /// Module path.
+    pub path: String,
+    /// Adapter rank.
+    pub rank: usize,
+    /// `‖C‖_F = ‖(W − W^E) P‖_F`.
+    pub discrepancy_norm: f64,
+    /// Per-column clamp factors `γ_j`.
+    pub gamma: Vec<f64>,
+}
+
+/// What [`correct`] did, layer by layer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CorrectionReport {
+    /// Corrected layers in path order.
+    pub layers: Vec<LayerCorrection>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// The frozen weight the adapter was trained against, `W^E` or `W`.
+pub enum TrainedBase<'a> {
+    /// Emulator factors in Burn orientation: `w_v` `[d_in, k]`, `w_u` `[k, d_out]`.
+    Factors {
+        /// `W_vᵀ`.
+        w_v: &'a Matrix,
+        /// `W_uᵀ`.
+        w_u: &'a Matrix,
+    },
+    /// A dense weight in Burn orientation `[d_in, d_out]` (a layer the emulator kept dense).
+    Dense(&'a Matrix),
+}
+
+/// Corrects one adapter. `weight` is the original `Wᵀ` (`[d_in, d_out]`), `lora` the trained
+/// adapter in PEFT layout, `scale` its `s`. Returns the corrected adapter (PEFT layout) and
+/// the layer report.
+pub fn correct_layer(
+    path: &str,
+    weight: &Matrix,
+    trained_base: TrainedBase<'_>,
+    lora: &PeftLayer,
+    scale: f64,
+    config: &CorrectionConfig,
+) -> Result<(PeftLayer, LayerCorrection)> {
+    let (d_in, d_out) = (weight.rows, weight.cols);
+    let r = lora.lora_a.rows;
+    let to_f64 = |m: &Matrix| Mat::<f64>::from_fn(m.rows, m.cols, |i, j| m.get(i, j) as f64);
+    let a = to_f64(&lora.lora_a); // [r, d_in]
+    let b = to_f64(&lora.lora_b); // [d_out, r]
+
+    let svd = a.transpose().thin_svd().map_err(|e| EmlocError::Linalg {
+        layer: path.to_string(),
+        message: format!("thin SVD of Aᵀ failed: {e:?}"),
+    })?;
+    let p = svd.U(); // [d_in, r]
+    let sigma_a: Vec<f64> = (0..r).map(|i| svd.S().column_vector()[i]).collect();
+    let mut b_prime = &b * svd.V(); // B R, then · Σ_A
+    for (j, s) in sigma_a.iter().enumerate() {
+        b_prime.col_mut(j).iter_mut().for_each(|v| *v *= s);
+    }
+
+    // C = W P − W^E P, each product formed without a dense W^E.
+    let w = weight_to_faer(weight); // [d_out, d_in]
+    let w_p = &w * p;
+    let we_p = match trained_base {
+        TrainedBase::Dense(we) => weight_to_faer(we) * p,
+        TrainedBase::Factors { w_v, w_u } => {
+            let w_v = weight_to_faer(w_v); // W_v [k, d_in]
+            let w_u = weight_to_faer(w_u); // W_u [d_out, k]
+            w_u * (w_v * p)
+        }
+    };
+    let c = w_p - we_p; // [d_out, r]
+
+    let mut gamma = Vec::with_capacity(r);
+    let mut b_c = b_prime.clone();
+    for j in 0..r {
+        let beta = b_prime.col(j).iter().map(|v| (scale * v).abs()).sum::<f64>() / d_out as f64;
+        let kappa = c.col(j).iter().map(|v| v.abs()).sum::<f64>() / d_out as f64;
+        let g = if kappa == 0.0 {
+            1.0
+        } else if beta == 0.0 {
+            0.0
+        } else {
+            (config.clamp * beta / kappa).min(1.0)
+        };
+        gamma.push(g);
+        for i in 0..d_out {
+            b_c[(i, j)] -= c[(i, j)] * g / scale;
+        }
+    }
+    let corrected = PeftLayer {
+        lora_a: Matrix::new(r, d_in, (0..r * d_in).map(|x| p[(x % d_in, x / d_in)] as f32).collect()),
+        lora_b: Matrix::new(d_out, r, (0..d_out * r).map(|x| b_c[(x / r, x % r)] as f32).collect()),
+    };
+    let discrepancy_norm = c.norm_l2();
+    Ok((corrected, LayerCorrection { path: path.to_string(), rank: r, discrepancy_norm, gamma }))
+}
+
+/// Corrects every adapter carried by `emulator` (trained on it) against `original`, returning
+/// the corrected adapter in PEFT format, ready to [`merge_adapter`](crate::merge_adapter) into
+/// (or [`attach_adapter`](crate::attach_adapter) to) the original model.
+///
+/// Both models must have the same layer paths and shapes; `original`'s adapted layers must be
+/// dense. Checked before any work.
+pub fn correct<M: Module>(
+    original: &M,
+    emulator: &M,
+    config: &CorrectionConfig,
+) -> Result<(PeftAdapter, CorrectionReport)> {
+    if config.clamp.is_nan() || config.clamp <= 0.0 {
+        return Err(EmlocError::InvalidConfig(format!(
+            "correction clamp must be positive, got {}",
+            config.clamp
+        )));
+    }
+    let started = Instant::now();
+    let trained = export_adapter(emulator)?;
+
+    // Everything the correction needs from the emulator, per layer.
+    let mut bases: BTreeMap<String, (Option<(Matrix, Matrix)>, Option<Matrix>)> = BTreeMap::new();
+    for_each_linear(emulator, |path, linear| {
+        if trained.layers.contains_key(path) {
+            let base = match &linear.factors {
+                Some(f) => (Some((Matrix::from_tensor(f.w_v.val()), Matrix::from_tensor(f.w_u.val()))), None),
+                None => (None, Some(Matrix::from_tensor(linear.weight.val()))),
+            };
+            bases.insert(path.to_string(), base);
+        }
+    });
+
+    let mut originals: BTreeMap<String, Matrix> = BTreeMap::new();
+    let mut problem = None;
+    for_each_linear(original, |path, linear| {
+        let Some(lora) = trained.layers.get(path) else { return };
+        if problem.is_some() {
+            return;
+        }
+        let expected = vec![lora.lora_a.cols, lora.lora_b.rows];
+        let found = vec![linear.d_input(), linear.d_output()];
+        if linear.is_emulated() {
+            problem = Some(EmlocError::InvalidConfig(format!(
+                "layer `{path}` of the original model is an emulator layer"
+            )));
+        } else if found != expected {
+            problem = Some(EmlocError::ShapeMismatch { name: path.to_string(), expected, found });
+        } else {
+            originals.insert(path.to_string(), Matrix::from_tensor(linear.weight.val()));
+        }
+    });
+    if let Some(e) = problem {
+        return Err(e);
+    }
+    if let Some(missing) = trained.layers.keys().find(|p| !originals.contains_key(*p)) {
+        return Err(EmlocError::NoMatchingLayers(format!(
+            "the adapted emulator layer `{missing}` in the original model"
+        )));
+    }
+
+    let mut corrected = BTreeMap::new();
+    let mut layers = Vec::new();
+    for (path, lora) in &trained.layers {
+        let weight = &originals[path];
+        let (factors, dense) = &bases[path];
+        let base = match (factors, dense) {
+            (Some((w_v, w_u)), _) => TrainedBase::Factors { w_v, w_u },
+            (None, Some(we)) => TrainedBase::Dense(we),
+            (None, None) => unreachable!("every adapted layer has a base"),
+        };
+        let scale = trained.config.scale_for(path);
+        let (layer, report) = correct_layer(path, weight, base, lora, scale, config)?;
+        corrected.insert(path.clone(), layer);
+        layers.push(report);
+    }
+    Ok((
+        PeftAdapter { config: trained.config, layers: corrected },
+        CorrectionReport { layers, seconds: started.elapsed().as_secs_f64() },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::factorize::weight_to_faer;
+
+    fn noise(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+            })
+            .collect()
+    }
+
+    struct Case {
+        weight: Matrix,
+        w_v: Matrix,
+        w_u: Matrix,
+        lora: PeftLayer,
+    }
+
+    fn case(d_in: usize, d_out: usize, k: usize, r: usize, b_scale: f32) -> Case {
+        Case {
+            weight: Matrix::new(d_in, d_out, noise(1, d_in * d_out)),
+            w_v: Matrix::new(d_in, k, noise(2, d_in * k)),
+            w_u: Matrix::new(k, d_out, noise(3, k * d_out)),
+            lora: PeftLayer {
+                lora_a: Matrix::new(r, d_in, noise(4, r * d_in)),
+                lora_b: Matrix::new(d_out, r, noise(5, d_out * r).iter().map(|v| v * b_scale).collect()),
+            },
+        }
+    }
+
+    /// y = M x for PEFT-layout LoRA `W + s B A` (W given as Burn [d_in, d_out]).
+    fn apply(w: &Mat<f64>, lora: &PeftLayer, s: f64, x: &Mat<f64>) -> Mat<f64> {
+        let a = weight_to_faer(&lora.lora_a.transpose());
+        let b = weight_to_faer(&lora.lora_b.transpose());
+        w * x + (b * (a * x)) * s
+    }
+
+    fn rel(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+        (a - b).norm_l2() / b.norm_l2()
+    }
+
+    fn check_identity(s: f64) {
+        let (d_in, d_out, k, r) = (20, 14, 5, 3);
+        let c = case(d_in, d_out, k, r, 1.0);
+        let cfg = CorrectionConfig { clamp: f64::INFINITY };
+        let base = TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
+        let (corrected, report) = correct_layer("l", &c.weight, base, &c.lora, s, &cfg).unwrap();
+        assert!(report.gamma.iter().all(|&g| g == 1.0));
+        assert!(report.discrepancy_norm > 0.0);
+
+        let w = weight_to_faer(&c.weight);
+        let w_e = weight_to_faer(&c.w_u) * weight_to_faer(&c.w_v);
+        // x in span(P) = row space of A: x = Aᵀ z.
+        let a_t = weight_to_faer(&c.lora.lora_a.transpose()).transpose().to_owned();
+        let z = Mat::from_fn(r, 4, |i, j| noise(6, r * 4)[i * 4 + j] as f64);
+        let x_in = &a_t * &z;
+        let lhs = apply(&w, &corrected, s, &x_in);
+        let rhs = apply(&w_e, &c.lora, s, &x_in);
+        assert!(rel(&lhs, &rhs) < 1e-5, "span(P): {}", rel(&lhs, &rhs));
+
+        // x ⊥ span(P): the original layer is untouched.
+        let x = Mat::from_fn(d_in, 4, |i, j| noise(7, d_in * 4)[i * 4 + j] as f64);
+        let svd = a_t.thin_svd().unwrap();
+        let p = svd.U();
+        let x_perp = &x - p * (p.transpose() * &x);
+        let lhs = apply(&w, &corrected, s, &x_perp);
+        assert!(rel(&lhs, &(&w * &x_perp)) < 1e-5);
+    }
+
+    #[test]
+    fn correction_is_exact_on_span_p_with_scale_two() {
+        check_identity(lora_scale_for_test(16.0, 8, false));
+    }
+
+    #[test]
+    fn correction_is_exact_on_span_p_with_rslora() {
+        check_identity(lora_scale_for_test(4.0, 3, true));
+    }
+
+    fn lora_scale_for_test(alpha: f64, r: usize, rs: bool) -> f64 {
+        let s = crate::nn::lora_scale(alpha, r, rs);
+        assert_ne!(s, 1.0);
+        s
+    }
+
+    #[test]
+    fn clamp_limits_a_correction_much_larger_than_the_adapter() {
+        // B tiny (1e-3), emulator far from W: every column's κ ≫ β, so γ_j = L β_j / κ_j < 1.
+        let c = case(16, 12, 2, 2, 1e-3);
+        let s = 0.5;
+        let clamp = 3.0;
+        let base = TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
+        let (corrected, report) =
+            correct_layer("l", &c.weight, base, &c.lora, s, &CorrectionConfig { clamp }).unwrap();
+        let (unclamped, _) = correct_layer(
+            "l",
+            &c.weight,
+            TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u },
+            &c.lora,
+            s,
+            &CorrectionConfig { clamp: f64::INFINITY },
+        )
+        .unwrap();
+        assert!(report.gamma.iter().all(|&g| g > 0.0 && g < 1.0), "{:?}", report.gamma);
+        // Recompute γ independently from the definitions: B' = B R Σ_A, C = (W − W^E) P.
+        let a_t = weight_to_faer(&c.lora.lora_a.transpose()).transpose().to_owned();
+        let svd = a_t.thin_svd().unwrap();
+        let b = weight_to_faer(&c.lora.lora_b.transpose()); // [d_out, r]
+        let mut b_prime = &b * svd.V();
+        for j in 0..2 {
+            let sj = svd.S().column_vector()[j];
+            b_prime.col_mut(j).iter_mut().for_each(|v| *v *= sj);
+        }
+        let w_diff = weight_to_faer(&c.weight) - weight_to_faer(&c.w_u) * weight_to_faer(&c.w_v);
+        let cm = w_diff * svd.U();
+        for j in 0..2 {
+            let beta = b_prime.col(j).iter().map(|v| (s * v).abs()).sum::<f64>() / 12.0;
+            let kappa = cm.col(j).iter().map(|v| v.abs()).sum::<f64>() / 12.0;
+            assert!((report.gamma[j] - clamp * beta / kappa).abs() < 1e-9);
+            // The clamped correction moved B' by exactly γ_j times the unclamped move.
+            for i in 0..12 {
+                let moved = corrected.lora_b.get(i, j) as f64 - b_prime[(i, j)];
+                let full = unclamped.lora_b.get(i, j) as f64 - b_prime[(i, j)];
+                assert!((moved - report.gamma[j] * full).abs() < 1e-4 * full.abs().max(1e-3));
+            }
+        }
+    }
+
+    #[test]
+    fn zero_adapter_columns_get_no_correction_and_equal_bases_none() {
+        let mut c = case(10, 8, 3, 2, 0.0);
+        let s = 2.0;
+        let base = TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
+        let (corrected, report) = correct_layer("l", &c.weight, base, &c.lora, s, &Default::default()).unwrap();
+        assert!(report.gamma.iter().all(|&g| g == 0.0));
+        assert!(corrected.lora_b.data.iter().all(|&v| v == 0.0));
+        // Trained on the dense original itself: C = 0, γ = 1, the adapter's product is kept.
+        c.lora.lora_b = Matrix::new(8, 2, noise(9, 16));
+        let (corrected, report) =
+            correct_layer("l", &c.weight, TrainedBase::Dense(&c.weight), &c.lora, s, &Default::default()).unwrap();
+        assert_eq!(report.discrepancy_norm, 0.0);
+        let x = Mat::from_fn(10, 3, |i, j| noise(10, 30)[i * 3 + j] as f64);
+        let w = weight_to_faer(&c.weight);
+        assert!(rel(&apply(&w, &corrected, s, &x), &apply(&w, &c.lora, s, &x)) < 1e-5);
+    }
+}

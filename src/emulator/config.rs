@@ -1,0 +1,184 @@
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EmlocError, Result};
+
+/// How much of a layer the emulator keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// Keep-ratio ρ ∈ (0, 1): the fraction of the layer's parameters kept,
+    /// `k = ⌊ρ · d_in · d_out / (d_in + d_out)⌋`.
+    Ratio(f64),
+    /// An explicit rank `k ∈ 1..=min(d_in, d_out)`.
+    Rank(usize),
+    /// Leave the layer dense.
+    Full,
+}
+
+/// One rule: layers whose module path fully matches `pattern` get `keep`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerRule {
+    /// A regex over the dot-joined module path (e.g. `layers\.\d+\.attention\..*`); it must match
+    /// the whole path.
+    pub pattern: String,
+    /// What matching layers keep.
+    pub keep: Keep,
+}
+
+impl LayerRule {
+    /// A rule keeping ratio `ratio` of layers matching `pattern`.
+    pub fn ratio(pattern: impl Into<String>, ratio: f64) -> Self {
+        Self { pattern: pattern.into(), keep: Keep::Ratio(ratio) }
+    }
+
+    /// A rule leaving layers matching `pattern` dense.
+    pub fn full(pattern: impl Into<String>) -> Self {
+        Self { pattern: pattern.into(), keep: Keep::Full }
+    }
+}
+
+/// Which whitening `S` (with `S Sᵀ = XᵀX`) to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhiteningMethod {
+    /// Cholesky `G = L Lᵀ` with relative damping retries, then the eigen path if damping runs out.
+    Cholesky,
+    /// Symmetric eigendecomposition with floored eigenvalues (robust, slower).
+    Eigen,
+    /// No whitening (`S = I`): plain truncated SVD of the weight, the ablation baseline.
+    None,
+}
+
+/// Numerical settings of the whitening step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WhiteningConfig {
+    /// Method to try first.
+    pub method: WhiteningMethod,
+    /// First damping tried after an undamped failure, relative to `mean(diag G)`.
+    pub initial_damping: f64,
+    /// Factor by which the damping grows on each failure.
+    pub damping_growth: f64,
+    /// Damped attempts before falling back to the eigen path.
+    pub max_damping_attempts: usize,
+    /// A Cholesky pivot `L_jj²` below `pivot_tolerance · mean(diag G)` counts as a failure: the
+    /// matrix is numerically singular and `S⁻¹` would amplify rounding noise.
+    pub pivot_tolerance: f64,
+    /// Eigen path: eigenvalues are floored at `eigen_floor · mean(λ)`.
+    pub eigen_floor: f64,
+}
+
+impl Default for WhiteningConfig {
+    fn default() -> Self {
+        Self {
+            method: WhiteningMethod::Cholesky,
+            initial_damping: 1e-6,
+            damping_growth: 10.0,
+            max_damping_attempts: 6,
+            pivot_tolerance: 1e-10,
+            eigen_floor: 1e-7,
+        }
+    }
+}
+
+/// Configuration of [`emulate`](crate::emulate).
+///
+/// `rules` map module paths to what is kept; the **first** rule whose regex matches the whole path
+/// wins, and layers that no rule matches stay dense.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmulatorConfig {
+    /// Ordered rules.
+    pub rules: Vec<LayerRule>,
+    /// Whitening settings.
+    #[serde(default)]
+    pub whitening: WhiteningConfig,
+}
+
+impl Default for EmulatorConfig {
+    /// The release's recipe: every linear layer at ρ = 0.4, except embeddings, output heads,
+    /// poolers and projectors, which stay dense.
+    fn default() -> Self {
+        Self::uniform(0.4)
+    }
+}
+
+impl EmulatorConfig {
+    /// Keep-ratio `ratio` for every linear layer except embeddings, output heads, poolers and
+    /// multimodal projectors (kept dense, as in the paper's release).
+    pub fn uniform(ratio: f64) -> Self {
+        Self {
+            rules: vec![
+                LayerRule::full(r"(?i).*(embed|lm_head|head|classifier|pooler|projector).*"),
+                LayerRule::ratio(".*", ratio),
+            ],
+            whitening: WhiteningConfig::default(),
+        }
+    }
+
+    /// Keep-ratio `ratio` for every linear layer, no exceptions.
+    pub fn all_layers(ratio: f64) -> Self {
+        Self { rules: vec![LayerRule::ratio(".*", ratio)], whitening: WhiteningConfig::default() }
+    }
+
+    /// Replaces the whitening method.
+    pub fn with_whitening(mut self, method: WhiteningMethod) -> Self {
+        self.whitening.method = method;
+        self
+    }
+
+    /// Checks every rule (ratio range, regex syntax) and the whitening settings.
+    pub fn validate(&self) -> Result<()> {
+        self.compiled_rules().map(|_| ())?;
+        let w = &self.whitening;
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(w.initial_damping)
+            || !(w.damping_growth.is_finite() && w.damping_growth > 1.0)
+            || !positive(w.eigen_floor)
+            || !(w.pivot_tolerance.is_finite() && w.pivot_tolerance >= 0.0)
+        {
+            return Err(EmlocError::InvalidConfig(format!(
+                "whitening settings must be positive (damping growth > 1): {w:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn compiled_rules(&self) -> Result<Vec<(regex::Regex, Keep)>> {
+        self.rules
+            .iter()
+            .map(|rule| {
+                match rule.keep {
+                    Keep::Ratio(r) if !(r > 0.0 && r < 1.0) => {
+                        return Err(EmlocError::InvalidRatio { rule: rule.pattern.clone(), ratio: r });
+                    }
+                    Keep::Rank(0) => {
+                        return Err(EmlocError::InvalidRank {
+                            layer: rule.pattern.clone(),
+                            rank: 0,
+                            max: usize::MAX,
+                        });
+                    }
+                    _ => {}
+                }
+                let re = regex::Regex::new(&format!("^(?:{})$", rule.pattern)).map_err(|e| {
+                    EmlocError::InvalidConfig(format!("rule regex `{}`: {e}", rule.pattern))
+                })?;
+                Ok((re, rule.keep))
+            })
+            .collect()
+    }
+}
+
+/// The rank kept for a `d_out × d_in` layer under `keep`, or `None` when it stays dense.
+pub(crate) fn rank_for(layer: &str, keep: Keep, d_in: usize, d_out: usize) -> Result<Option<usize>> {
+    let max = d_in.min(d_out);
+    let rank = match keep {
+        Keep::Full => return Ok(None),
+        Keep::Ratio(rho) => (rho * (d_in * d_out) as f64 / (d_in + d_out) as f64).floor() as usize,
+        Keep::Rank(k) => k,
+    };
+    if rank == 0 || rank > max {
+        return Err(EmlocError::InvalidRank { layer: layer.to_string(), rank, max });
+    }
+    Ok(Some(rank))
+}

@@ -1,0 +1,268 @@
+//! Stage 1: build the emulator from the original model and a few downstream samples.
+
+mod config;
+pub(crate) mod factorize;
+
+pub use config::{EmulatorConfig, Keep, LayerRule, WhiteningConfig, WhiteningMethod};
+pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::calibration::CalibrationSession;
+use crate::error::{EmlocError, Result};
+use crate::matrix::Matrix;
+use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
+use crate::nn::LowRankFactors;
+
+/// What emulation did to one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// Module path.
+    pub path: String,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Kept rank `k`.
+    pub rank: usize,
+    /// `d_in · d_out`.
+    pub params_original: usize,
+    /// `k (d_in + d_out)`.
+    pub params_kept: usize,
+    /// Calibration tokens the layer saw.
+    pub tokens: u64,
+    /// `‖(W − W^E) S‖_F`, the error on the calibration outputs.
+    pub whitened_error: f64,
+    /// `whitened_error / ‖W S‖_F`.
+    pub relative_whitened_error: f64,
+    /// Whitening actually used (`cholesky`, `eigen` after a fallback, or `none`).
+    pub whitening: WhiteningMethod,
+    /// Damping added to the Gram diagonal, relative to `mean(diag G)` (eigen path: largest
+    /// eigenvalue raise).
+    pub relative_damping: f64,
+}
+
+/// What [`emulate`] did, layer by layer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EmulatorReport {
+    /// Emulated layers in traversal order.
+    pub layers: Vec<LayerReport>,
+    /// Linear layers left dense (no rule, or a `Full` rule).
+    pub dense_layers: Vec<String>,
+    /// Calibration batches run.
+    pub calibration_batches: usize,
+    /// Wall time of the calibration forward passes, seconds.
+    pub calibration_seconds: f64,
+    /// Wall time of whitening + SVD + factoring, seconds.
+    pub construction_seconds: f64,
+}
+
+impl EmulatorReport {
+    /// Parameters of the emulated layers before emulation.
+    pub fn params_original(&self) -> usize {
+        self.layers.iter().map(|l| l.params_original).sum()
+    }
+
+    /// Parameters of the emulated layers after emulation.
+    pub fn params_kept(&self) -> usize {
+        self.layers.iter().map(|l| l.params_kept).sum()
+    }
+}
+
+struct PlannedLayer {
+    path: String,
+    weight_id: ParamId,
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+}
+
+/// Turns `model` into its emulator.
+///
+/// Runs `forward(&model, batch)` for every calibration batch (the original model, in inference;
+/// its outputs are ignored) while every selected `emloc::nn::Linear` accumulates its input Gram
+/// matrix, then replaces each selected layer by rank-`k` factors from the whitened truncated SVD,
+/// one layer at a time. Returns the same model type, whose emulated layers no longer hold their
+/// dense weight, and a per-layer report.
+///
+/// Everything that can be checked before the expensive work is: the config (ratios in (0, 1),
+/// regexes), ranks against each layer's shape, that some layer is selected, non-finite weights,
+/// and, after calibration, empty calibration, layers that saw no tokens and non-finite Grams
+/// (all reported by layer path). The model is only consumed once all checks passed.
+///
+/// Keep a clone of the original (`model.clone()` shares its tensors) if you need it for the
+/// correction step; otherwise its dense weights are released layer by layer.
+pub fn emulate<M, I, F>(
+    model: M,
+    batches: I,
+    mut forward: F,
+    config: &EmulatorConfig,
+) -> Result<(M, EmulatorReport)>
+where
+    M: Module,
+    I: IntoIterator,
+    F: FnMut(&M, I::Item),
+{
+    config.validate()?;
+    let plan = plan_layers(&model, config)?;
+
+    let started = Instant::now();
+    let session = CalibrationSession::start(plan.iter().map(|p| p.weight_id).collect());
+    let mut calibration_batches = 0;
+    for batch in batches {
+        forward(&model, batch);
+        calibration_batches += 1;
+    }
+    let accumulators = session.finish();
+    let calibration_seconds = started.elapsed().as_secs_f64();
+    if calibration_batches == 0 {
+        return Err(EmlocError::EmptyCalibration("no calibration batch was given".into()));
+    }
+
+    let mut grams: HashMap<ParamId, (Matrix, u64)> = HashMap::new();
+    for (layer, acc) in plan.iter().zip(accumulators) {
+        let Some(gram) = acc.gram.filter(|_| acc.tokens > 0) else {
+            return Err(EmlocError::NoCalibrationTokens { layer: layer.path.clone() });
+        };
+        let gram = Matrix::from_tensor(gram);
+        if !gram.is_finite() {
+            return Err(EmlocError::NonFinite {
+                layer: layer.path.clone(),
+                what: "Gram matrix (its calibration inputs contain NaN or Inf)".into(),
+            });
+        }
+        grams.insert(layer.weight_id, (gram, acc.tokens));
+    }
+
+    let started = Instant::now();
+    let by_id: HashMap<ParamId, &PlannedLayer> = plan.iter().map(|p| (p.weight_id, p)).collect();
+    let mut reports = Vec::new();
+    let mut failure = None;
+    let model = map_linears(model, |_, mut linear| {
+        let Some(layer) = by_id.get(&linear.weight.id) else { return linear };
+        if failure.is_some() {
+            return linear;
+        }
+        let (gram, tokens) = grams.remove(&linear.weight.id).expect("planned layers have Grams");
+        let weight = Matrix::from_tensor(linear.weight.val());
+        match factorize_layer(&layer.path, &weight, &gram, layer.rank, &config.whitening) {
+            Ok(f) => {
+                let device = linear.weight.val().device();
+                reports.push(LayerReport {
+                    path: layer.path.clone(),
+                    d_in: layer.d_in,
+                    d_out: layer.d_out,
+                    rank: layer.rank,
+                    params_original: layer.d_in * layer.d_out,
+                    params_kept: layer.rank * (layer.d_in + layer.d_out),
+                    tokens,
+                    whitened_error: f.whitened_error,
+                    relative_whitened_error: relative(f.whitened_error, f.whitened_norm),
+                    whitening: f.whitening.method(),
+                    relative_damping: f.whitening.relative_damping,
+                });
+                linear.factors =
+                    Some(LowRankFactors::new(f.w_v.to_tensor(&device), f.w_u.to_tensor(&device)));
+                // Drop the dense weight; keep its id so the layer stays addressable.
+                linear.weight = Param::initialized(
+                    linear.weight.id,
+                    Tensor::zeros([0, 0], &device),
+                )
+                .set_require_grad(false);
+                linear
+            }
+            Err(e) => {
+                failure = Some(e);
+                linear
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let emulated: Vec<&str> = reports.iter().map(|r| r.path.as_str()).collect();
+    let dense_layers = all_linear_paths(&model)
+        .into_iter()
+        .filter(|p| !emulated.contains(&p.as_str()))
+        .collect();
+    Ok((
+        model,
+        EmulatorReport {
+            layers: reports,
+            dense_layers,
+            calibration_batches,
+            calibration_seconds,
+            construction_seconds: started.elapsed().as_secs_f64(),
+        },
+    ))
+}
+
+fn relative(error: f64, norm: f64) -> f64 {
+    if norm > 0.0 { error / norm } else { 0.0 }
+}
+
+/// Selects layers by the first matching rule and validates their ranks and weights.
+fn plan_layers<M: Module>(model: &M, config: &EmulatorConfig) -> Result<Vec<PlannedLayer>> {
+    let rules = config.compiled_rules()?;
+    let mut plan = Vec::new();
+    let mut problem = None;
+    let mut emloc_paths = Vec::new();
+    for_each_linear(model, |path, linear| {
+        emloc_paths.push(path.to_string());
+        if problem.is_some() {
+            return;
+        }
+        let Some((_, keep)) = rules.iter().find(|(re, _)| re.is_match(path)) else { return };
+        if linear.is_emulated() {
+            problem = Some(EmlocError::InvalidConfig(format!(
+                "layer `{path}` is already an emulator layer"
+            )));
+            return;
+        }
+        let (d_in, d_out) = (linear.d_input(), linear.d_output());
+        match config::rank_for(path, *keep, d_in, d_out) {
+            Ok(Some(rank)) => {
+                if !linear.weight.val().is_finite().all().into_scalar::<bool>() {
+                    problem = Some(EmlocError::NonFinite {
+                        layer: path.to_string(),
+                        what: "weight".into(),
+                    });
+                    return;
+                }
+                plan.push(PlannedLayer {
+                    path: path.to_string(),
+                    weight_id: linear.weight.id,
+                    d_in,
+                    d_out,
+                    rank,
+                });
+            }
+            Ok(None) => {}
+            Err(e) => problem = Some(e),
+        }
+    });
+    if let Some(e) = problem {
+        return Err(e);
+    }
+    if plan.is_empty() {
+        let stock: Vec<String> = all_linear_paths(model)
+            .into_iter()
+            .filter(|p| !emloc_paths.contains(p))
+            .collect();
+        let what = if stock.is_empty() {
+            format!("the emulator rules {:?}", config.rules.iter().map(|r| &r.pattern).collect::<Vec<_>>())
+        } else {
+            format!(
+                "the emulator rules; these layers are stock burn::nn::Linear, which cannot be \
+                 emulated (use emloc::nn::Linear): {stock:?}"
+            )
+        };
+        return Err(EmlocError::NoMatchingLayers(what));
+    }
+    Ok(plan)
+}

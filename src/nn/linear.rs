@@ -1,0 +1,259 @@
+use burn::config::Config;
+use burn::module::{
+    Content, Devices, DisplaySettings, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper,
+    ModuleVisitor, Param,
+};
+use burn::nn::Initializer;
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Tensor};
+
+use super::hooks;
+use super::{LoraAdapter, LowRankFactors};
+use crate::calibration;
+
+/// Configuration of a [`Linear`] layer; the same fields and defaults as `burn::nn::LinearConfig`
+/// (row layout only).
+#[derive(Config, Debug)]
+pub struct LinearConfig {
+    /// Input features `d_in`.
+    pub d_input: usize,
+    /// Output features `d_out`.
+    pub d_output: usize,
+    /// Whether the layer has a bias.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Weight (and bias) initializer; Burn's default.
+    #[config(default = "Initializer::KaimingUniform{gain:0.5773502691896258, fan_out_only:false}")]
+    pub initializer: Initializer,
+}
+
+impl LinearConfig {
+    /// Builds a dense layer on `device`.
+    pub fn init(&self, device: &Device) -> Linear {
+        let weight = self.initializer.init_with(
+            [self.d_input, self.d_output],
+            Some(self.d_input),
+            Some(self.d_output),
+            device,
+        );
+        let bias = self.bias.then(|| {
+            self.initializer
+                .init_with([self.d_output], Some(self.d_input), Some(self.d_output), device)
+        });
+        Linear { weight, bias, factors: None, lora: None }
+    }
+}
+
+/// A drop-in replacement for `burn::nn::Linear` that EMLoC can calibrate, emulate and adapt.
+///
+/// It has the same `weight` (`[d_in, d_out]`) and `bias` (`[d_out]`) fields and the same module
+/// name, so records and HF checkpoints (through burn-store's PyTorch adapter) load unchanged.
+/// It runs in one of these forms:
+///
+/// - **dense**: `y = x W + b`, exactly like Burn's layer;
+/// - **emulator**: [`factors`](Self::factors) is set and `y = (x W_v) W_u + b`; the dense weight is
+///   dropped (stored as an empty `[0, 0]` tensor) so the emulator costs `k (d_in + d_out)`;
+/// - either form plus a **LoRA adapter** ([`lora`](Self::lora)): `y += s · (dropout(x) A) B`,
+///   computed through the rank-`r` bottleneck, never as a dense `B A`.
+///
+/// While [`emulate`](crate::emulate) runs calibration, the forward pass also accumulates the
+/// layer's input Gram matrix `XᵀX`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Dense weight `Wᵀ`, shape `[d_in, d_out]`; `[0, 0]` in emulator form.
+    pub weight: Param<Tensor<2>>,
+    /// Optional bias, shape `[d_out]`.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// Frozen emulator factors; when set they replace the dense weight.
+    pub factors: Option<LowRankFactors>,
+    /// Trainable LoRA adapter.
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Applies the layer.
+    ///
+    /// # Shapes
+    /// - input: `[..., d_in]`
+    /// - output: `[..., d_out]`
+    ///
+    /// # Panics
+    /// If the last input dimension is not `d_in`.
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        let d_input = self.d_input();
+        let got = input.dims()[D - 1];
+        assert_eq!(got, d_input, "Linear::forward: input has {got} features, layer expects {d_input}");
+        calibration::record(&self.weight.id, &input);
+
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let base = match &self.factors {
+            Some(factors) => {
+                let h = linear(input.clone(), factors.w_v.val(), None);
+                linear(h, factors.w_u.val(), bias)
+            }
+            None => linear(input.clone(), self.weight.val(), bias),
+        };
+        match &self.lora {
+            Some(lora) => base + lora.forward(input),
+            None => base,
+        }
+    }
+
+    /// Input features `d_in`.
+    pub fn d_input(&self) -> usize {
+        match &self.factors {
+            Some(f) => f.d_input(),
+            None => self.weight.shape().dims::<2>()[0],
+        }
+    }
+
+    /// Output features `d_out`.
+    pub fn d_output(&self) -> usize {
+        match &self.factors {
+            Some(f) => f.d_output(),
+            None => self.weight.shape().dims::<2>()[1],
+        }
+    }
+
+    /// Whether the layer runs as an emulator layer.
+    pub fn is_emulated(&self) -> bool {
+        self.factors.is_some()
+    }
+
+    /// The effective frozen weight `Wᵀ` (dense) or `W^Eᵀ` (emulator), shape `[d_in, d_out]`.
+    /// Builds a dense matrix: for merging, correction and tests, not for the forward pass.
+    pub fn base_weight(&self) -> Tensor<2> {
+        match &self.factors {
+            Some(f) => f.dense(),
+            None => self.weight.val(),
+        }
+    }
+}
+
+const CONTAINER: &str = "Struct:Linear";
+
+// Hand-written rather than derived so that `visit` and `map` can hand the whole layer to emloc's
+// transforms (see `hooks`); otherwise identical to what `#[derive(Module)]` generates.
+impl Module for Linear {
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        hooks::on_visit(self);
+        visitor.enter_module("weight", CONTAINER);
+        self.weight.visit(visitor);
+        visitor.exit_module("weight", CONTAINER);
+        visitor.enter_module("bias", CONTAINER);
+        self.bias.visit(visitor);
+        visitor.exit_module("bias", CONTAINER);
+        visitor.enter_module("factors", CONTAINER);
+        self.factors.visit(visitor);
+        visitor.exit_module("factors", CONTAINER);
+        visitor.enter_module("lora", CONTAINER);
+        self.lora.visit(visitor);
+        visitor.exit_module("lora", CONTAINER);
+    }
+
+    fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
+        let this = hooks::on_map(self);
+        mapper.enter_module("weight", CONTAINER);
+        let weight = Module::map(this.weight, mapper);
+        mapper.exit_module("weight", CONTAINER);
+        mapper.enter_module("bias", CONTAINER);
+        let bias = Module::map(this.bias, mapper);
+        mapper.exit_module("bias", CONTAINER);
+        mapper.enter_module("factors", CONTAINER);
+        let factors = Module::map(this.factors, mapper);
+        mapper.exit_module("factors", CONTAINER);
+        mapper.enter_module("lora", CONTAINER);
+        let lora = Module::map(this.lora, mapper);
+        mapper.exit_module("lora", CONTAINER);
+        Self { weight, bias, factors, lora }
+    }
+
+    fn collect_devices(&self, devices: Devices) -> Devices {
+        let devices = self.weight.collect_devices(devices);
+        let devices = self.bias.collect_devices(devices);
+        let devices = self.factors.collect_devices(devices);
+        self.lora.collect_devices(devices)
+    }
+
+    fn fork(self, device: &Device) -> Self {
+        Self {
+            weight: self.weight.fork(device),
+            bias: self.bias.fork(device),
+            factors: self.factors.fork(device),
+            lora: self.lora.fork(device),
+        }
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        Self {
+            weight: self.weight.to_device(device),
+            bias: self.bias.to_device(device),
+            factors: self.factors.to_device(device),
+            lora: self.lora.to_device(device),
+        }
+    }
+
+    fn valid(&self) -> Self {
+        Self {
+            weight: self.weight.valid(),
+            bias: self.bias.valid(),
+            factors: self.factors.valid(),
+            lora: self.lora.valid(),
+        }
+    }
+
+    fn train(self) -> Self {
+        Self {
+            weight: self.weight.train(),
+            bias: self.bias.train(),
+            factors: self.factors.train(),
+            lora: self.lora.train(),
+        }
+    }
+
+    fn materialize(self) -> Self {
+        Self {
+            weight: self.weight.materialize(),
+            bias: self.bias.materialize(),
+            factors: self.factors.materialize(),
+            lora: self.lora.materialize(),
+        }
+    }
+}
+
+impl ModuleDisplayDefault for Linear {
+    fn content(&self, content: Content) -> Option<Content> {
+        content.set_top_level_type("Linear").optional()
+    }
+
+    fn num_params(&self) -> usize {
+        Module::num_params(self)
+    }
+}
+
+impl ModuleDisplay for Linear {
+    fn custom_settings(&self) -> Option<DisplaySettings> {
+        DisplaySettings::new().with_new_line_after_attribute(false).optional()
+    }
+
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        let content = content
+            .add("d_input", &self.d_input())
+            .add("d_output", &self.d_output())
+            .add("bias", &self.bias.is_some());
+        let content = match &self.factors {
+            Some(f) => content.add("emulator_rank", &f.rank()),
+            None => content,
+        };
+        match &self.lora {
+            Some(l) => content.add("lora_rank", &l.rank()).optional(),
+            None => content.optional(),
+        }
+    }
+}
+
+impl core::fmt::Display for Linear {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", ModuleDisplay::format(self, Default::default()))
+    }
+}

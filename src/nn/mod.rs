@@ -1,0 +1,10 @@
+//! Neural-network building blocks: the drop-in [`Linear`] and what it can carry.
+
+pub(crate) mod hooks;
+mod linear;
+mod lora;
+mod low_rank;
+
+pub use linear::{Linear, LinearConfig};
+pub use lora::{LoraAdapter, LoraConfig, lora_scale};
+pub use low_rank::LowRankFactors;
