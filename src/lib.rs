@@ -26,6 +26,6 @@ pub mod peft;
 
 pub use adapter::{attach_adapter, attach_lora, export_adapter, linear_layers, merge_adapter, merge_lora};
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
-pub use emulator::{EmulatorConfig, EmulatorReport, Keep, LayerRule, WhiteningMethod, emulate};
+pub use emulator::{EmulatorConfig, EmulatorReport, Keep, LayerRule, WhiteningMethod, calibrate, emulate};
 pub use error::{EmlocError, Result};
 pub use nn::{Linear, LinearConfig, LoraConfig};

@@ -1,1 +1,3 @@
+//! Model zoo for emloc.
 
+pub mod tiny;

@@ -74,6 +74,85 @@ impl EmulatorReport {
     }
 }
 
+/// Calibration statistics of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerStatistics {
+    /// Module path.
+    pub path: String,
+    /// Input Gram matrix `XᵀX`, `[d_in, d_in]`, accumulated in f32.
+    pub gram: Matrix,
+    /// Tokens (rows of X) seen.
+    pub tokens: u64,
+}
+
+/// Runs `forward(model, batch)` over `batches` and returns the input Gram matrix of every
+/// `emloc::nn::Linear` whose module path satisfies `select`, in traversal order.
+///
+/// Errors: no selected layer, no batch, a selected layer that saw no token, or a non-finite Gram.
+pub fn calibrate<M, I, F>(
+    model: &M,
+    batches: I,
+    mut forward: F,
+    select: impl Fn(&str) -> bool,
+) -> Result<Vec<LayerStatistics>>
+where
+    M: Module,
+    I: IntoIterator,
+    F: FnMut(&M, I::Item),
+{
+    let mut layers = Vec::new();
+    for_each_linear(model, |path, linear| {
+        if select(path) {
+            layers.push((path.to_string(), linear.weight.id));
+        }
+    });
+    if layers.is_empty() {
+        return Err(EmlocError::NoMatchingLayers("the calibration selection".into()));
+    }
+    run_calibration(model, layers, batches, &mut forward).map(|(stats, _, _)| stats)
+}
+
+/// Accumulates the Grams of `layers` (path, weight id) over `batches`; returns them with the
+/// number of batches and the wall time.
+fn run_calibration<M, I, F>(
+    model: &M,
+    layers: Vec<(String, ParamId)>,
+    batches: I,
+    forward: &mut F,
+) -> Result<(Vec<LayerStatistics>, usize, f64)>
+where
+    M: Module,
+    I: IntoIterator,
+    F: FnMut(&M, I::Item),
+{
+    let started = Instant::now();
+    let session = CalibrationSession::start(layers.iter().map(|(_, id)| *id).collect());
+    let mut batch_count = 0;
+    for batch in batches {
+        forward(model, batch);
+        batch_count += 1;
+    }
+    let accumulators = session.finish();
+    if batch_count == 0 {
+        return Err(EmlocError::EmptyCalibration("no calibration batch was given".into()));
+    }
+    let mut stats = Vec::with_capacity(layers.len());
+    for ((path, _), acc) in layers.into_iter().zip(accumulators) {
+        let Some(gram) = acc.gram.filter(|_| acc.tokens > 0) else {
+            return Err(EmlocError::NoCalibrationTokens { layer: path });
+        };
+        let gram = Matrix::from_tensor(gram);
+        if !gram.is_finite() {
+            return Err(EmlocError::NonFinite {
+                layer: path,
+                what: "Gram matrix (its calibration inputs contain NaN or Inf)".into(),
+            });
+        }
+        stats.push(LayerStatistics { path, gram, tokens: acc.tokens });
+    }
+    Ok((stats, batch_count, started.elapsed().as_secs_f64()))
+}
+
 struct PlannedLayer {
     path: String,
     weight_id: ParamId,
@@ -111,33 +190,17 @@ where
     config.validate()?;
     let plan = plan_layers(&model, config)?;
 
-    let started = Instant::now();
-    let session = CalibrationSession::start(plan.iter().map(|p| p.weight_id).collect());
-    let mut calibration_batches = 0;
-    for batch in batches {
-        forward(&model, batch);
-        calibration_batches += 1;
-    }
-    let accumulators = session.finish();
-    let calibration_seconds = started.elapsed().as_secs_f64();
-    if calibration_batches == 0 {
-        return Err(EmlocError::EmptyCalibration("no calibration batch was given".into()));
-    }
-
-    let mut grams: HashMap<ParamId, (Matrix, u64)> = HashMap::new();
-    for (layer, acc) in plan.iter().zip(accumulators) {
-        let Some(gram) = acc.gram.filter(|_| acc.tokens > 0) else {
-            return Err(EmlocError::NoCalibrationTokens { layer: layer.path.clone() });
-        };
-        let gram = Matrix::from_tensor(gram);
-        if !gram.is_finite() {
-            return Err(EmlocError::NonFinite {
-                layer: layer.path.clone(),
-                what: "Gram matrix (its calibration inputs contain NaN or Inf)".into(),
-            });
-        }
-        grams.insert(layer.weight_id, (gram, acc.tokens));
-    }
+    let (stats, calibration_batches, calibration_seconds) = run_calibration(
+        &model,
+        plan.iter().map(|p| (p.path.clone(), p.weight_id)).collect(),
+        batches,
+        &mut forward,
+    )?;
+    let mut grams: HashMap<ParamId, (Matrix, u64)> = plan
+        .iter()
+        .zip(stats)
+        .map(|(layer, stat)| (layer.weight_id, (stat.gram, stat.tokens)))
+        .collect();
 
     let started = Instant::now();
     let by_id: HashMap<ParamId, &PlannedLayer> = plan.iter().map(|p| (p.weight_id, p)).collect();

@@ -1,0 +1,143 @@
+//! LoRA on dense and emulator layers: the factored forward, what trains, PEFT round trips, merge.
+
+use burn::module::{Module, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use emloc::peft::PeftAdapter;
+use emloc::{EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_lora, emulate, export_adapter, merge_adapter, merge_lora};
+
+use crate::common::*;
+
+fn targets(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Replaces every adapter's B by deterministic noise (a fresh adapter has B = 0).
+fn randomize_b(model: Mlp, device: &Device) -> Mlp {
+    let mut model = model;
+    for (i, layer) in [&mut model.l1, &mut model.l2].into_iter().enumerate() {
+        if let Some(lora) = layer.lora.as_mut() {
+            let dims = lora.b.val().dims();
+            lora.b = Param::from_tensor(tensor(70 + i as u64, dims, device));
+        }
+    }
+    model
+}
+
+#[test]
+fn adapter_forward_matches_dense_oracle_on_dense_and_emulator_layers() {
+    let device = Device::flex();
+    device.seed(4);
+    let model = Mlp::new(10, 8, 6, &device);
+    let calibration = vec![tensor(1, [20, 10], &device)];
+    let (emulator, _) =
+        emulate(model.clone(), calibration, |m: &Mlp, x| { m.forward(x); }, &EmulatorConfig::all_layers(0.5)).unwrap();
+    for (name, base, rslora) in [("dense", model, false), ("emulator", emulator, true)] {
+        let config = LoraConfig::new(3).with_alpha(6.0).with_use_rslora(rslora).with_target_modules(targets(&["l1"]));
+        let (adapted, paths) = attach_lora(base.clone(), &config).unwrap();
+        assert_eq!(paths, targets(&["l1"]));
+        let x = tensor(2, [5, 10], &device);
+        // B = 0 at attachment: outputs unchanged.
+        assert_eq!(adapted.l1.forward(x.clone()).into_data(), base.l1.forward(x.clone()).into_data());
+
+        let adapted = randomize_b(adapted, &device);
+        let lora = adapted.l1.lora.as_ref().unwrap();
+        let s = if rslora { 6.0 / 3f64.sqrt() } else { 2.0 };
+        assert!((lora.scale() - s).abs() < 1e-12);
+        // Oracle: x (W + s a b) + bias with everything dense.
+        let dense = base.l1.base_weight() + lora.a.val().matmul(lora.b.val()).mul_scalar(s);
+        let expected = x.clone().matmul(dense) + base.l1.bias.as_ref().unwrap().val().unsqueeze();
+        assert!(rel_diff(adapted.l1.forward(x), expected) < 1e-5, "{name}");
+    }
+}
+
+#[test]
+fn only_adapter_factors_receive_gradients() {
+    let device = Device::flex();
+    let model = Mlp::new(6, 5, 4, &device);
+    let (model, _) = attach_lora(model, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"]))).unwrap();
+    let model = randomize_b(model, &device).train();
+    let model = {
+        // randomize_b made fresh params; re-freeze everything but the adapters the public way.
+        let adapter = export_adapter(&model.valid()).unwrap();
+        let base = Mlp { l1: strip(model.l1.clone()), l2: strip(model.l2.clone()), stock: model.stock.clone() };
+        attach_adapter(base.valid(), &adapter).unwrap().train()
+    };
+    let x = tensor(3, [4, 6], &device.clone().autodiff());
+    let loss = model.forward(x).powf_scalar(2.0).sum();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let l1 = model.l1.lora.as_ref().unwrap();
+    let l2 = model.l2.lora.as_ref().unwrap();
+    for id in [l1.a.id, l1.b.id, l2.a.id, l2.b.id] {
+        assert!(grads.get::<2>(id).is_some(), "adapter factor without gradient");
+    }
+    for id in [model.l1.weight.id, model.l2.weight.id, model.stock.weight.id] {
+        assert!(grads.get::<2>(id).is_none(), "frozen weight got a gradient");
+    }
+    assert!(grads.get::<1>(model.l1.bias.as_ref().unwrap().id).is_none());
+}
+
+fn strip(mut l: emloc::Linear) -> emloc::Linear {
+    l.lora = None;
+    l
+}
+
+#[test]
+fn peft_round_trip_gives_identical_outputs() {
+    let device = Device::flex();
+    device.seed(5);
+    let model = Mlp::new(7, 9, 3, &device);
+    let (adapted, _) = attach_lora(model.clone(), &LoraConfig::new(4).with_alpha(16.0).with_target_modules(targets(&["l1", "l2"]))).unwrap();
+    let adapted = randomize_b(adapted, &device);
+    let dir = tempfile::tempdir().unwrap();
+    export_adapter(&adapted).unwrap().save(dir.path()).unwrap();
+    let loaded = PeftAdapter::load(dir.path()).unwrap();
+    assert_eq!(loaded.config.r, 4);
+    assert_eq!(loaded.layers["l1"].lora_a.shape(), [4, 7]);
+    assert_eq!(loaded.layers["l2"].lora_b.shape(), [3, 4]);
+    let restored = attach_adapter(model.clone(), &loaded).unwrap();
+    let x = tensor(6, [5, 7], &device);
+    assert_eq!(restored.forward(x.clone()).into_data(), adapted.forward(x.clone()).into_data());
+
+    // Merged into the weights: the same function up to f32 rounding.
+    let merged = merge_adapter(model.clone(), &loaded).unwrap();
+    assert!(merged.l1.lora.is_none());
+    assert!(rel_diff(merged.forward(x.clone()), adapted.forward(x.clone())) < 1e-5);
+    let folded = merge_lora(adapted.clone());
+    assert!(rel_diff(folded.forward(x.clone()), adapted.forward(x)) < 1e-5);
+}
+
+#[test]
+fn adapter_for_another_model_is_rejected_with_every_key() {
+    let device = Device::flex();
+    let small = Mlp::new(7, 9, 3, &device);
+    let (adapted, _) = attach_lora(small, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"]))).unwrap();
+    let mut adapter = export_adapter(&adapted).unwrap();
+    // Make l2's adapter belong to a layer the model does not have.
+    let l2 = adapter.layers.remove("l2").unwrap();
+    adapter.layers.insert("decoder.l2".into(), l2);
+    adapter.config.target_modules = emloc::peft::TargetModules::List(targets(&["l1", "l2"]));
+    let other = Mlp::new(7, 11, 3, &device); // l1 is [7 → 11]: A fits, B does not.
+    match attach_adapter(other, &adapter).unwrap_err() {
+        EmlocError::AdapterKeys { missing, unexpected, misshaped } => {
+            assert_eq!(missing, vec!["base_model.model.l2.lora_A.weight".to_string(), "base_model.model.l2.lora_B.weight".to_string()]);
+            assert_eq!(unexpected, vec!["base_model.model.decoder.l2.lora_A.weight".to_string(), "base_model.model.decoder.l2.lora_B.weight".to_string()]);
+            assert_eq!(misshaped.len(), 1, "{misshaped:?}");
+            assert!(misshaped[0].starts_with("base_model.model.l1.lora_B.weight"), "{misshaped:?}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn merging_into_an_emulator_is_refused() {
+    let device = Device::flex();
+    let model = Mlp::new(6, 6, 6, &device);
+    let (adapted, _) = attach_lora(model.clone(), &LoraConfig::new(2).with_target_modules(targets(&["l1"]))).unwrap();
+    let adapter = export_adapter(&adapted).unwrap();
+    let (emulator, _) =
+        emulate(model, vec![tensor(1, [12, 6], &device)], |m: &Mlp, x| { m.forward(x); }, &EmulatorConfig::all_layers(0.5)).unwrap();
+    let err = merge_adapter(emulator, &adapter).unwrap_err();
+    assert!(err.to_string().contains("emulator layer"), "{err}");
+    let _: Tensor<2> = tensor(0, [1, 1], &device);
+}

@@ -1,0 +1,6 @@
+//! Integration tests of the emloc library (one test binary; see MACHINES notes on link cost).
+
+mod common;
+mod emulate;
+mod errors;
+mod lora;
