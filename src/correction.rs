@@ -222,19 +222,8 @@ pub fn correct<M: Module>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::emulator::factorize::tests::noise;
     use crate::emulator::factorize::weight_to_faer;
-
-    fn noise(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-            })
-            .collect()
-    }
 
     struct Case {
         weight: Matrix,

@@ -42,7 +42,7 @@ pub fn lora_b_key(path: &str) -> String {
 }
 
 /// PEFT's rule for a module-name pattern: the whole path, or a trailing run of whole components.
-fn module_name_matches(path: &str, key: &str) -> bool {
+pub(crate) fn module_name_matches(path: &str, key: &str) -> bool {
     path == key
         || path
             .strip_suffix(key)
@@ -199,13 +199,7 @@ impl PeftConfig {
     /// The factor the LoRA update `B A x` is multiplied by at `path`: `alpha / r`, or
     /// `alpha / sqrt(r)` with rsLoRA.
     pub fn scale_for(&self, path: &str) -> f64 {
-        let alpha = self.alpha_for(path);
-        let rank = self.rank_for(path) as f64;
-        if self.use_rslora {
-            alpha / rank.sqrt()
-        } else {
-            alpha / rank
-        }
+        crate::nn::lora_scale(self.alpha_for(path), self.rank_for(path), self.use_rslora)
     }
 
     /// Checks that emloc supports this config: LoRA, no bias training, no `fan_in_fan_out`,

@@ -1,3 +1,9 @@
-//! Model zoo for emloc.
+//! Model zoo for emloc: architectures written with [`emloc::nn::Linear`], so emulation, LoRA and
+//! correction apply to them with no extra code.
 
+pub mod bert;
+pub mod error;
+pub mod loading;
 pub mod tiny;
+
+pub use error::{ModelError, Result};

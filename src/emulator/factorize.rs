@@ -221,7 +221,7 @@ pub fn factorize_layer(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Deterministic pseudo-random numbers (xorshift), so tests need no RNG crate.

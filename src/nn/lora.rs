@@ -5,6 +5,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use burn::tensor::module::linear;
 
 use crate::error::{EmlocError, Result};
+use crate::peft::module_name_matches;
 
 /// How to build LoRA adapters, with HF PEFT's defaults and target semantics.
 #[derive(Config, Debug, PartialEq)]
@@ -69,7 +70,7 @@ impl LoraConfig {
             return Ok(re.is_match(path));
         }
         Ok(self.target_modules.is_empty()
-            || self.target_modules.iter().any(|t| module_matches(path, t)))
+            || self.target_modules.iter().any(|t| module_name_matches(path, t)))
     }
 
     /// The scale `s` applied to `B A`.
@@ -86,11 +87,6 @@ impl LoraConfig {
         let b = Tensor::zeros([self.rank, d_output], device);
         LoraAdapter::new(a, b, self.alpha, self.use_rslora, self.dropout)
     }
-}
-
-/// PEFT's module-name rule: equal, or a suffix on a dot boundary.
-pub(crate) fn module_matches(path: &str, target: &str) -> bool {
-    path == target || path.ends_with(&format!(".{target}"))
 }
 
 /// The LoRA scale `s`: `α / r`, or `α / √r` with rsLoRA.

@@ -1,0 +1,27 @@
+//! `emloc embed`: sentence embeddings from a BERT sentence encoder, as JSON on stdout.
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use clap::Args;
+use emloc_models::bert::SentenceEncoder;
+
+/// Options of `emloc embed`.
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    /// Model directory: config.json, model.safetensors (or a sharded index), tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// Texts to embed.
+    #[arg(required = true)]
+    texts: Vec<String>,
+}
+
+/// Loads the encoder and prints one JSON array of floats per text, in order.
+pub fn run(args: &EmbedArgs) -> emloc_models::Result<()> {
+    let encoder = SentenceEncoder::load(&args.model, &Device::flex())?;
+    let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
+    let embeddings = encoder.embed(&texts)?;
+    println!("{}", serde_json::to_string(&embeddings).expect("floats serialize"));
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! [`BertConfig`]: HF's `config.json` for `BertModel`.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use super::{BertEmbeddingsConfig, BertEncoderConfig, BertModel, BertPooler};
+use crate::error::{ModelError, Result};
+use crate::loading::{read_json, require_fields};
+
+/// The activation of the intermediate (feed-forward) layer, HF's `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenAct {
+    /// Exact GELU, `x Φ(x)` (HF `"gelu"`).
+    #[default]
+    Gelu,
+    /// Tanh approximation of GELU (HF `"gelu_new"`, `"gelu_pytorch_tanh"`, `"gelu_fast"`).
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluNew,
+    /// `max(x, 0)`.
+    Relu,
+    /// `x σ(x)` (HF `"silu"`, `"swish"`).
+    #[serde(alias = "swish")]
+    Silu,
+}
+
+/// The fields of `config.json` that have no default: a config without one of them is rejected
+/// with [`ModelError::MissingConfigField`].
+pub const REQUIRED_FIELDS: [&str; 6] = [
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+];
+
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_position_embedding_type() -> String {
+    "absolute".into()
+}
+
+/// Configuration of a [`BertModel`], read from (and with the field names of) HF's
+/// `config.json`. Fields HF's `BertConfig` has but the encoder does not use (`architectures`,
+/// `initializer_range`, `use_cache`, ...) are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size (rows of `word_embeddings`).
+    pub vocab_size: usize,
+    /// Width `d` of the hidden states.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Longest sequence (rows of `position_embeddings`).
+    pub max_position_embeddings: usize,
+    /// Number of token types (segments). Default 2.
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    /// LayerNorm epsilon. Default `1e-12`.
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Feed-forward activation. Default exact GELU.
+    #[serde(default)]
+    pub hidden_act: HiddenAct,
+    /// Dropout after embeddings and sublayers (active only when training). Default 0.1.
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities (active only when training). Default 0.1.
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    /// Id of the padding token. Default 0.
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
+    /// Only `"absolute"` (learned position embeddings) is supported.
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: String,
+}
+
+impl BertConfig {
+    /// A config with the given sizes and HF's defaults for everything else.
+    pub fn new(
+        vocab_size: usize,
+        hidden_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        intermediate_size: usize,
+        max_position_embeddings: usize,
+    ) -> Self {
+        Self {
+            vocab_size,
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            intermediate_size,
+            max_position_embeddings,
+            type_vocab_size: default_type_vocab_size(),
+            layer_norm_eps: default_layer_norm_eps(),
+            hidden_act: HiddenAct::default(),
+            hidden_dropout_prob: default_dropout(),
+            attention_probs_dropout_prob: default_dropout(),
+            pad_token_id: Some(0),
+            position_embedding_type: default_position_embedding_type(),
+        }
+    }
+
+    /// Reads and validates `config.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] if the file cannot be read; [`ModelError::MissingConfigField`] naming
+    /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`] for
+    /// malformed JSON, a value of the wrong type, or a value [`validate`](Self::validate)
+    /// rejects.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let value = read_json(path)?;
+        require_fields(&value, path, &REQUIRED_FIELDS)?;
+        let config: Self = serde_json::from_value(value).map_err(|e| {
+            ModelError::InvalidConfig { path: path.to_path_buf(), message: e.to_string() }
+        })?;
+        config
+            .validate()
+            .map_err(|message| ModelError::InvalidConfig { path: path.to_path_buf(), message })?;
+        Ok(config)
+    }
+
+    /// Checks sizes (non-zero, heads dividing the width), dropout probabilities in `[0, 1)`,
+    /// a positive epsilon and the position embedding type; returns what is wrong.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{name}` must be positive"));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(format!(
+                "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(format!("`{name}` {p} is outside [0, 1)"));
+            }
+        }
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
+            return Err(format!("`layer_norm_eps` {} must be positive", self.layer_norm_eps));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(format!(
+                "`position_embedding_type` \"{}\" is not supported (only \"absolute\")",
+                self.position_embedding_type
+            ));
+        }
+        Ok(())
+    }
+
+    /// Width of one attention head, `hidden_size / num_attention_heads`.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Builds a model with fresh (lazily initialised) weights on `device`, with a pooler when
+    /// `add_pooling_layer` (HF's `BertModel(config, add_pooling_layer)`).
+    ///
+    /// # Panics
+    /// If the config is invalid (see [`validate`](Self::validate)).
+    pub fn init(&self, add_pooling_layer: bool, device: &Device) -> BertModel {
+        if let Err(message) = self.validate() {
+            panic!("invalid BertConfig: {message}");
+        }
+        BertModel {
+            embeddings: BertEmbeddingsConfig::from_bert(self).init(device),
+            encoder: BertEncoderConfig::from_bert(self).init(device),
+            pooler: add_pooling_layer.then(|| BertPooler::new(self.hidden_size, device)),
+        }
+    }
+}

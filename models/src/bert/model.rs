@@ -1,0 +1,216 @@
+//! [`BertModel`]: embeddings, encoder and optional pooler, and loading it from an HF directory.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::activation::tanh;
+use burn::tensor::{Device, Int, Tensor};
+use emloc::nn::{Linear, LinearConfig};
+
+use super::{BertConfig, BertEmbeddings, BertEncoder};
+use crate::error::Result;
+use crate::loading::{Checkpoint, KeyMapping, LoadReport};
+
+/// The additive bias HF puts on the attention scores of padded keys (`torch.finfo(f32).min`).
+pub const MASK_BIAS: f32 = f32::MIN;
+
+/// Turns an HF attention mask (1 = token, 0 = padding) into the additive score bias of
+/// [`BertSelfAttention::forward`](super::BertSelfAttention::forward): `(1 - mask) · f32::MIN`.
+///
+/// # Shapes
+/// - `attention_mask`: `[batch, seq]`
+/// - output: `[batch, 1, 1, seq]`
+pub fn attention_mask_bias(attention_mask: Tensor<2, Int>) -> Tensor<4> {
+    let [batch, seq] = attention_mask.dims();
+    attention_mask.float().neg().add_scalar(1.0).mul_scalar(MASK_BIAS).reshape([batch, 1, 1, seq])
+}
+
+/// HF `BertPooler`: `tanh(dense(hidden[:, 0]))`.
+#[derive(Module, Debug)]
+pub struct BertPooler {
+    /// `[d, d]` projection.
+    pub dense: Linear,
+}
+
+impl BertPooler {
+    /// A pooler of width `hidden_size` on `device` (weights lazily initialised).
+    pub fn new(hidden_size: usize, device: &Device) -> Self {
+        Self { dense: LinearConfig::new(hidden_size, hidden_size).init(device) }
+    }
+
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, d]`
+    /// - output: `[batch, d]` (from the first token)
+    pub fn forward(&self, hidden: Tensor<3>) -> Tensor<2> {
+        let [batch, _, d] = hidden.dims();
+        let first = hidden.slice([0..batch, 0..1, 0..d]).reshape([batch, d]);
+        tanh(self.dense.forward(first))
+    }
+}
+
+/// The inputs of [`BertModel::forward`], as in HF.
+#[derive(Debug, Clone)]
+pub struct BertInput {
+    /// Token ids `[batch, seq]`.
+    pub input_ids: Tensor<2, Int>,
+    /// Segment ids `[batch, seq]`; all zeros when `None`.
+    pub token_type_ids: Option<Tensor<2, Int>>,
+    /// 1 for tokens, 0 for padding, `[batch, seq]`; attend everywhere when `None`.
+    pub attention_mask: Option<Tensor<2, Int>>,
+}
+
+impl BertInput {
+    /// Ids only: one segment, no padding.
+    pub fn new(input_ids: Tensor<2, Int>) -> Self {
+        Self { input_ids, token_type_ids: None, attention_mask: None }
+    }
+
+    /// Sets the segment ids.
+    pub fn with_token_type_ids(mut self, token_type_ids: Tensor<2, Int>) -> Self {
+        self.token_type_ids = Some(token_type_ids);
+        self
+    }
+
+    /// Sets the attention mask.
+    pub fn with_attention_mask(mut self, attention_mask: Tensor<2, Int>) -> Self {
+        self.attention_mask = Some(attention_mask);
+        self
+    }
+}
+
+/// The outputs of [`BertModel::forward`], as in HF.
+#[derive(Debug, Clone)]
+pub struct BertModelOutput {
+    /// Hidden states of the last layer, `[batch, seq, d]` (padded positions included).
+    pub last_hidden_state: Tensor<3>,
+    /// Pooler output `[batch, d]`, if the model has a pooler.
+    pub pooler_output: Option<Tensor<2>>,
+}
+
+/// HF `BertModel`: embeddings, post-LN encoder and optional pooler, built from
+/// [`emloc::nn::Linear`] layers so EMLoC applies to it unchanged.
+///
+/// Module paths equal HF's parameter names (without a `bert.` prefix) except for LayerNorms,
+/// see the [module docs](super).
+#[derive(Module, Debug)]
+pub struct BertModel {
+    /// HF `embeddings`.
+    pub embeddings: BertEmbeddings,
+    /// HF `encoder`.
+    pub encoder: BertEncoder,
+    /// HF `pooler` (absent in checkpoints saved without one).
+    pub pooler: Option<BertPooler>,
+}
+
+impl BertModel {
+    /// Runs the encoder.
+    ///
+    /// # Shapes
+    /// - `input.input_ids`, `input.token_type_ids`, `input.attention_mask`: `[batch, seq]`
+    /// - `last_hidden_state`: `[batch, seq, d]`; `pooler_output`: `[batch, d]`
+    ///
+    /// # Panics
+    /// If `seq` exceeds `max_position_embeddings`, the input shapes differ, or (depending on the
+    /// backend) an id is outside the vocabulary or the token types.
+    pub fn forward(&self, input: BertInput) -> BertModelOutput {
+        let BertInput { input_ids, token_type_ids, attention_mask } = input;
+        let dims = input_ids.dims();
+        let token_type_ids =
+            token_type_ids.unwrap_or_else(|| Tensor::<2, Int>::zeros(dims, &input_ids.device()));
+        let mask_bias = attention_mask.map(|mask| {
+            assert_eq!(
+                mask.dims(),
+                dims,
+                "BertModel::forward: attention_mask shape differs from input_ids"
+            );
+            attention_mask_bias(mask)
+        });
+        let hidden = self.embeddings.forward(input_ids, token_type_ids);
+        let last_hidden_state = self.encoder.forward(hidden, mask_bias);
+        let pooler_output = self.pooler.as_ref().map(|p| p.forward(last_hidden_state.clone()));
+        BertModelOutput { last_hidden_state, pooler_output }
+    }
+
+    /// Loads a model from an HF directory: `config.json` plus `model.safetensors` (or the
+    /// shards of `model.safetensors.index.json`), keys with or without a `bert.` prefix, any
+    /// float dtype (converted to `f32`). The pooler is built when the checkpoint has
+    /// `pooler.dense.weight`. See [`Checkpoint::load_into`] for how memory is used.
+    ///
+    /// # Errors
+    /// [`ModelError::MissingConfigField`](crate::ModelError::MissingConfigField) /
+    /// [`InvalidConfig`](crate::ModelError::InvalidConfig) for the config,
+    /// [`MissingFile`](crate::ModelError::MissingFile) /
+    /// [`Checkpoint`](crate::ModelError::Checkpoint) for the weights, and
+    /// [`KeyMismatch`](crate::ModelError::KeyMismatch) listing every missing, unexpected or
+    /// mis-shaped key.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<(Self, BertConfig)> {
+        let (model, config, _) = Self::load_with_report(dir, device)?;
+        Ok((model, config))
+    }
+
+    /// [`load`](Self::load), also returning what was loaded.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_with_report(
+        dir: impl AsRef<Path>,
+        device: &Device,
+    ) -> Result<(Self, BertConfig, LoadReport)> {
+        let dir = dir.as_ref();
+        let config = BertConfig::from_file(dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open_dir(dir)?;
+        let prefixed = checkpoint.keys().any(|k| k.starts_with(super::HF_PREFIX));
+        let has_pooler = checkpoint
+            .keys()
+            .any(|k| k.strip_prefix(super::HF_PREFIX).unwrap_or(k) == "pooler.dense.weight");
+        let mut model = config.init(has_pooler, device);
+        let report = checkpoint.load_into(&mut model, &key_mapping(prefixed))?;
+        Ok((model, config, report))
+    }
+}
+
+/// Module paths of every `emloc::nn::Linear` layer of a [`BertModel`] with `config` (pooler
+/// included when `with_pooler`), in HF naming: what LoRA adapters and emulator rules key on.
+pub fn linear_paths(config: &BertConfig, with_pooler: bool) -> Vec<String> {
+    let mut paths = Vec::new();
+    for l in 0..config.num_hidden_layers {
+        for sub in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ] {
+            paths.push(format!("encoder.layer.{l}.{sub}"));
+        }
+    }
+    if with_pooler {
+        paths.push("pooler.dense".into());
+    }
+    paths
+}
+
+/// Checkpoint → module-path mapping for BERT checkpoints (see the [module docs](super));
+/// `prefixed` when the checkpoint's keys start with `bert.` (e.g. `BertForMaskedLM` saves), so
+/// that missing keys are reported with the prefix.
+pub fn key_mapping(prefixed: bool) -> KeyMapping {
+    let mut to_checkpoint = vec![
+        (r"\.layer_norm\.gamma$".to_string(), ".LayerNorm.weight".to_string()),
+        (r"\.layer_norm\.beta$".to_string(), ".LayerNorm.bias".to_string()),
+    ];
+    if prefixed {
+        to_checkpoint.push(("^".to_string(), super::HF_PREFIX.to_string()));
+    }
+    KeyMapping {
+        to_burn: vec![
+            (r"^bert\.".to_string(), String::new()),
+            (r"\.LayerNorm\.".to_string(), ".layer_norm.".to_string()),
+        ],
+        to_checkpoint,
+        ignore: vec![
+            r"(^|\.)embeddings\.position_ids$".to_string(),
+            r"(^|\.)embeddings\.token_type_ids$".to_string(),
+        ],
+    }
+}

@@ -1,0 +1,475 @@
+//! BERT: loading HF checkpoints, forward pass against an independent numpy reference, sentence
+//! embeddings, loading errors, EMLoC on BERT, and (when present) the real all-MiniLM-L6-v2.
+//!
+//! Fixtures: `tests/fixtures/tiny_bert/` and `tiny_bert_expected.json`, written by
+//! `python3 models/tests/fixtures/make_tiny_bert.py` (float64 numpy forward pass). Outputs are
+//! compared with a maximum absolute difference of [`TOL`] (the Rust side computes in f32).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData, bf16, f16};
+use emloc_models::ModelError;
+use emloc_models::bert::{
+    BertConfig, BertInput, BertModel, SentenceEncoder, l2_normalize, linear_paths, mean_pooling,
+};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+/// Maximum absolute difference to the float64 reference (outputs are O(1) LayerNorm states;
+/// the f32 forward pass on the CPU is within 1e-6).
+const TOL: f32 = 1e-5;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny_dir() -> PathBuf {
+    fixtures().join("tiny_bert")
+}
+
+fn expected() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("tiny_bert_expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn device() -> Device {
+    Device::default()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn int_tensor(v: &Value, device: &Device) -> Tensor<2, Int> {
+    let rows = v.as_array().unwrap();
+    let cols = rows[0].as_array().unwrap().len();
+    let data: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
+        .collect();
+    Tensor::from_data(TensorData::new(data, [rows.len(), cols]), device)
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    let diff = max_abs_diff(got, want);
+    println!("{what}: max |diff| = {diff:.2e}");
+    assert!(diff <= TOL, "{what}: max |diff| {diff} > {TOL}");
+}
+
+fn tiny_input(device: &Device) -> BertInput {
+    let e = expected();
+    BertInput::new(int_tensor(&e["input_ids"], device))
+        .with_token_type_ids(int_tensor(&e["token_type_ids"], device))
+        .with_attention_mask(int_tensor(&e["attention_mask"], device))
+}
+
+/// Checks a model against the fixture's hidden states, pooler output and pooled embeddings.
+fn check_against_reference(model: &BertModel) {
+    let device = device();
+    let e = expected();
+    let input = tiny_input(&device);
+    let mask = input.attention_mask.clone().unwrap();
+    let out = model.forward(input);
+    assert_eq!(out.last_hidden_state.dims(), [2, 7, 16]);
+    assert_close(
+        "last_hidden_state",
+        &values(out.last_hidden_state.clone()),
+        &floats(&e["last_hidden_state"]["values"]),
+    );
+    assert_close(
+        "pooler_output",
+        &values(out.pooler_output.expect("tiny BERT has a pooler")),
+        &floats(&e["pooler_output"]["values"]),
+    );
+    let pooled = l2_normalize(mean_pooling(out.last_hidden_state, mask));
+    assert_close(
+        "mean-pooled embedding",
+        &values(pooled),
+        &floats(&e["sentence_embedding"]["values"]),
+    );
+}
+
+#[test]
+fn tiny_bert_matches_numpy_reference() {
+    let (model, report) = {
+        let (model, config, report) = BertModel::load_with_report(tiny_dir(), &device()).unwrap();
+        assert_eq!(config.hidden_size, 16);
+        assert_eq!(config.num_hidden_layers, 2);
+        (model, report)
+    };
+    // 5 embedding tensors + 16 per layer + 2 pooler; the position_ids buffer is skipped.
+    assert_eq!(report.applied, 5 + 2 * 16 + 2);
+    assert_eq!(report.ignored, vec!["embeddings.position_ids".to_string()]);
+    check_against_reference(&model);
+}
+
+#[test]
+fn fresh_model_holds_no_weights_until_loaded() {
+    // Parameters are lazily initialised: building the model before loading a checkpoint into
+    // it allocates nothing, so loading never holds random and loaded weights at once.
+    let config = BertConfig::from_file(tiny_dir().join("config.json")).unwrap();
+    let model = config.init(true, &device());
+    assert!(!model.embeddings.word_embeddings.weight.is_initialized());
+    assert!(!model.encoder.layer[0].attention.self_attn.query.weight.is_initialized());
+    assert!(!model.encoder.layer[1].output.layer_norm.gamma.is_initialized());
+}
+
+#[test]
+fn tiny_sentence_encoder_matches_reference() {
+    let e = expected();
+    let sentences = e["sentences"].as_array().unwrap();
+    let texts: Vec<&str> = sentences.iter().map(|s| s["text"].as_str().unwrap()).collect();
+    // Batches of 3 over 4 texts: sorting, padding and two forward passes.
+    let encoder = SentenceEncoder::load(tiny_dir(), &device()).unwrap().with_batch_size(3);
+    assert_eq!(encoder.max_seq_length(), 16);
+
+    let encoded = encoder.tokenize(&texts).unwrap();
+    for (enc, s) in encoded.iter().zip(sentences) {
+        let want: Vec<u32> =
+            s["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(enc.ids, want, "token ids of {:?}", s["text"]);
+    }
+
+    let embeddings = encoder.embed(&texts).unwrap();
+    assert_eq!(embeddings.len(), texts.len());
+    for (got, s) in embeddings.iter().zip(sentences) {
+        assert_close(&format!("embedding of {:?}", s["text"]), got, &floats(&s["embedding"]));
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+    }
+    assert!(encoder.embed(&[]).unwrap().is_empty());
+}
+
+// ------------------------------------------------------------------------ checkpoint variants
+
+/// The fixture checkpoint as `(key, dtype, shape, bytes)`.
+fn fixture_tensors() -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(tiny_dir().join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| {
+            (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// A model directory with the fixture's config and tokenizer and the given tensors.
+fn model_dir(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(tiny_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    write_safetensors(&dir.path().join("model.safetensors"), tensors);
+    dir
+}
+
+fn to_half(dtype: Dtype, bytes: &[u8]) -> Vec<u8> {
+    bytes
+        .chunks_exact(4)
+        .flat_map(|c| {
+            let x = f32::from_le_bytes(c.try_into().unwrap());
+            let bits = match dtype {
+                Dtype::BF16 => bf16::from_f32(x).to_bits(),
+                Dtype::F16 => f16::from_f32(x).to_bits(),
+                _ => unreachable!(),
+            };
+            // The fixture's weights are exactly representable in both half types.
+            let back = match dtype {
+                Dtype::BF16 => bf16::from_bits(bits).to_f32(),
+                _ => f16::from_bits(bits).to_f32(),
+            };
+            assert_eq!(back, x, "fixture weight not exactly representable in {dtype:?}");
+            bits.to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn tiny_bert_loads_sharded_half_precision_with_bert_prefix() {
+    // Two shards, `bert.` prefix (as `BertFor*` checkpoints), bf16 in one shard and f16 in the
+    // other, listed by model.safetensors.index.json: same outputs as the f32 file.
+    let tensors: Vec<_> = fixture_tensors()
+        .into_iter()
+        .map(|(k, d, s, b)| {
+            let key = format!("bert.{k}");
+            if d != Dtype::F32 {
+                return (key, d, s, b);
+            }
+            let half = if k.starts_with("encoder.layer.1") || k.starts_with("pooler") {
+                Dtype::F16
+            } else {
+                Dtype::BF16
+            };
+            (key, half, s, to_half(half, &b))
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(tiny_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    let (first, second): (Vec<_>, Vec<_>) =
+        tensors.into_iter().partition(|t| t.0.contains("encoder.layer.0"));
+    let shards =
+        [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)];
+    let mut weight_map = serde_json::Map::new();
+    for (name, shard) in &shards {
+        write_safetensors(&dir.path().join(name), shard);
+        for t in shard {
+            weight_map.insert(t.0.clone(), Value::String(name.to_string()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let (model, _, report) = BertModel::load_with_report(dir.path(), &device()).unwrap();
+    assert_eq!(report.files.len(), 2);
+    assert_eq!(report.ignored, vec!["bert.embeddings.position_ids".to_string()]);
+    let weight = model.encoder.layer[1].attention.self_attn.query.weight.val();
+    assert_eq!(weight.dtype(), burn::tensor::DType::F32);
+    check_against_reference(&model);
+}
+
+fn key_mismatch(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
+    match BertModel::load(dir, &device()) {
+        Err(err @ ModelError::KeyMismatch { .. }) => {
+            let message = err.to_string();
+            let ModelError::KeyMismatch { missing, unexpected, invalid, .. } = err else {
+                unreachable!()
+            };
+            (missing, unexpected, invalid, message)
+        }
+        Err(other) => panic!("expected KeyMismatch, got {other}"),
+        Ok(_) => panic!("expected KeyMismatch, loading succeeded"),
+    }
+}
+
+#[test]
+fn missing_keys_are_listed() {
+    let drop = ["encoder.layer.1.attention.self.key.bias", "embeddings.LayerNorm.weight"];
+    let tensors: Vec<_> =
+        fixture_tensors().into_iter().filter(|t| !drop.contains(&t.0.as_str())).collect();
+    let dir = model_dir(&tensors);
+    let (missing, unexpected, invalid, message) = key_mismatch(dir.path());
+    println!("{message}");
+    let mut want: Vec<String> = drop.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    let mut missing = missing;
+    missing.sort();
+    assert_eq!(missing, want);
+    assert!(unexpected.is_empty() && invalid.is_empty(), "{message}");
+    assert!(message.contains("encoder.layer.1.attention.self.key.bias"), "{message}");
+}
+
+#[test]
+fn unexpected_keys_are_listed() {
+    let mut tensors = fixture_tensors();
+    let extra = |k: &str, n: usize| (k.to_string(), Dtype::F32, vec![n], vec![0u8; 4 * n]);
+    tensors.push(extra("cls.predictions.bias", 40));
+    tensors.push(extra("encoder.layer.0.attention.self.rotary.inv_freq", 2));
+    let dir = model_dir(&tensors);
+    let (missing, unexpected, invalid, message) = key_mismatch(dir.path());
+    println!("{message}");
+    assert!(missing.is_empty() && invalid.is_empty(), "{message}");
+    assert_eq!(
+        unexpected,
+        vec!["cls.predictions.bias", "encoder.layer.0.attention.self.rotary.inv_freq"]
+    );
+}
+
+#[test]
+fn misshaped_keys_are_listed() {
+    let tensors: Vec<_> = fixture_tensors()
+        .into_iter()
+        .map(|(k, d, s, b)| {
+            if k == "encoder.layer.0.intermediate.dense.weight" {
+                (k, d, vec![16, 16], b[..16 * 16 * 4].to_vec())
+            } else {
+                (k, d, s, b)
+            }
+        })
+        .collect();
+    let dir = model_dir(&tensors);
+    let (missing, unexpected, invalid, message) = key_mismatch(dir.path());
+    println!("{message}");
+    assert!(missing.is_empty() && unexpected.is_empty(), "{message}");
+    assert_eq!(invalid.len(), 1, "{message}");
+    assert!(invalid[0].starts_with("encoder.layer.0.intermediate.dense.weight"), "{message}");
+}
+
+#[test]
+fn config_without_hidden_size_names_the_field() {
+    let dir = model_dir(&fixture_tensors());
+    let path = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&path, config.to_string()).unwrap();
+    match BertConfig::from_file(&path) {
+        Err(err @ ModelError::MissingConfigField { .. }) => {
+            let message = err.to_string();
+            let ModelError::MissingConfigField { path: p, field } = err else { unreachable!() };
+            assert_eq!(field, "hidden_size");
+            assert_eq!(p, path);
+            assert!(
+                message.contains("hidden_size") && message.contains("config.json"),
+                "{message}"
+            );
+        }
+        other => panic!("expected MissingConfigField, got {other:?}"),
+    }
+    // Loading the whole directory fails the same way.
+    assert!(matches!(
+        BertModel::load(dir.path(), &device()),
+        Err(ModelError::MissingConfigField { field, .. }) if field == "hidden_size"
+    ));
+}
+
+#[test]
+fn missing_checkpoint_and_tokenizer_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny_dir().join("config.json"), dir.path().join("config.json")).unwrap();
+    assert!(matches!(BertModel::load(dir.path(), &device()), Err(ModelError::MissingFile { .. })));
+    assert!(matches!(
+        SentenceEncoder::load(dir.path(), &device()),
+        Err(ModelError::MissingFile { .. })
+    ));
+}
+
+// ------------------------------------------------------------------------------------ EMLoC
+
+#[test]
+fn emulate_and_lora_run_on_tiny_bert() {
+    let device = device();
+    let (model, config) = BertModel::load(tiny_dir(), &device).unwrap();
+
+    // Module paths are HF's names.
+    let mut paths: Vec<String> = emloc::linear_layers(&model).into_iter().map(|l| l.path).collect();
+    let mut want = linear_paths(&config, true);
+    paths.sort();
+    want.sort();
+    assert_eq!(paths, want);
+    assert!(paths.contains(&"encoder.layer.0.attention.self.query".to_string()));
+
+    let batches = vec![tiny_input(&device), tiny_input(&device)];
+    let (emulator, report) = emloc::emulate(
+        model.clone(),
+        batches,
+        |m: &BertModel, batch: BertInput| {
+            m.forward(batch);
+        },
+        &emloc::EmulatorConfig::uniform(0.4),
+    )
+    .unwrap();
+    // Every encoder linear is emulated; the pooler stays dense under the default rules.
+    assert_eq!(report.layers.len(), 2 * 6);
+    assert_eq!(report.dense_layers, vec!["pooler.dense".to_string()]);
+    assert!(report.params_kept() < report.params_original());
+
+    let out = emulator.forward(tiny_input(&device)).last_hidden_state;
+    let v = values(out);
+    assert!(v.iter().all(|x| x.is_finite()), "emulator output not finite");
+
+    let (adapted, targets) = emloc::attach_lora(
+        emulator,
+        &emloc::LoraConfig::new(2).with_target_modules(vec!["query".into(), "value".into()]),
+    )
+    .unwrap();
+    assert_eq!(targets.len(), 4);
+    assert!(targets.contains(&"encoder.layer.1.attention.self.value".to_string()));
+    let out = adapted.forward(tiny_input(&device));
+    assert!(values(out.last_hidden_state).iter().all(|x| x.is_finite()));
+
+    // Correction and merge back into the original model run as well.
+    let (adapter, _) =
+        emloc::correct(&model, &adapted, &emloc::CorrectionConfig::default()).unwrap();
+    let merged = emloc::merge_adapter(model, &adapter).unwrap();
+    assert!(
+        values(merged.forward(tiny_input(&device)).last_hidden_state).iter().all(|x| x.is_finite())
+    );
+}
+
+// ------------------------------------------------------------------------- real checkpoint
+
+fn minilm_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("EMLOC_MINILM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/emloc/all-MiniLM-L6-v2"),
+    };
+    dir.join("model.safetensors").is_file().then_some(dir)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn minilm_embeddings_are_unit_norm_and_rank_paraphrases() {
+    let Some(dir) = minilm_dir() else {
+        println!(
+            "SKIPPED minilm_embeddings_are_unit_norm_and_rank_paraphrases: all-MiniLM-L6-v2 \
+             not found (set EMLOC_MINILM_DIR or run scripts/fetch_minilm.sh)"
+        );
+        return;
+    };
+    let encoder = SentenceEncoder::load(&dir, &device()).unwrap();
+    assert_eq!(encoder.dim(), 384);
+    assert_eq!(encoder.max_seq_length(), 256);
+
+    let pairs = [
+        ("A man is eating food.", "A man is eating a piece of bread."),
+        ("The cat sits on the mat.", "A cat is sitting on a rug."),
+        ("How do I reset my password?", "I forgot my password, how can I change it?"),
+        ("The stock market fell sharply today.", "Share prices dropped steeply this afternoon."),
+    ];
+    let texts: Vec<&str> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    let emb = encoder.embed(&texts).unwrap();
+    for (text, e) in texts.iter().zip(&emb) {
+        let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm of {text:?} is {norm}");
+    }
+    let mut min_paraphrase = f32::INFINITY;
+    for i in 0..pairs.len() {
+        let c = cosine(&emb[2 * i], &emb[2 * i + 1]);
+        println!("paraphrase cos = {c:.4}: {:?} / {:?}", pairs[i].0, pairs[i].1);
+        min_paraphrase = min_paraphrase.min(c);
+    }
+    let mut max_unrelated = f32::NEG_INFINITY;
+    for i in 0..pairs.len() {
+        for j in 0..pairs.len() {
+            if i != j {
+                let c = cosine(&emb[2 * i], &emb[2 * j + 1]);
+                println!("unrelated  cos = {c:.4}: {:?} / {:?}", pairs[i].0, pairs[j].1);
+                max_unrelated = max_unrelated.max(c);
+            }
+        }
+    }
+    println!("min paraphrase cos {min_paraphrase:.4} > max unrelated cos {max_unrelated:.4}");
+    assert!(min_paraphrase > max_unrelated + 0.1);
+
+    // Batching and padding do not change the embeddings.
+    let single: Vec<Vec<f32>> =
+        texts.iter().map(|t| encoder.embed(&[t]).unwrap().remove(0)).collect();
+    let diff = emb.iter().zip(&single).map(|(a, b)| max_abs_diff(a, b)).fold(0.0, f32::max);
+    println!("batched vs one-by-one: max |diff| = {diff:.2e}");
+    assert!(diff < 1e-5);
+}
