@@ -46,11 +46,8 @@ pub(crate) fn record<const D: usize>(id: &ParamId, input: &Tensor<D>) {
         .cast(FloatDType::F32)
         .reshape([-1, d_in as i64]);
     let tokens = x.dims()[0] as u64;
-    let gram = x.clone().transpose().matmul(x);
-    acc.gram = Some(match acc.gram.take() {
-        Some(g) => g + gram,
-        None => gram,
-    });
+    // emloc's Gram op: one kernel per call on CubeCL devices, updating the sum in place.
+    acc.gram = Some(crate::ops::gram_accumulate(acc.gram.take(), x));
     acc.tokens += tokens;
 }
 

@@ -16,12 +16,14 @@
 //! in the repository's `README.md`.
 
 pub mod adapter;
+mod backends;
 mod calibration;
 pub mod correction;
 pub mod emulator;
 pub mod error;
 pub mod matrix;
 pub mod nn;
+pub mod ops;
 pub mod peft;
 
 pub use adapter::{attach_adapter, attach_lora, export_adapter, linear_layers, merge_adapter, merge_lora};

@@ -1,1 +1,28 @@
+//! # emloc-cube-kernels
+//!
+//! CubeCL kernels for [emloc](https://github.com/emloc/emloc), written once for every CubeCL
+//! runtime (wgpu, CUDA, ROCm, CPU) and generic over the float type (`f32`, `f16`, `bf16` where
+//! the runtime has it), always accumulating in `f32`:
+//!
+//! - [`gram`]: Gram accumulation `G += XᵀX` for calibration (lower tiles only, split along the
+//!   tokens, mirrored once at the end);
+//! - [`LowRankLora`]: the fused emulator layer `y = [x W_v | x A] [W_u ; s·B] + b` and its
+//!   backward (gradients for `x`, `A`, `B` only), which keeps just `x` and the bottleneck `h`;
+//! - [`gemm`]: the tiled product they are built on, reading strided, transposed and
+//!   concatenated ([`Operand`]) operands in place.
+//!
+//! The crate only depends on CubeCL: tensors come in and go out as
+//! [`TensorHandle`](cubecl::std::tensor::TensorHandle)s, and emloc's Burn backend extension
+//! (`emloc::ops`) wraps them.
 
+mod gemm;
+mod gram;
+/// The `#[cube]` entry points, for callers that want to launch them directly.
+pub mod kernels;
+mod lora;
+/// The shared tiled-product core.
+pub mod tile;
+
+pub use gemm::{MatRef, Operand, empty_matrix, gemm};
+pub use gram::{GramStart, gram};
+pub use lora::{LowRankLora, LowRankLoraGrads};

@@ -86,6 +86,14 @@ impl Linear {
         calibration::record(&self.weight.id, &input);
 
         let bias = self.bias.as_ref().map(|b| b.val());
+        if let (Some(factors), Some(lora)) = (&self.factors, &self.lora) {
+            // Emulator + adapter: one fused op on every backend (emloc::ops); the LoRA branch
+            // gets its own input only when dropout actually changes it.
+            let dropped = (lora.dropout.prob > 0.0).then(|| lora.dropout.forward(input.clone()));
+            let (w_v, w_u) = (factors.w_v.val(), factors.w_u.val());
+            let (a, b) = (lora.a.val(), lora.b.val());
+            return crate::ops::lowrank_lora(input, dropped, w_v, w_u, a, b, bias, lora.scale());
+        }
         let base = match &self.factors {
             Some(factors) => {
                 let h = linear(input.clone(), factors.w_v.val(), None);

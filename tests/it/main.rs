@@ -3,4 +3,5 @@
 mod common;
 mod emulate;
 mod errors;
+mod kernels;
 mod lora;

@@ -1,0 +1,213 @@
+//! Autodiff implementation: the fused layer's custom backward.
+//!
+//! The forward runs the inner backend's fused op and saves `x` (and `x_lora`), `h` and the
+//! weight handles (which the parameters hold anyway); the backward runs the inner backend's
+//! fused backward for `x`, `x_lora`, `A` and `B`. Gradients for the factors or the bias are
+//! computed with plain ops, and only when those inputs are tracked (never in EMLoC, where they
+//! are frozen).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend, Backend, TensorMetadata};
+
+use super::flex::cols;
+use crate::ops::{EmlocOps, MaybeTensor};
+
+/// Parent order of the fused op's node.
+const X: usize = 0;
+const X_LORA: usize = 1;
+const W_V: usize = 2;
+const W_U: usize = 3;
+const A: usize = 4;
+const B_: usize = 5;
+const BIAS: usize = 6;
+
+#[derive(Debug)]
+struct LowRankLoraBackward;
+
+/// What the backward pass keeps: the inputs `x`, `x_lora`, the bottleneck `h`, and handles to
+/// the weights.
+#[derive(Clone, Debug)]
+struct State<B: Backend> {
+    x: FloatTensor<B>,
+    x_lora: Option<FloatTensor<B>>,
+    h: FloatTensor<B>,
+    w_v: FloatTensor<B>,
+    w_u: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    scale: f64,
+}
+
+impl<B: Backend + EmlocOps> Backward<B, 7> for LowRankLoraBackward {
+    type State = State<B>;
+
+    fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let State { x, x_lora, h, w_v, w_u, a, b, scale } = ops.state;
+        let dy = grads.consume::<B>(&ops.node);
+        let tracked = |i: usize| ops.parents[i].is_some();
+        let need_x = tracked(X) || tracked(X_LORA);
+
+        // Rare paths first (trainable factors or bias), while dy and h are still at hand.
+        let k = w_v.shape()[1];
+        if let Some(node) = &ops.parents[BIAS] {
+            let d_out = dy.shape()[1];
+            let db = B::float_sum_dim(dy.clone(), 0);
+            grads.register::<B>(node.id, B::float_reshape(db, [d_out].into()));
+        }
+        if let Some(node) = &ops.parents[W_U] {
+            let h_v = cols::<B>(h.clone(), 0, k);
+            grads.register::<B>(node.id, B::float_matmul(B::float_transpose(h_v), dy.clone()));
+        }
+        if let Some(node) = &ops.parents[W_V] {
+            let dh_v = B::float_matmul(dy.clone(), B::float_transpose(w_u.clone()));
+            let xt = B::float_transpose(x.clone());
+            grads.register::<B>(node.id, B::float_matmul(xt, dh_v));
+        }
+
+        let x_lora = MaybeTensor::from_option(x_lora);
+        let (dx, dx_lora, da, db) =
+            B::lowrank_lora_backward(x, x_lora, h, w_v, w_u, a, b, dy, scale, need_x);
+        if let (Some(node), Some(dx)) = (&ops.parents[X], dx) {
+            grads.register::<B>(node.id, dx);
+        }
+        if let (Some(node), Some(dx_lora)) = (&ops.parents[X_LORA], dx_lora) {
+            grads.register::<B>(node.id, dx_lora);
+        }
+        if let Some(node) = &ops.parents[A] {
+            grads.register::<B>(node.id, da);
+        }
+        if let Some(node) = &ops.parents[B_] {
+            grads.register::<B>(node.id, db);
+        }
+    }
+}
+
+impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
+    // Gram matrices are statistics, never differentiated.
+    fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::gram(x.into_primitive()))
+    }
+
+    fn gram_accumulate(acc: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::gram_accumulate(acc.into_primitive(), x.into_primitive()))
+    }
+
+    fn lowrank_lora(
+        x: FloatTensor<Self>,
+        x_lora: MaybeTensor<Self>,
+        w_v: FloatTensor<Self>,
+        w_u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        bias: MaybeTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let (x_lora, bias) = (x_lora.into_option(), bias.into_option());
+        // Absent optional inputs take an untracked stand-in's place among the parents.
+        let stand_in = || Self::from_inner(w_v.primitive().clone()).node();
+        let guards = [
+            x.node(),
+            x_lora.as_ref().map(|t| t.node()).unwrap_or_else(stand_in),
+            w_v.node(),
+            w_u.node(),
+            a.node(),
+            b.node(),
+            bias.as_ref().map(|t| t.node()).unwrap_or_else(stand_in),
+        ];
+        let x = x.into_primitive();
+        let x_lora = x_lora.map(|t| t.into_primitive());
+        let (w_v, w_u) = (w_v.into_primitive(), w_u.into_primitive());
+        let (a, b) = (a.into_primitive(), b.into_primitive());
+        let bias = bias.map(|t| t.into_primitive());
+
+        match LowRankLoraBackward.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, h) = B::lowrank_lora_forward(
+                    x.clone(),
+                    MaybeTensor::from_option(x_lora.clone()),
+                    w_v.clone(),
+                    w_u.clone(),
+                    a.clone(),
+                    b.clone(),
+                    MaybeTensor::from_option(bias),
+                    scale,
+                );
+                let state = State { x, x_lora, h, w_v, w_u, a, b, scale };
+                prep.finish(state, y)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (x_lora, bias) = (MaybeTensor::from_option(x_lora), MaybeTensor::from_option(bias));
+                prep.finish(B::lowrank_lora(x, x_lora, w_v, w_u, a, b, bias, scale))
+            }
+        }
+    }
+
+    fn lowrank_lora_forward(
+        x: FloatTensor<Self>,
+        x_lora: MaybeTensor<Self>,
+        w_v: FloatTensor<Self>,
+        w_u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        bias: MaybeTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, h) = B::lowrank_lora_forward(
+            x.into_primitive(),
+            inner(x_lora),
+            w_v.into_primitive(),
+            w_u.into_primitive(),
+            a.into_primitive(),
+            b.into_primitive(),
+            inner(bias),
+            scale,
+        );
+        (Self::from_inner(y), Self::from_inner(h))
+    }
+
+    fn lowrank_lora_backward(
+        x: FloatTensor<Self>,
+        x_lora: MaybeTensor<Self>,
+        h: FloatTensor<Self>,
+        w_v: FloatTensor<Self>,
+        w_u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        scale: f64,
+        need_x: bool,
+    ) -> (
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (dx, dx_lora, da, db) = B::lowrank_lora_backward(
+            x.into_primitive(),
+            inner(x_lora),
+            h.into_primitive(),
+            w_v.into_primitive(),
+            w_u.into_primitive(),
+            a.into_primitive(),
+            b.into_primitive(),
+            dy.into_primitive(),
+            scale,
+            need_x,
+        );
+        (
+            dx.map(Self::from_inner),
+            dx_lora.map(Self::from_inner),
+            Self::from_inner(da),
+            Self::from_inner(db),
+        )
+    }
+}
+
+/// The inner backend's view of an optional autodiff tensor (untracked use).
+fn inner<B: Backend, C: CheckpointStrategy>(t: MaybeTensor<Autodiff<B, C>>) -> MaybeTensor<B> {
+    MaybeTensor::from_option(t.into_option().map(|t| t.into_primitive()))
+}

@@ -1,0 +1,137 @@
+//! Cube implementation (every CubeCL runtime: wgpu, CUDA, CPU): emloc's own kernels from
+//! `emloc-cube-kernels`.
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{DType, Shape};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::std::tensor::TensorHandle;
+use burn_cubecl::kernel::untile;
+use burn_cubecl::tensor::CubeTensor;
+use emloc_cube_kernels::{GramStart, LowRankLora};
+
+use crate::ops::{EmlocOps, MaybeTensor};
+
+/// The kernels' view of a tensor: its buffer and strides, as they are (no copy).
+fn handle(tensor: CubeTensor) -> TensorHandle {
+    untile(tensor).into()
+}
+
+/// Wraps a kernel output (contiguous, allocated on `like`'s client) as a Burn tensor.
+fn wrap(like: &CubeTensor, out: TensorHandle, dtype: DType) -> CubeTensor {
+    let shape = Shape::from(out.shape().to_vec());
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, out.handle, dtype)
+}
+
+fn check_dtypes(op: &str, x: &CubeTensor, others: &[&CubeTensor]) {
+    for t in others {
+        assert_eq!(t.dtype, x.dtype, "{op}: all tensors must share x's dtype {:?}", x.dtype);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer(
+    op: &str,
+    x: &CubeTensor,
+    x_lora: Option<&CubeTensor>,
+    w_v: CubeTensor,
+    w_u: CubeTensor,
+    a: CubeTensor,
+    b: CubeTensor,
+    scale: f64,
+) -> LowRankLora {
+    check_dtypes(op, x, &[&w_v, &w_u, &a, &b]);
+    if let Some(x_lora) = x_lora {
+        check_dtypes(op, x, &[x_lora]);
+    }
+    LowRankLora { w_v: handle(w_v), w_u: handle(w_u), a: handle(a), b: handle(b), scale: scale as f32 }
+}
+
+impl EmlocOps for CubeBackend {
+    fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let like = x.clone();
+        let g = emloc_cube_kernels::gram(&like.client, handle(x), GramStart::Zero);
+        wrap(&like, g, DType::F32)
+    }
+
+    fn gram_accumulate(acc: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        assert_eq!(acc.dtype, DType::F32, "gram_accumulate: the accumulator must be f32");
+        let like = x.clone();
+        // In place when this call holds the only reference to the accumulator's buffer.
+        let start =
+            if acc.can_mut() { GramStart::InPlace(handle(acc)) } else { GramStart::Copy(handle(acc)) };
+        let g = emloc_cube_kernels::gram(&like.client, handle(x), start);
+        wrap(&like, g, DType::F32)
+    }
+
+    fn lowrank_lora(
+        x: FloatTensor<Self>,
+        x_lora: MaybeTensor<Self>,
+        w_v: FloatTensor<Self>,
+        w_u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        bias: MaybeTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Self::lowrank_lora_forward(x, x_lora, w_v, w_u, a, b, bias, scale).0
+    }
+
+    fn lowrank_lora_forward(
+        x: FloatTensor<Self>,
+        x_lora: MaybeTensor<Self>,
+        w_v: FloatTensor<Self>,
+        w_u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        bias: MaybeTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (x_lora, bias) = (x_lora.into_option(), bias.into_option());
+        let layer = layer("lowrank_lora", &x, x_lora.as_ref(), w_v, w_u, a, b, scale);
+        if let Some(bias) = &bias {
+            check_dtypes("lowrank_lora", &x, &[bias]);
+        }
+        let like = x.clone();
+        let bias = bias.map(handle);
+        let (y, h) = layer.forward(&like.client, handle(x), x_lora.map(handle), bias.as_ref());
+        (wrap(&like, y, like.dtype), wrap(&like, h, like.dtype))
+    }
+
+    fn lowrank_lora_backward(
+        x: FloatTensor<Self>,
+        x_lora: MaybeTensor<Self>,
+        h: FloatTensor<Self>,
+        w_v: FloatTensor<Self>,
+        w_u: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        scale: f64,
+        need_x: bool,
+    ) -> (
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let x_lora = x_lora.into_option();
+        let layer = layer("lowrank_lora_backward", &x, x_lora.as_ref(), w_v, w_u, a, b, scale);
+        check_dtypes("lowrank_lora_backward", &x, &[&h, &dy]);
+        let like = x.clone();
+        let grads = layer.backward(
+            &like.client,
+            handle(x),
+            x_lora.map(handle),
+            handle(h),
+            handle(dy),
+            need_x,
+        );
+        let dtype = like.dtype;
+        (
+            grads.x.map(|t| wrap(&like, t, dtype)),
+            grads.x_lora.map(|t| wrap(&like, t, dtype)),
+            wrap(&like, grads.a, dtype),
+            wrap(&like, grads.b, dtype),
+        )
+    }
+}
