@@ -27,7 +27,10 @@ fn device() -> Device {
     let device = match Device::wgpu_options().init_with_setup() {
         Ok((device, setup)) => {
             let info = setup.adapter.get_info();
-            eprintln!("[emloc bench] wgpu adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+            eprintln!(
+                "[emloc bench] wgpu adapter: {} ({:?}, {:?})",
+                info.name, info.backend, info.device_type
+            );
             device
         }
         Err(_) => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),

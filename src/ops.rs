@@ -104,12 +104,7 @@ pub trait EmlocOps: Backend {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
-    ) -> (
-        Option<FloatTensor<Self>>,
-        Option<FloatTensor<Self>>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    );
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// The Gram matrix `XᵀX` of `x` `[n, d]`, as `[d, d]` `f32` whatever `x`'s float dtype.
@@ -168,7 +163,12 @@ pub fn lowrank_lora<const D: usize>(
     let [k_u, d_out] = w_u.dims();
     let [d_in_a, r] = a.dims();
     let [r_b, d_out_b] = b.dims();
-    assert_eq!(dims[D - 1], d_in, "lowrank_lora: x has {} features, W_v expects {d_in}", dims[D - 1]);
+    assert_eq!(
+        dims[D - 1],
+        d_in,
+        "lowrank_lora: x has {} features, W_v expects {d_in}",
+        dims[D - 1]
+    );
     assert_eq!(k_u, k, "lowrank_lora: W_v is [{d_in}, {k}] but W_u is [{k_u}, {d_out}]");
     assert_eq!(d_in_a, d_in, "lowrank_lora: A is [{d_in_a}, {r}], expected d_in = {d_in}");
     assert_eq!((r_b, d_out_b), (r, d_out), "lowrank_lora: B must be [{r}, {d_out}]");

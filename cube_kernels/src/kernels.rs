@@ -62,7 +62,8 @@ pub fn gemm_direct_kernel<F: Float>(
             let col = n0 + ux + j * threads;
             if row < dst.rows && col < dst.cols {
                 let shift: ComptimeOption<F> = bias.as_ref().map(|bias| bias[col * bias.stride(0)]);
-                let value = acc[i * micro + j] * dst.alpha + f32::cast_from(shift.unwrap_or_default());
+                let value =
+                    acc[i * micro + j] * dst.alpha + f32::cast_from(shift.unwrap_or_default());
                 out[dst.offset + row * dst.row_stride + col * dst.col_stride] = F::cast_from(value);
             }
         }

@@ -62,7 +62,11 @@ impl LowRankLora {
     ) -> (TensorHandle, TensorHandle) {
         let (d_in, k, r, d_out) = self.dims();
         let x = MatRef::new(x);
-        assert_eq!(x.cols, d_in, "LowRankLora::forward: x has {} features, expected {d_in}", x.cols);
+        assert_eq!(
+            x.cols, d_in,
+            "LowRankLora::forward: x has {} features, expected {d_in}",
+            x.cols
+        );
         let n = x.rows;
         let dtype = x.dtype();
         let h = empty_matrix(client, n, k + r, dtype);
@@ -142,17 +146,39 @@ impl LowRankLora {
             (None, _) => (None, None),
             (Some(dh), None) => {
                 let dx = empty_matrix(client, n, d_in, dtype);
-                let rhs = Operand::Rows { first: w_v.clone().t(), second: a.clone().t(), scale: 1.0 };
-                gemm(client, &Operand::Single(dh.clone()), &rhs, &MatRef::new(dx.clone()), None, 1.0);
+                let rhs =
+                    Operand::Rows { first: w_v.clone().t(), second: a.clone().t(), scale: 1.0 };
+                gemm(
+                    client,
+                    &Operand::Single(dh.clone()),
+                    &rhs,
+                    &MatRef::new(dx.clone()),
+                    None,
+                    1.0,
+                );
                 (Some(dx), None)
             }
             (Some(dh), Some(_)) => {
                 let dx = empty_matrix(client, n, d_in, dtype);
                 let lhs = Operand::Single(dh.clone().cols(0, k));
-                gemm(client, &lhs, &Operand::Single(w_v.clone().t()), &MatRef::new(dx.clone()), None, 1.0);
+                gemm(
+                    client,
+                    &lhs,
+                    &Operand::Single(w_v.clone().t()),
+                    &MatRef::new(dx.clone()),
+                    None,
+                    1.0,
+                );
                 let dxl = empty_matrix(client, n, d_in, dtype);
                 let lhs = Operand::Single(dh.clone().cols(k, r));
-                gemm(client, &lhs, &Operand::Single(a.clone().t()), &MatRef::new(dxl.clone()), None, 1.0);
+                gemm(
+                    client,
+                    &lhs,
+                    &Operand::Single(a.clone().t()),
+                    &MatRef::new(dxl.clone()),
+                    None,
+                    1.0,
+                );
                 (Some(dx), Some(dxl))
             }
         };

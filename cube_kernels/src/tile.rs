@@ -148,10 +148,13 @@ pub fn accumulate_tile<F: Float>(
     // One padding column: k-major stores then hit distinct banks.
     let stride = comptime!(config.threads * config.micro + 1);
     let units = comptime!(config.threads * config.threads);
-    let loads = comptime!(config.threads * config.micro * config.bk / (config.threads * config.threads));
+    let loads =
+        comptime!(config.threads * config.micro * config.bk / (config.threads * config.threads));
 
-    let mut lhs_smem = Shared::<[f32]>::new_slice(comptime!(config.bk * (config.threads * config.micro + 1)));
-    let mut rhs_smem = Shared::<[f32]>::new_slice(comptime!(config.bk * (config.threads * config.micro + 1)));
+    let mut lhs_smem =
+        Shared::<[f32]>::new_slice(comptime!(config.bk * (config.threads * config.micro + 1)));
+    let mut rhs_smem =
+        Shared::<[f32]>::new_slice(comptime!(config.bk * (config.threads * config.micro + 1)));
     let mut a = Array::<f32>::new(micro);
     let mut b = Array::<f32>::new(micro);
 

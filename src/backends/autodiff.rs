@@ -140,7 +140,8 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
                 prep.finish(state, y)
             }
             OpsKind::UnTracked(prep) => {
-                let (x_lora, bias) = (MaybeTensor::from_option(x_lora), MaybeTensor::from_option(bias));
+                let (x_lora, bias) =
+                    (MaybeTensor::from_option(x_lora), MaybeTensor::from_option(bias));
                 prep.finish(B::lowrank_lora(x, x_lora, w_v, w_u, a, b, bias, scale))
             }
         }
@@ -180,12 +181,8 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
-    ) -> (
-        Option<FloatTensor<Self>>,
-        Option<FloatTensor<Self>>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    ) {
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
+    {
         let (dx, dx_lora, da, db) = B::lowrank_lora_backward(
             x.into_primitive(),
             inner(x_lora),

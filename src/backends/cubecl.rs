@@ -43,7 +43,13 @@ fn layer(
     if let Some(x_lora) = x_lora {
         check_dtypes(op, x, &[x_lora]);
     }
-    LowRankLora { w_v: handle(w_v), w_u: handle(w_u), a: handle(a), b: handle(b), scale: scale as f32 }
+    LowRankLora {
+        w_v: handle(w_v),
+        w_u: handle(w_u),
+        a: handle(a),
+        b: handle(b),
+        scale: scale as f32,
+    }
 }
 
 impl EmlocOps for CubeBackend {
@@ -57,8 +63,11 @@ impl EmlocOps for CubeBackend {
         assert_eq!(acc.dtype, DType::F32, "gram_accumulate: the accumulator must be f32");
         let like = x.clone();
         // In place when this call holds the only reference to the accumulator's buffer.
-        let start =
-            if acc.can_mut() { GramStart::InPlace(handle(acc)) } else { GramStart::Copy(handle(acc)) };
+        let start = if acc.can_mut() {
+            GramStart::InPlace(handle(acc))
+        } else {
+            GramStart::Copy(handle(acc))
+        };
         let g = emloc_cube_kernels::gram(&like.client, handle(x), start);
         wrap(&like, g, DType::F32)
     }
@@ -108,12 +117,8 @@ impl EmlocOps for CubeBackend {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
-    ) -> (
-        Option<FloatTensor<Self>>,
-        Option<FloatTensor<Self>>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    ) {
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
+    {
         let x_lora = x_lora.into_option();
         let layer = layer("lowrank_lora_backward", &x, x_lora.as_ref(), w_v, w_u, a, b, scale);
         check_dtypes("lowrank_lora_backward", &x, &[&h, &dy]);

@@ -3,7 +3,7 @@
 //! gradients (trainable factors or bias).
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, FloatDType, Flex, Scalar, Shape, Slice, TensorMetadata};
+use burn::backend::{Backend, Flex, FloatDType, Scalar, Shape, Slice, TensorMetadata};
 
 use crate::ops::{EmlocOps, MaybeTensor};
 
@@ -55,21 +55,14 @@ impl EmlocOps for Flex {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
-    ) -> (
-        Option<FloatTensor<Self>>,
-        Option<FloatTensor<Self>>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    ) {
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
+    {
         lowrank_lora_backward::<Self>(x, x_lora.into_option(), h, w_v, w_u, a, b, dy, scale, need_x)
     }
 }
 
 /// `start + XᵀX` in `f32` with the backend's own matmul.
-pub(crate) fn gram<B: Backend>(
-    x: FloatTensor<B>,
-    start: Option<FloatTensor<B>>,
-) -> FloatTensor<B> {
+pub(crate) fn gram<B: Backend>(x: FloatTensor<B>, start: Option<FloatTensor<B>>) -> FloatTensor<B> {
     let x = B::float_cast(x, FloatDType::F32);
     let g = B::float_matmul(B::float_transpose(x.clone()), x);
     match start {

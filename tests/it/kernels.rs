@@ -95,7 +95,12 @@ fn check_gram_accumulate(device: &Device) {
     // A transposed (non-contiguous) input is read through its strides.
     let xt = matrix(d, n2, 3, device);
     let (ht, _) = host(xt.clone().transpose());
-    assert_close("gram of a transposed view", ops::gram(xt.transpose()), &gram_f64(&ht, n2, d), 1e-5);
+    assert_close(
+        "gram of a transposed view",
+        ops::gram(xt.transpose()),
+        &gram_f64(&ht, n2, d),
+        1e-5,
+    );
 }
 
 /// Shapes of one fused-layer case: tokens, d_in, k, r, d_out.
@@ -145,7 +150,14 @@ impl Layer {
 const SCALE: f64 = 1.75;
 
 /// The unfused math with stock tensor ops (autodiff tracks it op by op).
-fn unfused(l: &Layer, x: Tensor<2>, x_lora: Tensor<2>, a: Tensor<2>, b: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
+fn unfused(
+    l: &Layer,
+    x: Tensor<2>,
+    x_lora: Tensor<2>,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    bias: Tensor<1>,
+) -> Tensor<2> {
     let base = x.matmul(l.w_v.clone()).matmul(l.w_u.clone());
     let lora = x_lora.matmul(a).matmul(b).mul_scalar(SCALE);
     base + lora + bias.unsqueeze::<2>()
@@ -169,7 +181,8 @@ fn check_forward(device: &Device, dtype: FloatDType, tol: f64) {
         assert_eq!(fused.dims(), [sizes.0, sizes.4]);
         // Reference: unfused, in f32 on Flex, from the same (rounded) inputs.
         let lf = l.to(&flex, FloatDType::F32);
-        let want = unfused(&lf, lf.x.clone(), lf.x.clone(), lf.a.clone(), lf.b.clone(), lf.bias.clone());
+        let want =
+            unfused(&lf, lf.x.clone(), lf.x.clone(), lf.a.clone(), lf.b.clone(), lf.bias.clone());
         let (want, _) = host(want);
         assert_close(&format!("lowrank_lora forward {dtype:?} {sizes:?}"), fused, &want, tol);
     }
@@ -232,9 +245,27 @@ fn check_grads(device: &Device, dtype: FloatDType, tol: f64) {
 fn check_batched_input(device: &Device) {
     let l = Layer::new((10, 12, 5, 2, 7), 300, device);
     let x3: Tensor<3> = l.x.clone().reshape([2, 5, 12]);
-    let y3 = ops::lowrank_lora(x3, None, l.w_v.clone(), l.w_u.clone(), l.a.clone(), l.b.clone(), None, SCALE);
+    let y3 = ops::lowrank_lora(
+        x3,
+        None,
+        l.w_v.clone(),
+        l.w_u.clone(),
+        l.a.clone(),
+        l.b.clone(),
+        None,
+        SCALE,
+    );
     assert_eq!(y3.dims(), [2, 5, 7]);
-    let y2 = ops::lowrank_lora(l.x.clone(), None, l.w_v.clone(), l.w_u.clone(), l.a.clone(), l.b.clone(), None, SCALE);
+    let y2 = ops::lowrank_lora(
+        l.x.clone(),
+        None,
+        l.w_v.clone(),
+        l.w_u.clone(),
+        l.a.clone(),
+        l.b.clone(),
+        None,
+        SCALE,
+    );
     assert_close("3-D input", y3.reshape([10, 7]), &host(y2).0, 1e-6);
 }
 
@@ -256,6 +287,35 @@ fn flex_lowrank_lora_forward() {
 #[test]
 fn flex_lowrank_lora_grads_match_unfused_autodiff() {
     check_grads(&Device::flex(), FloatDType::F32, 1e-5);
+}
+
+#[test]
+fn flex_lowrank_lora_grads_with_gradient_checkpointing() {
+    // The fused op keeps its own state (x, h): same gradients under balanced checkpointing.
+    let grads = |device: Device| {
+        let l = Layer::new((29, 17, 6, 3, 11), 600, &device);
+        let x = l.x.clone().require_grad();
+        let a = l.a.clone().require_grad();
+        let b = l.b.clone().require_grad();
+        let h = x.clone().tanh(); // a recomputable op before the fused one
+        let y = ops::lowrank_lora(
+            h,
+            None,
+            l.w_v.clone(),
+            l.w_u.clone(),
+            a.clone(),
+            b.clone(),
+            None,
+            SCALE,
+        );
+        let g = (y.tanh() * l.dy.clone()).sum().backward();
+        [x.grad(&g).unwrap(), a.grad(&g).unwrap(), b.grad(&g).unwrap()]
+    };
+    let plain = grads(Device::flex().autodiff());
+    let checkpointed = grads(Device::flex().autodiff().gradient_checkpointing());
+    for (name, (got, want)) in ["x", "A", "B"].iter().zip(checkpointed.into_iter().zip(plain)) {
+        assert_close(&format!("checkpointed grad {name}"), got, &host(want).0, 1e-6);
+    }
 }
 
 #[test]
@@ -284,7 +344,11 @@ pub(crate) fn cube_device() -> Device {
                         let info = setup.adapter.get_info();
                         println!(
                             "[emloc kernels] wgpu adapter: {} ({:?}, {:?}, driver {} {})",
-                            info.name, info.backend, info.device_type, info.driver, info.driver_info
+                            info.name,
+                            info.backend,
+                            info.device_type,
+                            info.driver,
+                            info.driver_info
                         );
                         device
                     }
@@ -337,7 +401,11 @@ mod cube {
         let (g, [d, _]) = host(ops::gram(matrix(301, 150, 5, &cube_device())));
         for i in 0..d {
             for j in 0..i {
-                assert_eq!(g[i * d + j].to_bits(), g[j * d + i].to_bits(), "G[{i},{j}] != G[{j},{i}]");
+                assert_eq!(
+                    g[i * d + j].to_bits(),
+                    g[j * d + i].to_bits(),
+                    "G[{i},{j}] != G[{j},{i}]"
+                );
             }
         }
     }
@@ -353,9 +421,19 @@ mod cube {
         assert_close("gram 40x1030", ops::gram(x), &gram_f64(&xh, 40, 1030), 1e-5);
 
         let l = Layer::new((1100, 64, 13, 4, 1040), 500, &device);
-        let y = ops::lowrank_lora(l.x.clone(), None, l.w_v.clone(), l.w_u.clone(), l.a.clone(), l.b.clone(), Some(l.bias.clone()), SCALE);
+        let y = ops::lowrank_lora(
+            l.x.clone(),
+            None,
+            l.w_v.clone(),
+            l.w_u.clone(),
+            l.a.clone(),
+            l.b.clone(),
+            Some(l.bias.clone()),
+            SCALE,
+        );
         let lf = l.to(&flex, FloatDType::F32);
-        let want = unfused(&lf, lf.x.clone(), lf.x.clone(), lf.a.clone(), lf.b.clone(), lf.bias.clone());
+        let want =
+            unfused(&lf, lf.x.clone(), lf.x.clone(), lf.a.clone(), lf.b.clone(), lf.bias.clone());
         assert_close("lowrank_lora 1100x1040", y, &host(want).0, 1e-5);
     }
 
@@ -409,7 +487,16 @@ mod cube {
             let l = Layer::new((3001, 40, 9, 4, 33), 400, &ad);
             let a = l.a.clone().require_grad();
             let b = l.b.clone().require_grad();
-            let y = ops::lowrank_lora(l.x.clone(), None, l.w_v.clone(), l.w_u.clone(), a.clone(), b.clone(), None, SCALE);
+            let y = ops::lowrank_lora(
+                l.x.clone(),
+                None,
+                l.w_v.clone(),
+                l.w_u.clone(),
+                a.clone(),
+                b.clone(),
+                None,
+                SCALE,
+            );
             let grads = (y * l.dy.clone()).sum().backward();
             (a.grad(&grads).unwrap(), b.grad(&grads).unwrap())
         };
