@@ -201,14 +201,20 @@ pub fn merge_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
             let scale = adapter.config.scale_for(path);
             let a = layer.lora_a.transpose().to_tensor(&device);
             let b = layer.lora_b.transpose().to_tensor(&device);
-            let delta = a.matmul(b).mul_scalar(scale);
-            linear.weight = linear.weight.map(|w| {
-                let dtype = w.dtype();
-                (w.cast(burn::tensor::FloatDType::F32) + delta).cast(dtype)
-            });
+            add_to_weight(&mut linear, a.matmul(b).mul_scalar(scale));
         }
         linear
     }))
+}
+
+/// `W ← W + delta`, added in f32 and cast back to the weight's dtype.
+fn add_to_weight(linear: &mut Linear, delta: burn::tensor::Tensor<2>) {
+    use burn::tensor::FloatDType;
+    let delta = delta.cast(FloatDType::F32);
+    linear.weight = linear.weight.clone().map(|w| {
+        let dtype = w.dtype();
+        (w.cast(FloatDType::F32) + delta).cast(dtype)
+    });
 }
 
 /// Folds every attached adapter of a dense `model` into its weights (`W ← W + s · B A`) and
@@ -218,12 +224,7 @@ pub fn merge_lora<M: Module>(model: M) -> M {
         if linear.factors.is_none()
             && let Some(lora) = linear.lora.take()
         {
-            let delta = lora.delta();
-            linear.weight = linear.weight.map(|w| {
-                let dtype = w.dtype();
-                (w.cast(burn::tensor::FloatDType::F32) + delta.cast(burn::tensor::FloatDType::F32))
-                    .cast(dtype)
-            });
+            add_to_weight(&mut linear, lora.delta());
         }
         linear
     })
