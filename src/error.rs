@@ -91,6 +91,14 @@ pub enum EmlocError {
         /// What is wrong.
         message: String,
     },
+    /// A saved emulator directory is malformed or does not fit the model.
+    #[error("emulator file {path}: {message}")]
+    EmulatorFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// An I/O error, with the file it concerns.
     #[error("{path}: {source}")]
     Io {

@@ -16,18 +16,24 @@
 //! in the repository's `README.md`.
 
 pub mod adapter;
+pub mod atomic;
 mod backends;
 mod calibration;
 pub mod correction;
 pub mod emulator;
 pub mod error;
 pub mod matrix;
+pub mod merge_file;
 pub mod nn;
 pub mod ops;
 pub mod peft;
 
 pub use adapter::{attach_adapter, attach_lora, export_adapter, linear_layers, merge_adapter, merge_lora};
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
-pub use emulator::{EmulatorConfig, EmulatorReport, Keep, LayerRule, WhiteningMethod, calibrate, emulate};
+pub use emulator::{
+    EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, WhiteningMethod, calibrate, emulate,
+    load_emulator, save_emulator,
+};
 pub use error::{EmlocError, Result};
+pub use merge_file::merge_into_safetensors;
 pub use nn::{Linear, LinearConfig, LoraConfig};

@@ -9,15 +9,14 @@
 //! the user everything that is wrong with an adapter instead of one key per attempt.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::fs;
+use std::path::Path;
 
 use regex::Regex;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::atomic::write_atomic;
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
 
@@ -691,7 +690,7 @@ fn decode_matrix(
 }
 
 /// IEEE binary16 to binary32; exact for every input, NaN payloads kept.
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = u32::from(h & 0x8000) << 16;
     let exponent = u32::from((h >> 10) & 0x1f);
     let mantissa = u32::from(h & 0x03ff);
@@ -711,50 +710,6 @@ fn f16_to_f32(h: u16) -> f32 {
 /// bfloat16 is the upper half of an f32.
 fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
-}
-
-static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// Replaces `target` with `bytes` via a synced temporary file in the same directory and a
-/// rename, so readers see either the old file or the new one, never a partial write.
-fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp: PathBuf = target.with_file_name(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temp, target)
-    })();
-    if let Err(e) = written {
-        // Best effort: the temp file may not exist if creating it was what failed.
-        let _ = fs::remove_file(&temp);
-        return Err(EmlocError::io(target, e));
-    }
-    sync_parent(target);
-    Ok(())
-}
-
-/// Makes the rename durable; best effort, since not every platform can open a directory.
-fn sync_parent(target: &Path) {
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if let Ok(dir) = fs::File::open(parent) {
-        let _ = dir.sync_all();
-    }
 }
 
 #[cfg(test)]

@@ -171,23 +171,7 @@ pub fn run(args: &DemoArgs) -> emloc::Result<()> {
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&rows).expect("rows serialize");
-        write_atomically(path, text.as_bytes())?;
+        emloc::atomic::write_atomic(path, text.as_bytes())?;
     }
     Ok(())
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> emloc::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        emloc::EmlocError::io(path, e)
-    })
 }

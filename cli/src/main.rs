@@ -1,7 +1,11 @@
 //! `emloc`: the EMLoC pipeline from the command line.
 
+mod common;
 mod demo;
 mod embed;
+mod memory;
+mod run;
+mod stages;
 
 use std::process::ExitCode;
 
@@ -23,6 +27,19 @@ enum Command {
     /// Print sentence embeddings of TEXT... as JSON (one array of floats per text, in order)
     /// from a sentence-transformers BERT directory (e.g. all-MiniLM-L6-v2).
     Embed(embed::EmbedArgs),
+    /// The main job: EMLoC on all-MiniLM-L6-v2 for GSM8K question → answer retrieval (zero-shot,
+    /// LoRA on the full model, EMLoC corrected and uncorrected, plain-SVD emulator), as a table.
+    Run(run::RunArgs),
+    /// Calibrate on the downstream data and write the emulator (factors + JSON description).
+    Emulate(stages::EmulateArgs),
+    /// Train LoRA adapters (on an emulator, or on the model as the baseline); PEFT output.
+    Finetune(stages::FinetuneArgs),
+    /// Correct an adapter trained on an emulator for the original model.
+    Correct(stages::CorrectArgs),
+    /// Merge a PEFT adapter into a model directory's safetensors (host-side, no model built).
+    Merge(stages::MergeArgs),
+    /// Print retrieval metrics (Recall@1, Recall@5, MRR) on the validation split as JSON.
+    Eval(stages::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +47,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args).map_err(|e| e.to_string()),
         Command::Embed(args) => embed::run(&args).map_err(|e| e.to_string()),
+        Command::Run(args) => run::run(&args).map_err(|e| e.to_string()),
+        Command::Emulate(args) => stages::emulate(&args).map_err(|e| e.to_string()),
+        Command::Finetune(args) => stages::finetune(&args).map_err(|e| e.to_string()),
+        Command::Correct(args) => stages::correct_adapter(&args).map_err(|e| e.to_string()),
+        Command::Merge(args) => stages::merge(&args).map_err(|e| e.to_string()),
+        Command::Eval(args) => stages::eval(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,16 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// A line of a data file is malformed.
+    #[error("{path}:{line}: {message}")]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// An input the model cannot take (a token id outside the vocabulary, mismatched shapes, ...).
     #[error("invalid input: {0}")]
     InvalidInput(String),

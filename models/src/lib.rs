@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod error;
 pub mod loading;
+pub mod retrieval;
 pub mod tiny;
 
 pub use error::{ModelError, Result};

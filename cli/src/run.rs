@@ -1,0 +1,220 @@
+//! `emloc run`: the main job. The whole pipeline on a real sentence encoder (all-MiniLM-L6-v2 by
+//! default) for GSM8K question → answer retrieval, against zero-shot and LoRA on the full model,
+//! with one seed, step count and set of hyperparameters for every row.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use emloc::{CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter, merge_lora};
+use emloc_models::retrieval::RetrievalMetrics;
+use serde::Serialize;
+
+use crate::common::{
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, adapter_params, build_emulator, calibration_texts,
+    evaluate, train_adapter, write_json,
+};
+use crate::memory::{Phase, PhaseStats};
+
+/// Options of `emloc run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    emulator: EmulatorArgs,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Training pairs used (the first N of the shuffled training split; 0 = all).
+    #[arg(long, default_value_t = 0)]
+    train_pairs: usize,
+    /// Correction clamp L.
+    #[arg(long, default_value_t = 3.0)]
+    clamp: f64,
+    /// Directory for the artifacts (emulators, adapters) and `report.json`.
+    #[arg(long, default_value = "emloc-run")]
+    out: PathBuf,
+}
+
+/// One row of the table.
+#[derive(Debug, Serialize)]
+struct Row {
+    method: String,
+    metrics: RetrievalMetrics,
+    /// Share of full-model LoRA's Recall@1 gain over zero-shot.
+    recall_gain_recovered: Option<f64>,
+    trainable_params: usize,
+    /// Parameters of the model that was fine-tuned (0 for zero-shot).
+    trained_model_params: usize,
+    /// Peak RSS and wall time of fine-tuning (for zero-shot: of evaluating the original).
+    training: PhaseStats,
+    /// Wall time of the whole row in seconds (emulation, training, correction, merge, eval).
+    row_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    model: String,
+    data: &'a DataArgs,
+    emulator: &'a EmulatorArgs,
+    train: &'a TrainArgs,
+    train_pairs: usize,
+    validation_pairs: usize,
+    rows: Vec<Row>,
+    emulators: Vec<(String, emloc::EmulatorReport)>,
+    corrections: Vec<emloc::CorrectionReport>,
+}
+
+fn count_params(model: &emloc_models::bert::BertModel) -> usize {
+    use burn::module::Module;
+    model.num_params()
+}
+
+/// Runs the experiment and prints the table.
+pub fn run(args: &RunArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let (encoder, model_dir) = args.model.load()?;
+    let split = args.data.split()?;
+    let mut train = split.train;
+    if args.train_pairs > 0 {
+        train.truncate(args.train_pairs);
+    }
+    let calibration = calibration_texts(&train, args.emulator.calibration_pairs)?;
+    let original = encoder.model.clone();
+    let load = phase.finish();
+    eprintln!(
+        "model {} loaded in {:.1}s; {} training pairs, {} validation pairs, {} calibration texts",
+        model_dir.display(),
+        load.wall_seconds,
+        train.len(),
+        split.validation.len(),
+        calibration.len()
+    );
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+
+    let mut rows = Vec::new();
+    let phase = Phase::start();
+    let zero_shot = evaluate(&encoder, &original, &split.validation, "zero-shot")?;
+    let stats = phase.finish();
+    rows.push(Row {
+        method: "zero-shot (original model)".into(),
+        metrics: zero_shot,
+        recall_gain_recovered: None,
+        trainable_params: 0,
+        trained_model_params: 0,
+        training: stats,
+        row_seconds: stats.wall_seconds,
+    });
+    eprintln!("zero-shot: Recall@1 {:.4}, MRR {:.4} ({:.1}s)", zero_shot.recall_at_1, zero_shot.mrr, stats.wall_seconds);
+
+    let row_phase = Phase::start();
+    let phase = Phase::start();
+    let (tuned, train_report) = train_adapter(&encoder, original.clone(), &train, &args.train, "LoRA on the full model", |_, _| Ok(()))?;
+    let training = phase.finish();
+    let trainable = adapter_params(&tuned);
+    let trained_params = count_params(&tuned) - trainable;
+    export_adapter(&tuned)?.save(&args.out.join("adapter-full-lora"))?;
+    let metrics = evaluate(&encoder, &merge_lora(tuned), &split.validation, "LoRA")?;
+    eprintln!("LoRA on the full model: Recall@1 {:.4} (loss {:.3} → {:.3})", metrics.recall_at_1, train_report.first_loss, train_report.last_loss);
+    let full_gain = metrics.recall_at_1 - zero_shot.recall_at_1;
+    let recovered = |m: &RetrievalMetrics| (full_gain.abs() > 1e-12).then(|| (m.recall_at_1 - zero_shot.recall_at_1) / full_gain);
+    rows.push(Row {
+        method: "LoRA on the full model".into(),
+        metrics,
+        recall_gain_recovered: recovered(&metrics),
+        trainable_params: trainable,
+        trained_model_params: trained_params,
+        training,
+        row_seconds: row_phase.elapsed_seconds(),
+    });
+
+    let base_config = args.emulator.config()?;
+    let mut emulators = Vec::new();
+    let mut corrections = Vec::new();
+    for (method, name, dir) in [
+        (WhiteningMethod::Cholesky, "EMLoC", "emulator-whitened"),
+        (WhiteningMethod::None, "plain-SVD emulator", "emulator-plain-svd"),
+    ] {
+        let row_phase = Phase::start();
+        let config = EmulatorConfig { whitening: emloc::emulator::WhiteningConfig { method, ..base_config.whitening.clone() }, ..base_config.clone() };
+        let (emulator, report) = build_emulator(&encoder, &calibration, &config)?;
+        let emulate_seconds = row_phase.elapsed_seconds();
+        eprintln!(
+            "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({:.1}s)",
+            report.layers.len(),
+            report.params_original(),
+            report.params_kept(),
+            report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>() / report.layers.len().max(1) as f64,
+            emulate_seconds
+        );
+        emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(config.clone(), report.clone()), &args.out.join(dir))?;
+        emulators.push((name.to_string(), report));
+
+        let phase = Phase::start();
+        let (tuned, train_report) = train_adapter(&encoder, emulator, &train, &args.train, &format!("LoRA on the {name}"), |_, _| Ok(()))?;
+        let training = phase.finish();
+        let trainable = adapter_params(&tuned);
+        let trained_params = count_params(&tuned) - trainable;
+        eprintln!("{name}: loss {:.3} → {:.3}", train_report.first_loss, train_report.last_loss);
+        let built_and_trained = row_phase.elapsed_seconds();
+
+        let variants: &[bool] = if method == WhiteningMethod::Cholesky { &[true, false] } else { &[true] };
+        for &corrected in variants {
+            let phase = Phase::start();
+            let adapter = if corrected {
+                let (adapter, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
+                corrections.push(report);
+                adapter
+            } else {
+                export_adapter(&tuned)?
+            };
+            let label = if corrected { "corrected" } else { "uncorrected" };
+            adapter.save(&args.out.join(format!("adapter-{dir}-{label}")))?;
+            let merged = merge_adapter(original.clone(), &adapter)?;
+            let metrics = evaluate(&encoder, &merged, &split.validation, label)?;
+            eprintln!("{name} {label}: Recall@1 {:.4}, MRR {:.4}", metrics.recall_at_1, metrics.mrr);
+            rows.push(Row {
+                method: format!("{name} ρ={} {label}, merged into the original", args.emulator.ratio),
+                metrics,
+                recall_gain_recovered: recovered(&metrics),
+                trainable_params: trainable,
+                trained_model_params: trained_params,
+                training,
+                row_seconds: built_and_trained + phase.elapsed_seconds(),
+            });
+        }
+    }
+
+    println!("| method | Recall@1 | MRR | Recall@5 | gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        println!(
+            "| {} | {:.4} | {:.4} | {:.4} | {} | {} | {} | {:.1} | {:.1} |",
+            row.method,
+            row.metrics.recall_at_1,
+            row.metrics.mrr,
+            row.metrics.recall_at_5,
+            row.recall_gain_recovered.map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
+            row.trained_model_params,
+            row.training.peak_mib(),
+            row.training.wall_seconds,
+            row.row_seconds
+        );
+    }
+    let report = Report {
+        model: model_dir.display().to_string(),
+        data: &args.data,
+        emulator: &args.emulator,
+        train: &args.train,
+        train_pairs: train.len(),
+        validation_pairs: split.validation.len(),
+        rows,
+        emulators,
+        corrections,
+    };
+    let path = args.out.join("report.json");
+    write_json(&path, &report)?;
+    eprintln!("report: {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The pipeline one stage at a time: `emloc emulate`, `finetune`, `correct`, `merge` and `eval`.
+//! Each stage writes its artifacts atomically into `--out` with a `report.json` (wall time and
+//! peak RSS), and checks its inputs before it starts working.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use clap::Args;
+use emloc::peft::PeftAdapter;
+use emloc::{CorrectionConfig, EmulatorDescription, attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors};
+use emloc_models::loading::Checkpoint;
+use serde::Serialize;
+
+use crate::common::{
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, evaluate, train_adapter,
+    write_json,
+};
+use crate::memory::{Phase, PhaseStats};
+
+/// `report.json` of a stage: what it did, how long it took, its peak memory.
+#[derive(Debug, Serialize)]
+struct StageReport<T: Serialize> {
+    stage: &'static str,
+    #[serde(flatten)]
+    stats: PhaseStats,
+    details: T,
+}
+
+fn finish<T: Serialize>(stage: &'static str, phase: Phase, out: &Path, details: T) -> CliResult<()> {
+    let report = StageReport { stage, stats: phase.finish(), details };
+    write_json(&out.join("report.json"), &report)?;
+    eprintln!(
+        "{stage}: {:.1}s, peak RSS {} MiB; report in {}",
+        report.stats.wall_seconds,
+        report.stats.peak_mib(),
+        out.join("report.json").display()
+    );
+    Ok(())
+}
+
+/// Refuses to write into the model directory itself (its files would be replaced).
+fn check_out(out: &Path, model_dir: &Path) -> CliResult<()> {
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(out, model_dir) {
+        return Err(format!("--out {} is the model directory; choose another", out.display()).into());
+    }
+    Ok(())
+}
+
+/// Options of `emloc emulate`.
+#[derive(Args, Debug)]
+pub struct EmulateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Calibration data: the training split of this JSONL file (see --validation).
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    emulator: EmulatorArgs,
+    /// Output directory: emulator.safetensors, emulator.json, report.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Calibrates, builds and saves the emulator.
+pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let config = args.emulator.config()?;
+    let split = args.data.split()?;
+    let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
+    let (encoder, model_dir) = args.model.load()?;
+    check_out(&args.out, &model_dir)?;
+    let (emulator, report) = build_emulator(&encoder, &texts, &config)?;
+    let description = EmulatorDescription::new(config, report);
+    emloc::save_emulator(&emulator, &description, &args.out)?;
+    eprintln!(
+        "emulator: {} layers, {} → {} parameters in them",
+        description.report.layers.len(),
+        description.report.params_original(),
+        description.report.params_kept()
+    );
+    finish("emulate", phase, &args.out, &description.report)
+}
+
+/// Options of `emloc finetune`.
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Train on this emulator (from `emloc emulate`) instead of the original model.
+    #[arg(long)]
+    emulator: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Save the adapter to OUT/checkpoint-STEP every N steps (0 = never).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Output directory: the PEFT adapter (adapter_config.json, adapter_model.safetensors) and
+    /// report.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn load_model(model: &ModelArgs, emulator: Option<&Path>) -> CliResult<(emloc_models::bert::SentenceEncoder, PathBuf, Option<EmulatorDescription>)> {
+    let (mut encoder, dir) = model.load()?;
+    let mut description = None;
+    if let Some(emulator_dir) = emulator {
+        let (model, d) = load_emulator(encoder.model.clone(), emulator_dir)?;
+        encoder = encoder.with_model(model);
+        description = Some(d);
+    }
+    Ok((encoder, dir, description))
+}
+
+/// Trains LoRA adapters and writes them in PEFT format.
+pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let split = args.data.split()?;
+    let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
+    check_out(&args.out, &model_dir)?;
+    let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
+    let every = args.checkpoint_every;
+    let (tuned, report) = train_adapter(&encoder, encoder.model.clone(), &split.train, &args.train, label, |step, model| {
+        if every > 0 && step % every == 0 {
+            export_adapter(model)?.save(&args.out.join(format!("checkpoint-{step}")))?;
+        }
+        Ok(())
+    })?;
+    export_adapter(&tuned)?.save(&args.out)?;
+    eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
+    finish("finetune", phase, &args.out, &report)
+}
+
+/// Options of `emloc correct`.
+#[derive(Args, Debug)]
+pub struct CorrectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The emulator the adapter was trained on.
+    #[arg(long)]
+    emulator: PathBuf,
+    /// The adapter trained on the emulator (PEFT directory).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Correction clamp L.
+    #[arg(long, default_value_t = 3.0)]
+    clamp: f64,
+    /// Output directory: the corrected PEFT adapter and report.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Corrects an emulator-trained adapter for the original model.
+pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let adapter = PeftAdapter::load(&args.adapter)?;
+    let (encoder, model_dir) = args.model.load()?;
+    check_out(&args.out, &model_dir)?;
+    let original = encoder.model.clone();
+    let (emulator, _) = load_emulator(original.clone(), &args.emulator)?;
+    let tuned = attach_adapter(emulator, &adapter)?;
+    let (corrected, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
+    corrected.save(&args.out)?;
+    finish("correct", phase, &args.out, &report)
+}
+
+/// Options of `emloc merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// HF model directory to merge into.
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory: a complete model directory (merged safetensors, the other files copied).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Merges an adapter into the checkpoint files, host-side, and copies the model's other files.
+pub fn merge(args: &MergeArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    check_out(&args.out, &args.model)?;
+    let adapter = PeftAdapter::load(&args.adapter)?;
+    let files = Checkpoint::open_dir(&args.model)?.files();
+    let merged = merge_into_safetensors(&adapter, &files, &args.out)?;
+    let mut copied = Vec::new();
+    copy_other_files(&args.model, &args.out, &files, &mut copied)?;
+    eprintln!("merged {} weights; copied {} other files", merged.merged.len(), copied.len());
+    #[derive(Serialize)]
+    struct Details {
+        merged: Vec<(String, String)>,
+        copied: Vec<String>,
+    }
+    finish("merge", phase, &args.out, Details { merged: merged.merged, copied })
+}
+
+/// Copies every file of `from` (recursively) that is not a weight file to `to`, atomically.
+fn copy_other_files(from: &Path, to: &Path, weights: &[PathBuf], copied: &mut Vec<String>) -> CliResult<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let target = to.join(entry.file_name());
+        if path.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_other_files(&path, &target, weights, copied)?;
+        } else if !weights.iter().any(|w| w == &path) && entry.file_name() != "report.json" {
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            emloc::atomic::write_atomic(&target, &bytes)?;
+            copied.push(path.display().to_string());
+        }
+    }
+    Ok(())
+}
+
+/// Options of `emloc eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Serve this PEFT adapter beside the model (unmerged).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Evaluate this emulator instead of the model.
+    #[arg(long)]
+    emulator: Option<PathBuf>,
+    /// Evaluated on the validation split of this file.
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+/// Prints Recall@1, Recall@5 and MRR on the validation split as JSON.
+pub fn eval(args: &EvalArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let split = args.data.split()?;
+    let (encoder, _, _) = load_model(&args.model, args.emulator.as_deref())?;
+    let mut model = encoder.model.clone();
+    if let Some(dir) = &args.adapter {
+        model = attach_adapter(model, &PeftAdapter::load(dir)?)?.valid();
+    }
+    let metrics = evaluate(&encoder, &model, &split.validation, "model")?;
+    #[derive(Serialize)]
+    struct Output {
+        #[serde(flatten)]
+        metrics: emloc_models::retrieval::RetrievalMetrics,
+        #[serde(flatten)]
+        stats: PhaseStats,
+    }
+    println!("{}", serde_json::to_string_pretty(&Output { metrics, stats: phase.finish() })?);
+    Ok(())
+}

@@ -1,0 +1,507 @@
+//! Question → answer retrieval with a [`SentenceEncoder`]: the data format (GSM8K JSONL), a
+//! deterministic train/validation split, Recall@k and MRR, and contrastive LoRA fine-tuning with
+//! in-batch negatives.
+//!
+//! # Data format
+//! One JSON object per line with string fields `question` and `answer` (GSM8K's format; other
+//! fields are ignored, blank lines are skipped). The `i`-th answer is the one relevant document
+//! of the `i`-th question; every other answer in the evaluated set is a distractor.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::bert::{BertModel, Encoded, SentenceEncoder};
+use crate::error::{ModelError, Result};
+
+/// One question with its worked answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QaPair {
+    /// The query text.
+    pub question: String,
+    /// The relevant document.
+    pub answer: String,
+}
+
+/// Parses JSONL text (see the [module docs](self)); `path` only names the source in errors.
+///
+/// # Errors
+/// [`ModelError::Data`] with the 1-based line number for invalid JSON, a missing or non-string
+/// `question`/`answer`, or an empty one; [`ModelError::Data`] (line 0) if there is no pair at all.
+pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<QaPair>> {
+    let mut pairs = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let error = |message: String| ModelError::Data { path: path.to_path_buf(), line: index + 1, message };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
+        let field = |name: &str| match value.get(name) {
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+            Some(serde_json::Value::String(_)) => Err(error(format!("`{name}` is empty"))),
+            Some(other) => Err(error(format!("`{name}` must be a string, found {other}"))),
+            None => Err(error(format!("missing field `{name}`"))),
+        };
+        pairs.push(QaPair { question: field("question")?, answer: field("answer")? });
+    }
+    if pairs.is_empty() {
+        return Err(ModelError::Data { path: path.to_path_buf(), line: 0, message: "no question/answer pairs".into() });
+    }
+    Ok(pairs)
+}
+
+/// Reads a JSONL data file (see [`parse_jsonl`]).
+///
+/// # Errors
+/// [`ModelError::Io`] if it cannot be read; otherwise as [`parse_jsonl`].
+pub fn read_jsonl(path: &Path) -> Result<Vec<QaPair>> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    parse_jsonl(&text, path)
+}
+
+/// A deterministic pseudo-random generator (xorshift64*), so that splits and batch orders are
+/// identical on every platform and independent of any backend's RNG.
+#[derive(Debug, Clone)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    /// A generator from `seed` (any value).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A uniformly shuffled permutation of `0..n` (Fisher–Yates).
+    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+}
+
+/// Disjoint parts of one data file.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Pairs for training and calibration.
+    pub train: Vec<QaPair>,
+    /// Held-out pairs: never trained or calibrated on.
+    pub validation: Vec<QaPair>,
+}
+
+/// Shuffles `pairs` with `seed` and takes the first `validation` as the validation split.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] unless `1 <= validation < pairs.len()`.
+pub fn split(pairs: Vec<QaPair>, validation: usize, seed: u64) -> Result<Split> {
+    if validation == 0 || validation >= pairs.len() {
+        return Err(ModelError::InvalidInput(format!(
+            "validation size {validation} must be in 1..{} (the number of pairs)",
+            pairs.len()
+        )));
+    }
+    let order = SplitMix::new(seed).permutation(pairs.len());
+    let mut slots: Vec<Option<QaPair>> = pairs.into_iter().map(Some).collect();
+    let mut shuffled = order.iter().map(|&i| slots[i].take().expect("a permutation"));
+    let validation_pairs = shuffled.by_ref().take(validation).collect();
+    Ok(Split { validation: validation_pairs, train: shuffled.collect() })
+}
+
+/// Retrieval quality over a set of queries, each with one relevant document.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalMetrics {
+    /// Fraction of queries whose relevant document ranks first.
+    pub recall_at_1: f64,
+    /// Fraction of queries whose relevant document is in the top 5.
+    pub recall_at_5: f64,
+    /// Mean reciprocal rank of the relevant document.
+    pub mrr: f64,
+    /// Mean contrastive loss over the whole set: `logsumexp_j(s·q_i·d_j) − s·q_i·d_i` with the
+    /// training scale `s` = [`METRIC_SCALE`]. Unlike the recalls it keeps moving when they are
+    /// at their ceiling.
+    pub loss: f64,
+    /// Number of queries (and documents).
+    pub queries: usize,
+}
+
+/// Logit scale of [`RetrievalMetrics::loss`] (the default training scale).
+pub const METRIC_SCALE: f64 = 20.0;
+
+/// Ranks every document for every query by dot product (cosine for unit vectors); query `i`'s
+/// relevant document is document `i`. A tie with the relevant document counts against it, so a
+/// constant embedding scores Recall@1 = 0, not 1.
+///
+/// # Panics
+/// If the lists differ in length, are empty, or vectors differ in width.
+pub fn retrieval_metrics(queries: &[Vec<f32>], documents: &[Vec<f32>]) -> RetrievalMetrics {
+    assert_eq!(queries.len(), documents.len(), "one relevant document per query");
+    assert!(!queries.is_empty(), "no queries");
+    let dot = |a: &[f32], b: &[f32]| -> f64 {
+        assert_eq!(a.len(), b.len(), "embedding widths differ");
+        a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum()
+    };
+    let (mut top1, mut top5, mut reciprocal, mut loss) = (0usize, 0usize, 0.0f64, 0.0f64);
+    for (i, query) in queries.iter().enumerate() {
+        let scores: Vec<f64> = documents.iter().map(|d| dot(query, d)).collect();
+        let relevant = scores[i];
+        let rank = scores.iter().enumerate().filter(|&(j, &s)| j != i && s >= relevant).count();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_sum = scores.iter().map(|s| (METRIC_SCALE * (s - max)).exp()).sum::<f64>().ln();
+        loss += log_sum + METRIC_SCALE * (max - relevant);
+        top1 += usize::from(rank == 0);
+        top5 += usize::from(rank < 5);
+        reciprocal += 1.0 / (rank + 1) as f64;
+    }
+    let n = queries.len() as f64;
+    RetrievalMetrics {
+        recall_at_1: top1 as f64 / n,
+        recall_at_5: top5 as f64 / n,
+        mrr: reciprocal / n,
+        loss: loss / n,
+        queries: queries.len(),
+    }
+}
+
+/// Embeds the questions and answers of `pairs` with `encoder` through `model` and scores the
+/// retrieval of each question's answer among all answers.
+///
+/// # Errors
+/// As [`SentenceEncoder::embed`]; [`ModelError::InvalidInput`] if `pairs` is empty.
+pub fn evaluate(encoder: &SentenceEncoder, model: &BertModel, pairs: &[QaPair]) -> Result<RetrievalMetrics> {
+    if pairs.is_empty() {
+        return Err(ModelError::InvalidInput("no pairs to evaluate".into()));
+    }
+    let questions: Vec<&str> = pairs.iter().map(|p| p.question.as_str()).collect();
+    let answers: Vec<&str> = pairs.iter().map(|p| p.answer.as_str()).collect();
+    let q = encoder.embed_with(model, &questions)?;
+    let a = encoder.embed_with(model, &answers)?;
+    Ok(retrieval_metrics(&q, &a))
+}
+
+/// Multiple-negatives ranking loss (InfoNCE with in-batch negatives): cross-entropy of
+/// `scale · q aᵀ` with question `i`'s target being answer `i`.
+///
+/// # Shapes
+/// - `questions`, `answers`: `[batch, d]`, unit-norm rows
+/// - output: `[1]`
+///
+/// # Panics
+/// If the shapes differ.
+pub fn contrastive_loss(questions: Tensor<2>, answers: Tensor<2>, scale: f64) -> Tensor<1> {
+    assert_eq!(questions.dims(), answers.dims(), "contrastive_loss: shapes differ");
+    let batch = questions.dims()[0];
+    let device = questions.device();
+    let scores = questions.matmul(answers.transpose()).mul_scalar(scale);
+    let log_probs = log_softmax(scores, 1);
+    let diagonal = log_probs * Tensor::<2>::eye(batch, &device);
+    diagonal.sum().div_scalar(batch as f64).neg()
+}
+
+/// Hyperparameters of [`finetune`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Pairs per micro-batch (the in-batch negatives).
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed per optimizer step.
+    pub grad_accumulation: usize,
+    /// Peak learning rate of AdamW.
+    pub lr: f64,
+    /// Steps of linear warmup from 0 to `lr`; cosine decay to 0 afterwards.
+    pub warmup_steps: usize,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Logit scale of [`contrastive_loss`] (sentence-transformers uses 20).
+    pub scale: f64,
+    /// Seed of the batch order.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch_size: 16,
+            grad_accumulation: 1,
+            lr: 1e-3,
+            warmup_steps: 10,
+            weight_decay: 0.0,
+            scale: 20.0,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(ModelError::InvalidInput(format!("training config: {what}")));
+        if self.steps == 0 {
+            return bad("steps must be at least 1");
+        }
+        if self.batch_size < 2 {
+            return bad("batch_size must be at least 2 (in-batch negatives)");
+        }
+        if self.grad_accumulation == 0 {
+            return bad("grad_accumulation must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr must be positive");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay must be non-negative");
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return bad("scale must be positive");
+        }
+        Ok(())
+    }
+
+    /// The learning rate of optimizer step `step` (0-based): linear warmup over
+    /// `warmup_steps`, then cosine decay from `lr` to 0 at `steps`.
+    pub fn learning_rate(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let decay_steps = (self.steps - self.warmup_steps.min(self.steps)).max(1) as f64;
+        let progress = (step - self.warmup_steps) as f64 / decay_steps;
+        self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+    }
+}
+
+/// What [`finetune`] reports after each optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// Optimizer steps done (1-based).
+    pub step: usize,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Learning rate the step used.
+    pub lr: f64,
+    /// Tokens (padding excluded) the step processed.
+    pub tokens: usize,
+    /// Wall time of the step in seconds.
+    pub seconds: f64,
+}
+
+/// Summary of a [`finetune`] run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Loss of the first and of the last optimizer step.
+    pub first_loss: f64,
+    /// Loss of the last optimizer step.
+    pub last_loss: f64,
+    /// Tokens processed, padding excluded.
+    pub tokens: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// The micro-batches of one training run, in order: `steps · grad_accumulation` batches of
+/// `batch_size` distinct pair indices, from epoch-wise permutations of `0..pairs` under `seed`.
+pub fn batch_order(config: &TrainConfig, pairs: usize) -> Vec<Vec<usize>> {
+    let mut rng = SplitMix::new(config.seed);
+    let mut pool: Vec<usize> = Vec::new();
+    (0..config.steps * config.grad_accumulation)
+        .map(|_| {
+            if pool.len() < config.batch_size {
+                pool = rng.permutation(pairs);
+                pool.reverse();
+            }
+            pool.split_off(pool.len() - config.batch_size)
+        })
+        .collect()
+}
+
+/// Trains the trainable parameters of `model` (e.g. LoRA adapters attached with
+/// [`emloc::attach_lora`], on the original model or on its emulator) for question → answer
+/// retrieval on `pairs` with [`contrastive_loss`], AdamW and a warmup + cosine schedule.
+/// `on_step` is called after every optimizer step with the step's figures and the model (to
+/// log or checkpoint it). Returns the model in inference mode.
+///
+/// Deterministic for a given seed on a deterministic backend: the batch order comes from
+/// [`batch_order`], and the loop draws no other randomness (LoRA dropout aside).
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for a bad config or fewer pairs than `batch_size`; tokenizer
+/// errors of [`SentenceEncoder::tokenize`]; [`ModelError::InvalidInput`] if the loss becomes
+/// non-finite (naming the step).
+pub fn finetune(
+    encoder: &SentenceEncoder,
+    model: BertModel,
+    pairs: &[QaPair],
+    config: &TrainConfig,
+    mut on_step: impl FnMut(&StepInfo, &BertModel),
+) -> Result<(BertModel, TrainReport)> {
+    config.validate()?;
+    if pairs.len() < config.batch_size {
+        return Err(ModelError::InvalidInput(format!(
+            "{} training pairs are fewer than batch_size {}",
+            pairs.len(),
+            config.batch_size
+        )));
+    }
+    let order = batch_order(config, pairs.len());
+    let train_device: Device = encoder.device().clone().autodiff();
+    let mut model = model.train();
+    let mut optim = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).init();
+    let started = Instant::now();
+    let mut report = TrainReport { first_loss: f64::NAN, last_loss: f64::NAN, tokens: 0, seconds: 0.0 };
+    for (step, micro_batches) in order.chunks(config.grad_accumulation).enumerate() {
+        let step_started = Instant::now();
+        let mut accumulator = GradientsAccumulator::new();
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for indices in micro_batches {
+            let questions: Vec<&str> = indices.iter().map(|&i| pairs[i].question.as_str()).collect();
+            let answers: Vec<&str> = indices.iter().map(|&i| pairs[i].answer.as_str()).collect();
+            let (q, a) = (encoder.tokenize(&questions)?, encoder.tokenize(&answers)?);
+            tokens += count_tokens(&q) + count_tokens(&a);
+            let q = encoder.forward_with(&model, encoder.batch(&q).to_device(&train_device));
+            let a = encoder.forward_with(&model, encoder.batch(&a).to_device(&train_device));
+            let loss = contrastive_loss(q, a, config.scale).div_scalar(config.grad_accumulation as f64);
+            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        if !loss_sum.is_finite() {
+            return Err(ModelError::InvalidInput(format!("the loss became {loss_sum} at step {}", step + 1)));
+        }
+        let lr = config.learning_rate(step);
+        model = optim.step(lr, model, accumulator.grads());
+        if step == 0 {
+            report.first_loss = loss_sum;
+        }
+        report.last_loss = loss_sum;
+        report.tokens += tokens;
+        let info = StepInfo { step: step + 1, loss: loss_sum, lr, tokens, seconds: step_started.elapsed().as_secs_f64() };
+        on_step(&info, &model);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok((model.valid(), report))
+}
+
+fn count_tokens(encoded: &[Encoded]) -> usize {
+    encoded.iter().map(|e| e.ids.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_errors_name_the_line() {
+        let path = Path::new("data.jsonl");
+        let good = r#"{"question": "q1", "answer": "a1", "extra": 3}"#;
+        assert_eq!(parse_jsonl(&format!("{good}\n\n{good}\n"), path).unwrap().len(), 2);
+        let cases = [
+            (format!("{good}\nnot json\n"), 2, "invalid JSON"),
+            (format!("{good}\n{good}\n{{\"question\": \"q\"}}"), 3, "missing field `answer`"),
+            (r#"{"question": 3, "answer": "a"}"#.to_string(), 1, "must be a string"),
+            (r#"{"question": " ", "answer": "a"}"#.to_string(), 1, "is empty"),
+            ("\n\n".to_string(), 0, "no question/answer pairs"),
+        ];
+        for (text, line, needle) in cases {
+            match parse_jsonl(&text, path) {
+                Err(ModelError::Data { line: l, message, .. }) => {
+                    assert_eq!(l, line, "{message}");
+                    assert!(message.contains(needle), "{message}");
+                }
+                other => panic!("expected a data error, got {other:?}"),
+            }
+        }
+    }
+
+    fn pairs(n: usize) -> Vec<QaPair> {
+        (0..n).map(|i| QaPair { question: format!("q{i}"), answer: format!("a{i}") }).collect()
+    }
+
+    #[test]
+    fn split_is_a_deterministic_partition() {
+        let s = split(pairs(50), 10, 3).unwrap();
+        assert_eq!((s.validation.len(), s.train.len()), (10, 40));
+        let mut all: Vec<String> = s.train.iter().chain(&s.validation).map(|p| p.question.clone()).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 50);
+        assert_eq!(split(pairs(50), 10, 3).unwrap().validation, s.validation);
+        assert_ne!(split(pairs(50), 10, 4).unwrap().validation, s.validation);
+        assert!(split(pairs(5), 5, 0).is_err() && split(pairs(5), 0, 0).is_err());
+    }
+
+    #[test]
+    fn metrics_match_hand_computed_ranks() {
+        // Query 0 ranks its document first, query 1 second, query 2 third (ties count against).
+        let q = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![1.0, 1.0]];
+        let d = vec![vec![1.0, 0.0], vec![0.5, 0.5], vec![0.5, 0.5]];
+        let m = retrieval_metrics(&q, &d);
+        assert_eq!(m.recall_at_1, 1.0 / 3.0);
+        assert!((m.mrr - (1.0 + 1.0 / 2.0 + 1.0 / 3.0) / 3.0).abs() < 1e-12, "{}", m.mrr);
+        assert_eq!(m.recall_at_5, 1.0);
+        // Query 0: scores 20·[1, .5, .5] → loss ln(1 + 2e^-10).
+        let l0 = (1.0 + 2.0 * (-10.0f64).exp()).ln();
+        // Query 1: scores 20·[0, .5, .5] → ln(1 + 2e^10) − 10; query 2: 20·[1, 1, 1] → ln 3.
+        let l1 = (1.0 + 2.0 * 10.0f64.exp()).ln() - 10.0;
+        let l2 = 3.0f64.ln();
+        assert!((m.loss - (l0 + l1 + l2) / 3.0).abs() < 1e-12, "{}", m.loss);
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let c = TrainConfig { steps: 10, warmup_steps: 2, lr: 1.0, ..Default::default() };
+        let lrs: Vec<f64> = (0..10).map(|s| c.learning_rate(s)).collect();
+        assert_eq!(lrs[0], 0.5);
+        assert_eq!(lrs[1], 1.0);
+        assert_eq!(lrs[2], 1.0);
+        assert!(lrs.windows(2).skip(2).all(|w| w[1] < w[0]), "{lrs:?}");
+        assert!((c.learning_rate(10) - 0.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn batches_cover_each_epoch_without_repeats() {
+        let c = TrainConfig { steps: 5, batch_size: 4, grad_accumulation: 2, ..Default::default() };
+        let order = batch_order(&c, 20);
+        assert_eq!(order.len(), 10);
+        let first_epoch: Vec<usize> = order[..5].concat();
+        let mut sorted = first_epoch.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..20).collect::<Vec<_>>());
+        assert_eq!(batch_order(&c, 20), order);
+    }
+
+    #[test]
+    fn contrastive_loss_matches_a_float64_reference() {
+        let device = Device::flex();
+        let raw = [[0.6f32, 0.8], [1.0, 0.0], [0.0, 1.0]];
+        let q = Tensor::<2>::from_data([[1.0f32, 0.0], [0.0, 1.0], [0.6, 0.8]], &device);
+        let a = Tensor::<2>::from_data(raw, &device);
+        let loss = f64::from(contrastive_loss(q, a, 20.0).into_scalar::<f32>());
+        let qs = [[1.0f64, 0.0], [0.0, 1.0], [0.6, 0.8]];
+        let mut expected = 0.0;
+        for (i, qi) in qs.iter().enumerate() {
+            let s: Vec<f64> = raw.iter().map(|aj| 20.0 * (qi[0] * aj[0] as f64 + qi[1] * aj[1] as f64)).collect();
+            let lse = s.iter().map(|v| v.exp()).sum::<f64>().ln();
+            expected += lse - s[i];
+        }
+        expected /= 3.0;
+        assert!((loss - expected).abs() < 1e-4 * expected.max(1.0), "{loss} vs {expected}");
+    }
+}

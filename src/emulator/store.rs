@@ -1,0 +1,251 @@
+//! Saving an emulator to disk and putting it back onto the original model.
+//!
+//! An emulator directory holds only what emulation changed: [`FACTORS_FILE`] with each emulated
+//! layer's factors (`{path}.w_v` `[d_in, k]`, `{path}.w_u` `[k, d_out]`, F32) and
+//! [`DESCRIPTION_FILE`], which records the config and the per-layer report. Everything else
+//! (embeddings, biases, dense layers) comes from the original checkpoint when the emulator is
+//! loaded, so an emulator is a few megabytes beside a model it is built from, never a copy of it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::Tensor;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::{EmulatorConfig, EmulatorReport};
+use crate::atomic::write_atomic;
+use crate::error::{EmlocError, Result};
+use crate::matrix::Matrix;
+use crate::nn::LowRankFactors;
+use crate::nn::hooks::{for_each_linear, map_linears};
+
+/// The factors file of an emulator directory.
+pub const FACTORS_FILE: &str = "emulator.safetensors";
+/// The JSON description of an emulator directory.
+pub const DESCRIPTION_FILE: &str = "emulator.json";
+/// Version of the directory layout written by [`save_emulator`].
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The JSON description of a saved emulator: how it was built and what it kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmulatorDescription {
+    /// Layout version ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// The config the emulator was built with (rules and whitening).
+    pub config: EmulatorConfig,
+    /// The per-layer report of [`emulate`](super::emulate); its `layers` list the emulated
+    /// layers, their shapes and ranks, and is what loading checks the factors against.
+    pub report: EmulatorReport,
+}
+
+impl EmulatorDescription {
+    /// Describes an emulator built with `config` that produced `report`.
+    pub fn new(config: EmulatorConfig, report: EmulatorReport) -> Self {
+        Self { format_version: FORMAT_VERSION, config, report }
+    }
+}
+
+fn file_error(path: &Path, message: impl Into<String>) -> EmlocError {
+    EmlocError::EmulatorFile { path: path.to_path_buf(), message: message.into() }
+}
+
+/// Writes the factors of every emulator layer of `model` and `description` to `dir` (created if
+/// missing). Each file is replaced atomically, factors first.
+///
+/// # Errors
+/// [`EmlocError::EmulatorFile`] if `model`'s emulator layers disagree with
+/// `description.report.layers` (paths, shapes or ranks); [`EmlocError::Io`] on write failure.
+pub fn save_emulator<M: Module>(model: &M, description: &EmulatorDescription, dir: &Path) -> Result<()> {
+    let factors_path = dir.join(FACTORS_FILE);
+    let described: HashMap<&str, [usize; 3]> = description
+        .report
+        .layers
+        .iter()
+        .map(|l| (l.path.as_str(), [l.d_in, l.rank, l.d_out]))
+        .collect();
+    let mut buffers: Vec<(String, [usize; 2], Vec<u8>)> = Vec::new();
+    let mut problems = Vec::new();
+    for_each_linear(model, |path, linear| {
+        let Some(factors) = &linear.factors else { return };
+        let shape = [factors.d_input(), factors.rank(), factors.d_output()];
+        if described.get(path) != Some(&shape) {
+            problems.push(format!("layer `{path}` [d_in, k, d_out] = {shape:?} is not as described"));
+            return;
+        }
+        for (suffix, tensor) in [("w_v", factors.w_v.val()), ("w_u", factors.w_u.val())] {
+            let m = Matrix::from_tensor(tensor);
+            let bytes = m.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            buffers.push((format!("{path}.{suffix}"), m.shape(), bytes));
+        }
+    });
+    if buffers.len() != 2 * described.len() {
+        problems.push(format!(
+            "the model has {} emulator layers, the description {}",
+            buffers.len() / 2,
+            described.len()
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(file_error(&factors_path, problems.join("; ")));
+    }
+    let views = buffers
+        .iter()
+        .map(|(key, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.to_vec(), bytes)
+                .map(|view| (key.as_str(), view))
+                .map_err(|e| file_error(&factors_path, format!("{key}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([
+        ("format".to_owned(), "emloc-emulator".to_owned()),
+        ("format_version".to_owned(), FORMAT_VERSION.to_string()),
+    ]);
+    let weights = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| file_error(&factors_path, e.to_string()))?;
+    let mut json = serde_json::to_string_pretty(description)
+        .map_err(|e| file_error(&dir.join(DESCRIPTION_FILE), e.to_string()))?;
+    json.push('\n');
+    fs::create_dir_all(dir).map_err(|e| EmlocError::io(dir, e))?;
+    write_atomic(&factors_path, &weights)?;
+    write_atomic(&dir.join(DESCRIPTION_FILE), json.as_bytes())
+}
+
+/// Reads and checks an emulator directory without touching a model.
+///
+/// # Errors
+/// [`EmlocError::Io`] for a missing file; [`EmlocError::EmulatorFile`] for malformed JSON, an
+/// unknown format version, an unparsable factors file, a dtype other than F32, missing,
+/// unexpected or mis-shaped factors (all listed), or non-finite values.
+pub fn read_emulator(dir: &Path) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
+    let json_path = dir.join(DESCRIPTION_FILE);
+    let text = fs::read_to_string(&json_path).map_err(|e| EmlocError::io(&json_path, e))?;
+    let description: EmulatorDescription =
+        serde_json::from_str(&text).map_err(|e| file_error(&json_path, e.to_string()))?;
+    if description.format_version != FORMAT_VERSION {
+        return Err(file_error(
+            &json_path,
+            format!("format_version {} (this emloc reads {FORMAT_VERSION})", description.format_version),
+        ));
+    }
+    for layer in &description.report.layers {
+        if layer.rank == 0 || layer.rank > layer.d_in.min(layer.d_out) {
+            return Err(file_error(
+                &json_path,
+                format!("layer `{}`: rank {} outside 1..={}", layer.path, layer.rank, layer.d_in.min(layer.d_out)),
+            ));
+        }
+    }
+
+    let factors_path = dir.join(FACTORS_FILE);
+    let bytes = fs::read(&factors_path).map_err(|e| EmlocError::io(&factors_path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&factors_path, e.to_string()))?;
+    let mut expected: BTreeMap<String, [usize; 2]> = BTreeMap::new();
+    for l in &description.report.layers {
+        expected.insert(format!("{}.w_v", l.path), [l.d_in, l.rank]);
+        expected.insert(format!("{}.w_u", l.path), [l.rank, l.d_out]);
+    }
+    let mut matrices: BTreeMap<String, Matrix> = BTreeMap::new();
+    let (mut unexpected, mut misshaped) = (Vec::new(), Vec::new());
+    let mut names = st.names();
+    names.sort();
+    for key in names {
+        let Some(&shape) = expected.get(key) else {
+            unexpected.push(key.to_string());
+            continue;
+        };
+        let view = st.tensor(key).map_err(|e| file_error(&factors_path, format!("{key}: {e}")))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(file_error(&factors_path, format!("{key}: dtype {} (expected F32)", view.dtype())));
+        }
+        if view.shape() != shape {
+            misshaped.push(format!("{key}: expected {shape:?}, found {:?}", view.shape()));
+            continue;
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if data.len() != shape[0] * shape[1] {
+            return Err(file_error(&factors_path, format!("{key}: {} values for {shape:?}", data.len())));
+        }
+        let m = Matrix::new(shape[0], shape[1], data);
+        if !m.is_finite() {
+            return Err(EmlocError::NonFinite { layer: key.to_string(), what: "emulator factor".into() });
+        }
+        matrices.insert(key.to_string(), m);
+    }
+    let missing: Vec<&String> = expected.keys().filter(|k| !matrices.contains_key(*k)).collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !misshaped.is_empty() {
+        return Err(file_error(
+            &factors_path,
+            format!("missing {missing:?}, unexpected {unexpected:?}, mis-shaped {misshaped:?}"),
+        ));
+    }
+    let factors = description
+        .report
+        .layers
+        .iter()
+        .map(|l| {
+            let w_v = matrices.remove(&format!("{}.w_v", l.path)).expect("checked above");
+            let w_u = matrices.remove(&format!("{}.w_u", l.path)).expect("checked above");
+            (l.path.clone(), (w_v, w_u))
+        })
+        .collect();
+    Ok((description, factors))
+}
+
+/// Turns `model` (the original, dense) into the emulator saved in `dir`: every described layer
+/// gets its factors and drops its dense weight, every other layer is left as it is.
+///
+/// Everything is checked before the model is changed: the files (see [`read_emulator`]) and
+/// that each described layer exists in `model` with the described `d_in`/`d_out`, dense.
+///
+/// # Errors
+/// As [`read_emulator`]; [`EmlocError::EmulatorFile`] naming every layer that is missing from
+/// the model, already emulated or shaped differently.
+pub fn load_emulator<M: Module>(model: M, dir: &Path) -> Result<(M, EmulatorDescription)> {
+    let (description, mut factors) = read_emulator(dir)?;
+    let shapes: HashMap<&str, (usize, usize)> = description
+        .report
+        .layers
+        .iter()
+        .map(|l| (l.path.as_str(), (l.d_in, l.d_out)))
+        .collect();
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    for_each_linear(&model, |path, linear| {
+        let Some(&(d_in, d_out)) = shapes.get(path) else { return };
+        found.push(path.to_owned());
+        if linear.is_emulated() {
+            problems.push(format!("layer `{path}` is already an emulator layer"));
+        } else if (linear.d_input(), linear.d_output()) != (d_in, d_out) {
+            problems.push(format!(
+                "layer `{path}` is [{}, {}] in the model, [{d_in}, {d_out}] in the emulator",
+                linear.d_input(),
+                linear.d_output()
+            ));
+        }
+    });
+    for path in shapes.keys() {
+        if !found.iter().any(|f| f == path) {
+            problems.push(format!("layer `{path}` is not in the model"));
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        return Err(file_error(&dir.join(DESCRIPTION_FILE), problems.join("; ")));
+    }
+    let model = map_linears(model, |path, mut linear| {
+        let Some((w_v, w_u)) = factors.remove(path) else { return linear };
+        let device = linear.weight.val().device();
+        linear.factors = Some(LowRankFactors::new(w_v.to_tensor(&device), w_u.to_tensor(&device)));
+        linear.weight = Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
+            .set_require_grad(false);
+        linear
+    });
+    Ok((model, description))
+}
