@@ -3,7 +3,9 @@
 
 pub mod bert;
 pub mod error;
+pub mod llama;
 pub mod loading;
 pub mod tiny;
+pub mod vit;
 
 pub use error::{ModelError, Result};
