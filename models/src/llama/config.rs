@@ -66,6 +66,45 @@ fn default_hidden_act() -> String {
     "silu".into()
 }
 
+/// Integer fields, checked one by one so a wrong type is reported with the field's name (serde's
+/// own message does not name it).
+const INTEGER_FIELDS: [&str; 8] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+];
+const NUMBER_FIELDS: [&str; 2] = ["rms_norm_eps", "rope_theta"];
+const BOOL_FIELDS: [&str; 4] =
+    ["attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"];
+
+fn check_field_types(value: &Value) -> std::result::Result<(), String> {
+    let present = |name: &str| value.get(name).filter(|v| !v.is_null());
+    for name in INTEGER_FIELDS {
+        if let Some(v) = present(name).filter(|v| v.as_u64().is_none()) {
+            return Err(format!("`{name}` must be a non-negative integer, got {v}"));
+        }
+    }
+    for name in NUMBER_FIELDS {
+        if let Some(v) = present(name).filter(|v| v.as_f64().is_none()) {
+            return Err(format!("`{name}` must be a number, got {v}"));
+        }
+    }
+    for name in BOOL_FIELDS {
+        if let Some(v) = present(name).filter(|v| !v.is_boolean()) {
+            return Err(format!("`{name}` must be true or false, got {v}"));
+        }
+    }
+    if let Some(v) = present("hidden_act").filter(|v| !v.is_string()) {
+        return Err(format!("`hidden_act` must be a string, got {v}"));
+    }
+    Ok(())
+}
+
 /// Configuration of a [`LlamaForCausalLM`](super::LlamaForCausalLM), read from (and with the
 /// field names of) HF's `config.json` (`LlamaConfig` / `Qwen2Config`). Fields the model does not
 /// use (`architectures`, `initializer_range`, `torch_dtype`, `use_cache`, ...) are ignored.
@@ -194,6 +233,7 @@ impl LlamaConfig {
         if let Some(scaling) = value.get("rope_scaling").filter(|v| !v.is_null()) {
             RopeScaling::from_json(scaling).map_err(invalid)?;
         }
+        check_field_types(value).map_err(invalid)?;
         let config: Self =
             serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
         config.validate().map_err(invalid)?;

@@ -9,8 +9,8 @@
 //! let (model, config) = LlamaForCausalLM::load("/path/to/SmolLM-135M", &device)?;
 //! let tokenizer = LlamaTokenizer::from_dir("/path/to/SmolLM-135M")?;
 //! let prompt = tokenizer.encode("The capital of France is", true)?;
-//! let gen = GenerationConfig::greedy(16).with_eos_token_ids(config.eos_token_ids());
-//! let ids = model.generate(&prompt, &gen)?;
+//! let settings = GenerationConfig::greedy(16).with_eos_token_ids(config.eos_token_ids());
+//! let ids = model.generate(&prompt, &settings)?;
 //! println!("{}", tokenizer.decode(&ids, true)?);
 //! # Ok(()) }
 //! ```
