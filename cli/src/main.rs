@@ -2,6 +2,7 @@
 
 mod demo;
 mod embed;
+mod generate;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,7 @@ enum Command {
     /// Print sentence embeddings of TEXT... as JSON (one array of floats per text, in order)
     /// from a sentence-transformers BERT directory (e.g. all-MiniLM-L6-v2).
     Embed(embed::EmbedArgs),
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args).map_err(|e| e.to_string()),
         Command::Embed(args) => embed::run(&args).map_err(|e| e.to_string()),
+        Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
