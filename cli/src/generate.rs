@@ -104,11 +104,25 @@ mod tests {
     #[test]
     fn options_map_to_generation_settings() {
         let cli = Cli::parse_from([
-            "generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "5",
-            "--temperature", "0.7", "--top-p", "0.9", "--seed", "3",
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "3",
         ]);
         let settings = cli.args.generation_config(vec![2]);
-        assert_eq!(settings, GenerationConfig::sampling(5, 0.7, 0.9, 3).with_eos_token_ids(vec![2]));
+        assert_eq!(
+            settings,
+            GenerationConfig::sampling(5, 0.7, 0.9, 3).with_eos_token_ids(vec![2])
+        );
         let defaults = Cli::parse_from(["generate", "--model", "m", "--prompt", "hi"]);
         assert_eq!(defaults.args.generation_config(vec![]), GenerationConfig::greedy(32));
     }
@@ -116,13 +130,24 @@ mod tests {
     #[test]
     fn runs_on_the_tiny_fixture_and_reports_a_missing_tokenizer() {
         let cli = Cli::parse_from([
-            "generate", "--model", &fixture("tiny_llama"), "--prompt", "hello world", "--json",
+            "generate",
+            "--model",
+            &fixture("tiny_llama"),
+            "--prompt",
+            "hello world",
+            "--json",
         ]);
         run(&cli.args).unwrap();
         let cli = Cli::parse_from(["generate", "--model", &fixture("tiny_qwen2"), "--prompt", "x"]);
         assert!(matches!(run(&cli.args), Err(ModelError::MissingFile { .. })));
         let cli = Cli::parse_from([
-            "generate", "--model", &fixture("tiny_llama"), "--prompt", "x", "--top-p", "2",
+            "generate",
+            "--model",
+            &fixture("tiny_llama"),
+            "--prompt",
+            "x",
+            "--top-p",
+            "2",
         ]);
         assert!(matches!(run(&cli.args), Err(ModelError::InvalidInput(_))));
     }

@@ -91,7 +91,12 @@ fn tiny_variants_match_numpy_logits() {
         assert_eq!(report.applied, 1 + 2 * per_layer + 1 + usize::from(!tied), "{variant}");
         let logits = model.forward(input_ids(&e, &device), None);
         assert_eq!(logits.dims(), [2, 8, 50]);
-        assert_close(&format!("{variant} logits"), &values(logits), &floats(&e["logits"]["values"]), TOL);
+        assert_close(
+            &format!("{variant} logits"),
+            &values(logits),
+            &floats(&e["logits"]["values"]),
+            TOL,
+        );
     }
 }
 
@@ -119,11 +124,18 @@ fn rope_scaling_changes_the_logits() {
     let mut config = LlamaConfig::from_file(dir("tiny_llama3").join("config.json")).unwrap();
     config.rope_scaling = None;
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
-    std::fs::copy(dir("tiny_llama3").join("model.safetensors"), tmp.path().join("model.safetensors"))
+    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&config).unwrap())
         .unwrap();
+    std::fs::copy(
+        dir("tiny_llama3").join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
     let (model, _) = LlamaForCausalLM::load(tmp.path(), &device).unwrap();
-    let diff = max_abs_diff(&values(model.forward(input_ids(&e, &device), None)), &floats(&e["logits"]["values"]));
+    let diff = max_abs_diff(
+        &values(model.forward(input_ids(&e, &device), None)),
+        &floats(&e["logits"]["values"]),
+    );
     println!("llama3 logits without rope_scaling: max |diff| = {diff:.3}");
     assert!(diff > 100.0 * TOL, "rope_scaling had no effect ({diff})");
 }
@@ -171,9 +183,8 @@ fn sampling_is_reproducible_and_top_p_zero_is_greedy() {
     let e = expected("tiny_llama");
     let (model, _) = LlamaForCausalLM::load(dir("tiny_llama"), &device).unwrap();
     let prompt = ids(&e["prompt"]);
-    let sample = |seed| {
-        model.generate(&prompt, &GenerationConfig::sampling(12, 1.5, 0.95, seed)).unwrap()
-    };
+    let sample =
+        |seed| model.generate(&prompt, &GenerationConfig::sampling(12, 1.5, 0.95, seed)).unwrap();
     let a = sample(7);
     assert_eq!(a, sample(7), "same seed, same tokens");
     assert_eq!(a.len(), 12);
@@ -182,8 +193,7 @@ fn sampling_is_reproducible_and_top_p_zero_is_greedy() {
     assert!(others.iter().any(|o| *o != a), "sampling ignores the seed: {a:?} {others:?}");
     let greedy = model.generate(&prompt, &GenerationConfig::greedy(12)).unwrap();
     assert_ne!(a, greedy, "sampling at temperature 1.5 reproduced greedy decoding");
-    let nucleus0 =
-        model.generate(&prompt, &GenerationConfig::sampling(12, 1.5, 0.0, 3)).unwrap();
+    let nucleus0 = model.generate(&prompt, &GenerationConfig::sampling(12, 1.5, 0.0, 3)).unwrap();
     assert_eq!(nucleus0, greedy);
     assert_eq!(greedy, ids(&e["greedy"]));
 }
@@ -211,7 +221,10 @@ fn tokenizer_round_trips() {
     assert_eq!(encoded[0], 1, "<s> first");
     let decoded = tokenizer.decode(&encoded, true).unwrap();
     assert_eq!(decoded, text.to_lowercase());
-    assert!(matches!(LlamaTokenizer::from_dir(dir("tiny_qwen2")), Err(ModelError::MissingFile { .. })));
+    assert!(matches!(
+        LlamaTokenizer::from_dir(dir("tiny_qwen2")),
+        Err(ModelError::MissingFile { .. })
+    ));
 }
 
 // ------------------------------------------------------------------------- loading errors
@@ -233,10 +246,15 @@ fn model_dir(variant: &str, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) ->
     std::fs::copy(dir(variant).join("config.json"), tmp.path().join("config.json")).unwrap();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(k, d, s, b)| {
+            (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
+        })
         .collect();
-    std::fs::write(tmp.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap())
-        .unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     tmp
 }
 
@@ -259,20 +277,28 @@ fn missing_unexpected_and_misshaped_keys_are_listed() {
     // Missing: an untied head and a Qwen2 bias.
     let tensors: Vec<_> =
         fixture_tensors("tiny_llama").into_iter().filter(|t| t.0 != "lm_head.weight").collect();
-    let (missing, unexpected, invalid, message) = key_mismatch(model_dir("tiny_llama", &tensors).path());
+    let (missing, unexpected, invalid, message) =
+        key_mismatch(model_dir("tiny_llama", &tensors).path());
     println!("{message}");
     assert_eq!(missing, vec!["lm_head.weight"]);
     assert!(unexpected.is_empty() && invalid.is_empty());
 
     let drop = "model.layers.1.self_attn.k_proj.bias";
-    let tensors: Vec<_> = fixture_tensors("tiny_qwen2").into_iter().filter(|t| t.0 != drop).collect();
+    let tensors: Vec<_> =
+        fixture_tensors("tiny_qwen2").into_iter().filter(|t| t.0 != drop).collect();
     let (missing, _, _, message) = key_mismatch(model_dir("tiny_qwen2", &tensors).path());
     assert_eq!(missing, vec![drop], "{message}");
 
     // Unexpected: a bias a Llama config does not have; the inv_freq buffer is not reported.
     let mut tensors = fixture_tensors("tiny_llama");
-    tensors.push(("model.layers.0.self_attn.o_proj.bias".into(), Dtype::F32, vec![32], vec![0; 128]));
-    let (missing, unexpected, invalid, message) = key_mismatch(model_dir("tiny_llama", &tensors).path());
+    tensors.push((
+        "model.layers.0.self_attn.o_proj.bias".into(),
+        Dtype::F32,
+        vec![32],
+        vec![0; 128],
+    ));
+    let (missing, unexpected, invalid, message) =
+        key_mismatch(model_dir("tiny_llama", &tensors).path());
     println!("{message}");
     assert!(missing.is_empty() && invalid.is_empty(), "{message}");
     assert_eq!(unexpected, vec!["model.layers.0.self_attn.o_proj.bias"]);
@@ -315,23 +341,54 @@ fn bad_configs_name_the_field() {
         other => panic!("expected MissingConfigField, got {other}"),
     }
     let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>, &str)> = vec![
-        (Box::new(|c| { c.insert("num_key_value_heads".into(), 3.into()); }), "num_key_value_heads"),
-        (Box::new(|c| { c.insert("hidden_act".into(), "gelu".into()); }), "hidden_act"),
-        (Box::new(|c| { c.insert("model_type".into(), "mistral".into()); }), "model_type"),
-        (Box::new(|c| { c.insert("rms_norm_eps".into(), 0.0.into()); }), "rms_norm_eps"),
         (
             Box::new(|c| {
-                c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
+                c.insert("num_key_value_heads".into(), 3.into());
+            }),
+            "num_key_value_heads",
+        ),
+        (
+            Box::new(|c| {
+                c.insert("hidden_act".into(), "gelu".into());
+            }),
+            "hidden_act",
+        ),
+        (
+            Box::new(|c| {
+                c.insert("model_type".into(), "mistral".into());
+            }),
+            "model_type",
+        ),
+        (
+            Box::new(|c| {
+                c.insert("rms_norm_eps".into(), 0.0.into());
+            }),
+            "rms_norm_eps",
+        ),
+        (
+            Box::new(|c| {
+                c.insert(
+                    "rope_scaling".into(),
+                    serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+                );
             }),
             "rope_scaling.low_freq_factor",
         ),
         (
             Box::new(|c| {
-                c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
+                c.insert(
+                    "rope_scaling".into(),
+                    serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+                );
             }),
             "rope_scaling.rope_type",
         ),
-        (Box::new(|c| { c.insert("vocab_size".into(), "fifty".into()); }), "vocab_size"),
+        (
+            Box::new(|c| {
+                c.insert("vocab_size".into(), "fifty".into());
+            }),
+            "vocab_size",
+        ),
     ];
     for (edit, field) in cases {
         match config_error(edit) {
@@ -387,9 +444,11 @@ fn emloc_pipeline_runs_on_tiny_llama() {
     assert_eq!(report.dense_layers, vec!["lm_head".to_string()]);
     assert!(report.params_kept() < report.params_original());
 
-    let lora = emloc::LoraConfig::new(4)
-        .with_alpha(8.0)
-        .with_target_modules(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]);
+    let lora = emloc::LoraConfig::new(4).with_alpha(8.0).with_target_modules(vec![
+        "q_proj".into(),
+        "v_proj".into(),
+        "down_proj".into(),
+    ]);
     let (adapted, targets) = emloc::attach_lora(emulator, &lora).unwrap();
     assert_eq!(targets.len(), 6);
 
@@ -428,4 +487,37 @@ fn emloc_pipeline_runs_on_tiny_llama() {
     assert!(max_abs_diff(&a, &base) > 1e-4, "the merged adapter changed nothing");
     // Generation still runs on the merged model.
     assert_eq!(merged.generate(&[1, 5, 7], &GenerationConfig::greedy(4)).unwrap().len(), 4);
+}
+
+// ------------------------------------------------------------------------- real checkpoint
+
+#[test]
+fn real_checkpoint_generates_when_present() {
+    // Any HF Llama/Qwen2 directory with tokenizer.json (e.g. SmolLM-135M, TinyLlama).
+    let Some(dir) = std::env::var_os("EMLOC_LLAMA_DIR").map(PathBuf::from) else {
+        println!("SKIPPED real_checkpoint_generates_when_present: set EMLOC_LLAMA_DIR");
+        return;
+    };
+    let device = device();
+    let (model, config) = LlamaForCausalLM::load(&dir, &device).unwrap();
+    let tokenizer = LlamaTokenizer::from_dir(&dir).unwrap();
+    let prompt = tokenizer.encode("The capital of France is", true).unwrap();
+    let full = model.forward(int_tensor(&[prompt.clone()], &device), None);
+    assert!(values(full.clone()).iter().all(|x| x.is_finite()));
+    let mut cache = model.new_cache();
+    let n = prompt.len();
+    let head = model.forward(int_tensor(&[prompt[..n - 1].to_vec()], &device), Some(&mut cache));
+    let tail = model.forward(int_tensor(&[prompt[n - 1..].to_vec()], &device), Some(&mut cache));
+    let cached = values(Tensor::cat(vec![head, tail], 1));
+    let diff = max_abs_diff(&cached, &values(full));
+    println!("cached vs full: {diff:.2e}");
+    assert!(diff < 1e-2);
+    let settings = GenerationConfig::greedy(8).with_eos_token_ids(config.eos_token_ids());
+    let ids = model.generate(&prompt, &settings).unwrap();
+    println!(
+        "{:?} -> {:?}",
+        tokenizer.decode(&prompt, true).unwrap(),
+        tokenizer.decode(&ids, true).unwrap()
+    );
+    assert!(!ids.is_empty());
 }

@@ -41,10 +41,17 @@ fn floats(v: &Value) -> Vec<f32> {
 
 fn pixels(device: &Device) -> Tensor<4> {
     let e = expected();
-    let shape: Vec<usize> =
-        e["pixel_values"]["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let shape: Vec<usize> = e["pixel_values"]["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
     Tensor::from_data(
-        TensorData::new(floats(&e["pixel_values"]["values"]), [shape[0], shape[1], shape[2], shape[3]]),
+        TensorData::new(
+            floats(&e["pixel_values"]["values"]),
+            [shape[0], shape[1], shape[2], shape[3]],
+        ),
         device,
     )
 }
@@ -110,10 +117,15 @@ fn model_dir(tensors: &Tensors) -> tempfile::TempDir {
     std::fs::copy(tiny_dir().join("config.json"), dir.path().join("config.json")).unwrap();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(k, d, s, b)| {
+            (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
+        })
         .collect();
-    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap())
-        .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     dir
 }
 
@@ -184,7 +196,8 @@ fn bad_configs_name_the_field() {
     let edit = |f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
         let dir = model_dir(&fixture_tensors());
         let path = dir.path().join("config.json");
-        let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         f(config.as_object_mut().unwrap());
         std::fs::write(&path, config.to_string()).unwrap();
         (ViTConfig::from_file(&path), ViTModel::load(dir.path(), &device()).map(|_| ()))
@@ -192,8 +205,12 @@ fn bad_configs_name_the_field() {
     let (config, load) = edit(&|c| {
         c.remove("patch_size");
     });
-    assert!(matches!(config, Err(ModelError::MissingConfigField { field, .. }) if field == "patch_size"));
-    assert!(matches!(load, Err(ModelError::MissingConfigField { field, .. }) if field == "patch_size"));
+    assert!(
+        matches!(config, Err(ModelError::MissingConfigField { field, .. }) if field == "patch_size")
+    );
+    assert!(
+        matches!(load, Err(ModelError::MissingConfigField { field, .. }) if field == "patch_size")
+    );
     let (config, _) = edit(&|c| {
         c.insert("patch_size".into(), 3.into());
     });
@@ -240,8 +257,11 @@ fn emloc_pipeline_runs_on_tiny_vit() {
     assert_eq!(report.layers.len(), 2 * 6);
     assert_eq!(report.dense_layers, vec!["pooler.dense".to_string()]);
 
-    let lora = emloc::LoraConfig::new(4)
-        .with_target_modules(vec!["query".into(), "value".into(), "intermediate.dense".into()]);
+    let lora = emloc::LoraConfig::new(4).with_target_modules(vec![
+        "query".into(),
+        "value".into(),
+        "intermediate.dense".into(),
+    ]);
     let (adapted, targets) = emloc::attach_lora(emulator, &lora).unwrap();
     assert_eq!(targets.len(), 6);
 

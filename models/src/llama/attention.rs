@@ -59,7 +59,8 @@ impl LlamaAttention {
             panic!("invalid LlamaConfig: {message}");
         }
         let d = config.hidden_size;
-        let (heads, kv, hd) = (config.num_attention_heads, config.num_key_value_heads(), config.head_dim());
+        let (heads, kv, hd) =
+            (config.num_attention_heads, config.num_key_value_heads(), config.head_dim());
         let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
         Self {
             q_proj: linear(d, heads * hd, config.qkv_bias()),
@@ -88,7 +89,8 @@ impl LlamaAttention {
         let group = heads / kv;
         let offset = cache.as_ref().map_or(0, |c| c.len());
 
-        let q = self.q_proj.forward(hidden.clone()).reshape([batch, seq, heads, hd]).swap_dims(1, 2);
+        let q =
+            self.q_proj.forward(hidden.clone()).reshape([batch, seq, heads, hd]).swap_dims(1, 2);
         let k = self.k_proj.forward(hidden.clone()).reshape([batch, seq, kv, hd]).swap_dims(1, 2);
         let v = self.v_proj.forward(hidden).reshape([batch, seq, kv, hd]).swap_dims(1, 2);
         let q = self.rope.apply(q, offset);

@@ -12,13 +12,8 @@ use crate::loading::{read_json, require_fields};
 
 /// The fields of `config.json` that have no default: a config without one of them is rejected
 /// with [`ModelError::MissingConfigField`].
-pub const REQUIRED_FIELDS: [&str; 5] = [
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-];
+pub const REQUIRED_FIELDS: [&str; 5] =
+    ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"];
 
 /// Which HF architecture a config describes (`model_type`); it decides where the linear layers
 /// have biases.

@@ -61,7 +61,13 @@ pub struct GenerationConfig {
 impl Default for GenerationConfig {
     /// 32 greedy tokens, no stop ids.
     fn default() -> Self {
-        Self { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 0, eos_token_ids: Vec::new() }
+        Self {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_ids: Vec::new(),
+        }
     }
 }
 
@@ -94,7 +100,10 @@ impl GenerationConfig {
             )));
         }
         if !(0.0..=1.0).contains(&self.top_p) {
-            return Err(ModelError::InvalidInput(format!("top_p {} is outside [0, 1]", self.top_p)));
+            return Err(ModelError::InvalidInput(format!(
+                "top_p {} is outside [0, 1]",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -127,11 +136,13 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut XorS
         return argmax(logits);
     }
     let max = logits[argmax(logits) as usize] as f64;
-    let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / temperature).exp()).collect();
+    let weights: Vec<f64> =
+        logits.iter().map(|&x| ((x as f64 - max) / temperature).exp()).collect();
     let total: f64 = weights.iter().sum();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     // Stable: equal probabilities keep the lower id first, as argmax does.
-    order.sort_by(|&a, &b| weights[b].partial_cmp(&weights[a]).unwrap_or(std::cmp::Ordering::Equal));
+    order
+        .sort_by(|&a, &b| weights[b].partial_cmp(&weights[a]).unwrap_or(std::cmp::Ordering::Equal));
     let mut nucleus = Vec::new();
     let mut mass = 0.0;
     for &i in &order {
@@ -175,10 +186,14 @@ impl LlamaForCausalLM {
             let ids: Vec<i64> = input.iter().map(|&i| i as i64).collect();
             let n = ids.len();
             let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-            let logits = self.forward(ids, Some(&mut cache));
-            let vocab = logits.dims()[2];
-            let last: Vec<f32> =
-                logits.slice([0..1, n - 1..n, 0..vocab]).into_data().iter::<f32>().collect();
+            // The head runs on the last position only (the prompt's other logits are unused).
+            let hidden = self.model.forward(ids, Some(&mut cache));
+            let d = hidden.dims()[2];
+            let last: Vec<f32> = self
+                .logits(hidden.slice([0..1, n - 1..n, 0..d]))
+                .into_data()
+                .iter::<f32>()
+                .collect();
             let token = sample_token(&last, config.temperature, config.top_p, &mut rng);
             generated.push(token);
             if config.eos_token_ids.contains(&token) {

@@ -48,7 +48,8 @@ impl LlamaDecoderLayer {
     /// # Panics
     /// As [`LlamaAttention::forward`].
     pub fn forward(&self, hidden: Tensor<3>, cache: Option<&mut LayerKvCache>) -> Tensor<3> {
-        let h = hidden.clone() + self.self_attn.forward(self.input_layernorm.forward(hidden), cache);
+        let h =
+            hidden.clone() + self.self_attn.forward(self.input_layernorm.forward(hidden), cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }

@@ -6,9 +6,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// HF's `rope_scaling` object.
+/// HF's `rope_scaling` object (read and written in HF's JSON form).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "Value")]
+#[serde(try_from = "Value", into = "Value")]
 pub enum RopeScaling {
     /// `{"rope_type": "default"}`: no scaling.
     Default,
@@ -37,6 +37,29 @@ impl TryFrom<Value> for RopeScaling {
 
     fn try_from(value: Value) -> Result<Self, String> {
         Self::from_json(&value)
+    }
+}
+
+impl From<RopeScaling> for Value {
+    fn from(scaling: RopeScaling) -> Value {
+        match scaling {
+            RopeScaling::Default => serde_json::json!({"rope_type": "default"}),
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        }
     }
 }
 
@@ -208,7 +231,12 @@ impl RotaryEmbedding {
     /// If the last dimension of `x` is not `head_dim`.
     pub fn apply(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
         let [batch, heads, seq, hd] = x.dims();
-        assert_eq!(hd, self.head_dim(), "RotaryEmbedding::apply: head_dim {hd} != {}", self.head_dim());
+        assert_eq!(
+            hd,
+            self.head_dim(),
+            "RotaryEmbedding::apply: head_dim {hd} != {}",
+            self.head_dim()
+        );
         let (cos, sin) = self.tables(offset, seq, &x.device());
         let cos = cos.reshape([1, 1, seq, hd]);
         let sin = sin.reshape([1, 1, seq, hd]);
@@ -248,6 +276,15 @@ mod tests {
         let err = RopeScaling::from_json(&serde_json::json!({"rope_type": "llama3", "factor": 8}))
             .unwrap_err();
         assert!(err.contains("rope_scaling.low_freq_factor"), "{err}");
+        let llama3 = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let json = serde_json::to_value(&llama3).unwrap();
+        assert_eq!(json["rope_type"], "llama3");
+        assert_eq!(serde_json::from_value::<RopeScaling>(json).unwrap(), llama3);
         let err = RopeScaling::from_json(&serde_json::json!({"rope_type": "yarn", "factor": 8}))
             .unwrap_err();
         assert!(err.contains("yarn"), "{err}");

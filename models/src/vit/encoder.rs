@@ -96,7 +96,9 @@ pub struct ViTEncoder {
 impl ViTEncoder {
     /// Builds the encoder of `config` on `device` (weights lazily initialised).
     pub fn new(config: &ViTConfig, device: &Device) -> Self {
-        Self { layer: (0..config.num_hidden_layers).map(|_| ViTLayer::new(config, device)).collect() }
+        Self {
+            layer: (0..config.num_hidden_layers).map(|_| ViTLayer::new(config, device)).collect(),
+        }
     }
 
     /// # Shapes
