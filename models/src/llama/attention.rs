@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::LlamaConfig;
@@ -21,10 +21,10 @@ pub const CAUSAL_MASK_BIAS: f32 = f32::MIN;
 /// - output: `[seq, offset + seq]`
 pub fn causal_mask_bias(seq: usize, offset: usize, device: &Device) -> Tensor<2> {
     let total = offset + seq;
-    let values: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > offset + i { CAUSAL_MASK_BIAS } else { 0.0 }))
-        .collect();
-    Tensor::from_data(TensorData::new(values, [seq, total]), device)
+    let query_pos = Tensor::<1, Int>::arange(offset as i64..total as i64, device).reshape([seq, 1]);
+    let key_pos = Tensor::<1, Int>::arange(0..total as i64, device).reshape([1, total]);
+    let future = key_pos.expand([seq, total]).greater(query_pos.expand([seq, total]));
+    future.float().mul_scalar(CAUSAL_MASK_BIAS)
 }
 
 /// HF `LlamaAttention` / `Qwen2Attention` (module path `self_attn`).
@@ -115,5 +115,19 @@ impl LlamaAttention {
         let probs = softmax(scores, 4).reshape([batch, kv, group * seq, total]);
         let context = probs.matmul(v).reshape([batch, heads, seq, hd]);
         self.o_proj.forward(context.swap_dims(1, 2).reshape([batch, seq, heads * hd]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_bias_masks_only_future_keys() {
+        let bias: Vec<f32> =
+            causal_mask_bias(2, 3, &Device::default()).into_data().iter::<f32>().collect();
+        // Queries at positions 3 and 4 over keys 0..5.
+        let m = CAUSAL_MASK_BIAS;
+        assert_eq!(bias, vec![0.0, 0.0, 0.0, 0.0, m, 0.0, 0.0, 0.0, 0.0, 0.0]);
     }
 }
