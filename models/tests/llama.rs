@@ -521,3 +521,28 @@ fn real_checkpoint_generates_when_present() {
     );
     assert!(!ids.is_empty());
 }
+
+#[test]
+fn explicit_head_dim_and_biases_build_and_decode_consistently() {
+    // head_dim 16 with hidden 32 and 4 heads (q_proj is 32 -> 64), GQA 4/1, all Llama biases,
+    // linear RoPE scaling: random weights, so only shapes and cache consistency are checked.
+    let device = device();
+    let mut config = LlamaConfig::new(50, 32, 48, 2, 4);
+    config.head_dim = Some(16);
+    config.num_key_value_heads = Some(1);
+    config.attention_bias = true;
+    config.mlp_bias = true;
+    config.rope_scaling = Some(emloc_models::llama::RopeScaling::Linear { factor: 2.0 });
+    config.validate().unwrap();
+    let model = config.init(false, &device);
+    assert_eq!(model.model.layers[0].self_attn.q_proj.weight.shape().dims::<2>(), [32, 64]);
+    assert_eq!(model.model.layers[0].self_attn.k_proj.weight.shape().dims::<2>(), [32, 16]);
+    assert!(model.model.layers[0].self_attn.o_proj.bias.is_some());
+    let input = int_tensor(&[vec![1, 2, 3, 4, 5, 6]], &device);
+    let full = values(model.forward(input.clone(), None));
+    let mut cache = model.new_cache();
+    let a = model.forward(input.clone().slice([0..1, 0..4]), Some(&mut cache));
+    let b = model.forward(input.slice([0..1, 4..6]), Some(&mut cache));
+    assert_close("head_dim 16 cached vs full", &values(Tensor::cat(vec![a, b], 1)), &full, 1e-4);
+    assert_eq!(full.len(), 6 * 50);
+}
