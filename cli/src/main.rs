@@ -3,6 +3,7 @@
 mod common;
 mod demo;
 mod embed;
+mod generate;
 mod memory;
 mod run;
 mod stages;
@@ -40,6 +41,7 @@ enum Command {
     Merge(stages::MergeArgs),
     /// Print retrieval metrics (Recall@1, Recall@5, MRR) on the validation split as JSON.
     Eval(stages::EvalArgs),
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Correct(args) => stages::correct_adapter(&args).map_err(|e| e.to_string()),
         Command::Merge(args) => stages::merge(&args).map_err(|e| e.to_string()),
         Command::Eval(args) => stages::eval(&args).map_err(|e| e.to_string()),
+        Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,8 +3,10 @@
 
 pub mod bert;
 pub mod error;
+pub mod llama;
 pub mod loading;
 pub mod retrieval;
 pub mod tiny;
+pub mod vit;
 
 pub use error::{ModelError, Result};

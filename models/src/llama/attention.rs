@@ -1,0 +1,133 @@
+//! [`LlamaAttention`]: causal self-attention with grouped-query heads (GQA) and RoPE, with an
+//! optional [`LayerKvCache`] for incremental decoding.
+
+use burn::module::Module;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor};
+use emloc::nn::{Linear, LinearConfig};
+
+use super::LlamaConfig;
+use super::cache::LayerKvCache;
+use super::rope::RotaryEmbedding;
+
+/// The additive score bias of a masked (future) key.
+pub const CAUSAL_MASK_BIAS: f32 = f32::MIN;
+
+/// The additive causal bias for `seq` queries at positions `offset..offset + seq` over keys at
+/// positions `0..offset + seq`: 0 where the key is not in the future, [`CAUSAL_MASK_BIAS`]
+/// where it is.
+///
+/// # Shapes
+/// - output: `[seq, offset + seq]`
+pub fn causal_mask_bias(seq: usize, offset: usize, device: &Device) -> Tensor<2> {
+    let total = offset + seq;
+    let query_pos = Tensor::<1, Int>::arange(offset as i64..total as i64, device).reshape([seq, 1]);
+    let key_pos = Tensor::<1, Int>::arange(0..total as i64, device).reshape([1, total]);
+    let future = key_pos.expand([seq, total]).greater(query_pos.expand([seq, total]));
+    future.float().mul_scalar(CAUSAL_MASK_BIAS)
+}
+
+/// HF `LlamaAttention` / `Qwen2Attention` (module path `self_attn`).
+#[derive(Module, Debug)]
+pub struct LlamaAttention {
+    /// Query projection `[d, heads · head_dim]` (HF `q_proj`).
+    pub q_proj: Linear,
+    /// Key projection `[d, kv_heads · head_dim]` (HF `k_proj`).
+    pub k_proj: Linear,
+    /// Value projection `[d, kv_heads · head_dim]` (HF `v_proj`).
+    pub v_proj: Linear,
+    /// Output projection `[heads · head_dim, d]` (HF `o_proj`).
+    pub o_proj: Linear,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (each serves `num_heads / num_kv_heads` query heads).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RoPE frequencies.
+    #[module(skip)]
+    pub rope: RotaryEmbedding,
+}
+
+impl LlamaAttention {
+    /// Builds the layer of `config` on `device` (weights lazily initialised).
+    ///
+    /// # Panics
+    /// If the config is invalid (see [`LlamaConfig::validate`]).
+    pub fn new(config: &LlamaConfig, device: &Device) -> Self {
+        if let Err(message) = config.validate() {
+            panic!("invalid LlamaConfig: {message}");
+        }
+        let d = config.hidden_size;
+        let (heads, kv, hd) =
+            (config.num_attention_heads, config.num_key_value_heads(), config.head_dim());
+        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        Self {
+            q_proj: linear(d, heads * hd, config.qkv_bias()),
+            k_proj: linear(d, kv * hd, config.qkv_bias()),
+            v_proj: linear(d, kv * hd, config.qkv_bias()),
+            o_proj: linear(heads * hd, d, config.o_bias()),
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: hd,
+            rope: RotaryEmbedding::new(hd, config.rope_theta, config.rope_scaling.as_ref()),
+        }
+    }
+
+    /// Causal self-attention of `hidden` (positions `offset..offset + seq`, where `offset` is
+    /// the number of positions in `cache`, 0 without one) over itself and the cached positions.
+    /// With a cache, this call's keys and values are appended to it.
+    ///
+    /// # Shapes
+    /// - `hidden`, output: `[batch, seq, d]`
+    ///
+    /// # Panics
+    /// If `d` is not the layer's width, or the cache holds another batch size.
+    pub fn forward(&self, hidden: Tensor<3>, cache: Option<&mut LayerKvCache>) -> Tensor<3> {
+        let [batch, seq, _] = hidden.dims();
+        let (heads, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = heads / kv;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+
+        let q =
+            self.q_proj.forward(hidden.clone()).reshape([batch, seq, heads, hd]).swap_dims(1, 2);
+        let k = self.k_proj.forward(hidden.clone()).reshape([batch, seq, kv, hd]).swap_dims(1, 2);
+        let v = self.v_proj.forward(hidden).reshape([batch, seq, kv, hd]).swap_dims(1, 2);
+        let q = self.rope.apply(q, offset);
+        let k = self.rope.apply(k, offset);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v),
+            None => (k, v),
+        };
+        let total = offset + seq;
+
+        // GQA without copying keys: query heads h = g·group + r share key head g, so the
+        // `group` query heads of a key head are stacked along the query axis.
+        let q = q.reshape([batch, kv, group * seq, hd]);
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
+        let scores = scores.reshape([batch, kv, group, seq, total]);
+        let scores = if seq > 1 {
+            let bias = causal_mask_bias(seq, offset, &scores.device());
+            scores + bias.reshape([1, 1, 1, seq, total])
+        } else {
+            scores // one query at the last position sees every key
+        };
+        let probs = softmax(scores, 4).reshape([batch, kv, group * seq, total]);
+        let context = probs.matmul(v).reshape([batch, heads, seq, hd]);
+        self.o_proj.forward(context.swap_dims(1, 2).reshape([batch, seq, heads * hd]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_bias_masks_only_future_keys() {
+        let bias: Vec<f32> =
+            causal_mask_bias(2, 3, &Device::default()).into_data().iter::<f32>().collect();
+        // Queries at positions 3 and 4 over keys 0..5.
+        let m = CAUSAL_MASK_BIAS;
+        assert_eq!(bias, vec![0.0, 0.0, 0.0, 0.0, m, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+}

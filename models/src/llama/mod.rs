@@ -1,0 +1,58 @@
+//! Llama-family decoders (HF `LlamaForCausalLM`, also TinyLlama, SmolLM, Llama 3 with
+//! `rope_scaling`, and `Qwen2ForCausalLM` with its q/k/v biases): grouped-query attention with
+//! RoPE, SwiGLU MLPs, RMSNorm, a KV cache, and greedy / nucleus generation.
+//!
+//! ```no_run
+//! # fn main() -> emloc_models::Result<()> {
+//! use emloc_models::llama::{GenerationConfig, LlamaForCausalLM, LlamaTokenizer};
+//! let device = burn::tensor::Device::default();
+//! let (model, config) = LlamaForCausalLM::load("/path/to/SmolLM-135M", &device)?;
+//! let tokenizer = LlamaTokenizer::from_dir("/path/to/SmolLM-135M")?;
+//! let prompt = tokenizer.encode("The capital of France is", true)?;
+//! let settings = GenerationConfig::greedy(16).with_eos_token_ids(config.eos_token_ids());
+//! let ids = model.generate(&prompt, &settings)?;
+//! println!("{}", tokenizer.decode(&ids, true)?);
+//! # Ok(()) }
+//! ```
+//!
+//! # Module paths and checkpoint keys
+//!
+//! Module paths are exactly HF's parameter names, so checkpoints load without renaming and
+//! PEFT adapter keys match:
+//!
+//! | HF checkpoint key / module path                                   |
+//! |-------------------------------------------------------------------|
+//! | `model.embed_tokens.weight`                                       |
+//! | `model.layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}`           |
+//! | `model.layers.N.mlp.{gate,up,down}_proj.{weight,bias}`            |
+//! | `model.layers.N.{input,post_attention}_layernorm.weight`          |
+//! | `model.norm.weight`                                               |
+//! | `lm_head.weight` (absent and tied when `tie_word_embeddings`)     |
+//!
+//! Biases exist where the config says (Llama: `attention_bias`, `mlp_bias`; Qwen2: q/k/v
+//! only). `*.rotary_emb.inv_freq` buffers are ignored; any other extra key is reported.
+//!
+//! Limitations: no padding mask (sequences of one batch have equal length), no sliding-window
+//! attention, RoPE scalings `default`, `linear` and `llama3` only.
+
+mod attention;
+mod cache;
+mod config;
+mod generate;
+mod mlp;
+mod model;
+mod rms_norm;
+mod rope;
+mod tokenizer;
+
+pub use attention::{CAUSAL_MASK_BIAS, LlamaAttention, causal_mask_bias};
+pub use cache::{KvCache, LayerKvCache};
+pub use config::{LlamaConfig, LlamaFamily, REQUIRED_FIELDS, TokenIds};
+pub use generate::{GenerationConfig, XorShiftRng, argmax, sample_token};
+pub use mlp::LlamaMlp;
+pub use model::{
+    LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, check_ids, key_mapping, linear_paths,
+};
+pub use rms_norm::RmsNorm;
+pub use rope::{RopeScaling, RotaryEmbedding, inverse_frequencies};
+pub use tokenizer::LlamaTokenizer;

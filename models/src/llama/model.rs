@@ -1,0 +1,260 @@
+//! [`LlamaForCausalLM`]: embeddings, decoder layers, final norm and LM head, and loading it
+//! from an HF directory.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Int, Tensor};
+use emloc::nn::{Linear, LinearConfig};
+
+use super::cache::{KvCache, LayerKvCache};
+use super::{LlamaAttention, LlamaConfig, LlamaMlp, RmsNorm};
+use crate::error::{ModelError, Result};
+use crate::loading::{Checkpoint, KeyMapping, LoadReport};
+
+/// HF `LlamaDecoderLayer` (pre-norm): `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaDecoderLayer {
+    /// HF `self_attn`.
+    pub self_attn: LlamaAttention,
+    /// HF `mlp`.
+    pub mlp: LlamaMlp,
+    /// Norm before attention (HF `input_layernorm`).
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP (HF `post_attention_layernorm`).
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl LlamaDecoderLayer {
+    /// Builds a layer of `config` on `device` (weights lazily initialised).
+    ///
+    /// # Panics
+    /// If the config is invalid.
+    pub fn new(config: &LlamaConfig, device: &Device) -> Self {
+        let d = config.hidden_size;
+        Self {
+            self_attn: LlamaAttention::new(config, device),
+            mlp: LlamaMlp::new(d, config.intermediate_size, config.mlp_bias(), device),
+            input_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
+            post_attention_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
+        }
+    }
+
+    /// # Shapes
+    /// - `hidden`, output: `[batch, seq, d]`
+    ///
+    /// # Panics
+    /// As [`LlamaAttention::forward`].
+    pub fn forward(&self, hidden: Tensor<3>, cache: Option<&mut LayerKvCache>) -> Tensor<3> {
+        let h =
+            hidden.clone() + self.self_attn.forward(self.input_layernorm.forward(hidden), cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// HF `LlamaModel` (module path `model`): token embeddings, decoder layers, final norm.
+#[derive(Module, Debug)]
+pub struct LlamaModel {
+    /// Token embeddings `[vocab, d]` (HF `embed_tokens`).
+    pub embed_tokens: Embedding,
+    /// The decoder layers (paths `layers.0`, `layers.1`, ...).
+    pub layers: Vec<LlamaDecoderLayer>,
+    /// Final norm (HF `norm`).
+    pub norm: RmsNorm,
+}
+
+impl LlamaModel {
+    /// Final hidden states (after the last norm). With a cache, the input continues the cached
+    /// sequence (positions start at `cache.len()`) and is appended to it.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]`
+    /// - output: `[batch, seq, d]`
+    ///
+    /// # Panics
+    /// If the cache has another number of layers or batch size; (depending on the backend) if an
+    /// id is outside the vocabulary.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let mut hidden = self.embed_tokens.forward(input_ids);
+        match cache {
+            Some(cache) => {
+                assert_eq!(
+                    cache.layers.len(),
+                    self.layers.len(),
+                    "LlamaModel::forward: cache has {} layers, model {}",
+                    cache.layers.len(),
+                    self.layers.len()
+                );
+                for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    hidden = layer.forward(hidden, Some(c));
+                }
+            }
+            None => {
+                for layer in &self.layers {
+                    hidden = layer.forward(hidden, None);
+                }
+            }
+        }
+        self.norm.forward(hidden)
+    }
+}
+
+/// HF `LlamaForCausalLM` / `Qwen2ForCausalLM`, built from [`emloc::nn::Linear`] layers so
+/// EMLoC applies to it unchanged. Module paths equal HF's parameter names.
+///
+/// `lm_head` is `None` when the head is tied to the embeddings (`tie_word_embeddings` and no
+/// `lm_head.weight` in the checkpoint); logits are then `h Eᵀ` with the embedding matrix `E`.
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM {
+    /// HF `model`.
+    pub model: LlamaModel,
+    /// HF `lm_head` `[d, vocab]`, no bias; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear>,
+}
+
+impl LlamaConfig {
+    /// Builds a model with fresh (lazily initialised) weights on `device`; the head is tied
+    /// (`lm_head` is `None`) when `tied_head`.
+    ///
+    /// # Panics
+    /// If the config is invalid (see [`validate`](Self::validate)).
+    pub fn init(&self, tied_head: bool, device: &Device) -> LlamaForCausalLM {
+        if let Err(message) = self.validate() {
+            panic!("invalid LlamaConfig: {message}");
+        }
+        let d = self.hidden_size;
+        LlamaForCausalLM {
+            model: LlamaModel {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, d).init(device),
+                layers: (0..self.num_hidden_layers)
+                    .map(|_| LlamaDecoderLayer::new(self, device))
+                    .collect(),
+                norm: RmsNorm::new(d, self.rms_norm_eps, device),
+            },
+            lm_head: (!tied_head)
+                .then(|| LinearConfig::new(d, self.vocab_size).with_bias(false).init(device)),
+        }
+    }
+}
+
+impl LlamaForCausalLM {
+    /// Logits of every position.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    ///
+    /// # Panics
+    /// As [`LlamaModel::forward`].
+    pub fn forward(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let hidden = self.model.forward(input_ids, cache);
+        self.logits(hidden)
+    }
+
+    /// Applies the LM head (or the tied embeddings) to hidden states.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, d]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => linear(hidden, self.model.embed_tokens.weight.val().transpose(), None),
+        }
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.model.layers.len())
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.weight.shape().dims::<2>()[0]
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    /// Loads a model from an HF directory: `config.json` plus `model.safetensors` (or the
+    /// shards of `model.safetensors.index.json`), any float dtype (converted to `f32`). The head
+    /// is tied when `tie_word_embeddings` is true and the checkpoint has no `lm_head.weight`;
+    /// RoPE `inv_freq` buffers of old checkpoints are ignored.
+    ///
+    /// # Errors
+    /// [`ModelError::MissingConfigField`] / [`ModelError::InvalidConfig`] for the config (naming
+    /// the field), [`ModelError::MissingFile`] / [`ModelError::Checkpoint`] for the weights, and
+    /// [`ModelError::KeyMismatch`] listing every missing, unexpected or mis-shaped key.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<(Self, LlamaConfig)> {
+        let (model, config, _) = Self::load_with_report(dir, device)?;
+        Ok((model, config))
+    }
+
+    /// [`load`](Self::load), also returning what was loaded.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_with_report(
+        dir: impl AsRef<Path>,
+        device: &Device,
+    ) -> Result<(Self, LlamaConfig, LoadReport)> {
+        let dir = dir.as_ref();
+        let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open_dir(dir)?;
+        let tied = config.tie_word_embeddings && !checkpoint.contains("lm_head.weight");
+        let mut model = config.init(tied, device);
+        let report = checkpoint.load_into(&mut model, &key_mapping())?;
+        Ok((model, config, report))
+    }
+}
+
+/// Checkpoint → module-path mapping for Llama-family checkpoints: the names are the same; the
+/// rotary `inv_freq` buffers some checkpoints carry are ignored.
+pub fn key_mapping() -> KeyMapping {
+    KeyMapping {
+        to_burn: Vec::new(),
+        to_checkpoint: Vec::new(),
+        ignore: vec![r"\.rotary_emb\.inv_freq$".to_string()],
+    }
+}
+
+/// Module paths of every `emloc::nn::Linear` layer of a [`LlamaForCausalLM`] with `config`
+/// (`lm_head` included unless `tied_head`), in HF naming: what LoRA adapters and emulator
+/// rules key on.
+pub fn linear_paths(config: &LlamaConfig, tied_head: bool) -> Vec<String> {
+    let mut paths = Vec::new();
+    for l in 0..config.num_hidden_layers {
+        for sub in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            paths.push(format!("model.layers.{l}.{sub}"));
+        }
+    }
+    if !tied_head {
+        paths.push("lm_head".into());
+    }
+    paths
+}
+
+/// Checks that every id is below `vocab_size`.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] naming the first id outside the vocabulary.
+pub fn check_ids(ids: &[u32], vocab_size: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(ModelError::InvalidInput(format!(
+            "token id {id} is outside the vocabulary (vocab_size {vocab_size})"
+        ))),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,155 @@
+//! [`ViTConfig`]: HF's `config.json` for `ViTModel`.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use super::{ViTEmbeddings, ViTEncoder, ViTModel, ViTPooler};
+use crate::bert::HiddenAct;
+use crate::error::{ModelError, Result};
+use crate::loading::{read_json, require_fields};
+
+/// The fields of `config.json` that have no default: a config without one of them is rejected
+/// with [`ModelError::MissingConfigField`].
+pub const REQUIRED_FIELDS: [&str; 6] = [
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+];
+
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_num_channels() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Configuration of a [`ViTModel`], read from (and with the field names of) HF's `config.json`
+/// (`ViTConfig`). Unused fields (`architectures`, `initializer_range`, `encoder_stride`,
+/// `id2label`, ...) are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViTConfig {
+    /// Width `d` of the token states.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Side of the (square) input image in pixels.
+    pub image_size: usize,
+    /// Side of a (square) patch; must divide `image_size`.
+    pub patch_size: usize,
+    /// Input channels. Default 3.
+    #[serde(default = "default_num_channels")]
+    pub num_channels: usize,
+    /// Feed-forward activation. Default exact GELU.
+    #[serde(default)]
+    pub hidden_act: HiddenAct,
+    /// LayerNorm epsilon. Default `1e-12`.
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Dropout after embeddings and sublayers (training only). Default 0.
+    #[serde(default)]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities (training only). Default 0.
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f64,
+    /// Biases on query, key and value. Default true.
+    #[serde(default = "default_true")]
+    pub qkv_bias: bool,
+}
+
+impl ViTConfig {
+    /// Reads and validates `config.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] if the file cannot be read; [`ModelError::MissingConfigField`] naming
+    /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`] for
+    /// malformed JSON, a value of the wrong type, or a value [`validate`](Self::validate)
+    /// rejects (the message names the field).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let value = read_json(path)?;
+        require_fields(&value, path, &REQUIRED_FIELDS)?;
+        let config: Self = serde_json::from_value(value).map_err(|e| {
+            ModelError::InvalidConfig { path: path.to_path_buf(), message: e.to_string() }
+        })?;
+        config
+            .validate()
+            .map_err(|message| ModelError::InvalidConfig { path: path.to_path_buf(), message })?;
+        Ok(config)
+    }
+
+    /// Checks sizes (non-zero, heads dividing the width, patches tiling the image), dropout
+    /// probabilities in `[0, 1)` and a positive epsilon; returns what is wrong, naming the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("num_channels", self.num_channels),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("`{name}` must be positive"));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(format!(
+                "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if !self.image_size.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "`image_size` {} is not a multiple of `patch_size` {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(format!("`{name}` {p} is outside [0, 1)"));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return Err(format!("`layer_norm_eps` {} must be positive", self.layer_norm_eps));
+        }
+        Ok(())
+    }
+
+    /// Patches per image, `(image_size / patch_size)²`.
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// Builds a model with fresh (lazily initialised) weights on `device`, with a pooler when
+    /// `add_pooling_layer` (HF's `ViTModel(config, add_pooling_layer)`).
+    ///
+    /// # Panics
+    /// If the config is invalid (see [`validate`](Self::validate)).
+    pub fn init(&self, add_pooling_layer: bool, device: &Device) -> ViTModel {
+        if let Err(message) = self.validate() {
+            panic!("invalid ViTConfig: {message}");
+        }
+        ViTModel {
+            embeddings: ViTEmbeddings::new(self, device),
+            encoder: ViTEncoder::new(self, device),
+            layernorm: burn::nn::LayerNormConfig::new(self.hidden_size)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device),
+            pooler: add_pooling_layer.then(|| ViTPooler::new(self.hidden_size, device)),
+        }
+    }
+}
