@@ -161,7 +161,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f64,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 24)]
     pub steps: usize,
     /// Question/answer pairs per micro-batch (the in-batch negatives).
     #[arg(long, default_value_t = 16)]

@@ -106,7 +106,10 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         training: stats,
         row_seconds: stats.wall_seconds,
     });
-    eprintln!("zero-shot: Recall@1 {:.4}, MRR {:.4} ({:.1}s)", zero_shot.recall_at_1, zero_shot.mrr, stats.wall_seconds);
+    eprintln!(
+        "zero-shot: Recall@1 {:.4}, MRR {:.4}, loss {:.4} ({:.1}s)",
+        zero_shot.recall_at_1, zero_shot.mrr, zero_shot.loss, stats.wall_seconds
+    );
 
     let row_phase = Phase::start();
     let phase = Phase::start();
@@ -116,9 +119,13 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     let trained_params = count_params(&tuned) - trainable;
     export_adapter(&tuned)?.save(&args.out.join("adapter-full-lora"))?;
     let metrics = evaluate(&encoder, &merge_lora(tuned), &split.validation, "LoRA")?;
-    eprintln!("LoRA on the full model: Recall@1 {:.4} (loss {:.3} → {:.3})", metrics.recall_at_1, train_report.first_loss, train_report.last_loss);
+    eprintln!(
+        "LoRA on the full model: Recall@1 {:.4}, validation loss {:.4} (training loss {:.3} → {:.3})",
+        metrics.recall_at_1, metrics.loss, train_report.first_loss, train_report.last_loss
+    );
     let full_gain = metrics.recall_at_1 - zero_shot.recall_at_1;
-    let recovered = |m: &RetrievalMetrics| (full_gain.abs() > 1e-12).then(|| (m.recall_at_1 - zero_shot.recall_at_1) / full_gain);
+    // A share of a gain only means something when there is a gain.
+    let recovered = |m: &RetrievalMetrics| (full_gain > 1e-12).then(|| (m.recall_at_1 - zero_shot.recall_at_1) / full_gain);
     rows.push(Row {
         method: "LoRA on the full model".into(),
         metrics,
@@ -173,7 +180,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             adapter.save(&args.out.join(format!("adapter-{dir}-{label}")))?;
             let merged = merge_adapter(original.clone(), &adapter)?;
             let metrics = evaluate(&encoder, &merged, &split.validation, label)?;
-            eprintln!("{name} {label}: Recall@1 {:.4}, MRR {:.4}", metrics.recall_at_1, metrics.mrr);
+            eprintln!("{name} {label}: Recall@1 {:.4}, MRR {:.4}, loss {:.4}", metrics.recall_at_1, metrics.mrr, metrics.loss);
             rows.push(Row {
                 method: format!("{name} ρ={} {label}, merged into the original", args.emulator.ratio),
                 metrics,
@@ -186,15 +193,16 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         }
     }
 
-    println!("| method | Recall@1 | MRR | Recall@5 | gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| method | Recall@1 | MRR | Recall@5 | val. loss | R@1 gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         println!(
-            "| {} | {:.4} | {:.4} | {:.4} | {} | {} | {} | {:.1} | {:.1} |",
+            "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {} | {:.1} | {:.1} |",
             row.method,
             row.metrics.recall_at_1,
             row.metrics.mrr,
             row.metrics.recall_at_5,
+            row.metrics.loss,
             row.recall_gain_recovered.map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
             row.trained_model_params,
             row.training.peak_mib(),

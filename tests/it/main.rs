@@ -5,3 +5,4 @@ mod emulate;
 mod errors;
 mod kernels;
 mod lora;
+mod store;

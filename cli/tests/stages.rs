@@ -1,0 +1,127 @@
+//! The command-line pipeline end to end on the tiny BERT fixture: emulate → finetune (with
+//! checkpoints) → correct → merge → eval, and the bad-input paths (typed message, exit code ≠ 0,
+//! nothing written).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const WORDS: [&str; 20] = [
+    "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue", "bird", "sings", "tree",
+    "house", "sun", "moon", "night", "day",
+];
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_bert")
+}
+
+/// 40 pairs whose answer repeats two words of the question, so retrieval is learnable.
+fn write_data(path: &Path) {
+    let mut lines = Vec::new();
+    for i in 0..40usize {
+        let w = |k: usize| WORDS[(i * 7 + k * 3) % WORDS.len()];
+        let question = format!("the {} {} on the {} .", w(0), w(1), w(2));
+        let answer = format!("a {} and the {} .", w(0), w(2));
+        lines.push(serde_json::json!({"question": question, "answer": answer}).to_string());
+    }
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+fn emloc(args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_emloc")).args(args).output().expect("runs");
+    eprintln!("$ emloc {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn ok(args: &[&str]) -> String {
+    let output = emloc(args);
+    assert!(output.status.success(), "emloc {args:?} failed");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let output = emloc(args);
+    assert!(!output.status.success(), "emloc {args:?} should fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+}
+
+#[test]
+fn pipeline_stages_chain_and_merged_equals_unmerged() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    write_data(&dir.path().join("data.jsonl"));
+    let model = fixture().display().to_string();
+    let common = ["--model", &model, "--data", &p("data.jsonl"), "--validation", "8", "--max-seq-length", "12"];
+    let with = |extra: &[&str]| -> Vec<String> { common.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let run = |cmd: &str, extra: &[&str]| {
+        let mut args = vec![cmd.to_string()];
+        args.extend(with(extra));
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
+    assert!(dir.path().join("emulator/emulator.safetensors").is_file());
+    let train = ["--steps", "4", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--warmup-steps", "1"];
+    let (emulator, adapter) = (p("emulator"), p("adapter"));
+    let mut extra = vec!["--emulator", &emulator, "--checkpoint-every", "2", "--out", &adapter];
+    extra.extend(train);
+    run("finetune", &extra);
+    for file in ["adapter_config.json", "adapter_model.safetensors", "checkpoint-2/adapter_model.safetensors", "checkpoint-4/adapter_config.json", "report.json"] {
+        assert!(dir.path().join("adapter").join(file).is_file(), "{file}");
+    }
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter/report.json")).unwrap()).unwrap();
+    assert!(report["wall_seconds"].as_f64().unwrap() > 0.0, "{report}");
+
+    ok(&["correct", "--model", &model, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
+    ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        assert!(dir.path().join("merged").join(file).is_file(), "{file}");
+    }
+
+    let merged_dir = p("merged");
+    let metrics = |args: Vec<String>| -> serde_json::Value {
+        let mut all = vec!["eval".to_string()];
+        all.extend(args);
+        serde_json::from_str(&ok(&all.iter().map(String::as_str).collect::<Vec<_>>())).unwrap()
+    };
+    let merged = metrics(with(&[]).into_iter().map(|s| if s == model { merged_dir.clone() } else { s }).collect());
+    let unmerged = metrics(with(&["--adapter", &p("corrected")]));
+    let base = metrics(with(&[]));
+    for m in [&merged, &unmerged, &base] {
+        assert_eq!(m["queries"], 8);
+        assert!(m["loss"].as_f64().unwrap().is_finite());
+    }
+    let (a, b) = (merged["loss"].as_f64().unwrap(), unmerged["loss"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "merged {a} vs unmerged {b}");
+    assert_eq!(merged["recall_at_1"], unmerged["recall_at_1"]);
+    assert_ne!(merged["loss"], base["loss"], "the adapter must change the model");
+}
+
+#[test]
+fn bad_inputs_fail_with_a_message_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let model = fixture().display().to_string();
+    write_data(&dir.path().join("data.jsonl"));
+    let mut text = std::fs::read_to_string(dir.path().join("data.jsonl")).unwrap();
+    text.push_str("\n{\"question\": \"q\"}\n");
+    std::fs::write(dir.path().join("bad.jsonl"), text).unwrap();
+
+    let base = ["--model", &model, "--validation", "8", "--max-seq-length", "12"];
+    let args = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let call = |cmd: &str, extra: &[&str], needle: &str| {
+        let mut all = vec![cmd.to_string()];
+        all.extend(args(extra));
+        fails_with(&all.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    };
+    call("emulate", &["--data", &p("bad.jsonl"), "--out", &p("e1")], "bad.jsonl:41: missing field `answer`");
+    call("emulate", &["--data", &p("data.jsonl"), "--ratio", "1.5", "--out", &p("e2")], "keep-ratio 1.5");
+    call("emulate", &["--data", &p("data.jsonl"), "--calibration-pairs", "0", "--out", &p("e3")], "--calibration-pairs 0");
+    call("finetune", &["--data", &p("data.jsonl"), "--emulator", &p("nowhere"), "--out", &p("f1")], "emulator.json");
+    call("finetune", &["--data", &p("data.jsonl"), "--batch-size", "1", "--out", &p("f2")], "batch_size must be at least 2");
+    fails_with(&["merge", "--model", &model, "--adapter", &p("nowhere"), "--out", &p("m1")], "adapter_config.json");
+    fails_with(&["eval", "--model", &p("nowhere")], "no config.json");
+    for out in ["e1", "e2", "e3", "f1", "f2", "m1"] {
+        assert!(!dir.path().join(out).exists(), "{out} must not be created by a failing command");
+    }
+}
