@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ParamGroup, ParamId};
+use burn::module::{Module, Param, ParamGroup, ParamId};
 
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
@@ -168,9 +168,43 @@ fn check_adapter<M: Module>(model: &M, adapter: &PeftAdapter, dense_only: bool) 
     problem.map_or(Ok(()), Err)
 }
 
+/// The parameter ids (`[A, B]`) of every attached adapter by module path: what optimizer state
+/// is keyed by, saved with a training checkpoint so that [`attach_adapter_with_ids`] can resume it.
+pub fn adapter_param_ids<M: Module>(model: &M) -> BTreeMap<String, [u64; 2]> {
+    let mut ids = BTreeMap::new();
+    for_each_linear(model, |path, linear| {
+        if let Some(lora) = &linear.lora {
+            ids.insert(path.to_string(), adapter_ids(lora).map(|id| id.val()));
+        }
+    });
+    ids
+}
+
+/// [`attach_adapter`] that gives each adapter's `A` and `B` the parameter ids in `ids` (from
+/// [`adapter_param_ids`] of the run being resumed), so that a saved optimizer state applies to
+/// them again.
+///
+/// # Errors
+/// As [`attach_adapter`]; [`EmlocError::InvalidConfig`] if `ids` does not cover exactly the
+/// adapter's layers.
+pub fn attach_adapter_with_ids<M: Module>(model: M, adapter: &PeftAdapter, ids: &BTreeMap<String, [u64; 2]>) -> Result<M> {
+    if !adapter.layers.keys().eq(ids.keys()) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "parameter ids are for layers {:?}, the adapter has {:?}",
+            ids.keys().collect::<Vec<_>>(),
+            adapter.layers.keys().collect::<Vec<_>>()
+        )));
+    }
+    attach_adapter_inner(model, adapter, Some(ids))
+}
+
 /// Attaches a PEFT adapter to `model` unmerged (serving beside the original weights, or to keep
 /// training), freezing every other parameter. The adapter is validated against the model first.
 pub fn attach_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
+    attach_adapter_inner(model, adapter, None)
+}
+
+fn attach_adapter_inner<M: Module>(model: M, adapter: &PeftAdapter, ids: Option<&BTreeMap<String, [u64; 2]>>) -> Result<M> {
     check_adapter(&model, adapter, false)?;
     let mut trainable = Vec::new();
     let model = map_linears(model, |path, mut linear| {
@@ -183,6 +217,11 @@ pub fn attach_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
                 adapter.config.use_rslora,
                 adapter.config.lora_dropout,
             );
+            let mut lora = lora;
+            if let Some([a, b]) = ids.and_then(|ids| ids.get(path)) {
+                lora.a = Param::initialized(ParamId::from(*a), lora.a.val());
+                lora.b = Param::initialized(ParamId::from(*b), lora.b.val());
+            }
             trainable.extend(adapter_ids(&lora));
             linear.lora = Some(lora);
         }

@@ -28,7 +28,10 @@ pub mod nn;
 pub mod ops;
 pub mod peft;
 
-pub use adapter::{attach_adapter, attach_lora, export_adapter, linear_layers, merge_adapter, merge_lora};
+pub use adapter::{
+    adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_lora, export_adapter, linear_layers, merge_adapter,
+    merge_lora,
+};
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use emulator::{
     EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, WhiteningMethod, calibrate, emulate,

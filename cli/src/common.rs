@@ -6,7 +6,8 @@ use std::process::Command;
 
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
-use emloc::{EmulatorConfig, EmulatorReport, LoraConfig, WhiteningMethod, attach_lora, emulate};
+use burn::optim::ModuleOptimizer;
+use emloc::{EmulatorConfig, EmulatorReport, LoraConfig, WhiteningMethod, attach_adapter_with_ids, attach_lora, emulate};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::retrieval::{self, QaPair, RetrievalMetrics, Split, TrainConfig, TrainReport};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -152,7 +153,7 @@ impl EmulatorArgs {
 }
 
 /// LoRA and training options (identical for every row of `emloc run`).
-#[derive(Args, Debug, Clone, Serialize)]
+#[derive(Args, Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TrainArgs {
     /// LoRA rank r.
     #[arg(long, default_value_t = 8)]
@@ -259,25 +260,34 @@ pub fn build_emulator(
     Ok(result?)
 }
 
-/// Attaches LoRA (seeded) to `model` and trains it, with a progress bar showing loss and
-/// tokens/s. `on_step` sees each step (for checkpoints).
+/// Attaches LoRA (seeded) to `model`, or the adapter of `resume` with its parameter ids, and
+/// trains it, with a progress bar showing loss and tokens/s. `on_step` sees each step with the
+/// optimizer (for checkpoints).
 pub fn train_adapter(
     encoder: &SentenceEncoder,
     model: BertModel,
     train: &[QaPair],
     args: &TrainArgs,
     label: &str,
-    mut on_step: impl FnMut(usize, &BertModel) -> CliResult<()>,
+    resume: Option<crate::checkpoint::TrainingCheckpoint>,
+    mut on_step: impl FnMut(usize, &BertModel, &ModuleOptimizer) -> CliResult<()>,
 ) -> CliResult<(BertModel, TrainReport)> {
     encoder.device().seed(args.seed);
-    let (model, _) = attach_lora(model, &args.lora())?;
     let bar = progress(args.steps, label);
+    let (model, resume) = match resume {
+        None => (attach_lora(model, &args.lora())?.0, None),
+        Some(c) => {
+            bar.set_position(c.state.step as u64);
+            let model = attach_adapter_with_ids(model, &c.adapter, &c.state.param_ids)?;
+            (model, Some(retrieval::Resume { completed_steps: c.state.step, optimizer: c.optimizer }))
+        }
+    };
     let mut failure = None;
-    let result = retrieval::finetune(encoder, model, train, &args.train(), |info, model| {
+    let result = retrieval::finetune(encoder, model, train, &args.train(), resume, |info, model, optim| {
         bar.inc(1);
         bar.set_message(format!("loss {:.4}, {:.0} tok/s", info.loss, info.tokens as f64 / info.seconds));
         if failure.is_none()
-            && let Err(e) = on_step(info.step, model)
+            && let Err(e) = on_step(info.step, model, optim)
         {
             failure = Some(e);
         }

@@ -1,5 +1,6 @@
 //! `emloc`: the EMLoC pipeline from the command line.
 
+mod checkpoint;
 mod common;
 mod demo;
 mod embed;

@@ -113,7 +113,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
 
     let row_phase = Phase::start();
     let phase = Phase::start();
-    let (tuned, train_report) = train_adapter(&encoder, original.clone(), &train, &args.train, "LoRA on the full model", |_, _| Ok(()))?;
+    let (tuned, train_report) = train_adapter(&encoder, original.clone(), &train, &args.train, "LoRA on the full model", None, |_, _, _| Ok(()))?;
     let training = phase.finish();
     let trainable = adapter_params(&tuned);
     let trained_params = count_params(&tuned) - trainable;
@@ -159,7 +159,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         emulators.push((name.to_string(), report));
 
         let phase = Phase::start();
-        let (tuned, train_report) = train_adapter(&encoder, emulator, &train, &args.train, &format!("LoRA on the {name}"), |_, _| Ok(()))?;
+        let (tuned, train_report) = train_adapter(&encoder, emulator, &train, &args.train, &format!("LoRA on the {name}"), None, |_, _, _| Ok(()))?;
         let training = phase.finish();
         let trainable = adapter_params(&tuned);
         let trained_params = count_params(&tuned) - trainable;

@@ -15,6 +15,7 @@ use crate::common::{
     CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, evaluate, train_adapter,
     write_json,
 };
+use crate::checkpoint;
 use crate::memory::{Phase, PhaseStats};
 
 /// `report.json` of a stage: what it did, how long it took, its peak memory.
@@ -97,9 +98,14 @@ pub struct FinetuneArgs {
     data: DataArgs,
     #[command(flatten)]
     train: TrainArgs,
-    /// Save the adapter to OUT/checkpoint-STEP every N steps (0 = never).
+    /// Save a checkpoint (adapter, optimizer state, trainer state) to OUT/checkpoint-STEP every
+    /// N steps (0 = never).
     #[arg(long, default_value_t = 0)]
     checkpoint_every: usize,
+    /// Continue from the latest OUT/checkpoint-STEP (same options required); the result equals an
+    /// uninterrupted run bit for bit on the CPU backend.
+    #[arg(long)]
+    resume: bool,
     /// Output directory: the PEFT adapter (adapter_config.json, adapter_model.safetensors) and
     /// report.json.
     #[arg(long)]
@@ -124,13 +130,24 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &model_dir)?;
     let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
+    let resume = if args.resume {
+        let Some(dir) = checkpoint::latest(&args.out)? else {
+            return Err(format!("--resume: no checkpoint-STEP in {}", args.out.display()).into());
+        };
+        let loaded = checkpoint::load(&dir, &args.train)?;
+        eprintln!("resuming from {} (step {})", loaded.dir.display(), loaded.state.step);
+        Some(loaded)
+    } else {
+        None
+    };
     let every = args.checkpoint_every;
-    let (tuned, report) = train_adapter(&encoder, encoder.model.clone(), &split.train, &args.train, label, |step, model| {
-        if every > 0 && step % every == 0 {
-            export_adapter(model)?.save(&args.out.join(format!("checkpoint-{step}")))?;
-        }
-        Ok(())
-    })?;
+    let (tuned, report) =
+        train_adapter(&encoder, encoder.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {
+            if every > 0 && step % every == 0 {
+                checkpoint::save(&args.out, step, &args.train, model, optim)?;
+            }
+            Ok(())
+        })?;
     export_adapter(&tuned)?.save(&args.out)?;
     eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
     finish("finetune", phase, &args.out, &report)

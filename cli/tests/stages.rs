@@ -125,3 +125,41 @@ fn bad_inputs_fail_with_a_message_and_write_nothing() {
         assert!(!dir.path().join(out).exists(), "{out} must not be created by a failing command");
     }
 }
+
+#[test]
+fn resumed_training_equals_an_uninterrupted_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    write_data(&dir.path().join("data.jsonl"));
+    let model = fixture().display().to_string();
+    let data = p("data.jsonl");
+    let finetune = |out: &str, extra: &[&str]| -> Output {
+        let lr = if extra.contains(&"--lr") { &[][..] } else { &["--lr", "0.01"][..] };
+        let mut args = vec![
+            "finetune", "--model", &model, "--data", &data, "--validation", "8", "--max-seq-length", "12", "--steps", "5",
+            "--batch-size", "4", "--rank", "2", "--alpha", "4", "--warmup-steps", "1", "--seed", "3",
+            "--checkpoint-every", "2", "--out", out,
+        ];
+        args.extend_from_slice(lr);
+        args.extend_from_slice(extra);
+        emloc(&args)
+    };
+    let weights = |out: &str| std::fs::read(Path::new(out).join("adapter_model.safetensors")).unwrap();
+    let (first, second) = (p("first"), p("second"));
+    assert!(finetune(&first, &[]).status.success());
+    assert!(finetune(&second, &[]).status.success());
+    assert!(weights(&first) == weights(&second), "the same seed twice must give the same adapter");
+
+    // Interrupt `second` after step 2: only checkpoint-2 survives.
+    for name in ["checkpoint-4", "adapter_model.safetensors", "adapter_config.json", "report.json"] {
+        let path = dir.path().join("second").join(name);
+        if path.is_dir() { std::fs::remove_dir_all(path).unwrap() } else { std::fs::remove_file(path).unwrap() }
+    }
+    let changed = finetune(&second, &["--resume", "--lr", "0.02"]);
+    assert!(!changed.status.success() && String::from_utf8_lossy(&changed.stderr).contains("other training options"));
+    let resumed = finetune(&second, &["--resume"]);
+    assert!(resumed.status.success());
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("(step 2)"));
+    assert!(weights(&first) == weights(&second), "a resumed run must end where an uninterrupted one does");
+    assert!(!finetune(&p("empty"), &["--resume"]).status.success(), "--resume without a checkpoint fails");
+}

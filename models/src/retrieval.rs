@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -306,7 +306,7 @@ pub struct StepInfo {
 /// Summary of a [`finetune`] run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
-    /// Loss of the first and of the last optimizer step.
+    /// Loss of the first optimizer step of this run.
     pub first_loss: f64,
     /// Loss of the last optimizer step.
     pub last_loss: f64,
@@ -332,14 +332,29 @@ pub fn batch_order(config: &TrainConfig, pairs: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// Where an interrupted [`finetune`] run continues: the steps it completed and its optimizer
+/// state. The adapters must carry their original parameter ids
+/// ([`emloc::attach_adapter_with_ids`]), which the optimizer state is keyed by.
+#[derive(Debug)]
+pub struct Resume {
+    /// Optimizer steps already done.
+    pub completed_steps: usize,
+    /// AdamW's state after them.
+    pub optimizer: OptimizerRecord,
+}
+
 /// Trains the trainable parameters of `model` (e.g. LoRA adapters attached with
 /// [`emloc::attach_lora`], on the original model or on its emulator) for question → answer
 /// retrieval on `pairs` with [`contrastive_loss`], AdamW and a warmup + cosine schedule.
 /// `on_step` is called after every optimizer step with the step's figures and the model (to
-/// log or checkpoint it). Returns the model in inference mode.
+/// log or checkpoint it, with the optimizer whose [`ModuleOptimizer::to_record`] is the state
+/// to save). Returns the model in inference mode.
 ///
 /// Deterministic for a given seed on a deterministic backend: the batch order comes from
-/// [`batch_order`], and the loop draws no other randomness (LoRA dropout aside).
+/// [`batch_order`], the schedule from the step index, and the device RNG (dropout) is reseeded
+/// from the seed and the step before each step. So a run resumed from `resume` reaches the same
+/// adapters as an uninterrupted one, bit for bit (on a backend whose RNG is per device, not
+/// shared with other threads drawing at the same time).
 ///
 /// # Errors
 /// [`ModelError::InvalidInput`] for a bad config or fewer pairs than `batch_size`; tokenizer
@@ -350,9 +365,17 @@ pub fn finetune(
     model: BertModel,
     pairs: &[QaPair],
     config: &TrainConfig,
-    mut on_step: impl FnMut(&StepInfo, &BertModel),
+    resume: Option<Resume>,
+    mut on_step: impl FnMut(&StepInfo, &BertModel, &ModuleOptimizer),
 ) -> Result<(BertModel, TrainReport)> {
     config.validate()?;
+    let completed = resume.as_ref().map_or(0, |r| r.completed_steps);
+    if completed >= config.steps {
+        return Err(ModelError::InvalidInput(format!(
+            "the run to resume already completed {completed} of {} steps",
+            config.steps
+        )));
+    }
     if pairs.len() < config.batch_size {
         return Err(ModelError::InvalidInput(format!(
             "{} training pairs are fewer than batch_size {}",
@@ -364,10 +387,16 @@ pub fn finetune(
     let train_device: Device = encoder.device().clone().autodiff();
     let mut model = model.train();
     let mut optim = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).init();
+    if let Some(resume) = resume {
+        optim = optim.load_record(resume.optimizer);
+    }
     let started = Instant::now();
     let mut report = TrainReport { first_loss: f64::NAN, last_loss: f64::NAN, tokens: 0, seconds: 0.0 };
-    for (step, micro_batches) in order.chunks(config.grad_accumulation).enumerate() {
+    for (step, micro_batches) in order.chunks(config.grad_accumulation).enumerate().skip(completed) {
         let step_started = Instant::now();
+        // Dropout draws from the device RNG: reseeding it from (seed, step) makes every step's
+        // masks a function of the step alone, so a resumed run matches an uninterrupted one.
+        encoder.device().seed(SplitMix::new(config.seed ^ (step as u64).wrapping_mul(0x9E37_79B9)).next_u64());
         let mut accumulator = GradientsAccumulator::new();
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         for indices in micro_batches {
@@ -387,13 +416,13 @@ pub fn finetune(
         }
         let lr = config.learning_rate(step);
         model = optim.step(lr, model, accumulator.grads());
-        if step == 0 {
+        if step == completed {
             report.first_loss = loss_sum;
         }
         report.last_loss = loss_sum;
         report.tokens += tokens;
         let info = StepInfo { step: step + 1, loss: loss_sum, lr, tokens, seconds: step_started.elapsed().as_secs_f64() };
-        on_step(&info, &model);
+        on_step(&info, &model, &optim);
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok((model.valid(), report))
