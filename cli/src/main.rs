@@ -6,12 +6,17 @@ mod demo;
 mod embed;
 mod generate;
 mod memory;
+mod plan;
 mod run;
 mod stages;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// Exact heap accounting for the per-phase memory reports.
+#[global_allocator]
+static ALLOCATOR: memory::CountingAllocator = memory::CountingAllocator;
 
 /// EMLoC: fine-tune a model within the memory it takes to run it.
 #[derive(Parser, Debug)]
@@ -42,6 +47,9 @@ enum Command {
     Merge(stages::MergeArgs),
     /// Print retrieval metrics (Recall@1, Recall@5, MRR) on the validation split as JSON.
     Eval(stages::EvalArgs),
+    /// Per-layer ranks for a parameter or memory budget: uniform ρ vs the global allocation by
+    /// whitened spectrum, with fine-tuning memory estimates; writes a rules file.
+    Plan(plan::PlanArgs),
     Generate(generate::GenerateArgs),
 }
 
@@ -56,6 +64,7 @@ fn main() -> ExitCode {
         Command::Correct(args) => stages::correct_adapter(&args).map_err(|e| e.to_string()),
         Command::Merge(args) => stages::merge(&args).map_err(|e| e.to_string()),
         Command::Eval(args) => stages::eval(&args).map_err(|e| e.to_string()),
+        Command::Plan(args) => plan::plan(&args).map_err(|e| e.to_string()),
         Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };
     match result {

@@ -1,10 +1,59 @@
-//! Per-phase wall time and peak memory of the process.
+//! Per-phase wall time and peak memory of the process, two ways:
 //!
-//! On Linux the peak resident set (`VmHWM` in `/proc/self/status`) is reset at the start of each
-//! phase by writing `5` to `/proc/self/clear_refs`, so each phase reports its own peak. Where
-//! either file is unavailable the peak is `None` rather than a made-up figure.
+//! - exact heap bytes from [`CountingAllocator`], the binary's global allocator (every CPU
+//!   tensor lives on this heap), whose peak is reset at the start of each phase;
+//! - the peak resident set (`VmHWM` in `/proc/self/status`, Linux), reset per phase by writing
+//!   `5` to `/proc/self/clear_refs`. It also counts code, allocator caches and mapped files.
+//!
+//! Where the OS does not report RSS the value is `None` rather than a made-up figure.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+
+/// The system allocator, counting live and peak heap bytes.
+pub struct CountingAllocator;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grow(bytes: usize) {
+    let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters only observe sizes.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grow(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grow(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            grow(new_size);
+        }
+        p
+    }
+}
 
 use serde::Serialize;
 
@@ -15,9 +64,18 @@ pub struct PhaseStats {
     pub wall_seconds: f64,
     /// Peak resident set size during the phase, in bytes (`None` where the OS does not say).
     pub peak_rss_bytes: Option<u64>,
+    /// Peak live heap bytes during the phase (exact, from [`CountingAllocator`]).
+    pub peak_heap_bytes: usize,
+    /// Live heap bytes when the phase started (what earlier phases left alive).
+    pub start_heap_bytes: usize,
 }
 
 impl PhaseStats {
+    /// Peak RSS in MiB for tables, or `-` if unknown.
+    pub fn peak_heap_mib(&self) -> String {
+        format!("{:.0}", self.peak_heap_bytes as f64 / (1024.0 * 1024.0))
+    }
+
     /// Peak RSS in MiB for tables, or `-` if unknown.
     pub fn peak_mib(&self) -> String {
         self.peak_rss_bytes.map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
@@ -28,6 +86,7 @@ impl PhaseStats {
 #[derive(Debug)]
 pub struct Phase {
     started: Instant,
+    start_heap_bytes: usize,
 }
 
 impl Phase {
@@ -35,7 +94,9 @@ impl Phase {
     pub fn start() -> Self {
         // Best effort: without it the peak is the process's peak so far, still an upper bound.
         let _ = std::fs::write("/proc/self/clear_refs", "5");
-        Self { started: Instant::now() }
+        let live = LIVE.load(Ordering::Relaxed);
+        PEAK.store(live, Ordering::Relaxed);
+        Self { started: Instant::now(), start_heap_bytes: live }
     }
 
     /// Seconds since [`start`](Self::start).
@@ -45,7 +106,12 @@ impl Phase {
 
     /// Stops the clock and reads the peak since [`start`](Self::start).
     pub fn finish(self) -> PhaseStats {
-        PhaseStats { wall_seconds: self.started.elapsed().as_secs_f64(), peak_rss_bytes: peak_rss_bytes() }
+        PhaseStats {
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            peak_rss_bytes: peak_rss_bytes(),
+            peak_heap_bytes: PEAK.load(Ordering::Relaxed),
+            start_heap_bytes: self.start_heap_bytes,
+        }
     }
 }
 
@@ -73,5 +139,7 @@ mod tests {
         std::hint::black_box(&block);
         let stats = phase.finish();
         assert!(stats.peak_rss_bytes.unwrap() >= before + (60 << 20), "{stats:?} vs {before}");
+        // The unit-test binary has the system allocator, so the heap counter sees nothing there;
+        // `cli/tests/stages.rs` checks it through the `emloc` binary's reports.
     }
 }

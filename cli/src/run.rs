@@ -137,6 +137,10 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     });
 
     let base_config = args.emulator.config()?;
+    let sizing = match &args.emulator.config {
+        Some(path) => format!("({})", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+        None => format!("ρ={}", args.emulator.ratio),
+    };
     let mut emulators = Vec::new();
     let mut corrections = Vec::new();
     for (method, name, dir) in [
@@ -182,7 +186,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             let metrics = evaluate(&encoder, &merged, &split.validation, label)?;
             eprintln!("{name} {label}: Recall@1 {:.4}, MRR {:.4}, loss {:.4}", metrics.recall_at_1, metrics.mrr, metrics.loss);
             rows.push(Row {
-                method: format!("{name} ρ={} {label}, merged into the original", args.emulator.ratio),
+                method: format!("{name} {sizing} {label}, merged into the original"),
                 metrics,
                 recall_gain_recovered: recovered(&metrics),
                 trainable_params: trainable,
@@ -193,11 +197,11 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         }
     }
 
-    println!("| method | Recall@1 | MRR | Recall@5 | val. loss | R@1 gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| method | Recall@1 | MRR | Recall@5 | val. loss | R@1 gain recovered | params trained on | fine-tune peak heap MiB | peak RSS MiB | fine-tune s | row s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         println!(
-            "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {} | {:.1} | {:.1} |",
+            "| {} | {:.4} | {:.4} | {:.4} | {:.4} | {} | {} | {} | {} | {:.1} | {:.1} |",
             row.method,
             row.metrics.recall_at_1,
             row.metrics.mrr,
@@ -205,6 +209,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             row.metrics.loss,
             row.recall_gain_recovered.map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
             row.trained_model_params,
+            row.training.peak_heap_mib(),
             row.training.peak_mib(),
             row.training.wall_seconds,
             row.row_seconds

@@ -31,8 +31,9 @@ fn finish<T: Serialize>(stage: &'static str, phase: Phase, out: &Path, details: 
     let report = StageReport { stage, stats: phase.finish(), details };
     write_json(&out.join("report.json"), &report)?;
     eprintln!(
-        "{stage}: {:.1}s, peak RSS {} MiB; report in {}",
+        "{stage}: {:.1}s, peak heap {} MiB, peak RSS {} MiB; report in {}",
         report.stats.wall_seconds,
+        report.stats.peak_heap_mib(),
         report.stats.peak_mib(),
         out.join("report.json").display()
     );

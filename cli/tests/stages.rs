@@ -71,6 +71,8 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     }
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter/report.json")).unwrap()).unwrap();
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0, "{report}");
+    // The tiny model's weights alone are ~30 KB; a training run's heap peak must exceed them.
+    assert!(report["peak_heap_bytes"].as_u64().unwrap() > 30_000, "{report}");
 
     ok(&["correct", "--model", &model, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);

@@ -1,9 +1,13 @@
 //! Stage 1: build the emulator from the original model and a few downstream samples.
 
+mod allocation;
 mod config;
 pub(crate) mod factorize;
 mod store;
 
+pub use allocation::{
+    LayerSpectrum, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra,
+};
 pub use config::{EmulatorConfig, Keep, LayerRule, WhiteningConfig, WhiteningMethod};
 pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};
 pub use store::{

@@ -1,0 +1,174 @@
+//! `emloc plan`: per-layer ranks for a parameter or memory budget, uniform ρ (the paper's rule)
+//! against the global allocation by whitened spectrum, with the fine-tuning memory each implies.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::module::Module;
+use clap::Args;
+use emloc::emulator::{LayerSpectrum, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
+use emloc_models::bert::{BertConfig, BertModel};
+use serde::Serialize;
+
+use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, calibration_texts, progress, write_json};
+
+/// Options of `emloc plan`.
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// --ratio is the uniform plan (and, without --params/--budget, the size the global plan
+    /// matches); --whitening and --calibration-pairs apply to both.
+    #[command(flatten)]
+    emulator: EmulatorArgs,
+    /// Factor parameters the global plan may keep (default: as many as uniform ρ keeps).
+    #[arg(long, conflicts_with = "budget")]
+    params: Option<usize>,
+    /// Memory budget in bytes for fine-tuning (estimate below); the global plan spends what the
+    /// rest of the estimate leaves on factor parameters.
+    #[arg(long)]
+    budget: Option<u64>,
+    /// Sequence length of the fine-tuning batches, for the activation estimate.
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// Texts per fine-tuning batch (questions + answers), for the activation estimate.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// LoRA rank, for the adapter and optimizer estimate.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// Write the global plan as an emulator rules file (for `emloc emulate --config`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write both plans (ranks, errors, memory estimates) as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One plan's figures.
+#[derive(Debug, Serialize)]
+struct Plan {
+    name: String,
+    factor_params: usize,
+    /// Σ over layers of the squared whitened error.
+    squared_whitened_error: f64,
+    memory: MemoryEstimate,
+    ranks: BTreeMap<String, usize>,
+}
+
+/// Bytes of fine-tuning an emulator in f32 (an estimate; see `estimate`).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct MemoryEstimate {
+    frozen_weights: u64,
+    adapters_and_optimizer: u64,
+    activations: u64,
+    total: u64,
+}
+
+/// Frozen weights: dense parameters plus factors, 4 bytes each. Adapters: `r (d_in + d_out)`
+/// per emulated layer, with gradient and AdamW's two moments: 16 bytes each. Activations kept for
+/// the backward pass, per token and layer: about `8·h + 2·intermediate` floats (inputs of every
+/// projection, attention output, norms, GELU input) plus `2·heads·seq` for the attention
+/// probabilities — a coarse count of what autodiff keeps, stated as such.
+fn estimate(config: &BertConfig, dense_params: usize, factor_params: usize, adapter_params: usize, seq: usize, batch: usize) -> MemoryEstimate {
+    let frozen_weights = 4 * (dense_params + factor_params) as u64;
+    let adapters_and_optimizer = 16 * adapter_params as u64;
+    let per_token_layer = 8 * config.hidden_size + 2 * config.intermediate_size + 2 * config.num_attention_heads * seq;
+    let activations = 4 * (batch * seq * config.num_hidden_layers * per_token_layer) as u64;
+    MemoryEstimate {
+        frozen_weights,
+        adapters_and_optimizer,
+        activations,
+        total: frozen_weights + adapters_and_optimizer + activations,
+    }
+}
+
+/// Computes both plans, prints them and optionally writes the global one.
+pub fn plan(args: &PlanArgs) -> CliResult<()> {
+    let split = args.data.split()?;
+    let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
+    let (encoder, _) = args.model.load()?;
+    let config = args.emulator.config()?;
+    let batches: Vec<Vec<&str>> = texts.chunks(16).map(|c| c.iter().map(String::as_str).collect()).collect();
+    for batch in &batches {
+        encoder.tokenize(batch)?;
+    }
+    let bar = progress(batches.len(), "calibration");
+    let spectra = whitened_spectra(
+        &encoder.model,
+        batches,
+        |model: &BertModel, batch: Vec<&str>| {
+            encoder.forward_with(model, encoder.inputs(&batch).expect("tokenized above"));
+            bar.inc(1);
+        },
+        &config,
+    );
+    bar.finish_and_clear();
+    let spectra = spectra?;
+
+    let emulated_params: usize = spectra.iter().map(|s| s.d_in * s.d_out).sum();
+    let dense_params = encoder.model.num_params() - emulated_params;
+    let adapter_params: usize = spectra.iter().map(|s| args.lora_rank * (s.d_in + s.d_out)).sum();
+    let memory = |factor_params: usize| {
+        estimate(encoder.config(), dense_params, factor_params, adapter_params, args.seq_len, args.batch)
+    };
+    let make = |name: String, ranks: BTreeMap<String, usize>, spectra: &[LayerSpectrum]| {
+        let (squared_whitened_error, factor_params) = allocation_cost(spectra, &ranks);
+        Plan { name, factor_params, squared_whitened_error, memory: memory(factor_params), ranks }
+    };
+
+    let uniform = make(format!("uniform ρ = {}", args.emulator.ratio), uniform_ranks(&spectra, args.emulator.ratio)?, &spectra);
+    let target = match (args.params, args.budget) {
+        (Some(p), _) => p,
+        (None, Some(budget)) => {
+            let fixed = memory(0).total;
+            if budget <= fixed {
+                return Err(format!(
+                    "--budget {budget} bytes is below what fine-tuning needs without any factor ({fixed} bytes: dense weights, adapters, optimizer, activations)"
+                )
+                .into());
+            }
+            ((budget - fixed) / 4) as usize
+        }
+        (None, None) => uniform.factor_params,
+    };
+    let global = make(format!("global, {target} factor parameters"), global_ranks(&spectra, target)?, &spectra);
+    let original = estimate(encoder.config(), dense_params + emulated_params, 0, adapter_params, args.seq_len, args.batch);
+
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("| plan | factor params | Σ squared whitened error | frozen MiB | adapters+optimizer MiB | activations MiB | total MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| LoRA on the original (no emulator) | {emulated_params} | 0 | {:.1} | {:.1} | {:.1} | {:.1} |",
+        mib(original.frozen_weights),
+        mib(original.adapters_and_optimizer),
+        mib(original.activations),
+        mib(original.total)
+    );
+    for p in [&uniform, &global] {
+        println!(
+            "| {} | {} | {:.4} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            p.name,
+            p.factor_params,
+            p.squared_whitened_error,
+            mib(p.memory.frozen_weights),
+            mib(p.memory.adapters_and_optimizer),
+            mib(p.memory.activations),
+            mib(p.memory.total)
+        );
+    }
+    if let Some(budget) = args.budget {
+        let fits = global.memory.total <= budget;
+        eprintln!("budget {budget} bytes: the global plan's estimate {} bytes {}", global.memory.total, if fits { "fits" } else { "does not fit" });
+    }
+    if let Some(out) = &args.out {
+        write_json(out, &config_for_ranks(&global.ranks, &config))?;
+        eprintln!("global plan written to {} (use it with `emloc emulate --config` or `emloc run --config`)", out.display());
+    }
+    if let Some(path) = &args.json {
+        write_json(path, &[&uniform, &global])?;
+    }
+    Ok(())
+}
