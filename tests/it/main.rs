@@ -1,5 +1,6 @@
 //! Integration tests of the emloc library (one test binary; see MACHINES notes on link cost).
 
+mod allocation;
 mod common;
 mod emulate;
 mod errors;
