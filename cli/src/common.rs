@@ -81,7 +81,8 @@ impl ModelArgs {
 pub struct DataArgs {
     /// JSONL file, one {"question": ..., "answer": ...} object per line (GSM8K's format).
     /// Default: the GSM8K train split shipped in data/gsm8k (embedded in the binary).
-    #[arg(long)]
+    /// `--calib` is an alias (for `emloc emulate`).
+    #[arg(long, alias = "calib")]
     pub data: Option<PathBuf>,
     /// Pairs held out for validation: never trained or calibrated on.
     #[arg(long, default_value_t = 200)]
