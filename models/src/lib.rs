@@ -2,6 +2,7 @@
 //! correction apply to them with no extra code.
 
 pub mod bert;
+pub mod clip;
 pub mod error;
 pub mod llama;
 pub mod loading;

@@ -31,17 +31,40 @@ impl ViTSelfAttention {
     /// # Panics
     /// If `d` is not the layer's width.
     pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let [batch, seq, d] = hidden.dims();
-        let heads = self.num_heads;
-        let hd = d / heads;
-        let split = |x: Tensor<3>| x.reshape([batch, seq, heads, hd]).swap_dims(1, 2);
-        let q = split(self.query.forward(hidden.clone()));
-        let k = split(self.key.forward(hidden.clone()));
-        let v = split(self.value.forward(hidden));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
-        let probs = self.dropout.forward(softmax(scores, 3));
-        probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d])
+        let q = self.query.forward(hidden.clone());
+        let k = self.key.forward(hidden.clone());
+        let v = self.value.forward(hidden);
+        multi_head_attention(q, k, v, self.num_heads, &self.dropout)
     }
+}
+
+/// Unmasked multi-head scaled dot-product attention over already projected queries, keys and
+/// values: per head `softmax(q kᵀ / √head_dim) v`, heads concatenated back. Shared by ViT and
+/// the CLIP vision tower ([`crate::clip`]), whose attention differs only in parameter names.
+///
+/// # Shapes
+/// - `q`, `k`, `v`, output: `[batch, seq, d]`, with `d` a multiple of `num_heads`
+///
+/// # Panics
+/// If `d` is not a multiple of `num_heads` or the shapes differ.
+pub fn multi_head_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    num_heads: usize,
+    dropout: &Dropout,
+) -> Tensor<3> {
+    let [batch, seq, d] = q.dims();
+    assert!(
+        num_heads > 0 && d.is_multiple_of(num_heads),
+        "multi_head_attention: width {d} is not a multiple of {num_heads} heads"
+    );
+    let hd = d / num_heads;
+    let split = |x: Tensor<3>| x.reshape([batch, seq, num_heads, hd]).swap_dims(1, 2);
+    let (q, k, v) = (split(q), split(k), split(v));
+    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
+    let probs = dropout.forward(softmax(scores, 3));
+    probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d])
 }
 
 /// HF `ViTSelfOutput`: `dropout(dense(context))`.

@@ -21,10 +21,20 @@ impl ViTPatchEmbeddings {
     /// - `pixels`: `[batch, channels, height, width]`
     /// - output: `[batch, (height / patch) · (width / patch), d]`
     pub fn forward(&self, pixels: Tensor<4>) -> Tensor<3> {
-        let x = self.projection.forward(pixels); // [b, d, h/p, w/p]
-        let [b, d, gh, gw] = x.dims();
-        x.reshape([b, d, gh * gw]).swap_dims(1, 2)
+        patch_tokens(&self.projection, pixels)
     }
+}
+
+/// Applies a patch projection (a `Conv2d` with kernel = stride = patch) and flattens the patch
+/// grid row-major into tokens. Shared by ViT and the CLIP vision tower ([`crate::clip`]).
+///
+/// # Shapes
+/// - `pixels`: `[batch, channels, height, width]`
+/// - output: `[batch, (height / patch) · (width / patch), d]`
+pub fn patch_tokens(projection: &Conv2d, pixels: Tensor<4>) -> Tensor<3> {
+    let x = projection.forward(pixels); // [b, d, h/p, w/p]
+    let [b, d, gh, gw] = x.dims();
+    x.reshape([b, d, gh * gw]).swap_dims(1, 2)
 }
 
 /// HF `ViTEmbeddings` (no interpolation of positions, no mask token).

@@ -28,7 +28,9 @@
 //! | `pooler.dense.*`                                           | same                    |
 //!
 //! Limitations: square images of exactly `image_size` (no position interpolation), no
-//! `bool_masked_pos`; CLIP vision towers are not covered.
+//! `bool_masked_pos`. CLIP vision towers (HF `CLIPVisionModel`, the same pre-LN encoder under
+//! other names, plus a LayerNorm before the encoder) are in [`crate::clip`], which reuses
+//! [`patch_tokens`] and [`multi_head_attention`].
 
 mod attention;
 mod config;
@@ -36,8 +38,8 @@ mod embeddings;
 mod encoder;
 mod model;
 
-pub use attention::{ViTAttention, ViTSelfAttention, ViTSelfOutput};
+pub use attention::{ViTAttention, ViTSelfAttention, ViTSelfOutput, multi_head_attention};
 pub use config::{REQUIRED_FIELDS, ViTConfig};
-pub use embeddings::{ViTEmbeddings, ViTPatchEmbeddings};
+pub use embeddings::{ViTEmbeddings, ViTPatchEmbeddings, patch_tokens};
 pub use encoder::{ViTEncoder, ViTIntermediate, ViTLayer, ViTOutput};
 pub use model::{HF_PREFIX, ViTModel, ViTModelOutput, ViTPooler, key_mapping, linear_paths};
