@@ -143,6 +143,21 @@ impl EmulatorConfig {
         Ok(())
     }
 
+    /// The rank [`emulate`](crate::emulate) keeps for a `d_out × d_in` layer at `path`: the
+    /// first rule matching the whole path decides; `None` when no rule matches or it keeps the
+    /// layer dense.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate) for the rules; [`EmlocError::InvalidRank`] if the rank
+    /// is 0 or above `min(d_in, d_out)`.
+    pub fn rank_of(&self, path: &str, d_in: usize, d_out: usize) -> Result<Option<usize>> {
+        let rules = self.compiled_rules()?;
+        match rules.iter().find(|(re, _)| re.is_match(path)) {
+            Some((_, keep)) => rank_for(path, *keep, d_in, d_out),
+            None => Ok(None),
+        }
+    }
+
     pub(crate) fn compiled_rules(&self) -> Result<Vec<(regex::Regex, Keep)>> {
         self.rules
             .iter()
