@@ -480,23 +480,28 @@ impl PeftAdapter {
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
         let text = fs::read_to_string(&config_path).map_err(|e| EmlocError::io(&config_path, e))?;
-        let config: PeftConfig =
-            serde_json::from_str(&text).map_err(|e| EmlocError::AdapterConfig {
-                path: config_path.clone(),
-                message: e.to_string(),
-            })?;
-        config
-            .validate()
-            .map_err(|e| at_config_file(&config_path, e))?;
-
+        // The config is checked before the weights file is read, as before `from_parts` existed.
+        parse_config(&text, &config_path)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = fs::read(&weights_path).map_err(|e| EmlocError::io(&weights_path, e))?;
-        let layers = parse_weights(&bytes, &weights_path, &config)?;
+        Self::parse(&text, &config_path, &bytes, &weights_path)
+    }
+
+    /// Parses an adapter from the contents of its [`CONFIG_FILE`] and [`WEIGHTS_FILE`], as
+    /// [`PeftAdapter::load`] does after reading them (same checks, same errors; the files are
+    /// named by their plain names). The entry point of the fuzz target.
+    pub fn from_parts(config_json: &str, weights: &[u8]) -> Result<Self> {
+        Self::parse(config_json, Path::new(CONFIG_FILE), weights, Path::new(WEIGHTS_FILE))
+    }
+
+    fn parse(text: &str, config_path: &Path, bytes: &[u8], weights_path: &Path) -> Result<Self> {
+        let config = parse_config(text, config_path)?;
+        let layers = parse_weights(bytes, weights_path, &config)?;
 
         let matcher = config
             .target_modules
             .matcher()
-            .map_err(|e| at_config_file(&config_path, e))?;
+            .map_err(|e| at_config_file(config_path, e))?;
         let untargeted: Vec<&str> = layers
             .keys()
             .map(String::as_str)
@@ -504,7 +509,7 @@ impl PeftAdapter {
             .collect();
         if !untargeted.is_empty() {
             return Err(EmlocError::AdapterConfig {
-                path: config_path,
+                path: config_path.to_owned(),
                 message: format!(
                     "target_modules {} does not match adapter layers [{}]",
                     config.target_modules.describe(),
@@ -561,6 +566,16 @@ impl PeftAdapter {
         }
         key_problems(missing, unexpected, wrong)
     }
+}
+
+/// Parses and validates the text of a [`CONFIG_FILE`] found at `config_path`.
+fn parse_config(text: &str, config_path: &Path) -> Result<PeftConfig> {
+    let config: PeftConfig = serde_json::from_str(text).map_err(|e| EmlocError::AdapterConfig {
+        path: config_path.to_owned(),
+        message: e.to_string(),
+    })?;
+    config.validate().map_err(|e| at_config_file(config_path, e))?;
+    Ok(config)
 }
 
 /// Decodes the weights file into layers, checking them against `config`'s ranks.

@@ -143,6 +143,21 @@ impl EmulatorConfig {
         Ok(())
     }
 
+    /// The rank [`emulate`](crate::emulate) keeps for a `d_out × d_in` layer at `path`: the
+    /// first rule matching the whole path decides; `None` when no rule matches or it keeps the
+    /// layer dense.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate) for the rules; [`EmlocError::InvalidRank`] if the rank
+    /// is 0 or above `min(d_in, d_out)`.
+    pub fn rank_of(&self, path: &str, d_in: usize, d_out: usize) -> Result<Option<usize>> {
+        let rules = self.compiled_rules()?;
+        match rules.iter().find(|(re, _)| re.is_match(path)) {
+            Some((_, keep)) => rank_for(path, *keep, d_in, d_out),
+            None => Ok(None),
+        }
+    }
+
     pub(crate) fn compiled_rules(&self) -> Result<Vec<(regex::Regex, Keep)>> {
         self.rules
             .iter()
@@ -174,11 +189,35 @@ pub(crate) fn rank_for(layer: &str, keep: Keep, d_in: usize, d_out: usize) -> Re
     let max = d_in.min(d_out);
     let rank = match keep {
         Keep::Full => return Ok(None),
-        Keep::Ratio(rho) => (rho * (d_in * d_out) as f64 / (d_in + d_out) as f64).floor() as usize,
+        // In f64 so that huge shapes (a corrupt description or rules input) cannot overflow;
+        // identical to the integer product for every shape below 2^53 parameters.
+        Keep::Ratio(rho) => (rho * (d_in as f64 * d_out as f64) / (d_in as f64 + d_out as f64)).floor() as usize,
         Keep::Rank(k) => k,
     };
     if rank == 0 || rank > max {
         return Err(EmlocError::InvalidRank { layer: layer.to_string(), rank, max });
     }
     Ok(Some(rank))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_of_huge_or_empty_shapes_is_an_error_or_a_valid_rank() {
+        // Regression (fuzzing, emulator_rules): `d_in * d_out` overflowed and panicked.
+        let config = EmulatorConfig::all_layers(0.5);
+        for (d_in, d_out) in [(usize::MAX, usize::MAX), (usize::MAX, 2), (1 << 40, 1 << 40), (0, 0), (0, 7)] {
+            match config.rank_of("layers.0.q", d_in, d_out) {
+                Ok(Some(rank)) => assert!(rank >= 1 && rank <= d_in.min(d_out), "{rank} for [{d_in}, {d_out}]"),
+                Ok(None) => panic!("a matching ratio rule gives a rank or an error"),
+                Err(e) => assert!(matches!(e, EmlocError::InvalidRank { .. }), "{e:?}"),
+            }
+        }
+        // Unchanged for ordinary shapes: ⌊0.5 · 16·32 / 48⌋ = 5.
+        assert_eq!(config.rank_of("layers.0.q", 16, 32).unwrap(), Some(5));
+        assert_eq!(EmulatorConfig::uniform(0.5).rank_of("pooler.dense", 16, 16).unwrap(), None);
+        assert_eq!(EmulatorConfig { rules: vec![], ..EmulatorConfig::default() }.rank_of("x", 4, 4).unwrap(), None);
+    }
 }

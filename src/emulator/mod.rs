@@ -11,7 +11,8 @@ pub use allocation::{
 pub use config::{EmulatorConfig, Keep, LayerRule, WhiteningConfig, WhiteningMethod};
 pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};
 pub use store::{
-    DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, load_emulator, read_emulator, save_emulator,
+    DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, load_emulator, parse_emulator, read_emulator,
+    save_emulator,
 };
 
 use std::collections::HashMap;

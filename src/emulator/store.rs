@@ -122,26 +122,54 @@ pub fn save_emulator<M: Module>(model: &M, description: &EmulatorDescription, di
 pub fn read_emulator(dir: &Path) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
     let json_path = dir.join(DESCRIPTION_FILE);
     let text = fs::read_to_string(&json_path).map_err(|e| EmlocError::io(&json_path, e))?;
+    // The description is checked before the factors file is read.
+    let description = parse_description(&text, &json_path)?;
+    let factors_path = dir.join(FACTORS_FILE);
+    let bytes = fs::read(&factors_path).map_err(|e| EmlocError::io(&factors_path, e))?;
+    parse_factors(description, &bytes, &factors_path)
+}
+
+/// Parses an emulator from the contents of its [`DESCRIPTION_FILE`] and [`FACTORS_FILE`], as
+/// [`read_emulator`] does after reading them (same checks, same errors; the files are named by
+/// their plain names). The entry point of the fuzz target.
+///
+/// # Errors
+/// As [`read_emulator`], without the I/O errors.
+pub fn parse_emulator(
+    description_json: &str,
+    factors: &[u8],
+) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
+    let description = parse_description(description_json, Path::new(DESCRIPTION_FILE))?;
+    parse_factors(description, factors, Path::new(FACTORS_FILE))
+}
+
+fn parse_description(text: &str, json_path: &Path) -> Result<EmulatorDescription> {
     let description: EmulatorDescription =
-        serde_json::from_str(&text).map_err(|e| file_error(&json_path, e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| file_error(json_path, e.to_string()))?;
     if description.format_version != FORMAT_VERSION {
         return Err(file_error(
-            &json_path,
+            json_path,
             format!("format_version {} (this emloc reads {FORMAT_VERSION})", description.format_version),
         ));
     }
     for layer in &description.report.layers {
         if layer.rank == 0 || layer.rank > layer.d_in.min(layer.d_out) {
             return Err(file_error(
-                &json_path,
+                json_path,
                 format!("layer `{}`: rank {} outside 1..={}", layer.path, layer.rank, layer.d_in.min(layer.d_out)),
             ));
         }
     }
+    Ok(description)
+}
 
-    let factors_path = dir.join(FACTORS_FILE);
-    let bytes = fs::read(&factors_path).map_err(|e| EmlocError::io(&factors_path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| file_error(&factors_path, e.to_string()))?;
+fn parse_factors(
+    description: EmulatorDescription,
+    bytes: &[u8],
+    factors_path: &Path,
+) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
+    let factors_path = factors_path.to_path_buf();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| file_error(&factors_path, e.to_string()))?;
     let mut expected: BTreeMap<String, [usize; 2]> = BTreeMap::new();
     for l in &description.report.layers {
         expected.insert(format!("{}.w_v", l.path), [l.d_in, l.rank]);

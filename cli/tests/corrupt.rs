@@ -1,0 +1,183 @@
+//! Corrupt model directories on the command line: `emloc embed` and `emloc merge` exit with a
+//! non-zero code, name the damaged file (and key or field) on stderr, and `merge` neither
+//! creates nor modifies its output. One check per class of damage; the library side of each
+//! class is tested in `models/tests/corrupt.rs`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use emloc::matrix::Matrix;
+use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_bert")
+}
+
+fn emloc(args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_emloc")).args(args).output().expect("runs");
+    eprintln!("$ emloc {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+/// Runs emloc, expects failure with every one of `needles` on stderr, and no panic.
+fn fails_naming(args: &[&str], needles: &[&str]) {
+    let output = emloc(args);
+    assert!(!output.status.success(), "emloc {args:?} should fail");
+    assert_eq!(output.status.code(), Some(1), "a typed error exits with 1 (101 is a panic)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    }
+}
+
+/// A copy of the tiny BERT fixture in `root/name`, with `model.safetensors` replaced by
+/// `weights` and `config.json` edited by `edit`.
+fn corrupt_model(
+    root: &Path,
+    name: &str,
+    weights: Option<Vec<u8>>,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture().join(f), dir.join(f)).unwrap();
+    }
+    if let Some(bytes) = weights {
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    edit(config.as_object_mut().unwrap());
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    dir
+}
+
+fn fixture_bytes() -> Vec<u8> {
+    std::fs::read(fixture().join("model.safetensors")).unwrap()
+}
+
+/// The fixture's weights with its header edited by `edit` (the length prefix recomputed).
+fn edited_header(edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let bytes = fixture_bytes();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
+/// A rank-2 adapter on one query layer of the tiny BERT (16 → 16), saved to `dir`.
+fn write_adapter(dir: &Path) {
+    let config = PeftConfig::new(2, 4.0, vec!["query".into()]);
+    let values = |n: usize| (0..n).map(|i| (i as f32 * 0.37).sin() * 0.1).collect::<Vec<_>>();
+    let layer = PeftLayer { lora_a: Matrix::new(2, 16, values(32)), lora_b: Matrix::new(16, 2, values(32)) };
+    let adapter = PeftAdapter {
+        config,
+        layers: [("encoder.layer.0.attention.self.query".to_string(), layer)].into_iter().collect(),
+    };
+    adapter.save(dir).unwrap();
+}
+
+#[test]
+fn corrupt_models_fail_naming_the_file_and_merge_writes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let adapter = root.join("adapter");
+    write_adapter(&adapter);
+    let adapter_arg = adapter.display().to_string();
+
+    // The intact fixture embeds and merges, so the failures below are the damage's doing.
+    let intact = corrupt_model(root, "intact", None, |_| {});
+    let output = emloc(&["embed", "--model", &intact.display().to_string(), "hello"]);
+    assert!(output.status.success());
+    let merged = root.join("merged-intact");
+    let output = emloc(&[
+        "merge",
+        "--model",
+        &intact.display().to_string(),
+        "--adapter",
+        &adapter_arg,
+        "--out",
+        &merged.display().to_string(),
+    ]);
+    assert!(output.status.success());
+    assert!(merged.join("model.safetensors").is_file());
+
+    let bytes = fixture_bytes();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let weight_cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("header-length", {
+            let mut b = bytes.clone();
+            b[..8].copy_from_slice(&(bytes.len() as u64 * 2).to_le_bytes());
+            b
+        }),
+        ("header-json", {
+            let mut b = bytes.clone();
+            b[8..8 + n].fill(b'{');
+            b
+        }),
+        (
+            "data-offsets",
+            edited_header(|h| {
+                h["encoder.layer.0.attention.self.query.weight"]["data_offsets"] =
+                    serde_json::json!([6336, 1 << 20]);
+            }),
+        ),
+        (
+            "shape-bytes",
+            edited_header(|h| {
+                h["encoder.layer.0.attention.self.query.weight"]["shape"] = serde_json::json!([16, 32]);
+            }),
+        ),
+    ];
+    for (name, weights) in weight_cases {
+        let model = corrupt_model(root, name, Some(weights), |_| {});
+        let model_arg = model.display().to_string();
+        fails_naming(&["embed", "--model", &model_arg, "hello"], &["model.safetensors", name]);
+
+        // A fresh output is not created.
+        let out = root.join(format!("merged-{name}"));
+        let out_arg = out.display().to_string();
+        fails_naming(
+            &["merge", "--model", &model_arg, "--adapter", &adapter_arg, "--out", &out_arg],
+            &["model.safetensors", name],
+        );
+        assert!(!out.exists(), "{name}: merge created {}", out.display());
+
+        // An existing output is left as it was.
+        let existing = root.join(format!("existing-{name}"));
+        std::fs::create_dir_all(&existing).unwrap();
+        std::fs::write(existing.join("model.safetensors"), b"previous").unwrap();
+        let existing_arg = existing.display().to_string();
+        fails_naming(
+            &["merge", "--model", &model_arg, "--adapter", &adapter_arg, "--out", &existing_arg],
+            &["model.safetensors"],
+        );
+        let listing: Vec<_> = std::fs::read_dir(&existing).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(listing, vec!["model.safetensors"], "{name}: merge wrote into {}", existing.display());
+        assert_eq!(std::fs::read(existing.join("model.safetensors")).unwrap(), b"previous");
+    }
+
+    // Config damage: the loader names config.json and the field, or the checkpoint and keys.
+    let model = corrupt_model(root, "missing-field", None, |c| {
+        c.remove("intermediate_size");
+    });
+    fails_naming(
+        &["embed", "--model", &model.display().to_string(), "hello"],
+        &["missing-field/config.json", "intermediate_size"],
+    );
+    let model = corrupt_model(root, "config-mismatch", None, |c| {
+        c.insert("hidden_size".into(), 32.into());
+    });
+    fails_naming(
+        &["embed", "--model", &model.display().to_string(), "hello"],
+        &["config-mismatch/model.safetensors", "does not fit", "encoder.layer.0.attention.self.query.weight"],
+    );
+}
