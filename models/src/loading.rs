@@ -66,6 +66,43 @@ pub fn require_fields(value: &Value, path: &Path, required: &[&str]) -> Result<(
     }
 }
 
+/// Turns a config's JSON (read from `path`) into `T`: the `required` fields must be present,
+/// the JSON must deserialize, and `validate` must accept the result. Every failure names `path`.
+///
+/// # Errors
+/// [`ModelError::MissingConfigField`] naming the first absent field; [`ModelError::InvalidConfig`]
+/// for a value of the wrong type or one `validate` rejects.
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    value: Value,
+    path: &Path,
+    required: &[&str],
+    validate: impl FnOnce(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    require_fields(&value, path, required)?;
+    let invalid = |message: String| ModelError::InvalidConfig { path: path.to_path_buf(), message };
+    let config: T = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+    validate(&config).map_err(invalid)?;
+    Ok(config)
+}
+
+/// Checks a config's sizes: every `(name, value)` of `positive` is non-zero, and in every
+/// `(name, value, divisor name, divisor)` of `multiples` the divisor divides the value. Returns
+/// the first problem, naming the fields.
+pub fn check_sizes(
+    positive: &[(&str, usize)],
+    multiples: &[(&str, usize, &str, usize)],
+) -> std::result::Result<(), String> {
+    if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err(format!("`{name}` must be positive"));
+    }
+    for &(name, value, divisor_name, divisor) in multiples {
+        if divisor == 0 || !value.is_multiple_of(divisor) {
+            return Err(format!("`{name}` {value} is not a multiple of `{divisor_name}` {divisor}"));
+        }
+    }
+    Ok(())
+}
+
 /// How checkpoint keys relate to the module's parameter paths.
 #[derive(Debug, Clone, Default)]
 pub struct KeyMapping {

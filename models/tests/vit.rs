@@ -5,75 +5,34 @@
 //! `python3 models/tests/fixtures/make_tiny_vit.py` (float64 numpy forward pass). Outputs are
 //! compared with a maximum absolute difference of [`TOL`].
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor};
 use emloc_models::ModelError;
 use emloc_models::vit::{ViTConfig, ViTModel, linear_paths};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
-
-/// Maximum absolute difference to the float64 reference (LayerNorm outputs are O(1)).
-const TOL: f32 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn tiny_dir() -> PathBuf {
     fixtures().join("tiny_vit")
 }
 
 fn expected() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("tiny_vit_expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    read_expected("tiny_vit_expected.json")
 }
 
 fn device() -> Device {
     Device::default()
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-fn pixels(device: &Device) -> Tensor<4> {
-    let e = expected();
-    let shape: Vec<usize> = e["pixel_values"]["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    Tensor::from_data(
-        TensorData::new(
-            floats(&e["pixel_values"]["values"]),
-            [shape[0], shape[1], shape[2], shape[3]],
-        ),
-        device,
-    )
-}
-
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    let diff = max_abs_diff(got, want);
-    println!("{what}: max |diff| = {diff:.2e}");
-    assert!(diff <= TOL, "{what}: max |diff| {diff} > {TOL}");
-}
-
 fn check_against_reference(model: &ViTModel) {
     let e = expected();
-    let out = model.forward(pixels(&device()));
+    let out = model.forward(pixels(&expected(), &device()));
     assert_eq!(out.last_hidden_state.dims(), [2, 5, 32]);
     let hidden = floats(&e["last_hidden_state"]["values"]);
     assert_close("last_hidden_state", &values(out.last_hidden_state.clone()), &hidden);

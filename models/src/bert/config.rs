@@ -6,8 +6,8 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{BertEmbeddingsConfig, BertEncoderConfig, BertModel, BertPooler};
-use crate::error::{ModelError, Result};
-use crate::loading::{read_json, require_fields};
+use crate::error::Result;
+use crate::loading::{check_sizes, parse_config, read_json};
 
 /// The activation of the intermediate (feed-forward) layer, HF's `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -126,15 +126,7 @@ impl BertConfig {
     /// rejects.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let value = read_json(path)?;
-        require_fields(&value, path, &REQUIRED_FIELDS)?;
-        let config: Self = serde_json::from_value(value).map_err(|e| {
-            ModelError::InvalidConfig { path: path.to_path_buf(), message: e.to_string() }
-        })?;
-        config
-            .validate()
-            .map_err(|message| ModelError::InvalidConfig { path: path.to_path_buf(), message })?;
-        Ok(config)
+        parse_config(read_json(path)?, path, &REQUIRED_FIELDS, Self::validate)
     }
 
     /// Checks sizes (non-zero, heads dividing the width), dropout probabilities in `[0, 1)`,
@@ -148,15 +140,10 @@ impl BertConfig {
             ("max_position_embeddings", self.max_position_embeddings),
             ("type_vocab_size", self.type_vocab_size),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("`{name}` must be positive"));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
+        check_sizes(
+            &sizes,
+            &[("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)],
+        )?;
         for (name, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{ClipEncoder, ClipVisionEmbeddings, ClipVisionModel};
 use crate::error::{ModelError, Result};
-use crate::loading::read_json;
+use crate::loading::{check_sizes, parse_config, read_json};
 
 /// Feed-forward activation of a CLIP tower (HF `hidden_act`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,10 +154,7 @@ impl ClipVisionConfig {
         {
             vision.insert("projection_dim".into(), dim.clone());
         }
-        let config: Self =
-            serde_json::from_value(Value::Object(vision)).map_err(|e| invalid(e.to_string()))?;
-        config.validate().map_err(invalid)?;
-        Ok(config)
+        parse_config(Value::Object(vision), path, &[], Self::validate)
     }
 
     /// Checks sizes (non-zero, heads dividing the width, patches tiling the image), the
@@ -173,21 +170,13 @@ impl ClipVisionConfig {
             ("image_size", self.image_size),
             ("patch_size", self.patch_size),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("`{name}` must be positive"));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if !self.image_size.is_multiple_of(self.patch_size) {
-            return Err(format!(
-                "`image_size` {} is not a multiple of `patch_size` {}",
-                self.image_size, self.patch_size
-            ));
-        }
+        check_sizes(
+            &sizes,
+            &[
+                ("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads),
+                ("image_size", self.image_size, "patch_size", self.patch_size),
+            ],
+        )?;
         if !(0.0..1.0).contains(&self.attention_dropout) {
             return Err(format!(
                 "`attention_dropout` {} is outside [0, 1)",

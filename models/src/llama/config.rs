@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::rope::RopeScaling;
 use crate::error::{ModelError, Result};
-use crate::loading::{read_json, require_fields};
+use crate::loading::{check_sizes, read_json, require_fields};
 
 /// The fields of `config.json` that have no default: a config without one of them is rejected
 /// with [`ModelError::MissingConfigField`].
@@ -247,9 +247,7 @@ impl LlamaConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("`{name}` must be positive"));
-        }
+        check_sizes(&sizes, &[])?;
         if self.num_key_value_heads == Some(0) {
             return Err("`num_key_value_heads` must be positive".into());
         }

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ViTEmbeddings, ViTEncoder, ViTModel, ViTPooler};
 use crate::bert::HiddenAct;
-use crate::error::{ModelError, Result};
-use crate::loading::{read_json, require_fields};
+use crate::error::Result;
+use crate::loading::{check_sizes, parse_config, read_json};
 
 /// The fields of `config.json` that have no default: a config without one of them is rejected
 /// with [`ModelError::MissingConfigField`].
@@ -78,15 +78,7 @@ impl ViTConfig {
     /// rejects (the message names the field).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let value = read_json(path)?;
-        require_fields(&value, path, &REQUIRED_FIELDS)?;
-        let config: Self = serde_json::from_value(value).map_err(|e| {
-            ModelError::InvalidConfig { path: path.to_path_buf(), message: e.to_string() }
-        })?;
-        config
-            .validate()
-            .map_err(|message| ModelError::InvalidConfig { path: path.to_path_buf(), message })?;
-        Ok(config)
+        parse_config(read_json(path)?, path, &REQUIRED_FIELDS, Self::validate)
     }
 
     /// Checks sizes (non-zero, heads dividing the width, patches tiling the image), dropout
@@ -100,21 +92,13 @@ impl ViTConfig {
             ("patch_size", self.patch_size),
             ("num_channels", self.num_channels),
         ];
-        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("`{name}` must be positive"));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(format!(
-                "`hidden_size` {} is not a multiple of `num_attention_heads` {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if !self.image_size.is_multiple_of(self.patch_size) {
-            return Err(format!(
-                "`image_size` {} is not a multiple of `patch_size` {}",
-                self.image_size, self.patch_size
-            ));
-        }
+        check_sizes(
+            &sizes,
+            &[
+                ("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads),
+                ("image_size", self.image_size, "patch_size", self.patch_size),
+            ],
+        )?;
         for (name, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
