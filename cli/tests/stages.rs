@@ -165,3 +165,58 @@ fn resumed_training_equals_an_uninterrupted_run_bit_for_bit() {
     assert!(weights(&first) == weights(&second), "a resumed run must end where an uninterrupted one does");
     assert!(!finetune(&p("empty"), &["--resume"]).status.success(), "--resume without a checkpoint fails");
 }
+
+#[test]
+fn killing_a_run_midway_loses_nothing_and_resume_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    write_data(&dir.path().join("data.jsonl"));
+    let (model, data) = (fixture().display().to_string(), p("data.jsonl"));
+    let args = |out: &str| -> Vec<String> {
+        [
+            "finetune", "--model", &model, "--data", &data, "--validation", "8", "--max-seq-length", "12", "--steps",
+            "40", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--warmup-steps", "2",
+            "--seed", "5", "--checkpoint-every", "1", "--out", out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let weights = |out: &str| std::fs::read(Path::new(out).join("adapter_model.safetensors")).unwrap();
+    let reference = p("reference");
+    assert!(Command::new(env!("CARGO_BIN_EXE_emloc")).args(args(&reference)).output().unwrap().status.success());
+
+    // SIGKILL the same run part-way through; no cleanup code of ours runs.
+    let killed = p("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_emloc"))
+        .args(args(&killed))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let _ = child.kill();
+    child.wait().unwrap();
+
+    // Every checkpoint that exists is complete; only temporary names may be partial.
+    let mut checkpoints = 0;
+    for entry in std::fs::read_dir(&killed).into_iter().flatten() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("checkpoint-") {
+            checkpoints += 1;
+            for file in ["adapter_config.json", "adapter_model.safetensors", "optimizer.bpk", "trainer_state.json"] {
+                assert!(entry.path().join(file).is_file(), "{name}/{file} missing: a checkpoint was half written");
+            }
+        }
+    }
+    eprintln!("killed after {checkpoints} checkpoints");
+    let finished = Path::new(&killed).join("report.json").is_file();
+    if !finished {
+        let mut again = args(&killed);
+        if checkpoints > 0 {
+            again.push("--resume".into());
+        }
+        assert!(Command::new(env!("CARGO_BIN_EXE_emloc")).args(again).output().unwrap().status.success());
+    }
+    assert!(weights(&killed) == weights(&reference), "the finished run must equal the uninterrupted one");
+}
