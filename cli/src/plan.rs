@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use burn::module::Module;
 use clap::Args;
-use emloc::emulator::{LayerSpectrum, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
+use emloc::emulator::{LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
 use emloc_models::bert::{BertConfig, BertModel};
 use serde::Serialize;
 
@@ -39,12 +39,25 @@ pub struct PlanArgs {
     /// LoRA rank, for the adapter and optimizer estimate.
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
+    /// What the global plan minimises: the summed squared whitened error (`absolute`), or the
+    /// sum of each layer's relative one (`relative`).
+    #[arg(long, value_enum, default_value_t = ObjectiveArg::Absolute)]
+    objective: ObjectiveArg,
     /// Write the global plan as an emulator rules file (for `emloc emulate --config`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Write both plans (ranks, errors, memory estimates) as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// `--objective` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ObjectiveArg {
+    /// Σ over layers of the squared whitened error.
+    Absolute,
+    /// Σ over layers of the squared whitened error relative to the layer's ‖W S‖².
+    Relative,
 }
 
 /// One plan's figures.
@@ -54,6 +67,8 @@ struct Plan {
     factor_params: usize,
     /// Σ over layers of the squared whitened error.
     squared_whitened_error: f64,
+    /// Σ over layers of the squared whitened error relative to the layer's ‖W S‖².
+    relative_squared_error: f64,
     memory: MemoryEstimate,
     ranks: BTreeMap<String, usize>,
 }
@@ -116,7 +131,14 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
     };
     let make = |name: String, ranks: BTreeMap<String, usize>, spectra: &[LayerSpectrum]| {
         let (squared_whitened_error, factor_params) = allocation_cost(spectra, &ranks);
-        Plan { name, factor_params, squared_whitened_error, memory: memory(factor_params), ranks }
+        let relative_squared_error = spectra
+            .iter()
+            .map(|s| {
+                let total: f64 = s.singular_values.iter().map(|v| v * v).sum();
+                if total > 0.0 { s.whitened_error(ranks[&s.path]).powi(2) / total } else { 0.0 }
+            })
+            .sum();
+        Plan { name, factor_params, squared_whitened_error, relative_squared_error, memory: memory(factor_params), ranks }
     };
 
     let uniform = make(format!("uniform ρ = {}", args.emulator.ratio), uniform_ranks(&spectra, args.emulator.ratio)?, &spectra);
@@ -134,14 +156,22 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
         }
         (None, None) => uniform.factor_params,
     };
-    let global = make(format!("global, {target} factor parameters"), global_ranks(&spectra, target)?, &spectra);
+    let objective = match args.objective {
+        ObjectiveArg::Absolute => Objective::Absolute,
+        ObjectiveArg::Relative => Objective::Relative,
+    };
+    let global = make(
+        format!("global ({objective:?}), {target} factor parameters"),
+        global_ranks(&spectra, target, objective)?,
+        &spectra,
+    );
     let original = estimate(encoder.config(), dense_params + emulated_params, 0, adapter_params, args.seq_len, args.batch);
 
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    println!("| plan | factor params | Σ squared whitened error | frozen MiB | adapters+optimizer MiB | activations MiB | total MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| plan | factor params | Σ squared whitened error | Σ relative squared error | frozen MiB | adapters+optimizer MiB | activations MiB | total MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| LoRA on the original (no emulator) | {emulated_params} | 0 | {:.1} | {:.1} | {:.1} | {:.1} |",
+        "| LoRA on the original (no emulator) | {emulated_params} | 0 | 0 | {:.1} | {:.1} | {:.1} | {:.1} |",
         mib(original.frozen_weights),
         mib(original.adapters_and_optimizer),
         mib(original.activations),
@@ -149,10 +179,11 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
     );
     for p in [&uniform, &global] {
         println!(
-            "| {} | {} | {:.4} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {:.4} | {:.4} | {:.1} | {:.1} | {:.1} | {:.1} |",
             p.name,
             p.factor_params,
             p.squared_whitened_error,
+            p.relative_squared_error,
             mib(p.memory.frozen_weights),
             mib(p.memory.adapters_and_optimizer),
             mib(p.memory.activations),

@@ -7,6 +7,8 @@
 //! repeatedly keeps the triplet with the largest `σ² / (d_in + d_out)` that still fits. Since each
 //! layer's `σ²` only decrease, this is the greedy solution of the knapsack that minimises the
 //! summed squared whitened error at the budget (exact up to the last, partially fitting item).
+//! [`Objective::Relative`] weighs each layer's `σ²` by `1 / ‖W S‖_F²` instead, so that every
+//! layer's relative output error counts the same.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -121,12 +123,25 @@ impl Ord for Candidate {
     }
 }
 
-/// Global allocation of at most `params` factor parameters (see the [module docs](self)).
+/// What the global allocation minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// `Σ_l ‖(W_l − W_lᴱ) S_l‖_F²`: layers with large outputs dominate.
+    #[default]
+    Absolute,
+    /// `Σ_l ‖(W_l − W_lᴱ) S_l‖_F² / ‖W_l S_l‖_F²`: every layer's relative output error counts
+    /// the same.
+    Relative,
+}
+
+/// Global allocation of at most `params` factor parameters minimising `objective` (see the
+/// [module docs](self)).
 ///
 /// # Errors
 /// [`EmlocError::InvalidConfig`] if `params` cannot give every layer rank 1, or `spectra` is
 /// empty.
-pub fn global_ranks(spectra: &[LayerSpectrum], params: usize) -> Result<BTreeMap<String, usize>> {
+pub fn global_ranks(spectra: &[LayerSpectrum], params: usize, objective: Objective) -> Result<BTreeMap<String, usize>> {
     if spectra.is_empty() {
         return Err(EmlocError::InvalidConfig("no layers to allocate ranks to".into()));
     }
@@ -139,9 +154,21 @@ pub fn global_ranks(spectra: &[LayerSpectrum], params: usize) -> Result<BTreeMap
     }
     let mut ranks = vec![1usize; spectra.len()];
     let mut left = params - minimum;
+    let weight: Vec<f64> = spectra
+        .iter()
+        .map(|s| match objective {
+            Objective::Absolute => 1.0,
+            Objective::Relative => {
+                let total: f64 = s.singular_values.iter().map(|v| v * v).sum();
+                if total > 0.0 { 1.0 / total } else { 0.0 }
+            }
+        })
+        .collect();
     let candidate = |layer: usize, rank: usize| {
         let s = &spectra[layer];
-        s.singular_values.get(rank).map(|sigma| Candidate { gain_per_param: sigma * sigma / (s.d_in + s.d_out) as f64, layer })
+        s.singular_values
+            .get(rank)
+            .map(|sigma| Candidate { gain_per_param: weight[layer] * sigma * sigma / (s.d_in + s.d_out) as f64, layer })
     };
     let mut heap: BinaryHeap<Candidate> = (0..spectra.len()).filter_map(|l| candidate(l, 1)).collect();
     while let Some(best) = heap.pop() {
@@ -197,7 +224,7 @@ mod tests {
             spectrum("c", 1, &[3.0, 2.9, 2.8, 2.7]),
         ];
         for budget in [12usize, 16, 20, 24, 30, 40] {
-            let ranks = global_ranks(&spectra, budget).unwrap();
+            let ranks = global_ranks(&spectra, budget, Objective::Absolute).unwrap();
             let (error, params) = allocation_cost(&spectra, &ranks);
             assert!(params <= budget);
             // Exhaustive search over ranks 1..=4 per layer.
@@ -219,9 +246,22 @@ mod tests {
             assert!(error >= best - 1e-12);
         }
         assert_eq!(
-            global_ranks(&spectra, 40).unwrap(),
+            global_ranks(&spectra, 40, Objective::Absolute).unwrap(),
             BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3), ("c".to_string(), 4)])
         );
+    }
+
+    #[test]
+    fn relative_objective_evens_out_output_scales() {
+        // Same shape of spectrum, one layer 100× louder: the absolute objective spends almost
+        // everything on the loud layer, the relative one treats them alike.
+        let base: Vec<f64> = (0..8).map(|i| 0.7f64.powi(i)).collect();
+        let loud: Vec<f64> = base.iter().map(|v| 100.0 * v).collect();
+        let spectra = vec![spectrum("quiet", 8, &base), spectrum("loud", 8, &loud)];
+        let absolute = global_ranks(&spectra, 16 * 8, Objective::Absolute).unwrap();
+        let relative = global_ranks(&spectra, 16 * 8, Objective::Relative).unwrap();
+        assert!(absolute["loud"] > absolute["quiet"] + 2, "{absolute:?}");
+        assert_eq!(relative["loud"], relative["quiet"], "{relative:?}");
     }
 
     #[test]
@@ -237,14 +277,14 @@ mod tests {
         for ratio in [0.2, 0.4, 0.6] {
             let uniform = uniform_ranks(&spectra, ratio).unwrap();
             let (uniform_error, params) = allocation_cost(&spectra, &uniform);
-            let global = global_ranks(&spectra, params).unwrap();
+            let global = global_ranks(&spectra, params, Objective::Absolute).unwrap();
             let (global_error, global_params) = allocation_cost(&spectra, &global);
             assert!(global_params <= params);
             assert!(global_error <= uniform_error + 1e-12, "ρ {ratio}: global {global_error} vs uniform {uniform_error}");
             strictly_better += usize::from(global_error < uniform_error - 1e-9);
         }
         assert!(strictly_better >= 2, "the spectra differ, so the global plan should win at most sizes");
-        assert!(global_ranks(&spectra, 10).is_err());
+        assert!(global_ranks(&spectra, 10, Objective::Relative).is_err());
         assert!(uniform_ranks(&spectra, 1.0).is_err());
     }
 }

@@ -6,7 +6,7 @@ pub(crate) mod factorize;
 mod store;
 
 pub use allocation::{
-    LayerSpectrum, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra,
+    LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra,
 };
 pub use config::{EmulatorConfig, Keep, LayerRule, WhiteningConfig, WhiteningMethod};
 pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};

@@ -1,7 +1,7 @@
 //! Rank allocation from whitened spectra, checked against what `emulate` reports.
 
 use burn::tensor::Device;
-use emloc::emulator::{allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
+use emloc::emulator::{Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
 use emloc::{EmulatorConfig, emulate};
 
 use crate::common::*;
@@ -30,7 +30,7 @@ fn spectra_agree_with_emulate_and_global_plans_build() {
 
     // A global plan of the same size is a valid emulator config, and what it reports matches.
     let (_, params) = allocation_cost(&spectra, &uniform);
-    let global = global_ranks(&spectra, params).unwrap();
+    let global = global_ranks(&spectra, params, Objective::Absolute).unwrap();
     let (global_error, global_params) = allocation_cost(&spectra, &global);
     assert!(global_params <= params);
     let (_, report) = emulate(model, calibration(), forward, &config_for_ranks(&global, &config)).unwrap();
