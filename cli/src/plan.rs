@@ -39,9 +39,9 @@ pub struct PlanArgs {
     /// LoRA rank, for the adapter and optimizer estimate.
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
-    /// What the global plan minimises: the summed squared whitened error (`absolute`), or the
-    /// sum of each layer's relative one (`relative`).
-    #[arg(long, value_enum, default_value_t = ObjectiveArg::Absolute)]
+    /// What the global plan minimises: the sum of each layer's relative squared whitened error
+    /// (`relative`, default), or the summed absolute one (`absolute`).
+    #[arg(long, value_enum, default_value_t = ObjectiveArg::Relative)]
     objective: ObjectiveArg,
     /// Write the global plan as an emulator rules file (for `emloc emulate --config`).
     #[arg(long)]

@@ -128,10 +128,10 @@ impl Ord for Candidate {
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// `Σ_l ‖(W_l − W_lᴱ) S_l‖_F²`: layers with large outputs dominate.
-    #[default]
     Absolute,
     /// `Σ_l ‖(W_l − W_lᴱ) S_l‖_F² / ‖W_l S_l‖_F²`: every layer's relative output error counts
-    /// the same.
+    /// the same. The default: on MiniLM it beat uniform ρ on the task, `Absolute` did not.
+    #[default]
     Relative,
 }
 
