@@ -236,28 +236,36 @@ pub fn calibration_texts(train: &[QaPair], pairs: usize) -> CliResult<Vec<String
     Ok(train[..pairs].iter().flat_map(|p| [p.question.clone(), p.answer.clone()]).collect())
 }
 
-/// Builds the emulator of `encoder`'s model from `texts` (batches of 16), with a progress bar.
+/// Runs `stage` (emulation or spectra) over `texts` in calibration batches of 16, with a progress
+/// bar. Every batch is tokenized first, so untokenizable data fails before any work.
+pub fn with_calibration<T>(
+    encoder: &SentenceEncoder,
+    texts: &[String],
+    stage: impl FnOnce(Vec<Vec<&str>>, &mut dyn FnMut(&BertModel, Vec<&str>)) -> T,
+) -> CliResult<T> {
+    let batches: Vec<Vec<&str>> = texts.chunks(16).map(|c| c.iter().map(String::as_str).collect()).collect();
+    for batch in &batches {
+        encoder.tokenize(batch)?;
+    }
+    let bar = progress(batches.len(), "calibration");
+    let mut forward = |model: &BertModel, batch: Vec<&str>| {
+        encoder.forward_with(model, encoder.inputs(&batch).expect("tokenized above"));
+        bar.inc(1);
+    };
+    let result = stage(batches, &mut forward);
+    bar.finish_and_clear();
+    Ok(result)
+}
+
+/// Builds the emulator of `encoder`'s model from `texts` (see [`with_calibration`]).
 pub fn build_emulator(
     encoder: &SentenceEncoder,
     texts: &[String],
     config: &EmulatorConfig,
 ) -> CliResult<(BertModel, EmulatorReport)> {
-    let batches: Vec<Vec<&str>> = texts.chunks(16).map(|c| c.iter().map(String::as_str).collect()).collect();
-    for batch in &batches {
-        encoder.tokenize(batch)?; // fail on untokenizable data before any work
-    }
-    let bar = progress(batches.len(), "calibration");
-    let result = emulate(
-        encoder.model.clone(),
-        batches,
-        |model: &BertModel, batch: Vec<&str>| {
-            let input = encoder.inputs(&batch).expect("tokenized above");
-            encoder.forward_with(model, input);
-            bar.inc(1);
-        },
-        config,
-    );
-    bar.finish_and_clear();
+    let result = with_calibration(encoder, texts, |batches, forward| {
+        emulate(encoder.model.clone(), batches, |m: &BertModel, b| forward(m, b), config)
+    })?;
     Ok(result?)
 }
 

@@ -10,7 +10,7 @@ use emloc::emulator::{LayerSpectrum, Objective, allocation_cost, config_for_rank
 use emloc_models::bert::{BertConfig, BertModel};
 use serde::Serialize;
 
-use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, calibration_texts, progress, write_json};
+use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, calibration_texts, with_calibration, write_json};
 
 /// Options of `emloc plan`.
 #[derive(Args, Debug)]
@@ -106,22 +106,9 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
     let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
     let (encoder, _) = args.model.load()?;
     let config = args.emulator.config()?;
-    let batches: Vec<Vec<&str>> = texts.chunks(16).map(|c| c.iter().map(String::as_str).collect()).collect();
-    for batch in &batches {
-        encoder.tokenize(batch)?;
-    }
-    let bar = progress(batches.len(), "calibration");
-    let spectra = whitened_spectra(
-        &encoder.model,
-        batches,
-        |model: &BertModel, batch: Vec<&str>| {
-            encoder.forward_with(model, encoder.inputs(&batch).expect("tokenized above"));
-            bar.inc(1);
-        },
-        &config,
-    );
-    bar.finish_and_clear();
-    let spectra = spectra?;
+    let spectra = with_calibration(&encoder, &texts, |batches, forward| {
+        whitened_spectra(&encoder.model, batches, |m: &BertModel, b| forward(m, b), &config)
+    })??;
 
     let emulated_params: usize = spectra.iter().map(|s| s.d_in * s.d_out).sum();
     let dense_params = encoder.model.num_params() - emulated_params;
