@@ -12,8 +12,9 @@ use emloc::{
     merge_adapter, merge_lora,
 };
 use emloc_models::tiny::{SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+
+use crate::common::progress;
 
 /// Options of `emloc demo`.
 #[derive(Args, Debug)]
@@ -53,17 +54,6 @@ struct Row {
     training_model_params: usize,
     trainable_params: usize,
     wall_seconds: f64,
-}
-
-fn progress(steps: usize, label: &str) -> ProgressBar {
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>28} [{bar:30}] {pos}/{len} {msg} (ETA {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(label.to_string());
-    bar
 }
 
 fn trainable(model: &TinyTransformer) -> usize {
