@@ -1,5 +1,6 @@
 //! `emloc`: the EMLoC pipeline from the command line.
 
+mod bench;
 mod checkpoint;
 mod common;
 mod demo;
@@ -50,6 +51,8 @@ enum Command {
     /// Per-layer ranks for a parameter or memory budget: uniform ρ vs the global allocation by
     /// whitened spectrum, with fine-tuning memory estimates; writes a rules file.
     Plan(plan::PlanArgs),
+    /// P6: time the closed-form correction per 100 M parameters of adapted layers.
+    BenchCorrection(bench::BenchCorrectionArgs),
     Generate(generate::GenerateArgs),
 }
 
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => stages::merge(&args).map_err(|e| e.to_string()),
         Command::Eval(args) => stages::eval(&args).map_err(|e| e.to_string()),
         Command::Plan(args) => plan::plan(&args).map_err(|e| e.to_string()),
+        Command::BenchCorrection(args) => bench::bench_correction(&args).map_err(|e| e.to_string()),
         Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };
     match result {
