@@ -84,3 +84,60 @@ pub fn bench_correction(args: &BenchCorrectionArgs) -> CliResult<()> {
     );
     Ok(())
 }
+
+/// Options of `emloc bench-svd`.
+#[derive(Args, Debug)]
+pub struct BenchSvdArgs {
+    /// Layer widths (square layers d × d).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 2048])]
+    dims: Vec<usize>,
+    /// Keep-ratio ρ (rank ⌊ρ d / 2⌋ for a square layer).
+    #[arg(long, default_value_t = 0.4)]
+    ratio: f64,
+    /// Oversampling of the randomized SVD.
+    #[arg(long, default_value_t = 10)]
+    oversample: usize,
+    /// Power iterations of the randomized SVD.
+    #[arg(long, default_value_t = 2)]
+    power_iterations: usize,
+}
+
+/// P2: whitening (Cholesky) + truncated SVD of one layer, exact vs randomized, side by side.
+/// The peer script `benches/peers/svd_peer.py` times numpy/scipy on the same construction.
+pub fn bench_svd(args: &BenchSvdArgs) -> CliResult<()> {
+    use emloc::emulator::{SvdMethod, WhiteningConfig, factorize_layer};
+    use emloc::matrix::Matrix;
+    println!("| d | rank | exact s | randomized s | speed-up | exact rel. error | randomized rel. error |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &d in &args.dims {
+        let rank = ((args.ratio * (d * d) as f64 / (2 * d) as f64).floor() as usize).max(1);
+        let device = Device::flex();
+        device.seed(d as u64);
+        // Weight N(0, 1/d); calibration tokens with unequal column scales, as real activations.
+        let weight = Tensor::<2>::random([d, d], Distribution::Normal(0.0, 1.0 / (d as f64).sqrt()), &device);
+        let scales = Tensor::<1>::from_data(
+            (0..d).map(|j| 1.0 + 8.0 / (1.0 + j as f32)).collect::<Vec<_>>().as_slice(),
+            &device,
+        );
+        let x = Tensor::<2>::random([2 * d, d], Distribution::Normal(0.0, 1.0), &device) * scales.unsqueeze::<2>();
+        let gram = Matrix::from_tensor(x.clone().transpose().matmul(x));
+        let weight = Matrix::from_tensor(weight);
+        let time = |config: &WhiteningConfig| -> CliResult<(f64, f64)> {
+            let started = std::time::Instant::now();
+            let f = factorize_layer("bench", &weight, &gram, rank, config)?;
+            Ok((started.elapsed().as_secs_f64(), f.whitened_error / f.whitened_norm))
+        };
+        let (exact_s, exact_err) = time(&WhiteningConfig::default())?;
+        let randomized = WhiteningConfig {
+            svd: SvdMethod::Randomized { oversample: args.oversample, power_iterations: args.power_iterations },
+            ..WhiteningConfig::default()
+        };
+        let (fast_s, fast_err) = time(&randomized)?;
+        println!(
+            "| {d} | {rank} | {exact_s:.2} | {fast_s:.2} | {:.1}× | {exact_err:.5} | {fast_err:.5} (+{:.2} %) |",
+            exact_s / fast_s,
+            100.0 * (fast_err / exact_err - 1.0)
+        );
+    }
+    Ok(())
+}

@@ -53,6 +53,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// P6: time the closed-form correction per 100 M parameters of adapted layers.
     BenchCorrection(bench::BenchCorrectionArgs),
+    /// P2: whitening + truncated SVD of one layer, exact vs randomized.
+    BenchSvd(bench::BenchSvdArgs),
     Generate(generate::GenerateArgs),
 }
 
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => stages::eval(&args).map_err(|e| e.to_string()),
         Command::Plan(args) => plan::plan(&args).map_err(|e| e.to_string()),
         Command::BenchCorrection(args) => bench::bench_correction(&args).map_err(|e| e.to_string()),
+        Command::BenchSvd(args) => bench::bench_svd(&args).map_err(|e| e.to_string()),
         Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };
     match result {

@@ -66,6 +66,27 @@ pub struct WhiteningConfig {
     pub pivot_tolerance: f64,
     /// Eigen path: eigenvalues are floored at `eigen_floor · mean(λ)`.
     pub eigen_floor: f64,
+    /// How the whitened weight's truncated SVD is computed.
+    pub svd: SvdMethod,
+}
+
+/// How the truncated SVD of the whitened weight is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SvdMethod {
+    /// Full thin SVD (exact; the report's spectrum has every singular value).
+    #[default]
+    Exact,
+    /// Randomized range finder with `oversample` extra columns and `power_iterations`
+    /// subspace iterations (Halko, Martinsson, Tropp 2011); deterministic (fixed seed). Only the
+    /// top `rank + oversample` singular values are computed; the whitened error stays exact
+    /// (`‖W S‖_F² − Σ_kept σ²`).
+    Randomized {
+        /// Extra columns of the sketch.
+        oversample: usize,
+        /// Subspace iterations (each one re-orthonormalised).
+        power_iterations: usize,
+    },
 }
 
 impl Default for WhiteningConfig {
@@ -77,6 +98,7 @@ impl Default for WhiteningConfig {
             max_damping_attempts: 6,
             pivot_tolerance: 1e-10,
             eigen_floor: 1e-7,
+            svd: SvdMethod::Exact,
         }
     }
 }

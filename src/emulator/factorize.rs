@@ -6,7 +6,7 @@
 
 use faer::{Mat, MatRef, Side};
 
-use super::config::{WhiteningConfig, WhiteningMethod};
+use super::config::{SvdMethod, WhiteningConfig, WhiteningMethod};
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
 
@@ -163,6 +163,46 @@ pub(crate) fn square_to_faer(m: &Matrix) -> Mat<f64> {
     Mat::from_fn(m.rows, m.cols, |i, j| m.get(i, j) as f64)
 }
 
+/// Randomized truncated SVD of `a` (`[m, n]`): the top `rank` (+ `oversample`) singular triplets
+/// from a Gaussian sketch with `power_iterations` re-orthonormalised subspace iterations. The
+/// sketch is seeded from the shape, so the result is deterministic. Returns `(U [m, l], σ [l],
+/// V [n, l])` with `l = min(rank + oversample, m, n)`.
+///
+/// # Errors
+/// If the small SVD fails to converge.
+pub fn randomized_svd(
+    a: MatRef<'_, f64>,
+    rank: usize,
+    oversample: usize,
+    power_iterations: usize,
+) -> std::result::Result<(Mat<f64>, Vec<f64>, Mat<f64>), faer::linalg::svd::SvdError> {
+    let (m, n) = (a.nrows(), a.ncols());
+    let l = (rank + oversample).min(m).min(n).max(1);
+    let mut state = (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n as u64) ^ 0xD1B5_4A32_D192_ED03 | 1;
+    let mut gaussian = || {
+        // Box–Muller from two xorshift uniforms.
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let (u1, u2) = (uniform(), uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    let omega = Mat::from_fn(n, l, |_, _| gaussian());
+    let mut q = (a * &omega).qr().compute_thin_Q();
+    for _ in 0..power_iterations {
+        let z = (a.transpose() * &q).qr().compute_thin_Q();
+        q = (a * &z).qr().compute_thin_Q();
+    }
+    let b = q.transpose() * a; // [l, n]
+    let svd = b.thin_svd()?;
+    let u = &q * svd.U();
+    let sigma = (0..svd.S().column_vector().nrows()).map(|i| svd.S().column_vector()[i]).collect();
+    Ok((u, sigma, svd.V().to_owned()))
+}
+
 /// Builds rank-`rank` emulator factors of `weight` (Burn layout `[d_in, d_out]`) whitened by
 /// `gram` (`[d_in, d_in]`).
 pub fn factorize_layer(
@@ -187,25 +227,37 @@ pub fn factorize_layer(
     let w = weight_to_faer(weight);
     let whitening = whitening(layer, square_to_faer(gram).as_ref(), config)?;
     let ws = whitening.whiten(w.as_ref());
-    let svd = ws.thin_svd().map_err(|e| EmlocError::Linalg {
+    let failed = |e: faer::linalg::svd::SvdError| EmlocError::Linalg {
         layer: layer.to_string(),
         message: format!("SVD of the whitened weight failed: {e:?}"),
-    })?;
-    let n = d_in.min(d_out);
-    let sigma: Vec<f64> = (0..n).map(|i| svd.S().column_vector()[i]).collect();
+    };
+    let (u, sigma, v) = match config.svd {
+        SvdMethod::Exact => {
+            let svd = ws.thin_svd().map_err(failed)?;
+            let n = d_in.min(d_out);
+            let sigma: Vec<f64> = (0..n).map(|i| svd.S().column_vector()[i]).collect();
+            (svd.U().to_owned(), sigma, svd.V().to_owned())
+        }
+        SvdMethod::Randomized { oversample, power_iterations } => {
+            randomized_svd(ws.as_ref(), rank, oversample, power_iterations).map_err(failed)?
+        }
+    };
+    let n = sigma.len();
     // faer returns singular values in descending order; rely on it but keep the order explicit.
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| sigma[b].total_cmp(&sigma[a]));
     let kept = &order[..rank];
-
-    let (u, v) = (svd.U(), svd.V());
+    let (u, v) = (u.as_ref(), v.as_ref());
     // W_u = U_k Σ^{1/2} ([d_out, k]); X = Σ^{1/2} V_kᵀ ([k, d_in]).
     let w_u = Mat::from_fn(d_out, rank, |i, j| u[(i, kept[j])] * sigma[kept[j]].sqrt());
     let x = Mat::from_fn(rank, d_in, |i, j| v[(j, kept[i])] * sigma[kept[i]].sqrt());
     let w_v = whitening.unwhiten(x.as_ref());
 
-    let whitened_error = order[rank..].iter().map(|&i| sigma[i] * sigma[i]).sum::<f64>().sqrt();
-    let whitened_norm = sigma.iter().map(|s| s * s).sum::<f64>().sqrt();
+    // ‖W S − Wᴱ S‖² = ‖W S‖² − Σ_kept σ², exact for both SVD methods (the kept triplets are
+    // exact singular triplets of the projection of W S that the factors reproduce).
+    let whitened_norm = ws.norm_l2();
+    let kept_energy: f64 = kept.iter().map(|&i| sigma[i] * sigma[i]).sum();
+    let whitened_error = (whitened_norm * whitened_norm - kept_energy).max(0.0).sqrt();
     let mut singular_values: Vec<f64> = order.iter().map(|&i| sigma[i]).collect();
     singular_values.shrink_to_fit();
 
@@ -310,6 +362,42 @@ pub(crate) mod tests {
         let diff = &w - &ours;
         let err2 = (&diff * &g * diff.transpose()).diagonal().column_vector().iter().sum::<f64>();
         assert!((err2.sqrt() - tail).abs() / tail < 1e-3, "{} vs {tail}", err2.sqrt());
+    }
+
+    #[test]
+    fn randomized_svd_matches_the_exact_path_and_reports_its_true_error() {
+        // A weight with a decaying spectrum (rank-structured plus a little noise).
+        let (d_in, d_out, k) = (60, 50, 10);
+        let left = Matrix::new(d_in, 12, noise(11, d_in * 12));
+        let right = Matrix::new(12, d_out, noise(12, 12 * d_out));
+        let tail = noise(13, d_in * d_out);
+        let data: Vec<f32> = (0..d_in * d_out)
+            .map(|idx| {
+                let (i, j) = (idx / d_out, idx % d_out);
+                (0..12).map(|r| left.get(i, r) * right.get(r, j) / (1.0 + r as f32)).sum::<f32>() + 0.01 * tail[idx]
+            })
+            .collect();
+        let weight = Matrix::new(d_in, d_out, data);
+        let gram = calibration_gram(d_in, 300, 14);
+        let exact = factorize_layer("l", &weight, &gram, k, &WhiteningConfig::default()).unwrap();
+        let config = WhiteningConfig {
+            svd: SvdMethod::Randomized { oversample: 8, power_iterations: 2 },
+            ..WhiteningConfig::default()
+        };
+        let fast = factorize_layer("l", &weight, &gram, k, &config).unwrap();
+        assert_eq!(fast.singular_values.len(), k + 8);
+        // The reported error is the true one: tr((W − Wᴱ) G (W − Wᴱ)ᵀ) for the randomized factors.
+        let (w, g) = (weight_to_faer(&weight), square_to_faer(&gram));
+        let diff = &w - &dense_emulator(&fast);
+        let err2 = (&diff * &g * diff.transpose()).diagonal().column_vector().iter().sum::<f64>();
+        assert!((err2.sqrt() - fast.whitened_error).abs() / fast.whitened_error < 1e-3, "{} vs {}", err2.sqrt(), fast.whitened_error);
+        // Eckart–Young: never better than exact, and close to it with power iterations.
+        assert!(fast.whitened_error >= exact.whitened_error * (1.0 - 1e-9));
+        assert!(fast.whitened_error <= exact.whitened_error * 1.01, "{} vs {}", fast.whitened_error, exact.whitened_error);
+        for i in 0..k {
+            let (a, b) = (fast.singular_values[i], exact.singular_values[i]);
+            assert!((a - b).abs() <= 1e-3 * b, "σ_{i}: {a} vs {b}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod store;
 pub use allocation::{
     LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra,
 };
-pub use config::{EmulatorConfig, Keep, LayerRule, WhiteningConfig, WhiteningMethod};
+pub use config::{EmulatorConfig, Keep, LayerRule, SvdMethod, WhiteningConfig, WhiteningMethod};
 pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};
 pub use store::{
     DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, load_emulator, parse_emulator, read_emulator,
