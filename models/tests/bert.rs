@@ -5,6 +5,9 @@
 //! `python3 models/tests/fixtures/make_tiny_bert.py` (float64 numpy forward pass). Outputs are
 //! compared with a maximum absolute difference of [`TOL`] (the Rust side computes in f32).
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData, bf16, f16};
@@ -12,33 +15,26 @@ use emloc_models::ModelError;
 use emloc_models::bert::{
     BertConfig, BertInput, BertModel, SentenceEncoder, l2_normalize, linear_paths, mean_pooling,
 };
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 
 /// Maximum absolute difference to the float64 reference (outputs are O(1) LayerNorm states;
 /// the f32 forward pass on the CPU is within 1e-6).
 const TOL: f32 = 1e-5;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn tiny_dir() -> PathBuf {
     fixtures().join("tiny_bert")
 }
 
 fn expected() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("tiny_bert_expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    read_expected("tiny_bert_expected.json")
 }
 
 fn device() -> Device {
     Device::default()
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
 
 fn int_tensor(v: &Value, device: &Device) -> Tensor<2, Int> {
     let rows = v.as_array().unwrap();
@@ -50,19 +46,10 @@ fn int_tensor(v: &Value, device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(data, [rows.len(), cols]), device)
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
-}
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    let diff = max_abs_diff(got, want);
-    println!("{what}: max |diff| = {diff:.2e}");
-    assert!(diff <= TOL, "{what}: max |diff| {diff} > {TOL}");
+    assert_within(what, got, want, TOL);
 }
 
 fn tiny_input(device: &Device) -> BertInput {
@@ -151,37 +138,21 @@ fn tiny_sentence_encoder_matches_reference() {
 
 // ------------------------------------------------------------------------ checkpoint variants
 
-/// The fixture checkpoint as `(key, dtype, shape, bytes)`.
-fn fixture_tensors() -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(tiny_dir().join("model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
 
-fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, d, s, b)| {
-            (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+
+
+/// The fixture checkpoint as `(key, dtype, shape, bytes)`.
+fn fixture_tensors() -> Tensors {
+    read_tensors(&tiny_dir().join("model.safetensors"))
 }
 
 /// A model directory with the fixture's config and tokenizer and the given tensors.
 fn model_dir(tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(tiny_dir().join(f), dir.path().join(f)).unwrap();
-    }
-    write_safetensors(&dir.path().join("model.safetensors"), tensors);
-    dir
+    model_dir_from(&tiny_dir(), &["config.json", "tokenizer.json"], tensors)
+}
+
+fn key_mismatch(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
+    key_mismatch_of(BertModel::load(dir, &device()))
 }
 
 fn to_half(dtype: Dtype, bytes: &[u8]) -> Vec<u8> {
@@ -250,19 +221,6 @@ fn tiny_bert_loads_sharded_half_precision_with_bert_prefix() {
     check_against_reference(&model);
 }
 
-fn key_mismatch(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
-    match BertModel::load(dir, &device()) {
-        Err(err @ ModelError::KeyMismatch { .. }) => {
-            let message = err.to_string();
-            let ModelError::KeyMismatch { missing, unexpected, invalid, .. } = err else {
-                unreachable!()
-            };
-            (missing, unexpected, invalid, message)
-        }
-        Err(other) => panic!("expected KeyMismatch, got {other}"),
-        Ok(_) => panic!("expected KeyMismatch, loading succeeded"),
-    }
-}
 
 #[test]
 fn missing_keys_are_listed() {

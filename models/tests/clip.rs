@@ -15,7 +15,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor};
 use emloc_models::ModelError;
 use emloc_models::clip::{ClipActivation, ClipVisionConfig, ClipVisionModel, linear_paths};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 
 /// Tokens per image (4 patches + class) and width of the tiny model.
@@ -120,35 +120,18 @@ fn wrong_activation_does_not_match_the_reference() {
 
 // ------------------------------------------------------------------------ checkpoint variants
 
-type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
 
 fn fixture_tensors() -> Tensors {
-    let bytes = std::fs::read(tiny_dir().join("model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    read_tensors(&tiny_dir().join("model.safetensors"))
 }
 
 fn model_dir(tensors: &Tensors, config_from: &Path) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(config_from.join("config.json"), dir.path().join("config.json")).unwrap();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, d, s, b)| {
-            (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
-        })
-        .collect();
-    std::fs::write(
-        dir.path().join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
-    dir
+    model_dir_from(config_from, &["config.json"], tensors)
+}
+
+fn key_mismatch(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
+    key_mismatch_of(ClipVisionModel::load(dir, &device()))
 }
 
 fn edit_config(dir: &Path, f: &dyn Fn(&mut serde_json::Map<String, Value>)) {
@@ -158,19 +141,6 @@ fn edit_config(dir: &Path, f: &dyn Fn(&mut serde_json::Map<String, Value>)) {
     std::fs::write(&path, config.to_string()).unwrap();
 }
 
-fn key_mismatch(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
-    match ClipVisionModel::load(dir, &device()) {
-        Err(err @ ModelError::KeyMismatch { .. }) => {
-            let message = err.to_string();
-            let ModelError::KeyMismatch { missing, unexpected, invalid, .. } = err else {
-                unreachable!()
-            };
-            (missing, unexpected, invalid, message)
-        }
-        Err(other) => panic!("expected KeyMismatch, got {other}"),
-        Ok(_) => panic!("expected KeyMismatch, loading succeeded"),
-    }
-}
 
 #[test]
 fn unprefixed_checkpoint_loads() {

@@ -6,6 +6,9 @@
 //! `python3 models/tests/fixtures/make_tiny_llama.py` (float64 numpy forward pass). Logits are
 //! compared with a maximum absolute difference of [`TOL`] (the Rust side computes in f32).
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -16,7 +19,7 @@ use emloc_models::ModelError;
 use emloc_models::llama::{
     GenerationConfig, LlamaConfig, LlamaFamily, LlamaForCausalLM, LlamaTokenizer, linear_paths,
 };
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 
 /// Maximum absolute difference to the float64 reference. Logits are O(5); the f32 forward pass
@@ -25,26 +28,19 @@ const TOL: f32 = 1e-4;
 
 const VARIANTS: [&str; 3] = ["tiny_llama", "tiny_llama3", "tiny_qwen2"];
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn dir(variant: &str) -> PathBuf {
     fixtures().join(variant)
 }
 
 fn expected(variant: &str) -> Value {
-    let path = fixtures().join(format!("{variant}_expected.json"));
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    read_expected(&format!("{variant}_expected.json"))
 }
 
 fn device() -> Device {
     Device::default()
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
@@ -60,20 +56,8 @@ fn input_ids(e: &Value, device: &Device) -> Tensor<2, Int> {
     int_tensor(&rows, device)
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
-}
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
 
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    let diff = max_abs_diff(got, want);
-    println!("{what}: max |diff| = {diff:.2e}");
-    assert!(diff <= tol, "{what}: max |diff| {diff} > {tol}");
-}
 
 // ----------------------------------------------------------------------- reference outputs
 
@@ -91,7 +75,7 @@ fn tiny_variants_match_numpy_logits() {
         assert_eq!(report.applied, 1 + 2 * per_layer + 1 + usize::from(!tied), "{variant}");
         let logits = model.forward(input_ids(&e, &device), None);
         assert_eq!(logits.dims(), [2, 8, 50]);
-        assert_close(
+        assert_within(
             &format!("{variant} logits"),
             &values(logits),
             &floats(&e["logits"]["values"]),
@@ -159,7 +143,7 @@ fn kv_cache_decoding_equals_full_forward() {
             assert_eq!(cache.len(), start);
         }
         let incremental = values(Tensor::cat(pieces, 1));
-        assert_close(&format!("{variant} cached vs full"), &incremental, &full, 1e-4);
+        assert_within(&format!("{variant} cached vs full"), &incremental, &full, 1e-4);
     }
 }
 
@@ -229,48 +213,20 @@ fn tokenizer_round_trips() {
 
 // ------------------------------------------------------------------------- loading errors
 
-fn fixture_tensors(variant: &str) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(dir(variant).join("model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+fn fixture_tensors(variant: &str) -> Tensors {
+    read_tensors(&dir(variant).join("model.safetensors"))
 }
 
 fn model_dir(variant: &str, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(dir(variant).join("config.json"), tmp.path().join("config.json")).unwrap();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(k, d, s, b)| {
-            (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())
-        })
-        .collect();
-    std::fs::write(
-        tmp.path().join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
-    tmp
+    model_dir_from(&dir(variant), &["config.json"], tensors)
 }
 
-fn key_mismatch(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
-    match LlamaForCausalLM::load(dir, &device()) {
-        Err(err @ ModelError::KeyMismatch { .. }) => {
-            let message = err.to_string();
-            let ModelError::KeyMismatch { missing, unexpected, invalid, .. } = err else {
-                unreachable!()
-            };
-            (missing, unexpected, invalid, message)
-        }
-        Err(other) => panic!("expected KeyMismatch, got {other}"),
-        Ok(_) => panic!("expected KeyMismatch, loading succeeded"),
-    }
+fn key_mismatch(path: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
+    key_mismatch_of(LlamaForCausalLM::load(path, &device()))
 }
+
+
+
 
 #[test]
 fn missing_unexpected_and_misshaped_keys_are_listed() {
@@ -481,7 +437,7 @@ fn emloc_pipeline_runs_on_tiny_llama() {
     assert_eq!(a.dims(), [4, 10, 50]);
     let (a, b) = (values(a), values(b));
     assert!(a.iter().all(|x| x.is_finite()));
-    assert_close("merged vs unmerged logits", &a, &b, 1e-4);
+    assert_within("merged vs unmerged logits", &a, &b, 1e-4);
     // The adapter changed the model.
     let base = values(original.forward(probe, None));
     assert!(max_abs_diff(&a, &base) > 1e-4, "the merged adapter changed nothing");
@@ -543,6 +499,6 @@ fn explicit_head_dim_and_biases_build_and_decode_consistently() {
     let mut cache = model.new_cache();
     let a = model.forward(input.clone().slice([0..1, 0..4]), Some(&mut cache));
     let b = model.forward(input.slice([0..1, 4..6]), Some(&mut cache));
-    assert_close("head_dim 16 cached vs full", &values(Tensor::cat(vec![a, b], 1)), &full, 1e-4);
+    assert_within("head_dim 16 cached vs full", &values(Tensor::cat(vec![a, b], 1)), &full, 1e-4);
     assert_eq!(full.len(), 6 * 50);
 }

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
+use emloc_models::ModelError;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 /// Maximum absolute difference to the float64 reference (LayerNorm outputs are O(1)).
@@ -55,7 +58,65 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Asserts max |got − want| ≤ [`TOL`] and prints it.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_within(what, got, want, TOL);
+}
+
+/// Asserts max |got − want| ≤ `tol` and prints it.
+pub fn assert_within(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let diff = max_abs_diff(got, want);
     println!("{what}: max |diff| = {diff:.2e}");
-    assert!(diff <= TOL, "{what}: max |diff| {diff} > {TOL}");
+    assert!(diff <= tol, "{what}: max |diff| {diff} > {tol}");
+}
+
+/// A checkpoint's tensors as `(key, dtype, shape, bytes)`, sorted by key.
+pub type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Reads every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> Tensors {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Writes `tensors` as a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// A model directory with `files` copied from `from` and `tensors` as `model.safetensors`.
+pub fn model_dir_from(from: &Path, files: &[&str], tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in files {
+        std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
+    }
+    write_safetensors(&dir.path().join("model.safetensors"), tensors);
+    dir
+}
+
+/// The lists and message of a [`ModelError::KeyMismatch`] from a load.
+///
+/// # Panics
+/// If the load succeeded or failed otherwise.
+pub fn key_mismatch_of<T>(result: Result<T, ModelError>) -> (Vec<String>, Vec<String>, Vec<String>, String) {
+    match result {
+        Err(err @ ModelError::KeyMismatch { .. }) => {
+            let message = err.to_string();
+            let ModelError::KeyMismatch { missing, unexpected, invalid, .. } = err else {
+                unreachable!()
+            };
+            (missing, unexpected, invalid, message)
+        }
+        Err(other) => panic!("expected KeyMismatch, got {other}"),
+        Ok(_) => panic!("expected KeyMismatch, loading succeeded"),
+    }
 }
