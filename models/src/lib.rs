@@ -7,6 +7,7 @@ pub mod error;
 pub mod llama;
 pub mod loading;
 pub mod retrieval;
+pub mod rng;
 pub mod tiny;
 pub mod vit;
 

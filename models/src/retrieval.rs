@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertModel, Encoded, SentenceEncoder};
 use crate::error::{ModelError, Result};
+use crate::rng::XorShiftRng;
 
 /// One question with its worked answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,34 +66,10 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<QaPair>> {
     parse_jsonl(&text, path)
 }
 
-/// A deterministic pseudo-random generator (xorshift64*), so that splits and batch orders are
-/// identical on every platform and independent of any backend's RNG.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    /// A generator from `seed` (any value).
-    pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A uniformly shuffled permutation of `0..n` (Fisher–Yates).
-    pub fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
-        order
-    }
+/// The generator of splits, batch orders and per-step dropout seeds: [`XorShiftRng`] with this
+/// module's seeding, kept so that splits and results stay those already published.
+fn rng(seed: u64) -> XorShiftRng {
+    XorShiftRng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
 }
 
 /// Disjoint parts of one data file.
@@ -115,7 +92,7 @@ pub fn split(pairs: Vec<QaPair>, validation: usize, seed: u64) -> Result<Split> 
             pairs.len()
         )));
     }
-    let order = SplitMix::new(seed).permutation(pairs.len());
+    let order = rng(seed).permutation(pairs.len());
     let mut slots: Vec<Option<QaPair>> = pairs.into_iter().map(Some).collect();
     let mut shuffled = order.iter().map(|&i| slots[i].take().expect("a permutation"));
     let validation_pairs = shuffled.by_ref().take(validation).collect();
@@ -319,7 +296,7 @@ pub struct TrainReport {
 /// The micro-batches of one training run, in order: `steps · grad_accumulation` batches of
 /// `batch_size` distinct pair indices, from epoch-wise permutations of `0..pairs` under `seed`.
 pub fn batch_order(config: &TrainConfig, pairs: usize) -> Vec<Vec<usize>> {
-    let mut rng = SplitMix::new(config.seed);
+    let mut rng = rng(config.seed);
     let mut pool: Vec<usize> = Vec::new();
     (0..config.steps * config.grad_accumulation)
         .map(|_| {
@@ -396,7 +373,7 @@ pub fn finetune(
         let step_started = Instant::now();
         // Dropout draws from the device RNG: reseeding it from (seed, step) makes every step's
         // masks a function of the step alone, so a resumed run matches an uninterrupted one.
-        encoder.device().seed(SplitMix::new(config.seed ^ (step as u64).wrapping_mul(0x9E37_79B9)).next_u64());
+        encoder.device().seed(rng(config.seed ^ (step as u64).wrapping_mul(0x9E37_79B9)).next_u64());
         let mut accumulator = GradientsAccumulator::new();
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         for indices in micro_batches {

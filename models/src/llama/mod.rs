@@ -48,7 +48,8 @@ mod tokenizer;
 pub use attention::{CAUSAL_MASK_BIAS, LlamaAttention, causal_mask_bias};
 pub use cache::{KvCache, LayerKvCache};
 pub use config::{LlamaConfig, LlamaFamily, REQUIRED_FIELDS, TokenIds};
-pub use generate::{GenerationConfig, XorShiftRng, argmax, sample_token};
+pub use crate::rng::XorShiftRng;
+pub use generate::{GenerationConfig, argmax, sample_token};
 pub use mlp::LlamaMlp;
 pub use model::{
     LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, check_ids, key_mapping, linear_paths,
