@@ -90,8 +90,9 @@ pub fn attach_lora<M: Module>(model: M, config: &LoraConfig) -> Result<(M, Vec<S
 
 fn linear_device(linear: &Linear) -> burn::tensor::Device {
     match &linear.factors {
-        Some(f) => f.w_v.val().device(),
-        None => linear.weight.val().device(),
+        // Lazy: attaching must not materialise a weight that a later load or forward fills.
+        Some(f) => f.w_v.lazy_device(),
+        None => linear.weight.lazy_device(),
     }
 }
 

@@ -35,7 +35,7 @@ pub use adapter::{
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use emulator::{
     EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, WhiteningMethod, calibrate, emulate,
-    load_emulator, save_emulator,
+    load_emulator, read_emulator_description, save_emulator,
 };
 pub use error::{EmlocError, Result};
 pub use merge_file::merge_into_safetensors;

@@ -72,4 +72,10 @@ impl Matrix {
     pub fn to_tensor(&self, device: &Device) -> Tensor<2> {
         Tensor::from_data(TensorData::new(self.data.clone(), [self.rows, self.cols]), device)
     }
+
+    /// Like [`to_tensor`](Self::to_tensor), moving the data instead of copying it (on host
+    /// backends no second copy of the matrix is made).
+    pub fn into_tensor(self, device: &Device) -> Tensor<2> {
+        Tensor::from_data(TensorData::new(self.data, [self.rows, self.cols]), device)
+    }
 }

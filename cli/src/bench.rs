@@ -141,3 +141,119 @@ pub fn bench_svd(args: &BenchSvdArgs) -> CliResult<()> {
     }
     Ok(())
 }
+
+/// Options of `emloc bench-layer`.
+#[derive(Args, Debug)]
+pub struct BenchLayerArgs {
+    /// Input features.
+    #[arg(long, default_value_t = 2048)]
+    d_in: usize,
+    /// Output features.
+    #[arg(long, default_value_t = 2048)]
+    d_out: usize,
+    /// Tokens per batch (rows of x).
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// Emulator keep-ratio ρ.
+    #[arg(long, default_value_t = 0.4)]
+    ratio: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Timed repetitions of each variant, interleaved (the medians are reported).
+    #[arg(long, default_value_t = 7)]
+    repeats: usize,
+}
+
+/// P3: one training step's forward + backward through one layer with LoRA (gradients for the
+/// input, `A` and `B`; the base weight frozen), the emulator layer (ρ) against the dense layer,
+/// timed alternately in one run on the same input and output gradient.
+pub fn bench_layer(args: &BenchLayerArgs) -> CliResult<()> {
+    if args.d_in == 0 || args.d_out == 0 || args.tokens == 0 || args.rank == 0 || args.repeats == 0
+    {
+        return Err("--d-in, --d-out, --tokens, --rank and --repeats must be at least 1".into());
+    }
+    if !(args.ratio > 0.0 && args.ratio <= 1.0) {
+        return Err(format!("--ratio {} must be in (0, 1]", args.ratio).into());
+    }
+    let device = Device::flex();
+    device.seed(3);
+    let dense = Stack {
+        layers: vec![LinearConfig::new(args.d_in, args.d_out).init(&device)],
+    };
+    let calibration: Vec<Tensor<2>> = vec![Tensor::random(
+        [args.tokens.max(args.d_in), args.d_in],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    )];
+    let (emulator, report) = emulate(
+        dense.clone(),
+        calibration,
+        |m: &Stack, x| {
+            m.layers[0].forward(x);
+        },
+        &EmulatorConfig::all_layers(args.ratio),
+    )?;
+    let lora = LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64);
+    let train_device = device.clone().autodiff();
+    let dense = attach_lora(dense, &lora)?.0.train();
+    let emulator = attach_lora(emulator, &lora)?.0.train();
+    let x = Tensor::<2>::random(
+        [args.tokens, args.d_in],
+        Distribution::Normal(0.0, 1.0),
+        &train_device,
+    );
+    let upstream = Tensor::<2>::random(
+        [args.tokens, args.d_out],
+        Distribution::Normal(0.0, 1.0),
+        &train_device,
+    );
+    // One step: y = layer(x), loss = Σ y ⊙ g (so dL/dy = g), backward, read the gradients.
+    let step = |model: &Stack| -> f64 {
+        let started = std::time::Instant::now();
+        let input = x.clone().detach().require_grad();
+        let y = model.layers[0].forward(input.clone());
+        let grads = (y * upstream.clone()).sum().backward();
+        let lora = model.layers[0].lora.as_ref().expect("attached");
+        let grad_x = input.grad(&grads).expect("x is tracked");
+        let grad_a = lora.a.grad(&grads).expect("A is trainable");
+        let grad_b = lora.b.grad(&grads).expect("B is trainable");
+        // Reading a value waits for any asynchronous backend.
+        std::hint::black_box((
+            grad_x.sum().into_scalar::<f32>(),
+            grad_a.sum().into_scalar::<f32>(),
+            grad_b.sum().into_scalar::<f32>(),
+        ));
+        started.elapsed().as_secs_f64()
+    };
+    step(&dense);
+    step(&emulator);
+    let (mut dense_s, mut emulator_s) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        dense_s.push(step(&dense));
+        emulator_s.push(step(&emulator));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (dense_s, emulator_s) = (median(dense_s), median(emulator_s));
+    println!(
+        "layer {}×{} (d_in × d_out), {} tokens, LoRA r {}, forward + backward (grad x, A, B), median of {}:",
+        args.d_in, args.d_out, args.tokens, args.rank, args.repeats
+    );
+    println!("| variant | ms | × dense |");
+    println!("|---|---:|---:|");
+    println!(
+        "| dense frozen layer + LoRA | {:.1} | 1.00 |",
+        dense_s * 1e3
+    );
+    println!(
+        "| emulator layer (ρ {}, rank {}) + LoRA | {:.1} | {:.2} |",
+        args.ratio,
+        report.layers[0].rank,
+        emulator_s * 1e3,
+        emulator_s / dense_s
+    );
+    Ok(())
+}

@@ -7,7 +7,7 @@ use std::process::Command;
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use burn::optim::ModuleOptimizer;
-use emloc::{EmulatorConfig, EmulatorReport, LoraConfig, WhiteningMethod, attach_adapter_with_ids, attach_lora, emulate};
+use emloc::{EmulatorConfig, EmulatorDescription, EmulatorReport, LoraConfig, WhiteningMethod, attach_adapter_with_ids, attach_lora, emulate};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::retrieval::{self, QaPair, RetrievalMetrics, Split, TrainConfig, TrainReport};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -73,6 +73,19 @@ impl ModelArgs {
         let dir = self.resolve()?;
         let encoder = SentenceEncoder::load(&dir, &Device::flex())?.with_max_seq_length(self.max_seq_length)?;
         Ok((encoder, dir))
+    }
+
+    /// Loads the model as the emulator saved in `emulator_dir`: the emulated layers' dense
+    /// weights are never read or materialised, so the process never holds the original model.
+    pub fn load_emulated(&self, emulator_dir: &Path) -> CliResult<(SentenceEncoder, PathBuf, EmulatorDescription)> {
+        let dir = self.resolve()?;
+        // Checked first, so a bad emulator directory fails before the checkpoint is read.
+        let description = emloc::read_emulator_description(emulator_dir)?;
+        let skip = description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
+        let encoder = SentenceEncoder::load_skipping(&dir, &Device::flex(), &skip)?
+            .with_max_seq_length(self.max_seq_length)?;
+        let (model, description) = emloc::load_emulator(encoder.model.clone(), emulator_dir)?;
+        Ok((encoder.with_model(model), dir, description))
     }
 }
 

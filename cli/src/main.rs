@@ -1,6 +1,7 @@
 //! `emloc`: the EMLoC pipeline from the command line.
 
 mod bench;
+mod bench_memory;
 mod checkpoint;
 mod common;
 mod demo;
@@ -55,6 +56,11 @@ enum Command {
     BenchCorrection(bench::BenchCorrectionArgs),
     /// P2: whitening + truncated SVD of one layer, exact vs randomized.
     BenchSvd(bench::BenchSvdArgs),
+    /// P5: peak memory of fine-tuning on the emulator vs running the original (MiniLM, or a
+    /// random ~1 B Llama), each phase in its own process.
+    BenchMemory(bench_memory::BenchMemoryArgs),
+    /// P3: forward + backward of one emulator layer with LoRA vs the dense layer with LoRA.
+    BenchLayer(bench::BenchLayerArgs),
     Generate(generate::GenerateArgs),
 }
 
@@ -72,6 +78,8 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::plan(&args).map_err(|e| e.to_string()),
         Command::BenchCorrection(args) => bench::bench_correction(&args).map_err(|e| e.to_string()),
         Command::BenchSvd(args) => bench::bench_svd(&args).map_err(|e| e.to_string()),
+        Command::BenchLayer(args) => bench::bench_layer(&args).map_err(|e| e.to_string()),
+        Command::BenchMemory(args) => bench_memory::bench_memory(&args).map_err(|e| e.to_string()),
         Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };
     match result {

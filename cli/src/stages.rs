@@ -114,14 +114,16 @@ pub struct FinetuneArgs {
 }
 
 fn load_model(model: &ModelArgs, emulator: Option<&Path>) -> CliResult<(emloc_models::bert::SentenceEncoder, PathBuf, Option<EmulatorDescription>)> {
-    let (mut encoder, dir) = model.load()?;
-    let mut description = None;
-    if let Some(emulator_dir) = emulator {
-        let (model, d) = load_emulator(encoder.model.clone(), emulator_dir)?;
-        encoder = encoder.with_model(model);
-        description = Some(d);
+    match emulator {
+        Some(emulator_dir) => {
+            let (encoder, dir, description) = model.load_emulated(emulator_dir)?;
+            Ok((encoder, dir, Some(description)))
+        }
+        None => {
+            let (encoder, dir) = model.load()?;
+            Ok((encoder, dir, None))
+        }
     }
-    Ok((encoder, dir, description))
 }
 
 /// Trains LoRA adapters and writes them in PEFT format.

@@ -220,3 +220,125 @@ fn killing_a_run_midway_loses_nothing_and_resume_finishes_it() {
     }
     assert!(weights(&killed) == weights(&reference), "the finished run must equal the uninterrupted one");
 }
+
+#[test]
+fn bench_memory_measures_every_phase_in_its_own_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("llama");
+    let tiny_llama = [
+        "--llama-layers",
+        "2",
+        "--llama-hidden",
+        "64",
+        "--llama-intermediate",
+        "160",
+        "--llama-heads",
+        "4",
+        "--llama-kv-heads",
+        "2",
+        "--llama-vocab",
+        "97",
+        "--seq-len",
+        "12",
+        "--calibration-sequences",
+        "3",
+    ];
+    let mut args = vec![
+        "bench-memory",
+        "--model-kind",
+        "llama",
+        "--batch-size",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+    ];
+    let out_arg = out.display().to_string();
+    args.push(&out_arg);
+    args.extend(tiny_llama);
+    let table = ok(&args);
+    assert!(
+        table.contains("| LoRA fine-tuning on the emulator |"),
+        "{table}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let phases = report["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 4);
+    for phase in phases {
+        assert!(
+            phase["peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
+            "{phase}"
+        );
+        assert!(phase["peak_heap_bytes"].as_u64().unwrap() > 0, "{phase}");
+    }
+    // Both fine-tuning phases really train (one fixed batch: the loss must fall).
+    for phase in &phases[2..] {
+        let losses = phase["losses"].as_array().unwrap();
+        let (first, last) = (losses[0].as_f64().unwrap(), losses[1].as_f64().unwrap());
+        assert!(last.is_finite() && last < first, "{phase}");
+    }
+    let emulator: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("emulator/emulator.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        emulator["report"]["layers"].as_array().unwrap().len(),
+        2 * 7
+    );
+
+    // MiniLM's path on the tiny BERT fixture, and bad input before any work.
+    write_data(&dir.path().join("data.jsonl"));
+    let (model, data, bert_out) = (
+        fixture().display().to_string(),
+        dir.path().join("data.jsonl").display().to_string(),
+        dir.path().join("bert").display().to_string(),
+    );
+    let common = [
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--validation",
+        "8",
+        "--max-seq-length",
+        "12",
+        "--calibration-pairs",
+        "8",
+    ];
+    let mut args = vec![
+        "bench-memory",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        &bert_out,
+    ];
+    args.extend(common);
+    ok(&args);
+    assert!(Path::new(&bert_out).join("report.json").is_file());
+    fails_with(
+        &["bench-memory", "--ratio", "1.5", "--out", &bert_out],
+        "--ratio 1.5",
+    );
+}
+
+#[test]
+fn bench_layer_times_both_variants() {
+    let table = ok(&[
+        "bench-layer",
+        "--d-in",
+        "48",
+        "--d-out",
+        "40",
+        "--tokens",
+        "30",
+        "--repeats",
+        "3",
+    ]);
+    assert!(
+        table.contains("| dense frozen layer + LoRA |")
+            && table.contains("| emulator layer (ρ 0.4, rank 8) + LoRA |"),
+        "{table}"
+    );
+}

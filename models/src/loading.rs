@@ -144,9 +144,15 @@ pub struct LoadReport {
     pub applied: usize,
     /// Checkpoint keys skipped by [`KeyMapping::ignore`].
     pub ignored: Vec<String>,
+    /// Checkpoint keys left unread because their parameter was in the skip set of
+    /// [`Checkpoint::load_into_skipping`].
+    pub skipped: Vec<String>,
     /// The safetensors files read.
     pub files: Vec<PathBuf>,
 }
+
+/// Prefix that takes a skipped parameter's checkpoint key out of the model's namespace.
+const SKIPPED_PREFIX: &str = "__emloc_skipped__.";
 
 struct Shard {
     file: PathBuf,
@@ -282,6 +288,23 @@ impl Checkpoint {
     /// map to the same parameter or a file cannot be read; [`ModelError::InvalidInput`] for an
     /// invalid regex in `mapping`.
     pub fn load_into<M: Module>(self, model: &mut M, mapping: &KeyMapping) -> Result<LoadReport> {
+        self.load_into_skipping(model, mapping, &BTreeSet::new())
+    }
+
+    /// [`load_into`](Self::load_into), leaving out the parameters at the module paths in
+    /// `skip`: their checkpoint tensors are never read, the parameters keep whatever they hold
+    /// (a lazily initialised parameter stays unmaterialised), and they may be absent from the
+    /// checkpoint. What [`emloc::load_emulator`] replaces anyway (the emulated layers' dense
+    /// weights) is skipped this way, so loading an emulator never holds the original weights.
+    ///
+    /// # Errors
+    /// As [`load_into`](Self::load_into).
+    pub fn load_into_skipping<M: Module>(
+        self,
+        model: &mut M,
+        mapping: &KeyMapping,
+        skip: &BTreeSet<String>,
+    ) -> Result<LoadReport> {
         let to_burn = compile(&mapping.to_burn)?;
         let to_checkpoint = compile(&mapping.to_checkpoint)?;
         let ignore: Vec<Regex> = compile(
@@ -290,7 +313,10 @@ impl Checkpoint {
         .into_iter()
         .map(|(re, _)| re)
         .collect();
-        let remapper = KeyRemapper::from_patterns(mapping.to_burn.clone())
+        // Skipped parameters: their keys are renamed out of the model's namespace, so the
+        // loader finds no parameter for them and never reads their bytes.
+        let skip_rules = skip.iter().map(|p| (format!("^{}$", regex::escape(p)), format!("{SKIPPED_PREFIX}{p}")));
+        let remapper = KeyRemapper::from_patterns(mapping.to_burn.iter().cloned().chain(skip_rules).collect())
             .map_err(|e| ModelError::InvalidInput(format!("key mapping: {e}")))?;
 
         // Module path -> checkpoint key, for reporting; two keys onto one path is an error.
@@ -340,7 +366,12 @@ impl Checkpoint {
 
         let mut ignored = Vec::new();
         let mut unexpected = Vec::new();
+        let mut skipped = Vec::new();
         for path in unused {
+            if let Some(module_path) = path.strip_prefix(SKIPPED_PREFIX) {
+                skipped.push(name(module_path));
+                continue;
+            }
             let key = name(&path);
             if ignore.iter().any(|re| re.is_match(&key)) {
                 ignored.push(key);
@@ -348,11 +379,12 @@ impl Checkpoint {
                 unexpected.push(key);
             }
         }
-        let missing: Vec<String> = missing.unwrap_or_default().iter().map(|p| name(p)).collect();
+        let missing: Vec<String> =
+            missing.unwrap_or_default().iter().filter(|p| !skip.contains(*p)).map(|p| name(p)).collect();
         if !missing.is_empty() || !unexpected.is_empty() || !invalid.is_empty() {
             return Err(ModelError::KeyMismatch { path: self.path, missing, unexpected, invalid });
         }
-        Ok(LoadReport { applied, ignored, files })
+        Ok(LoadReport { applied, ignored, skipped, files })
     }
 }
 

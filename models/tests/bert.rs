@@ -366,6 +366,71 @@ fn emulate_and_lora_run_on_tiny_bert() {
     );
 }
 
+#[test]
+fn emulator_loads_without_reading_the_weights_it_replaces() {
+    let device = device();
+    let (model, _) = BertModel::load(tiny_dir(), &device).unwrap();
+    let batches = vec![tiny_input(&device)];
+    let config = emloc::EmulatorConfig::uniform(0.4);
+    let (emulator, report) = emloc::emulate(
+        model,
+        batches,
+        |m: &BertModel, b: BertInput| {
+            m.forward(b);
+        },
+        &config,
+    )
+    .unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    emloc::save_emulator(
+        &emulator,
+        &emloc::EmulatorDescription::new(config, report),
+        saved.path(),
+    )
+    .unwrap();
+
+    let description = emloc::read_emulator_description(saved.path()).unwrap();
+    let skip: std::collections::BTreeSet<String> = description
+        .report
+        .layers
+        .iter()
+        .map(|l| format!("{}.weight", l.path))
+        .collect();
+    let (skeleton, _, load) = BertModel::load_skipping(tiny_dir(), &device, &skip).unwrap();
+    // The skipped weights were neither read nor materialised; everything else was loaded.
+    assert_eq!(load.skipped.len(), skip.len());
+    let query = &skeleton.encoder.layer[0].attention.self_attn.query;
+    assert!(
+        !query.weight.is_initialized(),
+        "a skipped weight was materialised"
+    );
+    assert!(
+        query.bias.as_ref().unwrap().is_initialized(),
+        "the bias must still be loaded"
+    );
+    assert_eq!(
+        query.d_input(),
+        16,
+        "reading the shape must not materialise the weight"
+    );
+    assert!(!query.weight.is_initialized());
+    let (lean, _) = emloc::load_emulator(skeleton, saved.path()).unwrap();
+
+    // The same emulator as loading the whole original first (the old path) and as built.
+    let (full, _) = BertModel::load(tiny_dir(), &device).unwrap();
+    let (reference, _) = emloc::load_emulator(full, saved.path()).unwrap();
+    let (a, b, c) = (
+        values(lean.forward(tiny_input(&device)).last_hidden_state),
+        values(reference.forward(tiny_input(&device)).last_hidden_state),
+        values(emulator.forward(tiny_input(&device)).last_hidden_state),
+    );
+    assert_eq!(a, b, "lean and full loading must give identical emulators");
+    assert_eq!(
+        a, c,
+        "a reloaded emulator must compute what the built one did"
+    );
+}
+
 // ------------------------------------------------------------------------- real checkpoint
 
 fn minilm_dir() -> Option<PathBuf> {

@@ -12,7 +12,7 @@ pub use config::{EmulatorConfig, Keep, LayerRule, SvdMethod, WhiteningConfig, Wh
 pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};
 pub use store::{
     DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, load_emulator, parse_emulator, read_emulator,
-    save_emulator,
+    read_emulator_description, save_emulator,
 };
 
 use std::collections::HashMap;

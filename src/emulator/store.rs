@@ -120,13 +120,24 @@ pub fn save_emulator<M: Module>(model: &M, description: &EmulatorDescription, di
 /// unknown format version, an unparsable factors file, a dtype other than F32, missing,
 /// unexpected or mis-shaped factors (all listed), or non-finite values.
 pub fn read_emulator(dir: &Path) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
-    let json_path = dir.join(DESCRIPTION_FILE);
-    let text = fs::read_to_string(&json_path).map_err(|e| EmlocError::io(&json_path, e))?;
     // The description is checked before the factors file is read.
-    let description = parse_description(&text, &json_path)?;
+    let description = read_emulator_description(dir)?;
     let factors_path = dir.join(FACTORS_FILE);
     let bytes = fs::read(&factors_path).map_err(|e| EmlocError::io(&factors_path, e))?;
     parse_factors(description, &bytes, &factors_path)
+}
+
+/// Reads and checks only an emulator directory's [`DESCRIPTION_FILE`]: which layers are
+/// emulated, at which shapes and ranks. With it a caller can leave those layers' dense weights
+/// out when loading the original checkpoint before [`load_emulator`].
+///
+/// # Errors
+/// [`EmlocError::Io`] if the file cannot be read; [`EmlocError::EmulatorFile`] for malformed
+/// JSON, an unknown format version or an impossible rank.
+pub fn read_emulator_description(dir: &Path) -> Result<EmulatorDescription> {
+    let json_path = dir.join(DESCRIPTION_FILE);
+    let text = fs::read_to_string(&json_path).map_err(|e| EmlocError::io(&json_path, e))?;
+    parse_description(&text, &json_path)
 }
 
 /// Parses an emulator from the contents of its [`DESCRIPTION_FILE`] and [`FACTORS_FILE`], as
@@ -232,6 +243,10 @@ fn parse_factors(
 /// Everything is checked before the model is changed: the files (see [`read_emulator`]) and
 /// that each described layer exists in `model` with the described `d_in`/`d_out`, dense.
 ///
+/// `model` may be a freshly built, lazily initialised skeleton whose emulated layers' weights
+/// were left out of the checkpoint load (see [`read_emulator_description`]): those dense
+/// weights are then never materialised, and the process never holds the original model.
+///
 /// # Errors
 /// As [`read_emulator`]; [`EmlocError::EmulatorFile`] naming every layer that is missing from
 /// the model, already emulated or shaped differently.
@@ -269,8 +284,10 @@ pub fn load_emulator<M: Module>(model: M, dir: &Path) -> Result<(M, EmulatorDesc
     }
     let model = map_linears(model, |path, mut linear| {
         let Some((w_v, w_u)) = factors.remove(path) else { return linear };
-        let device = linear.weight.val().device();
-        linear.factors = Some(LowRankFactors::new(w_v.to_tensor(&device), w_u.to_tensor(&device)));
+        // `lazy_device`: a freshly built model's dense weight is never materialised here, so a
+        // model skeleton plus the factors is all the memory loading takes.
+        let device = linear.weight.lazy_device();
+        linear.factors = Some(LowRankFactors::new(w_v.into_tensor(&device), w_u.into_tensor(&device)));
         linear.weight = Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
             .set_require_grad(false);
         linear

@@ -107,19 +107,19 @@ impl Linear {
         }
     }
 
-    /// Input features `d_in`.
+    /// Input features `d_in`. Never initialises a lazily initialised weight.
     pub fn d_input(&self) -> usize {
         match &self.factors {
             Some(f) => f.d_input(),
-            None => self.weight.shape().dims::<2>()[0],
+            None => self.weight.lazy_shape().dims::<2>()[0],
         }
     }
 
-    /// Output features `d_out`.
+    /// Output features `d_out`. Never initialises a lazily initialised weight.
     pub fn d_output(&self) -> usize {
         match &self.factors {
             Some(f) => f.d_output(),
-            None => self.weight.shape().dims::<2>()[1],
+            None => self.weight.lazy_shape().dims::<2>()[1],
         }
     }
 

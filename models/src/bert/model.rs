@@ -1,5 +1,6 @@
 //! [`BertModel`]: embeddings, encoder and optional pooler, and loading it from an HF directory.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use burn::module::Module;
@@ -165,6 +166,20 @@ impl BertModel {
         dir: impl AsRef<Path>,
         device: &Device,
     ) -> Result<(Self, BertConfig, LoadReport)> {
+        Self::load_skipping(dir, device, &BTreeSet::new())
+    }
+
+    /// [`load_with_report`](Self::load_with_report), leaving the parameters at the module paths
+    /// in `skip` unloaded and unmaterialised (see [`Checkpoint::load_into_skipping`]); e.g. the
+    /// dense weights of the layers an emulator replaces.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_skipping(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        skip: &BTreeSet<String>,
+    ) -> Result<(Self, BertConfig, LoadReport)> {
         let dir = dir.as_ref();
         let config = BertConfig::from_file(dir.join("config.json"))?;
         let checkpoint = Checkpoint::open_dir(dir)?;
@@ -173,7 +188,7 @@ impl BertModel {
             .keys()
             .any(|k| k.strip_prefix(super::HF_PREFIX).unwrap_or(k) == "pooler.dense.weight");
         let mut model = config.init(has_pooler, device);
-        let report = checkpoint.load_into(&mut model, &key_mapping(prefixed))?;
+        let report = checkpoint.load_into_skipping(&mut model, &key_mapping(prefixed), skip)?;
         Ok((model, config, report))
     }
 }

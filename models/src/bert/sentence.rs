@@ -1,6 +1,7 @@
 //! [`SentenceEncoder`]: sentence-transformers style embeddings (BERT, mean pooling over the
 //! attention mask, L2 normalisation), with tokenisation by the `tokenizers` crate.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -95,6 +96,16 @@ impl SentenceEncoder {
     /// [`ModelError::Tokenizer`] if it cannot be parsed; [`ModelError::InvalidConfig`] for an
     /// unsupported pooling mode or a bad `max_seq_length`.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_skipping(dir, device, &BTreeSet::new())
+    }
+
+    /// [`load`](Self::load), leaving the model parameters at the module paths in `skip`
+    /// unloaded and unmaterialised (see [`BertModel::load_skipping`]): how an emulator is
+    /// loaded without ever holding the original weights of the layers it replaces.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_skipping(dir: impl AsRef<Path>, device: &Device, skip: &BTreeSet<String>) -> Result<Self> {
         let dir = dir.as_ref();
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
@@ -103,7 +114,7 @@ impl SentenceEncoder {
                 expected: "tokenizer.json".into(),
             });
         }
-        let (model, config) = BertModel::load(dir, device)?;
+        let (model, config, _) = BertModel::load_skipping(dir, device, skip)?;
         let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| {
             ModelError::Tokenizer { path: tokenizer_path.clone(), message: e.to_string() }
         })?;

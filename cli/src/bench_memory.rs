@@ -1,0 +1,586 @@
+//! `emloc bench-memory`: P5, the peak memory of fine-tuning on the emulator against the peak
+//! memory of running the original model on the same batches.
+//!
+//! Every phase runs in its own child process (this binary, with `--phase`), so each peak is
+//! the whole process's peak from its start, loading included, and no phase inherits another's
+//! heap or allocator caches:
+//!
+//! 1. `inference`: the original model, forward passes only, on the training batches;
+//! 2. `emulate`: calibration and emulator construction (the original is alive, by design),
+//!    writing the emulator directory;
+//! 3. `finetune-emulator`: the emulator loaded without the original's emulated weights (they
+//!    are never read or materialised), LoRA trained with AdamW;
+//! 4. `finetune-full`: the baseline, LoRA on the original model.
+//!
+//! Two models: MiniLM (the main job's checkpoint, data and training setup) and a Llama-family
+//! decoder with random weights (default: Llama-3.2-1B's shapes, 1.24 B parameters, f32), trained
+//! on next-token prediction of random tokens. Memory depends on shapes, not values, so random
+//! weights measure what a real checkpoint of that shape would take.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use emloc::emulator::SvdMethod;
+use emloc::{
+    EmulatorConfig, EmulatorDescription, LoraConfig, attach_lora, emulate, load_emulator,
+    save_emulator,
+};
+use emloc_models::llama::{LlamaConfig, LlamaForCausalLM};
+use emloc_models::retrieval::batch_order;
+use emloc_models::rng::XorShiftRng;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{
+    CliResult, DataArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, progress,
+    train_adapter,
+};
+use crate::memory::{Phase, PhaseStats};
+
+/// Which model `emloc bench-memory` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum BenchModel {
+    /// all-MiniLM-L6-v2 on the main job's GSM8K retrieval task (the `--model` directory).
+    Minilm,
+    /// A Llama-family decoder with random weights (`--llama-*` shapes), next-token prediction.
+    Llama,
+}
+
+/// One measured phase, run in its own process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum MemoryPhase {
+    /// Forward passes of the original model on the training batches.
+    Inference,
+    /// Calibration and emulator construction; writes `OUT/emulator`.
+    Emulate,
+    /// LoRA fine-tuning on the emulator from `OUT/emulator`.
+    FinetuneEmulator,
+    /// LoRA fine-tuning on the original model.
+    FinetuneFull,
+}
+
+impl MemoryPhase {
+    const ALL: [MemoryPhase; 4] = [
+        Self::Inference,
+        Self::Emulate,
+        Self::FinetuneEmulator,
+        Self::FinetuneFull,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Inference => "inference (original)",
+            Self::Emulate => "emulator construction",
+            Self::FinetuneEmulator => "LoRA fine-tuning on the emulator",
+            Self::FinetuneFull => "LoRA fine-tuning on the original",
+        }
+    }
+}
+
+/// Options of `emloc bench-memory`.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct BenchMemoryArgs {
+    /// The model to measure.
+    #[arg(long = "model-kind", value_enum, default_value_t = BenchModel::Minilm)]
+    pub kind: BenchModel,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Emulator keep-ratio ρ of every decoder/encoder layer.
+    #[arg(long, default_value_t = 0.4)]
+    pub ratio: f64,
+    /// MiniLM: training pairs used for calibration.
+    #[arg(long, default_value_t = 64)]
+    pub calibration_pairs: usize,
+    /// LoRA rank r (α = 2r).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Training steps per fine-tuning phase (and forward passes of the inference phase).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Batch size: question/answer pairs (MiniLM) or sequences (Llama).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub llama: LlamaShape,
+    /// Output directory: report.json and the emulator built by the `emulate` phase.
+    #[arg(long, default_value = "emloc-bench-memory")]
+    pub out: PathBuf,
+    /// Internal: run only this phase and print its statistics as one JSON line.
+    #[arg(long, value_enum, hide = true)]
+    pub phase: Option<MemoryPhase>,
+}
+
+/// Shapes of the random Llama (defaults: Llama-3.2-1B, tied head).
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct LlamaShape {
+    /// Decoder layers.
+    #[arg(long, default_value_t = 16)]
+    pub llama_layers: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 2048)]
+    pub llama_hidden: usize,
+    /// SwiGLU width.
+    #[arg(long, default_value_t = 8192)]
+    pub llama_intermediate: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    pub llama_heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 8)]
+    pub llama_kv_heads: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 128_256)]
+    pub llama_vocab: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Calibration sequences (of `--seq-len` tokens).
+    #[arg(long, default_value_t = 4)]
+    pub calibration_sequences: usize,
+}
+
+impl LlamaShape {
+    fn config(&self) -> LlamaConfig {
+        let mut config = LlamaConfig::new(
+            self.llama_vocab,
+            self.llama_hidden,
+            self.llama_intermediate,
+            self.llama_layers,
+            self.llama_heads,
+        );
+        config.num_key_value_heads = Some(self.llama_kv_heads);
+        config.tie_word_embeddings = true;
+        config
+    }
+
+    /// Parameters of the model (tied head: the embedding counted once).
+    fn params(&self) -> usize {
+        let c = self.config();
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let kv = c.num_key_value_heads() * c.head_dim();
+        let layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d;
+        c.vocab_size * d + c.num_hidden_layers * layer + d
+    }
+}
+
+/// What one phase measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseResult {
+    /// The phase.
+    pub phase: MemoryPhase,
+    /// Wall time (seconds), whole-process peak RSS and peak heap (bytes).
+    pub wall_seconds: f64,
+    /// Peak resident set of the phase's process, from its start (`VmHWM`).
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak live heap bytes of the phase's process (counting allocator).
+    pub peak_heap_bytes: usize,
+    /// Training loss of the first and last step (fine-tuning phases).
+    pub losses: Option<(f32, f32)>,
+}
+
+/// Marks the statistics line a child prints on stdout.
+const RESULT_PREFIX: &str = "EMLOC_BENCH_MEMORY_PHASE ";
+
+/// Runs every phase in a child process (or, with `--phase`, one phase here) and prints the
+/// table; writes `OUT/report.json`.
+pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
+    validate(args)?;
+    if let Some(phase) = args.phase {
+        let stats = Phase::start();
+        let losses = run_phase(args, phase)?;
+        let result = to_result(phase, stats.finish(), losses);
+        println!(
+            "{RESULT_PREFIX}{}",
+            serde_json::to_string(&result).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    // `/proc/self/exe` still runs this binary if a rebuild replaced the file meanwhile.
+    let exe = match PathBuf::from("/proc/self/exe") {
+        p if p.exists() => p,
+        _ => std::env::current_exe().map_err(|e| format!("cannot find the emloc binary: {e}"))?,
+    };
+    let mut results = Vec::new();
+    for phase in MemoryPhase::ALL {
+        eprintln!("== {} (own process)", phase.name());
+        let output = Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .arg("--phase")
+            .arg(
+                phase
+                    .to_possible_value()
+                    .expect("no skipped variants")
+                    .get_name(),
+            )
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            return Err(format!(
+                "phase `{}` failed ({}); its output:\n{stdout}",
+                phase.name(),
+                output.status
+            )
+            .into());
+        }
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(RESULT_PREFIX))
+            .ok_or_else(|| format!("phase `{}` printed no statistics", phase.name()))?;
+        let result: PhaseResult = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        eprintln!(
+            "   peak RSS {} MiB, {:.1} s",
+            mib(result.peak_rss_bytes),
+            result.wall_seconds
+        );
+        results.push(result);
+    }
+    print_table(args, &results);
+    let report = serde_json::json!({
+        "bench": "memory",
+        "args": args,
+        "model_params": model_params(args)?,
+        "phases": results,
+        "finetune_emulator_over_inference_rss": ratio(&results, MemoryPhase::FinetuneEmulator),
+        "finetune_full_over_inference_rss": ratio(&results, MemoryPhase::FinetuneFull),
+    });
+    let mut json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    json.push('\n');
+    emloc::atomic::write_atomic(&args.out.join("report.json"), json.as_bytes())?;
+    eprintln!("report: {}", args.out.join("report.json").display());
+    Ok(())
+}
+
+fn validate(args: &BenchMemoryArgs) -> CliResult<()> {
+    if args.steps == 0 || args.batch_size == 0 || args.rank == 0 {
+        return Err("--steps, --batch-size and --rank must be at least 1".into());
+    }
+    if !(args.ratio > 0.0 && args.ratio <= 1.0) {
+        return Err(format!("--ratio {} must be in (0, 1]", args.ratio).into());
+    }
+    if args.kind == BenchModel::Llama {
+        if args.llama.seq_len < 2 || args.llama.calibration_sequences == 0 {
+            return Err(
+                "--seq-len must be at least 2 and --calibration-sequences at least 1".into(),
+            );
+        }
+        args.llama
+            .config()
+            .validate()
+            .map_err(|e| format!("Llama shape: {e}"))?;
+    }
+    Ok(())
+}
+
+fn to_result(phase: MemoryPhase, stats: PhaseStats, losses: Option<(f32, f32)>) -> PhaseResult {
+    PhaseResult {
+        phase,
+        wall_seconds: stats.wall_seconds,
+        peak_rss_bytes: stats.peak_rss_bytes,
+        peak_heap_bytes: stats.peak_heap_bytes,
+        losses,
+    }
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "-".into(),
+        |b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)),
+    )
+}
+
+fn ratio(results: &[PhaseResult], phase: MemoryPhase) -> Option<f64> {
+    let rss = |p: MemoryPhase| {
+        results
+            .iter()
+            .find(|r| r.phase == p)
+            .and_then(|r| r.peak_rss_bytes)
+    };
+    Some(rss(phase)? as f64 / rss(MemoryPhase::Inference)? as f64)
+}
+
+fn model_params(args: &BenchMemoryArgs) -> CliResult<usize> {
+    Ok(match args.kind {
+        BenchModel::Llama => args.llama.params(),
+        BenchModel::Minilm => {
+            let (encoder, _) = args.model.load()?;
+            encoder.model.num_params()
+        }
+    })
+}
+
+fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
+    let what = match args.kind {
+        BenchModel::Minilm => format!(
+            "MiniLM, batch {} pairs × ≤{} tokens",
+            args.batch_size, args.model.max_seq_length
+        ),
+        BenchModel::Llama => format!(
+            "random Llama ({:.2} B parameters, f32), batch {} × {} tokens",
+            args.llama.params() as f64 / 1e9,
+            args.batch_size,
+            args.llama.seq_len
+        ),
+    };
+    println!(
+        "P5 memory, {what}, ρ {}, LoRA r {}, {} steps; each phase in its own process",
+        args.ratio, args.rank, args.steps
+    );
+    println!("| phase | peak RSS MiB | × inference | peak heap MiB | wall s |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in results {
+        let vs = ratio(results, r.phase).map_or_else(|| "-".into(), |x| format!("{x:.2}"));
+        println!(
+            "| {} | {} | {vs} | {:.0} | {:.1} |",
+            r.phase.name(),
+            mib(r.peak_rss_bytes),
+            r.peak_heap_bytes as f64 / (1024.0 * 1024.0),
+            r.wall_seconds
+        );
+    }
+}
+
+fn emulator_dir(args: &BenchMemoryArgs) -> PathBuf {
+    args.out.join("emulator")
+}
+
+fn run_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(f32, f32)>> {
+    match args.kind {
+        BenchModel::Minilm => minilm_phase(args, phase),
+        BenchModel::Llama => llama_phase(args, phase),
+    }
+}
+
+fn train_args(args: &BenchMemoryArgs) -> TrainArgs {
+    TrainArgs {
+        rank: args.rank,
+        alpha: 2.0 * args.rank as f64,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accumulation: 1,
+        lr: 1e-3,
+        warmup_steps: 0,
+        seed: 0,
+    }
+}
+
+fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(f32, f32)>> {
+    let split = args.data.split()?;
+    let train = train_args(args);
+    let finish = |report: emloc_models::retrieval::TrainReport| {
+        Some((report.first_loss as f32, report.last_loss as f32))
+    };
+    match phase {
+        MemoryPhase::Inference => {
+            let (encoder, _) = args.model.load()?;
+            // The training batches, each question batch and answer batch as one forward pass.
+            for batch in batch_order(&train.train(), split.train.len()) {
+                let questions: Vec<&str> = batch
+                    .iter()
+                    .map(|&i| split.train[i].question.as_str())
+                    .collect();
+                let answers: Vec<&str> = batch
+                    .iter()
+                    .map(|&i| split.train[i].answer.as_str())
+                    .collect();
+                for texts in [questions, answers] {
+                    let embeddings = encoder.forward_with(&encoder.model, encoder.inputs(&texts)?);
+                    std::hint::black_box(embeddings.into_data());
+                }
+            }
+            Ok(None)
+        }
+        MemoryPhase::Emulate => {
+            let (encoder, _) = args.model.load()?;
+            let texts = calibration_texts(&split.train, args.calibration_pairs)?;
+            let config = EmulatorConfig::uniform(args.ratio);
+            let (emulator, report) = build_emulator(&encoder, &texts, &config)?;
+            save_emulator(
+                &emulator,
+                &EmulatorDescription::new(config, report),
+                &emulator_dir(args),
+            )?;
+            Ok(None)
+        }
+        MemoryPhase::FinetuneEmulator => {
+            let (encoder, _, _) = args.model.load_emulated(&emulator_dir(args))?;
+            let model = encoder.model.clone();
+            let (_, report) = train_adapter(
+                &encoder,
+                model,
+                &split.train,
+                &train,
+                "LoRA on the emulator",
+                None,
+                |_, _, _| Ok(()),
+            )?;
+            Ok(finish(report))
+        }
+        MemoryPhase::FinetuneFull => {
+            let (encoder, _) = args.model.load()?;
+            let model = encoder.model.clone();
+            let (_, report) = train_adapter(
+                &encoder,
+                model,
+                &split.train,
+                &train,
+                "LoRA on the model",
+                None,
+                |_, _, _| Ok(()),
+            )?;
+            Ok(finish(report))
+        }
+    }
+}
+
+/// Llama LoRA targets: every projection of attention and MLP.
+const LLAMA_LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// `batch` sequences of `seq` random token ids.
+fn random_ids(
+    rng: &mut XorShiftRng,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    device: &Device,
+) -> Tensor<2, Int> {
+    let ids: Vec<i64> = (0..batch * seq)
+        .map(|_| (rng.next_u64() % vocab as u64) as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [batch, seq]), device)
+}
+
+/// Mean next-token cross-entropy of `logits` `[b, s, v]` against `ids` `[b, s]`.
+fn lm_loss(logits: Tensor<3>, ids: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s, v] = logits.dims();
+    let logp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+    let targets = ids.slice([0..b, 1..s]).unsqueeze_dim::<3>(2);
+    logp.gather(2, targets).mean().neg()
+}
+
+fn llama_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(f32, f32)>> {
+    let device = Device::flex();
+    device.seed(7);
+    let shape = &args.llama;
+    let config = shape.config();
+    // A freshly built model is lazily initialised: a parameter is materialised (randomly) when
+    // first used, so the emulator phase never creates the dense weights it replaces.
+    let model = config.init(true, &device);
+    let mut rng = XorShiftRng::new(11);
+    match phase {
+        MemoryPhase::Inference => {
+            let bar = progress(args.steps, "inference");
+            for _ in 0..args.steps {
+                let ids = random_ids(
+                    &mut rng,
+                    args.batch_size,
+                    shape.seq_len,
+                    config.vocab_size,
+                    &device,
+                );
+                std::hint::black_box(model.forward(ids, None).into_data());
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            Ok(None)
+        }
+        MemoryPhase::Emulate => {
+            let calibration: Vec<Tensor<2, Int>> = (0..shape.calibration_sequences)
+                .map(|_| random_ids(&mut rng, 1, shape.seq_len, config.vocab_size, &device))
+                .collect();
+            let mut emulator_config = EmulatorConfig::uniform(args.ratio);
+            // The randomized SVD keeps a 1 B model's construction to minutes on a small CPU.
+            emulator_config.whitening.svd = SvdMethod::Randomized {
+                oversample: 10,
+                power_iterations: 2,
+            };
+            let bar = progress(shape.calibration_sequences, "calibration");
+            let (emulator, report) = emulate(
+                model,
+                calibration,
+                |m: &LlamaForCausalLM, ids: Tensor<2, Int>| {
+                    m.model.forward(ids, None);
+                    bar.inc(1);
+                },
+                &emulator_config,
+            )?;
+            bar.finish_and_clear();
+            eprintln!(
+                "emulator: {} layers, {:.0} M → {:.0} M parameters in them, calibration {:.1} s, construction {:.1} s",
+                report.layers.len(),
+                report.params_original() as f64 / 1e6,
+                report.params_kept() as f64 / 1e6,
+                report.calibration_seconds,
+                report.construction_seconds
+            );
+            save_emulator(
+                &emulator,
+                &EmulatorDescription::new(emulator_config, report),
+                &emulator_dir(args),
+            )?;
+            Ok(None)
+        }
+        MemoryPhase::FinetuneEmulator => {
+            let (emulator, _) = load_emulator(model, &emulator_dir(args))?;
+            llama_finetune(args, emulator, &mut rng, "LoRA on the emulator").map(Some)
+        }
+        MemoryPhase::FinetuneFull => {
+            llama_finetune(args, model, &mut rng, "LoRA on the model").map(Some)
+        }
+    }
+}
+
+fn llama_finetune(
+    args: &BenchMemoryArgs,
+    model: LlamaForCausalLM,
+    rng: &mut XorShiftRng,
+    label: &str,
+) -> CliResult<(f32, f32)> {
+    let lora = LoraConfig::new(args.rank)
+        .with_alpha(2.0 * args.rank as f64)
+        .with_target_modules(LLAMA_LORA_TARGETS.iter().map(|s| s.to_string()).collect());
+    let (adapted, _) = attach_lora(model, &lora)?;
+    let device = Device::flex();
+    let train_device = device.clone().autodiff();
+    let mut model = adapted.train();
+    let mut optim = AdamWConfig::new().init();
+    let bar = progress(args.steps, label);
+    let mut losses = Vec::new();
+    // One fixed batch: the loss must fall, which checks that the adapter actually trains.
+    let ids = random_ids(
+        rng,
+        args.batch_size,
+        args.llama.seq_len,
+        args.llama.llama_vocab,
+        &train_device,
+    );
+    for _ in 0..args.steps {
+        let loss = lm_loss(model.forward(ids.clone(), None), ids.clone());
+        let value = loss.clone().into_scalar::<f32>();
+        losses.push(value);
+        bar.set_message(format!("loss {value:.4}"));
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-3, model, grads);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let _ = model.valid();
+    Ok((losses[0], *losses.last().expect("steps ≥ 1")))
+}
