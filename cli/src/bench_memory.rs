@@ -17,6 +17,7 @@
 //! on next-token prediction of random tokens. Memory depends on shapes, not values, so random
 //! weights measure what a real checkpoint of that shape would take.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -36,7 +37,7 @@ use emloc_models::rng::XorShiftRng;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    CliResult, DataArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, progress,
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, Whitening, build_emulator, calibration_texts, progress,
     train_adapter,
 };
 use crate::memory::{Phase, PhaseStats};
@@ -71,7 +72,8 @@ impl MemoryPhase {
         Self::FinetuneFull,
     ];
 
-    fn name(self) -> &'static str {
+    /// A name for tables.
+    pub fn name(self) -> &'static str {
         match self {
             Self::Inference => "inference (original)",
             Self::Emulate => "emulator construction",
@@ -95,6 +97,10 @@ pub struct BenchMemoryArgs {
     /// Emulator keep-ratio ρ of every decoder/encoder layer.
     #[arg(long, default_value_t = 0.4)]
     pub ratio: f64,
+    /// Rules file (JSON `EmulatorConfig`, e.g. from `emloc plan --out`); replaces --ratio, so
+    /// a plan's real fine-tuning peak can be measured.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// MiniLM: training pairs used for calibration.
     #[arg(long, default_value_t = 64)]
     pub calibration_pairs: usize,
@@ -203,45 +209,12 @@ pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
         return Ok(());
     }
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    // `/proc/self/exe` still runs this binary if a rebuild replaced the file meanwhile.
-    let exe = match PathBuf::from("/proc/self/exe") {
-        p if p.exists() => p,
-        _ => std::env::current_exe().map_err(|e| format!("cannot find the emloc binary: {e}"))?,
-    };
+    let bench_args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let mut results = Vec::new();
     for phase in MemoryPhase::ALL {
         eprintln!("== {} (own process)", phase.name());
-        let output = Command::new(&exe)
-            .args(std::env::args_os().skip(1))
-            .arg("--phase")
-            .arg(
-                phase
-                    .to_possible_value()
-                    .expect("no skipped variants")
-                    .get_name(),
-            )
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            return Err(format!(
-                "phase `{}` failed ({}); its output:\n{stdout}",
-                phase.name(),
-                output.status
-            )
-            .into());
-        }
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(RESULT_PREFIX))
-            .ok_or_else(|| format!("phase `{}` printed no statistics", phase.name()))?;
-        let result: PhaseResult = serde_json::from_str(line).map_err(|e| e.to_string())?;
-        eprintln!(
-            "   peak RSS {} MiB, {:.1} s",
-            mib(result.peak_rss_bytes),
-            result.wall_seconds
-        );
+        let result = run_phase_process(&bench_args, phase)?;
+        eprintln!("   peak RSS {} MiB, {:.1} s", mib(result.peak_rss_bytes), result.wall_seconds);
         results.push(result);
     }
     print_table(args, &results);
@@ -258,6 +231,35 @@ pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
     emloc::atomic::write_atomic(&args.out.join("report.json"), json.as_bytes())?;
     eprintln!("report: {}", args.out.join("report.json").display());
     Ok(())
+}
+
+/// Runs `emloc BENCH_ARGS --phase PHASE` (where `bench_args` starts with `bench-memory`) in a
+/// child process and reads the statistics it prints.
+pub fn run_phase_process(bench_args: &[OsString], phase: MemoryPhase) -> CliResult<PhaseResult> {
+    // `/proc/self/exe` still runs this binary if a rebuild replaced the file meanwhile.
+    let exe = match PathBuf::from("/proc/self/exe") {
+        p if p.exists() => p,
+        _ => std::env::current_exe().map_err(|e| format!("cannot find the emloc binary: {e}"))?,
+    };
+    let mut command = Command::new(&exe);
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::arg0(&mut command, "emloc");
+    let name = phase.to_possible_value().expect("no skipped variants").get_name().to_string();
+    let output = command
+        .args(bench_args)
+        .args(["--phase", &name])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!("phase `{}` failed ({}); its output:\n{stdout}", phase.name(), output.status).into());
+    }
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(RESULT_PREFIX))
+        .ok_or_else(|| format!("phase `{}` printed no statistics", phase.name()))?;
+    Ok(serde_json::from_str(line).map_err(|e| e.to_string())?)
 }
 
 fn validate(args: &BenchMemoryArgs) -> CliResult<()> {
@@ -332,8 +334,10 @@ fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
         ),
     };
     println!(
-        "P5 memory, {what}, ρ {}, LoRA r {}, {} steps; each phase in its own process",
-        args.ratio, args.rank, args.steps
+        "P5 memory, {what}, {}, LoRA r {}, {} steps; each phase in its own process",
+        args.config.as_ref().map_or_else(|| format!("ρ {}", args.ratio), |c| format!("rules {}", c.display())),
+        args.rank,
+        args.steps
     );
     println!("| phase | peak RSS MiB | × inference | peak heap MiB | wall s |");
     println!("|---|---:|---:|---:|---:|");
@@ -347,6 +351,17 @@ fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
             r.wall_seconds
         );
     }
+}
+
+/// `--config`'s rules, or uniform `--ratio`.
+fn emulator_config(args: &BenchMemoryArgs) -> CliResult<EmulatorConfig> {
+    EmulatorArgs {
+        ratio: args.ratio,
+        config: args.config.clone(),
+        whitening: Whitening::Cholesky,
+        calibration_pairs: args.calibration_pairs,
+    }
+    .config()
 }
 
 fn emulator_dir(args: &BenchMemoryArgs) -> PathBuf {
@@ -402,7 +417,7 @@ fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<
         MemoryPhase::Emulate => {
             let (encoder, _) = args.model.load()?;
             let texts = calibration_texts(&split.train, args.calibration_pairs)?;
-            let config = EmulatorConfig::uniform(args.ratio);
+            let config = emulator_config(args)?;
             let (emulator, report) = build_emulator(&encoder, &texts, &config)?;
             save_emulator(
                 &emulator,
@@ -505,12 +520,12 @@ fn llama_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(
             let calibration: Vec<Tensor<2, Int>> = (0..shape.calibration_sequences)
                 .map(|_| random_ids(&mut rng, 1, shape.seq_len, config.vocab_size, &device))
                 .collect();
-            let mut emulator_config = EmulatorConfig::uniform(args.ratio);
-            // The randomized SVD keeps a 1 B model's construction to minutes on a small CPU.
-            emulator_config.whitening.svd = SvdMethod::Randomized {
-                oversample: 10,
-                power_iterations: 2,
-            };
+            let mut emulator_config = emulator_config(args)?;
+            if args.config.is_none() {
+                // The randomized SVD keeps a 1 B model's construction to minutes on a small CPU.
+                emulator_config.whitening.svd =
+                    SvdMethod::Randomized { oversample: 10, power_iterations: 2 };
+            }
             let bar = progress(shape.calibration_sequences, "calibration");
             let (emulator, report) = emulate(
                 model,

@@ -2,6 +2,7 @@
 //! against the global allocation by whitened spectrum, with the fine-tuning memory each implies.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use burn::module::Module;
@@ -10,6 +11,7 @@ use emloc::emulator::{LayerSpectrum, Objective, allocation_cost, config_for_rank
 use emloc_models::bert::{BertConfig, BertModel};
 use serde::Serialize;
 
+use crate::bench_memory::{MemoryPhase, PhaseResult, run_phase_process};
 use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, calibration_texts, with_calibration, write_json};
 
 /// Options of `emloc plan`.
@@ -46,6 +48,12 @@ pub struct PlanArgs {
     /// Write the global plan as an emulator rules file (for `emloc emulate --config`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure the global plan instead of trusting the estimate: build its emulator, then
+    /// fine-tune it for 2 steps (--batch texts of ≤ --seq-len tokens), each in its own process
+    /// (as `emloc bench-memory --config OUT` does), and report the peaks beside the estimate
+    /// and the budget. Needs --out.
+    #[arg(long, requires = "out")]
+    measure: bool,
     /// Write both plans (ranks, errors, memory estimates) as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -187,6 +195,65 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
     }
     if let Some(path) = &args.json {
         write_json(path, &[&uniform, &global])?;
+    }
+    if args.measure {
+        measure(args, &global)?;
+    }
+    Ok(())
+}
+
+/// `--measure`: the global plan's emulator construction and fine-tuning peaks, measured.
+fn measure(args: &PlanArgs, global: &Plan) -> CliResult<()> {
+    let rules = args.out.as_ref().expect("clap: --measure requires --out");
+    let work = rules.with_extension("measured");
+    let mut bench: Vec<OsString> = vec!["bench-memory".into(), "--model".into(), args.model.resolve()?.into()];
+    if let Some(data) = &args.data.data {
+        bench.extend(["--data".into(), data.into()]);
+    }
+    for (flag, value) in [
+        ("--max-seq-length", args.seq_len.to_string()),
+        ("--validation", args.data.validation.to_string()),
+        ("--split-seed", args.data.split_seed.to_string()),
+        ("--calibration-pairs", args.emulator.calibration_pairs.to_string()),
+        ("--batch-size", (args.batch / 2).max(1).to_string()),
+        ("--rank", args.lora_rank.to_string()),
+        ("--steps", "2".to_string()),
+    ] {
+        bench.extend([flag.into(), value.into()]);
+    }
+    bench.extend(["--config".into(), rules.into(), "--out".into(), work.clone().into()]);
+    let built = run_phase_process(&bench, MemoryPhase::Emulate)?;
+    let tuned = run_phase_process(&bench, MemoryPhase::FinetuneEmulator)?;
+    let mib = |b: u64| format!("{:.0}", b as f64 / (1024.0 * 1024.0));
+    let rss = |r: &PhaseResult| r.peak_rss_bytes.map_or_else(|| "-".into(), &mib);
+    println!("measured (each in its own process; emulator in {}):", work.join("emulator").display());
+    println!("| phase | estimate MiB | peak heap MiB | peak RSS MiB |");
+    println!("|---|---:|---:|---:|");
+    println!("| emulator construction | - | {} | {} |", mib(built.peak_heap_bytes as u64), rss(&built));
+    println!(
+        "| fine-tuning the global plan | {} | {} | {} |",
+        mib(global.memory.total),
+        mib(tuned.peak_heap_bytes as u64),
+        rss(&tuned)
+    );
+    if let Some(budget) = args.budget {
+        let measured = tuned.peak_rss_bytes.unwrap_or(tuned.peak_heap_bytes as u64);
+        let what = if tuned.peak_rss_bytes.is_some() { "RSS" } else { "heap" };
+        if measured <= budget {
+            eprintln!("budget {budget} bytes: measured fine-tuning peak {measured} bytes ({what}) fits");
+        } else {
+            // What the estimate missed (activations, allocator and runtime overhead) is about
+            // the same for every plan at this batch shape, so it comes off the budget.
+            let missed = measured.saturating_sub(global.memory.total);
+            eprintln!(
+                "budget {budget} bytes: measured fine-tuning peak {measured} bytes ({what}) does NOT fit; the estimate missed {missed} bytes. {}",
+                match budget.checked_sub(missed) {
+                    Some(b) if b > global.memory.total - 4 * global.factor_params as u64 =>
+                        format!("Plan again with --budget {b}."),
+                    _ => "No plan fits at this batch shape: even without factors fine-tuning needs more; lower --batch or --seq-len.".into(),
+                }
+            );
+        }
     }
     Ok(())
 }
