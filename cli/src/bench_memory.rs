@@ -187,6 +187,10 @@ pub struct PhaseResult {
     pub peak_rss_bytes: Option<u64>,
     /// Peak live heap bytes of the phase's process (counting allocator).
     pub peak_heap_bytes: usize,
+    /// Fine-tuning phases: peak RSS while loading the model (up to the first step).
+    pub load_peak_rss_bytes: Option<u64>,
+    /// Fine-tuning phases: peak heap while loading the model.
+    pub load_peak_heap_bytes: Option<usize>,
     /// Training loss of the first and last step (fine-tuning phases).
     pub losses: Option<(f32, f32)>,
 }
@@ -199,9 +203,10 @@ const RESULT_PREFIX: &str = "EMLOC_BENCH_MEMORY_PHASE ";
 pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
     validate(args)?;
     if let Some(phase) = args.phase {
-        let stats = Phase::start();
-        let losses = run_phase(args, phase)?;
-        let result = to_result(phase, stats.finish(), losses);
+        let mut clock = Phase::start();
+        let mut load = None;
+        let losses = run_phase(args, phase, &mut || load = Some(clock.split()))?;
+        let result = to_result(phase, load, clock.finish(), losses);
         println!(
             "{RESULT_PREFIX}{}",
             serde_json::to_string(&result).map_err(|e| e.to_string())?
@@ -283,12 +288,15 @@ fn validate(args: &BenchMemoryArgs) -> CliResult<()> {
     Ok(())
 }
 
-fn to_result(phase: MemoryPhase, stats: PhaseStats, losses: Option<(f32, f32)>) -> PhaseResult {
+fn to_result(phase: MemoryPhase, load: Option<PhaseStats>, rest: PhaseStats, losses: Option<(f32, f32)>) -> PhaseResult {
+    let load_rss = load.and_then(|l| l.peak_rss_bytes);
     PhaseResult {
         phase,
-        wall_seconds: stats.wall_seconds,
-        peak_rss_bytes: stats.peak_rss_bytes,
-        peak_heap_bytes: stats.peak_heap_bytes,
+        wall_seconds: rest.wall_seconds + load.map_or(0.0, |l| l.wall_seconds),
+        peak_rss_bytes: rest.peak_rss_bytes.map(|r| r.max(load_rss.unwrap_or(0))),
+        peak_heap_bytes: rest.peak_heap_bytes.max(load.map_or(0, |l| l.peak_heap_bytes)),
+        load_peak_rss_bytes: load_rss,
+        load_peak_heap_bytes: load.map(|l| l.peak_heap_bytes),
         losses,
     }
 }
@@ -368,10 +376,12 @@ fn emulator_dir(args: &BenchMemoryArgs) -> PathBuf {
     args.out.join("emulator")
 }
 
-fn run_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(f32, f32)>> {
+/// Runs one phase; fine-tuning phases call `loaded` once the model is loaded, so that loading
+/// and training are measured apart.
+fn run_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnMut()) -> CliResult<Option<(f32, f32)>> {
     match args.kind {
-        BenchModel::Minilm => minilm_phase(args, phase),
-        BenchModel::Llama => llama_phase(args, phase),
+        BenchModel::Minilm => minilm_phase(args, phase, loaded),
+        BenchModel::Llama => llama_phase(args, phase, loaded),
     }
 }
 
@@ -388,7 +398,7 @@ fn train_args(args: &BenchMemoryArgs) -> TrainArgs {
     }
 }
 
-fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(f32, f32)>> {
+fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnMut()) -> CliResult<Option<(f32, f32)>> {
     let split = args.data.split()?;
     let train = train_args(args);
     let finish = |report: emloc_models::retrieval::TrainReport| {
@@ -428,6 +438,7 @@ fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<
         }
         MemoryPhase::FinetuneEmulator => {
             let (encoder, _, _) = args.model.load_emulated(&emulator_dir(args))?;
+            loaded();
             let model = encoder.model.clone();
             let (_, report) = train_adapter(
                 &encoder,
@@ -442,6 +453,7 @@ fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<
         }
         MemoryPhase::FinetuneFull => {
             let (encoder, _) = args.model.load()?;
+            loaded();
             let model = encoder.model.clone();
             let (_, report) = train_adapter(
                 &encoder,
@@ -490,7 +502,7 @@ fn lm_loss(logits: Tensor<3>, ids: Tensor<2, Int>) -> Tensor<1> {
     logp.gather(2, targets).mean().neg()
 }
 
-fn llama_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(f32, f32)>> {
+fn llama_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnMut()) -> CliResult<Option<(f32, f32)>> {
     let device = Device::flex();
     device.seed(7);
     let shape = &args.llama;
@@ -554,9 +566,12 @@ fn llama_phase(args: &BenchMemoryArgs, phase: MemoryPhase) -> CliResult<Option<(
         }
         MemoryPhase::FinetuneEmulator => {
             let (emulator, _) = load_emulator(model, &emulator_dir(args))?;
+            // The rest of the model (embeddings, norms) is materialised by the first step.
+            loaded();
             llama_finetune(args, emulator, &mut rng, "LoRA on the emulator").map(Some)
         }
         MemoryPhase::FinetuneFull => {
+            loaded();
             llama_finetune(args, model, &mut rng, "LoRA on the model").map(Some)
         }
     }
