@@ -401,9 +401,6 @@ fn train_args(args: &BenchMemoryArgs) -> TrainArgs {
 fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnMut()) -> CliResult<Option<(f32, f32)>> {
     let split = args.data.split()?;
     let train = train_args(args);
-    let finish = |report: emloc_models::retrieval::TrainReport| {
-        Some((report.first_loss as f32, report.last_loss as f32))
-    };
     match phase {
         MemoryPhase::Inference => {
             let (encoder, _) = args.model.load()?;
@@ -436,49 +433,22 @@ fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnM
             )?;
             Ok(None)
         }
-        MemoryPhase::FinetuneEmulator => {
-            let (encoder, _, _) = args.model.load_emulated(&emulator_dir(args))?;
+        MemoryPhase::FinetuneEmulator | MemoryPhase::FinetuneFull => {
+            let (encoder, label) = if phase == MemoryPhase::FinetuneEmulator {
+                (args.model.load_emulated(&emulator_dir(args))?.0, "LoRA on the emulator")
+            } else {
+                (args.model.load()?.0, "LoRA on the model")
+            };
             loaded();
             let model = encoder.model.clone();
-            let (_, report) = train_adapter(
-                &encoder,
-                model,
-                &split.train,
-                &train,
-                "LoRA on the emulator",
-                None,
-                |_, _, _| Ok(()),
-            )?;
-            Ok(finish(report))
-        }
-        MemoryPhase::FinetuneFull => {
-            let (encoder, _) = args.model.load()?;
-            loaded();
-            let model = encoder.model.clone();
-            let (_, report) = train_adapter(
-                &encoder,
-                model,
-                &split.train,
-                &train,
-                "LoRA on the model",
-                None,
-                |_, _, _| Ok(()),
-            )?;
-            Ok(finish(report))
+            let (_, report) = train_adapter(&encoder, model, &split.train, &train, label, None, |_, _, _| Ok(()))?;
+            Ok(Some((report.first_loss as f32, report.last_loss as f32)))
         }
     }
 }
 
 /// Llama LoRA targets: every projection of attention and MLP.
-const LLAMA_LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const LLAMA_LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// `batch` sequences of `seq` random token ids.
 fn random_ids(
