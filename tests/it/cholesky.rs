@@ -11,9 +11,9 @@
 //! `‖Y op(L) − X‖_F / (‖Y‖_F ‖L‖_F) ≤ 4 d ε`, forward error `≤ 4 d κ(L) ε`.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use emloc::ops;
 use emloc::EmlocError;
 use emloc::emulator::WhiteningConfig;
+use emloc::ops;
 use faer::{Mat, Side};
 
 use crate::common::noise;
@@ -400,6 +400,53 @@ fn reference_solve(l: &[f64], d: usize, y: &mut [f64], m: usize, transpose: bool
     }
 }
 
+/// The emulator's whitening with the opt-in device Cholesky (`cholesky_device`) against the
+/// default host f64 path on a well-conditioned calibration Gram: same factors up to f32 rounding.
+fn check_whitening_on_device(device: &Device) {
+    use emloc::emulator::factorize_layer;
+    use emloc::matrix::Matrix;
+    let (tokens, d_in, d_out, rank) = (300, 70, 45, 12);
+    let x = noise(90, tokens * d_in);
+    let mut g = vec![0.0f32; d_in * d_in];
+    for t in 0..tokens {
+        for i in 0..d_in {
+            for j in 0..d_in {
+                g[i * d_in + j] += x[t * d_in + i] * x[t * d_in + j];
+            }
+        }
+    }
+    let gram = Matrix::new(d_in, d_in, g);
+    let weight = Matrix::new(d_in, d_out, noise(91, d_in * d_out));
+    let host_cfg = WhiteningConfig::default();
+    let device_cfg =
+        WhiteningConfig { cholesky_device: Some(device.clone()), ..WhiteningConfig::default() };
+    let on_host = factorize_layer("l", &weight, &gram, rank, &host_cfg).unwrap();
+    let on_device = factorize_layer("l", &weight, &gram, rank, &device_cfg).unwrap();
+    assert_eq!(on_device.whitening.method(), emloc::emulator::WhiteningMethod::Cholesky);
+    assert_eq!(on_device.whitening.relative_damping, 0.0);
+    // The dense emulators W_vᵀ W_uᵀ ([d_in, d_out]) of both paths.
+    let dense = |f: &emloc::emulator::FactorizedLayer| -> Vec<f64> {
+        let mut out = vec![0.0; d_in * d_out];
+        for i in 0..d_in {
+            for j in 0..d_out {
+                out[i * d_out + j] =
+                    (0..rank).map(|r| f.w_v.get(i, r) as f64 * f.w_u.get(r, j) as f64).sum();
+            }
+        }
+        out
+    };
+    let (a, b) = (dense(&on_device), dense(&on_host));
+    // κ(G) of 300 random tokens in 70 dimensions is about 10; the factors are stored in f32.
+    check("device vs host whitening: dense emulator", max_diff(&a, &b) / max_abs(&b), 1e-4);
+    let rel = (on_device.whitened_error - on_host.whitened_error).abs() / on_host.whitened_error;
+    check("device vs host whitening: whitened error", rel, 1e-4);
+}
+
+#[test]
+fn flex_whitening_with_device_cholesky_matches_host() {
+    check_whitening_on_device(&Device::flex());
+}
+
 #[test]
 fn flex_cholesky_matches_f64() {
     check_factor(&Device::flex(), FloatDType::F32, 100.0);
@@ -471,6 +518,11 @@ mod cube {
     #[test]
     fn solve_lower_right_matches_f64() {
         check_solve(&cube_device());
+    }
+
+    #[test]
+    fn whitening_with_device_cholesky_matches_host() {
+        check_whitening_on_device(&cube_device());
     }
 
     #[test]
