@@ -7,8 +7,9 @@
 //! - `cholesky/*`: whitening's Cholesky + solve, `G = L Lᵀ` then `Y = X L⁻¹` (`X` `[d/4, d]`),
 //!   with emloc's kernels (`emloc::ops::cholesky` + `solve_lower_right`, f32; the status read
 //!   is the one sync) on data already on the device (`emloc_device`) and from host memory to
-//!   host memory (`emloc_with_transfer`: upload `G` and `X`, factor, solve, download `Y`), vs
-//!   faer's `llt` + triangular solve on the host in f64 (what the emulator uses) and f32.
+//!   host memory (`emloc_with_transfer`: upload `G` and `X`, factor, solve, download `Y`), and
+//!   the factorization alone (`emloc_device_cholesky_only`), vs faer's `llt` + triangular solve
+//!   on the host in f64 (what the emulator uses) and f32. emloc computes in f32.
 //!
 //! Device: CUDA with `--features cuda`, else wgpu with `--features wgpu` (lavapipe on CI
 //! machines), else Flex. Sizes: small by default; `EMLOC_BENCH_SIZES=gpu` for GPU-sized problems.
@@ -230,7 +231,11 @@ fn bench_cholesky(c: &mut Criterion) {
         };
         let (g, x) = (upload(&gh, d, d), upload(&xh, k, d));
         sync(&device);
-        let id = format!("f32/d{d}_k{k}");
+        let id = format!("d{d}_k{k}");
+        // The factorization alone (its status read is the sync), to split the time.
+        group.bench_function(BenchmarkId::new("emloc_device_cholesky_only", &id), |bench| {
+            bench.iter(|| ops::cholesky(g.clone(), 0.0, 1e-6).expect("SPD").l)
+        });
         group.bench_function(BenchmarkId::new("emloc_device", &id), |bench| {
             bench.iter(|| {
                 let l = ops::cholesky(g.clone(), 0.0, 1e-6).expect("SPD").l;
