@@ -372,20 +372,14 @@ pub fn cholesky_diag_kernel(
         let p = block[j * nb + j];
         let mut pivot = 1.0f32;
         let mut ok = false;
-        if p > threshold {
-            if p > 0.0 {
-                if p < PIVOT_CEILING {
-                    ok = true;
-                    pivot = f32::sqrt(p);
-                }
-            }
+        if p > threshold && p > 0.0 && p < PIVOT_CEILING {
+            ok = true;
+            pivot = f32::sqrt(p);
         }
         if unit == 0 {
-            if !ok {
-                if status[status::FIRST_FAILURE] == 0.0 {
-                    status[status::FIRST_FAILURE] = f32::cast_from(k0 + j + 1);
-                    status[status::FAILED_VALUE] = p;
-                }
+            if !ok && status[status::FIRST_FAILURE] == 0.0 {
+                status[status::FIRST_FAILURE] = f32::cast_from(k0 + j + 1);
+                status[status::FAILED_VALUE] = p;
             }
             if p < status[status::MIN_PIVOT] {
                 status[status::MIN_PIVOT] = p;
@@ -397,7 +391,7 @@ pub fn cholesky_diag_kernel(
         let mut i = unit;
         while i < b {
             if i > j {
-                block[i * nb + j] = block[i * nb + j] / pivot;
+                block[i * nb + j] /= pivot;
             } else if i == j {
                 block[j * nb + j] = pivot;
             }
