@@ -418,7 +418,8 @@ pub fn gemm_accumulate(client: &Client, lhs: &Operand, rhs: &Operand, out: &MatR
     if rows == 0 || cols == 0 || depth == 0 {
         return;
     }
-    let mut plan = plan(client, rows, cols, depth, |tile| rows.div_ceil(tile) * cols.div_ceil(tile));
+    let mut plan =
+        plan(client, rows, cols, depth, |tile| rows.div_ceil(tile) * cols.div_ceil(tile));
     if rows.min(cols) <= 32 && plan.threads >= 8 {
         // A thin update (one 32-wide block of the triangular solve): 32-wide tiles, so that
         // half of each 64-wide tile does not compute zeros.
