@@ -25,7 +25,7 @@ use crate::error::{EmlocError, Result};
 
 /// Layout of the `[LEN]` `f32` status tensor that [`EmlocOps::cholesky`] returns (the same as
 /// `emloc_cube_kernels::kernels::status`).
-pub(crate) mod status {
+pub mod status {
     /// `mean(diag G)` of the undamped input.
     pub const MEAN_DIAG: usize = 0;
     /// Index + 1 of the first rejected pivot, 0 when none.
@@ -133,7 +133,7 @@ pub trait EmlocOps: Backend {
     /// Cholesky factor of `g + λI` (`g` `[d, d]` symmetric, any float dtype, only its lower
     /// triangle read; `λ = relative_damping · mean(diag g)`), in `f32`: `(L, status)` with `L`
     /// `[d, d]` lower-triangular and `status` the `[4]` `f32` tensor described in
-    /// `ops::status` (mean diagonal, first rejected pivot + 1, its value, smallest pivot). A
+    /// [`status`] (mean diagonal, first rejected pivot + 1, its value, smallest pivot). A
     /// pivot `L_jj²` is rejected when it is not finite, not positive or not above
     /// `pivot_tolerance · mean(diag g)`; `L` is meaningless from there on. Never tracked by
     /// autodiff.
