@@ -456,6 +456,35 @@ fn flex_whitening_with_device_cholesky_matches_host() {
 }
 
 #[test]
+fn autodiff_device_delegates_to_the_inner_backend() {
+    // Through the wrappers (which strip autodiff) and through the Autodiff implementation itself.
+    use burn::backend::Dispatch;
+    use emloc::ops::EmlocOps;
+    let d = 40;
+    let gh = spd(d, 100.0, 21);
+    let ad = Device::flex().autodiff();
+    let want = host(ops::cholesky(tensor(&gh, d, d, &Device::flex()), 0.0, 1e-6).unwrap().l);
+    let got = host(ops::cholesky(tensor(&gh, d, d, &ad), 0.0, 1e-6).unwrap().l);
+    assert_eq!(got, want);
+    let (l, st) =
+        <Dispatch as EmlocOps>::cholesky(tensor(&gh, d, d, &ad).into_dispatch(), 0.0, 1e-6);
+    assert_eq!(host(Tensor::<2>::from_dispatch(l)), want);
+    assert_eq!(Tensor::<1>::from_dispatch(st).dims(), [4]);
+    let x: Vec<f64> = noise(22, 3 * d).into_iter().map(f64::from).collect();
+    let y = <Dispatch as EmlocOps>::solve_lower_right(
+        tensor(&x, 3, d, &ad).into_dispatch(),
+        tensor(&want, d, d, &ad).into_dispatch(),
+        true,
+    );
+    let flex = ops::solve_lower_right(
+        tensor(&x, 3, d, &Device::flex()),
+        tensor(&want, d, d, &Device::flex()),
+        true,
+    );
+    assert_eq!(host(Tensor::<2>::from_dispatch(y)), host(flex.unwrap()));
+}
+
+#[test]
 fn flex_cholesky_matches_f64() {
     check_factor(&Device::flex(), FloatDType::F32, 100.0);
 }
