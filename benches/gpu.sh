@@ -57,7 +57,7 @@ echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 
 echo "== kernel tests on CUDA" | tee -a "$OUT_DIR/summary.txt"
 start=$(date +%s)
-if timeout 180 cargo test --release -p emloc --features cuda --test it -- kernels --nocapture \
+if timeout 180 cargo test --release -p emloc --features cuda --test it -- kernels cholesky --nocapture \
     > "$OUT_DIR/tests.log" 2>&1; then
     echo "tests: passed" | tee -a "$OUT_DIR/summary.txt"
 else
@@ -77,7 +77,7 @@ else
     status=1
 fi
 # One line per benchmark: name, time, throughput.
-grep -E "^(gram|lowrank_lora)/|time:|thrpt:" "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
+grep -E "^(gram|lowrank_lora|cholesky)/|time:|thrpt:" "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
 echo "benches: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 [ -d "$CARGO_TARGET_DIR/criterion" ] && cp -r "$CARGO_TARGET_DIR/criterion" "$OUT_DIR/criterion"
 

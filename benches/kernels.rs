@@ -3,7 +3,13 @@
 //! - `gram/*`: `emloc::ops::gram(x)` (lower tiles only, f32 accumulation) vs Burn's `xᵀ @ x`;
 //! - `lowrank_lora/*`: the fused layer's forward + backward (`emloc::ops::lowrank_lora` under
 //!   autodiff) vs the same math as unfused Burn ops, `(x W_v) W_u + s (x A) B + b`, also under
-//!   autodiff, with gradients for `x`, `A` and `B` only.
+//!   autodiff, with gradients for `x`, `A` and `B` only;
+//! - `cholesky/*`: whitening's Cholesky + solve, `G = L Lᵀ` then `Y = X L⁻¹` (`X` `[d/4, d]`),
+//!   with emloc's kernels (`emloc::ops::cholesky` + `solve_lower_right`, f32; the status read
+//!   is the one sync) on data already on the device (`emloc_device`) and from host memory to
+//!   host memory (`emloc_with_transfer`: upload `G` and `X`, factor, solve, download `Y`), and
+//!   the factorization alone (`emloc_device_cholesky_only`), vs faer's `llt` + triangular solve
+//!   on the host in f64 (what the emulator uses) and f32. emloc computes in f32.
 //!
 //! Device: CUDA with `--features cuda`, else wgpu with `--features wgpu` (lavapipe on CI
 //! machines), else Flex. Sizes: small by default; `EMLOC_BENCH_SIZES=gpu` for GPU-sized problems.
@@ -190,6 +196,75 @@ fn bench_lowrank_lora(c: &mut Criterion) {
     group.finish();
 }
 
+/// A well-conditioned SPD matrix `AᵀA / d + I` (`[d, d]`, row-major `f32`) and an `X` `[k, d]`.
+fn spd_and_rhs(d: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+    let flex = Device::flex();
+    let a = random(d, d, 1.0, &flex);
+    let g = a.clone().transpose().matmul(a).div_scalar(d as f64) + Tensor::<2>::eye(d, &flex);
+    let x = random(k, d, 1.0, &flex);
+    let host = |t: Tensor<2>| t.into_data().try_to_vec::<f32>().expect("f32");
+    (host(g), host(x))
+}
+
+/// faer's Cholesky and `Y = X L⁻¹` (as `L⁻ᵀ Xᵀ`, an upper-triangular solve), as in
+/// `emloc::emulator::factorize`.
+fn faer_cholesky_solve<T: faer::traits::RealField + Copy>(
+    g: faer::MatRef<'_, T>,
+    xt: faer::MatRef<'_, T>,
+) -> faer::Mat<T> {
+    let llt = g.llt(faer::Side::Lower).expect("SPD");
+    let mut y = xt.to_owned();
+    llt.L().transpose().solve_upper_triangular_in_place(&mut y);
+    y
+}
+
+fn bench_cholesky(c: &mut Criterion) {
+    let device = device();
+    let sizes: &[usize] = if gpu_sizes() { &[1024, 2048, 4096] } else { &[256, 512, 1024] };
+    let mut group = c.benchmark_group("cholesky");
+    for &d in sizes {
+        let k = d / 4;
+        let (gh, xh) = spd_and_rhs(d, k);
+        group.throughput(Throughput::Elements((d * d * d / 3 + k * d * d) as u64));
+        let upload = |v: &[f32], rows: usize, cols: usize| {
+            Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, cols]), &device)
+        };
+        let (g, x) = (upload(&gh, d, d), upload(&xh, k, d));
+        sync(&device);
+        let id = format!("d{d}_k{k}");
+        // The factorization alone (its status read is the sync), to split the time.
+        group.bench_function(BenchmarkId::new("emloc_device_cholesky_only", &id), |bench| {
+            bench.iter(|| ops::cholesky(g.clone(), 0.0, 1e-6).expect("SPD").l)
+        });
+        group.bench_function(BenchmarkId::new("emloc_device", &id), |bench| {
+            bench.iter(|| {
+                let l = ops::cholesky(g.clone(), 0.0, 1e-6).expect("SPD").l;
+                let y = ops::solve_lower_right(x.clone(), l, false).expect("shapes");
+                sync(&device);
+                y
+            })
+        });
+        group.bench_function(BenchmarkId::new("emloc_with_transfer", &id), |bench| {
+            bench.iter(|| {
+                let l = ops::cholesky(upload(&gh, d, d), 0.0, 1e-6).expect("SPD").l;
+                let y = ops::solve_lower_right(upload(&xh, k, d), l, false).expect("shapes");
+                y.into_data()
+            })
+        });
+        let g64 = faer::Mat::from_fn(d, d, |i, j| gh[i * d + j] as f64);
+        let xt64 = faer::Mat::from_fn(d, k, |i, j| xh[j * d + i] as f64);
+        group.bench_function(BenchmarkId::new("faer_f64", &id), |bench| {
+            bench.iter(|| faer_cholesky_solve(g64.as_ref(), xt64.as_ref()))
+        });
+        let g32 = faer::Mat::from_fn(d, d, |i, j| gh[i * d + j]);
+        let xt32 = faer::Mat::from_fn(d, k, |i, j| xh[j * d + i]);
+        group.bench_function(BenchmarkId::new("faer_f32", &id), |bench| {
+            bench.iter(|| faer_cholesky_solve(g32.as_ref(), xt32.as_ref()))
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -201,6 +276,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_gram, bench_lowrank_lora
+    targets = bench_gram, bench_lowrank_lora, bench_cholesky
 }
 criterion_main!(benches);

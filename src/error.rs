@@ -108,6 +108,25 @@ pub enum EmlocError {
         #[source]
         source: std::io::Error,
     },
+    /// A Cholesky factorization ([`crate::ops::cholesky`]) met a pivot `L_jj²` that is not
+    /// finite, not positive, or not above `pivot_tolerance · mean(diag G)`, with every damping
+    /// it was allowed to try.
+    #[error(
+        "Cholesky factorization failed at pivot {pivot} (L_jj² = {value:e}, must exceed \
+         {threshold:e}) after {attempts} attempt(s), last relative damping {relative_damping:e}"
+    )]
+    NotPositiveDefinite {
+        /// The first rejected pivot (0-based) of the last attempt.
+        pivot: usize,
+        /// Its value `L_jj²` (the Schur complement's diagonal entry).
+        value: f64,
+        /// The acceptance threshold, `pivot_tolerance · mean(diag G)`.
+        threshold: f64,
+        /// Damping of the last attempt, relative to `mean(diag G)`.
+        relative_damping: f64,
+        /// Factorizations tried.
+        attempts: usize,
+    },
     /// Host linear algebra failed (eigen decomposition or SVD did not converge).
     #[error("linear algebra failed for layer `{layer}`: {message}")]
     Linalg {

@@ -5,14 +5,38 @@
 //! - [`lowrank_lora`]: the emulator layer with its adapter,
 //!   `y = (x W_v) W_u + s (dropout(x) A) B + b`, computed as one product of width `k + r` and
 //!   one of depth `k + r`; its backward keeps only `x` and the `[.., k + r]` bottleneck and
-//!   gives gradients to `x`, `A` and `B` (and to the factors or bias only if they are trainable).
+//!   gives gradients to `x`, `A` and `B` (and to the factors or bias only if they are trainable);
+//! - [`cholesky`] / [`cholesky_damped`]: `G + λI = L Lᵀ` in `f32` with the first rejected pivot
+//!   reported as [`EmlocError::NotPositiveDefinite`], and the damping retries of
+//!   [`WhiteningConfig`]; [`solve_lower_right`]: `X L⁻¹` (whitening's `W_v = Σ^{1/2} Vᵀ L⁻¹`)
+//!   or `X L⁻ᵀ` (CholeskyQR). Never tracked by autodiff.
 //!
 //! Implementations ([`EmlocOps`]): `Cube` (emloc's CubeCL kernels, crate `emloc-cube-kernels`,
-//! for the wgpu, CUDA and CPU runtimes), `Flex` (plain tensor ops; also the test oracle) and
-//! `Autodiff` (custom backward). Any other backend panics at run time.
+//! for the wgpu, CUDA and CPU runtimes), `Flex` (plain tensor ops for the Gram and LoRA ops, a
+//! host `f64` loop for Cholesky and the solves; also the test oracle) and `Autodiff` (custom
+//! backward; Cholesky and the solves delegate to the inner backend). Any other backend panics
+//! at run time.
 
 use burn::backend::{Backend, Dispatch, ExtensionType, backend_extension, tensor::FloatTensor};
 use burn::tensor::{FloatDType, Tensor};
+
+use crate::emulator::WhiteningConfig;
+use crate::error::{EmlocError, Result};
+
+/// Layout of the `[LEN]` `f32` status tensor that [`EmlocOps::cholesky`] returns (the same as
+/// `emloc_cube_kernels::kernels::status`).
+pub mod status {
+    /// `mean(diag G)` of the undamped input.
+    pub const MEAN_DIAG: usize = 0;
+    /// Index + 1 of the first rejected pivot, 0 when none.
+    pub const FIRST_FAILURE: usize = 1;
+    /// The rejected pivot's value `L_jj²`.
+    pub const FAILED_VALUE: usize = 2;
+    /// The smallest pivot `L_jj²` seen.
+    pub const MIN_PIVOT: usize = 3;
+    /// Length of the status tensor.
+    pub const LEN: usize = 4;
+}
 
 /// An optional float tensor argument of an [`EmlocOps`] operation (`#[backend_extension]` maps
 /// tensors, tuples and derived types across the dispatch boundary, but not `Option` inputs).
@@ -105,6 +129,28 @@ pub trait EmlocOps: Backend {
         scale: f64,
         need_x: bool,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Cholesky factor of `g + λI` (`g` `[d, d]` symmetric, any float dtype, only its lower
+    /// triangle read; `λ = relative_damping · mean(diag g)`), in `f32`: `(L, status)` with `L`
+    /// `[d, d]` lower-triangular and `status` the `[4]` `f32` tensor described in
+    /// [`status`] (mean diagonal, first rejected pivot + 1, its value, smallest pivot). A
+    /// pivot `L_jj²` is rejected when it is not finite, not positive or not above
+    /// `pivot_tolerance · mean(diag g)`; `L` is meaningless from there on. Never tracked by
+    /// autodiff.
+    fn cholesky(
+        g: FloatTensor<Self>,
+        relative_damping: f64,
+        pivot_tolerance: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `Y` `[m, d]` (`f32`) with `Y L = X` (`transpose == false`) or `Y Lᵀ = X`
+    /// (`transpose == true`), for `x` `[m, d]` and a lower-triangular `l` `[d, d]` (only its
+    /// lower triangle is read). Never tracked by autodiff.
+    fn solve_lower_right(
+        x: FloatTensor<Self>,
+        l: FloatTensor<Self>,
+        transpose: bool,
+    ) -> FloatTensor<Self>;
 }
 
 /// The Gram matrix `XᵀX` of `x` `[n, d]`, as `[d, d]` `f32` whatever `x`'s float dtype.
@@ -192,4 +238,175 @@ pub fn lowrank_lora<const D: usize>(
     let mut out_dims = dims;
     out_dims[D - 1] = d_out;
     Tensor::<2>::from_dispatch(y).reshape(out_dims)
+}
+
+/// A Cholesky factor `G + λI = L Lᵀ` and how it was obtained ([`cholesky`],
+/// [`cholesky_damped`]).
+#[derive(Debug, Clone)]
+pub struct Cholesky {
+    /// `L`, `[d, d]` `f32`, lower-triangular (zeros above the diagonal), on `G`'s device.
+    pub l: Tensor<2>,
+    /// Absolute damping `λ` added to the diagonal (0 when none was needed).
+    pub damping: f64,
+    /// `λ / mean(diag G)`.
+    pub relative_damping: f64,
+    /// `mean(diag G)` (computed in `f32` on the device).
+    pub mean_diag: f64,
+    /// The smallest pivot `L_jj²`.
+    pub min_pivot: f64,
+    /// Factorizations tried (1 when the first one succeeded).
+    pub attempts: usize,
+}
+
+fn check_square(name: &str, t: &Tensor<2>) -> Result<usize> {
+    let [rows, cols] = t.dims();
+    if rows != cols {
+        return Err(EmlocError::ShapeMismatch {
+            name: name.to_string(),
+            expected: vec![rows, rows],
+            found: vec![rows, cols],
+        });
+    }
+    Ok(rows)
+}
+
+/// One factorization and the reading of its status (the one host synchronisation).
+fn factor_once(
+    g: &Tensor<2>,
+    relative_damping: f64,
+    pivot_tolerance: f64,
+    attempts: usize,
+) -> std::result::Result<Cholesky, (EmlocError, f64)> {
+    let (l, st) = <Dispatch as EmlocOps>::cholesky(
+        g.clone().into_dispatch(),
+        relative_damping,
+        pivot_tolerance,
+    );
+    let st = Tensor::<1>::from_dispatch(st)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("cholesky: the status tensor is f32");
+    let mean_diag = st[status::MEAN_DIAG] as f64;
+    let first = st[status::FIRST_FAILURE];
+    if first > 0.0 {
+        let error = EmlocError::NotPositiveDefinite {
+            pivot: first as usize - 1,
+            value: st[status::FAILED_VALUE] as f64,
+            threshold: pivot_tolerance * mean_diag,
+            relative_damping,
+            attempts,
+        };
+        return Err((error, mean_diag));
+    }
+    Ok(Cholesky {
+        l: Tensor::from_dispatch(l),
+        damping: relative_damping * mean_diag,
+        relative_damping,
+        mean_diag,
+        min_pivot: st[status::MIN_PIVOT] as f64,
+        attempts,
+    })
+}
+
+fn check_factor_args(relative_damping: f64, pivot_tolerance: f64) -> Result<()> {
+    if !(relative_damping.is_finite() && relative_damping >= 0.0) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "relative damping must be finite and ≥ 0, got {relative_damping}"
+        )));
+    }
+    if !(pivot_tolerance.is_finite() && pivot_tolerance >= 0.0) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "pivot tolerance must be finite and ≥ 0, got {pivot_tolerance}"
+        )));
+    }
+    Ok(())
+}
+
+/// Cholesky factor of `G + λI` with `λ = relative_damping · mean(diag G)`, in `f32`, on `G`'s
+/// device (`G` `[d, d]` symmetric, any float dtype; only its lower triangle is read). One
+/// attempt; one host synchronisation (the status read).
+///
+/// On the Cube backend this is emloc's blocked kernel; on Flex a host `f64` loop rounded to
+/// `f32`. Not tracked by autodiff.
+///
+/// # Errors
+/// - [`EmlocError::ShapeMismatch`] if `G` is not square;
+/// - [`EmlocError::InvalidConfig`] for a negative or non-finite damping or tolerance;
+/// - [`EmlocError::NotPositiveDefinite`] with the first pivot `L_jj²` that is not finite, not
+///   positive, or not above `pivot_tolerance · mean(diag G)` (a zero matrix fails at pivot 0).
+///   In `f32`, tolerances below about `d · 1.2e-7` cannot tell a singular matrix from rounding.
+pub fn cholesky(g: Tensor<2>, relative_damping: f64, pivot_tolerance: f64) -> Result<Cholesky> {
+    check_square("cholesky: G", &g)?;
+    check_factor_args(relative_damping, pivot_tolerance)?;
+    factor_once(&g.without_autodiff(), relative_damping, pivot_tolerance, 1).map_err(|(e, _)| e)
+}
+
+/// [`cholesky`] with the damping retries of the host whitening ([`WhiteningConfig`]'s
+/// `initial_damping`, `damping_growth`, `max_damping_attempts`, `pivot_tolerance`; its
+/// `method` is ignored): undamped first, then relative damping `initial_damping`, multiplied by
+/// `damping_growth` after each failure, at most `max_damping_attempts` damped attempts. The
+/// result reports the damping that worked and the attempts it took.
+///
+/// # Errors
+/// As [`cholesky`]; [`EmlocError::NotPositiveDefinite`] describes the last attempt when every
+/// damping failed. A matrix whose diagonal mean is not positive (a zero Gram) fails after the
+/// first attempt: damping relative to it cannot help.
+pub fn cholesky_damped(g: Tensor<2>, config: &WhiteningConfig) -> Result<Cholesky> {
+    check_square("cholesky_damped: G", &g)?;
+    check_factor_args(config.initial_damping, config.pivot_tolerance)?;
+    if !(config.damping_growth.is_finite() && config.damping_growth >= 1.0) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "damping growth must be finite and ≥ 1, got {}",
+            config.damping_growth
+        )));
+    }
+    let g = g.without_autodiff();
+    let mut relative = 0.0;
+    let mut last = None;
+    for attempt in 0..=config.max_damping_attempts {
+        if attempt == 1 {
+            relative = config.initial_damping;
+        } else if attempt > 1 {
+            relative *= config.damping_growth;
+        }
+        match factor_once(&g, relative, config.pivot_tolerance, attempt + 1) {
+            Ok(factor) => return Ok(factor),
+            Err((error, mean_diag)) => {
+                last = Some(error);
+                if !(mean_diag.is_finite() && mean_diag > 0.0) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// `Y = X L⁻¹` (`transpose == false`: `Y L = X`) or `Y = X L⁻ᵀ` (`transpose == true`:
+/// `Y Lᵀ = X`), in `f32`, for `x` `[m, d]` (any float dtype) and a lower-triangular `l`
+/// `[d, d]` (only its lower triangle is read; a zero on its diagonal gives infinities).
+///
+/// Whitening's `W_v = Σ^{1/2} Vᵀ L⁻¹` is the first form (its Burn-oriented transpose
+/// `L⁻ᵀ (Σ^{1/2} Vᵀ)ᵀ` is the transpose of the result); CholeskyQR's `Q = A R⁻¹` with
+/// `R = Lᵀ` is the second. On the Cube backend: emloc's blocked solve; on Flex: a host `f64`
+/// substitution rounded to `f32`. Not tracked by autodiff.
+///
+/// # Errors
+/// [`EmlocError::ShapeMismatch`] if `l` is not square or `x` does not have `d` columns.
+pub fn solve_lower_right(x: Tensor<2>, l: Tensor<2>, transpose: bool) -> Result<Tensor<2>> {
+    let d = check_square("solve_lower_right: L", &l)?;
+    let [m, cols] = x.dims();
+    if cols != d {
+        return Err(EmlocError::ShapeMismatch {
+            name: "solve_lower_right: X".to_string(),
+            expected: vec![m, d],
+            found: vec![m, cols],
+        });
+    }
+    let y = <Dispatch as EmlocOps>::solve_lower_right(
+        x.without_autodiff().into_dispatch(),
+        l.without_autodiff().into_dispatch(),
+        transpose,
+    );
+    Ok(Tensor::from_dispatch(y))
 }

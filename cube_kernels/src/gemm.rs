@@ -315,6 +315,7 @@ pub fn gemm(
             rargs,
             dst,
             config,
+            false,
             dtype,
         );
         return;
@@ -395,5 +396,73 @@ pub(crate) fn reduce(
         mirror,
         start,
         out.dtype(),
+    );
+}
+
+/// Adds `alpha · lhs · rhs` to `out` in place (`out += alpha · lhs · rhs`), accumulating in
+/// `f32`. `out` may share a buffer with the operands as long as the regions do not overlap
+/// (the blocked triangular solve updates one column block of `Y` from the others).
+///
+/// One cube per output tile over the whole depth (no split-K: the split partials would need a
+/// second in-place reduction; the solve's updates are wide enough in rows to fill the device).
+///
+/// # Panics
+/// On mismatched shapes or dtypes.
+pub fn gemm_accumulate(client: &Client, lhs: &Operand, rhs: &Operand, out: &MatRef, alpha: f32) {
+    let (rows, depth, cols) = (lhs.rows(), lhs.cols(), rhs.cols());
+    assert_eq!(rhs.rows(), depth, "gemm_accumulate: inner dimensions differ");
+    assert_eq!((out.rows, out.cols), (rows, cols), "gemm_accumulate: output has the wrong shape");
+    let dtype = lhs.dtype();
+    assert_eq!(rhs.dtype(), dtype, "gemm_accumulate: operands have different dtypes");
+    assert_eq!(out.dtype(), dtype, "gemm_accumulate: output dtype differs from the operands'");
+    if rows == 0 || cols == 0 || depth == 0 {
+        return;
+    }
+    let mut plan =
+        plan(client, rows, cols, depth, |tile| rows.div_ceil(tile) * cols.div_ceil(tile));
+    if rows.min(cols) <= 32 && plan.threads >= 8 {
+        // A thin update (one 32-wide block of the triangular solve): 32-wide tiles, so that
+        // half of each 64-wide tile does not compute zeros.
+        plan.threads = 8;
+        plan.micro = 4;
+    }
+    let tile = plan.tile();
+    let (l1, l2, largs, lhs_join) = lhs.launch_args();
+    let (r1, r2, rargs, rhs_join) = rhs.launch_args();
+    let config = TileConfig {
+        threads: plan.threads,
+        micro: plan.micro,
+        bk: BK,
+        lhs_join,
+        rhs_join,
+        lhs_k_contiguous: lhs.k_contiguous(true),
+        rhs_k_contiguous: rhs.k_contiguous(false),
+    };
+    let dst = OutputArgsLaunch::new(
+        out.offset,
+        out.row_stride,
+        out.col_stride,
+        rows,
+        cols,
+        depth,
+        depth,
+        alpha,
+    );
+    gemm_direct_kernel::launch(
+        client,
+        CubeCount::Static(cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1),
+        CubeDim::new_2d(plan.threads as u32, plan.threads as u32),
+        l1,
+        l2,
+        r1,
+        r2,
+        Option::<TensorArg>::None.into(),
+        out.arg(),
+        largs,
+        rargs,
+        dst,
+        config,
+        true,
+        dtype,
     );
 }

@@ -26,7 +26,9 @@ pub struct OutputArgs {
     pub alpha: f32,
 }
 
-/// `out = alpha · lhs · rhs (+ bias)`, one cube per output tile, written in `F`.
+/// `out = alpha · lhs · rhs (+ bias)`, one cube per output tile, written in `F`; with
+/// `accumulate`, `out += alpha · lhs · rhs (+ bias)` (the updates of the blocked triangular
+/// solve).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 pub fn gemm_direct_kernel<F: Float>(
@@ -40,6 +42,7 @@ pub fn gemm_direct_kernel<F: Float>(
     rhs: OperandArgs,
     dst: OutputArgs,
     #[comptime] config: TileConfig,
+    #[comptime] accumulate: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let micro = config.micro;
@@ -62,9 +65,13 @@ pub fn gemm_direct_kernel<F: Float>(
             let col = n0 + ux + j * threads;
             if row < dst.rows && col < dst.cols {
                 let shift: ComptimeOption<F> = bias.as_ref().map(|bias| bias[col * bias.stride(0)]);
-                let value =
+                let mut value =
                     acc[i * micro + j] * dst.alpha + f32::cast_from(shift.unwrap_or_default());
-                out[dst.offset + row * dst.row_stride + col * dst.col_stride] = F::cast_from(value);
+                let position = dst.offset + row * dst.row_stride + col * dst.col_stride;
+                if accumulate {
+                    value += f32::cast_from(out[position]);
+                }
+                out[position] = F::cast_from(value);
             }
         }
     }
@@ -124,8 +131,9 @@ pub fn gemm_partial_kernel<F: Float>(
 }
 
 /// A symmetric product written straight into `out` (`f32`), without split-K: cube `(x, y)`
-/// with `x ≤ y` computes lower tile `(y, x)` over the whole depth and writes it, or adds it to
-/// what `out` holds with `accumulate`. [`mirror_kernel`] then completes the upper triangle.
+/// with `x ≤ y` computes lower tile `(y, x)` over the whole depth, scales it by `dst.alpha`
+/// and writes it, or adds it to what `out` holds with `accumulate`. [`mirror_kernel`] then
+/// completes the upper triangle (Gram); the Cholesky trailing update (`alpha = -1`) ignores it.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
 pub fn syrk_direct_kernel<F: Float>(
@@ -164,7 +172,7 @@ pub fn syrk_direct_kernel<F: Float>(
             let col = n0 + ux + j * threads;
             if row < dst.rows && col < dst.cols {
                 let position = dst.offset + row * dst.row_stride + col * dst.col_stride;
-                let mut value = acc[i * micro + j];
+                let mut value = acc[i * micro + j] * dst.alpha;
                 if accumulate {
                     value += out[position];
                 }
@@ -248,4 +256,269 @@ pub fn split_k_reduce_kernel<F: Float>(
         }
     }
     out[position] = F::cast_from(value);
+}
+
+/// Slots of the Cholesky status buffer (`[STATUS_LEN]` `f32`), written on the device and read
+/// once by the host after the whole factorization.
+pub mod status {
+    /// `mean(diag G)` of the undamped input (the scale of the damping and of the tolerance).
+    pub const MEAN_DIAG: usize = 0;
+    /// Index + 1 of the first rejected pivot, `0` when every pivot passed (exact in `f32` for
+    /// `d < 2²⁴`).
+    pub const FIRST_FAILURE: usize = 1;
+    /// The rejected pivot's value `L_jj²` (the Schur complement's diagonal entry).
+    pub const FAILED_VALUE: usize = 2;
+    /// The smallest pivot `L_jj²` seen (rejected ones included).
+    pub const MIN_PIVOT: usize = 3;
+    /// Length of the buffer.
+    pub const LEN: usize = 4;
+}
+
+/// A value above every finite pivot we accept; a pivot at or above it counts as non-finite
+/// (WGSL has no portable `isinf`, and ordered comparisons are false for NaN).
+const PIVOT_CEILING: f32 = 3.0e38;
+
+/// Starts a factorization: `status[MEAN_DIAG] = mean(diag G)` (one unit walks the diagonal;
+/// `d` loads are nothing next to the `d³/3` flops that follow) and resets the other slots.
+#[cube(launch)]
+pub fn cholesky_start_kernel<F: Float>(
+    g: &Tensor<F>,
+    status: &mut Tensor<f32>,
+    d: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    if UNIT_POS == 0 {
+        let mut sum = 0.0f32;
+        for i in 0..d {
+            sum += f32::cast_from(g[i * g.stride(0) + i * g.stride(1)]);
+        }
+        let mut mean = 0.0f32;
+        if d > 0 {
+            mean = sum / f32::cast_from(d);
+        }
+        status[status::MEAN_DIAG] = mean;
+        status[status::FIRST_FAILURE] = 0.0;
+        status[status::FAILED_VALUE] = 0.0;
+        status[status::MIN_PIVOT] = PIVOT_CEILING;
+    }
+}
+
+/// The working matrix of a factorization: the lower triangle of `G + λ I` in `f32`
+/// (`λ = relative_damping · mean(diag G)`), contiguous `[d, d]`; the strict upper triangle is
+/// zeroed (the result is a plain lower-triangular matrix). One unit per element.
+#[cube(launch)]
+pub fn cholesky_init_kernel<F: Float>(
+    g: &Tensor<F>,
+    a: &mut Tensor<f32>,
+    status: &Tensor<f32>,
+    d: usize,
+    relative_damping: f32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let index = ABSOLUTE_POS;
+    if index >= d * d {
+        terminate!();
+    }
+    let row = index / d;
+    let col = index % d;
+    let mut value = 0.0f32;
+    if col <= row {
+        value = f32::cast_from(g[row * g.stride(0) + col * g.stride(1)]);
+        if col == row {
+            value += relative_damping * status[status::MEAN_DIAG];
+        }
+    }
+    a[index] = value;
+}
+
+/// Factors the diagonal block `A[k0..k0+b, k0..k0+b]` (`b ≤ nb`) of the contiguous `[d, d]`
+/// working matrix in place, inside one cube: the block is staged in shared memory and factored
+/// column by column (right-looking, three barriers per column).
+///
+/// Each pivot `p = L_jj²` is accepted when `tolerance · mean(diag G) < p`, `0 < p` and `p` is
+/// finite (NaN fails every ordered comparison). The first rejected pivot is recorded in
+/// `status` (blocks run in order, so the first one recorded is the first of the matrix), and
+/// the factorization carries on with `L_jj = 1` so later launches stay finite; the caller reads
+/// the status once at the end.
+#[cube(launch)]
+pub fn cholesky_diag_kernel(
+    a: &mut Tensor<f32>,
+    status: &mut Tensor<f32>,
+    d: usize,
+    k0: usize,
+    b: usize,
+    tolerance: f32,
+    #[comptime] nb: usize,
+) {
+    let mut block = Shared::<[f32]>::new_slice(comptime!(nb * nb));
+    let units = CUBE_DIM as usize;
+    let unit = UNIT_POS as usize;
+    let threshold = tolerance * status[status::MEAN_DIAG];
+
+    let mut index = unit;
+    while index < b * b {
+        let i = index / b;
+        let j = index % b;
+        let mut value = 0.0f32;
+        if j <= i {
+            value = a[(k0 + i) * d + k0 + j];
+        }
+        block[i * nb + j] = value;
+        index += units;
+    }
+    sync_cube();
+
+    for j in 0..b {
+        let p = block[j * nb + j];
+        let mut pivot = 1.0f32;
+        let mut ok = false;
+        if p > threshold && p > 0.0 && p < PIVOT_CEILING {
+            ok = true;
+            pivot = f32::sqrt(p);
+        }
+        if unit == 0 {
+            if !ok && status[status::FIRST_FAILURE] == 0.0 {
+                status[status::FIRST_FAILURE] = f32::cast_from(k0 + j + 1);
+                status[status::FAILED_VALUE] = p;
+            }
+            if p < status[status::MIN_PIVOT] {
+                status[status::MIN_PIVOT] = p;
+            }
+        }
+        // Every unit has read the pivot before column j changes.
+        sync_cube();
+
+        let mut i = unit;
+        while i < b {
+            if i > j {
+                block[i * nb + j] /= pivot;
+            } else if i == j {
+                block[j * nb + j] = pivot;
+            }
+            i += units;
+        }
+        sync_cube();
+
+        // Rank-1 update of the block's trailing lower triangle.
+        let mut index = unit;
+        while index < b * b {
+            let i = index / b;
+            let k = index % b;
+            if k > j && k <= i {
+                block[i * nb + k] -= block[i * nb + j] * block[k * nb + j];
+            }
+            index += units;
+        }
+        sync_cube();
+    }
+
+    let mut index = unit;
+    while index < b * b {
+        let i = index / b;
+        let j = index % b;
+        if j <= i {
+            a[(k0 + i) * d + k0 + j] = block[i * nb + j];
+        }
+        index += units;
+    }
+}
+
+/// Triangular solve of one diagonal block, one unit per row: for each row `y` of
+/// `Y[.., j0..j0+b]` (`rows` rows at `y_offset`, row stride `y_stride`, contiguous columns),
+/// solves `y L_JJᵀ = y` (`transpose`, forward substitution) or `y L_JJ = y` (backward
+/// substitution) in place, where `L_JJ` is the `b × b` (`b ≤ nb`) lower-triangular block at
+/// `l_offset` (row stride `l_stride`), staged once per cube in shared memory. The
+/// off-diagonal blocks' contributions have already been subtracted from `Y`.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch)]
+pub fn trsm_rows_kernel(
+    l: &Tensor<f32>,
+    y: &mut Tensor<f32>,
+    l_offset: usize,
+    l_stride: usize,
+    y_offset: usize,
+    y_stride: usize,
+    rows: usize,
+    b: usize,
+    #[comptime] transpose: bool,
+    #[comptime] nb: usize,
+) {
+    let mut block = Shared::<[f32]>::new_slice(comptime!(nb * nb));
+    let units = CUBE_DIM as usize;
+    let unit = UNIT_POS as usize;
+    let mut index = unit;
+    while index < b * b {
+        let i = index / b;
+        let j = index % b;
+        let mut value = 0.0f32;
+        if j <= i {
+            value = l[l_offset + i * l_stride + j];
+        }
+        block[i * nb + j] = value;
+        index += units;
+    }
+    sync_cube();
+
+    let row = CUBE_POS * units + unit;
+    if row < rows {
+        let base = y_offset + row * y_stride;
+        let mut x = Array::<f32>::new(nb);
+        for j in 0..b {
+            x[j] = y[base + j];
+        }
+        if transpose {
+            // (y Lᵀ)_j = Σ_{i ≤ j} y_i L_ji: unknowns left to right.
+            for j in 0..b {
+                let mut sum = x[j];
+                for i in 0..j {
+                    sum -= x[i] * block[j * nb + i];
+                }
+                x[j] = sum / block[j * nb + j];
+            }
+        } else {
+            // (y L)_j = Σ_{i ≥ j} y_i L_ij: unknowns right to left.
+            for t in 0..b {
+                let j = b - 1 - t;
+                let mut sum = x[j];
+                for i in j + 1..b {
+                    sum -= x[i] * block[i * nb + j];
+                }
+                x[j] = sum / block[j * nb + j];
+            }
+        }
+        for j in 0..b {
+            y[base + j] = x[j];
+        }
+    }
+}
+
+/// `out = cast_f32(x)` for a strided 2-D `x`, into a contiguous `[rows, cols]` `f32` tensor.
+#[cube(launch)]
+pub fn copy_f32_kernel<F: Float>(
+    x: &Tensor<F>,
+    out: &mut Tensor<f32>,
+    rows: usize,
+    cols: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let index = ABSOLUTE_POS;
+    if index >= rows * cols {
+        terminate!();
+    }
+    let row = index / cols;
+    let col = index % cols;
+    out[index] = f32::cast_from(x[row * x.stride(0) + col * x.stride(1)]);
+}
+
+/// Zeroes the strict upper triangle of a contiguous `[d, d]` matrix (the trailing updates write
+/// whole tiles, including the parts of diagonal tiles above the diagonal).
+#[cube(launch)]
+pub fn zero_upper_kernel(a: &mut Tensor<f32>, d: usize) {
+    let index = ABSOLUTE_POS;
+    if index >= d * d {
+        terminate!();
+    }
+    if index % d > index / d {
+        a[index] = 0.0;
+    }
 }

@@ -8,6 +8,10 @@
 //!   tokens, mirrored once at the end);
 //! - [`LowRankLora`]: the fused emulator layer `y = [x W_v | x A] [W_u ; s·B] + b` and its
 //!   backward (gradients for `x`, `A`, `B` only), which keeps just `x` and the bottleneck `h`;
+//! - [`cholesky`] and [`solve_lower_right`]: blocked Cholesky `G + λI = L Lᵀ` (right-looking,
+//!   diagonal blocks factored in shared memory, trailing updates on the tiled product) with the
+//!   first rejected pivot recorded on the device for the caller's damping retries, and the
+//!   blocked triangular solves `X L⁻¹` / `X L⁻ᵀ` (whitening, CholeskyQR);
 //! - [`gemm`]: the tiled product they are built on, reading strided, transposed and
 //!   concatenated ([`Operand`]) operands in place.
 //!
@@ -15,6 +19,7 @@
 //! [`TensorHandle`](cubecl::std::tensor::TensorHandle)s, and emloc's Burn backend extension
 //! (`emloc::ops`) wraps them.
 
+mod cholesky;
 mod gemm;
 mod gram;
 /// The `#[cube]` entry points, for callers that want to launch them directly.
@@ -23,6 +28,9 @@ mod lora;
 /// The shared tiled-product core.
 pub mod tile;
 
-pub use gemm::{MatRef, Operand, empty_matrix, gemm};
+pub use cholesky::{
+    CHOLESKY_BLOCK, CholeskyStatus, cholesky, solve_lower_right, to_f32_contiguous,
+};
+pub use gemm::{MatRef, Operand, empty_matrix, gemm, gemm_accumulate};
 pub use gram::{GramStart, gram};
 pub use lora::{LowRankLora, LowRankLoraGrads};

@@ -96,6 +96,24 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
         Self::from_inner(B::gram_accumulate(acc.into_primitive(), x.into_primitive()))
     }
 
+    // Factorizations and solves serve the (frozen) emulator's construction: not differentiable.
+    fn cholesky(
+        g: FloatTensor<Self>,
+        relative_damping: f64,
+        pivot_tolerance: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (l, status) = B::cholesky(g.into_primitive(), relative_damping, pivot_tolerance);
+        (Self::from_inner(l), Self::from_inner(status))
+    }
+
+    fn solve_lower_right(
+        x: FloatTensor<Self>,
+        l: FloatTensor<Self>,
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::solve_lower_right(x.into_primitive(), l.into_primitive(), transpose))
+    }
+
     fn lowrank_lora(
         x: FloatTensor<Self>,
         x_lora: MaybeTensor<Self>,

@@ -139,4 +139,30 @@ impl EmlocOps for CubeBackend {
             wrap(&like, grads.b, dtype),
         )
     }
+
+    fn cholesky(
+        g: FloatTensor<Self>,
+        relative_damping: f64,
+        pivot_tolerance: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let like = g.clone();
+        let (l, status) = emloc_cube_kernels::cholesky(
+            &like.client,
+            handle(g),
+            relative_damping as f32,
+            pivot_tolerance as f32,
+        );
+        (wrap(&like, l, DType::F32), wrap(&like, status, DType::F32))
+    }
+
+    fn solve_lower_right(
+        x: FloatTensor<Self>,
+        l: FloatTensor<Self>,
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        let like = x.clone();
+        let y =
+            emloc_cube_kernels::solve_lower_right(&like.client, handle(l), handle(x), transpose);
+        wrap(&like, y, DType::F32)
+    }
 }

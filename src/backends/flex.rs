@@ -1,11 +1,14 @@
 //! Flex implementation: plain backend tensor ops. The same generic functions are the
 //! reference the kernels are tested against and serve the autodiff backward's rarely used
-//! gradients (trainable factors or bias).
+//! gradients (trainable factors or bias). Cholesky and the triangular solves have no tensor-op
+//! form: they run as host loops in `f64` (Flex tensors live on the host anyway), rounded to
+//! `f32` like the kernels' results.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Flex, FloatDType, Scalar, Shape, Slice, TensorMetadata};
+use burn::tensor::TensorData;
 
-use crate::ops::{EmlocOps, MaybeTensor};
+use crate::ops::{EmlocOps, MaybeTensor, status};
 
 impl EmlocOps for Flex {
     fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -58,6 +61,119 @@ impl EmlocOps for Flex {
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
     {
         lowrank_lora_backward::<Self>(x, x_lora.into_option(), h, w_v, w_u, a, b, dy, scale, need_x)
+    }
+
+    fn cholesky(
+        g: FloatTensor<Self>,
+        relative_damping: f64,
+        pivot_tolerance: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let device = g.device();
+        let d = g.shape()[0];
+        let g = host_f64::<Self>(g);
+        let (l, st) = host_cholesky(&g, d, relative_damping, pivot_tolerance);
+        (
+            from_host::<Self>(l, vec![d, d], &device),
+            from_host::<Self>(st.to_vec(), vec![status::LEN], &device),
+        )
+    }
+
+    fn solve_lower_right(
+        x: FloatTensor<Self>,
+        l: FloatTensor<Self>,
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        let device = x.device();
+        let (m, d) = (x.shape()[0], x.shape()[1]);
+        let mut y = host_f64::<Self>(x);
+        host_solve_lower_right(&host_f64::<Self>(l), d, &mut y, m, transpose);
+        from_host::<Self>(y, vec![m, d], &device)
+    }
+}
+
+/// A tensor's values, row-major, as `f64`.
+fn host_f64<B: Backend>(t: FloatTensor<B>) -> Vec<f64> {
+    let t = B::float_cast(t, FloatDType::F32);
+    let data = burn::tensor::read_sync(B::float_into_data(t)).expect("reading a host tensor");
+    data.try_to_vec::<f32>().expect("an f32 tensor").into_iter().map(f64::from).collect()
+}
+
+/// An `f32` tensor from `f64` host values.
+fn from_host<B: Backend>(
+    values: Vec<f64>,
+    shape: Vec<usize>,
+    device: &B::Device,
+) -> FloatTensor<B> {
+    let values: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+    B::float_from_data(TensorData::new(values, shape), device)
+}
+
+/// Cholesky (row-oriented Crout: every inner product runs along contiguous rows) of `g + λI`
+/// with the kernel's pivot rules; returns `L` (row-major, zeros above the diagonal) and the
+/// status values. After a rejected pivot it carries on with `L_jj = 1`, like the kernel.
+pub(crate) fn host_cholesky(
+    g: &[f64],
+    d: usize,
+    relative_damping: f64,
+    pivot_tolerance: f64,
+) -> (Vec<f64>, [f64; status::LEN]) {
+    let mean_diag = if d == 0 { 0.0 } else { (0..d).map(|i| g[i * d + i]).sum::<f64>() / d as f64 };
+    let damping = relative_damping * mean_diag;
+    let threshold = pivot_tolerance * mean_diag;
+    let mut st = [0.0; status::LEN];
+    st[status::MEAN_DIAG] = mean_diag;
+    st[status::MIN_PIVOT] = f64::INFINITY;
+    let mut l = vec![0.0; d * d];
+    for j in 0..d {
+        let p = g[j * d + j] + damping - l[j * d..j * d + j].iter().map(|v| v * v).sum::<f64>();
+        let ok = p.is_finite() && p > 0.0 && p > threshold;
+        if !ok && st[status::FIRST_FAILURE] == 0.0 {
+            st[status::FIRST_FAILURE] = (j + 1) as f64;
+            st[status::FAILED_VALUE] = p;
+        }
+        if p < st[status::MIN_PIVOT] {
+            st[status::MIN_PIVOT] = p;
+        }
+        let pivot = if ok { p.sqrt() } else { 1.0 };
+        l[j * d + j] = pivot;
+        let row_j = l[j * d..j * d + j].to_vec();
+        for i in j + 1..d {
+            let row_i = &l[i * d..i * d + j];
+            let dot: f64 = row_i.iter().zip(&row_j).map(|(a, b)| a * b).sum();
+            l[i * d + j] = (g[i * d + j] - dot) / pivot;
+        }
+    }
+    (l, st)
+}
+
+/// `Y L = X` (`transpose == false`) or `Y Lᵀ = X` in place on the rows of `y` (`[m, d]`),
+/// `l` lower-triangular `[d, d]`; both forms walk the rows of `L` contiguously.
+pub(crate) fn host_solve_lower_right(
+    l: &[f64],
+    d: usize,
+    y: &mut [f64],
+    m: usize,
+    transpose: bool,
+) {
+    for r in 0..m {
+        let row = &mut y[r * d..(r + 1) * d];
+        if transpose {
+            // y_j = (x_j − Σ_{i<j} y_i L_ji) / L_jj
+            for j in 0..d {
+                let l_j = &l[j * d..j * d + j];
+                let dot: f64 = row[..j].iter().zip(l_j).map(|(a, b)| a * b).sum();
+                row[j] = (row[j] - dot) / l[j * d + j];
+            }
+        } else {
+            // Right to left: y_i = x_i / L_ii, then x_k −= y_i L_ik for k < i.
+            for i in (0..d).rev() {
+                let y_i = row[i] / l[i * d + i];
+                row[i] = y_i;
+                for (x_k, l_ik) in row[..i].iter_mut().zip(&l[i * d..i * d + i]) {
+                    *x_k -= y_i * l_ik;
+                }
+            }
+        }
     }
 }
 

@@ -68,6 +68,14 @@ pub struct WhiteningConfig {
     pub eigen_floor: f64,
     /// How the whitened weight's truncated SVD is computed.
     pub svd: SvdMethod,
+    /// Opt-in: run the Cholesky attempts (same damping schedule) on this device with emloc's
+    /// `f32` kernel ([`crate::ops::cholesky_damped`]) instead of faer in `f64` on the host; the
+    /// factor then comes back to the host for the rest of the whitening. `None` (the default)
+    /// keeps the host `f64` path: `f32` loses digits on ill-conditioned Grams. On the device the
+    /// pivot tolerance is floored at `d · 2⁻²³` (below it `f32` rounding looks like a real
+    /// pivot). Runtime-only: never serialized.
+    #[serde(skip)]
+    pub cholesky_device: Option<burn::tensor::Device>,
 }
 
 /// How the truncated SVD of the whitened weight is computed.
@@ -99,6 +107,7 @@ impl Default for WhiteningConfig {
             pivot_tolerance: 1e-10,
             eigen_floor: 1e-7,
             svd: SvdMethod::Exact,
+            cholesky_device: None,
         }
     }
 }

@@ -84,6 +84,18 @@ pub fn whitening(layer: &str, gram: MatRef<'_, f64>, config: &WhiteningConfig) -
         // A zero Gram (the layer only ever saw zeros) carries no information to weight by.
         return Ok(Whitening { kind: WhiteningKind::Identity, damping: 0.0, relative_damping: 0.0 });
     }
+    if config.method == WhiteningMethod::Cholesky
+        && let Some(device) = &config.cholesky_device
+    {
+        match device_cholesky(gram, device, config) {
+            Ok(whitening) => return Ok(whitening),
+            // Damping ran out: the eigen path, as on the host.
+            Err(EmlocError::NotPositiveDefinite { .. }) => {
+                return eigen_whitening(layer, gram, mean_diag, config);
+            }
+            Err(e) => return Err(e),
+        }
+    }
     if config.method == WhiteningMethod::Cholesky {
         let mut relative = 0.0;
         for attempt in 0..=config.max_damping_attempts {
@@ -111,6 +123,29 @@ pub fn whitening(layer: &str, gram: MatRef<'_, f64>, config: &WhiteningConfig) -
         }
     }
     eigen_whitening(layer, gram, mean_diag, config)
+}
+
+/// The Cholesky attempts of [`whitening`] on `device`, in `f32` ([`crate::ops::cholesky_damped`]);
+/// the factor comes back to the host as `f64`.
+fn device_cholesky(
+    gram: MatRef<'_, f64>,
+    device: &burn::tensor::Device,
+    config: &WhiteningConfig,
+) -> Result<Whitening> {
+    use burn::tensor::{Tensor, TensorData};
+    let d = gram.nrows();
+    let values: Vec<f32> = (0..d * d).map(|k| gram[(k / d, k % d)] as f32).collect();
+    let g = Tensor::<2>::from_data(TensorData::new(values, [d, d]), device);
+    let floor = d as f64 * f32::EPSILON as f64;
+    let config =
+        WhiteningConfig { pivot_tolerance: config.pivot_tolerance.max(floor), ..config.clone() };
+    let factor = crate::ops::cholesky_damped(g, &config)?;
+    let l = factor.l.into_data().try_to_vec::<f32>().expect("the Cholesky factor is f32");
+    Ok(Whitening {
+        kind: WhiteningKind::Cholesky(Mat::from_fn(d, d, |i, j| l[i * d + j] as f64)),
+        damping: factor.damping,
+        relative_damping: factor.relative_damping,
+    })
 }
 
 fn eigen_whitening(

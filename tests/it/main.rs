@@ -1,6 +1,7 @@
 //! Integration tests of the emloc library (one test binary; see MACHINES notes on link cost).
 
 mod allocation;
+mod cholesky;
 mod common;
 mod emulate;
 mod errors;
