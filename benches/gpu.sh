@@ -4,11 +4,15 @@
 # criterion benchmarks at GPU sizes. Results go under the directory given as $1 (default $OUT):
 #   nvidia-smi.txt, build.log, tests.log, bench.log, criterion/ (criterion's reports), summary.txt
 # Budget: about 10 minutes on an H200 (build ~3-5 min on 16 cores, tests <1 min, benches ~4 min).
+# The device tool stops a command after 10 minutes, so the work can be split in two calls on a
+# warm machine (the build stays between calls): `benches/gpu.sh OUT build`, then
+# `benches/gpu.sh OUT run` (tests + benchmarks, at most 3 + 6 minutes). Default: `all`.
 set -uo pipefail
 
 OUT_DIR="${1:-${OUT:-}}"
-if [ -z "$OUT_DIR" ]; then
-    echo "usage: benches/gpu.sh OUT_DIR (or set \$OUT)" >&2
+STAGE="${2:-all}"
+if [ -z "$OUT_DIR" ] || [[ ! "$STAGE" =~ ^(all|build|run)$ ]]; then
+    echo "usage: benches/gpu.sh OUT_DIR [all|build|run] (OUT_DIR may come from \$OUT)" >&2
     exit 2
 fi
 mkdir -p "$OUT_DIR"
@@ -19,10 +23,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 export EMLOC_BENCH_SIZES=gpu
 export RUST_BACKTRACE=1
 status=0
-: > "$OUT_DIR/summary.txt"
+[ "$STAGE" = run ] || : > "$OUT_DIR/summary.txt"
 
 { nvidia-smi || true; } > "$OUT_DIR/nvidia-smi.txt" 2>&1
 
+if [ "$STAGE" != run ]; then
 # cubecl-cuda always builds cubecl-llvm (nvptx), whose build script downloads an LLVM 23 bundle
 # from GitHub. Without internet, point it at the relocatable LLVM of the PyPI wheel
 # `mlc-llvm-static==23.1.1.post0` (see MACHINES.md): $EMLOC_LLVM_WHEEL, or shared/llvm/*.whl,
@@ -54,6 +59,9 @@ if ! cargo build --release -p emloc --features cuda --tests --benches > "$OUT_DI
     exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
+fi
+
+if [ "$STAGE" != build ]; then
 
 echo "== kernel tests on CUDA" | tee -a "$OUT_DIR/summary.txt"
 start=$(date +%s)
@@ -69,7 +77,7 @@ echo "tests: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 
 echo "== benchmarks (criterion, GPU sizes)" | tee -a "$OUT_DIR/summary.txt"
 start=$(date +%s)
-if timeout 300 cargo bench -p emloc --features cuda --bench kernels -- \
+if timeout 360 cargo bench -p emloc --features cuda --bench kernels -- \
     --warm-up-time 1 --measurement-time 2 --sample-size 10 > "$OUT_DIR/bench.log" 2>&1; then
     echo "benches: done" | tee -a "$OUT_DIR/summary.txt"
 else
@@ -80,6 +88,7 @@ fi
 grep -E "^(gram|lowrank_lora|cholesky)/|time:|thrpt:" "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
 echo "benches: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 [ -d "$CARGO_TARGET_DIR/criterion" ] && cp -r "$CARGO_TARGET_DIR/criterion" "$OUT_DIR/criterion"
+fi
 
 cat "$OUT_DIR/summary.txt"
 exit $status
