@@ -422,10 +422,11 @@ fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnM
             Ok(None)
         }
         MemoryPhase::Emulate => {
-            let (encoder, _) = args.model.load()?;
+            let (mut encoder, _) = args.model.load()?;
             let texts = calibration_texts(&split.train, args.calibration_pairs)?;
             let config = emulator_config(args)?;
-            let (emulator, report) = build_emulator(&encoder, &texts, &config)?;
+            let original = encoder.take_model();
+            let (emulator, report) = build_emulator(&encoder, original, &texts, &config)?;
             save_emulator(
                 &emulator,
                 &EmulatorDescription::new(config, report),

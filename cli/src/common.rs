@@ -270,14 +270,16 @@ pub fn with_calibration<T>(
     Ok(result)
 }
 
-/// Builds the emulator of `encoder`'s model from `texts` (see [`with_calibration`]).
+/// Builds the emulator of `model` (consumed: pass a clone to keep the original) from `texts`, run
+/// through `encoder`'s tokenizer and pooling (see [`with_calibration`]).
 pub fn build_emulator(
     encoder: &SentenceEncoder,
+    model: BertModel,
     texts: &[String],
     config: &EmulatorConfig,
 ) -> CliResult<(BertModel, EmulatorReport)> {
     let result = with_calibration(encoder, texts, |batches, forward| {
-        emulate(encoder.model.clone(), batches, |m: &BertModel, b| forward(m, b), config)
+        emulate(model, batches, |m: &BertModel, b| forward(m, b), config)
     })?;
     Ok(result?)
 }

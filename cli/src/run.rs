@@ -149,7 +149,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     ] {
         let row_phase = Phase::start();
         let config = EmulatorConfig { whitening: emloc::emulator::WhiteningConfig { method, ..base_config.whitening.clone() }, ..base_config.clone() };
-        let (emulator, report) = build_emulator(&encoder, &calibration, &config)?;
+        let (emulator, report) = build_emulator(&encoder, encoder.model.clone(), &calibration, &config)?;
         let emulate_seconds = row_phase.elapsed_seconds();
         eprintln!(
             "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({:.1}s)",

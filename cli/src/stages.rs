@@ -73,9 +73,11 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let config = args.emulator.config()?;
     let split = args.data.split()?;
     let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
-    let (encoder, model_dir) = args.model.load()?;
+    let (mut encoder, model_dir) = args.model.load()?;
     check_out(&args.out, &model_dir)?;
-    let (emulator, report) = build_emulator(&encoder, &texts, &config)?;
+    // Moved out, so that emulation releases the original's dense weights layer by layer.
+    let original = encoder.take_model();
+    let (emulator, report) = build_emulator(&encoder, original, &texts, &config)?;
     let description = EmulatorDescription::new(config, report);
     emloc::save_emulator(&emulator, &description, &args.out)?;
     eprintln!(

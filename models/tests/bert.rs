@@ -133,6 +133,14 @@ fn tiny_sentence_encoder_matches_reference() {
         let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
     }
+
+    // Taking the model out leaves an unmaterialised skeleton; putting it back changes nothing.
+    let mut encoder = encoder;
+    let model = encoder.take_model();
+    let skeleton = &encoder.model.encoder.layer[0].attention.self_attn.query;
+    assert!(!skeleton.weight.is_initialized(), "the placeholder must not be materialised");
+    let encoder = encoder.with_model(model);
+    assert_eq!(encoder.embed(&texts).unwrap(), embeddings);
     assert!(encoder.embed(&[]).unwrap().is_empty());
 }
 

@@ -156,6 +156,16 @@ impl SentenceEncoder {
         self
     }
 
+    /// Takes the encoder's model out, leaving a freshly built one of the same shape in its place
+    /// whose weights are lazily initialised and so never materialised unless it is run. For
+    /// consuming the model (e.g. [`emloc::emulate`], which then releases its dense weights
+    /// layer by layer) while keeping the tokenizer and pooling; put a model back with
+    /// [`with_model`](Self::with_model) before encoding with the encoder's own model.
+    pub fn take_model(&mut self) -> BertModel {
+        let skeleton = self.config.init(self.model.pooler.is_some(), &self.device);
+        std::mem::replace(&mut self.model, skeleton)
+    }
+
     /// Sets the number of texts per forward pass (at least 1).
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
