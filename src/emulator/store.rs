@@ -8,11 +8,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, Metadata, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::{EmulatorConfig, EmulatorReport};
@@ -21,6 +22,9 @@ use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
 use crate::nn::LowRankFactors;
 use crate::nn::hooks::{for_each_linear, map_linears};
+
+/// Largest safetensors header accepted (safetensors' own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// The factors file of an emulator directory.
 pub const FACTORS_FILE: &str = "emulator.safetensors";
@@ -123,8 +127,15 @@ pub fn read_emulator(dir: &Path) -> Result<(EmulatorDescription, BTreeMap<String
     // The description is checked before the factors file is read.
     let description = read_emulator_description(dir)?;
     let factors_path = dir.join(FACTORS_FILE);
-    let bytes = fs::read(&factors_path).map_err(|e| EmlocError::io(&factors_path, e))?;
-    parse_factors(description, &bytes, &factors_path)
+    let io_error = |e| EmlocError::io(&factors_path, e);
+    let mut file = fs::File::open(&factors_path).map_err(io_error)?;
+    let len = file.metadata().map_err(io_error)?.len();
+    // One tensor at a time from the file: never the whole file plus its parsed copy in memory.
+    let (header, data_start) = read_header(&mut file, len, &factors_path)?;
+    parse_factors(description, &header, &factors_path, &mut |offset, out| {
+        file.seek(SeekFrom::Start(data_start + offset as u64))?;
+        file.read_exact(out)
+    })
 }
 
 /// Reads and checks only an emulator directory's [`DESCRIPTION_FILE`]: which layers are
@@ -151,7 +162,39 @@ pub fn parse_emulator(
     factors: &[u8],
 ) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
     let description = parse_description(description_json, Path::new(DESCRIPTION_FILE))?;
-    parse_factors(description, factors, Path::new(FACTORS_FILE))
+    let path = Path::new(FACTORS_FILE);
+    let (header, data_start) = read_header(&mut &factors[..], factors.len() as u64, path)?;
+    let data = &factors[data_start as usize..];
+    parse_factors(description, &header, path, &mut |offset, out| {
+        out.copy_from_slice(&data[offset..offset + out.len()]);
+        Ok(())
+    })
+}
+
+/// Reads a safetensors header from the start of `reader` (a file of `len` bytes) and checks it:
+/// offsets contiguous and sized by dtype and shape (safetensors' own validation), and ending
+/// exactly at the end of the file. Returns the header and where the tensor data starts.
+fn read_header(reader: &mut impl Read, len: u64, path: &Path) -> Result<(Metadata, u64)> {
+    let bad = |message: String| file_error(path, message);
+    let mut prefix = [0u8; 8];
+    reader.read_exact(&mut prefix).map_err(|_| bad(format!("{len} bytes: too short for a safetensors header")))?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > len.saturating_sub(8) || header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!("header length {header_len} does not fit in the file's {len} bytes")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    reader.read_exact(&mut header).map_err(|e| bad(format!("reading the header: {e}")))?;
+    let metadata: Metadata =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
+    let data_start = 8 + header_len;
+    if data_start + metadata.data_len() as u64 != len {
+        return Err(bad(format!(
+            "the header describes {} bytes of tensor data, the file has {}",
+            metadata.data_len(),
+            len - data_start
+        )));
+    }
+    Ok((metadata, data_start))
 }
 
 fn parse_description(text: &str, json_path: &Path) -> Result<EmulatorDescription> {
@@ -174,13 +217,15 @@ fn parse_description(text: &str, json_path: &Path) -> Result<EmulatorDescription
     Ok(description)
 }
 
+/// Checks the factors described by `header` against `description` and reads them, one tensor
+/// at a time, through `read(offset in the data section, buffer)`.
 fn parse_factors(
     description: EmulatorDescription,
-    bytes: &[u8],
+    header: &Metadata,
     factors_path: &Path,
+    read: &mut dyn FnMut(usize, &mut [u8]) -> std::io::Result<()>,
 ) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
     let factors_path = factors_path.to_path_buf();
-    let st = SafeTensors::deserialize(bytes).map_err(|e| file_error(&factors_path, e.to_string()))?;
     let mut expected: BTreeMap<String, [usize; 2]> = BTreeMap::new();
     for l in &description.report.layers {
         expected.insert(format!("{}.w_v", l.path), [l.d_in, l.rank]);
@@ -188,41 +233,47 @@ fn parse_factors(
     }
     let mut matrices: BTreeMap<String, Matrix> = BTreeMap::new();
     let (mut unexpected, mut misshaped) = (Vec::new(), Vec::new());
-    let mut names = st.names();
+    let tensors = header.tensors();
+    let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
+    // Every name and shape is checked before any data is read.
+    let mut wanted = Vec::new();
     for key in names {
-        let Some(&shape) = expected.get(key) else {
+        let info = tensors[key];
+        let Some(&shape) = expected.get(key.as_str()) else {
             unexpected.push(key.to_string());
             continue;
         };
-        let view = st.tensor(key).map_err(|e| file_error(&factors_path, format!("{key}: {e}")))?;
-        if view.dtype() != Dtype::F32 {
-            return Err(file_error(&factors_path, format!("{key}: dtype {} (expected F32)", view.dtype())));
+        if info.dtype != Dtype::F32 {
+            return Err(file_error(&factors_path, format!("{key}: dtype {} (expected F32)", info.dtype)));
         }
-        if view.shape() != shape {
-            misshaped.push(format!("{key}: expected {shape:?}, found {:?}", view.shape()));
+        if info.shape != shape {
+            misshaped.push(format!("{key}: expected {shape:?}, found {:?}", info.shape));
             continue;
         }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if data.len() != shape[0] * shape[1] {
-            return Err(file_error(&factors_path, format!("{key}: {} values for {shape:?}", data.len())));
+        wanted.push((key, shape, info.data_offsets.0));
+    }
+    let missing: Vec<&String> =
+        expected.keys().filter(|k| !wanted.iter().any(|(w, _, _)| w == k)).collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !misshaped.is_empty() {
+        return Err(file_error(
+            &factors_path,
+            format!("missing {missing:?}, unexpected {unexpected:?}, mis-shaped {misshaped:?}"),
+        ));
+    }
+    for (key, shape, offset) in wanted {
+        // The header's validation guarantees 4 · rows · cols bytes at `offset`.
+        let mut data = vec![0f32; shape[0] * shape[1]];
+        read(offset, bytemuck::cast_slice_mut(&mut data))
+            .map_err(|e| file_error(&factors_path, format!("{key}: {e}")))?;
+        if cfg!(target_endian = "big") {
+            data.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
         }
         let m = Matrix::new(shape[0], shape[1], data);
         if !m.is_finite() {
             return Err(EmlocError::NonFinite { layer: key.to_string(), what: "emulator factor".into() });
         }
         matrices.insert(key.to_string(), m);
-    }
-    let missing: Vec<&String> = expected.keys().filter(|k| !matrices.contains_key(*k)).collect();
-    if !missing.is_empty() || !unexpected.is_empty() || !misshaped.is_empty() {
-        return Err(file_error(
-            &factors_path,
-            format!("missing {missing:?}, unexpected {unexpected:?}, mis-shaped {misshaped:?}"),
-        ));
     }
     let factors = description
         .report

@@ -80,8 +80,17 @@ fn tampered_emulator_directories_are_rejected_by_name() {
     std::fs::write(&json_path, &json).unwrap();
     let factors = dir.path().join(FACTORS_FILE);
     let bytes = std::fs::read(&factors).unwrap();
+    std::fs::write(&factors, &bytes[..bytes.len() - 4]).unwrap();
+    emulator_file_error(load_emulator(original.clone(), dir.path()), "the header describes");
     std::fs::write(&factors, &bytes[..bytes.len() / 2]).unwrap();
-    emulator_file_error(load_emulator(original.clone(), dir.path()), "");
+    emulator_file_error(load_emulator(original.clone(), dir.path()), "does not fit");
+    // A header length past the end of the file, and a file too short for one.
+    let mut long = bytes.clone();
+    long[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    std::fs::write(&factors, &long).unwrap();
+    emulator_file_error(load_emulator(original.clone(), dir.path()), "does not fit");
+    std::fs::write(&factors, &bytes[..5]).unwrap();
+    emulator_file_error(load_emulator(original.clone(), dir.path()), "too short");
 
     // A missing file is an I/O error naming it.
     std::fs::remove_file(&factors).unwrap();
