@@ -2,7 +2,8 @@
 //!
 //! One cube computes one `bm × bm` output tile (`bm = threads · micro`) over a range of the
 //! reduction axis: operands are staged through shared memory in `bk`-deep slabs (converted to
-//! `f32` on load), and each unit accumulates a `micro × micro` register tile in `f32`.
+//! `f32` on load, stored as 4-wide `f32` vectors along the output axes), and each unit
+//! accumulates a `micro × micro` register tile in `f32` with 4-wide vector FMAs.
 //! Operands are *virtual* matrices ([`OperandArgs`]): a strided view of one tensor, or two tensors
 //! concatenated along one axis with the second part scaled — which is how `[W_v | A]` and
 //! `[W_u ; s·B]` are read without ever being materialised.
@@ -122,9 +123,39 @@ pub fn read_operand<F: Float>(
     value
 }
 
+/// Width of the `f32` vectors the register tile and the shared-memory slabs are made of.
+pub const VEC: usize = 4;
+
+/// One register-tile vector: `VEC` consecutive output columns (or slab rows) in `f32`.
+pub type Vec4 = Vector<f32, Const<4>>;
+
+/// A zeroed register tile for [`accumulate_tile`]: `micro` rows of `micro / VEC` vectors.
+#[cube]
+pub fn zero_tile(#[comptime] config: TileConfig) -> Array<Vec4> {
+    let len = comptime!(config.micro * config.micro / VEC);
+    let mut acc = Array::<Vec4>::new(len);
+    #[unroll]
+    for i in 0..len {
+        acc[i] = Vec4::new(0.0f32);
+    }
+    acc
+}
+
+/// Row of the output held in register-tile row `i` by the unit at `uy` (`ux` for columns):
+/// units own `VEC`-wide runs, `threads · VEC` apart, so that one vector load from a slab gives
+/// a unit `VEC` consecutive rows (columns).
+#[cube]
+pub fn tile_offset(unit: usize, i: usize, #[comptime] threads: usize) -> usize {
+    (i / VEC) * comptime!(threads * VEC) + unit * VEC + i % VEC
+}
+
 /// Accumulates `lhs[m0.., k_begin..k_end] · rhs[k_begin..k_end, n0..]` into this unit's register
-/// tile `acc` (`micro × micro`, row-major; unit `(ux, uy)` owns rows `m0 + uy + threads·i` and
-/// columns `n0 + ux + threads·j`, a strided layout that keeps shared-memory reads conflict-free).
+/// tile `acc` (`micro × micro`, stored as `micro` rows of `micro / VEC` vectors of `VEC`
+/// columns; see [`tile_offset`] for which rows and columns unit `(ux, uy)` owns).
+///
+/// Each slab is stored `k`-major as `VEC`-wide vectors along the output axis, so one step of
+/// the inner loop is `micro / VEC` vector loads per operand and `micro²/VEC` vector FMAs
+/// (a broadcast row value times a column vector).
 #[allow(clippy::too_many_arguments)]
 #[cube]
 pub fn accumulate_tile<F: Float>(
@@ -134,7 +165,7 @@ pub fn accumulate_tile<F: Float>(
     rhs_1: &Tensor<F>,
     rhs_2: &Tensor<F>,
     rhs: &OperandArgs,
-    acc: &mut Array<f32>,
+    acc: &mut Array<Vec4>,
     m0: usize,
     n0: usize,
     k_begin: usize,
@@ -142,21 +173,18 @@ pub fn accumulate_tile<F: Float>(
     #[comptime] config: TileConfig,
 ) {
     let threads = config.threads;
-    let micro = config.micro;
     let bk = config.bk;
-    let tile = comptime!(config.threads * config.micro);
-    // One padding column: k-major stores then hit distinct banks.
-    let stride = comptime!(config.threads * config.micro + 1);
+    let groups = comptime!(config.micro / VEC);
+    // Vectors per slab row (the tile's width in vectors).
+    let width = comptime!(config.threads * config.micro / VEC);
     let units = comptime!(config.threads * config.threads);
-    let loads =
-        comptime!(config.threads * config.micro * config.bk / (config.threads * config.threads));
+    let total = comptime!(config.bk * config.threads * config.micro / VEC);
+    let loads = comptime!(total.div_ceil(config.threads * config.threads));
 
-    let mut lhs_smem =
-        Shared::<[f32]>::new_slice(comptime!(config.bk * (config.threads * config.micro + 1)));
-    let mut rhs_smem =
-        Shared::<[f32]>::new_slice(comptime!(config.bk * (config.threads * config.micro + 1)));
-    let mut a = Array::<f32>::new(micro);
-    let mut b = Array::<f32>::new(micro);
+    let mut lhs_smem = Shared::<[Vec4]>::new_slice(total);
+    let mut rhs_smem = Shared::<[Vec4]>::new_slice(total);
+    let mut a = Array::<Vec4>::new(groups);
+    let mut b = Array::<Vec4>::new(groups);
 
     let ux = UNIT_POS_X as usize;
     let uy = UNIT_POS_Y as usize;
@@ -167,45 +195,80 @@ pub fn accumulate_tile<F: Float>(
         #[unroll]
         for l in 0..loads {
             let index = l * units + unit;
-            // Consecutive units walk the operand's contiguous axis (coalesced global reads).
-            let (kk, mm) = if config.lhs_k_contiguous {
-                (index % bk, index / bk)
-            } else {
-                (index / tile, index % tile)
-            };
-            let k = k0 + kk;
-            let mut value = 0.0f32;
-            if k < k_end {
-                value = read_operand::<F>(lhs_1, lhs_2, lhs, m0 + mm, k, config.lhs_join);
-            }
-            lhs_smem[kk * stride + mm] = value;
+            if index < total {
+                // Consecutive units walk the operand's contiguous axis (coalesced global reads).
+                let (kk, mv) = if config.lhs_k_contiguous {
+                    (index % bk, index / bk)
+                } else {
+                    (index / width, index % width)
+                };
+                let k = k0 + kk;
+                let mut value = Vec4::new(0.0f32);
+                if k < k_end {
+                    #[unroll]
+                    for c in 0..VEC {
+                        value.insert(
+                            c,
+                            read_operand::<F>(
+                                lhs_1,
+                                lhs_2,
+                                lhs,
+                                m0 + mv * VEC + c,
+                                k,
+                                config.lhs_join,
+                            ),
+                        );
+                    }
+                }
+                lhs_smem[kk * width + mv] = value;
 
-            let (kk, nn) = if config.rhs_k_contiguous {
-                (index % bk, index / bk)
-            } else {
-                (index / tile, index % tile)
-            };
-            let k = k0 + kk;
-            let mut value = 0.0f32;
-            if k < k_end {
-                value = read_operand::<F>(rhs_1, rhs_2, rhs, k, n0 + nn, config.rhs_join);
+                let (kk, nv) = if config.rhs_k_contiguous {
+                    (index % bk, index / bk)
+                } else {
+                    (index / width, index % width)
+                };
+                let k = k0 + kk;
+                let mut value = Vec4::new(0.0f32);
+                if k < k_end {
+                    #[unroll]
+                    for c in 0..VEC {
+                        value.insert(
+                            c,
+                            read_operand::<F>(
+                                rhs_1,
+                                rhs_2,
+                                rhs,
+                                k,
+                                n0 + nv * VEC + c,
+                                config.rhs_join,
+                            ),
+                        );
+                    }
+                }
+                rhs_smem[kk * width + nv] = value;
             }
-            rhs_smem[kk * stride + nn] = value;
         }
         sync_cube();
 
         #[unroll]
         for kk in 0..bk {
             #[unroll]
-            for i in 0..micro {
-                a[i] = lhs_smem[kk * stride + uy + i * threads];
-                b[i] = rhs_smem[kk * stride + ux + i * threads];
+            for g in 0..groups {
+                a[g] = lhs_smem[kk * width + g * threads + uy];
+                b[g] = rhs_smem[kk * width + g * threads + ux];
             }
             #[unroll]
-            for i in 0..micro {
+            for g in 0..groups {
+                let column = a[g];
                 #[unroll]
-                for j in 0..micro {
-                    acc[i * micro + j] += a[i] * b[j];
+                for v in 0..VEC {
+                    // Register-tile row g·VEC + v.
+                    let row = Vec4::new(column.extract(v));
+                    let base = (g * VEC + v) * groups;
+                    #[unroll]
+                    for h in 0..groups {
+                        acc[base + h] = fma(row, b[h], acc[base + h]);
+                    }
                 }
             }
         }
