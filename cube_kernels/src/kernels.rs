@@ -68,7 +68,8 @@ pub fn gemm_direct_kernel<F: Float>(
             for c in 0..VEC {
                 let col = n0 + h * comptime!(threads * VEC) + ux * VEC + c;
                 if row < dst.rows && col < dst.cols {
-                    let shift: ComptimeOption<F> = bias.as_ref().map(|bias| bias[col * bias.stride(0)]);
+                    let shift: ComptimeOption<F> =
+                        bias.as_ref().map(|bias| bias[col * bias.stride(0)]);
                     let mut value =
                         sums.extract(c) * dst.alpha + f32::cast_from(shift.unwrap_or_default());
                     let position = dst.offset + row * dst.row_stride + col * dst.col_stride;
