@@ -31,11 +31,11 @@ pub struct OutputArgs {
 /// solve).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-pub fn gemm_direct_kernel<F: Float>(
-    lhs_1: &Tensor<F>,
-    lhs_2: &Tensor<F>,
-    rhs_1: &Tensor<F>,
-    rhs_2: &Tensor<F>,
+pub fn gemm_direct_kernel<F: Float, NL: Size, NR: Size>(
+    lhs_1: &Tensor<Vector<F, NL>>,
+    lhs_2: &Tensor<Vector<F, NL>>,
+    rhs_1: &Tensor<Vector<F, NR>>,
+    rhs_2: &Tensor<Vector<F, NR>>,
     bias: ComptimeOption<&Tensor<F>>,
     out: &mut Tensor<F>,
     lhs: OperandArgs,
@@ -52,7 +52,7 @@ pub fn gemm_direct_kernel<F: Float>(
     let m0 = CUBE_POS_Y as usize * tile;
     let n0 = CUBE_POS_X as usize * tile;
     let mut acc = zero_tile(config);
-    accumulate_tile::<F>(
+    accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, 0, dst.depth, config,
     );
 
@@ -88,11 +88,11 @@ pub fn gemm_direct_kernel<F: Float>(
 /// tiles on or below the diagonal are computed (symmetric products).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-pub fn gemm_partial_kernel<F: Float>(
-    lhs_1: &Tensor<F>,
-    lhs_2: &Tensor<F>,
-    rhs_1: &Tensor<F>,
-    rhs_2: &Tensor<F>,
+pub fn gemm_partial_kernel<F: Float, NL: Size, NR: Size>(
+    lhs_1: &Tensor<Vector<F, NL>>,
+    lhs_2: &Tensor<Vector<F, NL>>,
+    rhs_1: &Tensor<Vector<F, NR>>,
+    rhs_2: &Tensor<Vector<F, NR>>,
     partial: &mut Tensor<f32>,
     lhs: OperandArgs,
     rhs: OperandArgs,
@@ -117,7 +117,7 @@ pub fn gemm_partial_kernel<F: Float>(
         k_end = dst.depth;
     }
     let mut acc = zero_tile(config);
-    accumulate_tile::<F>(
+    accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, k_begin, k_end, config,
     );
 
@@ -147,11 +147,11 @@ pub fn gemm_partial_kernel<F: Float>(
 /// completes the upper triangle (Gram); the Cholesky trailing update (`alpha = -1`) ignores it.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-pub fn syrk_direct_kernel<F: Float>(
-    lhs_1: &Tensor<F>,
-    lhs_2: &Tensor<F>,
-    rhs_1: &Tensor<F>,
-    rhs_2: &Tensor<F>,
+pub fn syrk_direct_kernel<F: Float, NL: Size, NR: Size>(
+    lhs_1: &Tensor<Vector<F, NL>>,
+    lhs_2: &Tensor<Vector<F, NL>>,
+    rhs_1: &Tensor<Vector<F, NR>>,
+    rhs_2: &Tensor<Vector<F, NR>>,
     out: &mut Tensor<f32>,
     lhs: OperandArgs,
     rhs: OperandArgs,
@@ -170,7 +170,7 @@ pub fn syrk_direct_kernel<F: Float>(
     let m0 = CUBE_POS_Y as usize * tile;
     let n0 = CUBE_POS_X as usize * tile;
     let mut acc = zero_tile(config);
-    accumulate_tile::<F>(
+    accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, 0, dst.depth, config,
     );
 

@@ -39,6 +39,11 @@ pub struct TileConfig {
     pub lhs_k_contiguous: bool,
     /// Whether the right operand is contiguous along the reduction axis.
     pub rhs_k_contiguous: bool,
+    /// Whether the left operand is read as `VEC`-wide vectors along its rows (its tensors are
+    /// bound with vector size `VEC`; the host checked strides, offsets and extents).
+    pub lhs_vectorized: bool,
+    /// Whether the right operand is read as `VEC`-wide vectors along its columns.
+    pub rhs_vectorized: bool,
 }
 
 impl TileConfig {
@@ -74,11 +79,12 @@ pub struct OperandArgs {
     pub scale_2: f32,
 }
 
-/// Element `(row, col)` of a virtual operand as `f32`; zero outside it (ragged tiles).
+/// Element `(row, col)` of a virtual operand as `f32`; zero outside it (ragged tiles). The
+/// tensors are bound with vector size 1.
 #[cube]
-pub fn read_operand<F: Float>(
-    first: &Tensor<F>,
-    second: &Tensor<F>,
+pub fn read_operand<F: Float, N: Size>(
+    first: &Tensor<Vector<F, N>>,
+    second: &Tensor<Vector<F, N>>,
     args: &OperandArgs,
     row: usize,
     col: usize,
@@ -89,35 +95,107 @@ pub fn read_operand<F: Float>(
         match join {
             Join::None => {
                 value = f32::cast_from(
-                    first[args.offset_1 + row * args.row_stride_1 + col * args.col_stride_1],
+                    first[args.offset_1 + row * args.row_stride_1 + col * args.col_stride_1]
+                        .extract(0usize),
                 );
             }
             Join::Rows => {
                 if row < args.split {
                     value = f32::cast_from(
-                        first[args.offset_1 + row * args.row_stride_1 + col * args.col_stride_1],
+                        first[args.offset_1 + row * args.row_stride_1 + col * args.col_stride_1]
+                            .extract(0usize),
                     );
                 } else {
                     value = f32::cast_from(
                         second[args.offset_2
                             + (row - args.split) * args.row_stride_2
-                            + col * args.col_stride_2],
+                            + col * args.col_stride_2]
+                            .extract(0usize),
                     ) * args.scale_2;
                 }
             }
             Join::Cols => {
                 if col < args.split {
                     value = f32::cast_from(
-                        first[args.offset_1 + row * args.row_stride_1 + col * args.col_stride_1],
+                        first[args.offset_1 + row * args.row_stride_1 + col * args.col_stride_1]
+                            .extract(0usize),
                     );
                 } else {
                     value = f32::cast_from(
                         second[args.offset_2
                             + row * args.row_stride_2
-                            + (col - args.split) * args.col_stride_2],
+                            + (col - args.split) * args.col_stride_2]
+                            .extract(0usize),
                     ) * args.scale_2;
                 }
             }
+        }
+    }
+    value
+}
+
+/// The `VEC` elements `(row + c, col)` (`along_rows`) or `(row, col + c)` of a virtual operand,
+/// as `f32`; zero outside it. With `vectorized`, the tensors are bound with vector size `VEC`
+/// and the run is one aligned vector load: the host guarantees unit stride along the run,
+/// offsets and the other stride multiples of `VEC`, an extent along the run (and a split, if
+/// the join is along it) multiple of `VEC`, so a run lies wholly inside or outside the operand
+/// and inside one of its parts. Otherwise `VEC` scalar reads.
+// `raw` starts empty and every arm of the (comptime) join assigns it.
+#[allow(clippy::too_many_arguments, unused_assignments)]
+#[cube]
+pub fn read_run<F: Float, N: Size>(
+    first: &Tensor<Vector<F, N>>,
+    second: &Tensor<Vector<F, N>>,
+    args: &OperandArgs,
+    row: usize,
+    col: usize,
+    #[comptime] along_rows: bool,
+    #[comptime] join: Join,
+    #[comptime] vectorized: bool,
+) -> Vec4 {
+    let mut value = Vec4::new(0.0f32);
+    if vectorized {
+        if row < args.rows && col < args.cols {
+            let mut scale = 1.0f32;
+            let mut raw = Vector::<F, N>::empty();
+            let index_1 = args.offset_1 + row * args.row_stride_1 + col * args.col_stride_1;
+            match join {
+                Join::None => {
+                    raw = first[index_1 / VEC];
+                }
+                Join::Rows => {
+                    if row < args.split {
+                        raw = first[index_1 / VEC];
+                    } else {
+                        raw = second[(args.offset_2
+                            + (row - args.split) * args.row_stride_2
+                            + col * args.col_stride_2)
+                            / VEC];
+                        scale = args.scale_2;
+                    }
+                }
+                Join::Cols => {
+                    if col < args.split {
+                        raw = first[index_1 / VEC];
+                    } else {
+                        raw = second[(args.offset_2
+                            + row * args.row_stride_2
+                            + (col - args.split) * args.col_stride_2)
+                            / VEC];
+                        scale = args.scale_2;
+                    }
+                }
+            }
+            #[unroll]
+            for c in 0..VEC {
+                value.insert(c, f32::cast_from(raw.extract(c)) * scale);
+            }
+        }
+    } else {
+        #[unroll]
+        for c in 0..VEC {
+            let (r, cc) = if along_rows { (row + c, col) } else { (row, col + c) };
+            value.insert(c, read_operand::<F, N>(first, second, args, r, cc, join));
         }
     }
     value
@@ -158,12 +236,12 @@ pub fn tile_offset(unit: usize, i: usize, #[comptime] threads: usize) -> usize {
 /// (a broadcast row value times a column vector).
 #[allow(clippy::too_many_arguments)]
 #[cube]
-pub fn accumulate_tile<F: Float>(
-    lhs_1: &Tensor<F>,
-    lhs_2: &Tensor<F>,
+pub fn accumulate_tile<F: Float, NL: Size, NR: Size>(
+    lhs_1: &Tensor<Vector<F, NL>>,
+    lhs_2: &Tensor<Vector<F, NL>>,
     lhs: &OperandArgs,
-    rhs_1: &Tensor<F>,
-    rhs_2: &Tensor<F>,
+    rhs_1: &Tensor<Vector<F, NR>>,
+    rhs_2: &Tensor<Vector<F, NR>>,
     rhs: &OperandArgs,
     acc: &mut Array<Vec4>,
     m0: usize,
@@ -197,7 +275,7 @@ pub fn accumulate_tile<F: Float>(
             let index = l * units + unit;
             if index < total {
                 // Consecutive units walk the operand's contiguous axis (coalesced global reads).
-                let (kk, mv) = if config.lhs_k_contiguous {
+                let (kk, mv) = if config.lhs_k_contiguous && !config.lhs_vectorized {
                     (index % bk, index / bk)
                 } else {
                     (index / width, index % width)
@@ -205,24 +283,20 @@ pub fn accumulate_tile<F: Float>(
                 let k = k0 + kk;
                 let mut value = Vec4::new(0.0f32);
                 if k < k_end {
-                    #[unroll]
-                    for c in 0..VEC {
-                        value.insert(
-                            c,
-                            read_operand::<F>(
-                                lhs_1,
-                                lhs_2,
-                                lhs,
-                                m0 + mv * VEC + c,
-                                k,
-                                config.lhs_join,
-                            ),
-                        );
-                    }
+                    value = read_run::<F, NL>(
+                        lhs_1,
+                        lhs_2,
+                        lhs,
+                        m0 + mv * VEC,
+                        k,
+                        true,
+                        config.lhs_join,
+                        config.lhs_vectorized,
+                    );
                 }
                 lhs_smem[kk * width + mv] = value;
 
-                let (kk, nv) = if config.rhs_k_contiguous {
+                let (kk, nv) = if config.rhs_k_contiguous && !config.rhs_vectorized {
                     (index % bk, index / bk)
                 } else {
                     (index / width, index % width)
@@ -230,20 +304,16 @@ pub fn accumulate_tile<F: Float>(
                 let k = k0 + kk;
                 let mut value = Vec4::new(0.0f32);
                 if k < k_end {
-                    #[unroll]
-                    for c in 0..VEC {
-                        value.insert(
-                            c,
-                            read_operand::<F>(
-                                rhs_1,
-                                rhs_2,
-                                rhs,
-                                k,
-                                n0 + nv * VEC + c,
-                                config.rhs_join,
-                            ),
-                        );
-                    }
+                    value = read_run::<F, NR>(
+                        rhs_1,
+                        rhs_2,
+                        rhs,
+                        k,
+                        n0 + nv * VEC,
+                        false,
+                        config.rhs_join,
+                        config.rhs_vectorized,
+                    );
                 }
                 rhs_smem[kk * width + nv] = value;
             }
