@@ -8,7 +8,7 @@ use cubecl::std::tensor::TensorHandle;
 use crate::kernels::{
     OutputArgsLaunch, Start, gemm_direct_kernel, gemm_partial_kernel, split_k_reduce_kernel,
 };
-use crate::tile::{Join, OperandArgsLaunch, TileConfig, VEC};
+use crate::tile::{Join, Loads, OperandArgsLaunch, TileConfig, VEC};
 
 /// A 2-D strided view of a tensor buffer: element `(i, j)` is at
 /// `offset + i·row_stride + j·col_stride`.
@@ -239,8 +239,19 @@ pub(crate) fn tile_config(
     lhs: &Operand,
     rhs: &Operand,
 ) -> (TileConfig, usize, usize) {
-    let lhs_vec = lhs.vector_size(client, true);
-    let rhs_vec = rhs.vector_size(client, false);
+    // Vectors along the output axis where the layout allows it, else along the depth.
+    let loads = |operand: &Operand, output_axis_is_rows: bool| {
+        if operand.vector_size(client, output_axis_is_rows) == VEC {
+            Loads::AlongOutput
+        } else if operand.vector_size(client, !output_axis_is_rows) == VEC {
+            Loads::AlongDepth
+        } else {
+            Loads::Scalar
+        }
+    };
+    let (lhs_loads, rhs_loads) = (loads(lhs, true), loads(rhs, false));
+    let size = |loads| if loads == Loads::Scalar { 1 } else { VEC };
+    let (lhs_vec, rhs_vec) = (size(lhs_loads), size(rhs_loads));
     let config = TileConfig {
         threads: plan.threads,
         micro: plan.micro,
@@ -249,12 +260,12 @@ pub(crate) fn tile_config(
         rhs_join: rhs.parts().2,
         lhs_k_contiguous: lhs.k_contiguous(true),
         rhs_k_contiguous: rhs.k_contiguous(false),
-        lhs_vectorized: lhs_vec == VEC,
-        rhs_vectorized: rhs_vec == VEC,
+        lhs_loads,
+        rhs_loads,
     };
     if std::env::var_os("EMLOC_KERNELS_LOG").is_some() {
         eprintln!(
-            "[emloc-cube-kernels] {}x{} · {}x{}: vector loads lhs {lhs_vec}, rhs {rhs_vec}",
+            "[emloc-cube-kernels] {}x{} · {}x{}: loads lhs {lhs_loads:?}, rhs {rhs_loads:?}",
             lhs.rows(),
             lhs.cols(),
             rhs.rows(),

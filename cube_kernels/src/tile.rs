@@ -21,6 +21,19 @@ pub enum Join {
     Cols,
 }
 
+/// How an operand's slabs are read from global memory.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Loads {
+    /// One element at a time (tensors bound with vector size 1).
+    Scalar,
+    /// `VEC`-wide vectors along the output axis (the rows of a left operand, the columns of a
+    /// right one): each one is a slab vector as it is.
+    AlongOutput,
+    /// `VEC`-wide vectors along the reduction axis: a unit reads a `VEC × VEC` block (`VEC`
+    /// vectors) and transposes it into `VEC` slab vectors.
+    AlongDepth,
+}
+
 /// Compile-time shape of a tiled product.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct TileConfig {
@@ -39,11 +52,11 @@ pub struct TileConfig {
     pub lhs_k_contiguous: bool,
     /// Whether the right operand is contiguous along the reduction axis.
     pub rhs_k_contiguous: bool,
-    /// Whether the left operand is read as `VEC`-wide vectors along its rows (its tensors are
-    /// bound with vector size `VEC`; the host checked strides, offsets and extents).
-    pub lhs_vectorized: bool,
-    /// Whether the right operand is read as `VEC`-wide vectors along its columns.
-    pub rhs_vectorized: bool,
+    /// How the left operand is read (any mode but `Scalar` binds its tensors with vector size
+    /// `VEC`; the host checked strides, offsets and extents).
+    pub lhs_loads: Loads,
+    /// How the right operand is read.
+    pub rhs_loads: Loads,
 }
 
 impl TileConfig {
@@ -227,6 +240,101 @@ pub fn tile_offset(unit: usize, i: usize, #[comptime] threads: usize) -> usize {
     (i / VEC) * comptime!(threads * VEC) + unit * VEC + i % VEC
 }
 
+/// Stages one `bk`-deep slab of an operand in shared memory: `smem[kk · width + v]` holds the
+/// `VEC` elements at output positions `origin + v·VEC ..` and depth `k0 + kk` (zero outside the
+/// operand or past `k_end`). `is_lhs`: the output axis is the operand's rows (else its columns).
+#[allow(clippy::too_many_arguments)]
+#[cube]
+pub fn load_slab<F: Float, N: Size>(
+    first: &Tensor<Vector<F, N>>,
+    second: &Tensor<Vector<F, N>>,
+    args: &OperandArgs,
+    smem: &mut Shared<[Vec4]>,
+    origin: usize,
+    k0: usize,
+    k_end: usize,
+    unit: usize,
+    #[comptime] is_lhs: bool,
+    #[comptime] join: Join,
+    #[comptime] loads: Loads,
+    #[comptime] k_contiguous: bool,
+    #[comptime] config: TileConfig,
+) {
+    let bk = config.bk;
+    let width = comptime!(config.threads * config.micro / VEC);
+    let units = comptime!(config.threads * config.threads);
+    match loads {
+        Loads::AlongDepth => {
+            // One VEC × VEC block per unit and step: VEC vectors along the depth (rows
+            // origin + v·VEC + c), transposed into VEC slab vectors. Consecutive units walk the
+            // depth first (coalesced).
+            let runs = comptime!(config.bk / VEC);
+            let blocks = comptime!(config.bk / VEC * config.threads * config.micro / VEC);
+            let steps = comptime!(blocks.div_ceil(config.threads * config.threads));
+            let mut block = Array::<Vec4>::new(VEC);
+            #[unroll]
+            for l in 0..steps {
+                let index = l * units + unit;
+                if index < blocks {
+                    let kb = index % runs;
+                    let v = index / runs;
+                    let k = k0 + kb * VEC;
+                    #[unroll]
+                    for c in 0..VEC {
+                        let position = origin + v * VEC + c;
+                        let mut run = Vec4::new(0.0f32);
+                        // The host checked the depth (and a split along it) is a multiple of
+                        // VEC, as is k: a run lies wholly before or past k_end.
+                        if k < k_end {
+                            let (row, col) = if is_lhs { (position, k) } else { (k, position) };
+                            run = read_run::<F, N>(
+                                first, second, args, row, col, !is_lhs, join, true,
+                            );
+                        }
+                        block[c] = run;
+                    }
+                    #[unroll]
+                    for kk in 0..VEC {
+                        let mut value = Vec4::new(0.0f32);
+                        #[unroll]
+                        for c in 0..VEC {
+                            value.insert(c, block[c].extract(kk));
+                        }
+                        smem[(kb * VEC + kk) * width + v] = value;
+                    }
+                }
+            }
+        }
+        _ => {
+            let total = comptime!(config.bk * config.threads * config.micro / VEC);
+            let steps = comptime!(total.div_ceil(config.threads * config.threads));
+            let vectorized = comptime!(loads == Loads::AlongOutput);
+            #[unroll]
+            for l in 0..steps {
+                let index = l * units + unit;
+                if index < total {
+                    // Consecutive units walk the operand's contiguous axis (coalesced reads).
+                    let (kk, v) = if k_contiguous && !vectorized {
+                        (index % bk, index / bk)
+                    } else {
+                        (index / width, index % width)
+                    };
+                    let k = k0 + kk;
+                    let mut value = Vec4::new(0.0f32);
+                    if k < k_end {
+                        let position = origin + v * VEC;
+                        let (row, col) = if is_lhs { (position, k) } else { (k, position) };
+                        value = read_run::<F, N>(
+                            first, second, args, row, col, is_lhs, join, vectorized,
+                        );
+                    }
+                    smem[kk * width + v] = value;
+                }
+            }
+        }
+    }
+}
+
 /// Accumulates `lhs[m0.., k_begin..k_end] · rhs[k_begin..k_end, n0..]` into this unit's register
 /// tile `acc` (`micro × micro`, stored as `micro` rows of `micro / VEC` vectors of `VEC`
 /// columns; see [`tile_offset`] for which rows and columns unit `(ux, uy)` owns).
@@ -255,9 +363,7 @@ pub fn accumulate_tile<F: Float, NL: Size, NR: Size>(
     let groups = comptime!(config.micro / VEC);
     // Vectors per slab row (the tile's width in vectors).
     let width = comptime!(config.threads * config.micro / VEC);
-    let units = comptime!(config.threads * config.threads);
     let total = comptime!(config.bk * config.threads * config.micro / VEC);
-    let loads = comptime!(total.div_ceil(config.threads * config.threads));
 
     let mut lhs_smem = Shared::<[Vec4]>::new_slice(total);
     let mut rhs_smem = Shared::<[Vec4]>::new_slice(total);
@@ -270,54 +376,36 @@ pub fn accumulate_tile<F: Float, NL: Size, NR: Size>(
 
     let mut k0 = k_begin;
     while k0 < k_end {
-        #[unroll]
-        for l in 0..loads {
-            let index = l * units + unit;
-            if index < total {
-                // Consecutive units walk the operand's contiguous axis (coalesced global reads).
-                let (kk, mv) = if config.lhs_k_contiguous && !config.lhs_vectorized {
-                    (index % bk, index / bk)
-                } else {
-                    (index / width, index % width)
-                };
-                let k = k0 + kk;
-                let mut value = Vec4::new(0.0f32);
-                if k < k_end {
-                    value = read_run::<F, NL>(
-                        lhs_1,
-                        lhs_2,
-                        lhs,
-                        m0 + mv * VEC,
-                        k,
-                        true,
-                        config.lhs_join,
-                        config.lhs_vectorized,
-                    );
-                }
-                lhs_smem[kk * width + mv] = value;
-
-                let (kk, nv) = if config.rhs_k_contiguous && !config.rhs_vectorized {
-                    (index % bk, index / bk)
-                } else {
-                    (index / width, index % width)
-                };
-                let k = k0 + kk;
-                let mut value = Vec4::new(0.0f32);
-                if k < k_end {
-                    value = read_run::<F, NR>(
-                        rhs_1,
-                        rhs_2,
-                        rhs,
-                        k,
-                        n0 + nv * VEC,
-                        false,
-                        config.rhs_join,
-                        config.rhs_vectorized,
-                    );
-                }
-                rhs_smem[kk * width + nv] = value;
-            }
-        }
+        load_slab::<F, NL>(
+            lhs_1,
+            lhs_2,
+            lhs,
+            &mut lhs_smem,
+            m0,
+            k0,
+            k_end,
+            unit,
+            true,
+            config.lhs_join,
+            config.lhs_loads,
+            config.lhs_k_contiguous,
+            config,
+        );
+        load_slab::<F, NR>(
+            rhs_1,
+            rhs_2,
+            rhs,
+            &mut rhs_smem,
+            n0,
+            k0,
+            k_end,
+            unit,
+            false,
+            config.rhs_join,
+            config.rhs_loads,
+            config.rhs_k_contiguous,
+            config,
+        );
         sync_cube();
 
         #[unroll]
