@@ -166,17 +166,20 @@ impl Operand {
             (Join::Cols, false) => first.cols,
             _ => 0,
         };
-        if extent % VEC != 0 || split % VEC != 0 {
+        if !extent.is_multiple_of(VEC) || !split.is_multiple_of(VEC) {
             return 1;
         }
         let aligned = |m: &MatRef| {
-            let (run, other) =
-                if along_rows { (m.row_stride, m.col_stride) } else { (m.col_stride, m.row_stride) };
+            let (run, other) = if along_rows {
+                (m.row_stride, m.col_stride)
+            } else {
+                (m.col_stride, m.row_stride)
+            };
             let buffer_offset = m.tensor.handle.offset_start.unwrap_or(0) as usize;
             run == 1
-                && other % VEC == 0
-                && m.offset % VEC == 0
-                && buffer_offset % (VEC * elem) == 0
+                && other.is_multiple_of(VEC)
+                && m.offset.is_multiple_of(VEC)
+                && buffer_offset.is_multiple_of(VEC * elem)
         };
         let parts_aligned = match join {
             Join::None => aligned(first),
