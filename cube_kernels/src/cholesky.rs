@@ -15,12 +15,11 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::std::tensor::TensorHandle;
 
-use crate::gemm::{BK, F32, MatRef, Operand, empty_matrix, gemm_accumulate, plan};
+use crate::gemm::{F32, MatRef, Operand, empty_matrix, gemm_accumulate, plan, tile_config};
 use crate::kernels::{
     OutputArgsLaunch, cholesky_diag_kernel, cholesky_init_kernel, cholesky_start_kernel,
     copy_f32_kernel, status, syrk_direct_kernel, trsm_rows_kernel, zero_upper_kernel,
 };
-use crate::tile::{Join, TileConfig};
 
 /// Block size of the factorization and of the triangular solves: the diagonal block
 /// (`nb² f32` = 4 KiB) fits the shared memory of every runtime, and each row's unknowns
@@ -188,15 +187,7 @@ fn syrk_update(client: &Client, panel: &MatRef, out: &MatRef) {
     let blocks = m.div_ceil(tile) as u32;
     let lhs = Operand::Single(panel.clone());
     let rhs = Operand::Single(panel.clone().t());
-    let config = TileConfig {
-        threads: plan.threads,
-        micro: plan.micro,
-        bk: BK,
-        lhs_join: Join::None,
-        rhs_join: Join::None,
-        lhs_k_contiguous: panel.col_stride == 1,
-        rhs_k_contiguous: panel.col_stride == 1,
-    };
+    let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, &lhs, &rhs);
     let (l1, l2, largs, _) = lhs.launch_args();
     let (r1, r2, rargs, _) = rhs.launch_args();
     let dst =
@@ -205,6 +196,8 @@ fn syrk_update(client: &Client, panel: &MatRef, out: &MatRef) {
         client,
         CubeCount::Static(blocks, blocks, 1),
         CubeDim::new_2d(plan.threads as u32, plan.threads as u32),
+        lhs_vec,
+        rhs_vec,
         l1,
         l2,
         r1,

@@ -8,7 +8,7 @@ use cubecl::std::tensor::TensorHandle;
 use crate::kernels::{
     OutputArgsLaunch, Start, gemm_direct_kernel, gemm_partial_kernel, split_k_reduce_kernel,
 };
-use crate::tile::{Join, OperandArgsLaunch, TileConfig};
+use crate::tile::{Join, Loads, OperandArgsLaunch, TileConfig, VEC};
 
 /// A 2-D strided view of a tensor buffer: element `(i, j)` is at
 /// `offset + i·row_stride + j·col_stride`.
@@ -149,6 +149,45 @@ impl Operand {
         if k_axis_is_cols { first.col_stride == 1 } else { first.row_stride == 1 }
     }
 
+    /// Vector size of this operand's loads along its output axis (the rows of a left operand,
+    /// `along_rows`, the columns of a right one): [`VEC`] when every part has unit stride
+    /// along that axis, offsets and the other stride multiples of `VEC` (buffer offset
+    /// included), an extent (and a split, when joined along that axis) multiple of `VEC`, and
+    /// the runtime has `VEC`-wide loads for the dtype; 1 otherwise (scalar loads).
+    pub(crate) fn vector_size(&self, client: &Client, along_rows: bool) -> usize {
+        let (first, second, join, _) = self.parts();
+        let elem = first.dtype().size();
+        if !client.io_optimized_vector_sizes(elem).any(|size| size == VEC) {
+            return 1;
+        }
+        let extent = if along_rows { self.rows() } else { self.cols() };
+        let split = match (join, along_rows) {
+            (Join::Rows, true) => first.rows,
+            (Join::Cols, false) => first.cols,
+            _ => 0,
+        };
+        if !extent.is_multiple_of(VEC) || !split.is_multiple_of(VEC) {
+            return 1;
+        }
+        let aligned = |m: &MatRef| {
+            let (run, other) = if along_rows {
+                (m.row_stride, m.col_stride)
+            } else {
+                (m.col_stride, m.row_stride)
+            };
+            let buffer_offset = m.tensor.handle.offset_start.unwrap_or(0) as usize;
+            run == 1
+                && other.is_multiple_of(VEC)
+                && m.offset.is_multiple_of(VEC)
+                && buffer_offset.is_multiple_of(VEC * elem)
+        };
+        let parts_aligned = match join {
+            Join::None => aligned(first),
+            _ => aligned(first) && aligned(second),
+        };
+        if parts_aligned { VEC } else { 1 }
+    }
+
     pub(crate) fn launch_args(&self) -> (TensorArg, TensorArg, OperandArgsLaunch, Join) {
         let (first, second, join, scale) = self.parts();
         let split = match join {
@@ -193,6 +232,50 @@ impl Plan {
     pub fn tile(&self) -> usize {
         self.threads * self.micro
     }
+}
+
+/// The tiled core's configuration for `lhs · rhs` under `plan`, with the vector sizes the left
+/// and right operands' tensors are bound with (each [`VEC`] or 1).
+pub(crate) fn tile_config(
+    client: &Client,
+    plan: &Plan,
+    lhs: &Operand,
+    rhs: &Operand,
+) -> (TileConfig, usize, usize) {
+    // Vectors along the output axis where the layout allows it, else along the depth.
+    let loads = |operand: &Operand, output_axis_is_rows: bool| {
+        if operand.vector_size(client, output_axis_is_rows) == VEC {
+            Loads::AlongOutput
+        } else if operand.vector_size(client, !output_axis_is_rows) == VEC {
+            Loads::AlongDepth
+        } else {
+            Loads::Scalar
+        }
+    };
+    let (lhs_loads, rhs_loads) = (loads(lhs, true), loads(rhs, false));
+    let size = |loads| if loads == Loads::Scalar { 1 } else { VEC };
+    let (lhs_vec, rhs_vec) = (size(lhs_loads), size(rhs_loads));
+    let config = TileConfig {
+        threads: plan.threads,
+        micro: plan.micro,
+        bk: BK,
+        lhs_join: lhs.parts().2,
+        rhs_join: rhs.parts().2,
+        lhs_k_contiguous: lhs.k_contiguous(true),
+        rhs_k_contiguous: rhs.k_contiguous(false),
+        lhs_loads,
+        rhs_loads,
+    };
+    if std::env::var_os("EMLOC_KERNELS_LOG").is_some() {
+        eprintln!(
+            "[emloc-cube-kernels] {}x{} · {}x{}: loads lhs {lhs_loads:?}, rhs {rhs_loads:?}",
+            lhs.rows(),
+            lhs.cols(),
+            rhs.rows(),
+            rhs.cols()
+        );
+    }
+    (config, lhs_vec, rhs_vec)
 }
 
 /// Cubes that keep the device busy: two per streaming multiprocessor (or core).
@@ -276,17 +359,9 @@ pub fn gemm(
 
     let plan = plan(client, rows, cols, depth, |tile| rows.div_ceil(tile) * cols.div_ceil(tile));
     let tile = plan.tile();
-    let (l1, l2, largs, lhs_join) = lhs.launch_args();
-    let (r1, r2, rargs, rhs_join) = rhs.launch_args();
-    let config = TileConfig {
-        threads: plan.threads,
-        micro: plan.micro,
-        bk: BK,
-        lhs_join,
-        rhs_join,
-        lhs_k_contiguous: lhs.k_contiguous(true),
-        rhs_k_contiguous: rhs.k_contiguous(false),
-    };
+    let (l1, l2, largs, _) = lhs.launch_args();
+    let (r1, r2, rargs, _) = rhs.launch_args();
+    let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, lhs, rhs);
     let cube_dim = CubeDim::new_2d(plan.threads as u32, plan.threads as u32);
     let bias_arg = || bias.map(|b| b.clone().into_arg()).into();
 
@@ -305,6 +380,8 @@ pub fn gemm(
             client,
             CubeCount::Static(cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1),
             cube_dim,
+            lhs_vec,
+            rhs_vec,
             l1,
             l2,
             r1,
@@ -343,6 +420,8 @@ pub fn gemm(
             plan.splits as u32,
         ),
         cube_dim,
+        lhs_vec,
+        rhs_vec,
         l1,
         l2,
         r1,
@@ -427,17 +506,9 @@ pub fn gemm_accumulate(client: &Client, lhs: &Operand, rhs: &Operand, out: &MatR
         plan.micro = 4;
     }
     let tile = plan.tile();
-    let (l1, l2, largs, lhs_join) = lhs.launch_args();
-    let (r1, r2, rargs, rhs_join) = rhs.launch_args();
-    let config = TileConfig {
-        threads: plan.threads,
-        micro: plan.micro,
-        bk: BK,
-        lhs_join,
-        rhs_join,
-        lhs_k_contiguous: lhs.k_contiguous(true),
-        rhs_k_contiguous: rhs.k_contiguous(false),
-    };
+    let (l1, l2, largs, _) = lhs.launch_args();
+    let (r1, r2, rargs, _) = rhs.launch_args();
+    let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, lhs, rhs);
     let dst = OutputArgsLaunch::new(
         out.offset,
         out.row_stride,
@@ -452,6 +523,8 @@ pub fn gemm_accumulate(client: &Client, lhs: &Operand, rhs: &Operand, out: &MatR
         client,
         CubeCount::Static(cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1),
         CubeDim::new_2d(plan.threads as u32, plan.threads as u32),
+        lhs_vec,
+        rhs_vec,
         l1,
         l2,
         r1,

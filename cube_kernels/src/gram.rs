@@ -4,9 +4,8 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::std::tensor::TensorHandle;
 
-use crate::gemm::{BK, F32, MatRef, Operand, empty_matrix, plan, reduce};
+use crate::gemm::{F32, MatRef, Operand, empty_matrix, plan, reduce, tile_config};
 use crate::kernels::{OutputArgsLaunch, gemm_partial_kernel, mirror_kernel, syrk_direct_kernel};
-use crate::tile::{Join, TileConfig};
 
 /// What a Gram product adds to.
 #[derive(Clone, Debug)]
@@ -57,16 +56,7 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
     let blocks = d.div_ceil(tile) as u32;
     let lhs = Operand::Single(x.clone().t());
     let rhs = Operand::Single(x.clone());
-    let config = TileConfig {
-        threads: plan.threads,
-        micro: plan.micro,
-        bk: BK,
-        lhs_join: Join::None,
-        rhs_join: Join::None,
-        // Xᵀ is read along the tokens axis: contiguous only for a column-major X.
-        lhs_k_contiguous: x.row_stride == 1,
-        rhs_k_contiguous: x.row_stride == 1,
-    };
+    let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, &lhs, &rhs);
     let (l1, l2, largs, _) = lhs.launch_args();
     let (r1, r2, rargs, _) = rhs.launch_args();
     let out_ref = MatRef::new(out.clone());
@@ -91,6 +81,8 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
             client,
             CubeCount::Static(blocks, blocks, 1),
             cube_dim,
+            lhs_vec,
+            rhs_vec,
             l1,
             l2,
             r1,
@@ -118,6 +110,8 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
             client,
             CubeCount::Static(blocks, blocks, plan.splits as u32),
             cube_dim,
+            lhs_vec,
+            rhs_vec,
             l1,
             l2,
             r1,

@@ -3,7 +3,7 @@
 
 use cubecl::prelude::*;
 
-use crate::tile::{OperandArgs, TileConfig, accumulate_tile};
+use crate::tile::{OperandArgs, TileConfig, VEC, accumulate_tile, tile_offset, zero_tile};
 
 /// Where and how a product tile is written back.
 #[derive(CubeLaunch, CubeType, Clone, Copy)]
@@ -31,11 +31,11 @@ pub struct OutputArgs {
 /// solve).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-pub fn gemm_direct_kernel<F: Float>(
-    lhs_1: &Tensor<F>,
-    lhs_2: &Tensor<F>,
-    rhs_1: &Tensor<F>,
-    rhs_2: &Tensor<F>,
+pub fn gemm_direct_kernel<F: Float, NL: Size, NR: Size>(
+    lhs_1: &Tensor<Vector<F, NL>>,
+    lhs_2: &Tensor<Vector<F, NL>>,
+    rhs_1: &Tensor<Vector<F, NR>>,
+    rhs_2: &Tensor<Vector<F, NR>>,
     bias: ComptimeOption<&Tensor<F>>,
     out: &mut Tensor<F>,
     lhs: OperandArgs,
@@ -47,11 +47,12 @@ pub fn gemm_direct_kernel<F: Float>(
 ) {
     let micro = config.micro;
     let threads = config.threads;
+    let groups = comptime!(config.micro / VEC);
     let tile = comptime!(config.threads * config.micro);
     let m0 = CUBE_POS_Y as usize * tile;
     let n0 = CUBE_POS_X as usize * tile;
-    let mut acc = Array::<f32>::new(comptime!(config.micro * config.micro));
-    accumulate_tile::<F>(
+    let mut acc = zero_tile(config);
+    accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, 0, dst.depth, config,
     );
 
@@ -59,19 +60,24 @@ pub fn gemm_direct_kernel<F: Float>(
     let uy = UNIT_POS_Y as usize;
     #[unroll]
     for i in 0..micro {
-        let row = m0 + uy + i * threads;
+        let row = m0 + tile_offset(uy, i, threads);
         #[unroll]
-        for j in 0..micro {
-            let col = n0 + ux + j * threads;
-            if row < dst.rows && col < dst.cols {
-                let shift: ComptimeOption<F> = bias.as_ref().map(|bias| bias[col * bias.stride(0)]);
-                let mut value =
-                    acc[i * micro + j] * dst.alpha + f32::cast_from(shift.unwrap_or_default());
-                let position = dst.offset + row * dst.row_stride + col * dst.col_stride;
-                if accumulate {
-                    value += f32::cast_from(out[position]);
+        for h in 0..groups {
+            let sums = acc[i * groups + h];
+            #[unroll]
+            for c in 0..VEC {
+                let col = n0 + h * comptime!(threads * VEC) + ux * VEC + c;
+                if row < dst.rows && col < dst.cols {
+                    let shift: ComptimeOption<F> =
+                        bias.as_ref().map(|bias| bias[col * bias.stride(0)]);
+                    let mut value =
+                        sums.extract(c) * dst.alpha + f32::cast_from(shift.unwrap_or_default());
+                    let position = dst.offset + row * dst.row_stride + col * dst.col_stride;
+                    if accumulate {
+                        value += f32::cast_from(out[position]);
+                    }
+                    out[position] = F::cast_from(value);
                 }
-                out[position] = F::cast_from(value);
             }
         }
     }
@@ -82,11 +88,11 @@ pub fn gemm_direct_kernel<F: Float>(
 /// tiles on or below the diagonal are computed (symmetric products).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-pub fn gemm_partial_kernel<F: Float>(
-    lhs_1: &Tensor<F>,
-    lhs_2: &Tensor<F>,
-    rhs_1: &Tensor<F>,
-    rhs_2: &Tensor<F>,
+pub fn gemm_partial_kernel<F: Float, NL: Size, NR: Size>(
+    lhs_1: &Tensor<Vector<F, NL>>,
+    lhs_2: &Tensor<Vector<F, NL>>,
+    rhs_1: &Tensor<Vector<F, NR>>,
+    rhs_2: &Tensor<Vector<F, NR>>,
     partial: &mut Tensor<f32>,
     lhs: OperandArgs,
     rhs: OperandArgs,
@@ -97,6 +103,7 @@ pub fn gemm_partial_kernel<F: Float>(
 ) {
     let micro = config.micro;
     let threads = config.threads;
+    let groups = comptime!(config.micro / VEC);
     let tile = comptime!(config.threads * config.micro);
     if lower && CUBE_POS_X > CUBE_POS_Y {
         terminate!();
@@ -109,8 +116,8 @@ pub fn gemm_partial_kernel<F: Float>(
     if k_end > dst.depth {
         k_end = dst.depth;
     }
-    let mut acc = Array::<f32>::new(comptime!(config.micro * config.micro));
-    accumulate_tile::<F>(
+    let mut acc = zero_tile(config);
+    accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, k_begin, k_end, config,
     );
 
@@ -119,12 +126,16 @@ pub fn gemm_partial_kernel<F: Float>(
     let base = z * dst.rows * dst.cols;
     #[unroll]
     for i in 0..micro {
-        let row = m0 + uy + i * threads;
+        let row = m0 + tile_offset(uy, i, threads);
         #[unroll]
-        for j in 0..micro {
-            let col = n0 + ux + j * threads;
-            if row < dst.rows && col < dst.cols {
-                partial[base + row * dst.cols + col] = acc[i * micro + j];
+        for h in 0..groups {
+            let sums = acc[i * groups + h];
+            #[unroll]
+            for c in 0..VEC {
+                let col = n0 + h * comptime!(threads * VEC) + ux * VEC + c;
+                if row < dst.rows && col < dst.cols {
+                    partial[base + row * dst.cols + col] = sums.extract(c);
+                }
             }
         }
     }
@@ -136,11 +147,11 @@ pub fn gemm_partial_kernel<F: Float>(
 /// completes the upper triangle (Gram); the Cholesky trailing update (`alpha = -1`) ignores it.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-pub fn syrk_direct_kernel<F: Float>(
-    lhs_1: &Tensor<F>,
-    lhs_2: &Tensor<F>,
-    rhs_1: &Tensor<F>,
-    rhs_2: &Tensor<F>,
+pub fn syrk_direct_kernel<F: Float, NL: Size, NR: Size>(
+    lhs_1: &Tensor<Vector<F, NL>>,
+    lhs_2: &Tensor<Vector<F, NL>>,
+    rhs_1: &Tensor<Vector<F, NR>>,
+    rhs_2: &Tensor<Vector<F, NR>>,
     out: &mut Tensor<f32>,
     lhs: OperandArgs,
     rhs: OperandArgs,
@@ -151,14 +162,15 @@ pub fn syrk_direct_kernel<F: Float>(
 ) {
     let micro = config.micro;
     let threads = config.threads;
+    let groups = comptime!(config.micro / VEC);
     let tile = comptime!(config.threads * config.micro);
     if CUBE_POS_X > CUBE_POS_Y {
         terminate!();
     }
     let m0 = CUBE_POS_Y as usize * tile;
     let n0 = CUBE_POS_X as usize * tile;
-    let mut acc = Array::<f32>::new(comptime!(config.micro * config.micro));
-    accumulate_tile::<F>(
+    let mut acc = zero_tile(config);
+    accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, 0, dst.depth, config,
     );
 
@@ -166,17 +178,21 @@ pub fn syrk_direct_kernel<F: Float>(
     let uy = UNIT_POS_Y as usize;
     #[unroll]
     for i in 0..micro {
-        let row = m0 + uy + i * threads;
+        let row = m0 + tile_offset(uy, i, threads);
         #[unroll]
-        for j in 0..micro {
-            let col = n0 + ux + j * threads;
-            if row < dst.rows && col < dst.cols {
-                let position = dst.offset + row * dst.row_stride + col * dst.col_stride;
-                let mut value = acc[i * micro + j] * dst.alpha;
-                if accumulate {
-                    value += out[position];
+        for h in 0..groups {
+            let sums = acc[i * groups + h];
+            #[unroll]
+            for c in 0..VEC {
+                let col = n0 + h * comptime!(threads * VEC) + ux * VEC + c;
+                if row < dst.rows && col < dst.cols {
+                    let position = dst.offset + row * dst.row_stride + col * dst.col_stride;
+                    let mut value = sums.extract(c) * dst.alpha;
+                    if accumulate {
+                        value += out[position];
+                    }
+                    out[position] = value;
                 }
-                out[position] = value;
             }
         }
     }

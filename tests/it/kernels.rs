@@ -391,6 +391,33 @@ mod cube {
     }
 
     #[test]
+    fn gram_vector_loads_match_f64() {
+        // Feature counts that are multiples of 4 take the kernels' 4-wide vector loads (the
+        // sizes above are not, and take the scalar loads); still not multiples of the tiles.
+        // Both the one-pass path (37×8) and the token-split path run, in f32 and f16.
+        // EMLOC_KERNELS_LOG=1 prints each launch's vector sizes.
+        let device = cube_device();
+        let mut dtypes = vec![(FloatDType::F32, 1e-5)];
+        if f16_supported(&device) {
+            dtypes.push((FloatDType::F16, 1e-5));
+        }
+        for (dtype, tol) in dtypes {
+            for (i, &(n, d)) in [(37, 8), (300, 132), (2000, 100), (129, 260)].iter().enumerate() {
+                let x = matrix(n, d, 40 + i as u64, &device).cast(dtype);
+                let (xh, _) = host(x.clone());
+                let what = format!("gram {dtype:?} n={n} d={d}");
+                assert_close(&what, ops::gram(x), &gram_f64(&xh, n, d), tol);
+            }
+            // A transposed view is contiguous along the tokens only: scalar loads.
+            let (n, d) = (72, 36);
+            let xt = matrix(d, n, 50, &device).cast(dtype);
+            let (xh, _) = host(xt.clone().transpose());
+            let what = format!("gram {dtype:?} of a transposed view");
+            assert_close(&what, ops::gram(xt.transpose()), &gram_f64(&xh, n, d), tol);
+        }
+    }
+
+    #[test]
     fn gram_accumulate_in_place_copy_and_strided() {
         check_gram_accumulate(&cube_device());
     }
