@@ -3,6 +3,7 @@
 # builds with `--features cuda` (release), runs the kernel tests on the CUDA device, then the
 # criterion benchmarks at GPU sizes. Results go under the directory given as $1 (default $OUT):
 #   nvidia-smi.txt, build.log, tests.log, bench.log, criterion/ (criterion's reports), summary.txt
+# Then P3 (`emloc bench-layer`, one emulator layer + LoRA vs the dense layer, fwd+bwd) on CUDA.
 # Budget: about 10 minutes on an H200 (build ~3-5 min on 16 cores, tests <1 min, benches ~4 min).
 # The device tool stops a command after 10 minutes, so the work can be split in two calls on a
 # warm machine (the build stays between calls): `benches/gpu.sh OUT build`, then
@@ -58,6 +59,10 @@ if ! cargo build --release -p emloc --features cuda --tests --benches > "$OUT_DI
     tail -40 "$OUT_DIR/build.log"
     exit 1
 fi
+# The CLI too, for P3 (one emulator layer + LoRA vs the dense layer) on the GPU.
+if ! cargo build --release -p emloc-cli --features emloc/cuda >> "$OUT_DIR/build.log" 2>&1; then
+    echo "CLI build FAILED (see build.log); the P3 step will be skipped" | tee -a "$OUT_DIR/summary.txt"
+fi
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 fi
 
@@ -88,6 +93,18 @@ fi
 grep -E "^(gram|lowrank_lora|cholesky)/|time:|thrpt:" "$OUT_DIR/bench.log" >> "$OUT_DIR/summary.txt"
 echo "benches: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 [ -d "$CARGO_TARGET_DIR/criterion" ] && cp -r "$CARGO_TARGET_DIR/criterion" "$OUT_DIR/criterion"
+
+echo "== P3: emulator layer + LoRA vs dense layer + LoRA, fwd+bwd, on CUDA" | tee -a "$OUT_DIR/summary.txt"
+if [ -x "$CARGO_TARGET_DIR/release/emloc" ]; then
+    for shape in "--d-in 4096 --d-out 4096" "--d-in 2048 --d-out 8192"; do
+        # shellcheck disable=SC2086
+        BURN_DEVICE=cuda timeout 120 "$CARGO_TARGET_DIR/release/emloc" bench-layer --device auto $shape \
+            --tokens 8192 --repeats 9 >> "$OUT_DIR/summary.txt" 2>> "$OUT_DIR/p3.log" \
+            || { echo "P3 $shape: FAILED (see p3.log)" | tee -a "$OUT_DIR/summary.txt"; status=1; }
+    done
+else
+    echo "P3: skipped (no CLI build)" | tee -a "$OUT_DIR/summary.txt"
+fi
 fi
 
 cat "$OUT_DIR/summary.txt"

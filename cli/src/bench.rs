@@ -163,6 +163,11 @@ pub struct BenchLayerArgs {
     /// Timed repetitions of each variant, interleaved (the medians are reported).
     #[arg(long, default_value_t = 7)]
     repeats: usize,
+    /// `flex` (the CPU backend), or `auto`: Burn's default device, which `BURN_DEVICE` picks
+    /// (e.g. `BURN_DEVICE=cuda` in a build with `--features emloc/cuda`); on a CubeCL device the
+    /// emulator layer runs emloc's fused kernel.
+    #[arg(long, default_value = "flex", value_parser = ["flex", "auto"])]
+    device: String,
 }
 
 /// P3: one training step's forward + backward through one layer with LoRA (gradients for the
@@ -176,7 +181,8 @@ pub fn bench_layer(args: &BenchLayerArgs) -> CliResult<()> {
     if !(args.ratio > 0.0 && args.ratio <= 1.0) {
         return Err(format!("--ratio {} must be in (0, 1]", args.ratio).into());
     }
-    let device = Device::flex();
+    let device = if args.device == "auto" { Device::default() } else { Device::flex() };
+    eprintln!("device: {device:?}");
     device.seed(3);
     let dense = Stack {
         layers: vec![LinearConfig::new(args.d_in, args.d_out).init(&device)],

@@ -341,4 +341,12 @@ fn bench_layer_times_both_variants() {
             && table.contains("| emulator layer (ρ 0.4, rank 8) + LoRA |"),
         "{table}"
     );
+    // Burn's default device: wgpu in the test build, so the emulator layer runs the fused kernel.
+    let output = Command::new(env!("CARGO_BIN_EXE_emloc"))
+        .args(["bench-layer", "--device", "auto", "--d-in", "48", "--d-out", "40", "--tokens", "30", "--repeats", "1"])
+        .env("BURN_DEVICE", "wgpu")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && stderr.contains("Wgpu"), "{stderr}");
 }
