@@ -11,6 +11,16 @@ use emloc_cube_kernels::{GramStart, LowRankLora};
 
 use crate::ops::{EmlocOps, MaybeTensor};
 
+// `ops::status` restates the kernels' status layout (emloc cannot re-export it without the
+// `cube` feature); the two must agree slot for slot.
+const _: () = {
+    use crate::ops::status as ops;
+    use emloc_cube_kernels::kernels::status as kernels;
+    assert!(ops::MEAN_DIAG == kernels::MEAN_DIAG && ops::FIRST_FAILURE == kernels::FIRST_FAILURE);
+    assert!(ops::FAILED_VALUE == kernels::FAILED_VALUE && ops::MIN_PIVOT == kernels::MIN_PIVOT);
+    assert!(ops::LEN == kernels::LEN);
+};
+
 /// The kernels' view of a tensor: its buffer and strides, as they are (no copy).
 fn handle(tensor: CubeTensor) -> TensorHandle {
     untile(tensor).into()
