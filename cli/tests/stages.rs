@@ -324,6 +324,29 @@ fn bench_memory_measures_every_phase_in_its_own_process() {
 }
 
 #[test]
+fn plan_measure_builds_and_fine_tunes_the_plan_in_child_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_data(&dir.path().join("data.jsonl"));
+    let (model, data, rules) = (
+        fixture().display().to_string(),
+        dir.path().join("data.jsonl").display().to_string(),
+        dir.path().join("rules.json").display().to_string(),
+    );
+    let table = ok(&[
+        "plan", "--model", &model, "--data", &data, "--validation", "8", "--calibration-pairs", "8", "--seq-len", "12", "--max-seq-length", "12",
+        "--batch", "4", "--out", &rules, "--measure",
+    ]);
+    assert!(table.contains("| fine-tuning the global plan |"), "{table}");
+    // The measured emulator is the plan's: its layers have the ranks the rules file gives.
+    let emulator: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("rules.measured/emulator/emulator.json")).unwrap(),
+    )
+    .unwrap();
+    let rules: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
+    assert_eq!(emulator["config"]["rules"], rules["rules"]);
+}
+
+#[test]
 fn bench_layer_times_both_variants() {
     let table = ok(&[
         "bench-layer",
