@@ -16,6 +16,7 @@ use cubecl::prelude::*;
 use cubecl::std::tensor::TensorHandle;
 
 use crate::gemm::{F32, MatRef, Operand, empty_matrix, gemm_accumulate, plan, tile_config};
+use crate::gram::lower_tiles;
 use crate::kernels::{
     OutputArgsLaunch, cholesky_diag_kernel, cholesky_init_kernel, cholesky_start_kernel,
     copy_f32_kernel, status, syrk_direct_kernel, trsm_rows_kernel, zero_upper_kernel,
@@ -177,12 +178,8 @@ pub fn cholesky(
 /// `out −= panel · panelᵀ` on the tiles on and below the diagonal of `out` (`f32`, in place).
 fn syrk_update(client: &Client, panel: &MatRef, out: &MatRef) {
     let (m, depth) = (panel.rows, panel.cols);
-    let lower_tiles = |tile: usize| {
-        let blocks = m.div_ceil(tile);
-        blocks * (blocks + 1) / 2
-    };
     // The depth is one block: no split along it, whatever the plan would do for a deep product.
-    let plan = plan(client, m, m, depth, lower_tiles);
+    let plan = plan(client, m, m, depth, lower_tiles(m));
     let tile = plan.tile();
     let blocks = m.div_ceil(tile) as u32;
     let lhs = Operand::Single(panel.clone());

@@ -47,11 +47,7 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
         return out;
     }
 
-    let lower_tiles = |tile: usize| {
-        let blocks = d.div_ceil(tile);
-        blocks * (blocks + 1) / 2
-    };
-    let plan = plan(client, d, d, tokens, lower_tiles);
+    let plan = plan(client, d, d, tokens, lower_tiles(d));
     let tile = plan.tile();
     let blocks = d.div_ceil(tile) as u32;
     let lhs = Operand::Single(x.clone().t());
@@ -130,4 +126,13 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
     let mirror = Some((tile, in_place));
     reduce(client, &partial, splits, &out_ref, None, base.as_ref(), mirror, dst(plan.k_chunk));
     out
+}
+
+/// Tiles on and below the diagonal of an `n × n` output, for a tile size: the work count of the
+/// symmetric (lower-tiles-only) products that [`plan`] sizes.
+pub(crate) fn lower_tiles(n: usize) -> impl Fn(usize) -> usize {
+    move |tile| {
+        let blocks = n.div_ceil(tile);
+        blocks * (blocks + 1) / 2
+    }
 }
