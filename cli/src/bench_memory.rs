@@ -332,7 +332,7 @@ fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
     let what = match args.kind {
         BenchModel::Minilm => format!(
             "MiniLM, batch {} pairs × ≤{} tokens",
-            args.batch_size, args.model.max_seq_length
+            args.batch_size, args.model.encoder_max_seq_length()
         ),
         BenchModel::Llama => format!(
             "random Llama ({:.2} B parameters, f32), batch {} × {} tokens",

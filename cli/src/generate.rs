@@ -1,20 +1,23 @@
 //! `emloc generate`: text continuation with a Llama-family causal LM (Llama, TinyLlama, SmolLM,
-//! Llama 3, Qwen2), greedy or sampled, printed on stdout.
+//! Llama 3, Qwen2; HF directory or GGUF file), greedy or sampled, raw or through the model's chat
+//! template; the completion is printed on stdout.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::Device;
 use clap::Args;
-use emloc_models::ModelError;
-use emloc_models::llama::{GenerationConfig, LlamaForCausalLM, LlamaTokenizer};
+use emloc_models::causal_lm::{Prompt, PromptStyle, load_causal_lm};
+use emloc_models::llama::GenerationConfig;
 
 /// Options of `emloc generate`.
 #[derive(Args, Debug)]
-#[command(about = "Continue PROMPT with a Llama-family model directory (config.json, \
-                   model.safetensors or a sharded index, tokenizer.json) and print the text")]
+#[command(about = "Continue PROMPT with a Llama-family model (HF directory or .gguf file) and \
+                   print the completion")]
 pub struct GenerateArgs {
-    /// Model directory: config.json, model.safetensors (or a sharded index), tokenizer.json.
+    /// Model directory (config.json, model.safetensors or a sharded index, tokenizer.json) or
+    /// a `.gguf` file.
     #[arg(long)]
     pub model: PathBuf,
     /// The text to continue.
@@ -35,6 +38,9 @@ pub struct GenerateArgs {
     /// Print JSON (`prompt_ids`, `generated_ids`, `text`) instead of plain text.
     #[arg(long)]
     pub json: bool,
+    /// Send PROMPT as a user message through the model's chat template (the reply is printed).
+    #[arg(long)]
+    pub chat: bool,
 }
 
 impl GenerateArgs {
@@ -45,28 +51,25 @@ impl GenerateArgs {
     }
 }
 
-/// Loads the model and tokenizer, continues the prompt and prints the prompt with its
-/// continuation (special tokens removed); timing goes to stderr.
+/// Loads the model and tokenizer, continues the prompt and prints the completion (special
+/// tokens removed); timing goes to stderr. Generation stops at the model's end-of-sequence ids
+/// and at its chat template's end-of-turn token.
 ///
 /// # Errors
-/// Loading errors of [`LlamaForCausalLM::load`] and [`LlamaTokenizer::from_dir`] (a missing
-/// `tokenizer.json` included), and [`ModelError::InvalidInput`] for bad settings or a prompt
+/// Loading errors of [`load_causal_lm`] (a missing `tokenizer.json` included), and
+/// [`ModelError::InvalidInput`](emloc_models::ModelError::InvalidInput) for bad settings, `--chat` without a chat template, or a prompt
 /// the tokenizer maps outside the vocabulary.
 pub fn run(args: &GenerateArgs) -> emloc_models::Result<()> {
-    let device = Device::flex();
-    let tokenizer = LlamaTokenizer::from_dir(&args.model)?;
-    let (model, config) = LlamaForCausalLM::load(&args.model, &device)?;
-    let settings = args.generation_config(config.eos_token_ids());
+    let lm = load_causal_lm(&args.model, &Device::flex(), &BTreeSet::new())?;
+    let settings = args.generation_config(lm.task.eos_token_ids().to_vec());
     settings.validate()?;
-    let prompt = tokenizer.encode(&args.prompt, true)?;
-    if prompt.is_empty() {
-        return Err(ModelError::InvalidInput("the prompt encodes to no tokens".into()));
-    }
+    let style = if args.chat { PromptStyle::Chat } else { PromptStyle::Raw };
+    let task = lm.task.with_style(style)?;
+    let prompt = task.encode_prompt(&Prompt::Text(args.prompt.clone()))?;
     let start = Instant::now();
-    let generated = model.generate(&prompt, &settings)?;
+    let generated = lm.model.generate(&prompt, &settings)?;
     let seconds = start.elapsed().as_secs_f64();
-    let all: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
-    let text = tokenizer.decode(&all, true)?;
+    let text = task.tokenizer().decode(&generated, true)?;
     if args.json {
         let out = serde_json::json!({
             "prompt_ids": prompt,
@@ -89,6 +92,7 @@ pub fn run(args: &GenerateArgs) -> emloc_models::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use emloc_models::ModelError;
     use clap::Parser;
 
     #[derive(Parser)]

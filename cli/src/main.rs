@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_memory;
+mod causal;
 mod checkpoint;
 mod common;
 mod demo;
@@ -47,7 +48,8 @@ enum Command {
     Correct(stages::CorrectArgs),
     /// Merge a PEFT adapter into a model directory's safetensors (host-side, no model built).
     Merge(stages::MergeArgs),
-    /// Print retrieval metrics (Recall@1, Recall@5, MRR) on the validation split as JSON.
+    /// Print metrics on the validation split as JSON: retrieval (Recall@1, Recall@5, MRR, loss)
+    /// for encoders; loss, exact match and choice accuracy for decoders.
     Eval(stages::EvalArgs),
     /// Per-layer ranks for a parameter or memory budget: uniform ρ vs the global allocation by
     /// whitened spectrum, with fine-tuning memory estimates; writes a rules file.

@@ -15,7 +15,8 @@ use crate::common::{
     CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, evaluate, train_adapter,
     write_json,
 };
-use crate::checkpoint;
+use crate::common::Task;
+use crate::{causal, checkpoint};
 use crate::memory::{Phase, PhaseStats};
 
 /// `report.json` of a stage: what it did, how long it took, its peak memory.
@@ -27,7 +28,7 @@ struct StageReport<T: Serialize> {
     details: T,
 }
 
-fn finish<T: Serialize>(stage: &'static str, phase: Phase, out: &Path, details: T) -> CliResult<()> {
+pub(crate) fn finish<T: Serialize>(stage: &'static str, phase: Phase, out: &Path, details: T) -> CliResult<()> {
     let report = StageReport { stage, stats: phase.finish(), details };
     write_json(&out.join("report.json"), &report)?;
     eprintln!(
@@ -41,7 +42,7 @@ fn finish<T: Serialize>(stage: &'static str, phase: Phase, out: &Path, details: 
 }
 
 /// Refuses to write into the model directory itself (its files would be replaced).
-fn check_out(out: &Path, model_dir: &Path) -> CliResult<()> {
+pub(crate) fn check_out(out: &Path, model_dir: &Path) -> CliResult<()> {
     let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -56,19 +57,22 @@ fn check_out(out: &Path, model_dir: &Path) -> CliResult<()> {
 #[derive(Args, Debug)]
 pub struct EmulateArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Calibration data: the training split of this JSONL file (see --validation).
     #[command(flatten)]
-    data: DataArgs,
+    pub(crate) data: DataArgs,
     #[command(flatten)]
-    emulator: EmulatorArgs,
+    pub(crate) emulator: EmulatorArgs,
     /// Output directory: emulator.safetensors, emulator.json, report.json.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// Calibrates, builds and saves the emulator.
 pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
+    if args.model.task()?.1 == Task::CausalLm {
+        return causal::emulate(args);
+    }
     let phase = Phase::start();
     let config = args.emulator.config()?;
     let split = args.data.split()?;
@@ -93,26 +97,26 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
 #[derive(Args, Debug)]
 pub struct FinetuneArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Train on this emulator (from `emloc emulate`) instead of the original model.
     #[arg(long)]
-    emulator: Option<PathBuf>,
+    pub(crate) emulator: Option<PathBuf>,
     #[command(flatten)]
-    data: DataArgs,
+    pub(crate) data: DataArgs,
     #[command(flatten)]
-    train: TrainArgs,
+    pub(crate) train: TrainArgs,
     /// Save a checkpoint (adapter, optimizer state, trainer state) to OUT/checkpoint-STEP every
     /// N steps (0 = never).
     #[arg(long, default_value_t = 0)]
-    checkpoint_every: usize,
+    pub(crate) checkpoint_every: usize,
     /// Continue from the latest OUT/checkpoint-STEP (same options required); the result equals an
     /// uninterrupted run bit for bit on the CPU backend.
     #[arg(long)]
-    resume: bool,
+    pub(crate) resume: bool,
     /// Output directory: the PEFT adapter (adapter_config.json, adapter_model.safetensors) and
     /// report.json.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 fn load_model(model: &ModelArgs, emulator: Option<&Path>) -> CliResult<(emloc_models::bert::SentenceEncoder, PathBuf, Option<EmulatorDescription>)> {
@@ -130,6 +134,9 @@ fn load_model(model: &ModelArgs, emulator: Option<&Path>) -> CliResult<(emloc_mo
 
 /// Trains LoRA adapters and writes them in PEFT format.
 pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
+    if args.model.task()?.1 == Task::CausalLm {
+        return causal::finetune(args);
+    }
     let phase = Phase::start();
     let split = args.data.split()?;
     let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
@@ -162,23 +169,26 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
 #[derive(Args, Debug)]
 pub struct CorrectArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// The emulator the adapter was trained on.
     #[arg(long)]
-    emulator: PathBuf,
+    pub(crate) emulator: PathBuf,
     /// The adapter trained on the emulator (PEFT directory).
     #[arg(long)]
-    adapter: PathBuf,
+    pub(crate) adapter: PathBuf,
     /// Correction clamp L.
     #[arg(long, default_value_t = 3.0)]
-    clamp: f64,
+    pub(crate) clamp: f64,
     /// Output directory: the corrected PEFT adapter and report.json.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// Corrects an emulator-trained adapter for the original model.
 pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
+    if args.model.task()?.1 == Task::CausalLm {
+        return causal::correct_adapter(args);
+    }
     let phase = Phase::start();
     let adapter = PeftAdapter::load(&args.adapter)?;
     let (encoder, model_dir) = args.model.load()?;
@@ -196,13 +206,13 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
 pub struct MergeArgs {
     /// HF model directory to merge into.
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// PEFT adapter directory.
     #[arg(long)]
-    adapter: PathBuf,
+    pub(crate) adapter: PathBuf,
     /// Output directory: a complete model directory (merged safetensors, the other files copied).
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 /// Merges an adapter into the checkpoint files, host-side, and copies the model's other files.
@@ -246,20 +256,30 @@ fn copy_other_files(from: &Path, to: &Path, weights: &[PathBuf], copied: &mut Ve
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Serve this PEFT adapter beside the model (unmerged).
     #[arg(long)]
-    adapter: Option<PathBuf>,
+    pub(crate) adapter: Option<PathBuf>,
     /// Evaluate this emulator instead of the model.
     #[arg(long)]
-    emulator: Option<PathBuf>,
+    pub(crate) emulator: Option<PathBuf>,
     /// Evaluated on the validation split of this file.
     #[command(flatten)]
-    data: DataArgs,
+    pub(crate) data: DataArgs,
+    /// Decoders: most tokens generated per example for `exact_match` (0 skips generation).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) max_new_tokens: usize,
+    /// Decoders: sequences per forward pass when scoring.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) eval_batch_size: usize,
 }
 
-/// Prints Recall@1, Recall@5 and MRR on the validation split as JSON.
+/// Prints Recall@1, Recall@5 and MRR on the validation split as JSON (decoders: loss, exact
+/// match and choice accuracy).
 pub fn eval(args: &EvalArgs) -> CliResult<()> {
+    if args.model.task()?.1 == Task::CausalLm {
+        return causal::eval(args);
+    }
     let phase = Phase::start();
     let split = args.data.split()?;
     let (encoder, _, _) = load_model(&args.model, args.emulator.as_deref())?;

@@ -2,6 +2,7 @@
 //! correction apply to them with no extra code.
 
 pub mod bert;
+pub mod causal_lm;
 pub mod clip;
 pub mod error;
 pub mod llama;
@@ -9,6 +10,7 @@ pub mod loading;
 pub mod retrieval;
 pub mod rng;
 pub mod tiny;
+pub mod training;
 pub mod vit;
 
 pub use error::{ModelError, Result};

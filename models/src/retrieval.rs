@@ -11,14 +11,15 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertModel, Encoded, SentenceEncoder};
 use crate::error::{ModelError, Result};
-use crate::rng::XorShiftRng;
+use crate::training::rng;
+pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport, batch_order};
 
 /// One question with its worked answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,26 +67,21 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<QaPair>> {
     parse_jsonl(&text, path)
 }
 
-/// The generator of splits, batch orders and per-step dropout seeds: [`XorShiftRng`] with this
-/// module's seeding, kept so that splits and results stay those already published.
-fn rng(seed: u64) -> XorShiftRng {
-    XorShiftRng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-}
-
 /// Disjoint parts of one data file.
 #[derive(Debug, Clone)]
-pub struct Split {
-    /// Pairs for training and calibration.
-    pub train: Vec<QaPair>,
-    /// Held-out pairs: never trained or calibrated on.
-    pub validation: Vec<QaPair>,
+pub struct Split<T = QaPair> {
+    /// Items for training and calibration.
+    pub train: Vec<T>,
+    /// Held-out items: never trained or calibrated on.
+    pub validation: Vec<T>,
 }
 
-/// Shuffles `pairs` with `seed` and takes the first `validation` as the validation split.
+/// Shuffles `pairs` (any items: every task splits its data this way) with `seed` and takes the
+/// first `validation` as the validation split.
 ///
 /// # Errors
 /// [`ModelError::InvalidInput`] unless `1 <= validation < pairs.len()`.
-pub fn split(pairs: Vec<QaPair>, validation: usize, seed: u64) -> Result<Split> {
+pub fn split<T>(pairs: Vec<T>, validation: usize, seed: u64) -> Result<Split<T>> {
     if validation == 0 || validation >= pairs.len() {
         return Err(ModelError::InvalidInput(format!(
             "validation size {validation} must be in 1..{} (the number of pairs)",
@@ -93,7 +89,7 @@ pub fn split(pairs: Vec<QaPair>, validation: usize, seed: u64) -> Result<Split> 
         )));
     }
     let order = rng(seed).permutation(pairs.len());
-    let mut slots: Vec<Option<QaPair>> = pairs.into_iter().map(Some).collect();
+    let mut slots: Vec<Option<T>> = pairs.into_iter().map(Some).collect();
     let mut shuffled = order.iter().map(|&i| slots[i].take().expect("a permutation"));
     let validation_pairs = shuffled.by_ref().take(validation).collect();
     Ok(Split { validation: validation_pairs, train: shuffled.collect() })
@@ -189,137 +185,6 @@ pub fn contrastive_loss(questions: Tensor<2>, answers: Tensor<2>, scale: f64) ->
     diagonal.sum().div_scalar(batch as f64).neg()
 }
 
-/// Hyperparameters of [`finetune`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Pairs per micro-batch (the in-batch negatives).
-    pub batch_size: usize,
-    /// Micro-batches whose gradients are summed per optimizer step.
-    pub grad_accumulation: usize,
-    /// Peak learning rate of AdamW.
-    pub lr: f64,
-    /// Steps of linear warmup from 0 to `lr`; cosine decay to 0 afterwards.
-    pub warmup_steps: usize,
-    /// AdamW's decoupled weight decay.
-    pub weight_decay: f64,
-    /// Logit scale of [`contrastive_loss`] (sentence-transformers uses 20).
-    pub scale: f64,
-    /// Seed of the batch order.
-    pub seed: u64,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 100,
-            batch_size: 16,
-            grad_accumulation: 1,
-            lr: 1e-3,
-            warmup_steps: 10,
-            weight_decay: 0.0,
-            scale: 20.0,
-            seed: 0,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// Checks the settings.
-    ///
-    /// # Errors
-    /// [`ModelError::InvalidInput`] naming the first bad field.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str| Err(ModelError::InvalidInput(format!("training config: {what}")));
-        if self.steps == 0 {
-            return bad("steps must be at least 1");
-        }
-        if self.batch_size < 2 {
-            return bad("batch_size must be at least 2 (in-batch negatives)");
-        }
-        if self.grad_accumulation == 0 {
-            return bad("grad_accumulation must be at least 1");
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr must be positive");
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("weight_decay must be non-negative");
-        }
-        if !(self.scale.is_finite() && self.scale > 0.0) {
-            return bad("scale must be positive");
-        }
-        Ok(())
-    }
-
-    /// The learning rate of optimizer step `step` (0-based): linear warmup over
-    /// `warmup_steps`, then cosine decay from `lr` to 0 at `steps`.
-    pub fn learning_rate(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let decay_steps = (self.steps - self.warmup_steps.min(self.steps)).max(1) as f64;
-        let progress = (step - self.warmup_steps) as f64 / decay_steps;
-        self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
-    }
-}
-
-/// What [`finetune`] reports after each optimizer step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepInfo {
-    /// Optimizer steps done (1-based).
-    pub step: usize,
-    /// Mean loss over the step's micro-batches.
-    pub loss: f64,
-    /// Learning rate the step used.
-    pub lr: f64,
-    /// Tokens (padding excluded) the step processed.
-    pub tokens: usize,
-    /// Wall time of the step in seconds.
-    pub seconds: f64,
-}
-
-/// Summary of a [`finetune`] run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainReport {
-    /// Loss of the first optimizer step of this run.
-    pub first_loss: f64,
-    /// Loss of the last optimizer step.
-    pub last_loss: f64,
-    /// Tokens processed, padding excluded.
-    pub tokens: usize,
-    /// Wall time in seconds.
-    pub seconds: f64,
-}
-
-/// The micro-batches of one training run, in order: `steps · grad_accumulation` batches of
-/// `batch_size` distinct pair indices, from epoch-wise permutations of `0..pairs` under `seed`.
-pub fn batch_order(config: &TrainConfig, pairs: usize) -> Vec<Vec<usize>> {
-    let mut rng = rng(config.seed);
-    let mut pool: Vec<usize> = Vec::new();
-    (0..config.steps * config.grad_accumulation)
-        .map(|_| {
-            if pool.len() < config.batch_size {
-                pool = rng.permutation(pairs);
-                pool.reverse();
-            }
-            pool.split_off(pool.len() - config.batch_size)
-        })
-        .collect()
-}
-
-/// Where an interrupted [`finetune`] run continues: the steps it completed and its optimizer
-/// state. The adapters must carry their original parameter ids
-/// ([`emloc::attach_adapter_with_ids`]), which the optimizer state is keyed by.
-#[derive(Debug)]
-pub struct Resume {
-    /// Optimizer steps already done.
-    pub completed_steps: usize,
-    /// AdamW's state after them.
-    pub optimizer: OptimizerRecord,
-}
-
 /// Trains the trainable parameters of `model` (e.g. LoRA adapters attached with
 /// [`emloc::attach_lora`], on the original model or on its emulator) for question → answer
 /// retrieval on `pairs` with [`contrastive_loss`], AdamW and a warmup + cosine schedule.
@@ -346,6 +211,9 @@ pub fn finetune(
     mut on_step: impl FnMut(&StepInfo, &BertModel, &ModuleOptimizer),
 ) -> Result<(BertModel, TrainReport)> {
     config.validate()?;
+    if config.batch_size < 2 {
+        return Err(ModelError::InvalidInput("training config: batch_size must be at least 2 (in-batch negatives)".into()));
+    }
     let completed = resume.as_ref().map_or(0, |r| r.completed_steps);
     if completed >= config.steps {
         return Err(ModelError::InvalidInput(format!(
@@ -468,29 +336,6 @@ mod tests {
         let l1 = (1.0 + 2.0 * 10.0f64.exp()).ln() - 10.0;
         let l2 = 3.0f64.ln();
         assert!((m.loss - (l0 + l1 + l2) / 3.0).abs() < 1e-12, "{}", m.loss);
-    }
-
-    #[test]
-    fn schedule_warms_up_then_decays_to_zero() {
-        let c = TrainConfig { steps: 10, warmup_steps: 2, lr: 1.0, ..Default::default() };
-        let lrs: Vec<f64> = (0..10).map(|s| c.learning_rate(s)).collect();
-        assert_eq!(lrs[0], 0.5);
-        assert_eq!(lrs[1], 1.0);
-        assert_eq!(lrs[2], 1.0);
-        assert!(lrs.windows(2).skip(2).all(|w| w[1] < w[0]), "{lrs:?}");
-        assert!((c.learning_rate(10) - 0.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn batches_cover_each_epoch_without_repeats() {
-        let c = TrainConfig { steps: 5, batch_size: 4, grad_accumulation: 2, ..Default::default() };
-        let order = batch_order(&c, 20);
-        assert_eq!(order.len(), 10);
-        let first_epoch: Vec<usize> = order[..5].concat();
-        let mut sorted = first_epoch.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..20).collect::<Vec<_>>());
-        assert_eq!(batch_order(&c, 20), order);
     }
 
     #[test]

@@ -1,0 +1,221 @@
+//! The pipeline stages for decoder LMs (the causal-LM task): `emulate`, `finetune`, `correct`
+//! and `eval` on a Llama-family model from an HF directory or a GGUF file. `stages.rs` sends a
+//! stage here when `--model` is a decoder.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use emloc::peft::PeftAdapter;
+use emloc::{
+    CorrectionConfig, EmulatorDescription, EmulatorReport, attach_adapter, attach_adapter_with_ids, attach_lora, correct,
+    emulate as emulate_model, export_adapter, load_emulator,
+};
+use emloc_models::causal_lm::{self, CausalLm, CausalLmMetrics, EvalConfig, Example};
+use emloc_models::llama::LlamaForCausalLM;
+use emloc_models::training::{Resume, TrainReport};
+use serde::Serialize;
+
+use crate::checkpoint;
+use crate::common::{CliResult, DECODER_LORA_TARGETS, ModelArgs, TrainArgs, progress};
+use crate::memory::{Phase, PhaseStats};
+use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish};
+
+/// PEFT's task type of the adapters written for decoders.
+const PEFT_TASK_TYPE: &str = "CAUSAL_LM";
+
+/// The module paths of the weights an emulator replaces (never read when loading it).
+fn replaced_weights(description: &EmulatorDescription) -> BTreeSet<String> {
+    description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect()
+}
+
+/// Loads the decoder, or its emulator (the replaced dense weights never read) when
+/// `emulator_dir` is given.
+pub fn load(model: &ModelArgs, emulator_dir: Option<&Path>) -> CliResult<(CausalLm, Option<EmulatorDescription>)> {
+    match emulator_dir {
+        None => Ok((model.load_decoder(&BTreeSet::new())?, None)),
+        Some(dir) => {
+            // Checked first, so a bad emulator directory fails before the checkpoint is read.
+            let description = emloc::read_emulator_description(dir)?;
+            let mut lm = model.load_decoder(&replaced_weights(&description))?;
+            let (emulated, description) = load_emulator(lm.model, dir)?;
+            lm.model = emulated;
+            Ok((lm, Some(description)))
+        }
+    }
+}
+
+/// The calibration sequences: prompt + training target of the first `count` training examples,
+/// each tokenized (so bad data fails before any work).
+fn calibration_sequences(lm: &CausalLm, train: &[Example], count: usize) -> CliResult<Vec<Vec<u32>>> {
+    if count == 0 || count > train.len() {
+        return Err(format!("--calibration-pairs {count} must be in 1..={}", train.len()).into());
+    }
+    let tokenized = causal_lm::tokenize_all(&lm.task, &train[..count])?;
+    Ok(tokenized.into_iter().map(|t| t.prompt.into_iter().chain(t.completion).collect()).collect())
+}
+
+/// Calibrates `model` (consumed) on `sequences`, one sequence per forward pass (no padding
+/// enters the Gram matrices), and builds its emulator.
+pub fn build_emulator(
+    model: LlamaForCausalLM,
+    sequences: &[Vec<u32>],
+    config: &emloc::EmulatorConfig,
+) -> CliResult<(LlamaForCausalLM, EmulatorReport)> {
+    let device = model.device();
+    let bar = progress(sequences.len(), "calibration");
+    let result = emulate_model(
+        model,
+        sequences.iter(),
+        |m: &LlamaForCausalLM, ids: &Vec<u32>| {
+            let data = TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, ids.len()]);
+            m.forward(Tensor::<2, Int>::from_data(data, &device), None);
+            bar.inc(1);
+        },
+        config,
+    );
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// `emloc emulate` for a decoder.
+pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let config = args.emulator.config()?;
+    let split = args.data.split_examples()?;
+    let mut lm = args.model.load_decoder(&BTreeSet::new())?;
+    check_out(&args.out, &lm.source)?;
+    let sequences = calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
+    let original = std::mem::replace(&mut lm.model, lm.config.init(true, &burn::tensor::Device::flex()));
+    let (emulator, report) = build_emulator(original, &sequences, &config)?;
+    let description = EmulatorDescription::new(config, report);
+    emloc::save_emulator(&emulator, &description, &args.out)?;
+    eprintln!(
+        "emulator: {} layers, {} → {} parameters in them",
+        description.report.layers.len(),
+        description.report.params_original(),
+        description.report.params_kept()
+    );
+    finish("emulate", phase, &args.out, &description.report)
+}
+
+/// Marks an adapter as a causal-LM adapter of the model at `source` (what PEFT's
+/// `AutoPeftModelForCausalLM` reads).
+fn describe_adapter(mut adapter: PeftAdapter, source: &Path) -> PeftAdapter {
+    adapter.config.task_type = Some(PEFT_TASK_TYPE.into());
+    adapter.config.base_model_name_or_path = Some(source.display().to_string());
+    adapter
+}
+
+/// Attaches LoRA (or the resumed adapter) and trains it with a progress bar.
+pub fn train_adapter(
+    lm: &CausalLm,
+    model: LlamaForCausalLM,
+    train: &[Example],
+    args: &TrainArgs,
+    label: &str,
+    resume: Option<checkpoint::TrainingCheckpoint>,
+    mut on_step: impl FnMut(usize, &LlamaForCausalLM, &burn::optim::ModuleOptimizer) -> CliResult<()>,
+) -> CliResult<(LlamaForCausalLM, TrainReport)> {
+    lm.model.device().seed(args.seed);
+    let bar = progress(args.steps, label);
+    let (model, resume) = match resume {
+        None => (attach_lora(model, &args.lora_on(&DECODER_LORA_TARGETS))?.0, None),
+        Some(c) => {
+            bar.set_position(c.state.step as u64);
+            let model = attach_adapter_with_ids(model, &c.adapter, &c.state.param_ids)?;
+            (model, Some(Resume { completed_steps: c.state.step, optimizer: c.optimizer }))
+        }
+    };
+    let mut failure = None;
+    let result = causal_lm::finetune(&lm.task, model, train, &args.train(), resume, |info, model, optim| {
+        bar.inc(1);
+        bar.set_message(format!("loss {:.4}, {:.0} tok/s", info.loss, info.tokens as f64 / info.seconds));
+        if failure.is_none()
+            && let Err(e) = on_step(info.step, model, optim)
+        {
+            failure = Some(e);
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(result?)
+}
+
+/// `emloc finetune` for a decoder.
+pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let split = args.data.split_examples()?;
+    let (lm, emulator) = load(&args.model, args.emulator.as_deref())?;
+    check_out(&args.out, &lm.source)?;
+    let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
+    let resume = if args.resume {
+        let Some(dir) = checkpoint::latest(&args.out)? else {
+            return Err(format!("--resume: no checkpoint-STEP in {}", args.out.display()).into());
+        };
+        let loaded = checkpoint::load(&dir, &args.train)?;
+        eprintln!("resuming from {} (step {})", loaded.dir.display(), loaded.state.step);
+        Some(loaded)
+    } else {
+        None
+    };
+    let every = args.checkpoint_every;
+    let (tuned, report) = train_adapter(&lm, lm.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {
+        if every > 0 && step % every == 0 {
+            checkpoint::save(&args.out, step, &args.train, model, optim)?;
+        }
+        Ok(())
+    })?;
+    describe_adapter(export_adapter(&tuned)?, &lm.source).save(&args.out)?;
+    eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
+    finish("finetune", phase, &args.out, &report)
+}
+
+/// `emloc correct` for a decoder.
+pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let adapter = PeftAdapter::load(&args.adapter)?;
+    let lm = args.model.load_decoder(&BTreeSet::new())?;
+    check_out(&args.out, &lm.source)?;
+    let (emulator, _) = load_emulator(lm.model.clone(), &args.emulator)?;
+    let tuned = attach_adapter(emulator, &adapter)?;
+    let (corrected, report) = correct(&lm.model, &tuned, &CorrectionConfig { clamp: args.clamp })?;
+    describe_adapter(corrected, &lm.source).save(&args.out)?;
+    finish("correct", phase, &args.out, &report)
+}
+
+/// Evaluates `model` on `examples` with a progress bar.
+pub fn evaluate(lm: &CausalLm, model: &LlamaForCausalLM, examples: &[Example], config: &EvalConfig, label: &str) -> CliResult<CausalLmMetrics> {
+    let bar = progress(0, label);
+    let metrics = causal_lm::evaluate(&lm.task, model, examples, config, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    Ok(metrics?)
+}
+
+/// `emloc eval` for a decoder: prints `loss`, `exact_match` and (multiple-choice data)
+/// `accuracy` as JSON.
+pub fn eval(args: &EvalArgs) -> CliResult<()> {
+    let phase = Phase::start();
+    let split = args.data.split_examples()?;
+    let (lm, _) = load(&args.model, args.emulator.as_deref())?;
+    let mut model = lm.model.clone();
+    if let Some(dir) = &args.adapter {
+        model = attach_adapter(model, &PeftAdapter::load(dir)?)?;
+    }
+    let config = EvalConfig { batch_size: args.eval_batch_size, max_new_tokens: args.max_new_tokens };
+    let metrics = evaluate(&lm, &model, &split.validation, &config, "evaluating")?;
+    #[derive(Serialize)]
+    struct Output {
+        #[serde(flatten)]
+        metrics: CausalLmMetrics,
+        #[serde(flatten)]
+        stats: PhaseStats,
+    }
+    println!("{}", serde_json::to_string_pretty(&Output { metrics, stats: phase.finish() })?);
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The command-line pipeline for decoder LMs on the tiny Llama fixture: emulate → finetune →
+//! correct → merge → eval on completion data, the task inference and its errors, and
+//! `generate` printing only the completion.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures").join(name)
+}
+
+/// Completion data in the tiny word-level vocabulary: the target repeats the input's animal,
+/// so the task is learnable; every fourth line is multiple choice.
+fn write_data(path: &Path) {
+    let animals = ["cat", "dog", "bird", "fish"];
+    let places = ["park", "house", "tree", "sea"];
+    let mut lines = Vec::new();
+    for i in 0..40usize {
+        let (a, p) = (animals[i % 4], places[(i / 4) % 4]);
+        let input = format!("the {a} in the {p}");
+        let line = if i % 4 == 0 {
+            serde_json::json!({"input": input, "label": a, "choices": animals, "target": a})
+        } else {
+            serde_json::json!({"input": input, "target": format!("{a} runs fast")})
+        };
+        lines.push(line.to_string());
+    }
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+fn emloc(args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_emloc")).args(args).output().expect("runs");
+    eprintln!("$ emloc {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn ok(args: &[&str]) -> String {
+    let output = emloc(args);
+    assert!(output.status.success(), "emloc {args:?} failed");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let output = emloc(args);
+    assert!(!output.status.success(), "emloc {args:?} should fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+}
+
+fn eval_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
+#[test]
+fn decoder_pipeline_runs_every_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    write_data(&dir.path().join("data.jsonl"));
+    let model = fixture("tiny_llama").display().to_string();
+    let data = p("data.jsonl");
+    let common = ["--model", model.as_str(), "--data", data.as_str(), "--validation", "8", "--max-seq-length", "16"];
+    let args = |cmd: &str, extra: &[&str]| -> Vec<String> {
+        std::iter::once(cmd).chain(common).chain(extra.iter().copied()).map(str::to_string).collect()
+    };
+    let run = |cmd: &str, extra: &[&str]| ok(&args(cmd, extra).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let zero_shot = run("eval", &["--max-new-tokens", "4"]);
+    let zero_shot: serde_json::Value = serde_json::from_str(&zero_shot).unwrap();
+    assert!(zero_shot["loss"].as_f64().unwrap() > 0.0, "{zero_shot}");
+    assert!(zero_shot["exact_match"].as_f64().is_some() && zero_shot["accuracy"].as_f64().is_some(), "{zero_shot}");
+
+    run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
+    let description: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap()).unwrap();
+    assert!(description.to_string().contains("model.layers.1.mlp.down_proj"), "{description}");
+
+    let (emulator, adapter) = (p("emulator"), p("adapter"));
+    let train = ["--steps", "6", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.02", "--warmup-steps", "1"];
+    let mut extra = vec!["--emulator", emulator.as_str(), "--checkpoint-every", "3", "--out", adapter.as_str()];
+    extra.extend(train);
+    run("finetune", &extra);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["task_type"], "CAUSAL_LM", "{config}");
+    assert_eq!(config["target_modules"].as_array().map(Vec::len), Some(7), "{config}");
+    assert!(dir.path().join("adapter/checkpoint-6/trainer_state.json").is_file());
+
+    ok(&["correct", "--model", &model, "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
+    ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
+
+    // Serving the corrected adapter beside the model equals merging it (within f32 rounding).
+    let served = run("eval", &["--adapter", &p("corrected"), "--max-new-tokens", "0"]);
+    let served: serde_json::Value = serde_json::from_str(&served).unwrap();
+    let merged = p("merged");
+    let merged = eval_json(&["eval", "--model", &merged, "--data", &data, "--validation", "8", "--max-seq-length", "16", "--max-new-tokens", "0"]);
+    let (a, b) = (served["loss"].as_f64().unwrap(), merged["loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-4 * a.max(1.0), "served {a} vs merged {b}");
+    assert!(merged["exact_match"].is_null(), "{merged}");
+    // The emulator alone evaluates too (its replaced weights never loaded).
+    let emulated = run("eval", &["--emulator", &emulator, "--max-new-tokens", "0"]);
+    assert!(emulated.contains("\"loss\""), "{emulated}");
+}
+
+#[test]
+fn the_task_follows_the_model_and_bad_combinations_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    write_data(&data);
+    let data = data.display().to_string();
+    let llama = fixture("tiny_llama").display().to_string();
+    let bert = fixture("tiny_bert").display().to_string();
+    fails_with(&["eval", "--model", &llama, "--data", &data, "--task", "retrieval"], "needs a sentence encoder");
+    fails_with(&["eval", "--model", &bert, "--data", &data, "--task", "causal-lm"], "needs a decoder model");
+    fails_with(&["eval", "--model", &bert, "--data", &data], "missing field `question`");
+    // An unsupported architecture is named.
+    let other = dir.path().join("gpt2");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+    fails_with(&["eval", "--model", &other.display().to_string(), "--data", &data], "model_type `gpt2` is not supported");
+    // A malformed line is named by file and line, before any work.
+    std::fs::write(dir.path().join("bad.jsonl"), "{\"input\": \"the cat\", \"target\": \"sat\"}\n{\"input\": \"x\"}\n").unwrap();
+    let bad = dir.path().join("bad.jsonl").display().to_string();
+    fails_with(&["finetune", "--model", &llama, "--data", &bad, "--out", &dir.path().join("o").display().to_string()], "bad.jsonl:2:");
+    assert!(!dir.path().join("o").exists());
+    // Raw prompts only: the tiny model has no chat template.
+    fails_with(&["generate", "--model", &llama, "--prompt", "the cat", "--chat"], "needs a chat template");
+}
+
+#[test]
+fn generate_prints_only_the_completion() {
+    let llama = fixture("tiny_llama").display().to_string();
+    let out = ok(&["generate", "--model", &llama, "--prompt", "the cat", "--max-new-tokens", "3", "--json"]);
+    let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let generated = value["generated_ids"].as_array().unwrap();
+    assert!(!generated.is_empty() && generated.len() <= 3, "{value}");
+    let text = ok(&["generate", "--model", &llama, "--prompt", "the cat", "--max-new-tokens", "3"]);
+    assert!(!text.trim_start().starts_with("the cat"), "the prompt is echoed: {text}");
+}

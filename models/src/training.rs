@@ -1,0 +1,175 @@
+//! What every fine-tuning task of the zoo shares: hyperparameters, the warmup + cosine schedule,
+//! the seeded batch order, per-step reports and resumption.
+
+use burn::optim::OptimizerRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::rng::XorShiftRng;
+
+/// The generator of splits, batch orders and per-step dropout seeds: [`XorShiftRng`] with the
+/// crate's seeding, kept so that splits and results stay those already published.
+pub(crate) fn rng(seed: u64) -> XorShiftRng {
+    XorShiftRng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+}
+
+/// Hyperparameters of a fine-tuning run ([`retrieval::finetune`](crate::retrieval::finetune),
+/// [`causal_lm::finetune`](crate::causal_lm::finetune)).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per micro-batch (for retrieval: pairs, the in-batch negatives).
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed per optimizer step.
+    pub grad_accumulation: usize,
+    /// Peak learning rate of AdamW.
+    pub lr: f64,
+    /// Steps of linear warmup from 0 to `lr`; cosine decay to 0 afterwards.
+    pub warmup_steps: usize,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Logit scale of the retrieval task's contrastive loss (sentence-transformers uses 20);
+    /// other tasks ignore it.
+    pub scale: f64,
+    /// Seed of the batch order.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch_size: 16,
+            grad_accumulation: 1,
+            lr: 1e-3,
+            warmup_steps: 10,
+            weight_decay: 0.0,
+            scale: 20.0,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(ModelError::InvalidInput(format!("training config: {what}")));
+        if self.steps == 0 {
+            return bad("steps must be at least 1");
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if self.grad_accumulation == 0 {
+            return bad("grad_accumulation must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr must be positive");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay must be non-negative");
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return bad("scale must be positive");
+        }
+        Ok(())
+    }
+
+    /// The learning rate of optimizer step `step` (0-based): linear warmup over
+    /// `warmup_steps`, then cosine decay from `lr` to 0 at `steps`.
+    pub fn learning_rate(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let decay_steps = (self.steps - self.warmup_steps.min(self.steps)).max(1) as f64;
+        let progress = (step - self.warmup_steps) as f64 / decay_steps;
+        self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+    }
+}
+
+/// What a fine-tuning run reports after each optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// Optimizer steps done (1-based).
+    pub step: usize,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Learning rate the step used.
+    pub lr: f64,
+    /// Tokens (padding excluded) the step processed.
+    pub tokens: usize,
+    /// Wall time of the step in seconds.
+    pub seconds: f64,
+}
+
+/// Summary of a fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Loss of the first optimizer step of this run.
+    pub first_loss: f64,
+    /// Loss of the last optimizer step.
+    pub last_loss: f64,
+    /// Tokens processed, padding excluded.
+    pub tokens: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// The micro-batches of one training run, in order: `steps · grad_accumulation` batches of
+/// `batch_size` distinct pair indices, from epoch-wise permutations of `0..pairs` under `seed`.
+pub fn batch_order(config: &TrainConfig, pairs: usize) -> Vec<Vec<usize>> {
+    let mut rng = rng(config.seed);
+    let mut pool: Vec<usize> = Vec::new();
+    (0..config.steps * config.grad_accumulation)
+        .map(|_| {
+            if pool.len() < config.batch_size {
+                pool = rng.permutation(pairs);
+                pool.reverse();
+            }
+            pool.split_off(pool.len() - config.batch_size)
+        })
+        .collect()
+}
+
+/// Where an interrupted fine-tuning run continues: the steps it completed and its optimizer
+/// state. The adapters must carry their original parameter ids
+/// ([`emloc::attach_adapter_with_ids`]), which the optimizer state is keyed by.
+#[derive(Debug)]
+pub struct Resume {
+    /// Optimizer steps already done.
+    pub completed_steps: usize,
+    /// AdamW's state after them.
+    pub optimizer: OptimizerRecord,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let c = TrainConfig { steps: 10, warmup_steps: 2, lr: 1.0, ..Default::default() };
+        let lrs: Vec<f64> = (0..10).map(|s| c.learning_rate(s)).collect();
+        assert_eq!(lrs[0], 0.5);
+        assert_eq!(lrs[1], 1.0);
+        assert_eq!(lrs[2], 1.0);
+        assert!(lrs.windows(2).skip(2).all(|w| w[1] < w[0]), "{lrs:?}");
+        assert!((c.learning_rate(10) - 0.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn batches_cover_each_epoch_without_repeats() {
+        let c = TrainConfig { steps: 5, batch_size: 4, grad_accumulation: 2, ..Default::default() };
+        let order = batch_order(&c, 20);
+        assert_eq!(order.len(), 10);
+        let first_epoch: Vec<usize> = order[..5].concat();
+        let mut sorted = first_epoch.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..20).collect::<Vec<_>>());
+        assert_eq!(batch_order(&c, 20), order);
+    }
+}
