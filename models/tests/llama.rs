@@ -190,6 +190,19 @@ fn generation_rejects_bad_inputs() {
     bad(model.generate(&[1, 50], &GenerationConfig::greedy(3)), "50");
     bad(model.generate(&[1], &GenerationConfig::sampling(3, 1.0, 1.5, 0)), "top_p");
     bad(model.generate(&[1], &GenerationConfig::sampling(3, -1.0, 0.5, 0)), "temperature");
+    // A broken (NaN) model gives an error, not a silent token.
+    let broken = model.map(&mut Poison);
+    bad(broken.generate(&[1, 5], &GenerationConfig::greedy(3)), "not finite");
+    bad(broken.generate(&[1, 5], &GenerationConfig::sampling(3, 1.0, 0.9, 0)), "row 0, step 0");
+}
+
+/// Turns every float parameter into NaN.
+struct Poison;
+
+impl ModuleMapper for Poison {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| t.add_scalar(f32::NAN))
+    }
 }
 
 // ------------------------------------------------------------------------- padded batches

@@ -200,10 +200,13 @@ impl LlamaForCausalLM {
             if prompt.is_empty() {
                 return Err(ModelError::InvalidInput(format!("empty prompt (row {r})")));
             }
-            check_ids(prompt, vocab)?;
+            check_ids(prompt, vocab).map_err(|e| in_row(e, &format!("prompt {r}")))?;
         }
-        check_ids(&[pad_id], vocab)
-            .map_err(|e| ModelError::InvalidInput(format!("pad id: {e}")))?;
+        if pad_id as usize >= vocab {
+            return Err(ModelError::InvalidInput(format!(
+                "pad id {pad_id} is outside the vocabulary (vocab_size {vocab})"
+            )));
+        }
         let batch = prompts.len();
         let mut generated = vec![Vec::with_capacity(config.max_new_tokens); batch];
         if batch == 0 || config.max_new_tokens == 0 {
@@ -238,13 +241,8 @@ impl LlamaForCausalLM {
                 if done[r] {
                     continue;
                 }
-                check_logits(logits).map_err(|e| match e {
-                    ModelError::InvalidInput(m) => ModelError::InvalidInput(format!(
-                        "row {r}, step {}: {m}",
-                        generated[r].len()
-                    )),
-                    other => other,
-                })?;
+                check_logits(logits)
+                    .map_err(|e| in_row(e, &format!("row {r}, step {}", generated[r].len())))?;
                 let token = sample_token(logits, config.temperature, config.top_p, &mut rngs[r]);
                 generated[r].push(token);
                 done[r] = config.eos_token_ids.contains(&token)
@@ -261,6 +259,14 @@ impl LlamaForCausalLM {
             input = (ids, 1, PaddingMask::new(batch, 1, flags));
         }
         Ok(generated)
+    }
+}
+
+/// Prefixes an [`ModelError::InvalidInput`] message with `context`.
+fn in_row(error: ModelError, context: &str) -> ModelError {
+    match error {
+        ModelError::InvalidInput(m) => ModelError::InvalidInput(format!("{context}: {m}")),
+        other => other,
     }
 }
 
