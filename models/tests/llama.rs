@@ -1,6 +1,7 @@
 //! Llama family: loading HF checkpoints (Llama, Llama 3 `rope_scaling`, Qwen2 with biases;
 //! tied and untied heads), logits against an independent numpy reference, KV-cache decoding,
-//! greedy and nucleus generation, the tokenizer, loading errors, and EMLoC end to end.
+//! greedy and nucleus generation, padded batches (left and right padding, padded KV-cache
+//! decoding, batched generation), the tokenizer, loading errors, and EMLoC end to end.
 //!
 //! Fixtures: `tests/fixtures/tiny_{llama,llama3,qwen2}/` and `tiny_*_expected.json`, written by
 //! `python3 models/tests/fixtures/make_tiny_llama.py` (float64 numpy forward pass). Logits are
@@ -11,13 +12,14 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use emloc_models::ModelError;
 use emloc_models::llama::{
-    GenerationConfig, LlamaConfig, LlamaFamily, LlamaForCausalLM, LlamaTokenizer, linear_paths,
+    GenerationConfig, LlamaConfig, LlamaFamily, LlamaForCausalLM, LlamaTokenizer, PaddingMask,
+    linear_paths,
 };
 use safetensors::Dtype;
 use serde_json::Value;
@@ -27,7 +29,6 @@ use serde_json::Value;
 const TOL: f32 = 1e-4;
 
 const VARIANTS: [&str; 3] = ["tiny_llama", "tiny_llama3", "tiny_qwen2"];
-
 
 fn dir(variant: &str) -> PathBuf {
     fixtures().join(variant)
@@ -40,7 +41,6 @@ fn expected(variant: &str) -> Value {
 fn device() -> Device {
     Device::default()
 }
-
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
@@ -55,9 +55,6 @@ fn input_ids(e: &Value, device: &Device) -> Tensor<2, Int> {
     let rows: Vec<Vec<u32>> = e["input_ids"].as_array().unwrap().iter().map(ids).collect();
     int_tensor(&rows, device)
 }
-
-
-
 
 // ----------------------------------------------------------------------- reference outputs
 
@@ -193,6 +190,280 @@ fn generation_rejects_bad_inputs() {
     bad(model.generate(&[1, 50], &GenerationConfig::greedy(3)), "50");
     bad(model.generate(&[1], &GenerationConfig::sampling(3, 1.0, 1.5, 0)), "top_p");
     bad(model.generate(&[1], &GenerationConfig::sampling(3, -1.0, 0.5, 0)), "temperature");
+    // A broken (NaN) model gives an error, not a silent token.
+    let broken = model.map(&mut Poison);
+    bad(broken.generate(&[1, 5], &GenerationConfig::greedy(3)), "not finite");
+    bad(broken.generate(&[1, 5], &GenerationConfig::sampling(3, 1.0, 0.9, 0)), "row 0, step 0");
+}
+
+/// Turns every float parameter into NaN.
+struct Poison;
+
+impl ModuleMapper for Poison {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| t.add_scalar(f32::NAN))
+    }
+}
+
+// ------------------------------------------------------------------------- padded batches
+
+/// The pad id of the padded tests: a real word ("<unk>"), so a mask that let pads through
+/// would change the logits.
+const PAD: u32 = 0;
+
+/// Real positions of a padded batch must equal the unpadded sequences this closely: the same
+/// f32 computations, only summed over extra (exactly zero) masked terms.
+const PAD_TOL: f32 = 1e-5;
+
+/// Three sequences of different lengths (5, 8, 2), each a prefix of a fixture row, with the
+/// numpy float64 logits of its positions (causal, so a prefix's logits are the row's first ones).
+fn ragged(e: &Value) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let rows: Vec<Vec<u32>> = e["input_ids"].as_array().unwrap().iter().map(ids).collect();
+    let logits = floats(&e["logits"]["values"]);
+    let (seq, vocab) = (8, 50);
+    let mut seqs = Vec::new();
+    let mut refs = Vec::new();
+    for (row, len) in [(1, 5), (0, 8), (1, 2)] {
+        seqs.push(rows[row][..len].to_vec());
+        refs.push(logits[row * seq * vocab..(row * seq + len) * vocab].to_vec());
+    }
+    (seqs, refs)
+}
+
+/// `seqs` padded with [`PAD`] to `width` on the left or the right, and the padding mask.
+fn pad(seqs: &[Vec<u32>], width: usize, left: bool) -> (Vec<Vec<u32>>, PaddingMask) {
+    let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    let rows = seqs
+        .iter()
+        .map(|s| {
+            let pads = vec![PAD; width - s.len()];
+            if left { [pads, s.clone()].concat() } else { [s.clone(), pads].concat() }
+        })
+        .collect();
+    let mask = if left {
+        PaddingMask::left_padded(&lengths, width)
+    } else {
+        PaddingMask::right_padded(&lengths, width)
+    };
+    (rows, mask)
+}
+
+fn argmaxes(logits: &[f32], vocab: usize) -> Vec<u32> {
+    logits.chunks(vocab).map(emloc_models::llama::argmax).collect()
+}
+
+#[test]
+fn padded_batches_equal_unpadded_sequences() {
+    let device = device();
+    for variant in VARIANTS {
+        let e = expected(variant);
+        let (model, _) = LlamaForCausalLM::load(dir(variant), &device).unwrap();
+        let (seqs, refs) = ragged(&e);
+        let single: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| values(model.forward(int_tensor(&[s.clone()], &device), None)))
+            .collect();
+        for (i, (one, want)) in single.iter().zip(&refs).enumerate() {
+            assert_within(&format!("{variant} sequence {i} vs numpy"), one, want, TOL);
+        }
+        let width = 9; // one more than the longest: every row has a pad
+        for left in [true, false] {
+            let side = if left { "left" } else { "right" };
+            let (rows, mask) = pad(&seqs, width, left);
+            // HF's Int mask for left padding, a Bool mask for right padding.
+            let logits = if left {
+                model.forward_padded(int_tensor(&rows, &device), mask.to_tensor(&device), None)
+            } else {
+                let flags: Vec<bool> = (0..3).flat_map(|r| mask.row(r).to_vec()).collect();
+                let mask =
+                    Tensor::<2, Bool>::from_data(TensorData::new(flags, [3, width]), &device);
+                model.forward_padded(int_tensor(&rows, &device), mask, None)
+            };
+            assert_eq!(logits.dims(), [3, width, 50]);
+            let logits = values(logits);
+            assert!(logits.iter().all(|x| x.is_finite()), "{variant} {side}: non-finite logits");
+            let (mut worst, mut worst_numpy) = (0.0f32, 0.0f32);
+            for (r, s) in seqs.iter().enumerate() {
+                let start = if left { width - s.len() } else { 0 };
+                let row = &logits[(r * width + start) * 50..(r * width + start + s.len()) * 50];
+                worst = worst.max(max_abs_diff(row, &single[r]));
+                worst_numpy = worst_numpy.max(max_abs_diff(row, &refs[r]));
+                assert_eq!(argmaxes(row, 50), argmaxes(&single[r], 50), "{variant} {side} row {r}");
+            }
+            println!(
+                "{variant} {side}-padded: max |diff| vs unpadded {worst:.2e}, vs numpy {worst_numpy:.2e}"
+            );
+            assert!(worst <= PAD_TOL, "{variant} {side}: {worst} > {PAD_TOL}");
+            assert!(worst_numpy <= TOL, "{variant} {side}: {worst_numpy} vs numpy");
+        }
+        // The pad id does not matter: another pad token gives the same real logits.
+        let (rows, mask) = pad(&seqs, width, true);
+        let other: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&t| if t == PAD { 7 } else { t }).collect())
+            .collect();
+        let a = values(model.forward_padded(int_tensor(&rows, &device), mask.clone(), None));
+        let b = values(model.forward_padded(int_tensor(&other, &device), mask, None));
+        for (r, s) in seqs.iter().enumerate() {
+            let span = (r * width + width - s.len()) * 50..(r + 1) * width * 50;
+            assert_eq!(a[span.clone()], b[span], "{variant}: the pad id changed row {r}");
+        }
+    }
+}
+
+#[test]
+fn padded_kv_cache_decoding_equals_full_forward() {
+    let device = device();
+    for variant in VARIANTS {
+        let e = expected(variant);
+        let (model, _) = LlamaForCausalLM::load(dir(variant), &device).unwrap();
+        let (seqs, _) = ragged(&e);
+        let width = 8;
+
+        // Left padding: the whole batch at once vs prefill + chunks, pads included.
+        let (rows, mask) = pad(&seqs, width, true);
+        let input = int_tensor(&rows, &device);
+        let full = values(model.forward_padded(input.clone(), mask.clone(), None));
+        let mut cache = model.new_cache();
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for len in [3, 2, 1, 1, 1] {
+            let flags: Vec<bool> =
+                (0..3).flat_map(|r| mask.row(r)[start..start + len].to_vec()).collect();
+            let chunk = input.clone().slice([0..3, start..start + len]);
+            pieces.push(model.forward_padded(
+                chunk,
+                PaddingMask::new(3, len, flags),
+                Some(&mut cache),
+            ));
+            start += len;
+            assert_eq!(cache.len(), start);
+        }
+        assert_eq!(cache.next_positions(), &[5, 8, 2]);
+        assert_eq!(cache.key_mask()[2], mask.row(2));
+        let incremental = values(Tensor::cat(pieces, 1));
+        assert!(full.iter().all(|x| x.is_finite()));
+        assert_within(&format!("{variant} padded cached vs full"), &incremental, &full, PAD_TOL);
+
+        // Right padding, then one more token per row: positions continue after the real
+        // tokens and the cached pads stay masked, as for the unpadded sequence + token.
+        let (rows, mask) = pad(&seqs, width, false);
+        let mut cache = model.new_cache();
+        model.forward_padded(int_tensor(&rows, &device), mask, Some(&mut cache));
+        let next = [9u32, 30, 16];
+        let step = values(model.forward_padded(
+            int_tensor(&next.iter().map(|&t| vec![t]).collect::<Vec<_>>(), &device),
+            PaddingMask::all_real(3, 1),
+            Some(&mut cache),
+        ));
+        for (r, s) in seqs.iter().enumerate() {
+            let longer = [s.clone(), vec![next[r]]].concat();
+            let n = longer.len();
+            let alone = values(model.forward(int_tensor(&[longer], &device), None));
+            assert_within(
+                &format!("{variant} right-padded + 1 token, row {r}"),
+                &step[r * 50..(r + 1) * 50],
+                &alone[(n - 1) * 50..],
+                PAD_TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    let device = device();
+    for variant in VARIANTS {
+        let e = expected(variant);
+        let (model, config) = LlamaForCausalLM::load(dir(variant), &device).unwrap();
+        let rows: Vec<Vec<u32>> = e["input_ids"].as_array().unwrap().iter().map(ids).collect();
+        let prompts = vec![ids(&e["prompt"]), rows[0][..3].to_vec(), rows[1][..7].to_vec()];
+        let max_new = 10;
+        let alone = |settings: &GenerationConfig| -> Vec<Vec<u32>> {
+            prompts.iter().map(|p| model.generate(p, settings).unwrap()).collect()
+        };
+
+        // Without stop ids every row runs max_new steps.
+        let free = GenerationConfig::greedy(max_new);
+        let free_ids = alone(&free);
+        assert_eq!(model.generate_batch(&prompts, &free, PAD).unwrap(), free_ids, "{variant}");
+
+        // Stop ids: the model's eos and a token row 1 emits at step k >= 1 (its first
+        // occurrence), so that row stops early.
+        let k = (1..max_new).find(|&k| !free_ids[1][..k].contains(&free_ids[1][k])).unwrap();
+        let mut eos = config.eos_token_ids();
+        eos.push(free_ids[1][k]);
+        let settings = GenerationConfig::greedy(max_new).with_eos_token_ids(eos.clone());
+        let want = alone(&settings);
+        assert_eq!(want[1].len(), k + 1, "{variant}: row 1 stops at its stop id");
+        let got = model.generate_batch(&prompts, &settings, PAD).unwrap();
+        println!("{variant}: stop ids {eos:?}; batched {got:?}");
+        assert_eq!(got, want, "{variant}");
+        assert!(got.iter().any(|g| g.len() == max_new) || got.iter().all(|g| g.len() < max_new));
+        for g in &got {
+            // Nothing after a stop id.
+            if let Some(i) = g.iter().position(|t| eos.contains(t)) {
+                assert_eq!(i, g.len() - 1, "{variant}: tokens after a stop id: {g:?}");
+            }
+        }
+        // Another pad id, and the prompts in another order, change nothing.
+        assert_eq!(model.generate_batch(&prompts, &settings, 7).unwrap(), want, "{variant}");
+        let reversed: Vec<Vec<u32>> = prompts.iter().rev().cloned().collect();
+        let mut back = model.generate_batch(&reversed, &settings, PAD).unwrap();
+        back.reverse();
+        assert_eq!(back, want, "{variant}");
+    }
+
+    // Sampling: row r samples what `generate` samples with seed `row_seed(r)`.
+    let e = expected("tiny_llama");
+    let (model, _) = LlamaForCausalLM::load(dir("tiny_llama"), &device).unwrap();
+    let prompts = vec![ids(&e["prompt"]), vec![1, 5, 7], vec![1, 41, 42, 6, 43]];
+    let settings = GenerationConfig::sampling(10, 1.5, 0.95, 11).with_eos_token_ids(vec![2]);
+    let got = model.generate_batch(&prompts, &settings, PAD).unwrap();
+    assert_eq!(got, model.generate_batch(&prompts, &settings, PAD).unwrap(), "reproducible");
+    for (r, p) in prompts.iter().enumerate() {
+        let seeded = GenerationConfig { seed: settings.row_seed(r), ..settings.clone() };
+        assert_eq!(got[r], model.generate(p, &seeded).unwrap(), "sampled row {r}");
+    }
+    assert_ne!(got[0], got[1], "rows sample independently");
+
+    // Errors name the row; no prompts give no outputs.
+    let err = model.generate_batch(&[vec![1], vec![]], &settings, PAD).unwrap_err();
+    assert!(err.to_string().contains("empty prompt (row 1)"), "{err}");
+    let err = model.generate_batch(&[vec![1]], &settings, 50).unwrap_err();
+    assert!(err.to_string().contains("pad id"), "{err}");
+    assert!(model.generate_batch(&[], &settings, PAD).unwrap().is_empty());
+}
+
+/// Casts every float parameter to f16.
+struct ToF16;
+
+impl ModuleMapper for ToF16 {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| t.cast(DType::F16))
+    }
+}
+
+#[test]
+fn f16_padded_batches_have_no_nan() {
+    // The masks in f16: blocked scores are filled with f16's finite minimum and a left pad
+    // attends itself, so no softmax row is all -inf and no 0 · inf product appears. On Flex
+    // (the pure-Rust CPU backend), which runs f16 matmuls; wgpu adapters may lack f16.
+    let device = Device::flex();
+    let e = expected("tiny_llama");
+    let (model, _) = LlamaForCausalLM::load(dir("tiny_llama"), &device).unwrap();
+    let (seqs, _) = ragged(&e);
+    let (rows, mask) = pad(&seqs, 8, true);
+    let f32_logits = values(model.forward_padded(int_tensor(&rows, &device), mask.clone(), None));
+    let half = model.map(&mut ToF16);
+    assert_eq!(half.model.embed_tokens.weight.val().dtype(), DType::F16);
+    let logits = half.forward_padded(int_tensor(&rows, &device), mask, None);
+    assert_eq!(logits.dtype(), DType::F16);
+    let logits: Vec<f32> = logits.into_data().iter::<f32>().collect();
+    assert!(logits.iter().all(|x| x.is_finite()), "f16 logits with NaN/Inf");
+    let diff = max_abs_diff(&logits, &f32_logits);
+    println!("f16 vs f32 padded logits: max |diff| = {diff:.2e}");
+    assert!(diff < 0.1, "f16 logits too far from f32: {diff}");
 }
 
 #[test]
@@ -224,9 +495,6 @@ fn model_dir(variant: &str, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) ->
 fn key_mismatch(path: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
     key_mismatch_of(LlamaForCausalLM::load(path, &device()))
 }
-
-
-
 
 #[test]
 fn missing_unexpected_and_misshaped_keys_are_listed() {

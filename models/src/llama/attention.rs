@@ -1,21 +1,26 @@
 //! [`LlamaAttention`]: causal self-attention with grouped-query heads (GQA) and RoPE, with an
-//! optional [`LayerKvCache`] for incremental decoding.
+//! optional [`LayerKvCache`] for incremental decoding and key padding through
+//! [`AttentionInputs`].
 
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::LlamaConfig;
 use super::cache::LayerKvCache;
+use super::mask::AttentionInputs;
 use super::rope::RotaryEmbedding;
 
-/// The additive score bias of a masked (future) key.
+/// The score of a key a query may not attend: scores are overwritten with it by masked fill
+/// (never added as a `{0, 1} · MIN` product, which gives `0 · -inf = NaN` where the value is
+/// infinite, as `f32::MIN` becomes in f16/bf16). Every query attends at least itself, so a
+/// softmax row never consists of this value alone.
 pub const CAUSAL_MASK_BIAS: f32 = f32::MIN;
 
 /// The additive causal bias for `seq` queries at positions `offset..offset + seq` over keys at
 /// positions `0..offset + seq`: 0 where the key is not in the future, [`CAUSAL_MASK_BIAS`]
-/// where it is.
+/// where it is (built by masked fill, so no `0 · MIN` products).
 ///
 /// # Shapes
 /// - output: `[seq, offset + seq]`
@@ -24,7 +29,18 @@ pub fn causal_mask_bias(seq: usize, offset: usize, device: &Device) -> Tensor<2>
     let query_pos = Tensor::<1, Int>::arange(offset as i64..total as i64, device).reshape([seq, 1]);
     let key_pos = Tensor::<1, Int>::arange(0..total as i64, device).reshape([1, total]);
     let future = key_pos.expand([seq, total]).greater(query_pos.expand([seq, total]));
-    future.float().mul_scalar(CAUSAL_MASK_BIAS)
+    Tensor::<2>::zeros([seq, total], device).mask_fill(future, CAUSAL_MASK_BIAS)
+}
+
+/// The fill value of blocked scores in `dtype`: [`CAUSAL_MASK_BIAS`] (`f32::MIN`), or the
+/// dtype's most negative finite value where `f32::MIN` is not representable (f16: -65504,
+/// bf16: -3.39e38), as HF's `torch.finfo(dtype).min`.
+pub fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.389_531_389_251_535_5e38,
+        _ => f64::from(CAUSAL_MASK_BIAS),
+    }
 }
 
 /// HF `LlamaAttention` / `Qwen2Attention` (module path `self_attn`).
@@ -75,8 +91,8 @@ impl LlamaAttention {
     }
 
     /// Causal self-attention of `hidden` (positions `offset..offset + seq`, where `offset` is
-    /// the number of positions in `cache`, 0 without one) over itself and the cached positions.
-    /// With a cache, this call's keys and values are appended to it.
+    /// the number of positions in `cache`, 0 without one) over itself and the cached positions,
+    /// without padding. With a cache, this call's keys and values are appended to it.
     ///
     /// # Shapes
     /// - `hidden`, output: `[batch, seq, d]`
@@ -84,33 +100,68 @@ impl LlamaAttention {
     /// # Panics
     /// If `d` is not the layer's width, or the cache holds another batch size.
     pub fn forward(&self, hidden: Tensor<3>, cache: Option<&mut LayerKvCache>) -> Tensor<3> {
+        let seq = hidden.dims()[1];
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let inputs = AttentionInputs::causal(&self.rope, seq, offset, &hidden.device());
+        self.forward_with(hidden, &inputs, cache)
+    }
+
+    /// Self-attention of `hidden` over the cached positions and itself, with the RoPE tables
+    /// and blocked keys of `inputs` (see [`AttentionInputs`]: causal order plus key padding).
+    /// With a cache, this call's keys and values are appended to it.
+    ///
+    /// # Shapes
+    /// - `hidden`, output: `[batch, seq, d]`
+    /// - `inputs.cos`, `inputs.sin`: `[batch or 1, seq, head_dim]`
+    /// - `inputs.blocked`: `[batch or 1, seq, cached + seq]`
+    ///
+    /// # Panics
+    /// If `d` is not the layer's width, the cache holds another batch size, or `inputs` does
+    /// not match these shapes.
+    pub fn forward_with(
+        &self,
+        hidden: Tensor<3>,
+        inputs: &AttentionInputs,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Tensor<3> {
         let [batch, seq, _] = hidden.dims();
         let (heads, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let group = heads / kv;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
 
         let q =
             self.q_proj.forward(hidden.clone()).reshape([batch, seq, heads, hd]).swap_dims(1, 2);
         let k = self.k_proj.forward(hidden.clone()).reshape([batch, seq, kv, hd]).swap_dims(1, 2);
         let v = self.v_proj.forward(hidden).reshape([batch, seq, kv, hd]).swap_dims(1, 2);
-        let q = self.rope.apply(q, offset);
-        let k = self.rope.apply(k, offset);
+        let q = self.rope.apply_tables(q, inputs.cos.clone(), inputs.sin.clone());
+        let k = self.rope.apply_tables(k, inputs.cos.clone(), inputs.sin.clone());
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),
         };
-        let total = offset + seq;
+        let total = k.dims()[2];
 
         // GQA without copying keys: query heads h = g·group + r share key head g, so the
         // `group` query heads of a key head are stacked along the query axis.
         let q = q.reshape([batch, kv, group * seq, hd]);
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
         let scores = scores.reshape([batch, kv, group, seq, total]);
-        let scores = if seq > 1 {
-            let bias = causal_mask_bias(seq, offset, &scores.device());
-            scores + bias.reshape([1, 1, 1, seq, total])
-        } else {
-            scores // one query at the last position sees every key
+        let scores = match &inputs.blocked {
+            Some(blocked) => {
+                let [mb, ms, mt] = blocked.dims();
+                assert!(
+                    (mb == batch || mb == 1) && ms == seq && mt == total,
+                    "LlamaAttention: blocked-key mask {:?} for {batch} rows, {seq} queries, \
+                     {total} keys",
+                    blocked.dims()
+                );
+                let blocked = blocked
+                    .clone()
+                    .reshape([mb, 1, 1, seq, total])
+                    .expand([batch, kv, group, seq, total]);
+                let fill = mask_value(scores.dtype());
+                scores.mask_fill(blocked, fill)
+            }
+            None => scores,
         };
         let probs = softmax(scores, 4).reshape([batch, kv, group * seq, total]);
         let context = probs.matmul(v).reshape([batch, heads, seq, hd]);

@@ -1,15 +1,17 @@
 //! Text generation with a [`LlamaForCausalLM`]: greedy decoding and temperature / nucleus
 //! (top-p) sampling from a seeded [`XorShiftRng`], so sampled outputs are reproducible.
 //!
-//! The prompt is run once (filling the [`KvCache`](super::KvCache)), then one token per step.
-//! Sampling happens on the host in f64 over the last position's logits.
+//! The prompts are left-padded to one length and run once (filling the
+//! [`KvCache`](super::KvCache)), then one token per step for every row. Sampling happens on the
+//! host in f64 over the last position's logits, each row with its own generator.
 
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::LlamaForCausalLM;
+use super::mask::PaddingMask;
 use super::model::check_ids;
-use crate::rng::XorShiftRng;
 use crate::error::{ModelError, Result};
+use crate::rng::XorShiftRng;
 
 /// How [`LlamaForCausalLM::generate`] picks tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,9 +24,10 @@ pub struct GenerationConfig {
     /// reaches `top_p` (at least the most likely one). `1` samples from the whole distribution;
     /// values near `0` keep only the most likely token (greedy).
     pub top_p: f64,
-    /// Seed of the sampling generator.
+    /// Seed of the sampling generator (row `r` of a batch uses [`row_seed`](Self::row_seed)).
     pub seed: u64,
-    /// Generation stops after any of these ids (it is included in the output).
+    /// Generation stops after any of these ids (it is included in the output); e.g. both
+    /// `<|im_end|>` and `<|endoftext|>`.
     pub eos_token_ids: Vec<u32>,
 }
 
@@ -56,6 +59,15 @@ impl GenerationConfig {
     pub fn with_eos_token_ids(mut self, ids: Vec<u32>) -> Self {
         self.eos_token_ids = ids;
         self
+    }
+
+    /// The seed of row `row`'s generator in
+    /// [`generate_batch`](LlamaForCausalLM::generate_batch): `seed` for row 0 (so a batch of
+    /// one samples as [`generate`](LlamaForCausalLM::generate)), a fixed mix of `seed` and the
+    /// row for the others. Row `r` of a batch samples what `generate` samples with
+    /// `seed = row_seed(r)` (up to float rounding of batched logits).
+    pub fn row_seed(&self, row: usize) -> u64 {
+        self.seed.wrapping_add((row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
     }
 
     /// Checks the temperature (finite, `>= 0`) and `top_p` (in `[0, 1]`).
@@ -94,10 +106,26 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Checks that every logit is finite.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] naming the first NaN or infinite logit (a diverged or broken
+/// model: sampling from it would return a meaningless token).
+pub fn check_logits(logits: &[f32]) -> Result<()> {
+    match logits.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(ModelError::InvalidInput(format!(
+            "logit {} of token {i} is not finite: the model produced NaN/Inf logits",
+            logits[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Picks the next token from one position's logits: [`argmax`] when `temperature` is 0,
 /// otherwise a draw from `softmax(logits / temperature)` restricted to the top-`top_p` nucleus
 /// (most likely tokens first, ties by lower id; the nucleus always holds the most likely
-/// token) and renormalised.
+/// token) and renormalised. Logits should be finite (see [`check_logits`]); NaNs are ordered
+/// by [`f64::total_cmp`] and never panic.
 ///
 /// # Panics
 /// If `logits` is empty.
@@ -111,8 +139,7 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut XorS
     let total: f64 = weights.iter().sum();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     // Stable: equal probabilities keep the lower id first, as argmax does.
-    order
-        .sort_by(|&a, &b| weights[b].partial_cmp(&weights[a]).unwrap_or(std::cmp::Ordering::Equal));
+    order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]));
     let mut nucleus = Vec::new();
     let mut mass = 0.0;
     for &i in &order {
@@ -136,42 +163,110 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut XorS
 impl LlamaForCausalLM {
     /// Continues `prompt` (token ids, batch of one) by up to `config.max_new_tokens` tokens and
     /// returns the new ids (without the prompt). Stops early after an id of
-    /// `config.eos_token_ids`.
+    /// `config.eos_token_ids` (included in the output). The same as
+    /// [`generate_batch`](Self::generate_batch) with one row.
     ///
     /// # Errors
-    /// [`ModelError::InvalidInput`] for an empty prompt, an id outside the vocabulary or an
-    /// invalid [`GenerationConfig`].
+    /// [`ModelError::InvalidInput`] for an empty prompt, an id outside the vocabulary, an
+    /// invalid [`GenerationConfig`] or non-finite logits.
     pub fn generate(&self, prompt: &[u32], config: &GenerationConfig) -> Result<Vec<u32>> {
+        let mut out = self.generate_batch(&[prompt.to_vec()], config, 0)?;
+        Ok(out.pop().expect("one row"))
+    }
+
+    /// Continues every prompt by up to `config.max_new_tokens` tokens and returns, per prompt,
+    /// only the new ids. The prompts are left-padded with `pad_id` to the longest one (masked:
+    /// the pad id never influences real tokens) and run in one forward call, then every row
+    /// advances one token per step through the KV cache. A row stops after emitting an id of
+    /// `config.eos_token_ids` (included in its output); it is then fed masked pads to keep the
+    /// batch's shape, and the loop ends when every row stopped or after `max_new_tokens` steps.
+    /// Row `r` samples from its own generator, seeded with
+    /// [`GenerationConfig::row_seed`], so results are reproducible and each row's output equals
+    /// [`generate`](Self::generate) of its prompt alone (with that seed), up to float rounding
+    /// of the batched logits. No prompts give no outputs.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] for an empty prompt, an id (or `pad_id`) outside the
+    /// vocabulary, an invalid [`GenerationConfig`] or non-finite logits.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+        pad_id: u32,
+    ) -> Result<Vec<Vec<u32>>> {
         config.validate()?;
-        if prompt.is_empty() {
-            return Err(ModelError::InvalidInput("empty prompt".into()));
+        let vocab = self.vocab_size();
+        for (r, prompt) in prompts.iter().enumerate() {
+            if prompt.is_empty() {
+                return Err(ModelError::InvalidInput(format!("empty prompt (row {r})")));
+            }
+            check_ids(prompt, vocab).map_err(|e| in_row(e, &format!("prompt {r}")))?;
         }
-        check_ids(prompt, self.vocab_size())?;
+        if pad_id as usize >= vocab {
+            return Err(ModelError::InvalidInput(format!(
+                "pad id {pad_id} is outside the vocabulary (vocab_size {vocab})"
+            )));
+        }
+        let batch = prompts.len();
+        let mut generated = vec![Vec::with_capacity(config.max_new_tokens); batch];
+        if batch == 0 || config.max_new_tokens == 0 {
+            return Ok(generated);
+        }
         let device = self.device();
-        let mut rng = XorShiftRng::new(config.seed);
+        let mut rngs: Vec<XorShiftRng> =
+            (0..batch).map(|r| XorShiftRng::new(config.row_seed(r))).collect();
         let mut cache = self.new_cache();
-        let mut generated = Vec::with_capacity(config.max_new_tokens);
-        let mut input = prompt.to_vec();
-        while generated.len() < config.max_new_tokens {
-            let ids: Vec<i64> = input.iter().map(|&i| i as i64).collect();
-            let n = ids.len();
-            let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-            // The head runs on the last position only (the prompt's other logits are unused).
-            let hidden = self.model.forward(ids, Some(&mut cache));
+        let mut done = vec![false; batch];
+
+        let width = prompts.iter().map(Vec::len).max().expect("a prompt");
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let mut ids: Vec<i64> = Vec::with_capacity(batch * width);
+        for prompt in prompts {
+            ids.extend(std::iter::repeat_n(i64::from(pad_id), width - prompt.len()));
+            ids.extend(prompt.iter().map(|&i| i64::from(i)));
+        }
+        let mut input = (ids, width, PaddingMask::left_padded(&lengths, width));
+        loop {
+            let (ids, n, mask) = input;
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, n]), &device);
+            // The head runs on the last position only (the prompts' other logits are unused).
+            let hidden = self.model.forward_padded(ids, mask, Some(&mut cache));
             let d = hidden.dims()[2];
             let last: Vec<f32> = self
-                .logits(hidden.slice([0..1, n - 1..n, 0..d]))
+                .logits(hidden.slice([0..batch, n - 1..n, 0..d]))
                 .into_data()
                 .iter::<f32>()
                 .collect();
-            let token = sample_token(&last, config.temperature, config.top_p, &mut rng);
-            generated.push(token);
-            if config.eos_token_ids.contains(&token) {
+            for (r, logits) in last.chunks(vocab).enumerate() {
+                if done[r] {
+                    continue;
+                }
+                check_logits(logits)
+                    .map_err(|e| in_row(e, &format!("row {r}, step {}", generated[r].len())))?;
+                let token = sample_token(logits, config.temperature, config.top_p, &mut rngs[r]);
+                generated[r].push(token);
+                done[r] = config.eos_token_ids.contains(&token)
+                    || generated[r].len() >= config.max_new_tokens;
+            }
+            if done.iter().all(|&d| d) {
                 break;
             }
-            input = vec![token];
+            // Stopped rows are fed a masked pad.
+            let ids = (0..batch)
+                .map(|r| i64::from(if done[r] { pad_id } else { *generated[r].last().unwrap() }))
+                .collect();
+            let flags = done.iter().map(|&d| !d).collect();
+            input = (ids, 1, PaddingMask::new(batch, 1, flags));
         }
         Ok(generated)
+    }
+}
+
+/// Prefixes an [`ModelError::InvalidInput`] message with `context`.
+fn in_row(error: ModelError, context: &str) -> ModelError {
+    match error {
+        ModelError::InvalidInput(m) => ModelError::InvalidInput(format!("{context}: {m}")),
+        other => other,
     }
 }
 
@@ -212,5 +307,20 @@ mod tests {
         assert!(all.iter().all(|&c| c > 0), "{all:?}");
         assert_eq!(sample_token(&[0.0, 3.0, 3.0, 1.0], 1.0, 0.0, &mut rng), 1);
         assert_eq!(sample_token(&[0.0, 3.0, 3.0, 1.0], 0.0, 1.0, &mut rng), 1);
+    }
+
+    #[test]
+    fn non_finite_logits_are_reported_and_never_panic_the_sort() {
+        assert!(check_logits(&[0.0, 1.0, -3.0]).is_ok());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            match check_logits(&[0.0, bad, 1.0]) {
+                Err(ModelError::InvalidInput(m)) => assert!(m.contains("token 1"), "{m}"),
+                other => panic!("expected InvalidInput, got {other:?}"),
+            }
+        }
+        // total_cmp orders NaN weights without panicking; the draw is still a valid index.
+        let mut rng = XorShiftRng::new(1);
+        let t = sample_token(&[0.0, f32::NAN, 1.0], 1.0, 1.0, &mut rng);
+        assert!(t < 3);
     }
 }

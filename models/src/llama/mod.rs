@@ -1,6 +1,7 @@
 //! Llama-family decoders (HF `LlamaForCausalLM`, also TinyLlama, SmolLM, Llama 3 with
 //! `rope_scaling`, and `Qwen2ForCausalLM` with its q/k/v biases): grouped-query attention with
-//! RoPE, SwiGLU MLPs, RMSNorm, a KV cache, and greedy / nucleus generation.
+//! RoPE, SwiGLU MLPs, RMSNorm, a KV cache, padded batches, and greedy / nucleus generation of
+//! one prompt or a batch of prompts.
 //!
 //! ```no_run
 //! # fn main() -> emloc_models::Result<()> {
@@ -32,24 +33,47 @@
 //! Biases exist where the config says (Llama: `attention_bias`, `mlp_bias`; Qwen2: q/k/v
 //! only). `*.rotary_emb.inv_freq` buffers are ignored; any other extra key is reported.
 //!
-//! Limitations: no padding mask (sequences of one batch have equal length), no sliding-window
-//! attention, RoPE scalings `default`, `linear` and `llama3` only.
+//! # Padded batches
+//!
+//! [`LlamaForCausalLM::forward_padded`] takes HF's `attention_mask` (1 = token, 0 = pad; or a
+//! [`PaddingMask`]). Position ids count each row's real tokens (HF's `cumsum(mask) - 1`), so
+//! left- and right-padded rows give the logits of their unpadded sequences; no query attends a
+//! pad key (a pad query attends only itself, so its outputs stay finite); the [`KvCache`]
+//! remembers which cached positions were pads and each row's next position.
+//! [`LlamaForCausalLM::generate_batch`] left-pads several prompts and decodes them together,
+//! each row stopping at its own stop id:
+//!
+//! ```no_run
+//! # fn main() -> emloc_models::Result<()> {
+//! # use emloc_models::llama::{GenerationConfig, LlamaForCausalLM};
+//! # let device = burn::tensor::Device::default();
+//! # let (model, config) = LlamaForCausalLM::load("/path/to/SmolLM-135M", &device)?;
+//! let settings = GenerationConfig::greedy(16).with_eos_token_ids(config.eos_token_ids());
+//! let prompts = vec![vec![1, 415, 5565], vec![1, 22557]];
+//! let continuations = model.generate_batch(&prompts, &settings, 0)?; // pad id 0
+//! # Ok(()) }
+//! ```
+//!
+//! Limitations: no sliding-window attention; RoPE scalings `default`, `linear` and `llama3`
+//! only.
 
 mod attention;
 mod cache;
 mod config;
 mod generate;
+mod mask;
 mod mlp;
 mod model;
 mod rms_norm;
 mod rope;
 mod tokenizer;
 
-pub use attention::{CAUSAL_MASK_BIAS, LlamaAttention, causal_mask_bias};
+pub use attention::{CAUSAL_MASK_BIAS, LlamaAttention, causal_mask_bias, mask_value};
 pub use cache::{KvCache, LayerKvCache};
 pub use config::{LlamaConfig, LlamaFamily, REQUIRED_FIELDS, TokenIds};
 pub use crate::rng::XorShiftRng;
-pub use generate::{GenerationConfig, argmax, sample_token};
+pub use generate::{GenerationConfig, argmax, check_logits, sample_token};
+pub use mask::{AttentionInputs, PaddingMask};
 pub use mlp::LlamaMlp;
 pub use model::{
     LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, check_ids, key_mapping, linear_paths,

@@ -10,6 +10,7 @@ use burn::tensor::{Device, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::cache::{KvCache, LayerKvCache};
+use super::mask::{AttentionInputs, PaddingMask};
 use super::{LlamaAttention, LlamaConfig, LlamaMlp, RmsNorm};
 use crate::error::{ModelError, Result};
 use crate::loading::{Checkpoint, KeyMapping, LoadReport};
@@ -52,6 +53,24 @@ impl LlamaDecoderLayer {
             hidden.clone() + self.self_attn.forward(self.input_layernorm.forward(hidden), cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+
+    /// [`forward`](Self::forward) with the positions and blocked keys of `inputs` (padding).
+    ///
+    /// # Shapes
+    /// - `hidden`, output: `[batch, seq, d]`
+    ///
+    /// # Panics
+    /// As [`LlamaAttention::forward_with`].
+    pub fn forward_with(
+        &self,
+        hidden: Tensor<3>,
+        inputs: &AttentionInputs,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Tensor<3> {
+        let normed = self.input_layernorm.forward(hidden.clone());
+        let h = hidden + self.self_attn.forward_with(normed, inputs, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
 }
 
 /// HF `LlamaModel` (module path `model`): token embeddings, decoder layers, final norm.
@@ -66,8 +85,9 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
-    /// Final hidden states (after the last norm). With a cache, the input continues the cached
-    /// sequence (positions start at `cache.len()`) and is appended to it.
+    /// Final hidden states (after the last norm), without padding. With a cache, the input
+    /// continues the cached sequence (positions start at `cache.len()` for a cache filled
+    /// without padding) and is appended to it.
     ///
     /// # Shapes
     /// - `input_ids`: `[batch, seq]`
@@ -77,7 +97,48 @@ impl LlamaModel {
     /// If the cache has another number of layers or batch size; (depending on the backend) if an
     /// id is outside the vocabulary.
     pub fn forward(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [batch, seq] = input_ids.dims();
+        self.forward_padded(input_ids, PaddingMask::all_real(batch, seq), cache)
+    }
+
+    /// Final hidden states of a padded batch. `attention_mask` marks the real tokens (HF's
+    /// `attention_mask`: an `Int` tensor with 1 = token, 0 = pad, a `Bool` tensor, or a
+    /// [`PaddingMask`]). Each row's position ids count its real tokens only
+    /// ([`PaddingMask::position_ids`]), continuing from the cache, so a left-padded row gets the
+    /// positions (and outputs) of the unpadded sequence; no query attends a pad key except a
+    /// pad query itself (see [`AttentionInputs`]), so pads never change real tokens' outputs
+    /// and their own outputs stay finite (but are meaningless). With a cache, this call's
+    /// keys, values and mask are appended to it.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `[batch, seq]`
+    /// - output: `[batch, seq, d]`
+    ///
+    /// # Panics
+    /// If the mask's shape differs from `input_ids`'s, or the cache has another number of
+    /// layers or batch size; (depending on the backend) if an id (pads included) is outside
+    /// the vocabulary.
+    pub fn forward_padded(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: impl Into<PaddingMask>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let mask = attention_mask.into();
+        let [batch, seq] = input_ids.dims();
+        assert_eq!(
+            mask.dims(),
+            [batch, seq],
+            "LlamaModel::forward_padded: attention mask {:?} for input ids {:?}",
+            mask.dims(),
+            [batch, seq]
+        );
+        let device = input_ids.device();
         let mut hidden = self.embed_tokens.forward(input_ids);
+        let Some(first) = self.layers.first() else {
+            return self.norm.forward(hidden);
+        };
+        let rope = &first.self_attn.rope;
         match cache {
             Some(cache) => {
                 assert_eq!(
@@ -87,13 +148,23 @@ impl LlamaModel {
                     cache.layers.len(),
                     self.layers.len()
                 );
+                let state = cache.state(batch);
+                let inputs = AttentionInputs::padded(rope, &state.0, &state.1, &mask, &device);
                 for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-                    hidden = layer.forward(hidden, Some(c));
+                    hidden = layer.forward_with(hidden, &inputs, Some(c));
                 }
+                cache.record(state, &mask);
             }
             None => {
+                let inputs = AttentionInputs::padded(
+                    rope,
+                    &vec![Vec::new(); batch],
+                    &vec![0; batch],
+                    &mask,
+                    &device,
+                );
                 for layer in &self.layers {
-                    hidden = layer.forward(hidden, None);
+                    hidden = layer.forward_with(hidden, &inputs, None);
                 }
             }
         }
@@ -153,6 +224,27 @@ impl LlamaForCausalLM {
         self.logits(hidden)
     }
 
+    /// Logits of every position of a padded batch (see [`LlamaModel::forward_padded`]):
+    /// `attention_mask` is HF's (`Int` 1 = token / 0 = pad, `Bool`, or a [`PaddingMask`]);
+    /// real positions get the logits of their unpadded sequences; pads' logits are finite but
+    /// meaningless.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    ///
+    /// # Panics
+    /// As [`LlamaModel::forward_padded`].
+    pub fn forward_padded(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: impl Into<PaddingMask>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let hidden = self.model.forward_padded(input_ids, attention_mask, cache);
+        self.logits(hidden)
+    }
+
     /// Applies the LM head (or the tied embeddings) to hidden states.
     ///
     /// # Shapes
@@ -165,7 +257,7 @@ impl LlamaForCausalLM {
         }
     }
 
-    /// An empty KV cache for this model.
+    /// An empty KV cache for this model (for any batch size; the first forward call fixes it).
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.model.layers.len())
     }

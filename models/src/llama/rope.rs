@@ -2,7 +2,7 @@
 //! second halves of a head are the two coordinates of each rotated pair), with the `linear` and
 //! Llama-3 (`llama3`) frequency scalings of `rope_scaling`.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -203,10 +203,50 @@ impl RotaryEmbedding {
     /// Cosine and sine tables for positions `offset..offset + len`, each `[len, head_dim]`
     /// (the frequencies repeated for both halves, as HF's `cat((freqs, freqs))`).
     pub fn tables(&self, offset: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let positions: Vec<usize> = (offset..offset + len).collect();
+        let (cos, sin) = self.host_tables(&positions);
         let hd = self.head_dim();
-        let mut cos = Vec::with_capacity(len * hd);
-        let mut sin = Vec::with_capacity(len * hd);
-        for p in offset..offset + len {
+        (
+            Tensor::from_data(TensorData::new(cos, [len, hd]), device),
+            Tensor::from_data(TensorData::new(sin, [len, hd]), device),
+        )
+    }
+
+    /// Cosine and sine tables for per-row positions (computed in f64 like
+    /// [`tables`](Self::tables), so equal positions give bit-identical tables).
+    ///
+    /// # Shapes
+    /// - `positions`: row-major `[batch, seq]`
+    /// - outputs: `[batch, seq, head_dim]` each
+    ///
+    /// # Panics
+    /// If `positions.len() != batch * seq`.
+    pub fn position_tables(
+        &self,
+        positions: &[usize],
+        batch: usize,
+        seq: usize,
+        device: &Device,
+    ) -> (Tensor<3>, Tensor<3>) {
+        assert_eq!(
+            positions.len(),
+            batch * seq,
+            "RotaryEmbedding::position_tables: {} positions for [{batch}, {seq}]",
+            positions.len()
+        );
+        let (cos, sin) = self.host_tables(positions);
+        let hd = self.head_dim();
+        (
+            Tensor::from_data(TensorData::new(cos, [batch, seq, hd]), device),
+            Tensor::from_data(TensorData::new(sin, [batch, seq, hd]), device),
+        )
+    }
+
+    fn host_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.head_dim();
+        let mut cos = Vec::with_capacity(positions.len() * hd);
+        let mut sin = Vec::with_capacity(positions.len() * hd);
+        for &p in positions {
             for _half in 0..2 {
                 for f in &self.inv_freq {
                     let angle = p as f64 * f;
@@ -215,13 +255,10 @@ impl RotaryEmbedding {
                 }
             }
         }
-        (
-            Tensor::from_data(TensorData::new(cos, [len, hd]), device),
-            Tensor::from_data(TensorData::new(sin, [len, hd]), device),
-        )
+        (cos, sin)
     }
 
-    /// Rotates queries or keys at positions `offset..offset + seq`:
+    /// Rotates queries or keys at positions `offset..offset + seq` (every row the same):
     /// `x cos + rotate_half(x) sin` with `rotate_half([x1, x2]) = [-x2, x1]`.
     ///
     /// # Shapes
@@ -230,6 +267,45 @@ impl RotaryEmbedding {
     /// # Panics
     /// If the last dimension of `x` is not `head_dim`.
     pub fn apply(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
+        let seq = x.dims()[2];
+        let (cos, sin) = self.tables(offset, seq, &x.device());
+        let hd = cos.dims()[1];
+        self.apply_tables(x, cos.reshape([1, seq, hd]), sin.reshape([1, seq, hd]))
+    }
+
+    /// Rotates queries or keys at per-row positions (e.g. from
+    /// [`PaddingMask::position_ids`](super::PaddingMask::position_ids)). Reads `positions` to
+    /// the host.
+    ///
+    /// # Shapes
+    /// - `x`, output: `[batch, heads, seq, head_dim]`
+    /// - `positions`: `[batch, seq]`, non-negative
+    ///
+    /// # Panics
+    /// If the last dimension of `x` is not `head_dim`, the shapes disagree, or a position is
+    /// negative.
+    pub fn apply_positions(&self, x: Tensor<4>, positions: Tensor<2, Int>) -> Tensor<4> {
+        let [batch, seq] = positions.dims();
+        let positions: Vec<usize> = positions
+            .into_data()
+            .iter::<i64>()
+            .map(|p| usize::try_from(p).expect("RotaryEmbedding: negative position"))
+            .collect();
+        let (cos, sin) = self.position_tables(&positions, batch, seq, &x.device());
+        self.apply_tables(x, cos, sin)
+    }
+
+    /// Rotates `x` with precomputed tables (from [`tables`](Self::tables) reshaped to
+    /// `[1, seq, head_dim]`, or [`position_tables`](Self::position_tables)); the tables are cast
+    /// to `x`'s float type when it differs.
+    ///
+    /// # Shapes
+    /// - `x`, output: `[batch, heads, seq, head_dim]`
+    /// - `cos`, `sin`: `[batch or 1, seq, head_dim]`
+    ///
+    /// # Panics
+    /// If the last dimension of `x` is not `head_dim` or the tables do not match `x`.
+    pub fn apply_tables(&self, x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
         let [batch, heads, seq, hd] = x.dims();
         assert_eq!(
             hd,
@@ -237,9 +313,21 @@ impl RotaryEmbedding {
             "RotaryEmbedding::apply: head_dim {hd} != {}",
             self.head_dim()
         );
-        let (cos, sin) = self.tables(offset, seq, &x.device());
-        let cos = cos.reshape([1, 1, seq, hd]);
-        let sin = sin.reshape([1, 1, seq, hd]);
+        let [tb, ts, thd] = cos.dims();
+        assert!(
+            (tb == batch || tb == 1) && ts == seq && thd == hd && sin.dims() == cos.dims(),
+            "RotaryEmbedding::apply_tables: tables {:?} / {:?} for x {:?}",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        );
+        let (cos, sin) = if cos.dtype() == x.dtype() {
+            (cos, sin)
+        } else {
+            (cos.cast(x.dtype()), sin.cast(x.dtype()))
+        };
+        let cos = cos.reshape([tb, 1, seq, hd]);
+        let sin = sin.reshape([tb, 1, seq, hd]);
         let half = hd / 2;
         let x1 = x.clone().slice([0..batch, 0..heads, 0..seq, 0..half]);
         let x2 = x.clone().slice([0..batch, 0..heads, 0..seq, half..hd]);
@@ -313,5 +401,31 @@ mod tests {
         for (a, b) in late.iter().zip(&full[8..]) {
             assert!((a - b).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn per_row_positions_equal_offsets() {
+        let device = Device::default();
+        let rope = RotaryEmbedding::new(4, 10_000.0, None);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                (0..32).map(|i| i as f32 * 0.25 - 3.0).collect::<Vec<_>>(),
+                [2, 1, 4, 4],
+            ),
+            &device,
+        );
+        // Row 0 at positions 0..4, row 1 at 5..9.
+        let positions = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![0i64, 1, 2, 3, 5, 6, 7, 8], [2, 4]),
+            &device,
+        );
+        let both: Vec<f32> =
+            rope.apply_positions(x.clone(), positions).into_data().iter().collect();
+        let row = |r: usize, offset| -> Vec<f32> {
+            let xr = x.clone().slice([r..r + 1, 0..1, 0..4, 0..4]);
+            rope.apply(xr, offset).into_data().iter().collect()
+        };
+        assert_eq!(&both[..16], &row(0, 0)[..]);
+        assert_eq!(&both[16..], &row(1, 5)[..]);
     }
 }

@@ -94,7 +94,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec
 }
 
 /// A model directory with `files` copied from `from` and `tensors` as `model.safetensors`.
-pub fn model_dir_from(from: &Path, files: &[&str], tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> tempfile::TempDir {
+pub fn model_dir_from(
+    from: &Path,
+    files: &[&str],
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for f in files {
         std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
@@ -107,7 +111,9 @@ pub fn model_dir_from(from: &Path, files: &[&str], tensors: &[(String, Dtype, Ve
 ///
 /// # Panics
 /// If the load succeeded or failed otherwise.
-pub fn key_mismatch_of<T>(result: Result<T, ModelError>) -> (Vec<String>, Vec<String>, Vec<String>, String) {
+pub fn key_mismatch_of<T>(
+    result: Result<T, ModelError>,
+) -> (Vec<String>, Vec<String>, Vec<String>, String) {
     match result {
         Err(err @ ModelError::KeyMismatch { .. }) => {
             let message = err.to_string();
