@@ -113,14 +113,17 @@ pub fn evaluate(
 
     let exact_match = if generations > 0 {
         let settings = GenerationConfig::greedy(config.max_new_tokens).with_eos_token_ids(task.eos_token_ids().to_vec());
+        let prompts = examples.iter().map(|e| task.encode_prompt(&e.prompt)).collect::<Result<Vec<_>>>()?;
         let mut matches = 0;
-        for example in examples {
-            let prompt = task.encode_prompt(&example.prompt)?;
-            let ids = model.generate(&prompt, &settings)?;
-            let text = task.tokenizer().decode(&ids, true)?;
-            let answer = answer_text(&text);
-            matches += usize::from(example.targets.iter().any(|t| answer_text(t) == answer));
-            done += 1;
+        for (chunk, batch) in examples.chunks(config.batch_size).zip(prompts.chunks(config.batch_size)) {
+            // Left-padded batched greedy decoding; each row stops at its own end of sequence.
+            let generated = model.generate_batch(batch, &settings, task.pad_token_id())?;
+            for (example, ids) in chunk.iter().zip(&generated) {
+                let text = task.tokenizer().decode(ids, true)?;
+                let answer = answer_text(&text);
+                matches += usize::from(example.targets.iter().any(|t| answer_text(t) == answer));
+            }
+            done += chunk.len();
             on_progress(done, total);
         }
         Some(matches as f64 / examples.len() as f64)
