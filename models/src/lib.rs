@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod clip;
 pub mod error;
+pub mod gguf;
 pub mod llama;
 pub mod loading;
 pub mod retrieval;
