@@ -844,6 +844,14 @@ fn smollm2_logits_and_greedy_completions_match_transformers() {
     let Some(path) = smollm2() else { return };
     let device = device();
     let (model, config) = LlamaForCausalLM::load_gguf(&path, &device).unwrap();
+    // Peak resident memory so far (Linux): the f32 model is 0.54 GB.
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let peak = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM"))
+            .unwrap_or("VmHWM: ?");
+        println!("after load_gguf: {peak}");
+    }
     let e = json("smollm2_expected.json");
 
     let last = &e["last_logits"];
@@ -858,22 +866,22 @@ fn smollm2_logits_and_greedy_completions_match_transformers() {
         "SmolLM2 top-20 last-position logits",
         &got,
         &floats(&last["top_values"]),
-        2e-3,
+        1e-3,
     );
     let mut order: Vec<usize> = (0..vocab).collect();
     order.sort_by(|&a, &b| last_row[b].total_cmp(&last_row[a]));
     assert_eq!(order[0] as u32, top_ids[0], "argmax");
 
+    // Raw prompts (16 new tokens) and chat prompts (until `<|im_end|>`, among the GGUF
+    // tokenizer's stop ids).
+    let info = GgufTokenizerInfo::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     let mut checked = 0;
     for g in e["generate"].as_array().unwrap() {
-        if g["kind"] != "raw" {
-            continue;
-        }
         let new_ids = ids(&g["new_ids"]);
-        let settings =
-            GenerationConfig::greedy(new_ids.len()).with_eos_token_ids(config.eos_token_ids());
+        let settings = GenerationConfig::greedy(16).with_eos_token_ids(info.eos_token_ids());
         let got = model.generate(&ids(&g["prompt_ids"]), &settings).unwrap();
-        assert_eq!(got, new_ids, "greedy completion of {:?}", g["prompt"]);
+        let what = g.get("prompt").unwrap_or(&g["messages"]);
+        assert_eq!(got, new_ids, "greedy completion of {what}");
         checked += 1;
     }
     println!("{checked} greedy completions equal transformers'");
