@@ -669,6 +669,40 @@ fn load_gguf_skipping_never_materialises_skipped_weights() {
             .weight
             .is_initialized()
     );
+
+    // A skipped tensor may even be of a type that cannot be dequantized (here Q8_1).
+    let mut bytes = std::fs::read(tiny_gguf()).unwrap();
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    assert_eq!(
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()),
+        2,
+        "n_dims"
+    );
+    let type_at = at + 4 + 16;
+    assert_eq!(
+        u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()),
+        8,
+        "Q8_0"
+    );
+    bytes[type_at..type_at + 4].copy_from_slice(&9u32.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8_1.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let (_, _, invalid, message) = key_mismatch_of(LlamaForCausalLM::load_gguf(&path, &device));
+    assert!(
+        invalid.len() == 1 && invalid[0].contains("Q8_1"),
+        "{message}"
+    );
+    let skip: BTreeSet<String> = ["model.layers.0.self_attn.q_proj.weight".to_string()].into();
+    let (model, _) = LlamaForCausalLM::load_gguf_skipping(&path, &device, &skip).unwrap();
+    assert!(
+        !model.model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .is_initialized()
+    );
 }
 
 #[test]

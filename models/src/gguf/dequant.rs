@@ -18,28 +18,48 @@ use std::fmt;
 use half::f16;
 
 /// A ggml tensor storage type (`GGMLQuantizationType`), by its id in the file.
-#[allow(non_camel_case_types, missing_docs)]
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// 32-bit float (id 0).
     F32,
+    /// IEEE half (id 1).
     F16,
+    /// 4-bit, one f16 scale per 32 (id 2).
     Q4_0,
+    /// 4-bit, f16 scale and minimum per 32 (id 3).
     Q4_1,
+    /// 5-bit, one scale per 32 (id 6; layout known, not dequantized).
     Q5_0,
+    /// 5-bit, scale and minimum per 32 (id 7; not dequantized).
     Q5_1,
+    /// 8-bit, one f16 scale per 32 (id 8).
     Q8_0,
+    /// 8-bit with sums (id 9; not dequantized).
     Q8_1,
+    /// 2-bit k-quant (id 10; not dequantized).
     Q2_K,
+    /// 3-bit k-quant (id 11; not dequantized).
     Q3_K,
+    /// 4-bit k-quant, 256-value super-blocks (id 12).
     Q4_K,
+    /// 5-bit k-quant (id 13; not dequantized).
     Q5_K,
+    /// 6-bit k-quant, 256-value super-blocks (id 14).
     Q6_K,
+    /// 8-bit k-quant (id 15; not dequantized).
     Q8_K,
+    /// 8-bit integer (id 24; not dequantized).
     I8,
+    /// 16-bit integer (id 25; not dequantized).
     I16,
+    /// 32-bit integer (id 26; not dequantized).
     I32,
+    /// 64-bit integer (id 27; not dequantized).
     I64,
+    /// 64-bit float (id 28; not dequantized).
     F64,
+    /// bfloat16 (id 30).
     BF16,
     /// Any other id (IQ*, TQ*, MXFP4, ... or not a ggml type at all).
     Other(u32),

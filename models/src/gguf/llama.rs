@@ -357,6 +357,11 @@ pub fn expected_shapes(config: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
 /// GGUF tensors with no place in the model (`unexpected`, GGUF names), and tensors of the wrong
 /// shape or of a type that cannot be dequantized (`invalid`).
 pub fn hf_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<Vec<HfTensor>> {
+    plan(file, config, &BTreeSet::new())
+}
+
+/// [`hf_tensors`], accepting any ggml type for the tensors of `skip` (they are never read).
+fn plan(file: &GgufFile, config: &LlamaConfig, skip: &BTreeSet<String>) -> Result<Vec<HfTensor>> {
     let mut expected = expected_shapes(config);
     let permute = config.model_type == LlamaFamily::Llama;
     let mut tensors = Vec::new();
@@ -380,7 +385,7 @@ pub fn hf_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<Vec<HfTensor>
             ));
             continue;
         }
-        if !info.ggml_type.is_supported() {
+        if !info.ggml_type.is_supported() && !skip.contains(&hf_name) {
             invalid.push(format!(
                 "{} ({hf_name}): ggml type {} cannot be dequantized",
                 info.name, info.ggml_type
@@ -438,9 +443,10 @@ impl LlamaForCausalLM {
     /// [`load_gguf`](Self::load_gguf), leaving out the parameters whose module paths (HF names,
     /// e.g. `model.layers.0.self_attn.q_proj.weight`) are in `skip`: their tensors are never
     /// read or dequantized and the parameters stay unmaterialised — how an emulator is loaded
-    /// on a GGUF original without its dense weights (as
-    /// [`Checkpoint::load_into_skipping`](crate::loading::Checkpoint::load_into_skipping) for
-    /// safetensors).
+    /// on a GGUF original without its dense weights (their ggml type may even be one this
+    /// module cannot dequantize), as
+    /// [`Checkpoint::load_into_skipping`](crate::loading::Checkpoint::load_into_skipping) does
+    /// for safetensors.
     ///
     /// # Errors
     /// As [`load_gguf`](Self::load_gguf).
@@ -451,7 +457,7 @@ impl LlamaForCausalLM {
     ) -> Result<(Self, LlamaConfig)> {
         let file = Arc::new(GgufFile::open(path.as_ref())?);
         let config = llama_config(&file)?;
-        let tensors = hf_tensors(&file, &config)?;
+        let tensors = plan(&file, &config, skip)?;
         let mut model = config.init(config.tie_word_embeddings, device);
         let pack: Vec<_> = tensors
             .into_iter()
