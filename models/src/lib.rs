@@ -5,6 +5,7 @@ pub mod bert;
 pub mod causal_lm;
 pub mod clip;
 pub mod error;
+pub mod gguf;
 pub mod llama;
 pub mod loading;
 pub mod retrieval;

@@ -47,6 +47,12 @@ impl LlamaTokenizer {
         Ok(Self { tokenizer, path })
     }
 
+    /// Wraps an already-built tokenizer; `path` names its source in errors (e.g. a GGUF file,
+    /// see `LlamaTokenizer::from_gguf`).
+    pub fn from_tokenizer(tokenizer: Tokenizer, path: impl Into<PathBuf>) -> Self {
+        Self { tokenizer, path: path.into() }
+    }
+
     /// The wrapped tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.tokenizer

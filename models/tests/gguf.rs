@@ -1,0 +1,923 @@
+//! GGUF: the reader against `gguf.GGUFReader`'s view of the same file, every dequantizer bit
+//! for bit against `gguf.quants.dequantize`, corrupt and hostile files, a tiny Llama against HF
+//! transformers' own GGUF loading (logits, greedy ids, tokenizer), the HF-directory export,
+//! and — when `EMLOC_SMOLLM2_GGUF` names the real SmolLM2-135M-Instruct Q4_1 file — config,
+//! tokenizer, logits and greedy completions against transformers.
+//!
+//! Fixtures: `tests/fixtures/gguf/` (see its README section for the scripts and versions).
+
+mod common;
+use common::*;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use emloc_models::ModelError;
+use emloc_models::gguf::{
+    GgmlType, GgufArray, GgufFile, GgufTokenizerInfo, GgufValue, gguf_to_hf_dir, hf_tensor_name,
+    llama_config, tokenizer_json, unpermute_rows,
+};
+use emloc_models::llama::{GenerationConfig, LlamaFamily, LlamaForCausalLM, LlamaTokenizer};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+/// Logits tolerance against transformers (float32 on both sides, same dequantized weights).
+const TOL: f32 = 1e-4;
+
+fn gguf_dir() -> PathBuf {
+    fixtures().join("gguf")
+}
+
+fn json(name: &str) -> Value {
+    read_expected(&format!("gguf/{name}"))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn u64s(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+fn device() -> Device {
+    Device::default()
+}
+
+fn int_tensor(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
+    let data: Vec<i64> = rows.iter().flatten().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(data, [rows.len(), rows[0].len()]), device)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reader
+
+/// Compares a parsed value with `GGUFReader`'s JSON (`type`, `element_types`, `value`).
+fn check_value(key: &str, got: &GgufValue, want: &Value) {
+    let ty = want["type"].as_str().unwrap();
+    let v = &want["value"];
+    match (ty, got) {
+        ("UINT8", GgufValue::U8(x)) => assert_eq!(u64::from(*x), v.as_u64().unwrap(), "{key}"),
+        ("INT8", GgufValue::I8(x)) => assert_eq!(i64::from(*x), v.as_i64().unwrap(), "{key}"),
+        ("UINT16", GgufValue::U16(x)) => assert_eq!(u64::from(*x), v.as_u64().unwrap(), "{key}"),
+        ("INT16", GgufValue::I16(x)) => assert_eq!(i64::from(*x), v.as_i64().unwrap(), "{key}"),
+        ("UINT32", GgufValue::U32(x)) => assert_eq!(u64::from(*x), v.as_u64().unwrap(), "{key}"),
+        ("INT32", GgufValue::I32(x)) => assert_eq!(i64::from(*x), v.as_i64().unwrap(), "{key}"),
+        ("UINT64", GgufValue::U64(x)) => assert_eq!(*x, v.as_u64().unwrap(), "{key}"),
+        ("INT64", GgufValue::I64(x)) => assert_eq!(*x, v.as_i64().unwrap(), "{key}"),
+        ("FLOAT32", GgufValue::F32(x)) => {
+            assert_eq!(x.to_bits(), (v.as_f64().unwrap() as f32).to_bits(), "{key}")
+        }
+        ("FLOAT64", GgufValue::F64(x)) => assert_eq!(*x, v.as_f64().unwrap(), "{key}"),
+        ("BOOL", GgufValue::Bool(x)) => assert_eq!(*x, v.as_bool().unwrap(), "{key}"),
+        ("STRING", GgufValue::String(x)) => assert_eq!(x, v.as_str().unwrap(), "{key}"),
+        ("ARRAY", GgufValue::Array(a)) => {
+            let types: Vec<&str> = want["element_types"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap())
+                .collect();
+            check_array(key, a, &types, v);
+        }
+        (ty, got) => panic!("{key}: expected {ty}, parsed {got:?}"),
+    }
+}
+
+fn check_array(key: &str, a: &GgufArray, types: &[&str], want: &Value) {
+    let want = want.as_array().unwrap();
+    assert_eq!(a.len(), want.len(), "{key}: length");
+    match (types[0], a) {
+        ("ARRAY", GgufArray::Array(inner)) => {
+            for (i, (x, w)) in inner.iter().zip(want).enumerate() {
+                check_array(&format!("{key}[{i}]"), x, &types[1..], w);
+            }
+        }
+        ("STRING", GgufArray::String(v)) => {
+            let w: Vec<&str> = want.iter().map(|x| x.as_str().unwrap()).collect();
+            assert_eq!(v, &w, "{key}");
+        }
+        ("BOOL", GgufArray::Bool(v)) => {
+            let w: Vec<bool> = want.iter().map(|x| x.as_bool().unwrap()).collect();
+            assert_eq!(v, &w, "{key}");
+        }
+        ("FLOAT32", GgufArray::F32(v)) => {
+            let w: Vec<u32> = want
+                .iter()
+                .map(|x| (x.as_f64().unwrap() as f32).to_bits())
+                .collect();
+            assert_eq!(
+                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                w,
+                "{key}"
+            );
+        }
+        ("FLOAT64", GgufArray::F64(v)) => {
+            let w: Vec<f64> = want.iter().map(|x| x.as_f64().unwrap()).collect();
+            assert_eq!(v, &w, "{key}");
+        }
+        ("UINT64", GgufArray::U64(v)) => {
+            let w: Vec<u64> = want.iter().map(|x| x.as_u64().unwrap()).collect();
+            assert_eq!(v, &w, "{key}");
+        }
+        (ty, a) => {
+            let expected_variant = match (ty, a) {
+                ("UINT8", GgufArray::U8(_))
+                | ("INT8", GgufArray::I8(_))
+                | ("UINT16", GgufArray::U16(_))
+                | ("INT16", GgufArray::I16(_))
+                | ("UINT32", GgufArray::U32(_))
+                | ("INT32", GgufArray::I32(_))
+                | ("INT64", GgufArray::I64(_)) => true,
+                _ => false,
+            };
+            assert!(
+                expected_variant,
+                "{key}: expected {ty} elements, parsed {a:?}"
+            );
+            let w: Vec<i64> = want.iter().map(|x| x.as_i64().unwrap()).collect();
+            assert_eq!(a.to_i64_vec().unwrap(), w, "{key}");
+        }
+    }
+}
+
+fn check_file_against(file: &GgufFile, want: &Value) {
+    if let Some(v) = want.get("version") {
+        assert_eq!(u64::from(file.version()), v.as_u64().unwrap());
+    }
+    assert_eq!(file.alignment(), want["alignment"].as_u64().unwrap());
+    assert_eq!(
+        file.data_start(),
+        want["data_section_offset"].as_u64().unwrap()
+    );
+    if let Some(v) = want.get("file_size") {
+        assert_eq!(file.file_size(), v.as_u64().unwrap());
+    }
+    let metadata = want["metadata"].as_object().unwrap();
+    let keys: BTreeSet<&str> = file.metadata_keys().iter().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        metadata.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        "metadata keys"
+    );
+    assert_eq!(file.metadata_keys().len(), file.metadata().len());
+    for (key, w) in metadata {
+        check_value(key, file.get(key).unwrap(), w);
+    }
+    let tensors = want["tensors"].as_array().unwrap();
+    assert_eq!(file.tensors().len(), tensors.len());
+    for (t, w) in file.tensors().iter().zip(tensors) {
+        assert_eq!(t.name, w["name"].as_str().unwrap());
+        assert_eq!(
+            t.ggml_type.id() as u64,
+            w["ggml_type_id"].as_u64().unwrap(),
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            format!("{:?}", t.ggml_type),
+            w["ggml_type"].as_str().unwrap(),
+            "{}",
+            t.name
+        );
+        assert_eq!(t.ne, u64s(&w["ne"]), "{}", t.name);
+        assert_eq!(
+            t.n_elements(),
+            w["n_elements"].as_u64().unwrap(),
+            "{}",
+            t.name
+        );
+        assert_eq!(t.byte_len(), w["n_bytes"].as_u64(), "{}", t.name);
+        assert_eq!(
+            t.offset,
+            w["offset_in_data"].as_u64().unwrap(),
+            "{}",
+            t.name
+        );
+        assert_eq!(
+            file.data_start() + t.offset,
+            w["data_offset"].as_u64().unwrap(),
+            "{}",
+            t.name
+        );
+    }
+}
+
+#[test]
+fn reader_matches_gguf_py_metadata_and_tensor_infos() {
+    let want = json("quants_metadata.json");
+    let file = GgufFile::open(gguf_dir().join("quants.gguf")).unwrap();
+    check_file_against(&file, &want);
+    let nested = GgufFile::open(gguf_dir().join("nested_array.gguf")).unwrap();
+    check_file_against(&nested, &want["nested_array_file"]);
+    // The same bytes parsed from memory give the same file.
+    let bytes = std::fs::read(gguf_dir().join("quants.gguf")).unwrap();
+    let from_bytes = GgufFile::from_bytes(bytes, "quants.gguf").unwrap();
+    check_file_against(&from_bytes, &want);
+    assert_eq!(
+        from_bytes.dequantize("t_q4_k").unwrap(),
+        file.dequantize("t_q4_k").unwrap()
+    );
+}
+
+#[test]
+fn every_quant_type_dequantizes_bit_for_bit_like_gguf_py() {
+    let file = GgufFile::open(gguf_dir().join("quants.gguf")).unwrap();
+    let bytes = std::fs::read(gguf_dir().join("quants_expected.safetensors")).unwrap();
+    let expected = SafeTensors::deserialize(&bytes).unwrap();
+    let mut types = BTreeSet::new();
+    for info in file.tensors() {
+        let want = expected.tensor(&info.name).unwrap();
+        assert_eq!(want.dtype(), Dtype::F32);
+        assert_eq!(want.shape(), info.shape().as_slice(), "{}", info.name);
+        let want: Vec<u32> = want
+            .data()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let got: Vec<u32> = file
+            .dequantize(&info.name)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        println!(
+            "{} ({:?}): {} values, {differing} differ in bits",
+            info.name,
+            info.ggml_type,
+            got.len()
+        );
+        assert_eq!(got.len(), want.len(), "{}", info.name);
+        assert_eq!(
+            differing, 0,
+            "{}: {differing} values differ from gguf.quants.dequantize",
+            info.name
+        );
+        types.insert(format!("{:?}", info.ggml_type));
+    }
+    let all: BTreeSet<String> = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
+        .map(String::from)
+        .into();
+    assert_eq!(types, all, "every supported type is covered");
+}
+
+/// The header bytes of `quants.gguf` and where the `t_f32` tensor info's type and offset
+/// fields are.
+fn quants_bytes() -> (Vec<u8>, usize, usize) {
+    let bytes = std::fs::read(gguf_dir().join("quants.gguf")).unwrap();
+    let name = b"\x05\x00\x00\x00\x00\x00\x00\x00t_f32";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    // n_dims (u32) = 2, ne (2 × u64), then type (u32) and offset (u64).
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 2);
+    let type_at = at + 4 + 16;
+    (bytes, type_at, type_at + 4)
+}
+
+fn parse_error(bytes: Vec<u8>) -> String {
+    match GgufFile::from_bytes(bytes, "tampered.gguf") {
+        Err(e @ ModelError::Checkpoint { .. }) => e.to_string(),
+        Err(other) => panic!("expected a Checkpoint error, got {other}"),
+        Ok(_) => panic!("the tampered file parsed"),
+    }
+}
+
+#[test]
+fn corrupt_and_hostile_headers_are_typed_errors() {
+    let (bytes, type_at, offset_at) = quants_bytes();
+    let file = GgufFile::from_bytes(bytes.clone(), "x").unwrap();
+    let header_end = file.data_start() as usize;
+    let last = file.tensors().iter().max_by_key(|t| t.offset).unwrap();
+    let data_end = (file.data_start() + last.offset + last.byte_len().unwrap()) as usize;
+
+    // Every truncation inside the header, and some inside the data, is an error.
+    for len in (0..header_end).chain([header_end + 1, bytes.len() / 2, data_end - 1]) {
+        let message = parse_error(bytes[..len].to_vec());
+        assert!(message.contains("tampered.gguf"), "{message}");
+    }
+
+    let set = |at: usize, value: &[u8]| {
+        let mut b = bytes.clone();
+        b[at..at + value.len()].copy_from_slice(value);
+        b
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bad magic", set(0, b"GGUG"), "not a GGUF file"),
+        ("version 1", set(4, &1u32.to_le_bytes()), "version 1"),
+        ("version 4", set(4, &4u32.to_le_bytes()), "version 4"),
+        ("big-endian", set(4, &3u32.to_be_bytes()), "big-endian"),
+        (
+            "huge tensor count",
+            set(8, &u64::MAX.to_le_bytes()),
+            "tensor count",
+        ),
+        (
+            "huge metadata count",
+            set(16, &(u64::MAX / 2).to_le_bytes()),
+            "metadata count",
+        ),
+        (
+            "key length past the end",
+            set(24, &(1u64 << 40).to_le_bytes()),
+            "past the end",
+        ),
+        (
+            "key length u64::MAX",
+            set(24, &u64::MAX.to_le_bytes()),
+            "past the end",
+        ),
+        (
+            "tensor offset past the end",
+            set(offset_at, &(1u64 << 20).to_le_bytes()),
+            "runs past the end",
+        ),
+        (
+            "tensor offset overflowing",
+            set(offset_at, &(u64::MAX - 63).to_le_bytes()),
+            "runs past the end",
+        ),
+        (
+            "misaligned tensor offset",
+            set(offset_at, &8u64.to_le_bytes()),
+            "not a multiple of the alignment",
+        ),
+    ];
+    for (what, tampered, expect) in cases {
+        let message = parse_error(tampered);
+        println!("{what}: {message}");
+        assert!(message.contains(expect), "{what}: {message}");
+    }
+
+    // The first key's value type (after the 8-byte length and "general.architecture").
+    let key_type_at = 24 + 8 + "general.architecture".len();
+    let message = parse_error(set(key_type_at, &13u32.to_le_bytes()));
+    assert!(
+        message.contains("unknown value type 13") && message.contains("general.architecture"),
+        "{message}"
+    );
+
+    // An unknown ggml type opens (its layout is unknown, so only its start is checked) and is
+    // an error naming the type when the tensor is read; the other tensors still read.
+    let file = GgufFile::from_bytes(set(type_at, &99u32.to_le_bytes()), "unknown.gguf").unwrap();
+    let err = file.dequantize("t_f32").unwrap_err().to_string();
+    assert!(err.contains("99") && err.contains("t_f32"), "{err}");
+    assert!(file.tensor_bytes("t_f32").is_err());
+    assert_eq!(file.dequantize("t_q8_0").unwrap().len(), 1536);
+    // A known but unsupported type: the bytes are there, dequantizing is an error naming it.
+    let file = GgufFile::from_bytes(set(type_at, &13u32.to_le_bytes()), "q5k.gguf");
+    match file {
+        // Q5_K's 176-byte blocks for 1536 values need 1056 bytes: fits before the next tensor.
+        Ok(file) => {
+            let err = file.dequantize("t_f32").unwrap_err().to_string();
+            assert!(err.contains("Q5_K"), "{err}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+    assert!(GgufFile::open(gguf_dir().join("does_not_exist.gguf")).is_err());
+}
+
+/// A minimal GGUF with one metadata key whose value is `depth` nested arrays.
+fn nested_arrays(depth: usize) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.push(b'k');
+    b.extend_from_slice(&9u32.to_le_bytes());
+    for _ in 0..depth {
+        b.extend_from_slice(&9u32.to_le_bytes()); // element type: array
+        b.extend_from_slice(&1u64.to_le_bytes()); // one element
+    }
+    b.extend_from_slice(&5u32.to_le_bytes()); // innermost: i32
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&7i32.to_le_bytes());
+    b
+}
+
+#[test]
+fn deeply_nested_arrays_are_an_error_not_a_stack_overflow() {
+    let ok = GgufFile::from_bytes(nested_arrays(3), "nested.gguf").unwrap();
+    assert!(matches!(
+        ok.get("k"),
+        Some(GgufValue::Array(GgufArray::Array(_)))
+    ));
+    let message = parse_error(nested_arrays(100_000));
+    assert!(message.contains("nested deeper"), "{message}");
+}
+
+/// Cheap in-test fuzzing: thousands of random byte mutations of a valid header never panic;
+/// what parses can be read (every tensor dequantizes or errors).
+#[test]
+fn random_header_mutations_never_panic() {
+    let (bytes, _, _) = quants_bytes();
+    let header_end = 1472;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut parsed, mut rejected) = (0, 0);
+    for _ in 0..3000 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % header_end as u64) as usize;
+            b[at] = match next() % 3 {
+                0 => next() as u8,
+                1 => 0xFF,
+                _ => b[at] ^ (1 << (next() % 8)),
+            };
+        }
+        match GgufFile::from_bytes(b, "mutant.gguf") {
+            Ok(file) => {
+                parsed += 1;
+                for t in file.tensors() {
+                    let _ = file.dequantize(&t.name);
+                }
+            }
+            Err(_) => rejected += 1,
+        }
+    }
+    println!("mutations: {parsed} parsed, {rejected} rejected");
+    assert!(rejected > 0 && parsed > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiny Llama
+
+fn tiny_gguf() -> PathBuf {
+    gguf_dir().join("tiny_llama.gguf")
+}
+
+fn tiny_logits(model: &LlamaForCausalLM, e: &Value, device: &Device) -> Vec<f32> {
+    let rows: Vec<Vec<u32>> = e["input_ids"].as_array().unwrap().iter().map(ids).collect();
+    values(model.forward(int_tensor(&rows, device), None))
+}
+
+#[test]
+fn tiny_llama_gguf_matches_transformers() {
+    let device = device();
+    let e = json("tiny_llama_gguf_expected.json");
+    let (model, config) = LlamaForCausalLM::load_gguf(tiny_gguf(), &device).unwrap();
+    assert_eq!(config.model_type, LlamaFamily::Llama);
+    let reference = LlamaForCausalLM::load(fixtures().join("tiny_llama"), &device)
+        .unwrap()
+        .1;
+    for (what, got, want) in [
+        ("vocab_size", config.vocab_size, reference.vocab_size),
+        ("hidden_size", config.hidden_size, reference.hidden_size),
+        (
+            "intermediate_size",
+            config.intermediate_size,
+            reference.intermediate_size,
+        ),
+        (
+            "num_hidden_layers",
+            config.num_hidden_layers,
+            reference.num_hidden_layers,
+        ),
+        (
+            "num_attention_heads",
+            config.num_attention_heads,
+            reference.num_attention_heads,
+        ),
+        (
+            "num_key_value_heads",
+            config.num_key_value_heads(),
+            reference.num_key_value_heads(),
+        ),
+        ("head_dim", config.head_dim(), reference.head_dim()),
+    ] {
+        assert_eq!(got, want, "{what}");
+    }
+    assert_eq!(config.tie_word_embeddings, model.lm_head.is_none());
+
+    let got = tiny_logits(&model, &e, &device);
+    assert_within(
+        "tiny_llama.gguf logits vs transformers",
+        &got,
+        &floats(&e["logits"]["values"]),
+        TOL,
+    );
+
+    let settings = GenerationConfig::greedy(e["max_new_tokens"].as_u64().unwrap() as usize);
+    let greedy = model.generate(&ids(&e["prompt"]), &settings).unwrap();
+    assert_eq!(greedy, ids(&e["greedy"]));
+
+    // The un-permuted q/k weights are the original checkpoint's up to the Q8_0 step (a wrong
+    // un-permutation would be off by ~0.75).
+    let original = read_tensors(&fixtures().join("tiny_llama/model.safetensors"));
+    let file = GgufFile::open(tiny_gguf()).unwrap();
+    let tensors = emloc_models::gguf::hf_tensors(&file, &config).unwrap();
+    for (name, want_diff) in e["dequant_max_abs_diff_vs_safetensors"]
+        .as_object()
+        .unwrap()
+    {
+        let t = tensors.iter().find(|t| &t.hf_name == name).unwrap();
+        let got = t.read(&file).unwrap();
+        let (_, dtype, _, raw) = original.iter().find(|(k, ..)| k == name).unwrap();
+        assert_eq!(*dtype, Dtype::F32);
+        let orig: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let diff = max_abs_diff(&got, &orig);
+        let want_diff = want_diff.as_f64().unwrap() as f32;
+        assert!(
+            (diff - want_diff).abs() < 1e-6,
+            "{name}: {diff} vs transformers' {want_diff}"
+        );
+    }
+}
+
+#[test]
+fn gguf_to_hf_dir_round_trips_to_identical_logits() {
+    let device = device();
+    let e = json("tiny_llama_gguf_expected.json");
+    let (model, config) = LlamaForCausalLM::load_gguf(tiny_gguf(), &device).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tiny_hf");
+    let export = gguf_to_hf_dir(tiny_gguf(), &out).unwrap();
+    assert!(export.tokenizer_written, "{:?}", export.tokenizer_skipped);
+    assert_eq!(export.config, config);
+    // Nothing but the directory is left beside it.
+    let siblings: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(siblings, vec![std::ffi::OsString::from("tiny_hf")]);
+
+    let (loaded, loaded_config) = LlamaForCausalLM::load(&out, &device).unwrap();
+    assert_eq!(loaded_config, config);
+    let a = tiny_logits(&model, &e, &device);
+    let b = tiny_logits(&loaded, &e, &device);
+    assert_eq!(
+        max_abs_diff(&a, &b),
+        0.0,
+        "load(gguf_to_hf_dir(f)) == load_gguf(f)"
+    );
+
+    let tokenizer = LlamaTokenizer::from_dir(&out).unwrap();
+    let gguf_tokenizer = LlamaTokenizer::from_gguf(&GgufFile::open(tiny_gguf()).unwrap()).unwrap();
+    for case in e["tokenizer"]["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tokenizer.encode(text, false).unwrap(),
+            gguf_tokenizer.encode(text, false).unwrap()
+        );
+    }
+    let tokenizer_config = read_json(&out.join("tokenizer_config.json"));
+    assert_eq!(tokenizer_config["eos_token"], "<|im_end|>");
+    assert!(
+        tokenizer_config["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
+    let generation = read_json(&out.join("generation_config.json"));
+    assert_eq!(generation["eos_token_id"], 2);
+    let hf_config = read_json(&out.join("config.json"));
+    assert_eq!(hf_config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(hf_config["torch_dtype"], "float32");
+
+    // An existing directory is refused, and left alone.
+    let err = gguf_to_hf_dir(tiny_gguf(), &out).unwrap_err();
+    assert!(
+        matches!(&err, ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{err}"
+    );
+    assert!(out.join("model.safetensors").is_file());
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn tiny_llama_gguf_tokenizer_matches_transformers() {
+    let e = json("tiny_llama_gguf_expected.json");
+    let file = GgufFile::open(tiny_gguf()).unwrap();
+    let tokenizer = LlamaTokenizer::from_gguf(&file).unwrap();
+    let cases = e["tokenizer"]["cases"].as_array().unwrap();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tokenizer.encode(text, false).unwrap(),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            tokenizer.encode(text, true).unwrap(),
+            ids(&case["ids_special"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            tokenizer.decode(&ids(&case["ids"]), false).unwrap(),
+            case["decoded"].as_str().unwrap()
+        );
+    }
+    let chat = e["tokenizer"]["chat_text"].as_str().unwrap();
+    assert_eq!(
+        tokenizer.encode(chat, false).unwrap(),
+        ids(&e["tokenizer"]["chat_ids"])
+    );
+    println!("{} tokenizer cases and a chat prompt equal", cases.len());
+
+    let info = GgufTokenizerInfo::from_gguf(&file).unwrap();
+    assert_eq!(info.model, "gpt2");
+    assert_eq!(info.bos_token(), Some("<|im_start|>"));
+    assert_eq!(info.eos_token(), Some("<|im_end|>"));
+    assert_eq!(info.eos_token_ids(), vec![2]);
+    assert!(info.chat_template().unwrap().contains("<|im_end|>"));
+    assert_eq!(info.end_token_ids(), vec![2, 0]);
+}
+
+#[test]
+fn load_gguf_skipping_never_materialises_skipped_weights() {
+    let device = device();
+    let skip: BTreeSet<String> = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+    ]
+    .map(String::from)
+    .into();
+    let (model, _) = LlamaForCausalLM::load_gguf_skipping(tiny_gguf(), &device, &skip).unwrap();
+    assert!(
+        !model.model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .is_initialized()
+    );
+    assert!(!model.model.embed_tokens.weight.is_initialized());
+    assert!(
+        model.model.layers[0]
+            .self_attn
+            .k_proj
+            .weight
+            .is_initialized()
+    );
+
+    // A skipped tensor may even be of a type that cannot be dequantized (here Q8_1).
+    let mut bytes = std::fs::read(tiny_gguf()).unwrap();
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    assert_eq!(
+        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()),
+        2,
+        "n_dims"
+    );
+    let type_at = at + 4 + 16;
+    assert_eq!(
+        u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()),
+        8,
+        "Q8_0"
+    );
+    bytes[type_at..type_at + 4].copy_from_slice(&9u32.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8_1.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let (_, _, invalid, message) = key_mismatch_of(LlamaForCausalLM::load_gguf(&path, &device));
+    assert!(
+        invalid.len() == 1 && invalid[0].contains("Q8_1"),
+        "{message}"
+    );
+    let skip: BTreeSet<String> = ["model.layers.0.self_attn.q_proj.weight".to_string()].into();
+    let (model, _) = LlamaForCausalLM::load_gguf_skipping(&path, &device, &skip).unwrap();
+    assert!(
+        !model.model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .is_initialized()
+    );
+}
+
+#[test]
+fn tensor_name_problems_are_key_mismatches() {
+    let device = device();
+    let bytes = std::fs::read(tiny_gguf()).unwrap();
+    let rename = |from: &str, to: &str| {
+        assert_eq!(from.len(), to.len());
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from.as_bytes())
+            .unwrap();
+        let mut b = bytes.clone();
+        b[at..at + to.len()].copy_from_slice(to.as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("renamed.gguf");
+        std::fs::write(&path, b).unwrap();
+        (dir, path)
+    };
+    let (_dir, path) = rename("output_norm.weight", "output_norx.weight");
+    let (missing, unexpected, invalid, message) =
+        key_mismatch_of(LlamaForCausalLM::load_gguf(&path, &device));
+    println!("{message}");
+    assert_eq!(missing, vec!["model.norm.weight".to_string()]);
+    assert_eq!(unexpected, vec!["output_norx.weight".to_string()]);
+    assert!(invalid.is_empty());
+    let out = _dir.path().join("hf");
+    assert!(matches!(
+        gguf_to_hf_dir(&path, &out),
+        Err(ModelError::KeyMismatch { .. })
+    ));
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(_dir.path()).unwrap().count(),
+        1,
+        "no temporary directory left"
+    );
+
+    assert_eq!(
+        hf_tensor_name("blk.12.attn_output.bias").unwrap(),
+        "model.layers.12.self_attn.o_proj.bias"
+    );
+    assert_eq!(
+        hf_tensor_name("blk.3.ffn_norm.weight").unwrap(),
+        "model.layers.3.post_attention_layernorm.weight"
+    );
+    for bad in [
+        "blk.x.attn_q.weight",
+        "blk.01.attn_q.weight",
+        "blk.0.attn_q.scale",
+        "blk.0.attn_norm.bias",
+        "rope_freqs.weight",
+    ] {
+        assert_eq!(hf_tensor_name(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn unpermute_inverts_llama_cpp_permute() {
+    // convert_hf_to_gguf's permute: w.reshape(heads, 2, rows/heads/2, cols).swapaxes(1, 2).
+    let (heads, head_dim, cols) = (3, 8, 2);
+    let rows = heads * head_dim;
+    let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+    let mut gguf = vec![0f32; hf.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..head_dim / 2 {
+                let src = h * head_dim + j * head_dim / 2 + i;
+                let dst = h * head_dim + 2 * i + j;
+                gguf[dst * cols..dst * cols + cols]
+                    .copy_from_slice(&hf[src * cols..src * cols + cols]);
+            }
+        }
+    }
+    assert_ne!(gguf, hf);
+    assert_eq!(unpermute_rows(&gguf, rows, cols, heads), hf);
+    assert_eq!(GgmlType::from_id(12), GgmlType::Q4_K);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM2-135M-Instruct Q4_1 (real file, opt-in)
+
+fn smollm2() -> Option<PathBuf> {
+    match std::env::var_os("EMLOC_SMOLLM2_GGUF") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            println!("skipped: set EMLOC_SMOLLM2_GGUF (scripts/fetch_smollm2.sh)");
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_config_and_tokenizer_match_transformers() {
+    let Some(path) = smollm2() else { return };
+    let file = GgufFile::open(&path).unwrap();
+    let config = llama_config(&file).unwrap();
+    assert_eq!(config.num_hidden_layers, 30);
+    assert_eq!(config.hidden_size, 576);
+    assert_eq!(config.num_attention_heads, 9);
+    assert_eq!(config.num_key_value_heads(), 3);
+    assert_eq!(config.intermediate_size, 1536);
+    assert_eq!(config.vocab_size, 49152);
+    assert!(config.tie_word_embeddings);
+    assert_eq!(config.rope_theta, 100_000.0);
+    assert_eq!(config.max_position_embeddings, 8192);
+
+    let e = json("smollm2_expected.json");
+    // The whole tokenizer.json equals the one transformers builds.
+    let want = json("smollm2_transformers_tokenizer.json");
+    let got = tokenizer_json(&file).unwrap();
+    for key in [
+        "added_tokens",
+        "normalizer",
+        "pre_tokenizer",
+        "post_processor",
+        "decoder",
+        "model",
+    ] {
+        assert_eq!(got[key], want[key], "tokenizer.json `{key}`");
+    }
+
+    let tokenizer = LlamaTokenizer::from_gguf(&file).unwrap();
+    let cases = e["tokenizer"].as_array().unwrap();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tokenizer.encode(text, false).unwrap(),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            tokenizer.encode(text, true).unwrap(),
+            ids(&case["ids_special"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            tokenizer.decode(&ids(&case["ids"]), false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+    for chat in e["chat"].as_array().unwrap() {
+        assert_eq!(
+            tokenizer
+                .encode(chat["text"].as_str().unwrap(), false)
+                .unwrap(),
+            ids(&chat["ids"])
+        );
+    }
+    println!(
+        "{} tokenizer cases and {} chats equal transformers",
+        cases.len(),
+        e["chat"].as_array().unwrap().len()
+    );
+
+    let info = GgufTokenizerInfo::from_gguf(&file).unwrap();
+    let special = &e["special"];
+    assert_eq!(
+        info.bos.as_ref().unwrap().id as u64,
+        special["bos"]["id"].as_u64().unwrap()
+    );
+    assert_eq!(info.eos_token(), special["eos"]["token"].as_str());
+    assert_eq!(
+        info.chat_template(),
+        special["tokenizer_chat_template"].as_str()
+    );
+    assert_eq!(info.eos_token_ids(), vec![2]);
+}
+
+#[test]
+fn smollm2_logits_and_greedy_completions_match_transformers() {
+    let Some(path) = smollm2() else { return };
+    let device = device();
+    let (model, config) = LlamaForCausalLM::load_gguf(&path, &device).unwrap();
+    // Peak resident memory so far (Linux): the f32 model is 0.54 GB.
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let peak = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM"))
+            .unwrap_or("VmHWM: ?");
+        println!("after load_gguf: {peak}");
+    }
+    let e = json("smollm2_expected.json");
+
+    let last = &e["last_logits"];
+    let prompt = ids(&last["prompt_ids"]);
+    let logits = values(model.forward(int_tensor(&[prompt.clone()], &device), None));
+    let vocab = config.vocab_size;
+    let last_row = &logits[(prompt.len() - 1) * vocab..prompt.len() * vocab];
+    let top_ids = ids(&last["top_ids"]);
+    let got: Vec<f32> = top_ids.iter().map(|&i| last_row[i as usize]).collect();
+    // Float32 on both sides over 30 layers; the measured difference is printed.
+    assert_within(
+        "SmolLM2 top-20 last-position logits",
+        &got,
+        &floats(&last["top_values"]),
+        1e-3,
+    );
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| last_row[b].total_cmp(&last_row[a]));
+    assert_eq!(order[0] as u32, top_ids[0], "argmax");
+
+    // Raw prompts (16 new tokens) and chat prompts (until `<|im_end|>`, among the GGUF
+    // tokenizer's stop ids).
+    let info = GgufTokenizerInfo::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let mut checked = 0;
+    for g in e["generate"].as_array().unwrap() {
+        let new_ids = ids(&g["new_ids"]);
+        let settings = GenerationConfig::greedy(16).with_eos_token_ids(info.eos_token_ids());
+        let got = model.generate(&ids(&g["prompt_ids"]), &settings).unwrap();
+        let what = g.get("prompt").unwrap_or(&g["messages"]);
+        assert_eq!(got, new_ids, "greedy completion of {what}");
+        checked += 1;
+    }
+    println!("{checked} greedy completions equal transformers'");
+    assert!(checked > 0);
+}
