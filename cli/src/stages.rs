@@ -204,7 +204,8 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
 /// Options of `emloc merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// HF model directory to merge into.
+    /// HF model directory to merge into, or a `.gguf` file (the output is then an HF directory
+    /// with f32 safetensors).
     #[arg(long)]
     pub(crate) model: PathBuf,
     /// PEFT adapter directory.
@@ -220,10 +221,23 @@ pub fn merge(args: &MergeArgs) -> CliResult<()> {
     let phase = Phase::start();
     check_out(&args.out, &args.model)?;
     let adapter = PeftAdapter::load(&args.adapter)?;
-    let files = Checkpoint::open_dir(&args.model)?.files();
+    // A GGUF model is first written out as an HF directory (f32) in a staging directory beside
+    // --out, removed afterwards; the merge then works on its safetensors as on any HF model.
+    let staging = if emloc_models::causal_lm::is_gguf(&args.model) {
+        let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        let staging = tempfile::Builder::new().prefix(".emloc-gguf-").tempdir_in(parent)?;
+        eprintln!("converting {} to an HF directory", args.model.display());
+        emloc_models::gguf::gguf_to_hf_dir(&args.model, staging.path().join("hf"))?;
+        Some(staging)
+    } else {
+        None
+    };
+    let model_dir = staging.as_ref().map_or(args.model.clone(), |s| s.path().join("hf"));
+    let files = Checkpoint::open_dir(&model_dir)?.files();
     let merged = merge_into_safetensors(&adapter, &files, &args.out)?;
     let mut copied = Vec::new();
-    copy_other_files(&args.model, &args.out, &files, &mut copied)?;
+    copy_other_files(&model_dir, &args.out, &files, &mut copied)?;
     eprintln!("merged {} weights; copied {} other files", merged.merged.len(), copied.len());
     #[derive(Serialize)]
     struct Details {

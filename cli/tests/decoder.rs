@@ -136,3 +136,53 @@ fn generate_prints_only_the_completion() {
     let text = ok(&["generate", "--model", &llama, "--prompt", "the cat", "--max-new-tokens", "3"]);
     assert!(!text.trim_start().starts_with("the cat"), "the prompt is echoed: {text}");
 }
+
+/// Lowercase completion data the tiny GGUF's 50-token byte-level vocabulary can spell.
+fn write_gguf_data(path: &Path) {
+    let words = ["cat", "hat", "mat", "sat"];
+    let lines: Vec<String> = (0..24usize)
+        .map(|i| {
+            let (a, b) = (words[i % 4], words[(i / 4) % 4]);
+            serde_json::json!({"input": format!("is the {a} on the {b}?"), "target": format!("the {a} is.")}).to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+#[test]
+fn gguf_decoder_goes_through_every_stage_and_merges_into_an_hf_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    write_gguf_data(&dir.path().join("data.jsonl"));
+    let model = fixture("gguf/tiny_llama.gguf").display().to_string();
+    let data = p("data.jsonl");
+    let common = ["--data", data.as_str(), "--validation", "6", "--max-seq-length", "48"];
+    let run = |cmd: &str, model: &str, extra: &[&str]| {
+        let args: Vec<&str> = [cmd, "--model", model].into_iter().chain(common).chain(extra.iter().copied()).collect();
+        ok(&args)
+    };
+    run("emulate", &model, &["--ratio", "0.5", "--calibration-pairs", "6", "--out", &p("emulator")]);
+    let (emulator, adapter) = (p("emulator"), p("adapter"));
+    run("finetune", &model, &["--emulator", &emulator, "--out", &adapter, "--steps", "3", "--batch-size", "4", "--rank", "2"]);
+    ok(&["correct", "--model", &model, "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
+    ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(dir.path().join("merged").join(file).is_file(), "{file}");
+    }
+    // No staging directory is left beside the output.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with(".emloc"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The merged HF directory (chat template and all) scores as the GGUF with the adapter served.
+    let served: serde_json::Value =
+        serde_json::from_str(&run("eval", &model, &["--adapter", &p("corrected"), "--max-new-tokens", "3"])).unwrap();
+    let merged: serde_json::Value = serde_json::from_str(&run("eval", &p("merged"), &["--max-new-tokens", "3"])).unwrap();
+    let (a, b) = (served["loss"].as_f64().unwrap(), merged["loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-4 * a.max(1.0), "served {a} vs merged {b}");
+    assert_eq!(served["exact_match"], merged["exact_match"]);
+    let reply = ok(&["generate", "--model", &model, "--prompt", "is the cat on the mat?", "--chat", "--max-new-tokens", "4"]);
+    assert!(!reply.contains("<|im_start|>"), "{reply}");
+}

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::chat::ChatTemplate;
 use super::task::CausalLmTask;
 use crate::error::{ModelError, Result};
+use crate::gguf::{GgufFile, GgufTokenizerInfo};
 use crate::loading::{Checkpoint, read_json};
 use crate::llama::{LlamaConfig, LlamaForCausalLM, LlamaTokenizer, key_mapping};
 
@@ -111,7 +112,7 @@ fn generation_eos_ids(dir: &Path) -> Result<Vec<u32>> {
 /// zoo has (naming it); [`ModelError::InvalidInput`] for a model without end-of-sequence id.
 pub fn load_causal_lm(path: &Path, device: &Device, skip: &BTreeSet<String>) -> Result<CausalLm> {
     if is_gguf(path) {
-        return Err(ModelError::InvalidInput(format!("{}: GGUF loading is not built yet ({device:?}, {})", path.display(), skip.len())));
+        return load_gguf(path, device, skip);
     }
     let config = LlamaConfig::from_file(path.join("config.json"))?;
     let checkpoint = Checkpoint::open_dir(path)?;
@@ -130,6 +131,19 @@ pub fn load_causal_lm(path: &Path, device: &Device, skip: &BTreeSet<String>) -> 
     let template = chat.map(|(source, bos, eos)| ChatTemplate::new(&source, &bos, &eos)).transpose()?;
     let task = CausalLmTask::new(tokenizer, template, eos)?;
     Ok(CausalLm { model, config, task, source: path.to_path_buf() })
+}
+
+/// [`load_causal_lm`] for a GGUF file: weights (dequantized to f32), tokenizer, chat template and
+/// stop ids all come from the file.
+fn load_gguf(path: &Path, device: &Device, skip: &BTreeSet<String>) -> Result<CausalLm> {
+    let (model, config) = LlamaForCausalLM::load_gguf_skipping(path, device, skip)?;
+    let file = GgufFile::open(path)?;
+    let tokenizer = LlamaTokenizer::from_gguf(&file)?;
+    let info = GgufTokenizerInfo::from_gguf(&file)?;
+    let chat = info.chat_template().map(|t| {
+        (t.to_string(), info.bos_token().unwrap_or_default().to_string(), info.eos_token().unwrap_or_default().to_string())
+    });
+    assemble(model, config, tokenizer, chat, info.eos_token_ids(), path)
 }
 
 /// Builds the [`CausalLm`] of an already loaded model from its tokenizer, optional chat
