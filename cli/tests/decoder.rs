@@ -82,7 +82,7 @@ fn decoder_pipeline_runs_every_stage() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["task_type"], "CAUSAL_LM", "{config}");
-    assert_eq!(config["target_modules"].as_array().map(Vec::len), Some(7), "{config}");
+    assert_eq!(config["target_modules"].as_array().map(Vec::len), Some(2 * 7), "{config}");
     assert!(dir.path().join("adapter/checkpoint-6/trainer_state.json").is_file());
 
     ok(&["correct", "--model", &model, "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
