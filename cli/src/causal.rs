@@ -47,12 +47,18 @@ pub fn load(model: &ModelArgs, emulator_dir: Option<&Path>) -> CliResult<(Causal
 
 /// The calibration sequences: prompt + training target of the first `count` training examples,
 /// each tokenized (so bad data fails before any work).
-fn calibration_sequences(lm: &CausalLm, train: &[Example], count: usize) -> CliResult<Vec<Vec<u32>>> {
+pub fn calibration_sequences(lm: &CausalLm, train: &[Example], count: usize) -> CliResult<Vec<Vec<u32>>> {
     if count == 0 || count > train.len() {
         return Err(format!("--calibration-pairs {count} must be in 1..={}", train.len()).into());
     }
     let tokenized = causal_lm::tokenize_all(&lm.task, &train[..count])?;
     Ok(tokenized.into_iter().map(|t| t.prompt.into_iter().chain(t.completion).collect()).collect())
+}
+
+/// Runs `model` on one token sequence (batch of one): the calibration forward pass.
+pub fn forward_sequence(model: &LlamaForCausalLM, ids: &[u32]) {
+    let data = TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, ids.len()]);
+    model.forward(Tensor::<2, Int>::from_data(data, &model.device()), None);
 }
 
 /// Calibrates `model` (consumed) on `sequences`, one sequence per forward pass (no padding
@@ -62,14 +68,12 @@ pub fn build_emulator(
     sequences: &[Vec<u32>],
     config: &emloc::EmulatorConfig,
 ) -> CliResult<(LlamaForCausalLM, EmulatorReport)> {
-    let device = model.device();
     let bar = progress(sequences.len(), "calibration");
     let result = emulate_model(
         model,
         sequences.iter(),
         |m: &LlamaForCausalLM, ids: &Vec<u32>| {
-            let data = TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, ids.len()]);
-            m.forward(Tensor::<2, Int>::from_data(data, &device), None);
+            forward_sequence(m, ids);
             bar.inc(1);
         },
         config,

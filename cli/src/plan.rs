@@ -9,10 +9,12 @@ use burn::module::Module;
 use clap::Args;
 use emloc::emulator::{LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
 use emloc_models::bert::{BertConfig, BertModel};
+use emloc_models::llama::LlamaForCausalLM;
 use serde::Serialize;
 
 use crate::bench_memory::{MemoryPhase, PhaseResult, run_phase_process};
-use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, calibration_texts, with_calibration, write_json};
+use crate::causal;
+use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, Task, calibration_texts, progress, with_calibration, write_json};
 
 /// Options of `emloc plan`.
 #[derive(Args, Debug)]
@@ -35,7 +37,8 @@ pub struct PlanArgs {
     /// Sequence length of the fine-tuning batches, for the activation estimate.
     #[arg(long, default_value_t = 64)]
     seq_len: usize,
-    /// Texts per fine-tuning batch (questions + answers), for the activation estimate.
+    /// Sequences per fine-tuning batch (retrieval: questions + answers), for the activation
+    /// estimate.
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// LoRA rank, for the adapter and optimizer estimate.
@@ -81,6 +84,19 @@ struct Plan {
     ranks: BTreeMap<String, usize>,
 }
 
+/// What the memory estimate needs to know of the architecture.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    layers: usize,
+    /// Floats kept per token and layer for the feed-forward block, per intermediate unit: 2 for
+    /// BERT's GELU MLP (its input and output), 4 for SwiGLU (gate, up, their activation and
+    /// product).
+    mlp_factor: usize,
+}
+
 /// Bytes of fine-tuning an emulator in f32 (an estimate; see `estimate`).
 #[derive(Debug, Clone, Copy, Serialize)]
 struct MemoryEstimate {
@@ -92,14 +108,15 @@ struct MemoryEstimate {
 
 /// Frozen weights: dense parameters plus factors, 4 bytes each. Adapters: `r (d_in + d_out)`
 /// per emulated layer, with gradient and AdamW's two moments: 16 bytes each. Activations kept for
-/// the backward pass, per token and layer: about `8·h + 2·intermediate` floats (inputs of every
-/// projection, attention output, norms, GELU input) plus `2·heads·seq` for the attention
-/// probabilities — a coarse count of what autodiff keeps, stated as such.
-fn estimate(config: &BertConfig, dense_params: usize, factor_params: usize, adapter_params: usize, seq: usize, batch: usize) -> MemoryEstimate {
+/// the backward pass, per token and layer: about `8·h + mlp_factor·intermediate` floats (inputs
+/// of every projection, attention output, norms, the MLP's inner activations) plus
+/// `2·heads·seq` for the attention probabilities — a coarse count of what autodiff keeps, stated
+/// as such.
+fn estimate(shape: &Shape, dense_params: usize, factor_params: usize, adapter_params: usize, seq: usize, batch: usize) -> MemoryEstimate {
     let frozen_weights = 4 * (dense_params + factor_params) as u64;
     let adapters_and_optimizer = 16 * adapter_params as u64;
-    let per_token_layer = 8 * config.hidden_size + 2 * config.intermediate_size + 2 * config.num_attention_heads * seq;
-    let activations = 4 * (batch * seq * config.num_hidden_layers * per_token_layer) as u64;
+    let per_token_layer = 8 * shape.hidden + shape.mlp_factor * shape.intermediate + 2 * shape.heads * seq;
+    let activations = 4 * (batch * seq * shape.layers * per_token_layer) as u64;
     MemoryEstimate {
         frozen_weights,
         adapters_and_optimizer,
@@ -110,20 +127,47 @@ fn estimate(config: &BertConfig, dense_params: usize, factor_params: usize, adap
 
 /// Computes both plans, prints them and optionally writes the global one.
 pub fn plan(args: &PlanArgs) -> CliResult<()> {
-    let split = args.data.split()?;
-    let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
-    let (encoder, _) = args.model.load()?;
     let config = args.emulator.config()?;
-    let spectra = with_calibration(&encoder, &texts, |batches, forward| {
-        whitened_spectra(&encoder.model, batches, |m: &BertModel, b| forward(m, b), &config)
-    })??;
+    let (spectra, num_params, shape) = match args.model.task()?.1 {
+        Task::Retrieval => {
+            let split = args.data.split()?;
+            let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
+            let (encoder, _) = args.model.load()?;
+            let spectra = with_calibration(&encoder, &texts, |batches, forward| {
+                whitened_spectra(&encoder.model, batches, |m: &BertModel, b| forward(m, b), &config)
+            })??;
+            let c: &BertConfig = encoder.config();
+            let shape = Shape { hidden: c.hidden_size, intermediate: c.intermediate_size, heads: c.num_attention_heads, layers: c.num_hidden_layers, mlp_factor: 2 };
+            (spectra, encoder.model.num_params(), shape)
+        }
+        Task::CausalLm => {
+            if args.measure {
+                return Err("--measure runs `bench-memory`, which measures sentence encoders only".into());
+            }
+            let split = args.data.split_examples()?;
+            let lm = args.model.load_decoder(&std::collections::BTreeSet::new())?;
+            let sequences = causal::calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
+            let bar = progress(sequences.len(), "calibration");
+            let spectra = whitened_spectra(
+                &lm.model,
+                sequences.iter(),
+                |m: &LlamaForCausalLM, ids: &Vec<u32>| {
+                    causal::forward_sequence(m, ids);
+                    bar.inc(1);
+                },
+                &config,
+            )?;
+            bar.finish_and_clear();
+            let c = &lm.config;
+            let shape = Shape { hidden: c.hidden_size, intermediate: c.intermediate_size, heads: c.num_attention_heads, layers: c.num_hidden_layers, mlp_factor: 4 };
+            (spectra, lm.model.num_params(), shape)
+        }
+    };
 
     let emulated_params: usize = spectra.iter().map(|s| s.d_in * s.d_out).sum();
-    let dense_params = encoder.model.num_params() - emulated_params;
+    let dense_params = num_params - emulated_params;
     let adapter_params: usize = spectra.iter().map(|s| args.lora_rank * (s.d_in + s.d_out)).sum();
-    let memory = |factor_params: usize| {
-        estimate(encoder.config(), dense_params, factor_params, adapter_params, args.seq_len, args.batch)
-    };
+    let memory = |factor_params: usize| estimate(&shape, dense_params, factor_params, adapter_params, args.seq_len, args.batch);
     let make = |name: String, ranks: BTreeMap<String, usize>, spectra: &[LayerSpectrum]| {
         let (squared_whitened_error, factor_params) = allocation_cost(spectra, &ranks);
         let relative_squared_error = spectra
@@ -160,7 +204,7 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
         global_ranks(&spectra, target, objective)?,
         &spectra,
     );
-    let original = estimate(encoder.config(), dense_params + emulated_params, 0, adapter_params, args.seq_len, args.batch);
+    let original = estimate(&shape, dense_params + emulated_params, 0, adapter_params, args.seq_len, args.batch);
 
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!("| plan | factor params | Σ squared whitened error | Σ relative squared error | frozen MiB | adapters+optimizer MiB | activations MiB | total MiB |");

@@ -96,6 +96,10 @@ fn decoder_pipeline_runs_every_stage() {
     let (a, b) = (served["loss"].as_f64().unwrap(), merged["loss"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-4 * a.max(1.0), "served {a} vs merged {b}");
     assert!(merged["exact_match"].is_null(), "{merged}");
+    // A global rank plan at the uniform plan's size, used as emulator rules.
+    let table = run("plan", &["--calibration-pairs", "8", "--seq-len", "16", "--batch", "4", "--out", &p("rules.json")]);
+    assert!(table.contains("| global"), "{table}");
+    run("emulate", &["--config", &p("rules.json"), "--calibration-pairs", "8", "--out", &p("emulator-global")]);
     // The emulator alone evaluates too (its replaced weights never loaded).
     let emulated = run("eval", &["--emulator", &emulator, "--max-new-tokens", "0"]);
     assert!(emulated.contains("\"loss\""), "{emulated}");
