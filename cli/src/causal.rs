@@ -7,17 +7,14 @@ use std::path::Path;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use emloc::peft::PeftAdapter;
-use emloc::{
-    CorrectionConfig, EmulatorDescription, EmulatorReport, attach_adapter, attach_adapter_with_ids, attach_lora, correct,
-    emulate as emulate_model, export_adapter, load_emulator,
-};
+use emloc::{CorrectionConfig, EmulatorDescription, EmulatorReport, attach_adapter, correct, emulate as emulate_model, export_adapter, load_emulator};
 use emloc_models::causal_lm::{self, CausalLm, CausalLmMetrics, EvalConfig, Example};
 use emloc_models::llama::LlamaForCausalLM;
-use emloc_models::training::{Resume, TrainReport};
+use emloc_models::training::TrainReport;
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::common::{CliResult, DECODER_LORA_TARGETS, ModelArgs, TrainArgs, progress};
+use crate::common::{CliResult, DECODER_LORA_TARGETS, ModelArgs, TrainArgs, progress, train_with_progress};
 use crate::memory::{Phase, PhaseStats};
 use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish};
 
@@ -119,33 +116,19 @@ pub fn train_adapter(
     args: &TrainArgs,
     label: &str,
     resume: Option<checkpoint::TrainingCheckpoint>,
-    mut on_step: impl FnMut(usize, &LlamaForCausalLM, &burn::optim::ModuleOptimizer) -> CliResult<()>,
+    on_step: impl FnMut(usize, &LlamaForCausalLM, &burn::optim::ModuleOptimizer) -> CliResult<()>,
 ) -> CliResult<(LlamaForCausalLM, TrainReport)> {
-    lm.model.device().seed(args.seed);
-    let bar = progress(args.steps, label);
-    let (model, resume) = match resume {
-        None => (attach_lora(model, &args.lora_on(&DECODER_LORA_TARGETS))?.0, None),
-        Some(c) => {
-            bar.set_position(c.state.step as u64);
-            let model = attach_adapter_with_ids(model, &c.adapter, &c.state.param_ids)?;
-            (model, Some(Resume { completed_steps: c.state.step, optimizer: c.optimizer }))
-        }
-    };
-    let mut failure = None;
-    let result = causal_lm::finetune(&lm.task, model, train, &args.train(), resume, |info, model, optim| {
-        bar.inc(1);
-        bar.set_message(format!("loss {:.4}, {:.0} tok/s", info.loss, info.tokens as f64 / info.seconds));
-        if failure.is_none()
-            && let Err(e) = on_step(info.step, model, optim)
-        {
-            failure = Some(e);
-        }
-    });
-    bar.finish_and_clear();
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    Ok(result?)
+    let config = args.train();
+    train_with_progress(
+        model,
+        &lm.model.device(),
+        args,
+        &DECODER_LORA_TARGETS,
+        label,
+        resume,
+        |model, resume, step| causal_lm::finetune(&lm.task, model, train, &config, resume, step),
+        on_step,
+    )
 }
 
 /// `emloc finetune` for a decoder.
@@ -155,16 +138,7 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     let (lm, emulator) = load(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &lm.source)?;
     let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
-    let resume = if args.resume {
-        let Some(dir) = checkpoint::latest(&args.out)? else {
-            return Err(format!("--resume: no checkpoint-STEP in {}", args.out.display()).into());
-        };
-        let loaded = checkpoint::load(&dir, &args.train)?;
-        eprintln!("resuming from {} (step {})", loaded.dir.display(), loaded.state.step);
-        Some(loaded)
-    } else {
-        None
-    };
+    let resume = checkpoint::resume(&args.out, &args.train, args.resume)?;
     let every = args.checkpoint_every;
     let (tuned, report) = train_adapter(&lm, lm.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {
         if every > 0 && step % every == 0 {

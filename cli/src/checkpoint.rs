@@ -84,6 +84,20 @@ pub fn latest(out: &Path) -> CliResult<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
+/// With `--resume`, the latest checkpoint of `out` (an error if there is none), checked against
+/// `train`'s hyperparameters; without, `None`.
+pub fn resume(out: &Path, train: &TrainArgs, resume: bool) -> CliResult<Option<TrainingCheckpoint>> {
+    if !resume {
+        return Ok(None);
+    }
+    let Some(dir) = latest(out)? else {
+        return Err(format!("--resume: no checkpoint-STEP in {}", out.display()).into());
+    };
+    let loaded = load(&dir, train)?;
+    eprintln!("resuming from {} (step {})", loaded.dir.display(), loaded.state.step);
+    Ok(Some(loaded))
+}
+
 /// Reads a checkpoint and checks that it was made with `train`'s hyperparameters.
 pub fn load(dir: &Path, train: &TrainArgs) -> CliResult<TrainingCheckpoint> {
     let state_path = dir.join(STATE_FILE);

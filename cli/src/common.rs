@@ -9,7 +9,9 @@ use clap::{Args, ValueEnum};
 use burn::optim::ModuleOptimizer;
 use emloc::{EmulatorConfig, EmulatorDescription, EmulatorReport, LoraConfig, WhiteningMethod, attach_adapter_with_ids, attach_lora, emulate};
 use emloc_models::bert::{BertModel, SentenceEncoder};
-use emloc_models::retrieval::{self, QaPair, RetrievalMetrics, Split, TrainConfig, TrainReport};
+use emloc_models::retrieval::{self, QaPair, RetrievalMetrics, Split, TrainConfig};
+use emloc_models::training::{Resume, StepInfo, TrainReport};
+use burn::module::Module;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -313,11 +315,6 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The LoRA config for the sentence encoder.
-    pub fn lora(&self) -> LoraConfig {
-        self.lora_on(&BERT_LORA_TARGETS)
-    }
-
     /// The LoRA config on the modules named `targets`.
     pub fn lora_on(&self, targets: &[&str]) -> LoraConfig {
         LoraConfig::new(self.rank).with_alpha(self.alpha).with_target_modules(targets.iter().map(|s| s.to_string()).collect())
@@ -404,30 +401,36 @@ pub fn build_emulator(
     Ok(result?)
 }
 
-/// Attaches LoRA (seeded) to `model`, or the adapter of `resume` with its parameter ids, and
-/// trains it, with a progress bar showing loss and tokens/s. `on_step` sees each step with the
-/// optimizer (for checkpoints).
-pub fn train_adapter(
-    encoder: &SentenceEncoder,
-    model: BertModel,
-    train: &[QaPair],
+/// The per-step callback of a task's `finetune` (figures, model, optimizer).
+pub type StepCallback<'a, M> = &'a mut dyn FnMut(&StepInfo, &M, &ModuleOptimizer);
+
+/// Attaches LoRA on `targets` (seeded by `device`'s RNG) to `model`, or the adapter of `resume`
+/// with its parameter ids, and trains it with `finetune` (a task's training loop), showing a
+/// progress bar with loss and tokens/s. `on_step` sees each step with the optimizer (for
+/// checkpoints); its first error stops the run.
+#[allow(clippy::too_many_arguments)]
+pub fn train_with_progress<M: Module>(
+    model: M,
+    device: &Device,
     args: &TrainArgs,
+    targets: &[&str],
     label: &str,
     resume: Option<crate::checkpoint::TrainingCheckpoint>,
-    mut on_step: impl FnMut(usize, &BertModel, &ModuleOptimizer) -> CliResult<()>,
-) -> CliResult<(BertModel, TrainReport)> {
-    encoder.device().seed(args.seed);
+    finetune: impl FnOnce(M, Option<Resume>, StepCallback<'_, M>) -> emloc_models::Result<(M, TrainReport)>,
+    mut on_step: impl FnMut(usize, &M, &ModuleOptimizer) -> CliResult<()>,
+) -> CliResult<(M, TrainReport)> {
+    device.seed(args.seed);
     let bar = progress(args.steps, label);
     let (model, resume) = match resume {
-        None => (attach_lora(model, &args.lora())?.0, None),
+        None => (attach_lora(model, &args.lora_on(targets))?.0, None),
         Some(c) => {
             bar.set_position(c.state.step as u64);
             let model = attach_adapter_with_ids(model, &c.adapter, &c.state.param_ids)?;
-            (model, Some(retrieval::Resume { completed_steps: c.state.step, optimizer: c.optimizer }))
+            (model, Some(Resume { completed_steps: c.state.step, optimizer: c.optimizer }))
         }
     };
     let mut failure = None;
-    let result = retrieval::finetune(encoder, model, train, &args.train(), resume, |info, model, optim| {
+    let result = finetune(model, resume, &mut |info: &StepInfo, model: &M, optim: &ModuleOptimizer| {
         bar.inc(1);
         bar.set_message(format!("loss {:.4}, {:.0} tok/s", info.loss, info.tokens as f64 / info.seconds));
         if failure.is_none()
@@ -441,6 +444,29 @@ pub fn train_adapter(
         return Err(e);
     }
     Ok(result?)
+}
+
+/// [`train_with_progress`] for the sentence encoder's retrieval task.
+pub fn train_adapter(
+    encoder: &SentenceEncoder,
+    model: BertModel,
+    train: &[QaPair],
+    args: &TrainArgs,
+    label: &str,
+    resume: Option<crate::checkpoint::TrainingCheckpoint>,
+    on_step: impl FnMut(usize, &BertModel, &ModuleOptimizer) -> CliResult<()>,
+) -> CliResult<(BertModel, TrainReport)> {
+    let config = args.train();
+    train_with_progress(
+        model,
+        encoder.device(),
+        args,
+        &BERT_LORA_TARGETS,
+        label,
+        resume,
+        |model, resume, step| retrieval::finetune(encoder, model, train, &config, resume, step),
+        on_step,
+    )
 }
 
 /// Evaluates `model` on `validation` with a spinner.

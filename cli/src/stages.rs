@@ -142,16 +142,7 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &model_dir)?;
     let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
-    let resume = if args.resume {
-        let Some(dir) = checkpoint::latest(&args.out)? else {
-            return Err(format!("--resume: no checkpoint-STEP in {}", args.out.display()).into());
-        };
-        let loaded = checkpoint::load(&dir, &args.train)?;
-        eprintln!("resuming from {} (step {})", loaded.dir.display(), loaded.state.step);
-        Some(loaded)
-    } else {
-        None
-    };
+    let resume = checkpoint::resume(&args.out, &args.train, args.resume)?;
     let every = args.checkpoint_every;
     let (tuned, report) =
         train_adapter(&encoder, encoder.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {

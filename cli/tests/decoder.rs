@@ -2,8 +2,11 @@
 //! correct → merge → eval on completion data, the task inference and its errors, and
 //! `generate` printing only the completion.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+use common::{fails_with, ok};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures").join(name)
@@ -28,24 +31,6 @@ fn write_data(path: &Path) {
     std::fs::write(path, lines.join("\n")).unwrap();
 }
 
-fn emloc(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_emloc")).args(args).output().expect("runs");
-    eprintln!("$ emloc {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
-    output
-}
-
-fn ok(args: &[&str]) -> String {
-    let output = emloc(args);
-    assert!(output.status.success(), "emloc {args:?} failed");
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let output = emloc(args);
-    assert!(!output.status.success(), "emloc {args:?} should fail");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
-}
 
 fn eval_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(args)).unwrap()

@@ -2,8 +2,12 @@
 //! checkpoints) → correct → merge → eval, and the bad-input paths (typed message, exit code ≠ 0,
 //! nothing written).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{emloc, fails_with, ok};
 
 const WORDS: [&str; 20] = [
     "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue", "bird", "sings", "tree",
@@ -26,24 +30,6 @@ fn write_data(path: &Path) {
     std::fs::write(path, lines.join("\n")).unwrap();
 }
 
-fn emloc(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_emloc")).args(args).output().expect("runs");
-    eprintln!("$ emloc {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
-    output
-}
-
-fn ok(args: &[&str]) -> String {
-    let output = emloc(args);
-    assert!(output.status.success(), "emloc {args:?} failed");
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let output = emloc(args);
-    assert!(!output.status.success(), "emloc {args:?} should fail");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
-}
 
 #[test]
 fn pipeline_stages_chain_and_merged_equals_unmerged() {

@@ -8,10 +8,8 @@
 //! of the `i`-th question; every other answer in the evaluated set is a distractor.
 
 use std::path::Path;
-use std::time::Instant;
 
-use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -20,6 +18,7 @@ use crate::bert::{BertModel, Encoded, SentenceEncoder};
 use crate::error::{ModelError, Result};
 use crate::training::rng;
 pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport, batch_order};
+use crate::training::train;
 
 /// One question with its worked answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,69 +207,22 @@ pub fn finetune(
     pairs: &[QaPair],
     config: &TrainConfig,
     resume: Option<Resume>,
-    mut on_step: impl FnMut(&StepInfo, &BertModel, &ModuleOptimizer),
+    on_step: impl FnMut(&StepInfo, &BertModel, &ModuleOptimizer),
 ) -> Result<(BertModel, TrainReport)> {
-    config.validate()?;
     if config.batch_size < 2 {
         return Err(ModelError::InvalidInput("training config: batch_size must be at least 2 (in-batch negatives)".into()));
     }
-    let completed = resume.as_ref().map_or(0, |r| r.completed_steps);
-    if completed >= config.steps {
-        return Err(ModelError::InvalidInput(format!(
-            "the run to resume already completed {completed} of {} steps",
-            config.steps
-        )));
-    }
-    if pairs.len() < config.batch_size {
-        return Err(ModelError::InvalidInput(format!(
-            "{} training pairs are fewer than batch_size {}",
-            pairs.len(),
-            config.batch_size
-        )));
-    }
-    let order = batch_order(config, pairs.len());
     let train_device: Device = encoder.device().clone().autodiff();
-    let mut model = model.train();
-    let mut optim = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).init();
-    if let Some(resume) = resume {
-        optim = optim.load_record(resume.optimizer);
-    }
-    let started = Instant::now();
-    let mut report = TrainReport { first_loss: f64::NAN, last_loss: f64::NAN, tokens: 0, seconds: 0.0 };
-    for (step, micro_batches) in order.chunks(config.grad_accumulation).enumerate().skip(completed) {
-        let step_started = Instant::now();
-        // Dropout draws from the device RNG: reseeding it from (seed, step) makes every step's
-        // masks a function of the step alone, so a resumed run matches an uninterrupted one.
-        encoder.device().seed(rng(config.seed ^ (step as u64).wrapping_mul(0x9E37_79B9)).next_u64());
-        let mut accumulator = GradientsAccumulator::new();
-        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        for indices in micro_batches {
-            let questions: Vec<&str> = indices.iter().map(|&i| pairs[i].question.as_str()).collect();
-            let answers: Vec<&str> = indices.iter().map(|&i| pairs[i].answer.as_str()).collect();
-            let (q, a) = (encoder.tokenize(&questions)?, encoder.tokenize(&answers)?);
-            tokens += count_tokens(&q) + count_tokens(&a);
-            let q = encoder.forward_with(&model, encoder.batch(&q).to_device(&train_device));
-            let a = encoder.forward_with(&model, encoder.batch(&a).to_device(&train_device));
-            let loss = contrastive_loss(q, a, config.scale).div_scalar(config.grad_accumulation as f64);
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-        }
-        if !loss_sum.is_finite() {
-            return Err(ModelError::InvalidInput(format!("the loss became {loss_sum} at step {}", step + 1)));
-        }
-        let lr = config.learning_rate(step);
-        model = optim.step(lr, model, accumulator.grads());
-        if step == completed {
-            report.first_loss = loss_sum;
-        }
-        report.last_loss = loss_sum;
-        report.tokens += tokens;
-        let info = StepInfo { step: step + 1, loss: loss_sum, lr, tokens, seconds: step_started.elapsed().as_secs_f64() };
-        on_step(&info, &model, &optim);
-    }
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok((model.valid(), report))
+    let loss_of = |model: &BertModel, indices: &[usize]| {
+        let questions: Vec<&str> = indices.iter().map(|&i| pairs[i].question.as_str()).collect();
+        let answers: Vec<&str> = indices.iter().map(|&i| pairs[i].answer.as_str()).collect();
+        let (q, a) = (encoder.tokenize(&questions)?, encoder.tokenize(&answers)?);
+        let tokens = count_tokens(&q) + count_tokens(&a);
+        let q = encoder.forward_with(model, encoder.batch(&q).to_device(&train_device));
+        let a = encoder.forward_with(model, encoder.batch(&a).to_device(&train_device));
+        Ok((contrastive_loss(q, a, config.scale), tokens))
+    };
+    train(model, pairs.len(), config, resume, encoder.device(), loss_of, on_step)
 }
 
 fn count_tokens(encoded: &[Encoded]) -> usize {

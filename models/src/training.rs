@@ -1,7 +1,11 @@
 //! What every fine-tuning task of the zoo shares: hyperparameters, the warmup + cosine schedule,
 //! the seeded batch order, per-step reports and resumption.
 
-use burn::optim::OptimizerRecord;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -144,6 +148,82 @@ pub struct Resume {
     pub completed_steps: usize,
     /// AdamW's state after them.
     pub optimizer: OptimizerRecord,
+}
+
+/// The training loop every task shares: trains the trainable parameters of `model` (e.g. LoRA
+/// adapters) with AdamW and [`TrainConfig::learning_rate`]'s schedule over [`batch_order`]'s
+/// micro-batches of `0..items`, summing `config.grad_accumulation` micro-batch gradients per
+/// optimizer step. `micro_batch_loss` gives the loss of the items it is handed (on the model in
+/// training mode) and the number of tokens it processed; `on_step` sees every optimizer step.
+/// Before each step the RNG of `device` (dropout) is reseeded from the seed and the step, so a
+/// run resumed from `resume` reaches the same parameters as an uninterrupted one, bit for bit (on
+/// a backend whose RNG is per device). Returns the model in inference mode.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for a bad config, a run to resume that is already complete,
+/// fewer items than `batch_size`, or a loss that becomes NaN or infinite (naming the step);
+/// whatever `micro_batch_loss` returns.
+pub fn train<M: Module>(
+    model: M,
+    items: usize,
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    device: &Device,
+    mut micro_batch_loss: impl FnMut(&M, &[usize]) -> Result<(Tensor<1>, usize)>,
+    mut on_step: impl FnMut(&StepInfo, &M, &ModuleOptimizer),
+) -> Result<(M, TrainReport)> {
+    config.validate()?;
+    let completed = resume.as_ref().map_or(0, |r| r.completed_steps);
+    if completed >= config.steps {
+        return Err(ModelError::InvalidInput(format!(
+            "the run to resume already completed {completed} of {} steps",
+            config.steps
+        )));
+    }
+    if items < config.batch_size {
+        return Err(ModelError::InvalidInput(format!(
+            "{items} training examples are fewer than batch_size {}",
+            config.batch_size
+        )));
+    }
+    let order = batch_order(config, items);
+    let mut model = model.train();
+    let mut optim = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).init();
+    if let Some(resume) = resume {
+        optim = optim.load_record(resume.optimizer);
+    }
+    let started = Instant::now();
+    let mut report = TrainReport { first_loss: f64::NAN, last_loss: f64::NAN, tokens: 0, seconds: 0.0 };
+    for (step, micro_batches) in order.chunks(config.grad_accumulation).enumerate().skip(completed) {
+        let step_started = Instant::now();
+        // Dropout draws from the device RNG: reseeding it from (seed, step) makes every step's
+        // masks a function of the step alone, so a resumed run matches an uninterrupted one.
+        device.seed(rng(config.seed ^ (step as u64).wrapping_mul(0x9E37_79B9)).next_u64());
+        let mut accumulator = GradientsAccumulator::new();
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for indices in micro_batches {
+            let (loss, micro_tokens) = micro_batch_loss(&model, indices)?;
+            let loss = loss.div_scalar(config.grad_accumulation as f64);
+            tokens += micro_tokens;
+            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        if !loss_sum.is_finite() {
+            return Err(ModelError::InvalidInput(format!("the loss became {loss_sum} at step {}", step + 1)));
+        }
+        let lr = config.learning_rate(step);
+        model = optim.step(lr, model, accumulator.grads());
+        if step == completed {
+            report.first_loss = loss_sum;
+        }
+        report.last_loss = loss_sum;
+        report.tokens += tokens;
+        let info = StepInfo { step: step + 1, loss: loss_sum, lr, tokens, seconds: step_started.elapsed().as_secs_f64() };
+        on_step(&info, &model, &optim);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok((model.valid(), report))
 }
 
 #[cfg(test)]
