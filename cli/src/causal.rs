@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::checkpoint;
 use crate::common::{CliResult, DECODER_LORA_TARGETS, ModelArgs, TrainArgs, progress, train_with_progress};
 use crate::memory::{Phase, PhaseStats};
-use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish};
+use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish, save_emulator};
 
 /// PEFT's task type of the adapters written for decoders.
 const PEFT_TASK_TYPE: &str = "CAUSAL_LM";
@@ -87,17 +87,11 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let mut lm = args.model.load_decoder(&BTreeSet::new())?;
     check_out(&args.out, &lm.source)?;
     let sequences = calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
+    // Moved out (a lazily initialised placeholder stays), so that emulation releases the
+    // original's dense weights layer by layer.
     let original = std::mem::replace(&mut lm.model, lm.config.init(true, &burn::tensor::Device::flex()));
     let (emulator, report) = build_emulator(original, &sequences, &config)?;
-    let description = EmulatorDescription::new(config, report);
-    emloc::save_emulator(&emulator, &description, &args.out)?;
-    eprintln!(
-        "emulator: {} layers, {} → {} parameters in them",
-        description.report.layers.len(),
-        description.report.params_original(),
-        description.report.params_kept()
-    );
-    finish("emulate", phase, &args.out, &description.report)
+    save_emulator(&emulator, config, report, phase, &args.out)
 }
 
 /// Marks an adapter as a causal-LM adapter of the model at `source` (what PEFT's

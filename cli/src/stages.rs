@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use clap::Args;
 use emloc::peft::PeftAdapter;
-use emloc::{CorrectionConfig, EmulatorDescription, attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors};
+use emloc::{CorrectionConfig, EmulatorConfig, EmulatorDescription, EmulatorReport, attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors};
 use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
@@ -82,15 +82,27 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     // Moved out, so that emulation releases the original's dense weights layer by layer.
     let original = encoder.take_model();
     let (emulator, report) = build_emulator(&encoder, original, &texts, &config)?;
+    save_emulator(&emulator, config, report, phase, &args.out)
+}
+
+/// Writes the emulator built from `config` into `out` with its `report.json`: the end of every
+/// model kind's `emloc emulate`.
+pub(crate) fn save_emulator<M: Module>(
+    emulator: &M,
+    config: EmulatorConfig,
+    report: EmulatorReport,
+    phase: Phase,
+    out: &Path,
+) -> CliResult<()> {
     let description = EmulatorDescription::new(config, report);
-    emloc::save_emulator(&emulator, &description, &args.out)?;
+    emloc::save_emulator(emulator, &description, out)?;
     eprintln!(
         "emulator: {} layers, {} → {} parameters in them",
         description.report.layers.len(),
         description.report.params_original(),
         description.report.params_kept()
     );
-    finish("emulate", phase, &args.out, &description.report)
+    finish("emulate", phase, out, &description.report)
 }
 
 /// Options of `emloc finetune`.
