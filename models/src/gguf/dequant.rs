@@ -154,7 +154,7 @@ impl GgmlType {
     pub fn byte_len(self, n_elements: u64) -> Option<u64> {
         let (block, bytes) = self.block_layout()?;
         let (block, bytes) = (block as u64, bytes as u64);
-        if n_elements % block != 0 {
+        if !n_elements.is_multiple_of(block) {
             return None;
         }
         (n_elements / block).checked_mul(bytes)
@@ -200,7 +200,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
         return Err(format!("ggml type {ty} cannot be dequantized"));
     }
     let (block, size) = ty.block_layout().expect("supported types have a layout");
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(format!(
             "{} bytes are not a whole number of {ty:?} blocks of {size} bytes",
             bytes.len()

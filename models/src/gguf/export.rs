@@ -198,7 +198,7 @@ fn write_safetensors(
     header["__metadata__"] = json!({"format": "pt"});
     let mut header = serde_json::to_vec(&header).expect("JSON values serialize");
     // The data section starts 8-byte aligned, padded with spaces as the safetensors crate does.
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let io = |e| ModelError::io(path, e);

@@ -132,30 +132,30 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
         Some(_) => positive(file, &key("attention.key_length"))?,
         None => hidden / heads,
     };
-    if let Some(v) = file.get(&key("attention.value_length")) {
-        if v.as_u64() != Some(head_dim as u64) {
-            return Err(invalid(
-                file,
-                format!(
-                    "`{}` {v:?} differs from the key width {head_dim}",
-                    key("attention.value_length")
-                ),
-            ));
-        }
+    if let Some(v) = file.get(&key("attention.value_length"))
+        && v.as_u64() != Some(head_dim as u64)
+    {
+        return Err(invalid(
+            file,
+            format!(
+                "`{}` {v:?} differs from the key width {head_dim}",
+                key("attention.value_length")
+            ),
+        ));
     }
     if head_dim * heads != hidden || file.get(&key("attention.key_length")).is_some() {
         config.head_dim = Some(head_dim);
     }
-    if let Some(v) = file.get(&key("rope.dimension_count")) {
-        if v.as_u64() != Some(head_dim as u64) {
-            return Err(invalid(
-                file,
-                format!(
-                    "`{}` {v:?} differs from the head width {head_dim} (partial RoPE is not supported)",
-                    key("rope.dimension_count")
-                ),
-            ));
-        }
+    if let Some(v) = file.get(&key("rope.dimension_count"))
+        && v.as_u64() != Some(head_dim as u64)
+    {
+        return Err(invalid(
+            file,
+            format!(
+                "`{}` {v:?} differs from the head width {head_dim} (partial RoPE is not supported)",
+                key("rope.dimension_count")
+            ),
+        ));
     }
     if file.get(&key("rope.freq_base")).is_some() {
         config.rope_theta = file.get_f64(&key("rope.freq_base"))?;
@@ -245,7 +245,7 @@ pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> V
         "unpermute_rows: data is not [rows, cols]"
     );
     assert!(
-        heads > 0 && rows % (2 * heads) == 0,
+        heads > 0 && rows.is_multiple_of(2 * heads),
         "unpermute_rows: {rows} rows, {heads} heads"
     );
     let head_dim = rows / heads;
