@@ -871,6 +871,41 @@ fn smollm2_config_and_tokenizer_match_transformers() {
         special["tokenizer_chat_template"].as_str()
     );
     assert_eq!(info.eos_token_ids(), vec![2]);
+
+    // The HF directory: config as transformers reads it, tokenizer.json as transformers builds
+    // it, f32 weights of the whole model (134.5 M parameters, tied head).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2");
+    let export = gguf_to_hf_dir(&path, &out).unwrap();
+    assert!(export.tokenizer_written);
+    assert_eq!(export.tensors, 2 + 30 * 9);
+    let hf = read_json(&out.join("config.json"));
+    for (key, value) in [
+        ("model_type", serde_json::json!("llama")),
+        ("num_hidden_layers", serde_json::json!(30)),
+        ("num_key_value_heads", serde_json::json!(3)),
+        ("tie_word_embeddings", serde_json::json!(true)),
+        ("rope_theta", serde_json::json!(100000.0)),
+        ("bos_token_id", serde_json::json!(1)),
+        ("eos_token_id", serde_json::json!(2)),
+    ] {
+        assert_eq!(hf[key], value, "config.json `{key}`");
+    }
+    let written = read_json(&out.join("tokenizer.json"));
+    for key in [
+        "added_tokens",
+        "pre_tokenizer",
+        "post_processor",
+        "decoder",
+        "model",
+    ] {
+        assert_eq!(written[key], want[key], "written tokenizer.json `{key}`");
+    }
+    let size = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    println!("model.safetensors: {size} bytes");
+    assert!(size > 4 * 134_000_000 && size < 4 * 135_000_000);
 }
 
 #[test]

@@ -429,8 +429,9 @@ impl LlamaForCausalLM {
     /// and those of HF transformers' own GGUF loading.
     ///
     /// Memory: tensors are dequantized one at a time, straight into their parameter, so the
-    /// peak is the `f32` model plus a few copies of its largest tensor (the GGUF file itself is
-    /// read tensor by tensor, never whole).
+    /// peak is the `f32` model plus two or three copies of its largest tensor (the GGUF file
+    /// itself is read tensor by tensor, never whole). Measured on SmolLM2-135M (Q4_1, 98 MB
+    /// file, 0.54 GB in `f32`, 113 MB embedding): 0.89 GB peak RSS for the whole test process.
     ///
     /// # Errors
     /// [`ModelError::Io`] / [`ModelError::Checkpoint`] for the file, [`ModelError::InvalidConfig`]
