@@ -11,8 +11,8 @@ use super::chat::ChatTemplate;
 use super::task::CausalLmTask;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufTokenizerInfo};
-use crate::loading::{Checkpoint, read_json};
-use crate::llama::{LlamaConfig, LlamaForCausalLM, LlamaTokenizer, key_mapping};
+use crate::loading::read_json;
+use crate::llama::{LlamaConfig, LlamaForCausalLM, LlamaTokenizer};
 
 /// A loaded decoder LM and the task that formats data for it.
 #[derive(Debug)]
@@ -114,23 +114,15 @@ pub fn load_causal_lm(path: &Path, device: &Device, skip: &BTreeSet<String>) -> 
     if is_gguf(path) {
         return load_gguf(path, device, skip);
     }
-    let config = LlamaConfig::from_file(path.join("config.json"))?;
-    let checkpoint = Checkpoint::open_dir(path)?;
-    let tied = config.tie_word_embeddings && !checkpoint.contains("lm_head.weight");
-    let mut model = config.init(tied, device);
-    checkpoint.load_into_skipping(&mut model, &key_mapping(), skip)?;
+    let (model, config, _) = LlamaForCausalLM::load_skipping(path, device, skip)?;
     let tokenizer = LlamaTokenizer::from_dir(path)?;
-    let chat = chat_template_of(path)?;
     let mut eos = config.eos_token_ids();
     for id in generation_eos_ids(path)? {
         if !eos.contains(&id) {
             eos.push(id);
         }
     }
-    let eos = with_end_of_turn_ids(eos, chat.as_ref().map(|c| c.0.as_str()), &tokenizer);
-    let template = chat.map(|(source, bos, eos)| ChatTemplate::new(&source, &bos, &eos)).transpose()?;
-    let task = CausalLmTask::new(tokenizer, template, eos)?;
-    Ok(CausalLm { model, config, task, source: path.to_path_buf() })
+    assemble(model, config, tokenizer, chat_template_of(path)?, eos, path)
 }
 
 /// [`load_causal_lm`] for a GGUF file: weights (dequantized to f32), tokenizer, chat template and
@@ -146,13 +138,10 @@ fn load_gguf(path: &Path, device: &Device, skip: &BTreeSet<String>) -> Result<Ca
     assemble(model, config, tokenizer, chat, info.eos_token_ids(), path)
 }
 
-/// Builds the [`CausalLm`] of an already loaded model from its tokenizer, optional chat
-/// template (source, BOS and EOS strings) and end-of-sequence ids (end-of-turn ids of the
-/// template are added). For loaders of other formats (GGUF).
-///
-/// # Errors
-/// As [`ChatTemplate::new`] and [`CausalLmTask::new`].
-pub fn assemble(
+/// Builds the [`CausalLm`] of a loaded model from its tokenizer, optional chat template
+/// (source, BOS and EOS strings) and end-of-sequence ids (the template's end-of-turn ids are
+/// added): the part every format's loader shares.
+fn assemble(
     model: LlamaForCausalLM,
     config: LlamaConfig,
     tokenizer: LlamaTokenizer,

@@ -1,6 +1,7 @@
 //! [`LlamaForCausalLM`]: embeddings, decoder layers, final norm and LM head, and loading it
 //! from an HF directory.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use burn::module::Module;
@@ -294,12 +295,27 @@ impl LlamaForCausalLM {
         dir: impl AsRef<Path>,
         device: &Device,
     ) -> Result<(Self, LlamaConfig, LoadReport)> {
+        Self::load_skipping(dir, device, &BTreeSet::new())
+    }
+
+    /// [`load_with_report`](Self::load_with_report), leaving out the parameters at the module
+    /// paths in `skip` (never read nor materialised; see
+    /// [`Checkpoint::load_into_skipping`]): how an emulator loads without the original's
+    /// replaced dense weights.
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn load_skipping(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        skip: &BTreeSet<String>,
+    ) -> Result<(Self, LlamaConfig, LoadReport)> {
         let dir = dir.as_ref();
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
         let checkpoint = Checkpoint::open_dir(dir)?;
         let tied = config.tie_word_embeddings && !checkpoint.contains("lm_head.weight");
         let mut model = config.init(tied, device);
-        let report = checkpoint.load_into(&mut model, &key_mapping())?;
+        let report = checkpoint.load_into_skipping(&mut model, &key_mapping(), skip)?;
         Ok((model, config, report))
     }
 }
