@@ -7,7 +7,7 @@ use burn::module::{Module, Param, ParamGroup, ParamId};
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
 use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
-use crate::nn::{Linear, LoraAdapter, LoraConfig};
+use crate::nn::{Linear, LoraAdapter, LoraConfig, check_lora_rank};
 use crate::peft::{LayerShape, PeftAdapter, PeftConfig, PeftLayer};
 
 /// Every `emloc::nn::Linear` of `model` with its shape, in traversal order.
@@ -63,7 +63,12 @@ pub fn attach_lora<M: Module>(model: M, config: &LoraConfig) -> Result<(M, Vec<S
                 "layer `{path}` already carries a LoRA adapter"
             )));
         }
-        Ok(true) => targets.push(path.to_string()),
+        Ok(true) => match check_lora_rank(path, config.rank, linear.d_input(), linear.d_output()) {
+            Ok(()) => targets.push(path.to_string()),
+            Err(e) => {
+                problem.get_or_insert(e);
+            }
+        },
         Ok(false) => {}
         Err(e) => {
             problem.get_or_insert(e);
@@ -151,6 +156,8 @@ fn most_common(values: impl Iterator<Item = f64>) -> f64 {
 
 /// Checks that `adapter` fits `model` and that every targeted layer is in the wanted form.
 fn check_adapter<M: Module>(model: &M, adapter: &PeftAdapter, dense_only: bool) -> Result<()> {
+    // Its own consistency first (ranks, finiteness, targets): the fields are public.
+    adapter.validate()?;
     adapter.check_fits(&linear_layers(model))?;
     let mut problem = None;
     for_each_linear(model, |path, linear| {

@@ -85,6 +85,7 @@ pub fn correct_layer(
 ) -> Result<(PeftLayer, LayerCorrection)> {
     let (d_in, d_out) = (weight.rows, weight.cols);
     let r = lora.lora_a.rows;
+    crate::nn::check_lora_rank(path, r, d_in, d_out)?;
     let to_f64 = |m: &Matrix| Mat::<f64>::from_fn(m.rows, m.cols, |i, j| m.get(i, j) as f64);
     let a = to_f64(&lora.lora_a); // [r, d_in]
     let b = to_f64(&lora.lora_b); // [d_out, r]

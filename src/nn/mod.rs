@@ -7,4 +7,5 @@ mod low_rank;
 
 pub use linear::{Linear, LinearConfig};
 pub use lora::{LoraAdapter, LoraConfig, lora_scale};
+pub(crate) use lora::check_lora_rank;
 pub use low_rank::LowRankFactors;

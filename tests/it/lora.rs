@@ -86,7 +86,7 @@ fn strip(mut l: emloc::Linear) -> emloc::Linear {
 fn peft_round_trip_gives_identical_outputs() {
     let device = Device::flex();
     device.seed(5);
-    let model = Mlp::new(7, 9, 3, &device);
+    let model = Mlp::new(7, 9, 5, &device);
     let (adapted, _) = attach_lora(model.clone(), &LoraConfig::new(4).with_alpha(16.0).with_target_modules(targets(&["l1", "l2"]))).unwrap();
     let adapted = randomize_b(adapted, &device);
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +94,7 @@ fn peft_round_trip_gives_identical_outputs() {
     let loaded = PeftAdapter::load(dir.path()).unwrap();
     assert_eq!(loaded.config.r, 4);
     assert_eq!(loaded.layers["l1"].lora_a.shape(), [4, 7]);
-    assert_eq!(loaded.layers["l2"].lora_b.shape(), [3, 4]);
+    assert_eq!(loaded.layers["l2"].lora_b.shape(), [5, 4]);
     let restored = attach_adapter(model.clone(), &loaded).unwrap();
     let x = tensor(6, [5, 7], &device);
     assert_eq!(restored.forward(x.clone()).into_data(), adapted.forward(x.clone()).into_data());
@@ -140,4 +140,45 @@ fn merging_into_an_emulator_is_refused() {
     let err = merge_adapter(emulator, &adapter).unwrap_err();
     assert!(err.to_string().contains("emulator layer"), "{err}");
     let _: Tensor<2> = tensor(0, [1, 1], &device);
+}
+
+/// A rank above `min(d_in, d_out)` is refused wherever an adapter meets a layer, as a typed error:
+/// the correction used to panic indexing the `min(d_in, r)` singular values of `Aᵀ` up to `r`.
+#[test]
+fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
+    let device = Device::flex();
+    let model = Mlp::new(3, 9, 5, &device); // l1: 3 → 9, l2: 9 → 5
+    let too_big = LoraConfig::new(4).with_target_modules(targets(&["l1"]));
+    let err = attach_lora(model.clone(), &too_big).unwrap_err().to_string();
+    assert!(err.contains("LoRA rank 4 at layer `l1` exceeds min(d_in = 3, d_out = 9) = 3"), "{err}");
+    // Rank 5 ≤ 5 on l2 is fine.
+    attach_lora(model.clone(), &LoraConfig::new(5).with_target_modules(targets(&["l2"]))).unwrap();
+
+    // An adapter file with r = 4 on the 3-input l1 (built by hand, as another tool might write it).
+    let mut adapter = export_adapter(&attach_lora(model.clone(), &LoraConfig::new(3).with_target_modules(targets(&["l1"]))).unwrap().0).unwrap();
+    adapter.config.r = 4;
+    let layer = adapter.layers.get_mut("l1").unwrap();
+    layer.lora_a = emloc::matrix::Matrix::new(4, 3, noise(1, 12));
+    layer.lora_b = emloc::matrix::Matrix::new(9, 4, noise(2, 36));
+    assert!(adapter.validate().unwrap_err().to_string().contains("exceeds min(d_in = 3"));
+    assert!(attach_adapter(model.clone(), &adapter).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("adapter_config.json"), serde_json::to_string(&adapter.config).unwrap()).unwrap();
+    let a = emloc::peft::lora_a_key("l1");
+    let b = emloc::peft::lora_b_key("l1");
+    let bytes = |m: &emloc::matrix::Matrix| m.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let (ab, bb) = (bytes(&adapter.layers["l1"].lora_a), bytes(&adapter.layers["l1"].lora_b));
+    let views = vec![
+        (a.as_str(), safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, vec![4, 3], &ab).unwrap()),
+        (b.as_str(), safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, vec![9, 4], &bb).unwrap()),
+    ];
+    std::fs::write(dir.path().join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let err = PeftAdapter::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("adapter_config.json") && err.contains("exceeds min(d_in = 3, d_out = 9)"), "{err}");
+
+    // A LoraAdapter built by hand (its fields are public) reaches the correction: an error, no panic.
+    let mut tuned = model.clone();
+    tuned.l1.lora = Some(emloc::nn::LoraAdapter::new(tensor(3, [3, 4], &device), tensor(4, [4, 9], &device), 8.0, false, 0.0));
+    let err = emloc::correct(&model, &tuned, &emloc::CorrectionConfig::default()).unwrap_err().to_string();
+    assert!(err.contains("LoRA rank 4 at layer `l1`"), "{err}");
 }

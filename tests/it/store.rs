@@ -156,4 +156,16 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     assert!(!out2.exists(), "a failed merge must not create its output");
     // Writing over the input is refused.
     assert!(merge_into_safetensors(&adapter, &[input.clone()], dir.path()).is_err());
+
+    // A NaN in the checkpoint's weight is named, not merged into a NaN model.
+    let mut poisoned = w.clone();
+    poisoned[3] = f32::NAN;
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    write_checkpoint(&bad.join("model.safetensors"), &[("bert.encoder.dense.weight", [d_out, d_in], &poisoned)]);
+    match merge_into_safetensors(&adapter, &[bad.join("model.safetensors")], &dir.path().join("merged3")) {
+        Err(EmlocError::NonFinite { layer, .. }) => assert_eq!(layer, "bert.encoder.dense.weight"),
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+    assert!(!dir.path().join("merged3/model.safetensors").exists());
 }

@@ -96,6 +96,12 @@ impl BertSelfAttention {
         let v = split(self.value.forward(hidden));
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((head_dim as f64).sqrt());
         let scores = match mask_bias {
+            // A bias of another dtype (f32 beside f16 weights) is clamped to the scores' finite
+            // minimum before the cast, so padding stays finite, as in HF.
+            Some(bias) if bias.dtype() != scores.dtype() => {
+                let dtype = scores.dtype();
+                scores + bias.clamp_min(crate::llama::mask_value(dtype)).cast(dtype)
+            }
             Some(bias) => scores + bias,
             None => scores,
         };
@@ -217,5 +223,46 @@ impl ModuleDisplay for BertAttention {}
 impl core::fmt::Display for BertAttention {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "{}", ModuleDisplay::format(self, Default::default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::{ModuleMapper, Param};
+    use burn::tensor::{DType, Int, TensorData};
+
+    use super::*;
+    use crate::bert::attention_mask_bias;
+
+    struct ToHalf(DType);
+
+    impl ModuleMapper for ToHalf {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let dtype = self.0;
+            param.map(|t| t.cast(dtype))
+        }
+    }
+
+    #[test]
+    fn half_precision_attention_with_padding_has_no_nan() {
+        let device = Device::flex();
+        device.seed(7);
+        let attention = BertAttentionConfig::new(8, 2).init(&device);
+        let hidden = Tensor::<3>::random([2, 4, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let mask = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 1, 1, 1, 1, 1, 0, 0], [2, 4]), &device);
+        let bias = attention_mask_bias(mask);
+        let values: Vec<f32> = bias.clone().into_data().iter::<f32>().collect();
+        assert_eq!(values, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, f32::MIN, f32::MIN]);
+        let reference: Vec<f32> =
+            attention.self_attn.forward(hidden.clone(), Some(bias.clone())).into_data().iter::<f32>().collect();
+        for dtype in [DType::F16, DType::BF16] {
+            let half = attention.clone().map(&mut ToHalf(dtype));
+            let out = half.self_attn.forward(hidden.clone().cast(dtype), Some(bias.clone()));
+            assert_eq!(out.dtype(), dtype);
+            let out: Vec<f32> = out.into_data().iter::<f32>().collect();
+            assert!(out.iter().all(|v| v.is_finite()), "{dtype:?}: {out:?}");
+            let diff = out.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(diff < 0.05, "{dtype:?} differs from f32 by {diff}");
+        }
     }
 }

@@ -16,14 +16,19 @@ use crate::loading::{Checkpoint, KeyMapping, LoadReport};
 pub const MASK_BIAS: f32 = f32::MIN;
 
 /// Turns an HF attention mask (1 = token, 0 = padding) into the additive score bias of
-/// [`BertSelfAttention::forward`](super::BertSelfAttention::forward): `(1 - mask) · f32::MIN`.
+/// [`BertSelfAttention::forward`](super::BertSelfAttention::forward): 0 for tokens,
+/// [`MASK_BIAS`] for padding (clamped to the float dtype's finite minimum, as HF's
+/// `torch.finfo(dtype).min`). Filled, not multiplied: `0 · f32::MIN` is NaN in f16/bf16, where
+/// `f32::MIN` rounds to −∞.
 ///
 /// # Shapes
 /// - `attention_mask`: `[batch, seq]`
 /// - output: `[batch, 1, 1, seq]`
 pub fn attention_mask_bias(attention_mask: Tensor<2, Int>) -> Tensor<4> {
     let [batch, seq] = attention_mask.dims();
-    attention_mask.float().neg().add_scalar(1.0).mul_scalar(MASK_BIAS).reshape([batch, 1, 1, seq])
+    let zeros = Tensor::<2>::zeros([batch, seq], &attention_mask.device());
+    let fill = crate::llama::mask_value(zeros.dtype()).max(f64::from(MASK_BIAS));
+    zeros.mask_fill(attention_mask.equal_elem(0), fill).reshape([batch, 1, 1, seq])
 }
 
 /// HF `BertPooler`: `tanh(dense(hidden[:, 0]))`.
