@@ -1,9 +1,9 @@
-//! BERT: loading HF checkpoints, forward pass against an independent numpy reference, sentence
+//! BERT: loading HF checkpoints, forward pass against HF transformers (float64), sentence
 //! embeddings, loading errors, EMLoC on BERT, and (when present) the real all-MiniLM-L6-v2.
 //!
-//! Fixtures: `tests/fixtures/tiny_bert/` and `tiny_bert_expected.json`, written by
-//! `python3 models/tests/fixtures/make_tiny_bert.py` (float64 numpy forward pass). Outputs are
-//! compared with a maximum absolute difference of [`TOL`] (the Rust side computes in f32).
+//! Fixtures: `tests/fixtures/tiny_bert/` (written by `make_tiny_bert.py`) and
+//! `tiny_bert_transformers.json` (`BertModel` in float64, by `make_transformers_refs.py`). Outputs
+//! are compared with a maximum absolute difference of [`TOL`] (the Rust side computes in f32).
 
 mod common;
 use common::*;
@@ -28,7 +28,7 @@ fn tiny_dir() -> PathBuf {
 }
 
 fn expected() -> Value {
-    read_expected("tiny_bert_expected.json")
+    read_expected("tiny_bert_transformers.json")
 }
 
 fn device() -> Device {
@@ -86,7 +86,7 @@ fn check_against_reference(model: &BertModel) {
 }
 
 #[test]
-fn tiny_bert_matches_numpy_reference() {
+fn tiny_bert_matches_transformers() {
     let (model, report) = {
         let (model, config, report) = BertModel::load_with_report(tiny_dir(), &device()).unwrap();
         assert_eq!(config.hidden_size, 16);

@@ -1,5 +1,5 @@
 //! The causal-LM task on the tiny Llama fixture: the completion-only loss and per-row
-//! likelihoods against the independent float64 numpy logits of `tiny_llama_expected.json`,
+//! likelihoods against the float64 transformers logits of `tiny_llama_transformers.json`,
 //! multiple-choice scoring against a host f64 computation from full-sequence logits, loading
 //! from a directory and from GGUF, and fine-tuning lowering the validation loss.
 
@@ -28,7 +28,7 @@ fn log_softmax(row: &[f64]) -> Vec<f64> {
 
 #[test]
 fn completion_loss_matches_the_float64_reference_with_masking_and_padding() {
-    let expected = read_expected("tiny_llama_expected.json");
+    let expected = read_expected("tiny_llama_transformers.json");
     let rows: Vec<Vec<u32>> = expected["input_ids"].as_array().unwrap().iter().map(ids).collect();
     let shape: Vec<usize> = expected["logits"]["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
     let values: Vec<f64> = expected["logits"]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();

@@ -1,9 +1,10 @@
 //! CLIP vision tower: loading HF `CLIPVisionModel` / `CLIPModel` checkpoints, the forward pass
-//! against an independent numpy reference, loading errors, and EMLoC end to end.
+//! against HF transformers (float64), loading errors, and EMLoC end to end.
 //!
-//! Fixtures: `tests/fixtures/tiny_clip/`, `tiny_clip_full/` and `tiny_clip_expected.json`,
-//! written by `python3 models/tests/fixtures/make_tiny_clip.py` (float64 numpy forward pass).
-//! Outputs are compared with a maximum absolute difference of [`TOL`].
+//! Fixtures: `tests/fixtures/tiny_clip/` and `tiny_clip_full/` (written by `make_tiny_clip.py`),
+//! `tiny_clip_transformers.json` (`CLIPVisionModel`) and `tiny_clip_full_transformers.json`
+//! (`CLIPModel`, with `image_embeds`), both float64, by `make_transformers_refs.py`. Outputs are
+//! compared with a maximum absolute difference of [`TOL`].
 
 mod common;
 use common::*;
@@ -31,16 +32,21 @@ fn full_dir() -> PathBuf {
 }
 
 fn expected() -> Value {
-    read_expected("tiny_clip_expected.json")
+    read_expected("tiny_clip_transformers.json")
+}
+
+fn full_expected() -> Value {
+    read_expected("tiny_clip_full_transformers.json")
 }
 
 fn device() -> Device {
     Device::default()
 }
 
+/// Against `CLIPModel` when the model has a projection, else against `CLIPVisionModel`.
 fn check_against_reference(model: &ClipVisionModel) {
-    let e = expected();
-    let out = model.forward(pixels(&expected(), &device()));
+    let e = if model.visual_projection.is_some() { full_expected() } else { expected() };
+    let out = model.forward(pixels(&e, &device()));
     assert_eq!(out.last_hidden_state.dims(), [2, SEQ, D]);
     assert_eq!(out.pooler_output.dims(), [2, D]);
     assert_close(
@@ -64,7 +70,7 @@ fn check_against_reference(model: &ClipVisionModel) {
 }
 
 #[test]
-fn tiny_clip_vision_matches_numpy_reference() {
+fn tiny_clip_vision_matches_transformers() {
     let (model, config, report) = ClipVisionModel::load_with_report(tiny_dir(), &device()).unwrap();
     assert_eq!((config.hidden_size, config.num_patches()), (D, SEQ - 1));
     assert_eq!(config.hidden_act, ClipActivation::QuickGelu);

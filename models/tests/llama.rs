@@ -1,11 +1,12 @@
 //! Llama family: loading HF checkpoints (Llama, Llama 3 `rope_scaling`, Qwen2 with biases;
-//! tied and untied heads), logits against an independent numpy reference, KV-cache decoding,
+//! tied and untied heads), logits against HF transformers (float64), KV-cache decoding,
 //! greedy and nucleus generation, padded batches (left and right padding, padded KV-cache
 //! decoding, batched generation), the tokenizer, loading errors, and EMLoC end to end.
 //!
-//! Fixtures: `tests/fixtures/tiny_{llama,llama3,qwen2}/` and `tiny_*_expected.json`, written by
-//! `python3 models/tests/fixtures/make_tiny_llama.py` (float64 numpy forward pass). Logits are
-//! compared with a maximum absolute difference of [`TOL`] (the Rust side computes in f32).
+//! Fixtures: `tests/fixtures/tiny_{llama,llama3,qwen2}/` (written by `make_tiny_llama.py`) and
+//! `tiny_*_transformers.json` (`LlamaForCausalLM` / `Qwen2ForCausalLM` in float64, greedy ids from
+//! `generate`, by `make_transformers_refs.py`). Logits are compared with a maximum absolute
+//! difference of [`TOL`] (the Rust side computes in f32).
 
 mod common;
 use common::*;
@@ -35,7 +36,7 @@ fn dir(variant: &str) -> PathBuf {
 }
 
 fn expected(variant: &str) -> Value {
-    read_expected(&format!("{variant}_expected.json"))
+    read_expected(&format!("{variant}_transformers.json"))
 }
 
 fn device() -> Device {
@@ -59,7 +60,7 @@ fn input_ids(e: &Value, device: &Device) -> Tensor<2, Int> {
 // ----------------------------------------------------------------------- reference outputs
 
 #[test]
-fn tiny_variants_match_numpy_logits() {
+fn tiny_variants_match_transformers_logits() {
     let device = device();
     for variant in VARIANTS {
         let e = expected(variant);
@@ -145,7 +146,7 @@ fn kv_cache_decoding_equals_full_forward() {
 }
 
 #[test]
-fn greedy_generation_matches_numpy_ids() {
+fn greedy_generation_matches_transformers_ids() {
     let device = device();
     for variant in VARIANTS {
         let e = expected(variant);
@@ -216,7 +217,7 @@ const PAD: u32 = 0;
 const PAD_TOL: f32 = 1e-5;
 
 /// Three sequences of different lengths (5, 8, 2), each a prefix of a fixture row, with the
-/// numpy float64 logits of its positions (causal, so a prefix's logits are the row's first ones).
+/// transformers float64 logits of its positions (causal, so a prefix's logits are the row's first ones).
 fn ragged(e: &Value) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let rows: Vec<Vec<u32>> = e["input_ids"].as_array().unwrap().iter().map(ids).collect();
     let logits = floats(&e["logits"]["values"]);
@@ -264,7 +265,7 @@ fn padded_batches_equal_unpadded_sequences() {
             .map(|s| values(model.forward(int_tensor(&[s.clone()], &device), None)))
             .collect();
         for (i, (one, want)) in single.iter().zip(&refs).enumerate() {
-            assert_within(&format!("{variant} sequence {i} vs numpy"), one, want, TOL);
+            assert_within(&format!("{variant} sequence {i} vs transformers"), one, want, TOL);
         }
         let width = 9; // one more than the longest: every row has a pad
         for left in [true, false] {
@@ -282,19 +283,19 @@ fn padded_batches_equal_unpadded_sequences() {
             assert_eq!(logits.dims(), [3, width, 50]);
             let logits = values(logits);
             assert!(logits.iter().all(|x| x.is_finite()), "{variant} {side}: non-finite logits");
-            let (mut worst, mut worst_numpy) = (0.0f32, 0.0f32);
+            let (mut worst, mut worst_ref) = (0.0f32, 0.0f32);
             for (r, s) in seqs.iter().enumerate() {
                 let start = if left { width - s.len() } else { 0 };
                 let row = &logits[(r * width + start) * 50..(r * width + start + s.len()) * 50];
                 worst = worst.max(max_abs_diff(row, &single[r]));
-                worst_numpy = worst_numpy.max(max_abs_diff(row, &refs[r]));
+                worst_ref = worst_ref.max(max_abs_diff(row, &refs[r]));
                 assert_eq!(argmaxes(row, 50), argmaxes(&single[r], 50), "{variant} {side} row {r}");
             }
             println!(
-                "{variant} {side}-padded: max |diff| vs unpadded {worst:.2e}, vs numpy {worst_numpy:.2e}"
+                "{variant} {side}-padded: max |diff| vs unpadded {worst:.2e}, vs transformers {worst_ref:.2e}"
             );
             assert!(worst <= PAD_TOL, "{variant} {side}: {worst} > {PAD_TOL}");
-            assert!(worst_numpy <= TOL, "{variant} {side}: {worst_numpy} vs numpy");
+            assert!(worst_ref <= TOL, "{variant} {side}: {worst_ref} vs transformers");
         }
         // The pad id does not matter: another pad token gives the same real logits.
         let (rows, mask) = pad(&seqs, width, true);

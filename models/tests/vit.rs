@@ -1,9 +1,9 @@
-//! ViT: loading HF `ViTModel` checkpoints, the forward pass against an independent numpy
-//! reference, loading errors, and EMLoC end to end.
+//! ViT: loading HF `ViTModel` checkpoints, the forward pass against HF transformers (float64),
+//! loading errors, and EMLoC end to end.
 //!
-//! Fixtures: `tests/fixtures/tiny_vit/` and `tiny_vit_expected.json`, written by
-//! `python3 models/tests/fixtures/make_tiny_vit.py` (float64 numpy forward pass). Outputs are
-//! compared with a maximum absolute difference of [`TOL`].
+//! Fixtures: `tests/fixtures/tiny_vit/` (written by `make_tiny_vit.py`) and
+//! `tiny_vit_transformers.json` (`ViTModel` in float64, by `make_transformers_refs.py`). Outputs
+//! are compared with a maximum absolute difference of [`TOL`].
 
 mod common;
 use common::*;
@@ -23,7 +23,7 @@ fn tiny_dir() -> PathBuf {
 }
 
 fn expected() -> Value {
-    read_expected("tiny_vit_expected.json")
+    read_expected("tiny_vit_transformers.json")
 }
 
 fn device() -> Device {
@@ -32,7 +32,7 @@ fn device() -> Device {
 
 fn check_against_reference(model: &ViTModel) {
     let e = expected();
-    let out = model.forward(pixels(&expected(), &device()));
+    let out = model.forward(pixels(&e, &device()));
     assert_eq!(out.last_hidden_state.dims(), [2, 5, 32]);
     let hidden = floats(&e["last_hidden_state"]["values"]);
     assert_close("last_hidden_state", &values(out.last_hidden_state.clone()), &hidden);
@@ -47,7 +47,7 @@ fn check_against_reference(model: &ViTModel) {
 }
 
 #[test]
-fn tiny_vit_matches_numpy_reference() {
+fn tiny_vit_matches_transformers() {
     let (model, config, report) = ViTModel::load_with_report(tiny_dir(), &device()).unwrap();
     assert_eq!((config.hidden_size, config.num_patches()), (32, 4));
     // cls, positions, conv weight + bias; 16 per layer; final norm 2; pooler 2.

@@ -1,4 +1,4 @@
-//! Helpers shared by the model tests that compare against the numpy fixtures.
+//! Helpers shared by the model tests that compare against the transformers fixtures.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::{Path, PathBuf};
