@@ -410,69 +410,109 @@ fn an_existing_out_with_files_is_refused_and_an_empty_one_replaced() {
     assert!(staging_dirs(inputs.dir.path()).is_empty());
 }
 
-#[test]
-fn merge_into_a_folder_of_the_model_copies_only_model_files() {
-    let inputs = Inputs::new();
-    let root = tempfile::tempdir().unwrap();
-    let model = root.path().join("model");
+/// A copy of the tiny BERT fixture in `root/model`.
+fn model_copy(root: &Path) -> PathBuf {
+    let model = root.join("model");
     std::fs::create_dir(&model).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(fixture("tiny_bert").join(f), model.join(f)).unwrap();
     }
-    let write = |rel: &str, bytes: &[u8]| {
-        let path = model.join(rel);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
-    };
-    write("README.md", b"# tiny");
-    write("LICENSE.txt", b"MIT");
-    write("modules.json", b"[]");
-    write("1_Pooling/config.json", b"{\"pooling_mode_mean_tokens\": true}");
-    write(".git/objects/ab/cdef", b"git object");
-    write("pytorch_model.bin", b"stale unmerged weights");
-    write("onnx/model.onnx", b"stale unmerged weights");
-    write("original/consolidated.00.pth", b"stale unmerged weights");
-    // A symlinked config file from elsewhere (the Hugging Face cache's layout) is copied as a file.
-    let outside = root.path().join("blobs");
-    std::fs::create_dir(&outside).unwrap();
-    std::fs::write(outside.join("abc123"), b"{\"model_max_length\": 12}").unwrap();
-    std::os::unix::fs::symlink(outside.join("abc123"), model.join("tokenizer_config.json")).unwrap();
-    // Symlinked directories are not followed: one loops, one leads out of the model.
-    std::os::unix::fs::symlink(".", model.join("loop")).unwrap();
-    std::os::unix::fs::symlink(&outside, model.join("2_Dense")).unwrap();
-    // A FIFO with an allowed name would block a reader forever.
-    assert!(Command::new("mkfifo").arg(model.join("vocab.txt")).status().unwrap().success());
+    model
+}
 
-    let out = model.join("merged");
-    let adapter = inputs.arg("adapter");
+/// `emloc merge` of the tiny adapter into `model`, killed (failing the test) after 30 s; returns
+/// the written file names and the report.
+fn merge_into(inputs: &Inputs, model: &Path, out: &Path) -> (Vec<String>, serde_json::Value) {
     let child = Command::new(env!("CARGO_BIN_EXE_emloc"))
-        .args(["merge", "--model", &model.display().to_string(), "--adapter", &adapter, "--out", &out.display().to_string()])
+        .args(["merge", "--model", &model.display().to_string(), "--adapter", &inputs.arg("adapter")])
+        .arg("--out")
+        .arg(out)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let output = finish_within(child, Duration::from_secs(60), "merge --out inside the model");
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success());
+    let output = finish_within(child, Duration::from_secs(30), "merge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "merge failed: {stderr}");
+    let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    (files(out).into_keys().collect(), report)
+}
 
-    let written: Vec<String> = files(&out).into_keys().collect();
+/// The names a merge report lists as skipped.
+fn skipped(report: &serde_json::Value) -> Vec<&str> {
+    let list = report["details"]["skipped"].as_array().unwrap_or_else(|| panic!("no skipped list: {report}"));
+    list.iter().map(|s| s["name"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn merge_out_inside_the_model_directory_does_not_recurse() {
+    let inputs = Inputs::new();
+    let root = tempfile::tempdir().unwrap();
+    let model = model_copy(root.path());
+    let (written, report) = merge_into(&inputs, &model, &model.join("merged"));
+    assert_eq!(written, ["config.json", "model.safetensors", "report.json", "tokenizer.json"]);
+    assert!(skipped(&report).is_empty(), "{report}");
+    // A second merge beside the first skips it.
+    let (written, report) = merge_into(&inputs, &model, &model.join("merged-again"));
+    assert_eq!(written, ["config.json", "model.safetensors", "report.json", "tokenizer.json"]);
+    assert_eq!(skipped(&report), ["merged"]);
+    assert!(staging_dirs(&model).is_empty());
+    ok(&["embed", "--model", &model.join("merged").display().to_string(), "hello"]);
+}
+
+#[test]
+fn merge_copies_model_files_not_other_weights_or_git() {
+    let inputs = Inputs::new();
+    let root = tempfile::tempdir().unwrap();
+    let model = model_copy(root.path());
+    for (rel, bytes) in [
+        ("README.md", &b"# tiny"[..]),
+        ("LICENSE.txt", b"MIT"),
+        ("modules.json", b"[]"),
+        ("1_Pooling/config.json", b"{\"pooling_mode_mean_tokens\": true}"),
+        (".git/objects/ab/cdef", b"git object"),
+        ("pytorch_model.bin", b"stale unmerged weights"),
+        ("onnx/model.onnx", b"stale unmerged weights"),
+        ("original/consolidated.00.pth", b"stale unmerged weights"),
+    ] {
+        let path = model.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let out = root.path().join("merged");
+    let (written, report) = merge_into(&inputs, &model, &out);
     assert_eq!(
         written,
         [
             "1_Pooling/config.json", "LICENSE.txt", "README.md", "config.json", "model.safetensors", "modules.json",
-            "report.json", "tokenizer.json", "tokenizer_config.json"
+            "report.json", "tokenizer.json"
         ]
     );
+    assert_eq!(skipped(&report), [".git", "onnx", "original", "pytorch_model.bin"]);
+    assert_ne!(std::fs::read(out.join("model.safetensors")).unwrap(), std::fs::read(model.join("model.safetensors")).unwrap());
+}
+
+#[test]
+fn merge_never_follows_symlinked_directories_or_opens_special_files() {
+    let inputs = Inputs::new();
+    let root = tempfile::tempdir().unwrap();
+    let model = model_copy(root.path());
+    // A symlinked config file from elsewhere (the Hugging Face cache's layout) is copied as a file.
+    let blobs = root.path().join("blobs");
+    std::fs::create_dir(&blobs).unwrap();
+    std::fs::write(blobs.join("abc123"), b"{\"model_max_length\": 12}").unwrap();
+    std::os::unix::fs::symlink(blobs.join("abc123"), model.join("tokenizer_config.json")).unwrap();
+    // Symlinked directories: one loops, one leads out of the model.
+    std::os::unix::fs::symlink(".", model.join("loop")).unwrap();
+    std::os::unix::fs::symlink(&blobs, model.join("2_Dense")).unwrap();
+    std::os::unix::fs::symlink(&blobs, model.join("special_tokens_map.json")).unwrap();
+    // A FIFO with an allowed name would block a reader forever.
+    assert!(Command::new("mkfifo").arg(model.join("vocab.txt")).status().unwrap().success());
+
+    let out = root.path().join("merged");
+    let (written, report) = merge_into(&inputs, &model, &out);
+    assert_eq!(written, ["config.json", "model.safetensors", "report.json", "tokenizer.json", "tokenizer_config.json"]);
+    assert_eq!(skipped(&report), ["2_Dense", "loop", "special_tokens_map.json", "vocab.txt"]);
     let config = out.join("tokenizer_config.json");
     assert!(!config.is_symlink(), "a symlink is copied as its content");
     assert_eq!(std::fs::read(config).unwrap(), b"{\"model_max_length\": 12}");
-    assert_ne!(std::fs::read(out.join("model.safetensors")).unwrap(), std::fs::read(model.join("model.safetensors")).unwrap());
-
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    let skipped: Vec<&str> = report["details"]["skipped"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(skipped, [".git", "2_Dense", "loop", "onnx", "original", "pytorch_model.bin", "vocab.txt"], "{report}");
-    // The model directory gained only the output (and no staging leftovers).
-    assert!(staging_dirs(&model).is_empty());
-
-    // The merged directory is a model: it loads and embeds.
-    ok(&["embed", "--model", &out.display().to_string(), "hello"]);
 }
