@@ -83,7 +83,7 @@ pub struct EmulateArgs {
     pub(crate) data: DataArgs,
     #[command(flatten)]
     pub(crate) emulator: EmulatorArgs,
-    /// Output directory: emulator.safetensors, emulator.json, report.json.
+    /// Output directory (new, or empty): emulator.safetensors, emulator.json, report.json.
     #[arg(long)]
     pub(crate) out: PathBuf,
 }
@@ -203,7 +203,7 @@ pub struct CorrectArgs {
     /// Correction clamp L.
     #[arg(long, default_value_t = 3.0)]
     pub(crate) clamp: f64,
-    /// Output directory: the corrected PEFT adapter and report.json.
+    /// Output directory (new, or empty): the corrected PEFT adapter and report.json.
     #[arg(long)]
     pub(crate) out: PathBuf,
 }
@@ -236,7 +236,10 @@ pub struct MergeArgs {
     /// PEFT adapter directory.
     #[arg(long)]
     pub(crate) adapter: PathBuf,
-    /// Output directory: a complete model directory (merged safetensors, the other files copied).
+    /// Output directory (new, or empty; may be inside the model directory): a complete model
+    /// directory, the merged safetensors with the model's configuration, tokenizer and
+    /// documentation files (other weight formats, `.git` and the like are skipped and listed in
+    /// report.json).
     #[arg(long)]
     pub(crate) out: PathBuf,
 }
