@@ -95,7 +95,8 @@ fn check_absent_or_empty(out: &Path) -> CliResult<()> {
         Ok(meta) => meta,
     };
     if !meta.is_dir() {
-        return Err(format!("--out {} exists and is not a directory; emloc never overwrites it: choose a new path", out.display()).into());
+        let message = "exists and is not a directory; emloc never overwrites it: choose a new path";
+        return Err(format!("--out {} {message}", out.display()).into());
     }
     let mut entries = std::fs::read_dir(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
     if entries.next().is_some() {

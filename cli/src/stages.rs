@@ -317,7 +317,10 @@ fn is_model_file(name: &str) -> bool {
 /// `modules.json` names: its top-level files are copied too.
 fn is_module_folder(name: &str) -> bool {
     name.split_once('_').is_some_and(|(index, module)| {
-        !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) && !module.is_empty() && module.bytes().all(|b| b.is_ascii_alphanumeric())
+        !index.is_empty()
+            && index.bytes().all(|b| b.is_ascii_digit())
+            && !module.is_empty()
+            && module.bytes().all(|b| b.is_ascii_alphanumeric())
     })
 }
 
