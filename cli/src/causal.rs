@@ -14,9 +14,10 @@ use emloc_models::training::TrainReport;
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::common::{CliResult, DECODER_LORA_TARGETS, ModelArgs, TrainArgs, progress, train_with_progress};
+use crate::common::{CliResult, DECODER_LORA_TARGETS, check_emulator_source, ModelArgs, TrainArgs, progress, train_with_progress};
 use crate::memory::{Phase, PhaseStats};
-use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish, save_emulator};
+use crate::output::StagedDir;
+use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish, finish_staged, save_emulator};
 
 /// PEFT's task type of the adapters written for decoders.
 const PEFT_TASK_TYPE: &str = "CAUSAL_LM";
@@ -35,6 +36,7 @@ pub fn load(model: &ModelArgs, emulator_dir: Option<&Path>) -> CliResult<(Causal
             // Checked first, so a bad emulator directory fails before the checkpoint is read.
             let description = emloc::read_emulator_description(dir)?;
             let mut lm = model.load_decoder(&replaced_weights(&description))?;
+            check_emulator_source(&description, dir, &lm.source)?;
             let (emulated, description) = load_emulator(lm.model, dir)?;
             lm.model = emulated;
             Ok((lm, Some(description)))
@@ -82,6 +84,7 @@ pub fn build_emulator(
 /// `emloc emulate` for a decoder.
 pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let phase = Phase::start();
+    let staged = StagedDir::begin(&args.out)?;
     let config = args.emulator.config()?;
     let split = args.data.split_examples()?;
     let mut lm = args.model.load_decoder(&BTreeSet::new())?;
@@ -91,7 +94,7 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     // original's dense weights layer by layer.
     let original = std::mem::replace(&mut lm.model, lm.config.init(true, &burn::tensor::Device::flex()));
     let (emulator, report) = build_emulator(original, &sequences, &config)?;
-    save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, &args.out)
+    save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, staged)
 }
 
 /// Marks an adapter as a causal-LM adapter of the model at `source` (what PEFT's
@@ -149,14 +152,16 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
 /// `emloc correct` for a decoder.
 pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     let phase = Phase::start();
+    let staged = StagedDir::begin(&args.out)?;
     let adapter = PeftAdapter::load(&args.adapter)?;
     let lm = args.model.load_decoder(&BTreeSet::new())?;
     check_out(&args.out, &lm.source)?;
+    check_emulator_source(&emloc::read_emulator_description(&args.emulator)?, &args.emulator, &lm.source)?;
     let (emulator, _) = load_emulator(lm.model.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
     let (corrected, report) = correct(&lm.model, &tuned, &CorrectionConfig { clamp: args.clamp })?;
-    describe_adapter(corrected, &lm.source).save(&args.out)?;
-    finish("correct", phase, &args.out, &report)
+    describe_adapter(corrected, &lm.source).save(staged.path())?;
+    finish_staged("correct", phase, staged, &report)
 }
 
 /// Evaluates `model` on `examples` with a progress bar.

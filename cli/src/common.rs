@@ -210,6 +210,7 @@ impl ModelArgs {
         let dir = self.resolve()?;
         // Checked first, so a bad emulator directory fails before the checkpoint is read.
         let description = emloc::read_emulator_description(emulator_dir)?;
+        check_emulator_source(&description, emulator_dir, &dir)?;
         let skip = description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
         let encoder = SentenceEncoder::load_skipping(&dir, &Device::flex(), &skip)?
             .with_max_seq_length(self.encoder_max_seq_length())?;
@@ -283,6 +284,27 @@ pub fn model_identity(source: &Path) -> CliResult<Vec<FileIdentity>> {
     let mut files = vec![source.join("config.json")];
     files.extend(emloc_models::loading::Checkpoint::open_dir(source)?.files());
     Ok(files.iter().map(|f| FileIdentity::of(f)).collect::<Result<_, _>>()?)
+}
+
+/// Refuses an emulator whose `emulator.json` records that it was built from another model than
+/// the one at `source` (by content): its factors approximate other weights, so training on it or
+/// correcting against `source` would be silently wrong. Emulators without a record pass.
+pub fn check_emulator_source(description: &EmulatorDescription, emulator_dir: &Path, source: &Path) -> CliResult<()> {
+    let Some(provenance) = &description.provenance else { return Ok(()) };
+    let now = model_identity(source)?;
+    let same = provenance.model.len() == now.len() && provenance.model.iter().zip(&now).all(|(a, b)| a.same_content(b));
+    if same {
+        return Ok(());
+    }
+    let show = |files: &[FileIdentity]| files.iter().map(|f| format!("{} (sha256 {})", f.path, f.sha256)).collect::<Vec<_>>().join(", ");
+    Err(format!(
+        "{}: the emulator was built from {}, not from --model {} ({}); use the model it was built from or emulate this one",
+        emulator_dir.display(),
+        show(&provenance.model),
+        source.display(),
+        show(&now)
+    )
+    .into())
 }
 
 /// The identity of an emulator directory: its description and its factors.

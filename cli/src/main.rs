@@ -9,6 +9,7 @@ mod demo;
 mod embed;
 mod generate;
 mod memory;
+mod output;
 mod plan;
 mod run;
 mod stages;

@@ -1,6 +1,7 @@
 //! The pipeline one stage at a time: `emloc emulate`, `finetune`, `correct`, `merge` and `eval`.
-//! Each stage writes its artifacts atomically into `--out` with a `report.json` (wall time and
-//! peak RSS), and checks its inputs before it starts working.
+//! Each stage checks its inputs before it starts working and writes its artifacts with a
+//! `report.json` (wall time and peak RSS) into `--out`; `emulate`, `correct` and `merge` write a
+//! staging directory renamed to `--out` at the end (see [`crate::output`]).
 
 use std::path::{Path, PathBuf};
 
@@ -12,12 +13,13 @@ use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
 use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, emulator_identity, evaluate, model_identity,
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, check_emulator_source, emulator_identity, evaluate, model_identity,
     train_adapter, write_json,
 };
 use crate::common::Task;
 use crate::{causal, checkpoint};
 use crate::memory::{Phase, PhaseStats};
+use crate::output::StagedDir;
 
 /// `report.json` of a stage: what it did, how long it took, its peak memory.
 #[derive(Debug, Serialize)]
@@ -28,17 +30,35 @@ struct StageReport<T: Serialize> {
     details: T,
 }
 
+/// Writes `report.json` into `out` and prints the stage's summary.
 pub(crate) fn finish<T: Serialize>(stage: &'static str, phase: Phase, out: &Path, details: T) -> CliResult<()> {
+    let stats = write_report(stage, phase, out, details)?;
+    print_summary(stage, &stats, out);
+    Ok(())
+}
+
+/// Writes `report.json` into the staging directory, moves it to `--out` and prints the summary.
+pub(crate) fn finish_staged<T: Serialize>(stage: &'static str, phase: Phase, staged: StagedDir, details: T) -> CliResult<()> {
+    let stats = write_report(stage, phase, staged.path(), details)?;
+    let out = staged.commit()?;
+    print_summary(stage, &stats, &out);
+    Ok(())
+}
+
+fn write_report<T: Serialize>(stage: &'static str, phase: Phase, dir: &Path, details: T) -> CliResult<PhaseStats> {
     let report = StageReport { stage, stats: phase.finish(), details };
-    write_json(&out.join("report.json"), &report)?;
+    write_json(&dir.join("report.json"), &report)?;
+    Ok(report.stats)
+}
+
+fn print_summary(stage: &str, stats: &PhaseStats, out: &Path) {
     eprintln!(
         "{stage}: {:.1}s, peak heap {} MiB, peak RSS {} MiB; report in {}",
-        report.stats.wall_seconds,
-        report.stats.peak_heap_mib(),
-        report.stats.peak_mib(),
+        stats.wall_seconds,
+        stats.peak_heap_mib(),
+        stats.peak_mib(),
         out.join("report.json").display()
     );
-    Ok(())
 }
 
 /// Refuses to write into the model directory itself (its files would be replaced).
@@ -63,7 +83,7 @@ pub struct EmulateArgs {
     pub(crate) data: DataArgs,
     #[command(flatten)]
     pub(crate) emulator: EmulatorArgs,
-    /// Output directory: emulator.safetensors, emulator.json, report.json.
+    /// Output directory (new, or empty): emulator.safetensors, emulator.json, report.json.
     #[arg(long)]
     pub(crate) out: PathBuf,
 }
@@ -74,6 +94,7 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
         return causal::emulate(args);
     }
     let phase = Phase::start();
+    let staged = StagedDir::begin(&args.out)?;
     let config = args.emulator.config()?;
     let split = args.data.split()?;
     let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
@@ -82,7 +103,7 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     // Moved out, so that emulation releases the original's dense weights layer by layer.
     let original = encoder.take_model();
     let (emulator, report) = build_emulator(&encoder, original, &texts, &config)?;
-    save_emulator(&emulator, config, report, args.provenance(&model_dir)?, phase, &args.out)
+    save_emulator(&emulator, config, report, args.provenance(&model_dir)?, phase, staged)
 }
 
 impl EmulateArgs {
@@ -95,25 +116,25 @@ impl EmulateArgs {
     }
 }
 
-/// Writes the emulator built from `config` into `out` with its `report.json`: the end of every
-/// model kind's `emloc emulate`.
+/// Writes the emulator built from `config` with its `report.json` and moves it to `--out`: the
+/// end of every model kind's `emloc emulate`.
 pub(crate) fn save_emulator<M: Module>(
     emulator: &M,
     config: EmulatorConfig,
     report: EmulatorReport,
     provenance: Provenance,
     phase: Phase,
-    out: &Path,
+    staged: StagedDir,
 ) -> CliResult<()> {
     let description = EmulatorDescription::new(config, report).with_provenance(provenance);
-    emloc::save_emulator(emulator, &description, out)?;
+    emloc::save_emulator(emulator, &description, staged.path())?;
     eprintln!(
         "emulator: {} layers, {} → {} parameters in them",
         description.report.layers.len(),
         description.report.params_original(),
         description.report.params_kept()
     );
-    finish("emulate", phase, out, &description.report)
+    finish_staged("emulate", phase, staged, &description.report)
 }
 
 /// Options of `emloc finetune`.
@@ -207,7 +228,7 @@ pub struct CorrectArgs {
     /// Correction clamp L.
     #[arg(long, default_value_t = 3.0)]
     pub(crate) clamp: f64,
-    /// Output directory: the corrected PEFT adapter and report.json.
+    /// Output directory (new, or empty): the corrected PEFT adapter and report.json.
     #[arg(long)]
     pub(crate) out: PathBuf,
 }
@@ -218,15 +239,17 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
         return causal::correct_adapter(args);
     }
     let phase = Phase::start();
+    let staged = StagedDir::begin(&args.out)?;
     let adapter = PeftAdapter::load(&args.adapter)?;
     let (encoder, model_dir) = args.model.load()?;
     check_out(&args.out, &model_dir)?;
     let original = encoder.model.clone();
+    check_emulator_source(&emloc::read_emulator_description(&args.emulator)?, &args.emulator, &model_dir)?;
     let (emulator, _) = load_emulator(original.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
     let (corrected, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
-    corrected.save(&args.out)?;
-    finish("correct", phase, &args.out, &report)
+    corrected.save(staged.path())?;
+    finish_staged("correct", phase, staged, &report)
 }
 
 /// Options of `emloc merge`.
@@ -239,21 +262,25 @@ pub struct MergeArgs {
     /// PEFT adapter directory.
     #[arg(long)]
     pub(crate) adapter: PathBuf,
-    /// Output directory: a complete model directory (merged safetensors, the other files copied).
+    /// Output directory (new, or empty; may be inside the model directory): a complete model
+    /// directory, the merged safetensors with the model's configuration, tokenizer and
+    /// documentation files (other weight formats, `.git` and the like are skipped and listed in
+    /// report.json).
     #[arg(long)]
     pub(crate) out: PathBuf,
 }
 
-/// Merges an adapter into the checkpoint files, host-side, and copies the model's other files.
+/// Merges an adapter into the checkpoint files, host-side, and copies the model's configuration,
+/// tokenizer and documentation files (see [`copy_model_files`]).
 pub fn merge(args: &MergeArgs) -> CliResult<()> {
     let phase = Phase::start();
     check_out(&args.out, &args.model)?;
+    let staged = StagedDir::begin(&args.out)?;
     let adapter = PeftAdapter::load(&args.adapter)?;
     // A GGUF model is first written out as an HF directory (f32) in a staging directory beside
     // --out, removed afterwards; the merge then works on its safetensors as on any HF model.
-    let staging = if emloc_models::causal_lm::is_gguf(&args.model) {
-        let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let gguf_staging = if emloc_models::causal_lm::is_gguf(&args.model) {
+        let parent = staged.path().parent().unwrap_or(Path::new("."));
         let staging = tempfile::Builder::new().prefix(".emloc-gguf-").tempdir_in(parent)?;
         eprintln!("converting {} to an HF directory", args.model.display());
         emloc_models::gguf::gguf_to_hf_dir(&args.model, staging.path().join("hf"))?;
@@ -261,37 +288,148 @@ pub fn merge(args: &MergeArgs) -> CliResult<()> {
     } else {
         None
     };
-    let model_dir = staging.as_ref().map_or(args.model.clone(), |s| s.path().join("hf"));
+    let model_dir = gguf_staging.as_ref().map_or(args.model.clone(), |s| s.path().join("hf"));
     let files = Checkpoint::open_dir(&model_dir)?.files();
-    let merged = merge_into_safetensors(&adapter, &files, &args.out)?;
-    let mut copied = Vec::new();
-    copy_other_files(&model_dir, &args.out, &files, &mut copied)?;
+    let merged = merge_into_safetensors(&adapter, &files, staged.path())?;
+    let (copied, skipped) = copy_model_files(&model_dir, staged.path(), &files)?;
     eprintln!("merged {} weights; copied {} other files", merged.merged.len(), copied.len());
+    if !skipped.is_empty() {
+        eprintln!(
+            "not copied from {}: {}",
+            model_dir.display(),
+            skipped.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
     #[derive(Serialize)]
     struct Details {
         merged: Vec<(String, String)>,
         copied: Vec<String>,
+        skipped: Vec<Skipped>,
     }
-    finish("merge", phase, &args.out, Details { merged: merged.merged, copied })
+    finish_staged("merge", phase, staged, Details { merged: merged.merged, copied, skipped })
 }
 
-/// Copies every file of `from` (recursively) that is not a weight file to `to`, atomically.
-fn copy_other_files(from: &Path, to: &Path, weights: &[PathBuf], copied: &mut Vec<String>) -> CliResult<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
+/// The top-level files of a model directory that `emloc merge` copies beside the merged weights
+/// (besides `LICENSE*` and `*.safetensors.index.json`): configuration, tokenizer,
+/// sentence-transformers and documentation files.
+const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "README.md",
+];
+
+fn is_model_file(name: &str) -> bool {
+    MODEL_FILES.contains(&name) || name.starts_with("LICENSE") || name.ends_with(".safetensors.index.json")
+}
+
+/// A sentence-transformers module folder (`1_Pooling`, `2_Normalize`, `2_Dense`), which
+/// `modules.json` names: its top-level files are copied too.
+fn is_module_folder(name: &str) -> bool {
+    name.split_once('_').is_some_and(|(index, module)| {
+        !index.is_empty()
+            && index.bytes().all(|b| b.is_ascii_digit())
+            && !module.is_empty()
+            && module.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// An entry of the model directory that `emloc merge` did not copy, with the reason.
+#[derive(Debug, Serialize)]
+struct Skipped {
+    name: String,
+    reason: &'static str,
+}
+
+/// Copies the model files (see [`MODEL_FILES`]) of `from` into `to`, by streaming, and returns
+/// the names copied and the entries skipped (`weights`, the merged checkpoint files, are neither).
+///
+/// Only an allow-list is copied: other weight formats (`pytorch_model.bin`, `onnx/`,
+/// `original/`) would be stale unmerged weights beside the merged ones, and `.git` or an earlier
+/// output inside the model directory do not belong in a model. Nothing is read recursively and a
+/// symlinked directory is never followed; a symlink with an allowed name is copied as the
+/// regular file it resolves to, wherever that is, because the Hugging Face cache stores every
+/// file of a snapshot as a symlink into its `blobs/` folder. Special files (FIFOs, devices) are
+/// never opened.
+fn copy_model_files(from: &Path, to: &Path, weights: &[PathBuf]) -> CliResult<(Vec<String>, Vec<Skipped>)> {
+    let read_dir = |dir: &Path| -> CliResult<Vec<std::fs::DirEntry>> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        Ok(entries)
+    };
+    let output = std::fs::canonicalize(to).ok();
+    let (mut copied, mut skipped) = (Vec::new(), Vec::new());
+    for entry in read_dir(from)? {
         let path = entry.path();
-        let target = to.join(entry.file_name());
-        if path.is_dir() {
-            std::fs::create_dir_all(&target)?;
-            copy_other_files(&path, &target, weights, copied)?;
-        } else if !weights.iter().any(|w| w == &path) && entry.file_name() != "report.json" {
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            emloc::atomic::write_atomic(&target, &bytes)?;
-            copied.push(path.display().to_string());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if weights.iter().any(|w| w == &path) || std::fs::canonicalize(&path).ok() == output {
+            continue;
+        }
+        let kind = entry.file_type().map_err(|e| format!("{}: {e}", path.display()))?;
+        let reason = if kind.is_symlink() && path.is_dir() {
+            Some("symlinked directory, not followed")
+        } else if kind.is_dir() && is_module_folder(&name) {
+            let target = to.join(&name);
+            std::fs::create_dir(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+            for inner in read_dir(&path)? {
+                let inner_name = format!("{name}/{}", inner.file_name().to_string_lossy());
+                match copy_file(&inner.path(), &target.join(inner.file_name()))? {
+                    None => copied.push(inner_name),
+                    Some(reason) => skipped.push(Skipped { name: inner_name, reason }),
+                }
+            }
+            continue;
+        } else if kind.is_dir() {
+            Some("directory, not a model file")
+        } else if is_model_file(&name) {
+            copy_file(&path, &to.join(&name))?
+        } else {
+            Some("not a configuration, tokenizer or documentation file")
+        };
+        match reason {
+            None => copied.push(name),
+            Some(reason) => skipped.push(Skipped { name, reason }),
         }
     }
-    Ok(())
+    Ok((copied, skipped))
+}
+
+/// Streams `from` into the new file `to` when `from` is (or links to) a regular file; returns why
+/// not otherwise. A symlinked directory is never followed.
+fn copy_file(from: &Path, to: &Path) -> CliResult<Option<&'static str>> {
+    let meta = match std::fs::metadata(from) {
+        Err(_) if from.is_symlink() => return Ok(Some("broken symlink")),
+        meta => meta.map_err(|e| format!("{}: {e}", from.display()))?,
+    };
+    if meta.is_dir() {
+        return Ok(Some(if from.is_symlink() { "symlinked directory, not followed" } else { "directory, not a model file" }));
+    }
+    if !meta.is_file() {
+        return Ok(Some("not a regular file"));
+    }
+    let mut source = std::fs::File::open(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    let mut target = std::fs::File::create_new(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    std::io::copy(&mut source, &mut target).map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
+    target.sync_all().map_err(|e| format!("{}: {e}", to.display()))?;
+    Ok(None)
 }
 
 /// Options of `emloc eval`.

@@ -151,14 +151,21 @@ fn corrupt_models_fail_naming_the_file_and_merge_writes_nothing() {
         );
         assert!(!out.exists(), "{name}: merge created {}", out.display());
 
-        // An existing output is left as it was.
+        // An existing empty output stays empty; a non-empty one is refused before the model is read.
+        let empty = root.join(format!("empty-{name}"));
+        std::fs::create_dir_all(&empty).unwrap();
+        fails_naming(
+            &["merge", "--model", &model_arg, "--adapter", &adapter_arg, "--out", &empty.display().to_string()],
+            &["model.safetensors", name],
+        );
+        assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "{name}: merge wrote into {}", empty.display());
         let existing = root.join(format!("existing-{name}"));
         std::fs::create_dir_all(&existing).unwrap();
         std::fs::write(existing.join("model.safetensors"), b"previous").unwrap();
         let existing_arg = existing.display().to_string();
         fails_naming(
             &["merge", "--model", &model_arg, "--adapter", &adapter_arg, "--out", &existing_arg],
-            &["model.safetensors"],
+            &[&existing_arg, "not empty"],
         );
         let listing: Vec<_> = std::fs::read_dir(&existing).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(listing, vec!["model.safetensors"], "{name}: merge wrote into {}", existing.display());

@@ -47,6 +47,44 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
 
     run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
     assert!(dir.path().join("emulator/emulator.safetensors").is_file());
+    // emulator.json records what built it: the model's files and the data, by content
+    // (checked against coreutils' sha256sum), and how calibration samples were drawn.
+    let description: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap()).unwrap();
+    let provenance = &description["provenance"];
+    let sha256sum = |path: &Path| -> String {
+        let out = Command::new("sha256sum").arg(path).output().expect("sha256sum runs");
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    };
+    let files: Vec<(String, String)> = provenance["model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(provenance["data"].as_array().unwrap())
+        .map(|f| (f["path"].as_str().unwrap().to_string(), f["sha256"].as_str().unwrap().to_string()))
+        .collect();
+    let names: Vec<&str> = files.iter().map(|(path, _)| path.rsplit('/').next().unwrap()).collect();
+    assert_eq!(names, ["config.json", "model.safetensors", "data.jsonl"], "{provenance}");
+    for (path, sha) in &files {
+        assert_eq!(*sha, sha256sum(Path::new(path)), "{path}");
+    }
+    assert_eq!(provenance["selection"], serde_json::json!({"validation": 8, "split_seed": 0, "calibration_pairs": 8}));
+    // ... so it is refused beside another model (one weight bit flipped), before any work.
+    let other = dir.path().join("other-model");
+    std::fs::create_dir(&other).unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture().join(file), other.join(file)).unwrap();
+    }
+    let mut weights = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    *weights.last_mut().unwrap() ^= 1;
+    std::fs::write(other.join("model.safetensors"), weights).unwrap();
+    let other = other.display().to_string();
+    let refused = "the emulator was built from";
+    fails_with(
+        &["finetune", "--model", &other, "--data", &p("data.jsonl"), "--validation", "8", "--max-seq-length", "12", "--emulator", &p("emulator"),
+          "--out", &p("refused")],
+        refused,
+    );
     let train = ["--steps", "4", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--warmup-steps", "1"];
     let (emulator, adapter) = (p("emulator"), p("adapter"));
     let mut extra = vec!["--emulator", &emulator, "--checkpoint-every", "2", "--out", &adapter];
@@ -60,6 +98,11 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     // The tiny model's weights alone are ~30 KB; a training run's heap peak must exceed them.
     assert!(report["peak_heap_bytes"].as_u64().unwrap() > 30_000, "{report}");
 
+    fails_with(
+        &["correct", "--model", &other, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter, "--out", &p("refused")],
+        refused,
+    );
+    assert!(!dir.path().join("refused").exists());
     ok(&["correct", "--model", &model, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
     for file in ["config.json", "tokenizer.json", "model.safetensors"] {
@@ -121,14 +164,17 @@ fn resumed_training_equals_an_uninterrupted_run_bit_for_bit() {
     write_data(&dir.path().join("data.jsonl"));
     let model = fixture().display().to_string();
     let data = p("data.jsonl");
+    // `extra` options replace the defaults of the same name (clap refuses repeated options).
     let finetune = |out: &str, extra: &[&str]| -> Output {
-        let lr = if extra.contains(&"--lr") { &[][..] } else { &["--lr", "0.01"][..] };
-        let mut args = vec![
-            "finetune", "--model", &model, "--data", &data, "--validation", "8", "--max-seq-length", "12", "--steps", "5",
-            "--batch-size", "4", "--rank", "2", "--alpha", "4", "--warmup-steps", "1", "--seed", "3",
-            "--checkpoint-every", "2", "--out", out,
+        let defaults = [
+            ("--model", model.as_str()), ("--data", &data), ("--validation", "8"), ("--max-seq-length", "12"),
+            ("--steps", "5"), ("--batch-size", "4"), ("--rank", "2"), ("--alpha", "4"), ("--warmup-steps", "1"),
+            ("--seed", "3"), ("--checkpoint-every", "2"), ("--lr", "0.01"), ("--out", out),
         ];
-        args.extend_from_slice(lr);
+        let mut args = vec!["finetune"];
+        for (flag, value) in defaults.iter().filter(|(flag, _)| !extra.contains(flag)) {
+            args.extend([*flag, *value]);
+        }
         args.extend_from_slice(extra);
         emloc(&args)
     };
@@ -145,11 +191,30 @@ fn resumed_training_equals_an_uninterrupted_run_bit_for_bit() {
     }
     let changed = finetune(&second, &["--resume", "--lr", "0.02"]);
     assert!(!changed.status.success() && String::from_utf8_lossy(&changed.stderr).contains("other training options"));
+    // Other inputs than the checkpoint's (by content) are refused, naming which; so is a fresh
+    // run that would overwrite the checkpoints.
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(p("other.jsonl"), format!("{text}\n{}\n", text.lines().next().unwrap())).unwrap();
+    let refused = |extra: &[&str], needle: &str| {
+        let out = finetune(&second, extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    };
+    refused(&["--resume", "--data", &p("other.jsonl")], "resuming on other inputs than the checkpoint's: --data");
+    refused(&["--resume", "--split-seed", "1"], "the data split");
+    refused(&[], "pass --resume to continue it");
     let resumed = finetune(&second, &["--resume"]);
     assert!(resumed.status.success());
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("(step 2)"));
     assert!(weights(&first) == weights(&second), "a resumed run must end where an uninterrupted one does");
     assert!(!finetune(&p("empty"), &["--resume"]).status.success(), "--resume without a checkpoint fails");
+
+    // A longer --steps extends the run from its latest checkpoint; a shorter one than that
+    // checkpoint is refused.
+    let extended = finetune(&second, &["--resume", "--steps", "7"]);
+    assert!(extended.status.success() && String::from_utf8_lossy(&extended.stderr).contains("(step 4)"));
+    assert!(Path::new(&second).join("checkpoint-6/trainer_state.json").is_file());
+    refused(&["--resume", "--steps", "3"], "past --steps 3");
 }
 
 #[test]
