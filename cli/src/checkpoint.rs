@@ -223,3 +223,22 @@ pub fn load(dir: &Path, train: &TrainArgs, inputs: &TrainingInputs) -> CliResult
     let optimizer = OptimizerRecord::load(&optimizer_path).map_err(|e| format!("{}: {e:?}", optimizer_path.display()))?;
     Ok(TrainingCheckpoint { dir: dir.to_path_buf(), adapter, state, optimizer })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_swaps_two_directories_in_place() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("new"), root.path().join("checkpoint-2"));
+        for (dir, text) in [(&a, "new"), (&b, "old")] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join(STATE_FILE), text).unwrap();
+        }
+        exchange(&a, &b).unwrap();
+        assert_eq!(std::fs::read_to_string(b.join(STATE_FILE)).unwrap(), "new");
+        assert_eq!(std::fs::read_to_string(a.join(STATE_FILE)).unwrap(), "old");
+        assert!(exchange(&a, &root.path().join("missing")).is_err());
+    }
+}
