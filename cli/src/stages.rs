@@ -12,8 +12,8 @@ use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
 use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, evaluate, train_adapter,
-    write_json,
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, describe_encoder_adapter,
+    evaluate, train_adapter, write_json,
 };
 use crate::common::Task;
 use crate::{causal, checkpoint};
@@ -163,7 +163,7 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
             }
             Ok(())
         })?;
-    export_adapter(&tuned)?.save(&args.out)?;
+    describe_encoder_adapter(export_adapter(&tuned)?, &model_dir).save(&args.out)?;
     eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
     finish("finetune", phase, &args.out, &report)
 }
@@ -200,7 +200,7 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     let (emulator, _) = load_emulator(original.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
     let (corrected, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
-    corrected.save(&args.out)?;
+    describe_encoder_adapter(corrected, &model_dir).save(&args.out)?;
     finish("correct", phase, &args.out, &report)
 }
 
