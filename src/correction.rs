@@ -138,6 +138,9 @@ pub fn correct_layer(
     Ok((corrected, LayerCorrection { path: path.to_string(), rank: r, discrepancy_norm, gamma }))
 }
 
+/// An emulator layer's trained base: its factors `(w_v, w_u)`, or its dense weight.
+type TrainedBaseOwned = (Option<(Matrix, Matrix)>, Option<Matrix>);
+
 /// Corrects every adapter carried by `emulator` (trained on it) against `original`, returning
 /// the corrected adapter in PEFT format, ready to [`merge_adapter`](crate::merge_adapter) into
 /// (or [`attach_adapter`](crate::attach_adapter) to) the original model.
@@ -160,7 +163,7 @@ pub fn correct<M: Module>(
 
     // Everything the correction needs from the emulator, per layer: the trained base and the
     // scale of the adapter actually attached (not re-derived from the exported config).
-    let mut bases: BTreeMap<String, (Option<(Matrix, Matrix)>, Option<Matrix>)> = BTreeMap::new();
+    let mut bases: BTreeMap<String, TrainedBaseOwned> = BTreeMap::new();
     let mut scales: BTreeMap<String, f64> = BTreeMap::new();
     for_each_linear(emulator, |path, linear| {
         if let Some(lora) = &linear.lora {

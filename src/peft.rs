@@ -658,7 +658,7 @@ fn parse_config(text: &str, config_path: &Path) -> Result<PeftConfig> {
 /// inert (PEFT's default, or a value with no effect on the adapted model's outputs). Fields
 /// that only affect training (dropout, VeLoRA's backward pass, Megatron sharding) or
 /// initialisation of A and B are not listed.
-const UNSUPPORTED_FEATURES: &[(&str, fn(&Value) -> bool)] = &[
+const UNSUPPORTED_FEATURES: &[(&str, IsInert)] = &[
     // Extra fully trained modules (e.g. a classifier head) whose weights emloc would drop.
     ("modules_to_save", is_null_or_empty),
     ("use_dora", is_false),
@@ -679,6 +679,9 @@ const UNSUPPORTED_FEATURES: &[(&str, fn(&Value) -> bool)] = &[
     // fits the rewritten model; PEFT can convert such adapters to plain LoRA.
     ("init_lora_weights", init_keeps_base_weights),
 ];
+
+/// Whether a config field's value leaves the feature off.
+type IsInert = fn(&Value) -> bool;
 
 fn is_null_or_empty(v: &Value) -> bool {
     match v {
