@@ -8,7 +8,7 @@ use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
 use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
 use crate::nn::{Linear, LoraAdapter, LoraConfig, check_lora_rank};
-use crate::peft::{LayerShape, PeftAdapter, PeftConfig, PeftLayer};
+use crate::peft::{LayerShape, PeftAdapter, PeftConfig, PeftLayer, TargetModules};
 
 /// Every `emloc::nn::Linear` of `model` with its shape, in traversal order.
 pub fn linear_layers<M: Module>(model: &M) -> Vec<LayerShape> {
@@ -104,9 +104,16 @@ fn linear_device(linear: &Linear) -> burn::tensor::Device {
 /// Reads every attached adapter into HF PEFT's format (`lora_A` `[r, d_in]`, `lora_B`
 /// `[d_out, r]`). Ranks and alphas that differ from the most common one go to `rank_pattern` /
 /// `alpha_pattern`; `target_modules` lists the adapted paths.
+///
+/// PEFT reads pattern keys as regexes matching a path's tail (see [`crate::peft::Patterns`]),
+/// so a plain path key would also match every longer path ending in it (`attn.q` matches
+/// `cross.attn.q`). Keys are therefore written as [`exact_path_pattern`]s, and
+/// `target_modules` becomes a regex of the adapted paths when the plain list would also
+/// target another layer. Every layer is checked to resolve to its own rank and alpha.
 pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
     let mut layers = BTreeMap::new();
     let mut meta = Vec::new();
+    let mut plain = Vec::new();
     for_each_linear(model, |path, linear| {
         if let Some(lora) = &linear.lora {
             layers.insert(
@@ -117,6 +124,8 @@ pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
                 },
             );
             meta.push((path.to_string(), lora.rank(), lora.alpha, lora.use_rslora, lora.dropout.prob));
+        } else {
+            plain.push(path.to_string());
         }
     });
     let Some(first) = meta.first() else {
@@ -134,13 +143,34 @@ pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
     config.lora_dropout = first.4;
     for (path, r, a, _, _) in &meta {
         if *r != rank {
-            config.rank_pattern.insert(path.clone(), *r);
+            config.rank_pattern.insert(exact_path_pattern(path), *r);
         }
         if *a != alpha {
-            config.alpha_pattern.insert(path.clone(), *a);
+            config.alpha_pattern.insert(exact_path_pattern(path), *a);
+        }
+    }
+    if plain.iter().any(|p| config.target_modules.matches(p).unwrap_or(true)) {
+        let paths: Vec<String> = meta.iter().map(|m| regex::escape(&m.0)).collect();
+        config.target_modules = TargetModules::Regex(paths.join("|"));
+    }
+    let patterns = config.patterns()?;
+    for (path, r, a, _, _) in &meta {
+        let (got_r, got_a) = (patterns.rank_for(path), patterns.alpha_for(path));
+        if (got_r, got_a) != (*r, *a) {
+            return Err(EmlocError::InvalidConfig(format!(
+                "layer `{path}` (rank {r}, alpha {a}) would resolve to rank {got_r}, alpha {got_a} \
+                 from the exported patterns"
+            )));
         }
     }
     Ok(PeftAdapter { config, layers })
+}
+
+/// A `rank_pattern` / `alpha_pattern` key that PEFT resolves to exactly the module at `path`:
+/// `^` and the regex-escaped path. In PEFT's `(.*\.)?(KEY)$` the `^` only matches at the
+/// start, so the optional prefix group must be empty.
+pub fn exact_path_pattern(path: &str) -> String {
+    format!("^{}", regex::escape(path))
 }
 
 fn most_common(values: impl Iterator<Item = f64>) -> f64 {
@@ -214,6 +244,7 @@ pub fn attach_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
 
 fn attach_adapter_inner<M: Module>(model: M, adapter: &PeftAdapter, ids: Option<&BTreeMap<String, [u64; 2]>>) -> Result<M> {
     check_adapter(&model, adapter, false)?;
+    let patterns = adapter.config.patterns()?;
     let mut trainable = Vec::new();
     let model = map_linears(model, |path, mut linear| {
         if let Some(layer) = adapter.layers.get(path) {
@@ -221,7 +252,7 @@ fn attach_adapter_inner<M: Module>(model: M, adapter: &PeftAdapter, ids: Option<
             let lora = LoraAdapter::new(
                 layer.lora_a.transpose().to_tensor(&device),
                 layer.lora_b.transpose().to_tensor(&device),
-                adapter.config.alpha_for(path),
+                patterns.alpha_for(path),
                 adapter.config.use_rslora,
                 adapter.config.lora_dropout,
             );
@@ -242,10 +273,11 @@ fn attach_adapter_inner<M: Module>(model: M, adapter: &PeftAdapter, ids: Option<
 /// Validated first: every adapter layer must exist, be dense, carry no adapter and fit in shape.
 pub fn merge_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
     check_adapter(&model, adapter, true)?;
+    let patterns = adapter.config.patterns()?;
     Ok(map_linears(model, |path, mut linear| {
         if let Some(layer) = adapter.layers.get(path) {
             let device = linear.weight.val().device();
-            let scale = adapter.config.scale_for(path);
+            let scale = patterns.scale_for(path);
             let a = layer.lora_a.transpose().to_tensor(&device);
             let b = layer.lora_b.transpose().to_tensor(&device);
             add_to_weight(&mut linear, a.matmul(b).mul_scalar(scale));

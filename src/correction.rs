@@ -139,6 +139,9 @@ pub fn correct_layer(
     Ok((corrected, LayerCorrection { path: path.to_string(), rank: r, discrepancy_norm, gamma }))
 }
 
+/// An emulator layer's trained base: its factors `(w_v, w_u)`, or its dense weight.
+type TrainedBaseOwned = (Option<(Matrix, Matrix)>, Option<Matrix>);
+
 /// Corrects every adapter carried by `emulator` (trained on it) against `original`, returning
 /// the corrected adapter in PEFT format, ready to [`merge_adapter`](crate::merge_adapter) into
 /// (or [`attach_adapter`](crate::attach_adapter) to) the original model.
@@ -159,15 +162,18 @@ pub fn correct<M: Module>(
     let started = Instant::now();
     let trained = export_adapter(emulator)?;
 
-    // Everything the correction needs from the emulator, per layer.
-    let mut bases: BTreeMap<String, (Option<(Matrix, Matrix)>, Option<Matrix>)> = BTreeMap::new();
+    // Everything the correction needs from the emulator, per layer: the trained base and the
+    // scale of the adapter actually attached (not re-derived from the exported config).
+    let mut bases: BTreeMap<String, TrainedBaseOwned> = BTreeMap::new();
+    let mut scales: BTreeMap<String, f64> = BTreeMap::new();
     for_each_linear(emulator, |path, linear| {
-        if trained.layers.contains_key(path) {
+        if let Some(lora) = &linear.lora {
             let base = match &linear.factors {
                 Some(f) => (Some((Matrix::from_tensor(f.w_v.val()), Matrix::from_tensor(f.w_u.val()))), None),
                 None => (None, Some(Matrix::from_tensor(linear.weight.val()))),
             };
             bases.insert(path.to_string(), base);
+            scales.insert(path.to_string(), lora.scale());
         }
     });
 
@@ -209,7 +215,7 @@ pub fn correct<M: Module>(
             (None, Some(we)) => TrainedBase::Dense(we),
             (None, None) => unreachable!("every adapted layer has a base"),
         };
-        let scale = trained.config.scale_for(path);
+        let scale = scales[path];
         let (layer, report) = correct_layer(path, weight, base, lora, scale, config)?;
         corrected.insert(path.clone(), layer);
         layers.push(report);

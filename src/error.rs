@@ -83,6 +83,21 @@ pub enum EmlocError {
         /// What is wrong.
         message: String,
     },
+    /// The adapter uses a PEFT feature that emloc does not implement and that changes the
+    /// model's outputs (e.g. `modules_to_save`, DoRA), so loading it without the feature would
+    /// silently give other results than PEFT.
+    #[error(
+        "{path}: PEFT feature `{feature}` ({value}) is not supported by emloc; the adapter \
+         cannot be loaded without changing the model's outputs"
+    )]
+    UnsupportedPeftFeature {
+        /// The config or weights file that uses it.
+        path: PathBuf,
+        /// The `LoraConfig` field (or tensor-key kind), e.g. `modules_to_save`.
+        feature: String,
+        /// The value found (JSON), or the tensor key.
+        value: String,
+    },
     /// A safetensors file could not be parsed or written.
     #[error("safetensors file {path}: {message}")]
     Safetensors {

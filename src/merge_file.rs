@@ -51,6 +51,7 @@ fn weight_key<'a>(keys: impl Iterator<Item = &'a str>, path: &str) -> Vec<&'a st
 /// directory and discard it on error, as `emloc merge` does).
 pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], output_dir: &Path) -> Result<MergedFiles> {
     adapter.validate()?;
+    let patterns = adapter.config.patterns()?;
     let mut contents = Vec::new();
     for file in input_files {
         let target = output_dir.join(file.file_name().ok_or_else(|| st_error(file, "not a file name"))?);
@@ -106,7 +107,7 @@ pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], ou
             let Some(path) = plan.get(&(index, name.to_string())) else { continue };
             let view = st.tensor(name).map_err(|e| st_error(file, e.to_string()))?;
             let layer = &adapter.layers[*path];
-            let scale = adapter.config.scale_for(path);
+            let scale = patterns.scale_for(path);
             let (d_out, d_in, r) = (layer.lora_b.rows, layer.lora_a.cols, layer.lora_a.rows);
             let weights = decode(&view);
             let mut out = Vec::with_capacity(d_out * d_in * 4);

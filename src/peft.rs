@@ -15,6 +15,7 @@ use std::path::Path;
 use regex::Regex;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 
 use crate::atomic::write_atomic;
 use crate::error::{EmlocError, Result};
@@ -115,7 +116,7 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
-/// The subset of PEFT's `LoraConfig` that emloc uses. Unknown fields in files are ignored on
+/// The subset of PEFT's `LoraConfig` that emloc uses. Other fields in files are ignored on
 /// read; fields missing from a file take PEFT's defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeftConfig {
@@ -148,10 +149,10 @@ pub struct PeftConfig {
     /// Whether the adapter is frozen for inference.
     #[serde(default)]
     pub inference_mode: bool,
-    /// Per-module rank overrides, keyed by module name (see [`PeftConfig::rank_for`]).
+    /// Per-module rank overrides, keyed by regex (PEFT's rule, see [`Patterns`]).
     #[serde(default, deserialize_with = "null_as_default")]
     pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module alpha overrides, keyed by module name (see [`PeftConfig::alpha_for`]).
+    /// Per-module alpha overrides, keyed by regex (PEFT's rule, see [`Patterns`]).
     #[serde(default, deserialize_with = "null_as_default")]
     pub alpha_pattern: BTreeMap<String, f64>,
 }
@@ -177,22 +178,30 @@ impl PeftConfig {
         }
     }
 
-    /// The rank of the layer at `path`: the first `rank_pattern` key (in map order) equal to the
-    /// path or to a trailing run of its components, else `r`.
+    /// `rank_pattern` and `alpha_pattern` compiled once, to resolve many paths.
+    ///
+    /// Fails with [`EmlocError::InvalidConfig`] naming the first key that is not a valid regex.
+    pub fn patterns(&self) -> Result<Patterns<'_>> {
+        Ok(Patterns {
+            config: self,
+            ranks: compile_patterns("rank_pattern", &self.rank_pattern)?,
+            alphas: compile_patterns("alpha_pattern", &self.alpha_pattern)?,
+        })
+    }
+
+    /// The rank of the layer at `path` with PEFT's rule (see [`Patterns`]), else `r`.
+    ///
+    /// Compiles the patterns on every call (use [`PeftConfig::patterns`] in loops); a key that
+    /// is not a valid regex matches nothing ([`PeftConfig::validate`] rejects such configs).
     pub fn rank_for(&self, path: &str) -> usize {
-        self.rank_pattern
-            .iter()
-            .find(|(key, _)| module_name_matches(path, key))
-            .map_or(self.r, |(_, &rank)| rank)
+        resolve(&compile_lenient(&self.rank_pattern), &self.rank_pattern, path).unwrap_or(self.r)
     }
 
     /// The alpha of the layer at `path`, resolved like [`PeftConfig::rank_for`] from
     /// `alpha_pattern`, else `lora_alpha`.
     pub fn alpha_for(&self, path: &str) -> f64 {
-        self.alpha_pattern
-            .iter()
-            .find(|(key, _)| module_name_matches(path, key))
-            .map_or(self.lora_alpha, |(_, &alpha)| alpha)
+        resolve(&compile_lenient(&self.alpha_pattern), &self.alpha_pattern, path)
+            .unwrap_or(self.lora_alpha)
     }
 
     /// The factor the LoRA update `B A x` is multiplied by at `path`: `alpha / r`, or
@@ -239,8 +248,64 @@ impl PeftConfig {
                 self.lora_dropout
             ));
         }
+        self.patterns()?;
         self.target_modules.matcher().map(|_| ())
     }
+}
+
+/// `rank_pattern` / `alpha_pattern` resolved as PEFT resolves them
+/// (`peft.utils.other.get_pattern_key`): each key is a regex, and the first key in map order
+/// for which `re.match(rf"(.*\.)?({key})$", path)` succeeds gives the value. The maps are
+/// `BTreeMap`s, so map order is sorted order, which is the order of a file written by PEFT's
+/// `save_pretrained` (`json.dumps(..., sort_keys=True)`; Rust's byte order on UTF-8 equals
+/// Python's code-point order). A path no key matches falls back, as in PEFT, to an entry keyed
+/// by the path itself, then to `r` / `lora_alpha`.
+pub struct Patterns<'a> {
+    config: &'a PeftConfig,
+    ranks: Vec<(Regex, &'a str)>,
+    alphas: Vec<(Regex, &'a str)>,
+}
+
+impl Patterns<'_> {
+    /// The rank of the layer at `path`.
+    pub fn rank_for(&self, path: &str) -> usize {
+        resolve(&self.ranks, &self.config.rank_pattern, path).unwrap_or(self.config.r)
+    }
+
+    /// The alpha of the layer at `path`.
+    pub fn alpha_for(&self, path: &str) -> f64 {
+        resolve(&self.alphas, &self.config.alpha_pattern, path).unwrap_or(self.config.lora_alpha)
+    }
+
+    /// The scale `s` of the layer at `path` (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
+    pub fn scale_for(&self, path: &str) -> f64 {
+        crate::nn::lora_scale(self.alpha_for(path), self.rank_for(path), self.config.use_rslora)
+    }
+}
+
+/// PEFT's pattern regex for `key`: an optional run of leading components, then `key` to the end.
+fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
+    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+}
+
+fn compile_patterns<'a, T>(field: &str, map: &'a BTreeMap<String, T>) -> Result<Vec<(Regex, &'a str)>> {
+    map.keys()
+        .map(|key| {
+            pattern_regex(key)
+                .map(|re| (re, key.as_str()))
+                .map_err(|e| EmlocError::InvalidConfig(format!("{field} key `{key}` is not a valid regex: {e}")))
+        })
+        .collect()
+}
+
+/// [`compile_patterns`] that skips invalid keys, for the infallible convenience lookups.
+fn compile_lenient<T>(map: &BTreeMap<String, T>) -> Vec<(Regex, &str)> {
+    map.keys().filter_map(|key| Some((pattern_regex(key).ok()?, key.as_str()))).collect()
+}
+
+fn resolve<T: Copy>(compiled: &[(Regex, &str)], map: &BTreeMap<String, T>, path: &str) -> Option<T> {
+    let key = compiled.iter().find(|(re, _)| re.is_match(path)).map_or(path, |(_, key)| key);
+    map.get(key).copied()
 }
 
 /// One layer's adapter factors, in PyTorch layout.
@@ -358,6 +423,7 @@ impl PeftAdapter {
             ));
         }
         let matcher = self.config.target_modules.matcher()?;
+        let patterns = self.config.patterns()?;
         let mut untargeted = Vec::new();
         for (path, layer) in &self.layers {
             if path.is_empty() {
@@ -368,7 +434,7 @@ impl PeftAdapter {
             if !matcher.matches(path) {
                 untargeted.push(path.as_str());
             }
-            let rank = self.config.rank_for(path);
+            let rank = patterns.rank_for(path);
             let (a, b) = (&layer.lora_a, &layer.lora_b);
             for (m, key) in [(a, lora_a_key(path)), (b, lora_b_key(path))] {
                 // The fields are public, so the row-major invariant is not guaranteed.
@@ -533,6 +599,7 @@ impl PeftAdapter {
     /// [`EmlocError::InvalidConfig`] for an invalid target regex).
     pub fn check_fits(&self, model_layers: &[LayerShape]) -> Result<()> {
         let matcher = self.config.target_modules.matcher()?;
+        let patterns = self.config.patterns()?;
         let model: HashMap<&str, &LayerShape> = model_layers
             .iter()
             .map(|shape| (shape.path.as_str(), shape))
@@ -545,7 +612,7 @@ impl PeftAdapter {
                 unexpected.push(lora_b_key(path));
                 continue;
             };
-            let rank = self.config.rank_for(path);
+            let rank = patterns.rank_for(path);
             let expected_a = [rank, shape.d_in];
             if layer.lora_a.shape() != expected_a {
                 wrong.push(misshaped(
@@ -580,7 +647,70 @@ fn parse_config(text: &str, config_path: &Path) -> Result<PeftConfig> {
         message: e.to_string(),
     })?;
     config.validate().map_err(|e| at_config_file(config_path, e))?;
+    // The typed parse succeeded, so the text is a JSON object.
+    let fields: BTreeMap<String, Value> = serde_json::from_str(text).unwrap_or_default();
+    if let Some((feature, value)) = unsupported_feature(&fields) {
+        return Err(EmlocError::UnsupportedPeftFeature {
+            path: config_path.to_owned(),
+            feature: feature.to_owned(),
+            value: value.to_string(),
+        });
+    }
     Ok(config)
+}
+
+/// PEFT `LoraConfig` fields that emloc does not implement, each with the test that its value is
+/// inert (PEFT's default, or a value with no effect on the adapted model's outputs). Fields
+/// that only affect training (dropout, VeLoRA's backward pass, Megatron sharding) or
+/// initialisation of A and B are not listed.
+const UNSUPPORTED_FEATURES: &[(&str, IsInert)] = &[
+    // Extra fully trained modules (e.g. a classifier head) whose weights emloc would drop.
+    ("modules_to_save", is_null_or_empty),
+    ("use_dora", is_false),
+    ("lora_bias", is_false),
+    // Restricts the targets to some layer indices; emloc matches target_modules only.
+    ("layers_to_transform", Value::is_null),
+    ("exclude_modules", is_null_or_empty),
+    ("trainable_token_indices", is_null_or_empty),
+    ("layer_replication", is_null_or_empty),
+    ("target_parameters", is_null_or_empty),
+    ("alora_invocation_tokens", is_null_or_empty),
+    ("use_qalora", is_false),
+    ("use_bdlora", Value::is_null),
+    ("arrow_config", Value::is_null),
+    ("kasa_config", Value::is_null),
+    ("monteclora_config", Value::is_null),
+    // These inits rewrite the base weights (W − B₀A₀, or a quantized W), so the adapter only
+    // fits the rewritten model; PEFT can convert such adapters to plain LoRA.
+    ("init_lora_weights", init_keeps_base_weights),
+];
+
+/// Whether a config field's value leaves the feature off.
+type IsInert = fn(&Value) -> bool;
+
+fn is_null_or_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+fn is_false(v: &Value) -> bool {
+    matches!(v, Value::Null | Value::Bool(false))
+}
+
+fn init_keeps_base_weights(v: &Value) -> bool {
+    let Some(init) = v.as_str() else { return true };
+    !["pissa", "olora", "corda", "loftq", "lora_ga"].iter().any(|m| init.starts_with(m))
+}
+
+/// The first field of a config file that sets a feature emloc does not implement.
+fn unsupported_feature(fields: &BTreeMap<String, Value>) -> Option<(&'static str, &Value)> {
+    UNSUPPORTED_FEATURES
+        .iter()
+        .find_map(|(name, inert)| fields.get(*name).filter(|v| !inert(v)).map(|v| (*name, v)))
 }
 
 /// Decodes the weights file into layers, checking them against `config`'s ranks.
@@ -598,14 +728,23 @@ fn parse_weights(
     // Sorted so that the first error reported is the same on every run.
     tensors.sort_by(|x, y| x.0.cmp(&y.0));
 
+    let patterns = config.patterns()?;
     let mut halves: BTreeMap<&str, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
     let mut unexpected = Vec::new();
+    // PEFT saves modules_to_save copies as `<path>.modules_to_save.<name>` tensors.
+    if let Some((key, _)) = tensors.iter().find(|(key, _)| key.contains("modules_to_save")) {
+        return Err(EmlocError::UnsupportedPeftFeature {
+            path: weights_path.to_owned(),
+            feature: "modules_to_save".to_owned(),
+            value: key.clone(),
+        });
+    }
     for (key, view) in &tensors {
         let Some((path, factor)) = parse_key(key) else {
             unexpected.push(key.clone());
             continue;
         };
-        let matrix = decode_matrix(key, view, weights_path, config.rank_for(path), factor)?;
+        let matrix = decode_matrix(key, view, weights_path, patterns.rank_for(path), factor)?;
         let slot = halves.entry(path).or_default();
         match factor {
             Factor::A => slot.0 = Some(matrix),
@@ -616,7 +755,7 @@ fn parse_weights(
     let (mut missing, mut wrong) = (Vec::new(), Vec::new());
     let mut layers = BTreeMap::new();
     for (path, (a, b)) in halves {
-        let rank = config.rank_for(path);
+        let rank = patterns.rank_for(path);
         if let Some(a) = &a
             && a.rows != rank
         {
@@ -1287,6 +1426,110 @@ mod tests {
         c.rank_pattern.insert("q".into(), 6);
         assert_eq!(c.rank_for("layers.3.attn.q"), 2);
         assert_eq!(c.rank_for("layers.0.attn.q"), 6);
+    }
+
+    #[test]
+    fn pattern_keys_resolve_as_in_peft() {
+        let mut c = PeftConfig::new(8, 16.0, vec!["q".into()]);
+        for (key, r) in [("attn.q", 2), ("cross.attn.q", 6), (r"layers\.[01]\.mlp\.(up|down)", 3), ("mlp.gate", 5), ("v|k", 7)] {
+            c.rank_pattern.insert(key.into(), r);
+        }
+        c.alpha_pattern.insert("q".into(), 32.0);
+        c.alpha_pattern.insert(r"layers\.1\..*".into(), 4.0);
+        // Expected values printed by PEFT 0.21.2: for each path,
+        // `pattern.get(peft.utils.other.get_pattern_key(sorted keys, path), default)`.
+        let peft = [
+            ("attn.q", 2, 32.0),
+            // `attn.q` sorts first and matches the tail of `cross.attn.q`.
+            ("cross.attn.q", 2, 32.0),
+            ("layers.0.attn.q", 2, 32.0),
+            ("layers.0.mlp.up", 3, 16.0),
+            ("layers.2.mlp.up", 8, 16.0),
+            ("layers.1.mlp.down", 3, 4.0),
+            ("layers.1.mlp.gate", 5, 4.0),
+            // The alternation stays inside PEFT's group: `v` is a whole last component.
+            ("layers.0.attn.v", 7, 16.0),
+            ("layers.0.attn.kv", 8, 16.0),
+            ("layers.0.xq", 8, 16.0),
+            ("k", 7, 16.0),
+        ];
+        let patterns = c.patterns().unwrap();
+        for (path, r, alpha) in peft {
+            assert_eq!((c.rank_for(path), c.alpha_for(path)), (r, alpha), "{path}");
+            assert_eq!((patterns.rank_for(path), patterns.alpha_for(path)), (r, alpha), "{path}");
+        }
+        assert_eq!(patterns.scale_for("layers.1.mlp.down"), 4.0 / 3.0);
+
+        c.alpha_pattern.insert("(unclosed".into(), 1.0);
+        match c.validate() {
+            Err(EmlocError::InvalidConfig(message)) => {
+                assert!(message.contains("alpha_pattern key `(unclosed`"), "{message}")
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unsupported_peft_features_are_rejected_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let adapter = sample_adapter();
+        adapter.save(tmp.path()).unwrap();
+        let config_path = tmp.path().join(CONFIG_FILE);
+        let saved: Value = serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
+        let with = |field: &str, value: Value| {
+            let mut config = saved.clone();
+            config[field] = value;
+            fs::write(&config_path, config.to_string()).unwrap();
+            PeftAdapter::load(tmp.path())
+        };
+        // PEFT's defaults and inert values load.
+        for (field, value) in [
+            ("modules_to_save", Value::Null),
+            ("modules_to_save", serde_json::json!([])),
+            ("use_dora", Value::Bool(false)),
+            ("lora_bias", Value::Bool(false)),
+            ("layers_to_transform", Value::Null),
+            ("init_lora_weights", Value::Bool(false)),
+            ("init_lora_weights", serde_json::json!("gaussian")),
+            ("megatron_core", serde_json::json!("megatron.core")),
+        ] {
+            assert_eq!(with(field, value.clone()).unwrap(), adapter, "{field} = {value}");
+        }
+        for (field, value) in [
+            ("modules_to_save", serde_json::json!(["classifier"])),
+            ("use_dora", Value::Bool(true)),
+            ("lora_bias", Value::Bool(true)),
+            ("layers_to_transform", serde_json::json!([0])),
+            ("exclude_modules", serde_json::json!(["key"])),
+            ("trainable_token_indices", serde_json::json!([3])),
+            ("init_lora_weights", serde_json::json!("pissa_niter_4")),
+            ("alora_invocation_tokens", serde_json::json!([1, 2])),
+        ] {
+            match with(field, value.clone()) {
+                Err(e @ EmlocError::UnsupportedPeftFeature { .. }) => {
+                    let EmlocError::UnsupportedPeftFeature { path, feature, value: found } = &e else { unreachable!() };
+                    assert_eq!((path, feature.as_str(), found), (&config_path, field, &value.to_string()));
+                    assert!(e.to_string().contains(field), "{e}");
+                }
+                other => panic!("{field} = {value}: expected UnsupportedPeftFeature, got {other:?}"),
+            }
+        }
+
+        // A modules_to_save copy in the weights is named too.
+        fs::write(&config_path, saved.to_string()).unwrap();
+        write_raw(
+            tmp.path(),
+            &[
+                filled(lora_a_key("q"), &[4, 3], 1.0),
+                filled(lora_b_key("q"), &[5, 4], 1.0),
+                filled("base_model.model.classifier.modules_to_save.default.weight", &[2, 5], 1.0),
+            ],
+        );
+        assert!(matches!(
+            PeftAdapter::load(tmp.path()),
+            Err(EmlocError::UnsupportedPeftFeature { feature, value, .. })
+                if feature == "modules_to_save" && value.contains("classifier")
+        ));
     }
 
     #[test]

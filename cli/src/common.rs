@@ -557,6 +557,17 @@ pub fn evaluate(encoder: &SentenceEncoder, model: &BertModel, validation: &[QaPa
     Ok(metrics?)
 }
 
+/// PEFT's task type for sentence-encoder adapters (read by `AutoPeftModelForFeatureExtraction`).
+pub const ENCODER_TASK_TYPE: &str = "FEATURE_EXTRACTION";
+
+/// Marks an adapter as a feature-extraction adapter of the encoder in `model_dir`, the metadata
+/// PEFT's `AutoPeftModel` classes need to load it.
+pub fn describe_encoder_adapter(mut adapter: emloc::peft::PeftAdapter, model_dir: &Path) -> emloc::peft::PeftAdapter {
+    adapter.config.task_type = Some(ENCODER_TASK_TYPE.into());
+    adapter.config.base_model_name_or_path = Some(model_dir.display().to_string());
+    adapter
+}
+
 /// Trainable parameters (LoRA A and B) of `model`.
 pub fn adapter_params(model: &BertModel) -> usize {
     let adapter = emloc::export_adapter(model);

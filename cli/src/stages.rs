@@ -13,8 +13,8 @@ use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
 use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, check_emulator_source, emulator_identity, evaluate, model_identity,
-    train_adapter, write_json,
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, check_emulator_source,
+    describe_encoder_adapter, emulator_identity, evaluate, model_identity, train_adapter, write_json,
 };
 use crate::common::Task;
 use crate::{causal, checkpoint};
@@ -209,7 +209,7 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
             }
             Ok(())
         })?;
-    export_adapter(&tuned)?.save(&args.out)?;
+    describe_encoder_adapter(export_adapter(&tuned)?, &model_dir).save(&args.out)?;
     eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
     finish("finetune", phase, &args.out, &report)
 }
@@ -248,7 +248,7 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     let (emulator, _) = load_emulator(original.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
     let (corrected, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
-    corrected.save(staged.path())?;
+    describe_encoder_adapter(corrected, &model_dir).save(staged.path())?;
     finish_staged("correct", phase, staged, &report)
 }
 

@@ -104,6 +104,13 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     );
     assert!(!dir.path().join("refused").exists());
     ok(&["correct", "--model", &model, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
+    // PEFT's AutoPeftModelForFeatureExtraction needs the base model and the task type.
+    for stage in ["adapter", "corrected"] {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(stage).join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["task_type"], "FEATURE_EXTRACTION", "{stage}: {config}");
+        assert_eq!(config["base_model_name_or_path"], model.as_str(), "{stage}: {config}");
+    }
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
     for file in ["config.json", "tokenizer.json", "model.safetensors"] {
         assert!(dir.path().join("merged").join(file).is_file(), "{file}");

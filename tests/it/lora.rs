@@ -182,3 +182,105 @@ fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
     let err = emloc::correct(&model, &tuned, &emloc::CorrectionConfig::default()).unwrap_err().to_string();
     assert!(err.contains("LoRA rank 4 at layer `l1`"), "{err}");
 }
+
+#[derive(Module, Debug)]
+struct Attn {
+    q: emloc::Linear,
+}
+
+#[derive(Module, Debug)]
+struct Cross {
+    attn: Attn,
+}
+
+/// Layers `attn.q`, `cross.attn.q` and `mlp`: `attn.q` is a tail of `cross.attn.q`, so a plain
+/// `attn.q` pattern key (or target) also matches `cross.attn.q` in PEFT.
+#[derive(Module, Debug)]
+struct Nested {
+    attn: Attn,
+    cross: Cross,
+    mlp: emloc::Linear,
+}
+
+impl Nested {
+    /// Bias-free dense layers with deterministic weights from `seed`.
+    fn new(seed: u64, device: &Device) -> Self {
+        let dense = |s: u64, d_in: usize, d_out: usize| {
+            let mut l = emloc::LinearConfig::new(d_in, d_out).with_bias(false).init(device);
+            l.weight = Param::from_tensor(tensor(s, [d_in, d_out], device));
+            l
+        };
+        Self {
+            attn: Attn { q: dense(seed, 6, 5) },
+            cross: Cross { attn: Attn { q: dense(seed + 1, 6, 5) } },
+            mlp: dense(seed + 2, 5, 6),
+        }
+    }
+
+    /// Attaches adapters with mixed ranks and alphas: `attn.q` (r 2, α 2), `cross.attn.q` and
+    /// `mlp` (r 3, α 12), so only `attn.q` goes to the patterns.
+    fn adapted(mut self, only_attn_q: bool, device: &Device) -> Self {
+        let lora = |s: u64, d_in: usize, d_out: usize, r: usize, alpha: f64| {
+            Some(emloc::nn::LoraAdapter::new(tensor(s, [d_in, r], device), tensor(s + 1, [r, d_out], device), alpha, false, 0.0))
+        };
+        self.attn.q.lora = lora(80, 6, 5, 2, 2.0);
+        if !only_attn_q {
+            self.cross.attn.q.lora = lora(82, 6, 5, 3, 12.0);
+            self.mlp.lora = lora(84, 5, 6, 3, 12.0);
+        }
+        self
+    }
+
+    fn layers(&self) -> [(&'static str, &emloc::Linear); 3] {
+        [("attn.q", &self.attn.q), ("cross.attn.q", &self.cross.attn.q), ("mlp", &self.mlp)]
+    }
+}
+
+#[test]
+fn exported_patterns_resolve_each_layer_to_its_own_rank_and_alpha() {
+    let device = Device::flex();
+    let adapted = Nested::new(1, &device).adapted(false, &device);
+    let adapter = export_adapter(&adapted).unwrap();
+    // A plain `attn.q` key would give `cross.attn.q` rank 2 and alpha 2 in PEFT.
+    assert_eq!(adapter.config.rank_pattern.keys().collect::<Vec<_>>(), ["^attn\\.q"]);
+    for (path, linear) in adapted.layers() {
+        let lora = linear.lora.as_ref().unwrap();
+        assert_eq!(adapter.config.rank_for(path), lora.rank(), "{path}");
+        assert_eq!(adapter.config.alpha_for(path), lora.alpha, "{path}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path()).unwrap();
+    let restored = attach_adapter(Nested::new(1, &device), &PeftAdapter::load(dir.path()).unwrap()).unwrap();
+    let x = tensor(6, [4, 6], &device);
+    for ((path, got), (_, want)) in restored.layers().into_iter().zip(adapted.layers()) {
+        let x = if path == "mlp" { tensor(7, [4, 5], &device) } else { x.clone() };
+        assert_eq!(got.forward(x.clone()).into_data(), want.forward(x).into_data(), "{path}");
+    }
+
+    // Only `attn.q` adapted: the plain target list `["attn.q"]` would also target
+    // `cross.attn.q`, so the targets are written as a regex of the adapted paths.
+    let only = export_adapter(&Nested::new(1, &device).adapted(true, &device)).unwrap();
+    assert!(only.config.target_modules.matches("attn.q").unwrap());
+    assert!(!only.config.target_modules.matches("cross.attn.q").unwrap());
+    only.save(dir.path()).unwrap();
+    attach_adapter(Nested::new(1, &device), &PeftAdapter::load(dir.path()).unwrap()).unwrap();
+}
+
+#[test]
+fn correction_uses_each_attached_adapters_own_scale() {
+    let device = Device::flex();
+    let original = Nested::new(1, &device);
+    // Trained on other dense weights (the "emulator"); the correction must make the original
+    // plus the corrected adapter equal the emulator plus the trained adapter on span(A).
+    let trained = Nested::new(11, &device).adapted(false, &device);
+    let config = emloc::CorrectionConfig { clamp: f64::INFINITY };
+    let (corrected, _) = emloc::correct(&original, &trained, &config).unwrap();
+    let served = attach_adapter(original, &corrected).unwrap();
+    for ((path, got), (_, want)) in served.layers().into_iter().zip(trained.layers()) {
+        let a = want.lora.as_ref().unwrap().a.val(); // [d_in, r]
+        let r = a.dims()[1];
+        let x = tensor(9, [4, r], &device).matmul(a.transpose());
+        let diff = rel_diff(got.forward(x.clone()), want.forward(x));
+        assert!(diff < 1e-4, "{path}: relative difference {diff}");
+    }
+}
