@@ -101,7 +101,7 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
 /// `AutoPeftModelForCausalLM` reads).
 fn describe_adapter(mut adapter: PeftAdapter, source: &Path) -> PeftAdapter {
     adapter.config.task_type = Some(PEFT_TASK_TYPE.into());
-    adapter.config.base_model_name_or_path = Some(source.display().to_string());
+    adapter.config.base_model_name_or_path = Some(crate::common::absolute(source));
     adapter
 }
 

@@ -564,8 +564,14 @@ pub const ENCODER_TASK_TYPE: &str = "FEATURE_EXTRACTION";
 /// PEFT's `AutoPeftModel` classes need to load it.
 pub fn describe_encoder_adapter(mut adapter: emloc::peft::PeftAdapter, model_dir: &Path) -> emloc::peft::PeftAdapter {
     adapter.config.task_type = Some(ENCODER_TASK_TYPE.into());
-    adapter.config.base_model_name_or_path = Some(model_dir.display().to_string());
+    adapter.config.base_model_name_or_path = Some(absolute(model_dir));
     adapter
+}
+
+/// `path` made absolute (canonical where it exists), for metadata read from another directory:
+/// PEFT resolves a relative `base_model_name_or_path` against its own working directory.
+pub fn absolute(path: &Path) -> String {
+    std::fs::canonicalize(path).unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())).display().to_string()
 }
 
 /// Trainable parameters (LoRA A and B) of `model`.

@@ -109,7 +109,8 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join(stage).join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(config["task_type"], "FEATURE_EXTRACTION", "{stage}: {config}");
-        assert_eq!(config["base_model_name_or_path"], model.as_str(), "{stage}: {config}");
+        let canonical = std::fs::canonicalize(&model).unwrap().display().to_string();
+        assert_eq!(config["base_model_name_or_path"], canonical.as_str(), "{stage}: {config}");
     }
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
     for file in ["config.json", "tokenizer.json", "model.safetensors"] {
