@@ -21,8 +21,8 @@ use crate::memory::{Phase, PhaseStats};
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// What runs without --data, with its defaults: `multiemo-classification` (MultiEmo
-    /// sentiment, shipped in data/multiemo; --validation 600, --steps 120, --batch-size 32,
-    /// --warmup-steps 12, --max-seq-length 48 unless given) or `gsm8k-retrieval` (the GSM8K
+    /// sentiment, shipped in data/multiemo; --validation 500, --steps 36, --batch-size 32,
+    /// --warmup-steps 4, --max-seq-length 48 unless given) or `gsm8k-retrieval` (the GSM8K
     /// table). With --data the task follows the data's fields.
     #[arg(long, value_enum, default_value_t = Recipe::MultiemoClassification)]
     pub(crate) recipe: Recipe,
@@ -57,7 +57,7 @@ pub enum Recipe {
 /// The classification recipe's defaults, sized to finish in about 10 minutes on a 2-core CPU
 /// (EXPERIMENTS.md): options left at their generic default take these instead.
 const CLASSIFICATION_DEFAULTS: ClassificationDefaults =
-    ClassificationDefaults { validation: 600, steps: 120, batch_size: 32, warmup_steps: 12, max_seq_length: 48 };
+    ClassificationDefaults { validation: 500, steps: 36, batch_size: 32, warmup_steps: 4, max_seq_length: 48 };
 
 struct ClassificationDefaults {
     validation: usize,

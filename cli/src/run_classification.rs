@@ -226,9 +226,6 @@ fn train_correct_score(
     recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
     corrections: &mut Vec<(String, emloc::CorrectionReport)>,
 ) -> CliResult<Vec<Row>> {
-    // The emulator's own zero-shot loss: how far from the original training starts.
-    let start = evaluate_classes(cx.encoder, &emulator, cx.task, cx.validation, "the emulator")?;
-    eprintln!("{}: emulator zero-shot accuracy {:.4}, loss {:.4}", variant.name, start.accuracy, start.loss);
     let phase = Phase::start();
     let label = format!("LoRA on the {}", variant.name);
     let (tuned, report) = train_classifier(cx.encoder, emulator, cx.task, cx.train, cx.train_args, &label, None, |_, _, _| Ok(()))?;
