@@ -52,7 +52,8 @@ enum Command {
     /// Merge a PEFT adapter into a model directory's safetensors (host-side, no model built).
     Merge(stages::MergeArgs),
     /// Print metrics on the validation split as JSON: retrieval (Recall@1, Recall@5, MRR, loss)
-    /// for encoders; loss, exact match and choice accuracy for decoders.
+    /// or classification (accuracy, macro-F1, loss) for encoders; loss, exact match and choice
+    /// accuracy for decoders.
     Eval(stages::EvalArgs),
     /// Per-layer ranks for a parameter or memory budget: uniform ρ vs the global allocation by
     /// whitened spectrum, with fine-tuning memory estimates; writes a rules file.
