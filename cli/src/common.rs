@@ -337,12 +337,17 @@ impl DataArgs {
     /// Whether the data's first record has classification fields (`input` and `label`); the
     /// parser reports any malformed line later.
     pub fn is_classification(&self) -> CliResult<bool> {
-        let text = match &self.data {
-            Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
-            None => self.embedded.text().to_string(),
+        use std::io::BufRead;
+        let first = match &self.data {
+            Some(path) => {
+                let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut lines = std::io::BufReader::new(file).lines();
+                // Only the first record is read: data files can be large.
+                lines.find(|l| !matches!(l, Ok(l) if l.trim().is_empty())).transpose().map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => self.embedded.text().lines().find(|l| !l.trim().is_empty()).map(str::to_string),
         };
-        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-        Ok(serde_json::from_str(first).is_ok_and(|v| classification::is_classification_record(&v)))
+        Ok(first.is_some_and(|line| serde_json::from_str(&line).is_ok_and(|v| classification::is_classification_record(&v))))
     }
 }
 

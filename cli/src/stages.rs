@@ -197,12 +197,8 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     }
     let phase = Phase::start();
     // Parsed before the model is loaded, so bad data fails fast.
-    let (split, classes) = if task == Task::Classification {
-        let (classes, split) = args.data.split_classes()?;
-        (None, Some((classes, split)))
-    } else {
-        (Some(args.data.split()?), None)
-    };
+    let classes = if task == Task::Classification { Some(args.data.split_classes()?) } else { None };
+    let split = if classes.is_none() { Some(args.data.split()?) } else { None };
     let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &model_dir)?;
     let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
@@ -216,10 +212,10 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
         Ok(())
     };
     let model = encoder.model.clone();
-    let (tuned, report) = match (&split, &classes) {
-        (_, Some((classes, split))) => train_classifier(&encoder, model, classes, &split.train, &args.train, label, resume, on_step)?,
-        (Some(split), None) => train_adapter(&encoder, model, &split.train, &args.train, label, resume, on_step)?,
-        (None, None) => unreachable!("one of the two splits is read above"),
+    let (tuned, report) = match (&classes, &split) {
+        (Some((classes, split)), _) => train_classifier(&encoder, model, classes, &split.train, &args.train, label, resume, on_step)?,
+        (None, Some(split)) => train_adapter(&encoder, model, &split.train, &args.train, label, resume, on_step)?,
+        (None, None) => unreachable!("the retrieval split is read unless classification"),
     };
     export_adapter(&tuned)?.save(&args.out)?;
     eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
