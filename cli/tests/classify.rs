@@ -72,3 +72,29 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
     std::fs::write(dir.path().join("bad.jsonl"), "{\"input\": \"a cat\", \"label\": \"red\"}\n{\"input\": \"a dog\"}\n").unwrap();
     fails_with(&["eval", "--model", &model, "--data", &p("bad.jsonl"), "--validation", "1"], "bad.jsonl:2: missing field `label`");
 }
+
+#[test]
+fn run_prints_the_six_rows_and_applies_only_the_recipe_defaults_not_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    write_data(&dir.path().join("data.jsonl"));
+    let model = fixture().display().to_string();
+    let table = ok(&[
+        "run", "--model", &model, "--data", &p("data.jsonl"), "--validation", "12", "--max-seq-length", "12", "--label-template", "{label}",
+        "--batch-size", "8", "--rank", "2", "--alpha", "4", "--calibration-pairs", "8", "--ratio", "0.5", "--out", &p("run"),
+    ]);
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+    assert_eq!(rows.len(), 6, "{table}");
+    for (row, name) in rows.iter().zip(["zero-shot", "LoRA on the full model", "EMLoC", "EMLoC", "plain-SVD", "global allocation"]) {
+        assert!(row.starts_with(&format!("| {name}")), "{row}");
+    }
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/report.json")).unwrap()).unwrap();
+    // Given on the command line: kept. Not given: the recipe's (36 steps, 4 warmup steps).
+    assert_eq!((report["data"]["validation"].as_u64(), report["train"]["batch_size"].as_u64()), (Some(12), Some(8)), "{report}");
+    assert_eq!((report["train"]["steps"].as_u64(), report["train"]["warmup_steps"].as_u64()), (Some(36), Some(4)), "{report}");
+    assert_eq!(report["validation_examples"], 12);
+    assert_eq!(report["rows"].as_array().unwrap().len(), 6);
+    for row in report["rows"].as_array().unwrap() {
+        assert!(row["metrics"]["accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{row}");
+    }
+}
