@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use burn::optim::ModuleOptimizer;
 use emloc::{FileIdentity, EmulatorConfig, EmulatorDescription, EmulatorReport, LoraConfig, WhiteningMethod, attach_adapter_with_ids, attach_lora, emulate};
 use emloc_models::bert::{BertModel, SentenceEncoder};
+use emloc_models::classification::{self, ClassificationMetrics, ClassificationTask, LabeledText};
 use emloc_models::retrieval::{self, QaPair, RetrievalMetrics, Split, TrainConfig};
 use emloc_models::training::{Resume, StepInfo, TrainReport};
 use burn::module::Module;
@@ -20,6 +21,38 @@ pub type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// The GSM8K train split (MIT, `data/gsm8k/LICENSE`), embedded so the main job runs anywhere.
 pub const EMBEDDED_GSM8K: &str = include_str!("../../data/gsm8k/train.jsonl");
+
+/// A fixed-seed sample of MultiEmo's train split (CC BY 4.0, `data/multiemo/README.md`): the
+/// default data of `emloc run`'s classification recipe.
+pub const EMBEDDED_MULTIEMO: &str = include_str!("../../data/multiemo/train.jsonl");
+
+/// The data sets shipped in the binary: what a command reads without `--data`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum EmbeddedData {
+    /// GSM8K question → answer pairs (the stages' default).
+    #[default]
+    Gsm8k,
+    /// MultiEmo sentences with sentiment labels (`emloc run`'s default).
+    MultiEmo,
+}
+
+impl EmbeddedData {
+    /// The JSONL text.
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::Gsm8k => EMBEDDED_GSM8K,
+            Self::MultiEmo => EMBEDDED_MULTIEMO,
+        }
+    }
+
+    /// How errors and identities name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gsm8k => "data/gsm8k/train.jsonl (embedded)",
+            Self::MultiEmo => "data/multiemo/train.jsonl (embedded)",
+        }
+    }
+}
 
 /// The sentence encoder's LoRA targets: every projection of every BERT layer (not the pooler).
 pub const BERT_LORA_TARGETS: [&str; 5] = ["query", "key", "value", "output.dense", "intermediate.dense"];
@@ -67,6 +100,9 @@ pub const DECODER_LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_pr
 pub enum Task {
     /// Question → answer retrieval with a sentence encoder (BERT), `{"question", "answer"}` data.
     Retrieval,
+    /// Sentence classification with a sentence encoder (BERT), `{"input", "label"}` data: each
+    /// sentence scored by cosine similarity against every label's description.
+    Classification,
     /// Supervised fine-tuning of a decoder LM on completions (loss on completion tokens only).
     CausalLm,
 }
@@ -93,7 +129,8 @@ pub struct ModelArgs {
     /// decoders.
     #[arg(long)]
     pub max_seq_length: Option<usize>,
-    /// The task; inferred from the model (encoder: retrieval, decoder: causal-lm) when absent.
+    /// The task; inferred when absent: decoders do causal-lm; encoders do classification on
+    /// `{"input", "label"}` data and retrieval on `{"question", "answer"}` data.
     #[arg(long, value_enum)]
     pub task: Option<Task>,
     /// Decoders: how prompts become text: `chat` (the model's chat template; the default when
@@ -146,14 +183,25 @@ impl ModelArgs {
         };
         let task = match (kind, self.task) {
             (ModelKind::Encoder, None | Some(Task::Retrieval)) => Task::Retrieval,
+            (ModelKind::Encoder, Some(Task::Classification)) => Task::Classification,
             (ModelKind::Decoder, None | Some(Task::CausalLm)) => Task::CausalLm,
             (ModelKind::Encoder, Some(Task::CausalLm)) => {
                 return Err("--task causal-lm needs a decoder model (a Llama-family directory or .gguf file)".into());
             }
-            (ModelKind::Decoder, Some(Task::Retrieval)) => {
-                return Err("--task retrieval needs a sentence encoder (BERT) model".into());
+            (ModelKind::Decoder, Some(task @ (Task::Retrieval | Task::Classification))) => {
+                return Err(format!("--task {} needs a sentence encoder (BERT) model", task.name()).into());
             }
         };
+        Ok((kind, task))
+    }
+
+    /// [`task`](Self::task), with an encoder's task inferred from `data`'s first record when
+    /// `--task` is absent (`{"input", "label"}`: classification, otherwise retrieval).
+    pub fn task_for(&self, data: &DataArgs) -> CliResult<(ModelKind, Task)> {
+        let (kind, task) = self.task()?;
+        if kind == ModelKind::Encoder && self.task.is_none() && data.is_classification()? {
+            return Ok((kind, Task::Classification));
+        }
         Ok((kind, task))
     }
 
@@ -219,6 +267,17 @@ impl ModelArgs {
     }
 }
 
+impl Task {
+    /// The `--task` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Retrieval => "retrieval",
+            Self::Classification => "classification",
+            Self::CausalLm => "causal-lm",
+        }
+    }
+}
+
 /// The data and its deterministic train/validation split.
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct DataArgs {
@@ -233,6 +292,14 @@ pub struct DataArgs {
     /// Seed of the train/validation split (keep it fixed across stages).
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
+    /// Classification: the text standing for each label, `{label}` replaced by its name; the
+    /// default scored best zero-shot on MultiEmo (see EXPERIMENTS.md). Keep it fixed across
+    /// stages.
+    #[arg(long, default_value = emloc_models::classification::DEFAULT_TEMPLATE)]
+    pub label_template: String,
+    /// What is read without --data (GSM8K for the stages; set by `emloc run`'s recipe).
+    #[arg(skip)]
+    pub embedded: EmbeddedData,
 }
 
 impl DataArgs {
@@ -242,7 +309,7 @@ impl DataArgs {
         use emloc_models::causal_lm::{parse_jsonl, read_jsonl};
         let examples = match &self.data {
             Some(path) => read_jsonl(path)?,
-            None => parse_jsonl(EMBEDDED_GSM8K, Path::new("data/gsm8k/train.jsonl (embedded)"))?,
+            None => parse_jsonl(self.embedded.text(), Path::new(self.embedded.name()))?,
         };
         Ok(retrieval::split(examples, self.validation, self.split_seed)?)
     }
@@ -251,18 +318,49 @@ impl DataArgs {
     pub fn split(&self) -> CliResult<Split> {
         let pairs = match &self.data {
             Some(path) => retrieval::read_jsonl(path)?,
-            None => retrieval::parse_jsonl(EMBEDDED_GSM8K, Path::new("data/gsm8k/train.jsonl (embedded)"))?,
+            None => retrieval::parse_jsonl(self.embedded.text(), Path::new(self.embedded.name()))?,
         };
         Ok(retrieval::split(pairs, self.validation, self.split_seed)?)
     }
+
+    /// Reads and splits classification data; returns the task (labels described by
+    /// `--label-template`, scale 20 as the retrieval loss) with the split.
+    pub fn split_classes(&self) -> CliResult<(ClassificationTask, Split<LabeledText>)> {
+        let data = match &self.data {
+            Some(path) => classification::read_jsonl(path)?,
+            None => classification::parse_jsonl(self.embedded.text(), Path::new(self.embedded.name()))?,
+        };
+        let task = ClassificationTask::new(data.labels, &self.label_template, CLASSIFICATION_SCALE)?;
+        Ok((task, retrieval::split(data.examples, self.validation, self.split_seed)?))
+    }
+
+    /// Whether the data's first record has classification fields (`input` and `label`); the
+    /// parser reports any malformed line later.
+    pub fn is_classification(&self) -> CliResult<bool> {
+        use std::io::BufRead;
+        let first = match &self.data {
+            Some(path) => {
+                let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut lines = std::io::BufReader::new(file).lines();
+                // Only the first record is read: data files can be large.
+                lines.find(|l| !matches!(l, Ok(l) if l.trim().is_empty())).transpose().map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => self.embedded.text().lines().find(|l| !l.trim().is_empty()).map(str::to_string),
+        };
+        Ok(first.is_some_and(|line| serde_json::from_str(&line).is_ok_and(|v| classification::is_classification_record(&v))))
+    }
 }
+
+/// Logit scale of classification training and of its loss metric (the retrieval task's 20:
+/// cosines in [-1, 1] need it for a softmax that can approach one-hot).
+pub const CLASSIFICATION_SCALE: f64 = 20.0;
 
 impl DataArgs {
     /// The identity of the data file (or of the embedded GSM8K split).
     pub fn identity(&self) -> CliResult<FileIdentity> {
         Ok(match &self.data {
             Some(path) => FileIdentity::of(path)?,
-            None => FileIdentity::of_bytes("data/gsm8k/train.jsonl (embedded)", EMBEDDED_GSM8K.as_bytes()),
+            None => FileIdentity::of_bytes(self.embedded.name(), self.embedded.text().as_bytes()),
         })
     }
 
@@ -326,7 +424,8 @@ pub struct EmulatorArgs {
     /// Whitening of the SVD (`none` is the plain-SVD ablation).
     #[arg(long, value_enum, default_value_t = Whitening::Cholesky)]
     pub whitening: Whitening,
-    /// Training pairs used for calibration (each gives its question and its answer).
+    /// Training pairs used for calibration (each gives its question and its answer; for
+    /// classification, two training sentences, plus every label description once).
     #[arg(long, default_value_t = 64)]
     pub calibration_pairs: usize,
 }
@@ -444,6 +543,26 @@ pub fn calibration_texts(train: &[QaPair], pairs: usize) -> CliResult<Vec<String
     Ok(train[..pairs].iter().flat_map(|p| [p.question.clone(), p.answer.clone()]).collect())
 }
 
+/// Classification calibration texts: the first `2 · pairs` training sentences (as many texts as
+/// retrieval's `pairs` pairs) and every label description, which training embeds at every step.
+pub fn classification_calibration_texts(task: &ClassificationTask, train: &[LabeledText], pairs: usize) -> CliResult<Vec<String>> {
+    let most = train.len() / 2;
+    if pairs == 0 || pairs > most {
+        return Err(format!("--calibration-pairs {pairs} must be in 1..={most} (two training sentences each)").into());
+    }
+    Ok(train[..2 * pairs].iter().map(|e| e.input.clone()).chain(task.descriptions.iter().cloned()).collect())
+}
+
+/// The calibration texts of an encoder task: [`calibration_texts`] or
+/// [`classification_calibration_texts`] over the training split of `data`.
+pub fn encoder_calibration_texts(task: Task, data: &DataArgs, pairs: usize) -> CliResult<Vec<String>> {
+    if task == Task::Classification {
+        let (task, split) = data.split_classes()?;
+        return classification_calibration_texts(&task, &split.train, pairs);
+    }
+    calibration_texts(&data.split()?.train, pairs)
+}
+
 /// Runs `stage` (emulation or spectra) over `texts` in calibration batches of 16, with a progress
 /// bar. Every batch is tokenized first, so untokenizable data fails before any work.
 pub fn with_calibration<T>(
@@ -545,6 +664,47 @@ pub fn train_adapter(
         |model, resume, step| retrieval::finetune(encoder, model, train, &config, resume, step),
         on_step,
     )
+}
+
+/// [`train_with_progress`] for the sentence encoder's classification task.
+#[allow(clippy::too_many_arguments)]
+pub fn train_classifier(
+    encoder: &SentenceEncoder,
+    model: BertModel,
+    task: &ClassificationTask,
+    train: &[LabeledText],
+    args: &TrainArgs,
+    label: &str,
+    resume: Option<crate::checkpoint::TrainingCheckpoint>,
+    on_step: impl FnMut(usize, &BertModel, &ModuleOptimizer) -> CliResult<()>,
+) -> CliResult<(BertModel, TrainReport)> {
+    let config = args.train();
+    train_with_progress(
+        model,
+        encoder.device(),
+        args,
+        &BERT_LORA_TARGETS,
+        label,
+        resume,
+        |model, resume, step| classification::finetune(encoder, model, task, train, &config, resume, step),
+        on_step,
+    )
+}
+
+/// Evaluates the classifier `model` on `validation` with a spinner.
+pub fn evaluate_classes(
+    encoder: &SentenceEncoder,
+    model: &BertModel,
+    task: &ClassificationTask,
+    validation: &[LabeledText],
+    label: &str,
+) -> CliResult<ClassificationMetrics> {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(format!("evaluating {label} on {} sentences", validation.len()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let metrics = classification::evaluate(encoder, model, task, validation);
+    spinner.finish_and_clear();
+    Ok(metrics?)
 }
 
 /// Evaluates `model` on `validation` with a spinner.

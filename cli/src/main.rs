@@ -12,11 +12,12 @@ mod memory;
 mod output;
 mod plan;
 mod run;
+mod run_classification;
 mod stages;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Exact heap accounting for the per-phase memory reports.
 #[global_allocator]
@@ -38,8 +39,9 @@ enum Command {
     /// Print sentence embeddings of TEXT... as JSON (one array of floats per text, in order)
     /// from a sentence-transformers BERT directory (e.g. all-MiniLM-L6-v2).
     Embed(embed::EmbedArgs),
-    /// The main job: EMLoC on all-MiniLM-L6-v2 for GSM8K question → answer retrieval (zero-shot,
-    /// LoRA on the full model, EMLoC corrected and uncorrected, plain-SVD emulator), as a table.
+    /// The main job: EMLoC on all-MiniLM-L6-v2 for MultiEmo sentiment classification (zero-shot,
+    /// LoRA on the full model, EMLoC corrected and uncorrected, plain-SVD emulator, global rank
+    /// allocation), as a table; `--recipe gsm8k-retrieval` for GSM8K question → answer retrieval.
     Run(run::RunArgs),
     /// Calibrate on the downstream data and write the emulator (factors + JSON description).
     Emulate(stages::EmulateArgs),
@@ -50,7 +52,8 @@ enum Command {
     /// Merge a PEFT adapter into a model directory's safetensors (host-side, no model built).
     Merge(stages::MergeArgs),
     /// Print metrics on the validation split as JSON: retrieval (Recall@1, Recall@5, MRR, loss)
-    /// for encoders; loss, exact match and choice accuracy for decoders.
+    /// or classification (accuracy, macro-F1, loss) for encoders; loss, exact match and choice
+    /// accuracy for decoders.
     Eval(stages::EvalArgs),
     /// Per-layer ranks for a parameter or memory budget: uniform ρ vs the global allocation by
     /// whitened spectrum, with fine-tuning memory estimates; writes a rules file.
@@ -68,11 +71,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The matches stay at hand: `emloc run` needs to know which options were given.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args).map_err(|e| e.to_string()),
         Command::Embed(args) => embed::run(&args).map_err(|e| e.to_string()),
-        Command::Run(args) => run::run(&args).map_err(|e| e.to_string()),
+        Command::Run(args) => {
+            let run_matches = matches.subcommand_matches("run").expect("the `run` subcommand was parsed");
+            run::run_recipe(&args, run_matches).map_err(|e| e.to_string())
+        }
         Command::Emulate(args) => stages::emulate(&args).map_err(|e| e.to_string()),
         Command::Finetune(args) => stages::finetune(&args).map_err(|e| e.to_string()),
         Command::Correct(args) => stages::correct_adapter(&args).map_err(|e| e.to_string()),

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::bench_memory::{MemoryPhase, PhaseResult, run_phase_process};
 use crate::causal;
-use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, Task, calibration_texts, progress, with_calibration, write_json};
+use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, Task, encoder_calibration_texts, progress, with_calibration, write_json};
 
 /// Options of `emloc plan`.
 #[derive(Args, Debug)]
@@ -128,10 +128,9 @@ fn estimate(shape: &Shape, dense_params: usize, factor_params: usize, adapter_pa
 /// Computes both plans, prints them and optionally writes the global one.
 pub fn plan(args: &PlanArgs) -> CliResult<()> {
     let config = args.emulator.config()?;
-    let (spectra, num_params, shape) = match args.model.task()?.1 {
-        Task::Retrieval => {
-            let split = args.data.split()?;
-            let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
+    let (spectra, num_params, shape) = match args.model.task_for(&args.data)?.1 {
+        task @ (Task::Retrieval | Task::Classification) => {
+            let texts = encoder_calibration_texts(task, &args.data, args.emulator.calibration_pairs)?;
             let (encoder, _) = args.model.load()?;
             let spectra = with_calibration(&encoder, &texts, |batches, forward| {
                 whitened_spectra(&encoder.model, batches, |m: &BertModel, b| forward(m, b), &config)

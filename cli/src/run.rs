@@ -1,40 +1,102 @@
 //! `emloc run`: the main job. The whole pipeline on a real sentence encoder (all-MiniLM-L6-v2 by
-//! default) for GSM8K question → answer retrieval, against zero-shot and LoRA on the full model,
-//! with one seed, step count and set of hyperparameters for every row.
+//! default), against zero-shot and LoRA on the full model, with one seed, step count and set of
+//! hyperparameters for every row. Two recipes: MultiEmo sentence classification (the default, in
+//! [`crate::run_classification`]) and GSM8K question → answer retrieval (here).
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, ValueEnum};
 use emloc::{CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter, merge_lora};
 use emloc_models::retrieval::RetrievalMetrics;
 use serde::Serialize;
 
 use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, adapter_params, build_emulator, calibration_texts,
-    evaluate, train_adapter, write_json,
+    CliResult, DataArgs, EmbeddedData, EmulatorArgs, ModelArgs, Task, TrainArgs, adapter_params, build_emulator,
+    calibration_texts, evaluate, train_adapter, write_json,
 };
 use crate::memory::{Phase, PhaseStats};
 
 /// Options of `emloc run`.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// What runs without --data, with its defaults: `multiemo-classification` (MultiEmo
+    /// sentiment, shipped in data/multiemo; --validation 500, --steps 36, --batch-size 32,
+    /// --warmup-steps 4, --max-seq-length 48 unless given) or `gsm8k-retrieval` (the GSM8K
+    /// table). With --data the task follows the data's fields.
+    #[arg(long, value_enum, default_value_t = Recipe::MultiemoClassification)]
+    pub(crate) recipe: Recipe,
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     #[command(flatten)]
-    data: DataArgs,
+    pub(crate) data: DataArgs,
     #[command(flatten)]
-    emulator: EmulatorArgs,
+    pub(crate) emulator: EmulatorArgs,
     #[command(flatten)]
-    train: TrainArgs,
-    /// Training pairs used (the first N of the shuffled training split; 0 = all).
+    pub(crate) train: TrainArgs,
+    /// Training examples used (the first N of the shuffled training split; 0 = all).
     #[arg(long, default_value_t = 0)]
-    train_pairs: usize,
+    pub(crate) train_pairs: usize,
     /// Correction clamp L.
     #[arg(long, default_value_t = 3.0)]
-    clamp: f64,
+    pub(crate) clamp: f64,
     /// Directory for the artifacts (emulators, adapters) and `report.json`.
     #[arg(long, default_value = "emloc-run")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
+}
+
+/// `--recipe` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Recipe {
+    /// MultiEmo sentence classification: zero-shot leaves room for fine-tuning.
+    MultiemoClassification,
+    /// GSM8K question → answer retrieval (at MiniLM's zero-shot ceiling).
+    Gsm8kRetrieval,
+}
+
+/// The classification recipe's defaults, sized to finish in about 10 minutes on a 2-core CPU
+/// (EXPERIMENTS.md): options left at their generic default take these instead.
+const CLASSIFICATION_DEFAULTS: ClassificationDefaults =
+    ClassificationDefaults { validation: 500, steps: 36, batch_size: 32, warmup_steps: 4, max_seq_length: 48 };
+
+struct ClassificationDefaults {
+    validation: usize,
+    steps: usize,
+    batch_size: usize,
+    warmup_steps: usize,
+    max_seq_length: usize,
+}
+
+/// Runs the recipe of `args`; `matches` (of the `run` subcommand) tells which options were given
+/// on the command line, so that the recipe's defaults replace only the others.
+pub fn run_recipe(args: &RunArgs, matches: &ArgMatches) -> CliResult<()> {
+    let mut args = args.clone();
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    if args.recipe == Recipe::MultiemoClassification {
+        args.data.embedded = EmbeddedData::MultiEmo;
+    }
+    match args.model.task_for(&args.data)?.1 {
+        Task::Classification => {
+            let d = CLASSIFICATION_DEFAULTS;
+            let mut train = args.train.clone();
+            if args.recipe == Recipe::MultiemoClassification {
+                for (id, field, value) in [
+                    ("validation", &mut args.data.validation, d.validation),
+                    ("steps", &mut train.steps, d.steps),
+                    ("batch_size", &mut train.batch_size, d.batch_size),
+                    ("warmup_steps", &mut train.warmup_steps, d.warmup_steps),
+                ] {
+                    if !given(id) {
+                        *field = value;
+                    }
+                }
+            }
+            let max_seq_length = args.model.max_seq_length.unwrap_or(d.max_seq_length);
+            crate::run_classification::run(&args, &train, max_seq_length)
+        }
+        Task::Retrieval => run(&args),
+        Task::CausalLm => Err("emloc run works on sentence encoders; for decoders run the stages (see the README)".into()),
+    }
 }
 
 /// One row of the table.
@@ -71,7 +133,7 @@ fn count_params(model: &emloc_models::bert::BertModel) -> usize {
     model.num_params()
 }
 
-/// Runs the experiment and prints the table.
+/// Runs the retrieval experiment and prints the table.
 pub fn run(args: &RunArgs) -> CliResult<()> {
     let phase = Phase::start();
     let (encoder, model_dir) = args.model.load()?;

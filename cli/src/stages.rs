@@ -13,8 +13,9 @@ use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
 use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, calibration_texts, check_emulator_source,
-    describe_encoder_adapter, emulator_identity, evaluate, model_identity, train_adapter, write_json,
+    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, check_emulator_source, describe_encoder_adapter,
+    emulator_identity, encoder_calibration_texts, evaluate, evaluate_classes, model_identity, train_adapter, train_classifier,
+    write_json,
 };
 use crate::common::Task;
 use crate::{causal, checkpoint};
@@ -90,14 +91,14 @@ pub struct EmulateArgs {
 
 /// Calibrates, builds and saves the emulator.
 pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
-    if args.model.task()?.1 == Task::CausalLm {
+    let task = args.model.task_for(&args.data)?.1;
+    if task == Task::CausalLm {
         return causal::emulate(args);
     }
     let phase = Phase::start();
     let staged = StagedDir::begin(&args.out)?;
     let config = args.emulator.config()?;
-    let split = args.data.split()?;
-    let texts = calibration_texts(&split.train, args.emulator.calibration_pairs)?;
+    let texts = encoder_calibration_texts(task, &args.data, args.emulator.calibration_pairs)?;
     let (mut encoder, model_dir) = args.model.load()?;
     check_out(&args.out, &model_dir)?;
     // Moved out, so that emulation releases the original's dense weights layer by layer.
@@ -191,24 +192,32 @@ impl FinetuneArgs {
 
 /// Trains LoRA adapters and writes them in PEFT format.
 pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
-    if args.model.task()?.1 == Task::CausalLm {
+    let task = args.model.task_for(&args.data)?.1;
+    if task == Task::CausalLm {
         return causal::finetune(args);
     }
     let phase = Phase::start();
-    let split = args.data.split()?;
+    // Parsed before the model is loaded, so bad data fails fast.
+    let classes = if task == Task::Classification { Some(args.data.split_classes()?) } else { None };
+    let split = if classes.is_none() { Some(args.data.split()?) } else { None };
     let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &model_dir)?;
     let label = if emulator.is_some() { "LoRA on the emulator" } else { "LoRA on the model" };
     let inputs = args.inputs(&model_dir)?;
     let resume = checkpoint::resume(&args.out, &args.train, &inputs, args.resume)?;
     let every = args.checkpoint_every;
-    let (tuned, report) =
-        train_adapter(&encoder, encoder.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {
-            if every > 0 && step % every == 0 {
-                checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
-            }
-            Ok(())
-        })?;
+    let on_step = |step, model: &emloc_models::bert::BertModel, optim: &burn::optim::ModuleOptimizer| {
+        if every > 0 && step % every == 0 {
+            checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
+        }
+        Ok(())
+    };
+    let model = encoder.model.clone();
+    let (tuned, report) = match (&classes, &split) {
+        (Some((classes, split)), _) => train_classifier(&encoder, model, classes, &split.train, &args.train, label, resume, on_step)?,
+        (None, Some(split)) => train_adapter(&encoder, model, &split.train, &args.train, label, resume, on_step)?,
+        (None, None) => unreachable!("the retrieval split is read unless classification"),
+    };
     describe_encoder_adapter(export_adapter(&tuned)?, &model_dir).save(&args.out)?;
     eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
     finish("finetune", phase, &args.out, &report)
@@ -454,19 +463,34 @@ pub struct EvalArgs {
     pub(crate) eval_batch_size: usize,
 }
 
-/// Prints Recall@1, Recall@5 and MRR on the validation split as JSON (decoders: loss, exact
-/// match and choice accuracy).
+/// Prints Recall@1, Recall@5 and MRR on the validation split as JSON (classification: accuracy,
+/// macro-F1, loss and per-class counts; decoders: loss, exact match and choice accuracy).
 pub fn eval(args: &EvalArgs) -> CliResult<()> {
-    if args.model.task()?.1 == Task::CausalLm {
+    let task = args.model.task_for(&args.data)?.1;
+    if task == Task::CausalLm {
         return causal::eval(args);
     }
     let phase = Phase::start();
-    let split = args.data.split()?;
+    let classes = if task == Task::Classification { Some(args.data.split_classes()?) } else { None };
+    let split = if classes.is_none() { Some(args.data.split()?) } else { None };
     let (encoder, _, _) = load_model(&args.model, args.emulator.as_deref())?;
     let mut model = encoder.model.clone();
     if let Some(dir) = &args.adapter {
         model = attach_adapter(model, &PeftAdapter::load(dir)?)?.valid();
     }
+    if let Some((classes, split)) = &classes {
+        let metrics = evaluate_classes(&encoder, &model, classes, &split.validation, "model")?;
+        #[derive(Serialize)]
+        struct Output {
+            #[serde(flatten)]
+            metrics: emloc_models::classification::ClassificationMetrics,
+            #[serde(flatten)]
+            stats: PhaseStats,
+        }
+        println!("{}", serde_json::to_string_pretty(&Output { metrics, stats: phase.finish() })?);
+        return Ok(());
+    }
+    let split = split.expect("read above unless classification");
     let metrics = evaluate(&encoder, &model, &split.validation, "model")?;
     #[derive(Serialize)]
     struct Output {

@@ -100,7 +100,10 @@ fn the_task_follows_the_model_and_bad_combinations_are_refused() {
     let bert = fixture("tiny_bert").display().to_string();
     fails_with(&["eval", "--model", &llama, "--data", &data, "--task", "retrieval"], "needs a sentence encoder");
     fails_with(&["eval", "--model", &bert, "--data", &data, "--task", "causal-lm"], "needs a decoder model");
-    fails_with(&["eval", "--model", &bert, "--data", &data], "missing field `question`");
+    // An encoder reads a first record with `input` and `label` as classification data; this
+    // file's second line has no label.
+    fails_with(&["eval", "--model", &bert, "--data", &data], "data.jsonl:2: missing field `label`");
+    fails_with(&["eval", "--model", &bert, "--data", &data, "--task", "retrieval"], "missing field `question`");
     // An unsupported architecture is named.
     let other = dir.path().join("gpt2");
     std::fs::create_dir(&other).unwrap();

@@ -3,6 +3,7 @@
 
 pub mod bert;
 pub mod causal_lm;
+pub mod classification;
 pub mod clip;
 pub mod error;
 pub mod gguf;

@@ -1,0 +1,285 @@
+//! `emloc run`'s default recipe: sentence classification (MultiEmo sentiment by default) with a
+//! sentence encoder, where zero-shot leaves room for fine-tuning to show. Rows: zero-shot, LoRA on
+//! the full model, EMLoC corrected and uncorrected, the plain-SVD emulator, and the global rank
+//! allocation at the uniform emulator's size; one seed, step count and set of hyperparameters
+//! for every row.
+
+use burn::module::Module;
+use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
+use emloc::{CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter, merge_lora};
+use emloc_models::bert::{BertModel, SentenceEncoder};
+use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
+use serde::Serialize;
+
+use crate::common::{
+    CliResult, DataArgs, EmulatorArgs, TrainArgs, adapter_params, build_emulator, classification_calibration_texts,
+    evaluate_classes, train_classifier, with_calibration, write_json,
+};
+use crate::memory::{Phase, PhaseStats};
+use crate::run::RunArgs;
+
+/// One row of the table.
+#[derive(Debug, Serialize)]
+struct Row {
+    method: String,
+    metrics: ClassificationMetrics,
+    /// Share of full-model LoRA's accuracy gain over zero-shot.
+    accuracy_gain_recovered: Option<f64>,
+    trainable_params: usize,
+    /// Parameters of the model the adapter was trained on (0 for zero-shot).
+    trained_model_params: usize,
+    /// Training loss of the first and the last step.
+    training_loss: Option<(f64, f64)>,
+    /// Peak RSS and wall time of fine-tuning (for zero-shot: of evaluating the original).
+    training: PhaseStats,
+    /// Wall time of the whole row in seconds (emulation, training, correction, merge, eval).
+    row_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    recipe: &'static str,
+    model: String,
+    data: &'a DataArgs,
+    emulator: &'a EmulatorArgs,
+    train: &'a TrainArgs,
+    max_seq_length: usize,
+    labels: &'a [String],
+    label_descriptions: &'a [String],
+    train_examples: usize,
+    validation_examples: usize,
+    rows: Vec<Row>,
+    emulators: Vec<(String, emloc::EmulatorReport)>,
+    corrections: Vec<(String, emloc::CorrectionReport)>,
+}
+
+/// One emulator row set: how the emulator is built and which merged variants are scored.
+struct Variant {
+    name: String,
+    dir: &'static str,
+    config: EmulatorConfig,
+    uncorrected_too: bool,
+}
+
+/// What every trained row needs.
+struct Context<'a> {
+    encoder: &'a SentenceEncoder,
+    original: &'a BertModel,
+    task: &'a ClassificationTask,
+    train: &'a [LabeledText],
+    validation: &'a [LabeledText],
+    args: &'a RunArgs,
+    train_args: &'a TrainArgs,
+}
+
+/// Runs the classification recipe with `train_args` (the recipe's defaults applied) and prints
+/// the table.
+pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> CliResult<()> {
+    let phase = Phase::start();
+    let (task, split) = args.data.split_classes()?;
+    let mut train = split.train;
+    if args.train_pairs > 0 {
+        train.truncate(args.train_pairs);
+    }
+    let calibration = classification_calibration_texts(&task, &train, args.emulator.calibration_pairs)?;
+    let (encoder, model_dir) = args.model.load()?;
+    let encoder = encoder.with_max_seq_length(max_seq_length)?;
+    let original = encoder.model.clone();
+    let load = phase.finish();
+    eprintln!(
+        "model {} loaded in {:.1}s; {} labels {:?}; {} training sentences, {} validation sentences, {} calibration texts",
+        model_dir.display(),
+        load.wall_seconds,
+        task.labels.len(),
+        task.descriptions,
+        train.len(),
+        split.validation.len(),
+        calibration.len()
+    );
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let context = Context { encoder: &encoder, original: &original, task: &task, train: &train, validation: &split.validation, args, train_args };
+
+    let mut rows = Vec::new();
+    let phase = Phase::start();
+    let zero_shot = evaluate_classes(&encoder, &original, &task, &split.validation, "zero-shot")?;
+    let stats = phase.finish();
+    eprintln!(
+        "zero-shot: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} ({:.1}s)",
+        zero_shot.accuracy, zero_shot.macro_f1, zero_shot.loss, stats.wall_seconds
+    );
+    rows.push(Row {
+        method: "zero-shot (original model)".into(),
+        metrics: zero_shot.clone(),
+        accuracy_gain_recovered: None,
+        trainable_params: 0,
+        trained_model_params: 0,
+        training_loss: None,
+        training: stats,
+        row_seconds: stats.wall_seconds,
+    });
+
+    let row_phase = Phase::start();
+    let phase = Phase::start();
+    let (tuned, report) = train_classifier(&encoder, original.clone(), &task, &train, train_args, "LoRA on the full model", None, |_, _, _| Ok(()))?;
+    let training = phase.finish();
+    let trainable = adapter_params(&tuned);
+    let trained_params = tuned.num_params() - trainable;
+    export_adapter(&tuned)?.save(&args.out.join("adapter-full-lora"))?;
+    let metrics = evaluate_classes(&encoder, &merge_lora(tuned), &task, &split.validation, "LoRA")?;
+    eprintln!(
+        "LoRA on the full model: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
+        metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss
+    );
+    let full_gain = metrics.accuracy - zero_shot.accuracy;
+    // A share of a gain only means something when there is a gain.
+    let recovered = |m: &ClassificationMetrics| (full_gain > 1e-12).then(|| (m.accuracy - zero_shot.accuracy) / full_gain);
+    rows.push(Row {
+        method: "LoRA on the full model".into(),
+        accuracy_gain_recovered: recovered(&metrics),
+        metrics,
+        trainable_params: trainable,
+        trained_model_params: trained_params,
+        training_loss: Some((report.first_loss, report.last_loss)),
+        training,
+        row_seconds: row_phase.elapsed_seconds(),
+    });
+
+    let base = args.emulator.config()?;
+    let sizing = match &args.emulator.config {
+        Some(path) => format!("({})", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+        None => format!("ρ = {}", args.emulator.ratio),
+    };
+    let with_whitening = |method| EmulatorConfig {
+        whitening: emloc::emulator::WhiteningConfig { method, ..base.whitening.clone() },
+        ..base.clone()
+    };
+    let mut emulators = Vec::new();
+    let mut corrections = Vec::new();
+    let variants = [
+        Variant { name: format!("EMLoC {sizing}"), dir: "emulator-whitened", config: with_whitening(WhiteningMethod::Cholesky), uncorrected_too: true },
+        Variant { name: format!("plain-SVD emulator {sizing}"), dir: "emulator-plain-svd", config: with_whitening(WhiteningMethod::None), uncorrected_too: false },
+    ];
+    for variant in &variants {
+        let row_phase = Phase::start();
+        let (emulator, report) = build_emulator(&encoder, original.clone(), &calibration, &variant.config)?;
+        log_emulator(&variant.name, &report, row_phase.elapsed_seconds());
+        emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(variant.config.clone(), report.clone()), &args.out.join(variant.dir))?;
+        emulators.push((variant.name.clone(), report));
+        rows.extend(train_correct_score(&context, variant, emulator, row_phase, &recovered, &mut corrections)?);
+    }
+
+    // The global allocation at the uniform emulator's size: ranks by whitened spectrum (as
+    // `emloc plan` computes them), then the same pipeline as the EMLoC rows.
+    let row_phase = Phase::start();
+    let whitened = &variants[0].config;
+    let spectra = with_calibration(&encoder, &calibration, |batches, forward| {
+        whitened_spectra(&original, batches, |m: &BertModel, b| forward(m, b), whitened)
+    })??;
+    let size = emulators[0].1.params_kept();
+    let config = config_for_ranks(&global_ranks(&spectra, size, Objective::Relative)?, whitened);
+    let global = Variant { name: format!("global allocation, {size} factor params"), dir: "emulator-global", config, uncorrected_too: false };
+    let (emulator, report) = build_emulator(&encoder, original.clone(), &calibration, &global.config)?;
+    log_emulator(&global.name, &report, row_phase.elapsed_seconds());
+    emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(global.config.clone(), report.clone()), &args.out.join(global.dir))?;
+    emulators.push((global.name.clone(), report));
+    rows.extend(train_correct_score(&context, &global, emulator, row_phase, &recovered, &mut corrections)?);
+
+    print_table(&rows);
+    let report = Report {
+        recipe: "multiemo-classification",
+        model: model_dir.display().to_string(),
+        data: &args.data,
+        emulator: &args.emulator,
+        train: train_args,
+        max_seq_length,
+        labels: &task.labels,
+        label_descriptions: &task.descriptions,
+        train_examples: train.len(),
+        validation_examples: split.validation.len(),
+        rows,
+        emulators,
+        corrections,
+    };
+    let path = args.out.join("report.json");
+    write_json(&path, &report)?;
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+fn log_emulator(name: &str, report: &emloc::EmulatorReport, seconds: f64) {
+    eprintln!(
+        "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({seconds:.1}s)",
+        report.layers.len(),
+        report.params_original(),
+        report.params_kept(),
+        report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>() / report.layers.len().max(1) as f64,
+    );
+}
+
+/// Trains LoRA on `emulator`, then scores the corrected (and, if asked, the uncorrected) adapter
+/// merged into the original: one row each.
+fn train_correct_score(
+    cx: &Context<'_>,
+    variant: &Variant,
+    emulator: BertModel,
+    row_phase: Phase,
+    recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
+    corrections: &mut Vec<(String, emloc::CorrectionReport)>,
+) -> CliResult<Vec<Row>> {
+    let phase = Phase::start();
+    let label = format!("LoRA on the {}", variant.name);
+    let (tuned, report) = train_classifier(cx.encoder, emulator, cx.task, cx.train, cx.train_args, &label, None, |_, _, _| Ok(()))?;
+    let training = phase.finish();
+    let trainable = adapter_params(&tuned);
+    let trained_params = tuned.num_params() - trainable;
+    let built_and_trained = row_phase.elapsed_seconds();
+    let mut rows = Vec::new();
+    for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
+        let phase = Phase::start();
+        let adapter = if corrected {
+            let (adapter, report) = correct(cx.original, &tuned, &CorrectionConfig { clamp: cx.args.clamp })?;
+            corrections.push((variant.name.clone(), report));
+            adapter
+        } else {
+            export_adapter(&tuned)?
+        };
+        let which = if corrected { "corrected" } else { "uncorrected" };
+        adapter.save(&cx.args.out.join(format!("adapter-{}-{which}", variant.dir)))?;
+        let merged = merge_adapter(cx.original.clone(), &adapter)?;
+        let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, which)?;
+        eprintln!(
+            "{} {which}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
+            variant.name, metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss
+        );
+        rows.push(Row {
+            method: format!("{} {which}, merged into the original", variant.name),
+            accuracy_gain_recovered: recovered(&metrics),
+            metrics,
+            trainable_params: trainable,
+            trained_model_params: trained_params,
+            training_loss: Some((report.first_loss, report.last_loss)),
+            training,
+            row_seconds: built_and_trained + phase.elapsed_seconds(),
+        });
+    }
+    Ok(rows)
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| method | accuracy | macro-F1 | val. loss | accuracy gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        println!(
+            "| {} | {:.4} | {:.4} | {:.4} | {} | {} | {} | {:.1} | {:.1} |",
+            row.method,
+            row.metrics.accuracy,
+            row.metrics.macro_f1,
+            row.metrics.loss,
+            row.accuracy_gain_recovered.map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
+            row.trained_model_params,
+            row.training.peak_mib(),
+            row.training.wall_seconds,
+            row.row_seconds
+        );
+    }
+}
