@@ -366,10 +366,17 @@ impl DataArgs {
 
     /// How the data is split, by option name (recorded beside [`DataArgs::identity`]).
     pub fn selection(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
-        [("validation", self.validation.into()), ("split_seed", self.split_seed.into())]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+        let mut selection: std::collections::BTreeMap<String, serde_json::Value> =
+            [("validation", self.validation.into()), ("split_seed", self.split_seed.into())]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        // Classification's label descriptions are part of its data: the same sentences under
+        // another template are another task.
+        if self.is_classification().unwrap_or(false) {
+            selection.insert("label_template".into(), self.label_template.clone().into());
+        }
+        selection
     }
 }
 

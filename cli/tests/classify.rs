@@ -39,6 +39,10 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
     let run = |v: Vec<String>| ok(&v.iter().map(String::as_str).collect::<Vec<_>>());
 
     run(args("emulate", &model, &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]));
+    // The label descriptions are part of the task: emulator.json (and checkpoints) record them.
+    let description: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap()).unwrap();
+    assert_eq!(description["provenance"]["selection"]["label_template"], "{label}", "{description}");
     let train = ["--steps", "6", "--batch-size", "8", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--warmup-steps", "1"];
     let (emulator, adapter) = (p("emulator"), p("adapter"));
     let mut extra = vec!["--emulator", emulator.as_str(), "--out", adapter.as_str()];
