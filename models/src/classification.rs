@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertModel, SentenceEncoder};
 use crate::error::{ModelError, Result};
+use crate::jsonl::{nonblank_string, parse_records};
 use crate::training::train;
 pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport};
 
@@ -56,42 +57,26 @@ pub fn is_classification_record(value: &serde_json::Value) -> bool {
 /// missing from its line's `choices`; [`ModelError::Data`] (line 0) if there is no example or
 /// fewer than two labels.
 pub fn parse_jsonl(text: &str, path: &Path) -> Result<ClassificationData> {
-    let mut raw = Vec::new();
     let mut labels = BTreeSet::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let error = |message: String| ModelError::Data { path: path.to_path_buf(), line: index + 1, message };
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
-        let text_field = |name: &str, v: Option<&serde_json::Value>| match v {
-            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-            Some(serde_json::Value::String(_)) => Err(error(format!("`{name}` is empty"))),
-            Some(other) => Err(error(format!("`{name}` must be a string, found {other}"))),
-            None => Err(error(format!("missing field `{name}`"))),
-        };
-        let input = text_field("input", value.get("input"))?;
-        let label = text_field("label", value.get("label"))?;
+    let raw = parse_records(text, path, "no input/label examples", |value| {
+        let input = nonblank_string(value.get("input"), "input")?;
+        let label = nonblank_string(value.get("label"), "label")?;
         if let Some(choices) = value.get("choices") {
             let Some(choices) = choices.as_array() else {
-                return Err(error(format!("`choices` must be an array of strings, found {choices}")));
+                return Err(format!("`choices` must be an array of strings, found {choices}"));
             };
-            let choices = choices.iter().map(|c| text_field("choices", Some(c))).collect::<Result<Vec<_>>>()?;
+            let choices = choices.iter().map(|c| nonblank_string(Some(c), "choices")).collect::<std::result::Result<Vec<_>, _>>()?;
             if !choices.contains(&label) {
-                return Err(error(format!("label `{label}` is not one of its `choices` {choices:?}")));
+                return Err(format!("label `{label}` is not one of its `choices` {choices:?}"));
             }
             labels.extend(choices);
         }
         labels.insert(label.clone());
-        raw.push((input, label));
-    }
-    let whole_file = |message: &str| ModelError::Data { path: path.to_path_buf(), line: 0, message: message.into() };
-    if raw.is_empty() {
-        return Err(whole_file("no input/label examples"));
-    }
+        Ok((input, label))
+    })?;
     if labels.len() < 2 {
-        return Err(whole_file("fewer than two labels: nothing to classify"));
+        let message = "fewer than two labels: nothing to classify".into();
+        return Err(ModelError::Data { path: path.to_path_buf(), line: 0, message });
     }
     let labels: Vec<String> = labels.into_iter().collect();
     let examples = raw

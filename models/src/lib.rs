@@ -7,6 +7,7 @@ pub mod classification;
 pub mod clip;
 pub mod error;
 pub mod gguf;
+mod jsonl;
 pub mod llama;
 pub mod loading;
 pub mod retrieval;

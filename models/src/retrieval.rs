@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertModel, Encoded, SentenceEncoder};
 use crate::error::{ModelError, Result};
+use crate::jsonl::{nonblank_string, parse_records};
 use crate::training::rng;
 pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport, batch_order};
 use crate::training::train;
@@ -35,26 +36,10 @@ pub struct QaPair {
 /// [`ModelError::Data`] with the 1-based line number for invalid JSON, a missing or non-string
 /// `question`/`answer`, or an empty one; [`ModelError::Data`] (line 0) if there is no pair at all.
 pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<QaPair>> {
-    let mut pairs = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let error = |message: String| ModelError::Data { path: path.to_path_buf(), line: index + 1, message };
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
-        let field = |name: &str| match value.get(name) {
-            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-            Some(serde_json::Value::String(_)) => Err(error(format!("`{name}` is empty"))),
-            Some(other) => Err(error(format!("`{name}` must be a string, found {other}"))),
-            None => Err(error(format!("missing field `{name}`"))),
-        };
-        pairs.push(QaPair { question: field("question")?, answer: field("answer")? });
-    }
-    if pairs.is_empty() {
-        return Err(ModelError::Data { path: path.to_path_buf(), line: 0, message: "no question/answer pairs".into() });
-    }
-    Ok(pairs)
+    parse_records(text, path, "no question/answer pairs", |value| {
+        let field = |name: &str| nonblank_string(value.get(name), name);
+        Ok(QaPair { question: field("question")?, answer: field("answer")? })
+    })
 }
 
 /// Reads a JSONL data file (see [`parse_jsonl`]).

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+use crate::jsonl::parse_records;
 
 /// One message of a conversation (`{"role": ..., "content": ...}`, HF's chat format).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,22 +176,12 @@ fn short(value: &Value) -> String {
 /// [`ModelError::Data`] naming `FILE:LINE` for invalid JSON or a line that is not one of the
 /// [`FORMATS`]; [`ModelError::Data`] (line 0) for a file without examples.
 pub fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<Example>> {
-    let mut examples = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let error = |message: String| ModelError::Data { path: path.to_path_buf(), line: index + 1, message };
-        let value: Value = serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
+    parse_records(text, path, "no examples", |value| {
         if !value.is_object() {
-            return Err(error(format!("expected a JSON object, one of {FORMATS}")));
+            return Err(format!("expected a JSON object, one of {FORMATS}"));
         }
-        examples.push(parse_record(&value).map_err(error)?);
-    }
-    if examples.is_empty() {
-        return Err(ModelError::Data { path: path.to_path_buf(), line: 0, message: "no examples".into() });
-    }
-    Ok(examples)
+        parse_record(value)
+    })
 }
 
 /// Reads a JSONL data file (see [`parse_jsonl`]).
