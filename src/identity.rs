@@ -54,6 +54,16 @@ impl FileIdentity {
     pub fn same_content(&self, other: &Self) -> bool {
         self.bytes == other.bytes && self.sha256 == other.sha256
     }
+
+    /// Whether two lists name the same files, pairwise by content and in order.
+    pub fn same_files(a: &[Self], b: &[Self]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_content(y))
+    }
+
+    /// The files of `list` for a message: `PATH (N bytes, sha256 HASH), ...`.
+    pub fn describe(list: &[Self]) -> String {
+        list.iter().map(|f| format!("{} ({} bytes, sha256 {})", f.path, f.bytes, f.sha256)).collect::<Vec<_>>().join(", ")
+    }
 }
 
 fn hex(digest: &[u8]) -> String {

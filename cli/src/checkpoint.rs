@@ -56,8 +56,7 @@ impl TrainingInputs {
     /// The first difference from `now`, in words, or `None` when both name the same inputs
     /// (content, not paths: a moved file is still the same input).
     fn difference(&self, now: &TrainingInputs) -> Option<String> {
-        let same = |a: &[FileIdentity], b: &[FileIdentity]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_content(y));
-        let show = |files: &[FileIdentity]| files.iter().map(|f| format!("{} ({} bytes, sha256 {})", f.path, f.bytes, f.sha256)).collect::<Vec<_>>().join(", ");
+        let (same, show) = (FileIdentity::same_files, FileIdentity::describe);
         if !same(&self.model, &now.model) {
             return Some(format!("--model: the checkpoint trained {}, now {}", show(&self.model), show(&now.model)));
         }

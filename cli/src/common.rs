@@ -397,11 +397,10 @@ pub fn model_identity(source: &Path) -> CliResult<Vec<FileIdentity>> {
 pub fn check_emulator_source(description: &EmulatorDescription, emulator_dir: &Path, source: &Path) -> CliResult<()> {
     let Some(provenance) = &description.provenance else { return Ok(()) };
     let now = model_identity(source)?;
-    let same = provenance.model.len() == now.len() && provenance.model.iter().zip(&now).all(|(a, b)| a.same_content(b));
-    if same {
+    if FileIdentity::same_files(&provenance.model, &now) {
         return Ok(());
     }
-    let show = |files: &[FileIdentity]| files.iter().map(|f| format!("{} (sha256 {})", f.path, f.sha256)).collect::<Vec<_>>().join(", ");
+    let show = FileIdentity::describe;
     Err(format!(
         "{}: the emulator was built from {}, not from --model {} ({}); use the model it was built from or emulate this one",
         emulator_dir.display(),
