@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "SmolLM2-135M-Instruct (GGUF) end to end" table: every stage on the real GGUF and
+# EXPERIMENTS.md's "SmolLM2-135M-Instruct (GGUF) end to end" table: every stage on the real GGUF and
 # BIG-bench 2-digit addition (data/bigbench), zero-shot, LoRA on the original, EMLoC rho 0.4
 # corrected (merged) and uncorrected. About 25 minutes on 2 CPU cores (debug profile).
 #

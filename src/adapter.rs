@@ -1,6 +1,6 @@
 //! Stage 2 plumbing: attach LoRA adapters, move them in and out of HF PEFT's format, merge them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::{Module, Param, ParamGroup, ParamId};
 
@@ -9,6 +9,7 @@ use crate::matrix::Matrix;
 use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
 use crate::nn::{Linear, LoraAdapter, LoraConfig, check_lora_rank};
 use crate::peft::{LayerShape, PeftAdapter, PeftConfig, PeftLayer, TargetModules};
+use crate::stock;
 
 /// Every `emloc::nn::Linear` of `model` with its shape, in traversal order.
 pub fn linear_layers<M: Module>(model: &M) -> Vec<LayerShape> {
@@ -184,11 +185,16 @@ fn most_common(values: impl Iterator<Item = f64>) -> f64 {
     counts.iter().max_by_key(|(_, n)| *n).map(|(v, _)| *v).unwrap_or(0.0)
 }
 
-/// Checks that `adapter` fits `model` and that every targeted layer is in the wanted form.
-fn check_adapter<M: Module>(model: &M, adapter: &PeftAdapter, dense_only: bool) -> Result<()> {
+/// Checks that `adapter` fits `model` and that every targeted layer is in the wanted form;
+/// returns the targeted layers that are stock `burn::nn::Linear` (served through Burn's LoRA).
+fn check_adapter<M: Module>(model: &M, adapter: &PeftAdapter, dense_only: bool) -> Result<BTreeSet<String>> {
     // Its own consistency first (ranks, finiteness, targets): the fields are public.
     adapter.validate()?;
-    adapter.check_fits(&linear_layers(model))?;
+    let mut layers = linear_layers(model);
+    let emloc_paths: Vec<String> = layers.iter().map(|l| l.path.clone()).collect();
+    let stock_layers = stock::stock_linear_layers(model, &emloc_paths);
+    layers.extend(stock_layers.iter().map(|l| l.shape.clone()));
+    adapter.check_fits(&layers)?;
     let mut problem = None;
     for_each_linear(model, |path, linear| {
         if adapter.layers.contains_key(path) && problem.is_none() {
@@ -203,7 +209,8 @@ fn check_adapter<M: Module>(model: &M, adapter: &PeftAdapter, dense_only: bool) 
             }
         }
     });
-    problem.map_or(Ok(()), Err)
+    problem.map_or(Ok(()), Err)?;
+    stock::targeted(adapter, &stock_layers)
 }
 
 /// The parameter ids (`[A, B]`) of every attached adapter by module path: what optimizer state
@@ -238,14 +245,23 @@ pub fn attach_adapter_with_ids<M: Module>(model: M, adapter: &PeftAdapter, ids: 
 
 /// Attaches a PEFT adapter to `model` unmerged (serving beside the original weights, or to keep
 /// training), freezing every other parameter. The adapter is validated against the model first.
+///
+/// Layers that are stock `burn::nn::Linear` get Burn's own LoRA reparameterization
+/// (`burn::module::LoraAdapter`: `W + s · A B`, built densely at each forward, no dropout);
+/// `emloc::nn::Linear` layers compute through the rank-`r` bottleneck.
 pub fn attach_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
     attach_adapter_inner(model, adapter, None)
 }
 
 fn attach_adapter_inner<M: Module>(model: M, adapter: &PeftAdapter, ids: Option<&BTreeMap<String, [u64; 2]>>) -> Result<M> {
-    check_adapter(&model, adapter, false)?;
+    let stock_targets = check_adapter(&model, adapter, false)?;
+    if ids.is_some() && !stock_targets.is_empty() {
+        return Err(EmlocError::InvalidConfig(format!(
+            "resuming training is only supported on emloc::nn::Linear layers; {stock_targets:?} are stock burn::nn::Linear"
+        )));
+    }
     let patterns = adapter.config.patterns()?;
-    let mut trainable = Vec::new();
+    let (model, mut trainable) = stock::attach(model, adapter, &stock_targets)?;
     let model = map_linears(model, |path, mut linear| {
         if let Some(layer) = adapter.layers.get(path) {
             let device = linear_device(&linear);
@@ -271,9 +287,11 @@ fn attach_adapter_inner<M: Module>(model: M, adapter: &PeftAdapter, ids: Option<
 
 /// Merges a PEFT adapter into the dense weights of `model` in f32: `W ← W + s · B A`.
 /// Validated first: every adapter layer must exist, be dense, carry no adapter and fit in shape.
+/// Stock `burn::nn::Linear` layers are merged too (found by their module name and path).
 pub fn merge_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
-    check_adapter(&model, adapter, true)?;
+    let stock_targets = check_adapter(&model, adapter, true)?;
     let patterns = adapter.config.patterns()?;
+    let model = stock::merge(model, adapter, &stock_targets)?;
     Ok(map_linears(model, |path, mut linear| {
         if let Some(layer) = adapter.layers.get(path) {
             let device = linear.weight.val().device();

@@ -12,8 +12,30 @@
 //!    [`merge_adapter`] into the original model (or [`attach_adapter`] to serve it unmerged).
 //!    Adapters travel in HF PEFT's format ([`peft`]).
 //!
-//! The method and the corrections to the official release that emloc follows are documented
-//! in the repository's `README.md`.
+//! ## Converting a model
+//!
+//! A model converts when its layers are emloc's drop-ins for Burn's: [`nn::Linear`],
+//! [`nn::Conv2d`] and the composite modules built on `Linear` ([`nn::MultiHeadAttention`],
+//! [`nn::PositionWiseFeedForward`], [`nn::SwiGlu`]). They have the same fields, configs,
+//! forward signatures and record layout as Burn's, so a change of `use` lines is enough and
+//! checkpoints load unchanged. Layers left as stock `burn::nn::Linear` stay dense and are listed
+//! in [`EmulatorReport::stock_layers`]; adapters can still be served on them or merged into them
+//! (through Burn's own LoRA reparameterization).
+//!
+//! ## How the transform works
+//!
+//! A Burn `ModuleMapper` sees parameters, never the module around them, and cannot change a
+//! module's structure, so no mapper can turn a dense layer into a factored one inside a user's
+//! model. emloc's layers therefore implement `Module` by hand: their `visit`/`map` first call a
+//! thread-local hook. [`emulate`], [`attach_lora`], [`correct`] and the other transforms install
+//! it for one traversal of the model and receive every emloc layer with its module path (dot-
+//! joined field names, as in Burn's records); outside those calls the hook does nothing.
+//! During calibration, each layer's forward also adds its input's Gram matrix `XᵀX` (in f32,
+//! through [`ops::gram_accumulate`]) to the statistics of the session that [`emulate`] or
+//! [`calibrate`] opened. The kernels behind [`ops`] are a Burn backend extension: emloc's CubeCL
+//! kernels on CubeCL devices, plain tensor ops on Flex. Design notes: the repository's
+//! `docs/DESIGN.md`; the method and the corrections to the official release that emloc follows:
+//! its `README.md` and `EXPERIMENTS.md`.
 
 pub mod adapter;
 pub mod atomic;
@@ -28,6 +50,7 @@ pub mod merge_file;
 pub mod nn;
 pub mod ops;
 pub mod peft;
+mod stock;
 
 pub use adapter::{
     adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_lora, export_adapter, linear_layers, merge_adapter,

@@ -6,9 +6,9 @@
 //!   `y = (x W_v) W_u + s (dropout(x) A) B + b`, computed as one product of width `k + r` and
 //!   one of depth `k + r`; its backward keeps only `x` and the `[.., k + r]` bottleneck and
 //!   gives gradients to `x`, `A` and `B` (and to the factors or bias only if they are trainable);
-//! - [`cholesky`] / [`cholesky_damped`]: `G + λI = L Lᵀ` in `f32` with the first rejected pivot
-//!   reported as [`EmlocError::NotPositiveDefinite`], and the damping retries of
-//!   [`WhiteningConfig`]; [`solve_lower_right`]: `X L⁻¹` (whitening's `W_v = Σ^{1/2} Vᵀ L⁻¹`)
+//! - [`cholesky`]: `G + λI = L Lᵀ` in `f32` with the first rejected pivot reported as
+//!   [`EmlocError::NotPositiveDefinite`] (the damping retries of whitening are
+//!   [`crate::emulator::cholesky_damped`]); [`solve_lower_right`]: `X L⁻¹` (whitening's `W_v = Σ^{1/2} Vᵀ L⁻¹`)
 //!   or `X L⁻ᵀ` (CholeskyQR). Never tracked by autodiff.
 //!
 //! Implementations ([`EmlocOps`]): `Cube` (emloc's CubeCL kernels, crate `emloc-cube-kernels`,
@@ -20,7 +20,6 @@
 use burn::backend::{Backend, Dispatch, ExtensionType, backend_extension, tensor::FloatTensor};
 use burn::tensor::{FloatDType, Tensor};
 
-use crate::emulator::WhiteningConfig;
 use crate::error::{EmlocError, Result};
 
 /// Layout of the `[LEN]` `f32` status tensor that [`EmlocOps::cholesky`] returns (the same as
@@ -258,7 +257,7 @@ pub struct Cholesky {
     pub attempts: usize,
 }
 
-fn check_square(name: &str, t: &Tensor<2>) -> Result<usize> {
+pub(crate) fn check_square(name: &str, t: &Tensor<2>) -> Result<usize> {
     let [rows, cols] = t.dims();
     if rows != cols {
         return Err(EmlocError::ShapeMismatch {
@@ -271,7 +270,7 @@ fn check_square(name: &str, t: &Tensor<2>) -> Result<usize> {
 }
 
 /// One factorization and the reading of its status (the one host synchronisation).
-fn factor_once(
+pub(crate) fn factor_once(
     g: &Tensor<2>,
     relative_damping: f64,
     pivot_tolerance: f64,
@@ -308,7 +307,7 @@ fn factor_once(
     })
 }
 
-fn check_factor_args(relative_damping: f64, pivot_tolerance: f64) -> Result<()> {
+pub(crate) fn check_factor_args(relative_damping: f64, pivot_tolerance: f64) -> Result<()> {
     if !(relative_damping.is_finite() && relative_damping >= 0.0) {
         return Err(EmlocError::InvalidConfig(format!(
             "relative damping must be finite and ≥ 0, got {relative_damping}"
@@ -339,47 +338,6 @@ pub fn cholesky(g: Tensor<2>, relative_damping: f64, pivot_tolerance: f64) -> Re
     check_square("cholesky: G", &g)?;
     check_factor_args(relative_damping, pivot_tolerance)?;
     factor_once(&g.without_autodiff(), relative_damping, pivot_tolerance, 1).map_err(|(e, _)| e)
-}
-
-/// [`cholesky`] with the damping retries of the host whitening ([`WhiteningConfig`]'s
-/// `initial_damping`, `damping_growth`, `max_damping_attempts`, `pivot_tolerance`; its
-/// `method` is ignored): undamped first, then relative damping `initial_damping`, multiplied by
-/// `damping_growth` after each failure, at most `max_damping_attempts` damped attempts. The
-/// result reports the damping that worked and the attempts it took.
-///
-/// # Errors
-/// As [`cholesky`]; [`EmlocError::NotPositiveDefinite`] describes the last attempt when every
-/// damping failed. A matrix whose diagonal mean is not positive (a zero Gram) fails after the
-/// first attempt: damping relative to it cannot help.
-pub fn cholesky_damped(g: Tensor<2>, config: &WhiteningConfig) -> Result<Cholesky> {
-    check_square("cholesky_damped: G", &g)?;
-    check_factor_args(config.initial_damping, config.pivot_tolerance)?;
-    if !(config.damping_growth.is_finite() && config.damping_growth >= 1.0) {
-        return Err(EmlocError::InvalidConfig(format!(
-            "damping growth must be finite and ≥ 1, got {}",
-            config.damping_growth
-        )));
-    }
-    let g = g.without_autodiff();
-    let mut relative = 0.0;
-    let mut last = None;
-    for attempt in 0..=config.max_damping_attempts {
-        if attempt == 1 {
-            relative = config.initial_damping;
-        } else if attempt > 1 {
-            relative *= config.damping_growth;
-        }
-        match factor_once(&g, relative, config.pivot_tolerance, attempt + 1) {
-            Ok(factor) => return Ok(factor),
-            Err((error, mean_diag)) => {
-                last = Some(error);
-                if !(mean_diag.is_finite() && mean_diag > 0.0) {
-                    break;
-                }
-            }
-        }
-    }
-    Err(last.expect("at least one attempt"))
 }
 
 /// `Y = X L⁻¹` (`transpose == false`: `Y L = X`) or `Y = X L⁻ᵀ` (`transpose == true`:

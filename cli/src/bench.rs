@@ -8,7 +8,7 @@ use clap::Args;
 use emloc::nn::{Linear, LinearConfig};
 use emloc::{CorrectionConfig, EmulatorConfig, LoraConfig, attach_lora, correct, emulate};
 
-use crate::common::CliResult;
+use crate::CliResult;
 
 /// Options of `emloc bench-correction`.
 #[derive(Args, Debug)]

@@ -36,10 +36,11 @@ use emloc_models::retrieval::batch_order;
 use emloc_models::rng::XorShiftRng;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, Whitening, build_emulator, calibration_texts, progress,
-    train_adapter,
-};
+use crate::CliResult;
+use crate::args::{EmulatorArgs, ModelArgs, TrainArgs, Whitening};
+use crate::data::{DataArgs, calibration_texts};
+use crate::progress::progress;
+use crate::training::{build_emulator, train_adapter};
 use crate::memory::{Phase, PhaseStats};
 
 /// Which model `emloc bench-memory` measures.

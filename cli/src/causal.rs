@@ -14,7 +14,11 @@ use emloc_models::training::TrainReport;
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::common::{CliResult, DECODER_LORA_TARGETS, check_emulator_source, ModelArgs, TrainArgs, progress, train_with_progress};
+use crate::CliResult;
+use crate::args::{DECODER_LORA_TARGETS, ModelArgs, TrainArgs};
+use crate::progress::progress;
+use crate::source::check_emulator_source;
+use crate::training::train_with_progress;
 use crate::memory::{Phase, PhaseStats};
 use crate::output::StagedDir;
 use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish, finish_staged, save_emulator};
@@ -101,7 +105,7 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
 /// `AutoPeftModelForCausalLM` reads).
 fn describe_adapter(mut adapter: PeftAdapter, source: &Path) -> PeftAdapter {
     adapter.config.task_type = Some(PEFT_TASK_TYPE.into());
-    adapter.config.base_model_name_or_path = Some(crate::common::absolute(source));
+    adapter.config.base_model_name_or_path = Some(crate::output::absolute(source));
     adapter
 }
 

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use emloc::FileIdentity;
 
-use crate::common::{CliResult, TrainArgs, write_json};
+use crate::CliResult;
+use crate::args::TrainArgs;
+use crate::output::write_json;
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.bpk";

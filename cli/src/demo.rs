@@ -14,7 +14,7 @@ use emloc::{
 use emloc_models::tiny::{SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets};
 use serde::Serialize;
 
-use crate::common::progress;
+use crate::progress::progress;
 
 /// Options of `emloc demo`.
 #[derive(Args, Debug)]

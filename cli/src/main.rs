@@ -1,23 +1,30 @@
 //! `emloc`: the EMLoC pipeline from the command line.
 
+mod args;
 mod bench;
 mod bench_memory;
 mod causal;
 mod checkpoint;
-mod common;
+mod data;
 mod demo;
 mod embed;
 mod generate;
 mod memory;
 mod output;
 mod plan;
+mod progress;
 mod run;
 mod run_classification;
+mod source;
 mod stages;
+mod training;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// Errors of the command-line tool: every library error, plus messages of its own.
+pub type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Exact heap accounting for the per-phase memory reports.
 #[global_allocator]

@@ -1,4 +1,7 @@
-//! Stage outputs that are complete or absent.
+//! Writing outputs: stage directories that are complete or absent, atomic JSON reports, and
+//! adapter metadata.
+//!
+//! Stage outputs are complete or absent.
 //!
 //! `emloc emulate`, `correct` and `merge` write every file into a fresh hidden staging directory
 //! beside `--out` (`.emloc-NAME-XXXXXX`, same parent, so the same filesystem) and rename it to
@@ -16,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
-use crate::common::CliResult;
+use serde::Serialize;
+
+use crate::CliResult;
 
 /// A stage's output under construction: a staging directory that becomes `out` on
 /// [`StagedDir::commit`] and is removed if dropped before.
@@ -127,4 +132,32 @@ fn sync_tree(dir: &Path) -> CliResult<()> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Writes `value` as pretty JSON to `path`, atomically.
+pub fn write_json(path: &Path, value: &impl Serialize) -> CliResult<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    emloc::atomic::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// PEFT's task type for sentence-encoder adapters (read by `AutoPeftModelForFeatureExtraction`).
+pub const ENCODER_TASK_TYPE: &str = "FEATURE_EXTRACTION";
+
+/// Marks an adapter as a feature-extraction adapter of the encoder in `model_dir`, the metadata
+/// PEFT's `AutoPeftModel` classes need to load it.
+pub fn describe_encoder_adapter(mut adapter: emloc::peft::PeftAdapter, model_dir: &Path) -> emloc::peft::PeftAdapter {
+    adapter.config.task_type = Some(ENCODER_TASK_TYPE.into());
+    adapter.config.base_model_name_or_path = Some(absolute(model_dir));
+    adapter
+}
+
+/// `path` made absolute (canonical where it exists), for metadata read from another directory:
+/// PEFT resolves a relative `base_model_name_or_path` against its own working directory.
+pub fn absolute(path: &Path) -> String {
+    std::fs::canonicalize(path).unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())).display().to_string()
 }

@@ -14,7 +14,12 @@ use serde::Serialize;
 
 use crate::bench_memory::{MemoryPhase, PhaseResult, run_phase_process};
 use crate::causal;
-use crate::common::{CliResult, DataArgs, EmulatorArgs, ModelArgs, Task, encoder_calibration_texts, progress, with_calibration, write_json};
+use crate::CliResult;
+use crate::args::{EmulatorArgs, ModelArgs, Task};
+use crate::data::{DataArgs, encoder_calibration_texts};
+use crate::output::write_json;
+use crate::progress::progress;
+use crate::training::with_calibration;
 
 /// Options of `emloc plan`.
 #[derive(Args, Debug)]

@@ -11,10 +11,11 @@ use emloc::{CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_a
 use emloc_models::retrieval::RetrievalMetrics;
 use serde::Serialize;
 
-use crate::common::{
-    CliResult, DataArgs, EmbeddedData, EmulatorArgs, ModelArgs, Task, TrainArgs, adapter_params, build_emulator,
-    calibration_texts, evaluate, train_adapter, write_json,
-};
+use crate::CliResult;
+use crate::args::{EmulatorArgs, ModelArgs, Task, TrainArgs};
+use crate::data::{DataArgs, EmbeddedData, calibration_texts};
+use crate::output::write_json;
+use crate::training::{adapter_params, build_emulator, evaluate, train_adapter};
 use crate::memory::{Phase, PhaseStats};
 
 /// Options of `emloc run`.
@@ -95,7 +96,7 @@ pub fn run_recipe(args: &RunArgs, matches: &ArgMatches) -> CliResult<()> {
             crate::run_classification::run(&args, &train, max_seq_length)
         }
         Task::Retrieval => run(&args),
-        Task::CausalLm => Err("emloc run works on sentence encoders; for decoders run the stages (see the README)".into()),
+        Task::CausalLm => Err("emloc run works on sentence encoders; for decoders run the stages (see docs/CLI.md)".into()),
     }
 }
 

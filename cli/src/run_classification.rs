@@ -11,10 +11,11 @@ use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
 use serde::Serialize;
 
-use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, TrainArgs, adapter_params, build_emulator, classification_calibration_texts,
-    evaluate_classes, train_classifier, with_calibration, write_json,
-};
+use crate::CliResult;
+use crate::args::{EmulatorArgs, TrainArgs};
+use crate::data::{DataArgs, classification_calibration_texts};
+use crate::output::write_json;
+use crate::training::{adapter_params, build_emulator, evaluate_classes, train_classifier, with_calibration};
 use crate::memory::{Phase, PhaseStats};
 use crate::run::RunArgs;
 

@@ -12,12 +12,13 @@ use emloc::{CorrectionConfig, EmulatorConfig, EmulatorDescription, EmulatorRepor
 use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
-use crate::common::{
-    CliResult, DataArgs, EmulatorArgs, ModelArgs, TrainArgs, build_emulator, check_emulator_source, describe_encoder_adapter,
-    emulator_identity, encoder_calibration_texts, evaluate, evaluate_classes, model_identity, train_adapter, train_classifier,
-    write_json,
-};
-use crate::common::Task;
+use crate::CliResult;
+use crate::args::{EmulatorArgs, ModelArgs, TrainArgs};
+use crate::data::{DataArgs, encoder_calibration_texts};
+use crate::output::{describe_encoder_adapter, write_json};
+use crate::source::{check_emulator_source, emulator_identity, model_identity};
+use crate::training::{build_emulator, evaluate, evaluate_classes, train_adapter, train_classifier};
+use crate::args::Task;
 use crate::{causal, checkpoint};
 use crate::memory::{Phase, PhaseStats};
 use crate::output::StagedDir;

@@ -18,7 +18,7 @@ fn corrected_merge_beats_uncorrected_merge() {
     // mismatch is comparable to the task's change. Measured over seeds 1, 2, 3, 4, 7 (held-out
     // MSE, corrected vs uncorrected merge): 0.0039/0.0047, 0.0033/0.0037, 0.0036/0.0048,
     // 0.0029/0.0041, 0.0044/0.0053. With a stronger change (0.8) or an under-trained rank-4
-    // adapter the uncorrected merge sometimes wins; see the README's notes on the correction.
+    // adapter the uncorrected merge sometimes wins; see EXPERIMENTS.md's notes on the correction (the tiny demo).
     let task = SyntheticTask::new(&original, 2, 0.5, SEQ).with_skew(0.0);
 
     let calibration: Vec<_> = (0..4).map(|i| task.batch(16, 10_000 + i, &device)).collect();

@@ -69,7 +69,7 @@ pub struct WhiteningConfig {
     /// How the whitened weight's truncated SVD is computed.
     pub svd: SvdMethod,
     /// Opt-in: run the Cholesky attempts (same damping schedule) on this device with emloc's
-    /// `f32` kernel ([`crate::ops::cholesky_damped`]) instead of faer in `f64` on the host; the
+    /// `f32` kernel ([`crate::emulator::cholesky_damped`]) instead of faer in `f64` on the host; the
     /// factor then comes back to the host for the rest of the whitening. `None` (the default)
     /// keeps the host `f64` path: `f32` loses digits on ill-conditioned Grams. On the device the
     /// pivot tolerance is floored at `d · 2⁻²³` (below it `f32` rounding looks like a real

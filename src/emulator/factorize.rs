@@ -9,6 +9,7 @@ use faer::{Mat, MatRef, Side};
 use super::config::{SvdMethod, WhiteningConfig, WhiteningMethod};
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
+use crate::ops;
 
 /// A whitening `S` of a Gram matrix `G` (`S Sᵀ = G + λ I`), kept in factored form.
 #[derive(Debug, Clone)]
@@ -125,7 +126,48 @@ pub fn whitening(layer: &str, gram: MatRef<'_, f64>, config: &WhiteningConfig) -
     eigen_whitening(layer, gram, mean_diag, config)
 }
 
-/// The Cholesky attempts of [`whitening`] on `device`, in `f32` ([`crate::ops::cholesky_damped`]);
+/// [`crate::ops::cholesky`] with the damping retries of the host whitening ([`WhiteningConfig`]'s
+/// `initial_damping`, `damping_growth`, `max_damping_attempts`, `pivot_tolerance`; its
+/// `method` is ignored): undamped first, then relative damping `initial_damping`, multiplied by
+/// `damping_growth` after each failure, at most `max_damping_attempts` damped attempts. The
+/// result reports the damping that worked and the attempts it took.
+///
+/// # Errors
+/// As [`crate::ops::cholesky`]; [`EmlocError::NotPositiveDefinite`] describes the last attempt when every
+/// damping failed. A matrix whose diagonal mean is not positive (a zero Gram) fails after the
+/// first attempt: damping relative to it cannot help.
+pub fn cholesky_damped(g: burn::tensor::Tensor<2>, config: &WhiteningConfig) -> Result<ops::Cholesky> {
+    ops::check_square("cholesky_damped: G", &g)?;
+    ops::check_factor_args(config.initial_damping, config.pivot_tolerance)?;
+    if !(config.damping_growth.is_finite() && config.damping_growth >= 1.0) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "damping growth must be finite and ≥ 1, got {}",
+            config.damping_growth
+        )));
+    }
+    let g = g.without_autodiff();
+    let mut relative = 0.0;
+    let mut last = None;
+    for attempt in 0..=config.max_damping_attempts {
+        if attempt == 1 {
+            relative = config.initial_damping;
+        } else if attempt > 1 {
+            relative *= config.damping_growth;
+        }
+        match ops::factor_once(&g, relative, config.pivot_tolerance, attempt + 1) {
+            Ok(factor) => return Ok(factor),
+            Err((error, mean_diag)) => {
+                last = Some(error);
+                if !(mean_diag.is_finite() && mean_diag > 0.0) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// The Cholesky attempts of [`whitening`] on `device`, in `f32` ([`cholesky_damped`]);
 /// the factor comes back to the host as `f64`.
 fn device_cholesky(
     gram: MatRef<'_, f64>,
@@ -139,7 +181,7 @@ fn device_cholesky(
     let floor = d as f64 * f32::EPSILON as f64;
     let config =
         WhiteningConfig { pivot_tolerance: config.pivot_tolerance.max(floor), ..config.clone() };
-    let factor = crate::ops::cholesky_damped(g, &config)?;
+    let factor = cholesky_damped(g, &config)?;
     let l = factor.l.into_data().try_to_vec::<f32>().expect("the Cholesky factor is f32");
     Ok(Whitening {
         kind: WhiteningKind::Cholesky(Mat::from_fn(d, d, |i, j| l[i * d + j] as f64)),

@@ -9,7 +9,7 @@ pub use allocation::{
     LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra,
 };
 pub use config::{EmulatorConfig, Keep, LayerRule, SvdMethod, WhiteningConfig, WhiteningMethod};
-pub use factorize::{FactorizedLayer, Whitening, factorize_layer, whitening};
+pub use factorize::{FactorizedLayer, Whitening, cholesky_damped, factorize_layer, whitening};
 pub use store::{
     DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, Provenance, load_emulator, parse_emulator, read_emulator,
     read_emulator_description, save_emulator,
@@ -61,8 +61,14 @@ pub struct LayerReport {
 pub struct EmulatorReport {
     /// Emulated layers in traversal order.
     pub layers: Vec<LayerReport>,
-    /// Linear layers left dense (no rule, or a `Full` rule).
+    /// Linear layers left dense (no rule, a `Full` rule, or a stock layer).
     pub dense_layers: Vec<String>,
+    /// Of the dense layers, those that are stock `burn::nn::Linear`, which emloc cannot emulate
+    /// or train (use `emloc::nn::Linear` or emloc's drop-ins for Burn's composite modules);
+    /// adapters can still be served on them or merged into them. Empty in reports written
+    /// before this field existed.
+    #[serde(default)]
+    pub stock_layers: Vec<String>,
     /// Calibration batches run.
     pub calibration_batches: usize,
     /// Wall time of the calibration forward passes, seconds.
@@ -262,11 +268,15 @@ where
         .into_iter()
         .filter(|p| !emulated.contains(&p.as_str()))
         .collect();
+    let emloc_paths: Vec<String> = crate::adapter::linear_layers(&model).into_iter().map(|l| l.path).collect();
+    let stock_layers =
+        crate::stock::stock_linear_layers(&model, &emloc_paths).into_iter().map(|l| l.shape.path).collect();
     Ok((
         model,
         EmulatorReport {
             layers: reports,
             dense_layers,
+            stock_layers,
             calibration_batches,
             calibration_seconds,
             construction_seconds: started.elapsed().as_secs_f64(),

@@ -1,4 +1,4 @@
-//! [`emloc::ops::cholesky`], [`emloc::ops::cholesky_damped`] and
+//! [`emloc::ops::cholesky`], [`emloc::emulator::cholesky_damped`] and
 //! [`emloc::ops::solve_lower_right`] against float64 references (faer's `llt`, and a
 //! hand-written `f64` Crout factorization for the pivot values), on sizes that are not multiples
 //! of the kernel's 32-wide blocks; on SPD inputs of known condition number, rank-deficient and
@@ -12,7 +12,7 @@
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use emloc::EmlocError;
-use emloc::emulator::WhiteningConfig;
+use emloc::emulator::{WhiteningConfig, cholesky_damped};
 use emloc::ops;
 use faer::{Mat, Side};
 
@@ -179,7 +179,7 @@ fn check_damping_retry(device: &Device) {
         }
         other => panic!("undamped factorization of a singular matrix must fail, got {other:?}"),
     }
-    let factor = ops::cholesky_damped(g, &config).expect("damping must rescue a PSD matrix");
+    let factor = cholesky_damped(g, &config).expect("damping must rescue a PSD matrix");
     println!(
         "rank-deficient: relative damping {:e} (λ = {:e}) after {} attempts, min pivot {:e}",
         factor.relative_damping, factor.damping, factor.attempts, factor.min_pivot
@@ -276,7 +276,7 @@ fn check_indefinite(device: &Device) {
     }
     let (want_relative, want_attempts) = want_relative.expect("the schedule reaches a PD shift");
     let factor =
-        ops::cholesky_damped(tensor(&gh, d, d, device), &config).expect("damping rescues it");
+        cholesky_damped(tensor(&gh, d, d, device), &config).expect("damping rescues it");
     println!(
         "indefinite retry: relative damping {:e} after {} attempts (f64 reference {want_relative:e}, {want_attempts})",
         factor.relative_damping, factor.attempts
@@ -295,7 +295,7 @@ fn check_indefinite(device: &Device) {
 
     // Too few attempts: the last failure is reported with the attempts made.
     let short = WhiteningConfig { max_damping_attempts: want_attempts - 2, ..config };
-    match ops::cholesky_damped(tensor(&gh, d, d, device), &short) {
+    match cholesky_damped(tensor(&gh, d, d, device), &short) {
         Err(EmlocError::NotPositiveDefinite { attempts, relative_damping, .. }) => {
             assert_eq!(attempts, want_attempts - 1);
             assert!(relative_damping < want_relative);
@@ -316,7 +316,7 @@ fn check_zero(device: &Device) {
         other => panic!("zero matrix must fail at pivot 0, got {other:?}"),
     }
     // Damping relative to a zero diagonal cannot help: one attempt, then the error.
-    match ops::cholesky_damped(g, &WhiteningConfig::default()) {
+    match cholesky_damped(g, &WhiteningConfig::default()) {
         Err(EmlocError::NotPositiveDefinite { pivot: 0, attempts: 1, .. }) => {}
         other => panic!("zero matrix must fail without retries, got {other:?}"),
     }

@@ -53,6 +53,7 @@ fn emulator_is_exact_on_the_calibration_subspace() {
     assert!(layer.relative_damping > 0.0, "rank-3 Gram of size 12 needs damping");
     assert!(layer.relative_whitened_error < 1e-3, "{layer:?}");
     assert_eq!(report.dense_layers, vec!["l2".to_string(), "stock".to_string()]);
+    assert_eq!(report.stock_layers, vec!["stock".to_string()], "the burn::nn::Linear is named as such");
     assert!(emulator.l1.is_emulated() && emulator.l1.weight.val().dims() == [0, 0]);
 
     let x = subspace_batches(12, 3, 9, 1, &device).remove(0);

