@@ -126,7 +126,7 @@ impl TinyTransformer {
     /// If `seq > max_len`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
         let [_, seq] = tokens.dims();
-        let positions = self.positions.val().slice([0..seq]).unsqueeze::<3>();
+        let positions = self.positions.val().narrow(0, 0, seq).unsqueeze::<3>();
         let mut x = self.embed.forward(tokens) + positions;
         for layer in &self.layers {
             x = layer.forward(x);

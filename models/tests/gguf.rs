@@ -130,16 +130,16 @@ fn check_array(key: &str, a: &GgufArray, types: &[&str], want: &Value) {
             assert_eq!(v, &w, "{key}");
         }
         (ty, a) => {
-            let expected_variant = match (ty, a) {
+            let expected_variant = matches!(
+                (ty, a),
                 ("UINT8", GgufArray::U8(_))
-                | ("INT8", GgufArray::I8(_))
-                | ("UINT16", GgufArray::U16(_))
-                | ("INT16", GgufArray::I16(_))
-                | ("UINT32", GgufArray::U32(_))
-                | ("INT32", GgufArray::I32(_))
-                | ("INT64", GgufArray::I64(_)) => true,
-                _ => false,
-            };
+                    | ("INT8", GgufArray::I8(_))
+                    | ("UINT16", GgufArray::U16(_))
+                    | ("INT16", GgufArray::I16(_))
+                    | ("UINT32", GgufArray::U32(_))
+                    | ("INT32", GgufArray::I32(_))
+                    | ("INT64", GgufArray::I64(_))
+            );
             assert!(
                 expected_variant,
                 "{key}: expected {ty} elements, parsed {a:?}"
@@ -925,7 +925,7 @@ fn smollm2_logits_and_greedy_completions_match_transformers() {
 
     let last = &e["last_logits"];
     let prompt = ids(&last["prompt_ids"]);
-    let logits = values(model.forward(int_tensor(&[prompt.clone()], &device), None));
+    let logits = values(model.forward(int_tensor(std::slice::from_ref(&prompt), &device), None));
     let vocab = config.vocab_size;
     let last_row = &logits[(prompt.len() - 1) * vocab..prompt.len() * vocab];
     let top_ids = ids(&last["top_ids"]);

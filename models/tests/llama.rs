@@ -262,7 +262,7 @@ fn padded_batches_equal_unpadded_sequences() {
         let (seqs, refs) = ragged(&e);
         let single: Vec<Vec<f32>> = seqs
             .iter()
-            .map(|s| values(model.forward(int_tensor(&[s.clone()], &device), None)))
+            .map(|s| values(model.forward(int_tensor(std::slice::from_ref(s), &device), None)))
             .collect();
         for (i, (one, want)) in single.iter().zip(&refs).enumerate() {
             assert_within(&format!("{variant} sequence {i} vs transformers"), one, want, TOL);
@@ -565,7 +565,8 @@ fn bad_configs_name_the_field() {
         ModelError::MissingConfigField { field, .. } => assert_eq!(field, "num_attention_heads"),
         other => panic!("expected MissingConfigField, got {other}"),
     }
-    let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>, &str)> = vec![
+    type Tamper = Box<dyn FnOnce(&mut serde_json::Map<String, Value>)>;
+    let cases: Vec<(Tamper, &str)> = vec![
         (
             Box::new(|c| {
                 c.insert("num_key_value_heads".into(), 3.into());
@@ -727,7 +728,7 @@ fn real_checkpoint_generates_when_present() {
     let (model, config) = LlamaForCausalLM::load(&dir, &device).unwrap();
     let tokenizer = LlamaTokenizer::from_dir(&dir).unwrap();
     let prompt = tokenizer.encode("The capital of France is", true).unwrap();
-    let full = model.forward(int_tensor(&[prompt.clone()], &device), None);
+    let full = model.forward(int_tensor(std::slice::from_ref(&prompt), &device), None);
     assert!(values(full.clone()).iter().all(|x| x.is_finite()));
     let mut cache = model.new_cache();
     let n = prompt.len();

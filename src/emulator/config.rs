@@ -162,11 +162,13 @@ impl EmulatorConfig {
         self.compiled_rules().map(|_| ())?;
         let w = &self.whitening;
         let positive = |v: f64| v.is_finite() && v > 0.0;
-        if !positive(w.initial_damping)
-            || !(w.damping_growth.is_finite() && w.damping_growth > 1.0)
-            || !positive(w.eigen_floor)
-            || !(w.pivot_tolerance.is_finite() && w.pivot_tolerance >= 0.0)
-        {
+        let valid = positive(w.initial_damping)
+            && w.damping_growth.is_finite()
+            && w.damping_growth > 1.0
+            && positive(w.eigen_floor)
+            && w.pivot_tolerance.is_finite()
+            && w.pivot_tolerance >= 0.0;
+        if !valid {
             return Err(EmlocError::InvalidConfig(format!(
                 "whitening settings must be positive (damping growth > 1): {w:?}"
             )));

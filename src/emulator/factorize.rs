@@ -240,6 +240,9 @@ pub(crate) fn square_to_faer(m: &Matrix) -> Mat<f64> {
     Mat::from_fn(m.rows, m.cols, |i, j| m.get(i, j) as f64)
 }
 
+/// `(U_k, σ_1..σ_k, V_k)` of a truncated SVD.
+pub type TruncatedSvd = (Mat<f64>, Vec<f64>, Mat<f64>);
+
 /// Randomized truncated SVD of `a` (`[m, n]`): the top `rank` (+ `oversample`) singular triplets
 /// from a Gaussian sketch with `power_iterations` re-orthonormalised subspace iterations. The
 /// sketch is seeded from the shape, so the result is deterministic. Returns `(U [m, l], σ [l],
@@ -252,7 +255,7 @@ pub fn randomized_svd(
     rank: usize,
     oversample: usize,
     power_iterations: usize,
-) -> std::result::Result<(Mat<f64>, Vec<f64>, Mat<f64>), faer::linalg::svd::SvdError> {
+) -> std::result::Result<TruncatedSvd, faer::linalg::svd::SvdError> {
     let (m, n) = (a.nrows(), a.ncols());
     let l = (rank + oversample).min(m).min(n).max(1);
     let mut state = (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n as u64) ^ 0xD1B5_4A32_D192_ED03 | 1;
@@ -400,8 +403,8 @@ pub(crate) mod tests {
         let u_k = svd.U().subcols(0, k);
         let v_k = svd.V().subcols(0, k);
         let mut us = u_k.to_owned();
-        for j in 0..k {
-            us.col_mut(j).iter_mut().for_each(|v| *v *= sigma[j]);
+        for (j, s) in sigma.iter().enumerate().take(k) {
+            us.col_mut(j).iter_mut().for_each(|v| *v *= s);
         }
         (us * v_k.transpose() * s_inv, sigma)
     }

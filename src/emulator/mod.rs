@@ -11,7 +11,7 @@ pub use allocation::{
 pub use config::{EmulatorConfig, Keep, LayerRule, SvdMethod, WhiteningConfig, WhiteningMethod};
 pub use factorize::{FactorizedLayer, Whitening, cholesky_damped, factorize_layer, whitening};
 pub use store::{
-    DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, Provenance, load_emulator, parse_emulator, read_emulator,
+    DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, LayerFactors, Provenance, load_emulator, parse_emulator, read_emulator,
     read_emulator_description, save_emulator,
 };
 

@@ -141,13 +141,16 @@ pub fn save_emulator<M: Module>(model: &M, description: &EmulatorDescription, di
     write_atomic(&dir.join(DESCRIPTION_FILE), json.as_bytes())
 }
 
+/// Each emulated layer's factors `(W_v, W_u)` by module path, as stored.
+pub type LayerFactors = BTreeMap<String, (Matrix, Matrix)>;
+
 /// Reads and checks an emulator directory without touching a model.
 ///
 /// # Errors
 /// [`EmlocError::Io`] for a missing file; [`EmlocError::EmulatorFile`] for malformed JSON, an
 /// unknown format version, an unparsable factors file, a dtype other than F32, missing,
 /// unexpected or mis-shaped factors (all listed), or non-finite values.
-pub fn read_emulator(dir: &Path) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
+pub fn read_emulator(dir: &Path) -> Result<(EmulatorDescription, LayerFactors)> {
     // The description is checked before the factors file is read.
     let description = read_emulator_description(dir)?;
     let factors_path = dir.join(FACTORS_FILE);
@@ -184,7 +187,7 @@ pub fn read_emulator_description(dir: &Path) -> Result<EmulatorDescription> {
 pub fn parse_emulator(
     description_json: &str,
     factors: &[u8],
-) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
+) -> Result<(EmulatorDescription, LayerFactors)> {
     let description = parse_description(description_json, Path::new(DESCRIPTION_FILE))?;
     let path = Path::new(FACTORS_FILE);
     let (header, data_start) = read_header(&mut &factors[..], factors.len() as u64, path)?;
@@ -248,7 +251,7 @@ fn parse_factors(
     header: &Metadata,
     factors_path: &Path,
     read: &mut dyn FnMut(usize, &mut [u8]) -> std::io::Result<()>,
-) -> Result<(EmulatorDescription, BTreeMap<String, (Matrix, Matrix)>)> {
+) -> Result<(EmulatorDescription, LayerFactors)> {
     let factors_path = factors_path.to_path_buf();
     let mut expected: BTreeMap<String, [usize; 2]> = BTreeMap::new();
     for l in &description.report.layers {

@@ -26,9 +26,9 @@ fn calibration_gram_is_x_transpose_x_in_f64() {
             }
         }
     }
-    for a in 0..6 {
-        for b in 0..6 {
-            assert!((stats[0].gram.get(a, b) as f64 - expected[a][b]).abs() < 1e-5);
+    for (a, row) in expected.iter().enumerate() {
+        for (b, value) in row.iter().enumerate() {
+            assert!((stats[0].gram.get(a, b) as f64 - value).abs() < 1e-5);
         }
     }
 }

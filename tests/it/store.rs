@@ -152,13 +152,13 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     stray.config = PeftConfig::new(r, 6.0, vec!["dense".into(), "gate".into()]);
     stray.layers.insert("encoder.gate".into(), PeftLayer { lora_a, lora_b });
     let out2 = dir.path().join("merged2");
-    match merge_into_safetensors(&stray, &[input.clone()], &out2) {
+    match merge_into_safetensors(&stray, std::slice::from_ref(&input), &out2) {
         Err(EmlocError::AdapterKeys { missing, .. }) => assert_eq!(missing, vec!["encoder.gate.weight".to_string()]),
         other => panic!("expected missing keys, got {other:?}"),
     }
     assert!(!out2.exists(), "a failed merge must not create its output");
     // Writing over the input is refused.
-    assert!(merge_into_safetensors(&adapter, &[input.clone()], dir.path()).is_err());
+    assert!(merge_into_safetensors(&adapter, std::slice::from_ref(&input), dir.path()).is_err());
 
     // A NaN in the checkpoint's weight is named, not merged into a NaN model.
     let mut poisoned = w.clone();
