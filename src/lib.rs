@@ -37,6 +37,8 @@
 //! `docs/DESIGN.md`; the method and the corrections to the official release that emloc follows:
 //! its `README.md` and `EXPERIMENTS.md`.
 
+#![warn(missing_docs)]
+
 pub mod adapter;
 pub mod atomic;
 mod backends;

@@ -1,5 +1,7 @@
 //! `emloc`: the EMLoC pipeline from the command line.
 
+#![warn(missing_docs)]
+
 mod args;
 mod bench;
 mod bench_memory;

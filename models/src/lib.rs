@@ -1,6 +1,8 @@
 //! Model zoo for emloc: architectures written with [`emloc::nn::Linear`], so emulation, LoRA and
 //! correction apply to them with no extra code.
 
+#![warn(missing_docs)]
+
 pub mod bert;
 pub mod causal_lm;
 pub mod classification;
