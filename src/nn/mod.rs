@@ -1,11 +1,19 @@
-//! Neural-network building blocks: the drop-in [`Linear`] and what it can carry.
+//! Neural-network building blocks: the drop-in [`Linear`] and what it can carry, and drop-ins for
+//! Burn's composite modules built on it ([`MultiHeadAttention`], [`PositionWiseFeedForward`],
+//! [`SwiGlu`]).
 
+pub mod attention;
+mod feed_forward;
 pub(crate) mod hooks;
 mod linear;
 mod lora;
 mod low_rank;
+mod swiglu;
 
+pub use attention::{MhaCache, MhaInput, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig};
+pub use feed_forward::{PositionWiseFeedForward, PositionWiseFeedForwardConfig};
 pub use linear::{Linear, LinearConfig};
 pub use lora::{LoraAdapter, LoraConfig, lora_scale};
 pub(crate) use lora::check_lora_rank;
 pub use low_rank::LowRankFactors;
+pub use swiglu::{SwiGlu, SwiGluConfig};

@@ -3,6 +3,7 @@
 mod allocation;
 mod cholesky;
 mod common;
+mod dropins;
 mod emulate;
 mod errors;
 mod kernels;
