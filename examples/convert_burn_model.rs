@@ -79,7 +79,14 @@ fn main() -> emloc::Result<()> {
     let device = Device::flex();
     device.seed(0);
     let model = Decoder::new(64, 4, 2, 16, &device);
-    let random = |batch| Tensor::<3>::random([batch, 32, 64], Distribution::Normal(0.0, 1.0), &device);
+    // Random features with structure, as real activations have: 16 latent directions mixed into
+    // 64 features, plus a little isotropic noise.
+    let mix = Tensor::<2>::random([16, 64], Distribution::Normal(0.0, 1.0), &device);
+    let random = |batch| {
+        let z = Tensor::<3>::random([batch, 32, 16], Distribution::Normal(0.0, 1.0), &device);
+        z.matmul(mix.clone().unsqueeze())
+            + Tensor::random([batch, 32, 64], Distribution::Normal(0.0, 0.05), &device)
+    };
     let calibration: Vec<Tensor<3>> = (0..8).map(|_| random(4)).collect();
 
     // The one call: calibrate on the batches, replace every linear layer (including the ones
@@ -101,7 +108,13 @@ fn main() -> emloc::Result<()> {
     for l in &report.layers {
         println!(
             "{:<28} {:>5} {:>5} {:>5} {:>9} {:>9} {:>9.4}",
-            l.path, l.d_in, l.d_out, l.rank, l.params_original, l.params_kept, l.relative_whitened_error
+            l.path,
+            l.d_in,
+            l.d_out,
+            l.rank,
+            l.params_original,
+            l.params_kept,
+            l.relative_whitened_error
         );
     }
     println!(

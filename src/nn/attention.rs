@@ -95,7 +95,10 @@ impl MultiHeadAttentionConfig {
         let problem = if self.n_heads == 0 {
             Some("n_heads must be positive".to_string())
         } else if self.d_model % self.n_heads != 0 {
-            Some(format!("d_model = {} is not divisible by n_heads = {}", self.d_model, self.n_heads))
+            Some(format!(
+                "d_model = {} is not divisible by n_heads = {}",
+                self.d_model, self.n_heads
+            ))
         } else if !(0.0..1.0).contains(&self.dropout) {
             Some(format!("dropout must be in [0, 1), got {}", self.dropout))
         } else if self.min_float.is_nan() {
@@ -299,8 +302,8 @@ impl MultiHeadAttention {
     ) -> Tensor<4> {
         if let Some(mask_pad) = mask_pad {
             let [batch_size, seq_length] = mask_pad.dims();
-            attn_scores =
-                attn_scores.mask_fill(mask_pad.reshape([batch_size, 1, 1, seq_length]), self.min_float);
+            attn_scores = attn_scores
+                .mask_fill(mask_pad.reshape([batch_size, 1, 1, seq_length]), self.min_float);
         }
         if let Some(mask_attn) = mask_attn {
             let [batch_size, seq_length_1, seq_length_2] = mask_attn.dims();
@@ -309,8 +312,11 @@ impl MultiHeadAttention {
                 self.min_float,
             );
         }
-        let weights =
-            if self.quiet_softmax { quiet_softmax(attn_scores, 3) } else { softmax(attn_scores, 3) };
+        let weights = if self.quiet_softmax {
+            quiet_softmax(attn_scores, 3)
+        } else {
+            softmax(attn_scores, 3)
+        };
         self.dropout.forward(weights)
     }
 
@@ -417,7 +423,9 @@ mod tests {
             MultiHeadAttentionConfig::new(8, 2).with_min_float(f64::NAN),
         ] {
             match config.try_init(&device) {
-                Err(EmlocError::InvalidConfig(m)) => assert!(m.starts_with("MultiHeadAttentionConfig"), "{m}"),
+                Err(EmlocError::InvalidConfig(m)) => {
+                    assert!(m.starts_with("MultiHeadAttentionConfig"), "{m}")
+                }
                 other => panic!("{config:?}: expected InvalidConfig, got {:?}", other.map(|_| ())),
             }
         }

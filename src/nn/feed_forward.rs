@@ -165,16 +165,19 @@ mod tests {
             .init(&device);
         let x = Tensor::<3>::random([2, 3, 6], Distribution::Default, &device);
         let bias = |l: &Linear| l.bias.as_ref().unwrap().val().unsqueeze::<3>();
-        let h = (x.clone().matmul(ffn.linear_inner.weight.val().unsqueeze()) + bias(&ffn.linear_inner))
-            .clamp_min(0.0);
-        let expected = h.matmul(ffn.linear_outer.weight.val().unsqueeze()) + bias(&ffn.linear_outer);
+        let h = (x.clone().matmul(ffn.linear_inner.weight.val().unsqueeze())
+            + bias(&ffn.linear_inner))
+        .clamp_min(0.0);
+        let expected =
+            h.matmul(ffn.linear_outer.weight.val().unsqueeze()) + bias(&ffn.linear_outer);
         let diff = (ffn.forward(x) - expected).abs().max().into_scalar::<f32>();
         assert!(diff < 1e-5, "{diff}");
     }
 
     #[test]
     fn invalid_dropout_is_a_typed_error() {
-        let err = PositionWiseFeedForwardConfig::new(4, 8).with_dropout(-0.5).try_init(&Device::flex());
+        let err =
+            PositionWiseFeedForwardConfig::new(4, 8).with_dropout(-0.5).try_init(&Device::flex());
         assert!(matches!(err, Err(EmlocError::InvalidConfig(_))));
     }
 }

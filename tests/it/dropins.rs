@@ -52,13 +52,17 @@ fn dropins_mha_loads_burns_record_and_matches_its_outputs() {
     let device = Device::flex();
     for config in [
         MultiHeadAttentionConfig::new(8, 2),
-        MultiHeadAttentionConfig::new(8, 4).with_quiet_softmax(true).with_key_bias(false).with_min_float(-1e9),
+        MultiHeadAttentionConfig::new(8, 4)
+            .with_quiet_softmax(true)
+            .with_key_bias(false)
+            .with_min_float(-1e9),
     ] {
-        let burn = burn::nn::attention::MultiHeadAttentionConfig::new(config.d_model, config.n_heads)
-            .with_quiet_softmax(config.quiet_softmax)
-            .with_key_bias(config.key_bias)
-            .with_min_float(config.min_float)
-            .init(&device);
+        let burn =
+            burn::nn::attention::MultiHeadAttentionConfig::new(config.d_model, config.n_heads)
+                .with_quiet_softmax(config.quiet_softmax)
+                .with_key_bias(config.key_bias)
+                .with_min_float(config.min_float)
+                .init(&device);
         let fresh = config.init(&device);
         let biases = 3 + usize::from(config.key_bias);
         let (ours, result) = copy_record(&burn, fresh.clone());
@@ -70,14 +74,26 @@ fn dropins_mha_loads_burns_record_and_matches_its_outputs() {
         // Cross-attention shapes, a padding mask and a causal-style attention mask.
         let (q, kv) = (tensor3(1, [2, 4, 8], &device), tensor3(2, [2, 6, 8], &device));
         let pad = Tensor::<2, Bool>::from_data(
-            TensorData::new(vec![false, false, false, false, true, true, false, false, false, false, false, true], [2, 6]),
+            TensorData::new(
+                vec![
+                    false, false, false, false, true, true, false, false, false, false, false, true,
+                ],
+                [2, 6],
+            ),
             &device,
         );
         let attn = Tensor::<3, Bool>::from_data(
-            TensorData::new((0..48).map(|i| (i % 6) > (i / 6 % 4) + 2).collect::<Vec<_>>(), [2, 4, 6]),
+            TensorData::new(
+                (0..48).map(|i| (i % 6) > (i / 6 % 4) + 2).collect::<Vec<_>>(),
+                [2, 4, 6],
+            ),
             &device,
         );
-        let input = || MhaInput::new(q.clone(), kv.clone(), kv.clone()).mask_pad(pad.clone()).mask_attn(attn.clone());
+        let input = || {
+            MhaInput::new(q.clone(), kv.clone(), kv.clone())
+                .mask_pad(pad.clone())
+                .mask_attn(attn.clone())
+        };
         let burn_input = burn::nn::attention::MhaInput::new(q.clone(), kv.clone(), kv.clone())
             .mask_pad(pad.clone())
             .mask_attn(attn.clone());
@@ -85,13 +101,18 @@ fn dropins_mha_loads_burns_record_and_matches_its_outputs() {
         assert!(max_abs_diff(got.context.clone(), want.context.clone()) <= 1e-6);
         assert!(max_abs_diff(got.weights.clone(), want.weights.clone()) <= 1e-6);
         // The masks did something, and the copy did: the freshly initialised twin differs.
-        assert!(got.weights.slice([0..1, 0..1, 0..4, 4..6]).abs().max().into_scalar::<f32>() < 1e-6);
+        assert!(
+            got.weights.slice([0..1, 0..1, 0..4, 4..6]).abs().max().into_scalar::<f32>() < 1e-6
+        );
         assert!(max_abs_diff(fresh.forward(input()).context, want.context) > 1e-3);
     }
 }
 
 /// Burn's MHA with the same config as `config`, freshly initialised.
-fn config_burn_twin(config: &MultiHeadAttentionConfig, device: &Device) -> burn::nn::attention::MultiHeadAttention {
+fn config_burn_twin(
+    config: &MultiHeadAttentionConfig,
+    device: &Device,
+) -> burn::nn::attention::MultiHeadAttention {
     burn::nn::attention::MultiHeadAttentionConfig::new(config.d_model, config.n_heads)
         .with_quiet_softmax(config.quiet_softmax)
         .with_key_bias(config.key_bias)
@@ -110,7 +131,8 @@ fn dropins_mha_cache_matches_burns_cache_and_the_masked_full_pass() {
     let memory = tensor3(8, [batch, 3, d], &device);
 
     // Self-attention: step by step against Burn's cache, then against the causal full pass.
-    let (mut ours_cache, mut burn_cache) = (MhaCache::autoregressive(), burn::nn::attention::MhaCache::autoregressive());
+    let (mut ours_cache, mut burn_cache) =
+        (MhaCache::autoregressive(), burn::nn::attention::MhaCache::autoregressive());
     // Cross-attention: fixed memory for keys and values.
     let (mut ours_cross, mut burn_cross) = (
         MhaCache::autoregressive_cross_attention(),
@@ -120,13 +142,24 @@ fn dropins_mha_cache_matches_burns_cache_and_the_masked_full_pass() {
     for i in 1..=seq {
         let prefix = x.clone().slice([0..batch, 0..i, 0..d]);
         let got = ours.forward_cache(MhaInput::self_attn(prefix.clone()), &mut ours_cache).context;
-        let want = burn.forward_cache(burn::nn::attention::MhaInput::self_attn(prefix.clone()), &mut burn_cache).context;
+        let want = burn
+            .forward_cache(
+                burn::nn::attention::MhaInput::self_attn(prefix.clone()),
+                &mut burn_cache,
+            )
+            .context;
         assert_eq!(got.dims(), [batch, i, d]);
         assert!(max_abs_diff(got.clone(), want) <= 1e-6, "self-attention step {i}");
         steps.push(got.slice([0..batch, i - 1..i, 0..d]));
 
-        let got = ours.forward_cache(MhaInput::new(prefix.clone(), memory.clone(), memory.clone()), &mut ours_cross);
-        let want = burn.forward_cache(burn::nn::attention::MhaInput::new(prefix, memory.clone(), memory.clone()), &mut burn_cross);
+        let got = ours.forward_cache(
+            MhaInput::new(prefix.clone(), memory.clone(), memory.clone()),
+            &mut ours_cross,
+        );
+        let want = burn.forward_cache(
+            burn::nn::attention::MhaInput::new(prefix, memory.clone(), memory.clone()),
+            &mut burn_cross,
+        );
         assert!(max_abs_diff(got.context, want.context) <= 1e-6, "cross-attention step {i}");
     }
     let mask = generate_autoregressive_mask(batch, seq, &device);
@@ -141,10 +174,14 @@ fn dropins_feed_forward_loads_burns_record_and_matches_its_outputs() {
         let burn = burn::nn::transformer::PositionWiseFeedForwardConfig::new(6, 10)
             .with_activation(activation.clone())
             .init(&device);
-        let fresh = PositionWiseFeedForwardConfig::new(6, 10).with_activation(activation).init(&device);
+        let fresh =
+            PositionWiseFeedForwardConfig::new(6, 10).with_activation(activation).init(&device);
         let (ours, result) = copy_record(&burn, fresh.clone());
         assert_clean(&result, 4);
-        let (_, back) = copy_record(&ours, burn::nn::transformer::PositionWiseFeedForwardConfig::new(6, 10).init(&device));
+        let (_, back) = copy_record(
+            &ours,
+            burn::nn::transformer::PositionWiseFeedForwardConfig::new(6, 10).init(&device),
+        );
         assert_clean(&back, 4);
         let x = tensor3(3, [2, 5, 6], &device);
         let want = burn.forward(x.clone());
@@ -158,17 +195,28 @@ fn dropins_swiglu_loads_burns_record_in_both_layouts_and_matches_its_outputs() {
     let device = Device::flex();
     for layout in [LinearLayout::Row, LinearLayout::Col] {
         for bias in [false, true] {
-            let burn = burn::nn::SwiGluConfig::new(5, 7).with_bias(bias).with_layout(layout).init(&device);
+            let burn =
+                burn::nn::SwiGluConfig::new(5, 7).with_bias(bias).with_layout(layout).init(&device);
             let fresh = SwiGluConfig::new(5, 7).with_bias(bias).with_layout(layout).init(&device);
             let (ours, result) = copy_record(&burn, fresh.clone());
             assert_clean(&result, if bias { 4 } else { 2 });
             // Loaded weights are initialised, `[d_in, d_out]` in memory whatever the layout.
-            assert_eq!([ours.linear_inner.d_input(), ours.linear_outer.d_output()], [5, 7], "{layout:?}");
-            let (_, back) = copy_record(&ours, burn::nn::SwiGluConfig::new(5, 7).with_bias(bias).with_layout(layout).init(&device));
+            assert_eq!(
+                [ours.linear_inner.d_input(), ours.linear_outer.d_output()],
+                [5, 7],
+                "{layout:?}"
+            );
+            let (_, back) = copy_record(
+                &ours,
+                burn::nn::SwiGluConfig::new(5, 7).with_bias(bias).with_layout(layout).init(&device),
+            );
             assert_clean(&back, if bias { 4 } else { 2 });
             let x = tensor(4, [3, 5], &device);
             let want = burn.forward(x.clone());
-            assert!(max_abs_diff(ours.forward(x.clone()), want.clone()) <= 1e-6, "{layout:?} bias {bias}");
+            assert!(
+                max_abs_diff(ours.forward(x.clone()), want.clone()) <= 1e-6,
+                "{layout:?} bias {bias}"
+            );
             assert!(max_abs_diff(fresh.forward(x), want) > 1e-3);
         }
     }
@@ -208,7 +256,9 @@ impl Block {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let mask = generate_autoregressive_mask(batch, seq, &x.device());
-        let h = self.norm1.forward(x.clone() + self.attn.forward(MhaInput::self_attn(x).mask_attn(mask)).context);
+        let h = self
+            .norm1
+            .forward(x.clone() + self.attn.forward(MhaInput::self_attn(x).mask_attn(mask)).context);
         let h = self.norm2.forward(h.clone() + self.ffn.forward(h));
         self.head.forward(self.glu.forward(h))
     }
@@ -220,14 +270,28 @@ fn dropins_model_goes_through_emulate_lora_correct_and_merge() {
     let d = 8;
     let original = Block::new(d, &device);
     let calibration: Vec<_> = (0..4).map(|i| tensor3(20 + i, [2, 6, d], &device)).collect();
-    let (emulator, report) =
-        emulate(original.clone(), calibration, |m: &Block, x| { m.forward(x); }, &EmulatorConfig::all_layers(0.5)).unwrap();
+    let (emulator, report) = emulate(
+        original.clone(),
+        calibration,
+        |m: &Block, x| {
+            m.forward(x);
+        },
+        &EmulatorConfig::all_layers(0.5),
+    )
+    .unwrap();
 
     // Every projection inside the drop-ins is found and emulated.
     let layers: Vec<String> = linear_layers(&original).into_iter().map(|l| l.path).collect();
     let expected = [
-        "attn.query", "attn.key", "attn.value", "attn.output", "ffn.linear_inner", "ffn.linear_outer",
-        "glu.linear_inner", "glu.linear_outer", "head",
+        "attn.query",
+        "attn.key",
+        "attn.value",
+        "attn.output",
+        "ffn.linear_inner",
+        "ffn.linear_outer",
+        "glu.linear_inner",
+        "glu.linear_outer",
+        "head",
     ];
     assert_eq!(layers, expected);
     let emulated: Vec<&str> = report.layers.iter().map(|l| l.path.as_str()).collect();
@@ -235,7 +299,13 @@ fn dropins_model_goes_through_emulate_lora_correct_and_merge() {
     assert!(report.dense_layers.is_empty(), "{:?}", report.dense_layers);
     assert!(report.layers.iter().all(|l| l.tokens == 48), "{:?}", report.layers);
     assert!(report.params_kept() < report.params_original());
-    for linear in [&emulator.attn.query, &emulator.attn.output, &emulator.ffn.linear_outer, &emulator.glu.linear_inner, &emulator.head] {
+    for linear in [
+        &emulator.attn.query,
+        &emulator.attn.output,
+        &emulator.ffn.linear_outer,
+        &emulator.glu.linear_inner,
+        &emulator.head,
+    ] {
         assert!(linear.is_emulated() && linear.weight.val().dims() == [0, 0]);
     }
 
