@@ -94,7 +94,7 @@ impl MultiHeadAttentionConfig {
     pub fn validate(&self) -> Result<()> {
         let problem = if self.n_heads == 0 {
             Some("n_heads must be positive".to_string())
-        } else if self.d_model % self.n_heads != 0 {
+        } else if !self.d_model.is_multiple_of(self.n_heads) {
             Some(format!(
                 "d_model = {} is not divisible by n_heads = {}",
                 self.d_model, self.n_heads
