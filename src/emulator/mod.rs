@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::CalibrationSession;
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
-use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
+use crate::nn::hooks::{all_layer_paths, all_linear_paths, for_each_linear, map_linears};
 use crate::nn::LowRankFactors;
 
 /// What emulation did to one layer.
@@ -61,7 +61,8 @@ pub struct LayerReport {
 pub struct EmulatorReport {
     /// Emulated layers in traversal order.
     pub layers: Vec<LayerReport>,
-    /// Linear layers left dense (no rule, or a `Full` rule).
+    /// Linear layers (and `emloc::nn::Conv2d` layers) left dense (no rule, a `Full` rule, or a
+    /// grouped convolution, which emloc cannot factor).
     pub dense_layers: Vec<String>,
     /// Calibration batches run.
     pub calibration_batches: usize,
@@ -258,7 +259,7 @@ where
         return Err(e);
     }
     let emulated: Vec<&str> = reports.iter().map(|r| r.path.as_str()).collect();
-    let dense_layers = all_linear_paths(&model)
+    let dense_layers = all_layer_paths(&model)
         .into_iter()
         .filter(|p| !emulated.contains(&p.as_str()))
         .collect();

@@ -3,6 +3,7 @@
 mod allocation;
 mod cholesky;
 mod common;
+mod conv;
 mod emulate;
 mod errors;
 mod kernels;
