@@ -1043,6 +1043,50 @@ mod tests {
     }
 
     #[test]
+    fn conv_factors_round_trip_as_4d_kernels_and_bad_shapes_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = PeftConfig::new(2, 4.0, vec!["conv".into()]);
+        // A [2, 3·2·2] flattened kernel: PEFT's [2, 3, 2, 2].
+        let layer = PeftLayer::conv2d(matrix(2, 12, 1), matrix(5, 2, 2), [2, 2]);
+        assert_eq!((layer.lora_a_shape(), layer.lora_b_shape()), (vec![2, 3, 2, 2], vec![5, 2, 1, 1]));
+        let adapter = PeftAdapter { config: config.clone(), layers: BTreeMap::from([("conv".to_string(), layer)]) };
+        adapter.save(tmp.path()).unwrap();
+        assert_eq!(PeftAdapter::load(tmp.path()).unwrap(), adapter);
+
+        // A flattened kernel that is not C_in·kh·kw.
+        let mut bad = adapter.clone();
+        bad.layers.get_mut("conv").unwrap().kernel_size = Some([5, 1]);
+        assert!(matches!(bad.validate(), Err(EmlocError::InvalidConfig(m)) if m.contains("kernel 5×1")));
+
+        write_config(tmp.path(), &config);
+        let (a, b) = (lora_a_key("conv"), lora_b_key("conv"));
+        // lora_B must be a 1×1 kernel.
+        write_raw(tmp.path(), &[filled(&a, &[2, 3, 2, 2], 0.5), filled(&b, &[5, 2, 3, 1], 0.5)]);
+        assert!(matches!(
+            PeftAdapter::load(tmp.path()),
+            Err(EmlocError::ShapeMismatch { name, expected, found })
+                if name == b && expected == [5, 2, 1, 1] && found == [5, 2, 3, 1]
+        ));
+        // A 4-D lora_A with a 2-D lora_B (and the reverse) is one mis-shaped key.
+        for (a_shape, b_shape) in [(&[2, 3, 2, 2][..], &[5, 2][..]), (&[2, 12][..], &[5, 2, 1, 1][..])] {
+            write_raw(tmp.path(), &[filled(&a, a_shape, 0.5), filled(&b, b_shape, 0.5)]);
+            match PeftAdapter::load(tmp.path()) {
+                Err(EmlocError::AdapterKeys { misshaped, .. }) => {
+                    assert_eq!(misshaped.len(), 1, "{misshaped:?}");
+                    assert!(misshaped[0].starts_with(&b), "{misshaped:?}");
+                }
+                other => panic!("{a_shape:?}, {b_shape:?}: {other:?}"),
+            }
+        }
+        // A conv adapter fits only a convolution of that kernel.
+        let conv = |kernel| LayerShape { path: "conv".into(), d_in: 12, d_out: 5, kernel_size: kernel };
+        adapter.check_fits(&[conv(Some([2, 2]))]).unwrap();
+        for other in [None, Some([1, 1]), Some([4, 1])] {
+            assert!(matches!(adapter.check_fits(&[conv(other)]), Err(EmlocError::AdapterKeys { .. })), "{other:?}");
+        }
+    }
+
+    #[test]
     fn round_trip_is_bit_exact() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("nested").join("adapter");

@@ -847,3 +847,37 @@ fn peft_made_conv_adapter_matches_peft() {
     let err = rel(&values(from_file.forward(x)), &floats(&expected["merged"]));
     assert!(err < 1e-5, "file merge vs PEFT: {err}");
 }
+
+/// A CNN's emulator saves and loads back onto the original; onto a freshly built (lazy) model the
+/// emulated convolutions' dense kernels are never materialised.
+#[test]
+fn cnn_emulator_saves_and_loads_onto_the_original() {
+    let device = Device::flex();
+    device.seed(51);
+    let original = Cnn::new(&device);
+    let calibration: Vec<Tensor<4>> = (0..2).map(|i| images(300 + i, 4, &device)).collect();
+    let config = EmulatorConfig::all_layers(0.4);
+    let (emulator, report) = emulate(
+        original.clone(),
+        calibration,
+        |m: &Cnn, x| {
+            m.forward(x);
+        },
+        &config,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(config, report), dir.path())
+        .unwrap();
+    let (loaded, _) = emloc::load_emulator(original.clone(), dir.path()).unwrap();
+    assert_eq!(loaded.c1.weight.val().dims(), [0, 0, 0, 0]);
+    let probe = images(9, 2, &device);
+    assert_eq!(values(loaded.forward(probe.clone())), values(emulator.forward(probe.clone())));
+
+    device.seed(51);
+    let skeleton = Cnn::new(&device);
+    let dense_c1 = skeleton.c1.weight.clone();
+    let (loaded, _) = emloc::load_emulator(skeleton, dir.path()).unwrap();
+    assert!(!dense_c1.is_initialized(), "loading the emulator materialised a dense kernel");
+    assert!(loaded.c1.is_emulated());
+}
