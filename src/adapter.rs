@@ -115,8 +115,9 @@ fn linear_device(linear: &Linear) -> burn::tensor::Device {
 }
 
 /// Reads every attached adapter into HF PEFT's format (`lora_A` `[r, d_in]`, `lora_B`
-/// `[d_out, r]`; a convolution's carry its kernel size, see [`PeftLayer`]). Ranks and alphas that differ from the most common one go to `rank_pattern` /
-/// `alpha_pattern`; `target_modules` lists the adapted paths.
+/// `[d_out, r]`; a convolution's carry its kernel size, see [`PeftLayer`]). Ranks and alphas
+/// that differ from the most common one go to `rank_pattern` / `alpha_pattern`;
+/// `target_modules` lists the adapted paths.
 ///
 /// PEFT reads pattern keys as regexes matching a path's tail (see [`crate::peft::Patterns`]),
 /// so a plain path key would also match every longer path ending in it (`attn.q` matches
