@@ -6,19 +6,21 @@ use burn::module::{Module, Param, ParamGroup, ParamId};
 
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
-use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
+use crate::nn::hooks::{all_linear_paths, for_each_layer, for_each_linear, map_linears, unsupported_layers};
 use crate::nn::{Linear, LoraAdapter, LoraConfig, check_lora_rank};
 use crate::peft::{LayerShape, PeftAdapter, PeftConfig, PeftLayer, TargetModules};
 use crate::stock;
 
-/// Every `emloc::nn::Linear` of `model` with its shape, in traversal order.
+/// Every `emloc::nn::Linear` (and `emloc::nn::Conv2d`, as the linear map on its unfolded
+/// patches) of `model` with its shape, in traversal order.
 pub fn linear_layers<M: Module>(model: &M) -> Vec<LayerShape> {
     let mut layers = Vec::new();
-    for_each_linear(model, |path, linear| {
+    for_each_layer(model, |path, linear, kernel_size| {
         layers.push(LayerShape {
             path: path.to_string(),
             d_in: linear.d_input(),
             d_out: linear.d_output(),
+            kernel_size,
         })
     });
     layers
@@ -78,6 +80,17 @@ pub fn attach_lora<M: Module>(model: M, config: &LoraConfig) -> Result<(M, Vec<S
     if let Some(e) = problem {
         return Err(e);
     }
+    // A layer emloc cannot adapt (a grouped convolution) is refused when the targets name it;
+    // "every layer" (no targets given) passes over it.
+    if !config.target_modules.is_empty() || config.target_regex.is_some() {
+        for (path, reason) in unsupported_layers(&model) {
+            if config.targets(&path)? {
+                return Err(EmlocError::InvalidConfig(format!(
+                    "layer `{path}` cannot carry a LoRA adapter: {reason}"
+                )));
+            }
+        }
+    }
     if targets.is_empty() {
         return Err(no_layer_error(&model, format!("the LoRA targets of {config:?}")));
     }
@@ -103,8 +116,9 @@ fn linear_device(linear: &Linear) -> burn::tensor::Device {
 }
 
 /// Reads every attached adapter into HF PEFT's format (`lora_A` `[r, d_in]`, `lora_B`
-/// `[d_out, r]`). Ranks and alphas that differ from the most common one go to `rank_pattern` /
-/// `alpha_pattern`; `target_modules` lists the adapted paths.
+/// `[d_out, r]`; a convolution's carry its kernel size, see [`PeftLayer`]). Ranks and alphas
+/// that differ from the most common one go to `rank_pattern` / `alpha_pattern`;
+/// `target_modules` lists the adapted paths.
 ///
 /// PEFT reads pattern keys as regexes matching a path's tail (see [`crate::peft::Patterns`]),
 /// so a plain path key would also match every longer path ending in it (`attn.q` matches
@@ -115,13 +129,14 @@ pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
     let mut layers = BTreeMap::new();
     let mut meta = Vec::new();
     let mut plain = Vec::new();
-    for_each_linear(model, |path, linear| {
+    for_each_layer(model, |path, linear, kernel_size| {
         if let Some(lora) = &linear.lora {
             layers.insert(
                 path.to_string(),
                 PeftLayer {
                     lora_a: Matrix::from_tensor(lora.a.val()).transpose(),
                     lora_b: Matrix::from_tensor(lora.b.val()).transpose(),
+                    kernel_size,
                 },
             );
             meta.push((path.to_string(), lora.rank(), lora.alpha, lora.use_rslora, lora.dropout.prob));

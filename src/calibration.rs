@@ -29,7 +29,16 @@ pub(crate) struct GramAccumulator {
     pub tokens: u64,
 }
 
-/// Called by `Linear::forward` with its input `[..., d_in]`.
+/// Whether a calibration session accumulates the Gram of the layer whose weight is `id`, so that
+/// a layer whose statistics input costs work to build (a convolution's unfolded patches) builds
+/// it only then. One atomic load when no session is open.
+pub(crate) fn is_recording(id: &ParamId) -> bool {
+    OPEN_SESSIONS.load(Ordering::Acquire) != 0
+        && accumulators().as_ref().is_some_and(|map| map.contains_key(id))
+}
+
+/// Called by `Linear::forward` with its input `[..., d_in]` (and by `Conv2d::forward` with its
+/// unfolded patches).
 pub(crate) fn record<const D: usize>(id: &ParamId, input: &Tensor<D>) {
     if OPEN_SESSIONS.load(Ordering::Acquire) == 0 {
         return;

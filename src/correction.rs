@@ -134,6 +134,7 @@ pub fn correct_layer(
     let corrected = PeftLayer {
         lora_a: Matrix::new(r, d_in, (0..r * d_in).map(|x| p[(x % d_in, x / d_in)] as f32).collect()),
         lora_b: Matrix::new(d_out, r, (0..d_out * r).map(|x| b_c[(x / r, x % r)] as f32).collect()),
+        kernel_size: lora.kernel_size,
     };
     let discrepancy_norm = c.norm_l2();
     Ok((corrected, LayerCorrection { path: path.to_string(), rank: r, discrepancy_norm, gamma }))
@@ -244,10 +245,10 @@ mod tests {
             weight: Matrix::new(d_in, d_out, noise(1, d_in * d_out)),
             w_v: Matrix::new(d_in, k, noise(2, d_in * k)),
             w_u: Matrix::new(k, d_out, noise(3, k * d_out)),
-            lora: PeftLayer {
-                lora_a: Matrix::new(r, d_in, noise(4, r * d_in)),
-                lora_b: Matrix::new(d_out, r, noise(5, d_out * r).iter().map(|v| v * b_scale).collect()),
-            },
+            lora: PeftLayer::new(
+                Matrix::new(r, d_in, noise(4, r * d_in)),
+                Matrix::new(d_out, r, noise(5, d_out * r).iter().map(|v| v * b_scale).collect()),
+            ),
         }
     }
 

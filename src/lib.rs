@@ -4,8 +4,8 @@
 //! [Burn](https://burn.dev): fine-tune a model within the memory it takes to run it.
 //!
 //! 1. [`emulate`]: run the original model on a few downstream samples, accumulate every
-//!    [`nn::Linear`]'s input Gram matrix, and replace the layers by activation-aware low-rank
-//!    factors (whitened truncated SVD).
+//!    [`nn::Linear`]'s input Gram matrix (an [`nn::Conv2d`]'s: of its unfolded patches), and
+//!    replace the layers by activation-aware low-rank factors (whitened truncated SVD).
 //! 2. [`attach_lora`]: put LoRA adapters on the emulator and train them with any Burn loop; the
 //!    emulator layer computes `(x W_v) W_u + s (x A) B` without building a dense matrix.
 //! 3. [`correct`]: fix each adapter in closed form for the emulator/original mismatch, then
@@ -66,4 +66,4 @@ pub use emulator::{
 pub use error::{EmlocError, Result};
 pub use identity::FileIdentity;
 pub use merge_file::merge_into_safetensors;
-pub use nn::{Linear, LinearConfig, LoraConfig};
+pub use nn::{Conv2d, Conv2dConfig, Linear, LinearConfig, LoraConfig};

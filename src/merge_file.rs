@@ -2,7 +2,9 @@
 //!
 //! For each adapted layer `path`, the checkpoint tensor `path.weight` (or `PREFIX.path.weight`,
 //! e.g. `bert.` or `model.`) in PyTorch layout `[d_out, d_in]` becomes `W + s · B A` (PEFT's
-//! `lora_B` `[d_out, r]`, `lora_A` `[r, d_in]`), computed in f64 and written as F32. Every other
+//! `lora_B` `[d_out, r]`, `lora_A` `[r, d_in]`), computed in f64 and written as F32. A
+//! convolution's weight `[C_out, C_in, kh, kw]` takes its adapter (`lora_A` `[r, C_in, kh, kw]`,
+//! `lora_B` `[C_out, r, 1, 1]`) the same way, flattened to `d_in = C_in·kh·kw`. Every other
 //! tensor is copied byte for byte, with its dtype, and the file metadata is kept.
 
 use std::collections::HashMap;
@@ -39,7 +41,8 @@ fn weight_key<'a>(keys: impl Iterator<Item = &'a str>, path: &str) -> Vec<&'a st
 /// or its shards) to `output_dir` with `adapter` merged into them; see the [module docs](self).
 ///
 /// Everything is checked before anything is written: the headers, that each adapter layer's
-/// weight is exactly one F32/F16/BF16 `[d_out, d_in]` tensor across the files, and that the
+/// weight is exactly one F32/F16/BF16 `[d_out, d_in]` (convolution: `[C_out, C_in, kh, kw]`)
+/// tensor across the files, and that the
 /// adapter's shapes fit. Each output file is written atomically; an output path equal to its
 /// input is refused.
 ///
@@ -84,7 +87,11 @@ pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], ou
             continue;
         };
         let view = parsed[*file].tensor(key).map_err(|e| st_error(&contents[*file].0, e.to_string()))?;
-        let expected = [layer.lora_b.rows, layer.lora_a.cols];
+        let (d_out, d_in) = (layer.lora_b.rows, layer.lora_a.cols);
+        let expected = match layer.kernel_size {
+            Some([kh, kw]) => vec![d_out, d_in / (kh * kw).max(1), kh, kw],
+            None => vec![d_out, d_in],
+        };
         if view.shape() != expected {
             misshaped.push(format!("{key}: adapter needs {expected:?}, checkpoint has {:?}", view.shape()));
             continue;

@@ -3,7 +3,9 @@
 //! The layout is PEFT's own, so an adapter trained here loads in `peft.PeftModel.from_pretrained`
 //! and a PEFT LoRA adapter loads here. Tensors are keyed
 //! `base_model.model.<module path>.lora_A.weight` (`[r, d_in]`) and `...lora_B.weight`
-//! (`[d_out, r]`), i.e. PyTorch's `[out, in]` convention.
+//! (`[d_out, r]`), i.e. PyTorch's `[out, in]` convention; a 2-D convolution's factors are PEFT's
+//! Conv2d LoRA kernels, `lora_A` `[r, C_in, kh, kw]` and `lora_B` `[C_out, r, 1, 1]` (see
+//! [`PeftLayer::kernel_size`]).
 //!
 //! Loading and fitting checks collect every problem before failing, so one error message tells
 //! the user everything that is wrong with an adapter instead of one key per attempt.
@@ -315,6 +317,42 @@ pub struct PeftLayer {
     pub lora_a: Matrix,
     /// Up-projection, `[d_out, r]`.
     pub lora_b: Matrix,
+    /// `None` for a linear layer; `Some([kh, kw])` for a 2-D convolution (`emloc::nn::Conv2d`),
+    /// whose factors PEFT stores as convolution kernels: `lora_A` `[r, C_in, kh, kw]` and
+    /// `lora_B` `[C_out, r, 1, 1]`. `lora_a` is then the kernel flattened to
+    /// `[r, d_in = C_in·kh·kw]` in `(c, i, j)` order, `lora_b` is `[C_out, r]`.
+    pub kernel_size: Option<[usize; 2]>,
+}
+
+impl PeftLayer {
+    /// A linear layer's factors: `lora_a` `[r, d_in]`, `lora_b` `[d_out, r]`.
+    pub fn new(lora_a: Matrix, lora_b: Matrix) -> Self {
+        Self { lora_a, lora_b, kernel_size: None }
+    }
+
+    /// A 2-D convolution's factors, flattened: `lora_a` `[r, C_in·kh·kw]`, `lora_b` `[C_out, r]`.
+    pub fn conv2d(lora_a: Matrix, lora_b: Matrix, kernel_size: [usize; 2]) -> Self {
+        Self { lora_a, lora_b, kernel_size: Some(kernel_size) }
+    }
+
+    /// The shape of `lora_A` in an adapter file: `[r, d_in]`, or `[r, C_in, kh, kw]`.
+    pub fn lora_a_shape(&self) -> Vec<usize> {
+        factor_shape(Factor::A, self.lora_a.rows, self.lora_a.cols, self.kernel_size)
+    }
+
+    /// The shape of `lora_B` in an adapter file: `[d_out, r]`, or `[C_out, r, 1, 1]`.
+    pub fn lora_b_shape(&self) -> Vec<usize> {
+        factor_shape(Factor::B, self.lora_b.rows, self.lora_b.cols, self.kernel_size)
+    }
+}
+
+/// A factor's file shape from its flattened `[rows, cols]` and the layer's kernel.
+fn factor_shape(factor: Factor, rows: usize, cols: usize, kernel: Option<[usize; 2]>) -> Vec<usize> {
+    match (factor, kernel) {
+        (_, None) => vec![rows, cols],
+        (Factor::A, Some([kh, kw])) => vec![rows, cols / (kh * kw).max(1), kh, kw],
+        (Factor::B, Some(_)) => vec![rows, cols, 1, 1],
+    }
 }
 
 /// An adapter: its config and its layers keyed by module path (BTreeMap for deterministic order).
@@ -335,6 +373,9 @@ pub struct LayerShape {
     pub d_in: usize,
     /// Output features.
     pub d_out: usize,
+    /// `Some([kh, kw])` for a 2-D convolution (whose `d_in` is `C_in·kh·kw`), `None` for a
+    /// linear layer.
+    pub kernel_size: Option<[usize; 2]>,
 }
 
 /// Which factor a safetensors key names.
@@ -364,7 +405,7 @@ fn parse_key(key: &str) -> Option<(&str, Factor)> {
     (!path.is_empty()).then_some((path, factor))
 }
 
-fn misshaped(key: &str, expected: [usize; 2], found: [usize; 2]) -> String {
+fn misshaped(key: &str, expected: impl std::fmt::Debug, found: impl std::fmt::Debug) -> String {
     format!("{key}: expected {expected:?}, found {found:?}")
 }
 
@@ -468,6 +509,14 @@ impl PeftAdapter {
                     });
                 }
             }
+            if let Some([kh, kw]) = layer.kernel_size
+                && (kh == 0 || kw == 0 || a.cols % (kh * kw) != 0)
+            {
+                return Err(EmlocError::InvalidConfig(format!(
+                    "layer `{path}`: lora_A has {} columns, which is not C_in·kh·kw for the kernel {kh}×{kw}",
+                    a.cols
+                )));
+            }
             crate::nn::check_lora_rank(path, rank, a.cols, b.rows)?;
         }
         if !untargeted.is_empty() {
@@ -508,24 +557,24 @@ impl PeftAdapter {
     }
 
     fn serialize_weights(&self, weights_path: &Path) -> Result<Vec<u8>> {
-        let buffers: Vec<(String, [usize; 2], Vec<u8>)> = self
+        let buffers: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .layers
             .iter()
             .flat_map(|(path, layer)| {
                 [
-                    (lora_a_key(path), &layer.lora_a),
-                    (lora_b_key(path), &layer.lora_b),
+                    (lora_a_key(path), &layer.lora_a, layer.lora_a_shape()),
+                    (lora_b_key(path), &layer.lora_b, layer.lora_b_shape()),
                 ]
             })
-            .map(|(key, m)| {
+            .map(|(key, m, shape)| {
                 let bytes = m.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                (key, m.shape(), bytes)
+                (key, shape, bytes)
             })
             .collect();
         let views = buffers
             .iter()
             .map(|(key, shape, bytes)| {
-                TensorView::new(Dtype::F32, shape.to_vec(), bytes)
+                TensorView::new(Dtype::F32, shape.clone(), bytes)
                     .map(|view| (key.as_str(), view))
                     .map_err(|e| safetensors_error(weights_path, format!("{key}: {e}")))
             })
@@ -541,9 +590,10 @@ impl PeftAdapter {
     /// Fails with [`EmlocError::Io`] for a missing or unreadable file,
     /// [`EmlocError::AdapterConfig`] for malformed JSON, an unsupported config or layers that
     /// `target_modules` does not cover, [`EmlocError::Safetensors`] for an unparsable weights
-    /// file or a dtype other than F32/F16/BF16, [`EmlocError::ShapeMismatch`] for a non-2-D
-    /// tensor, [`EmlocError::NonFinite`] for NaN or Inf values, and one
-    /// [`EmlocError::AdapterKeys`] listing every missing, unexpected and mis-shaped key.
+    /// file or a dtype other than F32/F16/BF16, [`EmlocError::ShapeMismatch`] for a tensor that
+    /// is neither 2-D nor a convolution's 4-D kernel, [`EmlocError::NonFinite`] for NaN or Inf
+    /// values, and one [`EmlocError::AdapterKeys`] listing every missing, unexpected and
+    /// mis-shaped key.
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
         let text = fs::read_to_string(&config_path).map_err(|e| EmlocError::io(&config_path, e))?;
@@ -613,20 +663,22 @@ impl PeftAdapter {
                 continue;
             };
             let rank = patterns.rank_for(path);
-            let expected_a = [rank, shape.d_in];
-            if layer.lora_a.shape() != expected_a {
+            // Compared in file shapes, so that a linear adapter does not fit a convolution (PEFT
+            // would not load it) even where the flattened sizes agree.
+            let expected_a = factor_shape(Factor::A, rank, shape.d_in, shape.kernel_size);
+            if layer.lora_a_shape() != expected_a {
                 wrong.push(misshaped(
                     &lora_a_key(path),
                     expected_a,
-                    layer.lora_a.shape(),
+                    layer.lora_a_shape(),
                 ));
             }
-            let expected_b = [shape.d_out, rank];
-            if layer.lora_b.shape() != expected_b {
+            let expected_b = factor_shape(Factor::B, shape.d_out, rank, shape.kernel_size);
+            if layer.lora_b_shape() != expected_b {
                 wrong.push(misshaped(
                     &lora_b_key(path),
                     expected_b,
-                    layer.lora_b.shape(),
+                    layer.lora_b_shape(),
                 ));
             }
         }
@@ -729,7 +781,10 @@ fn parse_weights(
     tensors.sort_by(|x, y| x.0.cmp(&y.0));
 
     let patterns = config.patterns()?;
-    let mut halves: BTreeMap<&str, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
+    // Each factor with its kernel: `Some([kh, kw])` for a 4-D `lora_A`, `Some([1, 1])` for a
+    // 4-D `lora_B`.
+    type Half = Option<(Matrix, Option<[usize; 2]>)>;
+    let mut halves: BTreeMap<&str, (Half, Half)> = BTreeMap::new();
     let mut unexpected = Vec::new();
     // PEFT saves modules_to_save copies as `<path>.modules_to_save.<name>` tensors.
     if let Some((key, _)) = tensors.iter().find(|(key, _)| key.contains("modules_to_save")) {
@@ -744,7 +799,7 @@ fn parse_weights(
             unexpected.push(key.clone());
             continue;
         };
-        let matrix = decode_matrix(key, view, weights_path, patterns.rank_for(path), factor)?;
+        let matrix = decode_factor(key, view, weights_path, patterns.rank_for(path), factor)?;
         let slot = halves.entry(path).or_default();
         match factor {
             Factor::A => slot.0 = Some(matrix),
@@ -756,19 +811,36 @@ fn parse_weights(
     let mut layers = BTreeMap::new();
     for (path, (a, b)) in halves {
         let rank = patterns.rank_for(path);
-        if let Some(a) = &a
+        if let Some((a, kernel)) = &a
             && a.rows != rank
         {
-            wrong.push(misshaped(&lora_a_key(path), [rank, a.cols], a.shape()));
+            let found = factor_shape(Factor::A, a.rows, a.cols, *kernel);
+            let mut expected = found.clone();
+            expected[0] = rank;
+            wrong.push(misshaped(&lora_a_key(path), expected, found));
         }
-        if let Some(b) = &b
+        if let Some((b, kernel)) = &b
             && b.cols != rank
         {
-            wrong.push(misshaped(&lora_b_key(path), [b.rows, rank], b.shape()));
+            let found = factor_shape(Factor::B, b.rows, b.cols, *kernel);
+            let mut expected = found.clone();
+            expected[1] = rank;
+            wrong.push(misshaped(&lora_b_key(path), expected, found));
         }
         match (a, b) {
-            (Some(lora_a), Some(lora_b)) => {
-                layers.insert(path.to_owned(), PeftLayer { lora_a, lora_b });
+            // A convolution's factors are both 4-D, a linear layer's both 2-D.
+            (Some((lora_a, a_kernel)), Some((lora_b, b_kernel))) if a_kernel.is_some() != b_kernel.is_some() => {
+                let b_found = factor_shape(Factor::B, lora_b.rows, lora_b.cols, b_kernel);
+                let b_expected = factor_shape(Factor::B, lora_b.rows, lora_b.cols, a_kernel);
+                wrong.push(format!(
+                    "{}: expected {b_expected:?} for the {}-D lora_A {:?}, found {b_found:?}",
+                    lora_b_key(path),
+                    if a_kernel.is_some() { 4 } else { 2 },
+                    factor_shape(Factor::A, lora_a.rows, lora_a.cols, a_kernel),
+                ));
+            }
+            (Some((lora_a, kernel_size)), Some((lora_b, _))) => {
+                layers.insert(path.to_owned(), PeftLayer { lora_a, lora_b, kernel_size });
             }
             (Some(_), None) => missing.push(lora_b_key(path)),
             (None, Some(_)) => missing.push(lora_a_key(path)),
@@ -790,32 +862,48 @@ fn parse_weights(
     Ok(layers)
 }
 
-/// Converts one 2-D F32/F16/BF16 tensor to an `f32` matrix.
-fn decode_matrix(
+/// Converts one factor, a 2-D tensor or a convolution's 4-D kernel (`lora_A`
+/// `[r, C_in, kh, kw]`, `lora_B` `[C_out, r, 1, 1]`), to an `f32` matrix (`[r, C_in·kh·kw]`,
+/// `[C_out, r]`) and the kernel size it had (`[1, 1]` for a 4-D `lora_B`).
+fn decode_factor(
     key: &str,
     view: &TensorView<'_>,
     weights_path: &Path,
     rank: usize,
     factor: Factor,
-) -> Result<Matrix> {
+) -> Result<(Matrix, Option<[usize; 2]>)> {
     let shape = view.shape();
-    let &[rows, cols] = shape else {
-        // Best guess at the intended 2-D shape, so the message shows what was expected.
-        let other = match factor {
-            Factor::A => shape.last(),
-            Factor::B => shape.first(),
+    let (rows, cols, kernel) = match (factor, shape) {
+        (_, &[rows, cols]) => (rows, cols, None),
+        (Factor::A, &[rows, channels, kh, kw]) => {
+            (rows, channels.saturating_mul(kh).saturating_mul(kw), Some([kh, kw]))
         }
-        .copied()
-        .unwrap_or(0);
-        let expected = match factor {
-            Factor::A => vec![rank, other],
-            Factor::B => vec![other, rank],
-        };
-        return Err(EmlocError::ShapeMismatch {
-            name: key.to_owned(),
-            expected,
-            found: shape.to_vec(),
-        });
+        (Factor::B, &[rows, cols, 1, 1]) => (rows, cols, Some([1, 1])),
+        (Factor::B, &[rows, cols, _, _]) => {
+            return Err(EmlocError::ShapeMismatch {
+                name: key.to_owned(),
+                expected: vec![rows, cols, 1, 1],
+                found: shape.to_vec(),
+            });
+        }
+        _ => {
+            // Best guess at the intended 2-D shape, so the message shows what was expected.
+            let other = match factor {
+                Factor::A => shape.last(),
+                Factor::B => shape.first(),
+            }
+            .copied()
+            .unwrap_or(0);
+            let expected = match factor {
+                Factor::A => vec![rank, other],
+                Factor::B => vec![other, rank],
+            };
+            return Err(EmlocError::ShapeMismatch {
+                name: key.to_owned(),
+                expected,
+                found: shape.to_vec(),
+            });
+        }
     };
     let data = view.data();
     let data: Vec<f32> = match view.dtype() {
@@ -842,10 +930,10 @@ fn decode_matrix(
     if Some(data.len()) != rows.checked_mul(cols) {
         return Err(safetensors_error(
             weights_path,
-            format!("{key}: {} values for shape [{rows}, {cols}]", data.len()),
+            format!("{key}: {} values for shape {shape:?}", data.len()),
         ));
     }
-    Ok(Matrix::new(rows, cols, data))
+    Ok((Matrix::new(rows, cols, data), kernel))
 }
 
 /// IEEE binary16 to binary32; exact for every input, NaN payloads kept.
@@ -888,10 +976,7 @@ mod tests {
     }
 
     fn layer(r: usize, d_in: usize, d_out: usize, seed: u32) -> PeftLayer {
-        PeftLayer {
-            lora_a: matrix(r, d_in, seed),
-            lora_b: matrix(d_out, r, seed + 1),
-        }
+        PeftLayer::new(matrix(r, d_in, seed), matrix(d_out, r, seed + 1))
     }
 
     fn sample_adapter() -> PeftAdapter {
@@ -955,6 +1040,50 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn conv_factors_round_trip_as_4d_kernels_and_bad_shapes_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = PeftConfig::new(2, 4.0, vec!["conv".into()]);
+        // A [2, 3·2·2] flattened kernel: PEFT's [2, 3, 2, 2].
+        let layer = PeftLayer::conv2d(matrix(2, 12, 1), matrix(5, 2, 2), [2, 2]);
+        assert_eq!((layer.lora_a_shape(), layer.lora_b_shape()), (vec![2, 3, 2, 2], vec![5, 2, 1, 1]));
+        let adapter = PeftAdapter { config: config.clone(), layers: BTreeMap::from([("conv".to_string(), layer)]) };
+        adapter.save(tmp.path()).unwrap();
+        assert_eq!(PeftAdapter::load(tmp.path()).unwrap(), adapter);
+
+        // A flattened kernel that is not C_in·kh·kw.
+        let mut bad = adapter.clone();
+        bad.layers.get_mut("conv").unwrap().kernel_size = Some([5, 1]);
+        assert!(matches!(bad.validate(), Err(EmlocError::InvalidConfig(m)) if m.contains("kernel 5×1")));
+
+        write_config(tmp.path(), &config);
+        let (a, b) = (lora_a_key("conv"), lora_b_key("conv"));
+        // lora_B must be a 1×1 kernel.
+        write_raw(tmp.path(), &[filled(&a, &[2, 3, 2, 2], 0.5), filled(&b, &[5, 2, 3, 1], 0.5)]);
+        assert!(matches!(
+            PeftAdapter::load(tmp.path()),
+            Err(EmlocError::ShapeMismatch { name, expected, found })
+                if name == b && expected == [5, 2, 1, 1] && found == [5, 2, 3, 1]
+        ));
+        // A 4-D lora_A with a 2-D lora_B (and the reverse) is one mis-shaped key.
+        for (a_shape, b_shape) in [(&[2, 3, 2, 2][..], &[5, 2][..]), (&[2, 12][..], &[5, 2, 1, 1][..])] {
+            write_raw(tmp.path(), &[filled(&a, a_shape, 0.5), filled(&b, b_shape, 0.5)]);
+            match PeftAdapter::load(tmp.path()) {
+                Err(EmlocError::AdapterKeys { misshaped, .. }) => {
+                    assert_eq!(misshaped.len(), 1, "{misshaped:?}");
+                    assert!(misshaped[0].starts_with(&b), "{misshaped:?}");
+                }
+                other => panic!("{a_shape:?}, {b_shape:?}: {other:?}"),
+            }
+        }
+        // A conv adapter fits only a convolution of that kernel.
+        let conv = |kernel| LayerShape { path: "conv".into(), d_in: 12, d_out: 5, kernel_size: kernel };
+        adapter.check_fits(&[conv(Some([2, 2]))]).unwrap();
+        for other in [None, Some([1, 1]), Some([4, 1])] {
+            assert!(matches!(adapter.check_fits(&[conv(other)]), Err(EmlocError::AdapterKeys { .. })), "{other:?}");
+        }
     }
 
     #[test]
@@ -1189,6 +1318,7 @@ mod tests {
             path: path.into(),
             d_in,
             d_out,
+            kernel_size: None,
         }
     }
 

@@ -57,6 +57,7 @@ pub(crate) fn stock_linear_layers<M: Module>(model: &M, emloc_paths: &[String]) 
                     path: self.path[..self.path.len() - 1].join("."),
                     d_in: dims[0],
                     d_out: dims[1],
+                    kernel_size: None,
                 },
                 has_adapter: false,
             });

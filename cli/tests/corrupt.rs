@@ -76,7 +76,7 @@ fn edited_header(edit: impl FnOnce(&mut Value)) -> Vec<u8> {
 fn write_adapter(dir: &Path) {
     let config = PeftConfig::new(2, 4.0, vec!["query".into()]);
     let values = |n: usize| (0..n).map(|i| (i as f32 * 0.37).sin() * 0.1).collect::<Vec<_>>();
-    let layer = PeftLayer { lora_a: Matrix::new(2, 16, values(32)), lora_b: Matrix::new(16, 2, values(32)) };
+    let layer = PeftLayer::new(Matrix::new(2, 16, values(32)), Matrix::new(16, 2, values(32)));
     let adapter = PeftAdapter {
         config,
         layers: [("encoder.layer.0.attention.self.query".to_string(), layer)].into_iter().collect(),

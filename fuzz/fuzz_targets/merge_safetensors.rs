@@ -29,7 +29,7 @@ fn adapter() -> &'static PeftAdapter {
             config: PeftConfig::new(2, 4.0, vec!["dense".into()]),
             layers: BTreeMap::from([(
                 "encoder.dense".to_string(),
-                PeftLayer { lora_a: Matrix::new(2, 6, values(12)), lora_b: Matrix::new(4, 2, values(8)) },
+                PeftLayer::new(Matrix::new(2, 6, values(12)), Matrix::new(4, 2, values(8))),
             )]),
         }
     })

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::CalibrationSession;
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
-use crate::nn::hooks::{all_linear_paths, for_each_linear, map_linears};
+use crate::nn::hooks::{all_layer_paths, all_linear_paths, for_each_linear, map_linears};
 use crate::nn::LowRankFactors;
 
 /// What emulation did to one layer.
@@ -61,7 +61,8 @@ pub struct LayerReport {
 pub struct EmulatorReport {
     /// Emulated layers in traversal order.
     pub layers: Vec<LayerReport>,
-    /// Linear layers left dense (no rule, a `Full` rule, or a stock layer).
+    /// Linear layers (and `emloc::nn::Conv2d` layers) left dense (no rule, a `Full` rule, a
+    /// grouped convolution, which emloc cannot factor, or a stock layer).
     pub dense_layers: Vec<String>,
     /// Of the dense layers, those that are stock `burn::nn::Linear`, which emloc cannot emulate
     /// or train (use `emloc::nn::Linear` or emloc's drop-ins for Burn's composite modules);
@@ -264,7 +265,7 @@ where
         return Err(e);
     }
     let emulated: Vec<&str> = reports.iter().map(|r| r.path.as_str()).collect();
-    let dense_layers = all_linear_paths(&model)
+    let dense_layers = all_layer_paths(&model)
         .into_iter()
         .filter(|p| !emulated.contains(&p.as_str()))
         .collect();

@@ -5,6 +5,12 @@
 //! hand-written `visit`/`map` first call [`on_visit`]/[`on_map`]; while a transform started by
 //! [`for_each_linear`] or [`map_linears`] is running on this thread, the hook hands it the whole
 //! layer together with its module path. Outside such a call the hooks do nothing.
+//!
+//! Other layers take part by presenting a `Linear` *view* of themselves: `emloc::nn::Conv2d`
+//! (groups = 1) is the linear map `W [C_out, C_in·kh·kw]` on unfolded patches, so it hands the
+//! transforms a `Linear` sharing its weight's `ParamId` and turns the returned `Linear` back
+//! into a convolution ([`is_visiting`], [`is_mapping`], [`on_visit_layer`]). Layers that cannot
+//! be viewed that way report themselves through [`on_unsupported`].
 
 use std::cell::RefCell;
 
@@ -12,13 +18,15 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor};
 
 use super::Linear;
 
-type VisitFn = dyn FnMut(&str, &Linear);
+type VisitFn = dyn FnMut(&str, &Linear, Option<[usize; 2]>);
 type MapFn = dyn FnMut(&str, Linear) -> Linear;
+type UnsupportedFn = dyn FnMut(&str, &str);
 
 #[derive(Clone, Copy)]
 enum Active {
     Visit(*mut VisitFn),
     Map(*mut MapFn),
+    Unsupported(*mut UnsupportedFn),
 }
 
 thread_local! {
@@ -75,9 +83,25 @@ fn current_path() -> String {
 
 /// Called by `Linear::visit` before it visits its fields.
 pub(crate) fn on_visit(linear: &Linear) {
+    on_visit_layer(linear, None);
+}
+
+/// Whether a [`for_each_layer`] traversal is running on this thread (so that a layer presenting
+/// a `Linear` view builds it only when it is wanted).
+pub(crate) fn is_visiting() -> bool {
+    ACTIVE.with(|a| matches!(*a.borrow(), Some(Active::Visit(_))))
+}
+
+/// Whether a [`map_linears`] traversal is running on this thread.
+pub(crate) fn is_mapping() -> bool {
+    ACTIVE.with(|a| matches!(*a.borrow(), Some(Active::Map(_))))
+}
+
+/// [`on_visit`] for a layer's `Linear` view; `kernel` is `Some([kh, kw])` for a convolution.
+pub(crate) fn on_visit_layer(linear: &Linear, kernel: Option<[usize; 2]>) {
     let Some((_rearm, f)) = Disarmed::take(|a| match a {
         Active::Visit(f) => Some(f),
-        Active::Map(_) => None,
+        _ => None,
     }) else {
         return;
     };
@@ -85,14 +109,28 @@ pub(crate) fn on_visit(linear: &Linear) {
     // SAFETY: `f` points to the closure borrowed by `for_each_linear`, which outlives the traversal
     // and uninstalls it (guard `Installed`) before returning; it is disarmed while it runs, so it is
     // never aliased.
-    unsafe { (*f)(&path, linear) }
+    unsafe { (*f)(&path, linear, kernel) }
+}
+
+/// Called by a layer that emloc cannot transform (e.g. a grouped convolution) from its `visit`,
+/// with the reason (built only while [`unsupported_layers`] runs).
+pub(crate) fn on_unsupported(reason: impl FnOnce() -> String) {
+    let Some((_rearm, f)) = Disarmed::take(|a| match a {
+        Active::Unsupported(f) => Some(f),
+        _ => None,
+    }) else {
+        return;
+    };
+    let path = current_path();
+    // SAFETY: as in `on_visit`, for the closure borrowed by `unsupported_layers`.
+    unsafe { (*f)(&path, &reason()) }
 }
 
 /// Called by `Linear::map` before it maps its fields.
 pub(crate) fn on_map(linear: Linear) -> Linear {
     let Some((_rearm, f)) = Disarmed::take(|a| match a {
         Active::Map(f) => Some(f),
-        Active::Visit(_) => None,
+        _ => None,
     }) else {
         return linear;
     };
@@ -124,9 +162,19 @@ impl ModuleMapper for PathTracker {
     }
 }
 
-/// Calls `f(path, layer)` for every `emloc::nn::Linear` in `model`, in traversal order.
+/// Calls `f(path, layer)` for every `emloc::nn::Linear` in `model` (and the `Linear` view of
+/// every `emloc::nn::Conv2d` with groups = 1), in traversal order.
 pub(crate) fn for_each_linear<M: Module>(model: &M, mut f: impl FnMut(&str, &Linear)) {
-    let f: &mut dyn FnMut(&str, &Linear) = &mut f;
+    for_each_layer(model, |path, linear, _| f(path, linear));
+}
+
+/// [`for_each_linear`] that also tells `f` the kernel size `[kh, kw]` of a convolution's view
+/// (`None` for a `Linear`).
+pub(crate) fn for_each_layer<M: Module>(
+    model: &M,
+    mut f: impl FnMut(&str, &Linear, Option<[usize; 2]>),
+) {
+    let f: &mut dyn FnMut(&str, &Linear, Option<[usize; 2]>) = &mut f;
     // SAFETY: only the lifetime is erased; `Installed` removes the pointer before `f` goes away.
     let f: *mut VisitFn = unsafe { std::mem::transmute(f) };
     let _installed = Installed::new(Active::Visit(f));
@@ -142,17 +190,44 @@ pub(crate) fn map_linears<M: Module>(model: M, mut f: impl FnMut(&str, Linear) -
     model.map(&mut PathTracker)
 }
 
+/// Module paths of the layers of `model` that emloc cannot transform, each with the reason.
+pub(crate) fn unsupported_layers<M: Module>(model: &M) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut f = |path: &str, reason: &str| found.push((path.to_string(), reason.to_string()));
+    let f: &mut dyn FnMut(&str, &str) = &mut f;
+    // SAFETY: as in `for_each_linear`.
+    let f: *mut UnsupportedFn = unsafe { std::mem::transmute(f) };
+    {
+        let _installed = Installed::new(Active::Unsupported(f));
+        model.visit(&mut PathTracker);
+    }
+    found
+}
+
 /// Module paths of every layer named `Linear` (emloc's or Burn's), found by the container name
 /// that both share; used to tell users which layers are stock `burn::nn::Linear`.
 pub(crate) fn all_linear_paths<M: Module>(model: &M) -> Vec<String> {
+    find_layer_paths(model, false)
+}
+
+/// [`all_linear_paths`] plus every `emloc::nn::Conv2d` (found by its `factors` field, which
+/// Burn's `Conv2d` lacks): the layers an emulator report lists as kept dense.
+pub(crate) fn all_layer_paths<M: Module>(model: &M) -> Vec<String> {
+    find_layer_paths(model, true)
+}
+
+fn find_layer_paths<M: Module>(model: &M, with_conv: bool) -> Vec<String> {
     #[derive(Default)]
     struct Finder {
+        with_conv: bool,
         path: Vec<String>,
         found: Vec<String>,
     }
     impl ModuleVisitor for Finder {
         fn enter_module(&mut self, name: &str, container_type: &str) {
-            if name == "weight" && container_type == "Struct:Linear" {
+            if (name == "weight" && container_type == "Struct:Linear")
+                || (self.with_conv && name == "factors" && container_type == "Struct:Conv2d")
+            {
                 self.found.push(self.path.join("."));
             }
             self.path.push(name.to_string());
@@ -162,7 +237,7 @@ pub(crate) fn all_linear_paths<M: Module>(model: &M) -> Vec<String> {
             self.path.pop();
         }
     }
-    let mut finder = Finder::default();
+    let mut finder = Finder { with_conv, ..Default::default() };
     model.visit(&mut finder);
     finder.found
 }

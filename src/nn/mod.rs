@@ -1,8 +1,9 @@
-//! Neural-network building blocks: the drop-in [`Linear`] and what it can carry, and drop-ins for
-//! Burn's composite modules built on it ([`MultiHeadAttention`], [`PositionWiseFeedForward`],
-//! [`SwiGlu`]).
+//! Neural-network building blocks: the drop-ins [`Linear`] and [`Conv2d`] and what they carry,
+//! and drop-ins for Burn's composite modules built on `Linear` ([`MultiHeadAttention`],
+//! [`PositionWiseFeedForward`], [`SwiGlu`]).
 
 pub mod attention;
+mod conv2d;
 mod feed_forward;
 pub(crate) mod hooks;
 mod linear;
@@ -11,6 +12,7 @@ mod low_rank;
 mod swiglu;
 
 pub use attention::{MhaCache, MhaInput, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig};
+pub use conv2d::{Conv2d, Conv2dConfig};
 pub use feed_forward::{PositionWiseFeedForward, PositionWiseFeedForwardConfig};
 pub use linear::{Linear, LinearConfig};
 pub use lora::{LoraAdapter, LoraConfig, lora_scale};

@@ -313,9 +313,8 @@ fn adapters_are_served_and_merged_on_stock_burn_linear_layers() {
     let device = Device::flex();
     let model = Mlp::new(6, 5, 4, &device);
     let (r, alpha) = (2, 6.0);
-    let layer = |seed: u64, d_in: usize, d_out: usize| PeftLayer {
-        lora_a: Matrix::new(r, d_in, noise(seed, r * d_in)),
-        lora_b: Matrix::new(d_out, r, noise(seed + 1, d_out * r)),
+    let layer = |seed: u64, d_in: usize, d_out: usize| {
+        PeftLayer::new(Matrix::new(r, d_in, noise(seed, r * d_in)), Matrix::new(d_out, r, noise(seed + 1, d_out * r)))
     };
     let adapter = PeftAdapter {
         config: PeftConfig::new(r, alpha, targets(&["l1", "stock"])),

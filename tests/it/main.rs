@@ -3,6 +3,7 @@
 mod allocation;
 mod cholesky;
 mod common;
+mod conv;
 mod dropins;
 mod emulate;
 mod errors;

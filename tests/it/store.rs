@@ -125,7 +125,7 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     let lora_b = Matrix::new(d_out, r, noise(4, d_out * r));
     let adapter = PeftAdapter {
         config: PeftConfig::new(r, 6.0, vec!["dense".into()]),
-        layers: BTreeMap::from([("encoder.dense".to_string(), PeftLayer { lora_a: lora_a.clone(), lora_b: lora_b.clone() })]),
+        layers: BTreeMap::from([("encoder.dense".to_string(), PeftLayer::new(lora_a.clone(), lora_b.clone()))]),
     };
     let out = dir.path().join("merged");
     let merged = merge_into_safetensors(&adapter, std::slice::from_ref(&input), &out).unwrap();
@@ -150,7 +150,7 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     // An adapter layer the checkpoint lacks: nothing is written.
     let mut stray = adapter.clone();
     stray.config = PeftConfig::new(r, 6.0, vec!["dense".into(), "gate".into()]);
-    stray.layers.insert("encoder.gate".into(), PeftLayer { lora_a, lora_b });
+    stray.layers.insert("encoder.gate".into(), PeftLayer::new(lora_a, lora_b));
     let out2 = dir.path().join("merged2");
     match merge_into_safetensors(&stray, std::slice::from_ref(&input), &out2) {
         Err(EmlocError::AdapterKeys { missing, .. }) => assert_eq!(missing, vec!["encoder.gate.weight".to_string()]),
