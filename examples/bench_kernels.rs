@@ -83,7 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = pick_device(args.first().map_or("flex", String::as_str))?;
     let d: usize = args.get(1).map_or(Ok(512), |s| s.parse()).map_err(|e| format!("width: {e}"))?;
     let normal = Distribution::Normal(0.0, 1.0);
-    println!("device {device:?}, d = {d}\n{:<28} {:>13} {:>13} {:>8}", "operation", "emloc", "peer", "ratio");
+    println!(
+        "device {device:?}, d = {d}\n{:<28} {:>13} {:>13} {:>8}",
+        "operation", "emloc", "peer", "ratio"
+    );
 
     // Gram of [4d, d] inputs.
     let x = Tensor::<2>::random([4 * d, d], normal, &device);
@@ -94,12 +97,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Emulator layer (k = 0.2 d, keep-ratio 0.4 of a square layer) + LoRA r = 8, fwd + bwd.
     let (k, r, scale) = (d / 5, 8, 2.0);
     let train = device.clone().autodiff();
-    let weights = |shape: [usize; 2]| Tensor::<2>::random(shape, normal, &train).mul_scalar(1.0 / (shape[0] as f64).sqrt());
+    let weights = |shape: [usize; 2]| {
+        Tensor::<2>::random(shape, normal, &train).mul_scalar(1.0 / (shape[0] as f64).sqrt())
+    };
     let (w_v, w_u) = (weights([d, k]), weights([k, d]));
     let (a, b) = (weights([d, r]).require_grad(), weights([r, d]).require_grad());
     let input = Tensor::<2>::random([4 * d, d], normal, &train).require_grad();
     let fused = || {
-        let y = ops::lowrank_lora(input.clone(), None, w_v.clone(), w_u.clone(), a.clone(), b.clone(), None, scale);
+        let y = ops::lowrank_lora(
+            input.clone(),
+            None,
+            w_v.clone(),
+            w_u.clone(),
+            a.clone(),
+            b.clone(),
+            None,
+            scale,
+        );
         drop(y.sum().backward());
     };
     let unfused = || {
@@ -107,7 +121,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let y = base + input.clone().matmul(a.clone()).matmul(b.clone()).mul_scalar(scale);
         drop(y.sum().backward());
     };
-    row("low-rank + LoRA fwd+bwd", median(&device, fused), median(&device, unfused), "Burn ops, unfused");
+    row(
+        "low-rank + LoRA fwd+bwd",
+        median(&device, fused),
+        median(&device, unfused),
+        "Burn ops, unfused",
+    );
 
     // Cholesky of a well-conditioned Gram, on the device vs faer on the host in f64.
     let g = ops::gram(x.clone()).div_scalar((4 * d) as f64);

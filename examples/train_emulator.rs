@@ -21,9 +21,13 @@ use burn::nn::loss::{MseLoss, Reduction};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
+use burn::train::{
+    InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep,
+};
 use emloc::nn::{Linear, LinearConfig};
-use emloc::{CorrectionConfig, EmulatorConfig, LoraConfig, attach_lora, correct, emulate, merge_adapter};
+use emloc::{
+    CorrectionConfig, EmulatorConfig, LoraConfig, attach_lora, correct, emulate, merge_adapter,
+};
 
 const D_IN: usize = 64;
 const HIDDEN: usize = 128;
@@ -38,7 +42,10 @@ struct Mlp {
 
 impl Mlp {
     fn new(device: &Device) -> Self {
-        Self { up: LinearConfig::new(D_IN, HIDDEN).init(device), down: LinearConfig::new(HIDDEN, D_OUT).init(device) }
+        Self {
+            up: LinearConfig::new(D_IN, HIDDEN).init(device),
+            down: LinearConfig::new(HIDDEN, D_OUT).init(device),
+        }
     }
 
     /// `[batch, D_IN]` → `[batch, D_OUT]`.
@@ -65,7 +72,8 @@ fn teacher(original: &Mlp, device: &Device) -> Mlp {
         let a = Tensor::<2>::random([d_in, 2], Distribution::Normal(0.0, 1.0), device);
         let b = Tensor::<2>::random([2, d_out], Distribution::Normal(0.0, 1.0), device);
         let mut changed = layer.clone();
-        changed.weight = changed.weight.map(|w| w + a.matmul(b).mul_scalar(0.5 / (d_in as f64).sqrt()));
+        changed.weight =
+            changed.weight.map(|w| w + a.matmul(b).mul_scalar(0.5 / (d_in as f64).sqrt()));
         changed
     };
     Mlp { up: plant(&original.up), down: plant(&original.down) }
@@ -133,7 +141,10 @@ impl InferenceStep for Regressor {
 fn examples(x: &Tensor<2>, y: &Tensor<2>) -> Vec<Example> {
     let xs: Vec<f32> = x.to_data().try_to_vec().expect("f32");
     let ys: Vec<f32> = y.to_data().try_to_vec().expect("f32");
-    xs.chunks(D_IN).zip(ys.chunks(D_OUT)).map(|(x, y)| Example { x: x.to_vec(), y: y.to_vec() }).collect()
+    xs.chunks(D_IN)
+        .zip(ys.chunks(D_OUT))
+        .map(|(x, y)| Example { x: x.to_vec(), y: y.to_vec() })
+        .collect()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -147,13 +158,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 1. The emulator, calibrated on a few batches of the task's inputs, ρ = 0.4 on every layer
     //    (`EmulatorConfig::uniform` would keep layers named like heads dense).
-    let calibration: Vec<Tensor<2>> = (0..4).map(|i| train_x.clone().slice(i * 64..(i + 1) * 64)).collect();
+    let calibration: Vec<Tensor<2>> =
+        (0..4).map(|i| train_x.clone().slice(i * 64..(i + 1) * 64)).collect();
     let config = EmulatorConfig::all_layers(0.4);
-    let (emulator, report) = emulate(original.clone(), calibration, |m: &Mlp, x| drop(m.forward(x)), &config)?;
+    let (emulator, report) =
+        emulate(original.clone(), calibration, |m: &Mlp, x| drop(m.forward(x)), &config)?;
     for layer in &report.layers {
-        println!("emulated {:<5} rank {:>3}, whitened error {:.3}", layer.path, layer.rank, layer.relative_whitened_error);
+        println!(
+            "emulated {:<5} rank {:>3}, whitened error {:.3}",
+            layer.path, layer.rank, layer.relative_whitened_error
+        );
     }
-    let lora = LoraConfig::new(4).with_alpha(8.0).with_target_modules(vec!["up".into(), "down".into()]);
+    let lora =
+        LoraConfig::new(4).with_alpha(8.0).with_target_modules(vec!["up".into(), "down".into()]);
 
     // 2a. A hand-written loop.
     device.seed(1);
@@ -164,7 +181,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let train_y_ad = train_y.clone().to_device(&device.clone().autodiff());
     for step in 0..300 {
         let start = (step * 64) % 2048;
-        let loss = model.mse(train_x_ad.clone().slice(start..start + 64), train_y_ad.clone().slice(start..start + 64));
+        let loss = model.mse(
+            train_x_ad.clone().slice(start..start + 64),
+            train_y_ad.clone().slice(start..start + 64),
+        );
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(3e-3, model, grads);
     }
@@ -175,7 +195,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (model, _) = attach_lora(emulator, &lora)?;
     let train_device = device.clone().autodiff();
     let loader = |x: &Tensor<2>, y: &Tensor<2>, shuffle: Option<u64>| {
-        let builder = DataLoaderBuilder::new(ExampleBatcher).batch_size(64).set_device(train_device.clone());
+        let builder =
+            DataLoaderBuilder::new(ExampleBatcher).batch_size(64).set_device(train_device.clone());
         let builder = match shuffle {
             Some(seed) => builder.shuffle(seed),
             None => builder,
@@ -183,10 +204,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         builder.build(InMemDataset::new(examples(x, y)))
     };
     let dir = tempfile::tempdir()?;
-    let learner = Learner::new(Regressor { model }.train(), AdamWConfig::new().with_weight_decay(0.0).init(), 3e-3);
-    let result = SupervisedTraining::new(dir.path(), loader(&train_x, &train_y, Some(1)), loader(&valid_x, &valid_y, None))
-        .num_epochs(10)
-        .launch(learner);
+    let learner = Learner::new(
+        Regressor { model }.train(),
+        AdamWConfig::new().with_weight_decay(0.0).init(),
+        3e-3,
+    );
+    let result = SupervisedTraining::new(
+        dir.path(),
+        loader(&train_x, &train_y, Some(1)),
+        loader(&valid_x, &valid_y, None),
+    )
+    .num_epochs(10)
+    .launch(learner);
     let with_learner = result.model.model.valid();
 
     // 3. Correct each run's adapters for the original, then merge.

@@ -6,7 +6,9 @@ use burn::module::{Module, Param, ParamGroup, ParamId};
 
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
-use crate::nn::hooks::{all_linear_paths, for_each_layer, for_each_linear, map_linears, unsupported_layers};
+use crate::nn::hooks::{
+    all_linear_paths, for_each_layer, for_each_linear, map_linears, unsupported_layers,
+};
 use crate::nn::{Linear, LoraAdapter, LoraConfig, check_lora_rank};
 use crate::peft::{LayerShape, PeftAdapter, PeftConfig, PeftLayer, TargetModules};
 use crate::stock;
@@ -139,7 +141,13 @@ pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
                     kernel_size,
                 },
             );
-            meta.push((path.to_string(), lora.rank(), lora.alpha, lora.use_rslora, lora.dropout.prob));
+            meta.push((
+                path.to_string(),
+                lora.rank(),
+                lora.alpha,
+                lora.use_rslora,
+                lora.dropout.prob,
+            ));
         } else {
             plain.push(path.to_string());
         }
@@ -202,7 +210,11 @@ fn most_common(values: impl Iterator<Item = f64>) -> f64 {
 
 /// Checks that `adapter` fits `model` and that every targeted layer is in the wanted form;
 /// returns the targeted layers that are stock `burn::nn::Linear` (served through Burn's LoRA).
-fn check_adapter<M: Module>(model: &M, adapter: &PeftAdapter, dense_only: bool) -> Result<BTreeSet<String>> {
+fn check_adapter<M: Module>(
+    model: &M,
+    adapter: &PeftAdapter,
+    dense_only: bool,
+) -> Result<BTreeSet<String>> {
     // Its own consistency first (ranks, finiteness, targets): the fields are public.
     adapter.validate()?;
     let mut layers = linear_layers(model);
@@ -247,7 +259,11 @@ pub fn adapter_param_ids<M: Module>(model: &M) -> BTreeMap<String, [u64; 2]> {
 /// # Errors
 /// As [`attach_adapter`]; [`EmlocError::InvalidConfig`] if `ids` does not cover exactly the
 /// adapter's layers.
-pub fn attach_adapter_with_ids<M: Module>(model: M, adapter: &PeftAdapter, ids: &BTreeMap<String, [u64; 2]>) -> Result<M> {
+pub fn attach_adapter_with_ids<M: Module>(
+    model: M,
+    adapter: &PeftAdapter,
+    ids: &BTreeMap<String, [u64; 2]>,
+) -> Result<M> {
     if !adapter.layers.keys().eq(ids.keys()) {
         return Err(EmlocError::InvalidConfig(format!(
             "parameter ids are for layers {:?}, the adapter has {:?}",
@@ -268,7 +284,11 @@ pub fn attach_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
     attach_adapter_inner(model, adapter, None)
 }
 
-fn attach_adapter_inner<M: Module>(model: M, adapter: &PeftAdapter, ids: Option<&BTreeMap<String, [u64; 2]>>) -> Result<M> {
+fn attach_adapter_inner<M: Module>(
+    model: M,
+    adapter: &PeftAdapter,
+    ids: Option<&BTreeMap<String, [u64; 2]>>,
+) -> Result<M> {
     let stock_targets = check_adapter(&model, adapter, false)?;
     if ids.is_some() && !stock_targets.is_empty() {
         return Err(EmlocError::InvalidConfig(format!(

@@ -12,20 +12,14 @@ static TEMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// Replaces `target` with `bytes` via a synced temporary file in the same directory and a
 /// rename, so readers see either the old file or the new one, never a partial write.
 pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp: PathBuf = target.with_file_name(format!(
         ".{name}.tmp-{}-{}",
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);

@@ -49,11 +49,8 @@ pub(crate) fn record<const D: usize>(id: &ParamId, input: &Tensor<D>) {
     };
     let d_in = input.dims()[D - 1];
     // Statistics only: no autodiff graph, and f32 even when the model runs in f16/bf16.
-    let x: Tensor<2> = input
-        .clone()
-        .without_autodiff()
-        .cast(FloatDType::F32)
-        .reshape([-1, d_in as i64]);
+    let x: Tensor<2> =
+        input.clone().without_autodiff().cast(FloatDType::F32).reshape([-1, d_in as i64]);
     let tokens = x.dims()[0] as u64;
     // emloc's Gram op: one kernel per call on CubeCL devices, updating the sum in place.
     acc.gram = Some(crate::ops::gram_accumulate(acc.gram.take(), x));

@@ -17,7 +17,7 @@ use faer::Mat;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::export_adapter;
-use crate::emulator::factorize::{weight_to_faer};
+use crate::emulator::factorize::weight_to_faer;
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
 use crate::nn::hooks::for_each_linear;
@@ -132,7 +132,11 @@ pub fn correct_layer(
         }
     }
     let corrected = PeftLayer {
-        lora_a: Matrix::new(r, d_in, (0..r * d_in).map(|x| p[(x % d_in, x / d_in)] as f32).collect()),
+        lora_a: Matrix::new(
+            r,
+            d_in,
+            (0..r * d_in).map(|x| p[(x % d_in, x / d_in)] as f32).collect(),
+        ),
         lora_b: Matrix::new(d_out, r, (0..d_out * r).map(|x| b_c[(x / r, x % r)] as f32).collect()),
         kernel_size: lora.kernel_size,
     };
@@ -170,7 +174,10 @@ pub fn correct<M: Module>(
     for_each_linear(emulator, |path, linear| {
         if let Some(lora) = &linear.lora {
             let base = match &linear.factors {
-                Some(f) => (Some((Matrix::from_tensor(f.w_v.val()), Matrix::from_tensor(f.w_u.val()))), None),
+                Some(f) => (
+                    Some((Matrix::from_tensor(f.w_v.val()), Matrix::from_tensor(f.w_u.val()))),
+                    None,
+                ),
                 None => (None, Some(Matrix::from_tensor(linear.weight.val()))),
             };
             bases.insert(path.to_string(), base);
@@ -355,13 +362,21 @@ mod tests {
         let mut c = case(10, 8, 3, 2, 0.0);
         let s = 2.0;
         let base = TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
-        let (corrected, report) = correct_layer("l", &c.weight, base, &c.lora, s, &Default::default()).unwrap();
+        let (corrected, report) =
+            correct_layer("l", &c.weight, base, &c.lora, s, &Default::default()).unwrap();
         assert!(report.gamma.iter().all(|&g| g == 0.0));
         assert!(corrected.lora_b.data.iter().all(|&v| v == 0.0));
         // Trained on the dense original itself: C = 0, γ = 1, the adapter's product is kept.
         c.lora.lora_b = Matrix::new(8, 2, noise(9, 16));
-        let (corrected, report) =
-            correct_layer("l", &c.weight, TrainedBase::Dense(&c.weight), &c.lora, s, &Default::default()).unwrap();
+        let (corrected, report) = correct_layer(
+            "l",
+            &c.weight,
+            TrainedBase::Dense(&c.weight),
+            &c.lora,
+            s,
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(report.discrepancy_norm, 0.0);
         let x = Mat::from_fn(10, 3, |i, j| noise(10, 30)[i * 3 + j] as f64);
         let w = weight_to_faer(&c.weight);

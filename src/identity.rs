@@ -47,7 +47,11 @@ impl FileIdentity {
 
     /// The identity of in-memory `content` (e.g. data embedded in a binary), under `name`.
     pub fn of_bytes(name: &str, content: &[u8]) -> Self {
-        Self { path: name.to_owned(), bytes: content.len() as u64, sha256: hex(&Sha256::digest(content)) }
+        Self {
+            path: name.to_owned(),
+            bytes: content.len() as u64,
+            sha256: hex(&Sha256::digest(content)),
+        }
     }
 
     /// Whether both name the same content (size and hash; the paths may differ).
@@ -62,7 +66,10 @@ impl FileIdentity {
 
     /// The files of `list` for a message: `PATH (N bytes, sha256 HASH), ...`.
     pub fn describe(list: &[Self]) -> String {
-        list.iter().map(|f| format!("{} ({} bytes, sha256 {})", f.path, f.bytes, f.sha256)).collect::<Vec<_>>().join(", ")
+        list.iter()
+            .map(|f| format!("{} ({} bytes, sha256 {})", f.path, f.bytes, f.sha256))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -81,7 +88,10 @@ mod tests {
         assert_eq!(abc.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(abc.bytes, 3);
         let empty = FileIdentity::of_bytes("empty", b"");
-        assert_eq!(empty.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            empty.sha256,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
 
         // A file larger than one read chunk hashes as its bytes do.
         let dir = tempfile::tempdir().unwrap();
@@ -91,6 +101,9 @@ mod tests {
         let file = FileIdentity::of(&path).unwrap();
         assert!(file.same_content(&FileIdentity::of_bytes("elsewhere", &content)));
         assert!(!file.same_content(&abc));
-        assert!(matches!(FileIdentity::of(&dir.path().join("missing")), Err(EmlocError::Io { .. })));
+        assert!(matches!(
+            FileIdentity::of(&dir.path().join("missing")),
+            Err(EmlocError::Io { .. })
+        ));
     }
 }

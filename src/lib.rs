@@ -55,13 +55,13 @@ pub mod peft;
 mod stock;
 
 pub use adapter::{
-    adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_lora, export_adapter, linear_layers, merge_adapter,
-    merge_lora,
+    adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_lora, export_adapter,
+    linear_layers, merge_adapter, merge_lora,
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use emulator::{
-    EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, Provenance, WhiteningMethod, calibrate, emulate,
-    load_emulator, read_emulator_description, save_emulator,
+    EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, Provenance,
+    WhiteningMethod, calibrate, emulate, load_emulator, read_emulator_description, save_emulator,
 };
 pub use error::{EmlocError, Result};
 pub use identity::FileIdentity;

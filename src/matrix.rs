@@ -22,7 +22,12 @@ impl Matrix {
     /// # Panics
     /// If `data.len() != rows * cols`.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
-        assert_eq!(data.len(), rows * cols, "Matrix::new: {rows}x{cols} needs {} values", rows * cols);
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "Matrix::new: {rows}x{cols} needs {} values",
+            rows * cols
+        );
         Self { rows, cols, data }
     }
 

@@ -52,12 +52,17 @@ fn weight_key<'a>(keys: impl Iterator<Item = &'a str>, path: &str) -> Vec<&'a st
 /// and every mis-shaped one; [`EmlocError::NonFinite`] naming the checkpoint key of a merged
 /// weight that holds NaN or infinity (files written before it stay; write into a fresh
 /// directory and discard it on error, as `emloc merge` does).
-pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], output_dir: &Path) -> Result<MergedFiles> {
+pub fn merge_into_safetensors(
+    adapter: &PeftAdapter,
+    input_files: &[PathBuf],
+    output_dir: &Path,
+) -> Result<MergedFiles> {
     adapter.validate()?;
     let patterns = adapter.config.patterns()?;
     let mut contents = Vec::new();
     for file in input_files {
-        let target = output_dir.join(file.file_name().ok_or_else(|| st_error(file, "not a file name"))?);
+        let target =
+            output_dir.join(file.file_name().ok_or_else(|| st_error(file, "not a file name"))?);
         if fs::canonicalize(file).ok().is_some_and(|f| fs::canonicalize(&target).ok() == Some(f)) {
             return Err(st_error(file, "output would overwrite the input; choose another --out"));
         }
@@ -65,7 +70,9 @@ pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], ou
     }
     let parsed = contents
         .iter()
-        .map(|(file, _, bytes)| SafeTensors::deserialize(bytes).map_err(|e| st_error(file, e.to_string())))
+        .map(|(file, _, bytes)| {
+            SafeTensors::deserialize(bytes).map_err(|e| st_error(file, e.to_string()))
+        })
         .collect::<Result<Vec<_>>>()?;
 
     // Locate every adapter layer's weight (file index, key) and check its shape.
@@ -76,28 +83,40 @@ pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], ou
         let hits: Vec<(usize, &str)> = parsed
             .iter()
             .enumerate()
-            .flat_map(|(i, st)| weight_key(st.names().into_iter(), path).into_iter().map(move |k| (i, k)))
+            .flat_map(|(i, st)| {
+                weight_key(st.names().into_iter(), path).into_iter().map(move |k| (i, k))
+            })
             .collect();
         let [(file, key)] = hits.as_slice() else {
             missing.push(if hits.is_empty() {
                 format!("{path}.weight")
             } else {
-                format!("{path}.weight (ambiguous: {:?})", hits.iter().map(|h| h.1).collect::<Vec<_>>())
+                format!(
+                    "{path}.weight (ambiguous: {:?})",
+                    hits.iter().map(|h| h.1).collect::<Vec<_>>()
+                )
             });
             continue;
         };
-        let view = parsed[*file].tensor(key).map_err(|e| st_error(&contents[*file].0, e.to_string()))?;
+        let view =
+            parsed[*file].tensor(key).map_err(|e| st_error(&contents[*file].0, e.to_string()))?;
         let (d_out, d_in) = (layer.lora_b.rows, layer.lora_a.cols);
         let expected = match layer.kernel_size {
             Some([kh, kw]) => vec![d_out, d_in / (kh * kw).max(1), kh, kw],
             None => vec![d_out, d_in],
         };
         if view.shape() != expected {
-            misshaped.push(format!("{key}: adapter needs {expected:?}, checkpoint has {:?}", view.shape()));
+            misshaped.push(format!(
+                "{key}: adapter needs {expected:?}, checkpoint has {:?}",
+                view.shape()
+            ));
             continue;
         }
         if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-            return Err(st_error(&contents[*file].0, format!("{key}: dtype {} cannot be merged", view.dtype())));
+            return Err(st_error(
+                &contents[*file].0,
+                format!("{key}: dtype {} cannot be merged", view.dtype()),
+            ));
         }
         plan.insert((*file, key.to_string()), path.as_str());
         merged.push((path.clone(), key.to_string()));
@@ -121,18 +140,24 @@ pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], ou
             for o in 0..d_out {
                 for i in 0..d_in {
                     let delta: f64 = (0..r)
-                        .map(|k| f64::from(layer.lora_b.get(o, k)) * f64::from(layer.lora_a.get(k, i)))
+                        .map(|k| {
+                            f64::from(layer.lora_b.get(o, k)) * f64::from(layer.lora_a.get(k, i))
+                        })
                         .sum();
                     let value = (weights[o * d_in + i] + scale * delta) as f32;
                     if !value.is_finite() {
-                        return Err(EmlocError::NonFinite { layer: name.to_string(), what: "merged weight W + s·B·A".into() });
+                        return Err(EmlocError::NonFinite {
+                            layer: name.to_string(),
+                            what: "merged weight W + s·B·A".into(),
+                        });
                     }
                     out.extend_from_slice(&value.to_le_bytes());
                 }
             }
             merged_bytes.insert(name.to_string(), out);
         }
-        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| st_error(file, e.to_string()))?;
+        let (_, metadata) =
+            SafeTensors::read_metadata(bytes).map_err(|e| st_error(file, e.to_string()))?;
         let mut names = st.names();
         names.sort();
         let views = names
@@ -158,12 +183,18 @@ pub fn merge_into_safetensors(adapter: &PeftAdapter, input_files: &[PathBuf], ou
 fn decode(view: &TensorView<'_>) -> Vec<f64> {
     let data = view.data();
     match view.dtype() {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
         Dtype::BF16 => data
             .chunks_exact(2)
             .map(|c| f64::from(f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)))
             .collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|c| f64::from(crate::peft::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))).collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| f64::from(crate::peft::f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+            .collect(),
         other => unreachable!("dtype {other} is rejected before decoding"),
     }
 }

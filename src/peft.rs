@@ -45,10 +45,7 @@ pub fn lora_b_key(path: &str) -> String {
 
 /// PEFT's rule for a module-name pattern: the whole path, or a trailing run of whole components.
 pub(crate) fn module_name_matches(path: &str, key: &str) -> bool {
-    path == key
-        || path
-            .strip_suffix(key)
-            .is_some_and(|head| head.ends_with('.'))
+    path == key || path.strip_suffix(key).is_some_and(|head| head.ends_with('.'))
 }
 
 /// Which modules an adapter targets, as PEFT's `target_modules` field.
@@ -74,11 +71,11 @@ impl TargetModules {
         match self {
             Self::List(names) => Ok(Matcher::List(names)),
             // PEFT uses re.fullmatch; anchoring keeps `q` from matching `layers.0.q_proj`.
-            Self::Regex(re) => Regex::new(&format!("^(?:{re})$"))
-                .map(Matcher::Regex)
-                .map_err(|e| {
+            Self::Regex(re) => {
+                Regex::new(&format!("^(?:{re})$")).map(Matcher::Regex).map_err(|e| {
                     EmlocError::InvalidConfig(format!("target_modules regex `{re}`: {e}"))
-                }),
+                })
+            }
         }
     }
 
@@ -227,10 +224,7 @@ impl PeftConfig {
             return invalid("fan_in_fan_out = true is not supported".to_owned());
         }
         if self.bias != "none" {
-            return invalid(format!(
-                "bias `{}` is not supported (only `none`)",
-                self.bias
-            ));
+            return invalid(format!("bias `{}` is not supported (only `none`)", self.bias));
         }
         if self.r == 0 {
             return invalid("LoRA rank r must be at least 1".to_owned());
@@ -245,10 +239,7 @@ impl PeftConfig {
             return invalid(format!("alpha_pattern `{key}` = {alpha} is not finite"));
         }
         if !(0.0..=1.0).contains(&self.lora_dropout) {
-            return invalid(format!(
-                "lora_dropout {} is outside [0, 1]",
-                self.lora_dropout
-            ));
+            return invalid(format!("lora_dropout {} is outside [0, 1]", self.lora_dropout));
         }
         self.patterns()?;
         self.target_modules.matcher().map(|_| ())
@@ -290,12 +281,15 @@ fn pattern_regex(key: &str) -> std::result::Result<Regex, regex::Error> {
     Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
 }
 
-fn compile_patterns<'a, T>(field: &str, map: &'a BTreeMap<String, T>) -> Result<Vec<(Regex, &'a str)>> {
+fn compile_patterns<'a, T>(
+    field: &str,
+    map: &'a BTreeMap<String, T>,
+) -> Result<Vec<(Regex, &'a str)>> {
     map.keys()
         .map(|key| {
-            pattern_regex(key)
-                .map(|re| (re, key.as_str()))
-                .map_err(|e| EmlocError::InvalidConfig(format!("{field} key `{key}` is not a valid regex: {e}")))
+            pattern_regex(key).map(|re| (re, key.as_str())).map_err(|e| {
+                EmlocError::InvalidConfig(format!("{field} key `{key}` is not a valid regex: {e}"))
+            })
         })
         .collect()
 }
@@ -305,7 +299,11 @@ fn compile_lenient<T>(map: &BTreeMap<String, T>) -> Vec<(Regex, &str)> {
     map.keys().filter_map(|key| Some((pattern_regex(key).ok()?, key.as_str()))).collect()
 }
 
-fn resolve<T: Copy>(compiled: &[(Regex, &str)], map: &BTreeMap<String, T>, path: &str) -> Option<T> {
+fn resolve<T: Copy>(
+    compiled: &[(Regex, &str)],
+    map: &BTreeMap<String, T>,
+    path: &str,
+) -> Option<T> {
     let key = compiled.iter().find(|(re, _)| re.is_match(path)).map_or(path, |(_, key)| key);
     map.get(key).copied()
 }
@@ -347,7 +345,12 @@ impl PeftLayer {
 }
 
 /// A factor's file shape from its flattened `[rows, cols]` and the layer's kernel.
-fn factor_shape(factor: Factor, rows: usize, cols: usize, kernel: Option<[usize; 2]>) -> Vec<usize> {
+fn factor_shape(
+    factor: Factor,
+    rows: usize,
+    cols: usize,
+    kernel: Option<[usize; 2]>,
+) -> Vec<usize> {
     match (factor, kernel) {
         (_, None) => vec![rows, cols],
         (Factor::A, Some([kh, kw])) => vec![rows, cols / (kh * kw).max(1), kh, kw],
@@ -434,19 +437,15 @@ fn key_problems(
 /// Re-labels a config validation error with the file it concerns.
 fn at_config_file(path: &Path, err: EmlocError) -> EmlocError {
     match err {
-        EmlocError::InvalidConfig(message) => EmlocError::AdapterConfig {
-            path: path.to_owned(),
-            message,
-        },
+        EmlocError::InvalidConfig(message) => {
+            EmlocError::AdapterConfig { path: path.to_owned(), message }
+        }
         other => other,
     }
 }
 
 fn safetensors_error(path: &Path, message: impl Into<String>) -> EmlocError {
-    EmlocError::Safetensors {
-        path: path.to_owned(),
-        message: message.into(),
-    }
+    EmlocError::Safetensors { path: path.to_owned(), message: message.into() }
 }
 
 impl PeftAdapter {
@@ -459,9 +458,7 @@ impl PeftAdapter {
     pub fn validate(&self) -> Result<()> {
         self.config.validate()?;
         if self.layers.is_empty() {
-            return Err(EmlocError::InvalidConfig(
-                "adapter has no layers".to_owned(),
-            ));
+            return Err(EmlocError::InvalidConfig("adapter has no layers".to_owned()));
         }
         let matcher = self.config.target_modules.matcher()?;
         let patterns = self.config.patterns()?;
@@ -538,17 +535,14 @@ impl PeftAdapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
-        self.validate()
-            .map_err(|e| at_config_file(&config_path, e))?;
+        self.validate().map_err(|e| at_config_file(&config_path, e))?;
 
         // Serialise both files before writing either, so encoding errors cannot leave a half
         // updated directory.
         let weights = self.serialize_weights(&weights_path)?;
-        let mut config =
-            serde_json::to_string_pretty(&self.config).map_err(|e| EmlocError::AdapterConfig {
-                path: config_path.clone(),
-                message: e.to_string(),
-            })?;
+        let mut config = serde_json::to_string_pretty(&self.config).map_err(|e| {
+            EmlocError::AdapterConfig { path: config_path.clone(), message: e.to_string() }
+        })?;
         config.push('\n');
 
         fs::create_dir_all(dir).map_err(|e| EmlocError::io(dir, e))?;
@@ -615,19 +609,19 @@ impl PeftAdapter {
         let config = parse_config(text, config_path)?;
         let layers = parse_weights(bytes, weights_path, &config)?;
         for (path, layer) in &layers {
-            crate::nn::check_lora_rank(path, layer.lora_a.rows, layer.lora_a.cols, layer.lora_b.rows)
-                .map_err(|e| at_config_file(config_path, e))?;
+            crate::nn::check_lora_rank(
+                path,
+                layer.lora_a.rows,
+                layer.lora_a.cols,
+                layer.lora_b.rows,
+            )
+            .map_err(|e| at_config_file(config_path, e))?;
         }
 
-        let matcher = config
-            .target_modules
-            .matcher()
-            .map_err(|e| at_config_file(config_path, e))?;
-        let untargeted: Vec<&str> = layers
-            .keys()
-            .map(String::as_str)
-            .filter(|path| !matcher.matches(path))
-            .collect();
+        let matcher =
+            config.target_modules.matcher().map_err(|e| at_config_file(config_path, e))?;
+        let untargeted: Vec<&str> =
+            layers.keys().map(String::as_str).filter(|path| !matcher.matches(path)).collect();
         if !untargeted.is_empty() {
             return Err(EmlocError::AdapterConfig {
                 path: config_path.to_owned(),
@@ -650,10 +644,8 @@ impl PeftAdapter {
     pub fn check_fits(&self, model_layers: &[LayerShape]) -> Result<()> {
         let matcher = self.config.target_modules.matcher()?;
         let patterns = self.config.patterns()?;
-        let model: HashMap<&str, &LayerShape> = model_layers
-            .iter()
-            .map(|shape| (shape.path.as_str(), shape))
-            .collect();
+        let model: HashMap<&str, &LayerShape> =
+            model_layers.iter().map(|shape| (shape.path.as_str(), shape)).collect();
         let (mut missing, mut unexpected, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
 
         for (path, layer) in &self.layers {
@@ -667,19 +659,11 @@ impl PeftAdapter {
             // would not load it) even where the flattened sizes agree.
             let expected_a = factor_shape(Factor::A, rank, shape.d_in, shape.kernel_size);
             if layer.lora_a_shape() != expected_a {
-                wrong.push(misshaped(
-                    &lora_a_key(path),
-                    expected_a,
-                    layer.lora_a_shape(),
-                ));
+                wrong.push(misshaped(&lora_a_key(path), expected_a, layer.lora_a_shape()));
             }
             let expected_b = factor_shape(Factor::B, shape.d_out, rank, shape.kernel_size);
             if layer.lora_b_shape() != expected_b {
-                wrong.push(misshaped(
-                    &lora_b_key(path),
-                    expected_b,
-                    layer.lora_b_shape(),
-                ));
+                wrong.push(misshaped(&lora_b_key(path), expected_b, layer.lora_b_shape()));
             }
         }
         for shape in model_layers {
@@ -829,7 +813,9 @@ fn parse_weights(
         }
         match (a, b) {
             // A convolution's factors are both 4-D, a linear layer's both 2-D.
-            (Some((lora_a, a_kernel)), Some((lora_b, b_kernel))) if a_kernel.is_some() != b_kernel.is_some() => {
+            (Some((lora_a, a_kernel)), Some((lora_b, b_kernel)))
+                if a_kernel.is_some() != b_kernel.is_some() =>
+            {
                 let b_found = factor_shape(Factor::B, lora_b.rows, lora_b.cols, b_kernel);
                 let b_expected = factor_shape(Factor::B, lora_b.rows, lora_b.cols, a_kernel);
                 wrong.push(format!(
@@ -907,18 +893,15 @@ fn decode_factor(
     };
     let data = view.data();
     let data: Vec<f32> = match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
+        Dtype::F32 => {
+            data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
+        Dtype::F16 => {
+            data.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
+        }
+        Dtype::BF16 => {
+            data.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
+        }
         other => {
             return Err(safetensors_error(
                 weights_path,
@@ -981,9 +964,7 @@ mod tests {
 
     fn sample_adapter() -> PeftAdapter {
         let mut config = PeftConfig::new(4, 8.0, vec!["query".into(), "value".into()]);
-        config
-            .rank_pattern
-            .insert("layers.1.attention.value".into(), 2);
+        config.rank_pattern.insert("layers.1.attention.value".into(), 2);
         config.alpha_pattern.insert("value".into(), 3.0);
         config.base_model_name_or_path = Some("tiny-bert".into());
         config.task_type = Some("CAUSAL_LM".into());
@@ -1004,9 +985,7 @@ mod tests {
     /// An F32 tensor of `shape` filled with `value`.
     fn filled(key: impl Into<String>, shape: &[usize], value: f32) -> Raw {
         let n = shape.iter().product();
-        let bytes = std::iter::repeat_n(value, n)
-            .flat_map(f32::to_le_bytes)
-            .collect();
+        let bytes = std::iter::repeat_n(value, n).flat_map(f32::to_le_bytes).collect();
         raw(key, Dtype::F32, shape, bytes)
     }
 
@@ -1015,10 +994,7 @@ mod tests {
         let views: Vec<(&str, TensorView<'_>)> = tensors
             .iter()
             .map(|(k, dtype, shape, bytes)| {
-                (
-                    k.as_str(),
-                    TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
-                )
+                (k.as_str(), TensorView::new(*dtype, shape.clone(), bytes).unwrap())
             })
             .collect();
         let bytes = safetensors::serialize(views, None).unwrap();
@@ -1026,11 +1002,7 @@ mod tests {
     }
 
     fn write_config(dir: &Path, config: &PeftConfig) {
-        fs::write(
-            dir.join(CONFIG_FILE),
-            serde_json::to_string(config).unwrap(),
-        )
-        .unwrap();
+        fs::write(dir.join(CONFIG_FILE), serde_json::to_string(config).unwrap()).unwrap();
     }
 
     fn dir_listing(dir: &Path) -> Vec<String> {
@@ -1048,15 +1020,23 @@ mod tests {
         let config = PeftConfig::new(2, 4.0, vec!["conv".into()]);
         // A [2, 3·2·2] flattened kernel: PEFT's [2, 3, 2, 2].
         let layer = PeftLayer::conv2d(matrix(2, 12, 1), matrix(5, 2, 2), [2, 2]);
-        assert_eq!((layer.lora_a_shape(), layer.lora_b_shape()), (vec![2, 3, 2, 2], vec![5, 2, 1, 1]));
-        let adapter = PeftAdapter { config: config.clone(), layers: BTreeMap::from([("conv".to_string(), layer)]) };
+        assert_eq!(
+            (layer.lora_a_shape(), layer.lora_b_shape()),
+            (vec![2, 3, 2, 2], vec![5, 2, 1, 1])
+        );
+        let adapter = PeftAdapter {
+            config: config.clone(),
+            layers: BTreeMap::from([("conv".to_string(), layer)]),
+        };
         adapter.save(tmp.path()).unwrap();
         assert_eq!(PeftAdapter::load(tmp.path()).unwrap(), adapter);
 
         // A flattened kernel that is not C_in·kh·kw.
         let mut bad = adapter.clone();
         bad.layers.get_mut("conv").unwrap().kernel_size = Some([5, 1]);
-        assert!(matches!(bad.validate(), Err(EmlocError::InvalidConfig(m)) if m.contains("kernel 5×1")));
+        assert!(
+            matches!(bad.validate(), Err(EmlocError::InvalidConfig(m)) if m.contains("kernel 5×1"))
+        );
 
         write_config(tmp.path(), &config);
         let (a, b) = (lora_a_key("conv"), lora_b_key("conv"));
@@ -1068,7 +1048,9 @@ mod tests {
                 if name == b && expected == [5, 2, 1, 1] && found == [5, 2, 3, 1]
         ));
         // A 4-D lora_A with a 2-D lora_B (and the reverse) is one mis-shaped key.
-        for (a_shape, b_shape) in [(&[2, 3, 2, 2][..], &[5, 2][..]), (&[2, 12][..], &[5, 2, 1, 1][..])] {
+        for (a_shape, b_shape) in
+            [(&[2, 3, 2, 2][..], &[5, 2][..]), (&[2, 12][..], &[5, 2, 1, 1][..])]
+        {
             write_raw(tmp.path(), &[filled(&a, a_shape, 0.5), filled(&b, b_shape, 0.5)]);
             match PeftAdapter::load(tmp.path()) {
                 Err(EmlocError::AdapterKeys { misshaped, .. }) => {
@@ -1079,10 +1061,14 @@ mod tests {
             }
         }
         // A conv adapter fits only a convolution of that kernel.
-        let conv = |kernel| LayerShape { path: "conv".into(), d_in: 12, d_out: 5, kernel_size: kernel };
+        let conv =
+            |kernel| LayerShape { path: "conv".into(), d_in: 12, d_out: 5, kernel_size: kernel };
         adapter.check_fits(&[conv(Some([2, 2]))]).unwrap();
         for other in [None, Some([1, 1]), Some([4, 1])] {
-            assert!(matches!(adapter.check_fits(&[conv(other)]), Err(EmlocError::AdapterKeys { .. })), "{other:?}");
+            assert!(
+                matches!(adapter.check_fits(&[conv(other)]), Err(EmlocError::AdapterKeys { .. })),
+                "{other:?}"
+            );
         }
     }
 
@@ -1102,10 +1088,7 @@ mod tests {
         );
         for (path, original) in &adapter.layers {
             let got = &loaded.layers[path];
-            for (x, y) in [
-                (&got.lora_a, &original.lora_a),
-                (&got.lora_b, &original.lora_b),
-            ] {
+            for (x, y) in [(&got.lora_a, &original.lora_a), (&got.lora_b, &original.lora_b)] {
                 assert_eq!(x.shape(), y.shape(), "{path}");
                 let bits = |m: &Matrix| m.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(x), bits(y), "{path}");
@@ -1152,19 +1135,10 @@ mod tests {
         let adapter = PeftAdapter::load(tmp.path()).unwrap();
         let c = &adapter.config;
         assert_eq!((c.r, c.lora_alpha), (2, 16.0));
-        assert_eq!(
-            c.target_modules,
-            TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
-        );
-        assert_eq!(
-            (c.lora_dropout, c.use_rslora, c.bias.as_str()),
-            (0.0, false, "none")
-        );
+        assert_eq!(c.target_modules, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]));
+        assert_eq!((c.lora_dropout, c.use_rslora, c.bias.as_str()), (0.0, false, "none"));
         assert!(!c.fan_in_fan_out && c.rank_pattern.is_empty() && c.alpha_pattern.is_empty());
-        assert_eq!(
-            (c.base_model_name_or_path.as_deref(), c.task_type.as_deref()),
-            (None, None)
-        );
+        assert_eq!((c.base_model_name_or_path.as_deref(), c.task_type.as_deref()), (None, None));
         let l = &adapter.layers["model.layers.0.self_attn.q_proj"];
         assert_eq!(l.lora_a, Matrix::new(2, 3, vec![0.5; 6]));
         assert_eq!(l.lora_b, Matrix::new(4, 2, vec![-1.0; 8]));
@@ -1191,19 +1165,12 @@ mod tests {
             ],
         );
         match PeftAdapter::load(tmp.path()) {
-            Err(EmlocError::AdapterKeys {
-                missing,
-                unexpected,
-                misshaped,
-            }) => {
+            Err(EmlocError::AdapterKeys { missing, unexpected, misshaped }) => {
                 assert_eq!(missing, [lora_b_key("l0.k")]);
                 assert_eq!(unexpected, ["base_model.model.lm_head.weight"]);
                 assert_eq!(
                     misshaped,
-                    [format!(
-                        "{}: expected [5, 4], found [5, 3]",
-                        lora_b_key("l0.v")
-                    )]
+                    [format!("{}: expected [5, 4], found [5, 3]", lora_b_key("l0.v"))]
                 );
             }
             other => panic!("expected AdapterKeys, got {other:?}"),
@@ -1216,17 +1183,10 @@ mod tests {
         write_config(tmp.path(), &PeftConfig::new(4, 8.0, vec!["q".into()]));
         write_raw(
             tmp.path(),
-            &[
-                filled(lora_a_key("q"), &[2, 3], 1.0),
-                filled(lora_b_key("q"), &[5, 2], 1.0),
-            ],
+            &[filled(lora_a_key("q"), &[2, 3], 1.0), filled(lora_b_key("q"), &[5, 2], 1.0)],
         );
         match PeftAdapter::load(tmp.path()) {
-            Err(EmlocError::AdapterKeys {
-                missing,
-                unexpected,
-                misshaped,
-            }) => {
+            Err(EmlocError::AdapterKeys { missing, unexpected, misshaped }) => {
                 assert!(missing.is_empty() && unexpected.is_empty());
                 assert_eq!(
                     misshaped,
@@ -1282,11 +1242,7 @@ mod tests {
             shape("layers.2.attention.key", 6, 5),
         ];
         match adapter.check_fits(&model) {
-            Err(EmlocError::AdapterKeys {
-                missing,
-                unexpected,
-                misshaped,
-            }) => {
+            Err(EmlocError::AdapterKeys { missing, unexpected, misshaped }) => {
                 assert_eq!(
                     missing,
                     [
@@ -1314,12 +1270,7 @@ mod tests {
     }
 
     fn shape(path: &str, d_in: usize, d_out: usize) -> LayerShape {
-        LayerShape {
-            path: path.into(),
-            d_in,
-            d_out,
-            kernel_size: None,
-        }
+        LayerShape { path: path.into(), d_in, d_out, kernel_size: None }
     }
 
     fn assert_safetensors_error(result: Result<PeftAdapter>, what: &str) {
@@ -1384,20 +1335,14 @@ mod tests {
         );
         match PeftAdapter::load(tmp.path()) {
             Err(EmlocError::Safetensors { message, .. }) => {
-                assert!(
-                    message.contains(&lora_a_key("q")) && message.contains("I32"),
-                    "{message}"
-                );
+                assert!(message.contains(&lora_a_key("q")) && message.contains("I32"), "{message}");
             }
             other => panic!("expected Safetensors error, got {other:?}"),
         }
 
         write_raw(
             tmp.path(),
-            &[
-                filled(lora_a_key("q"), &[2, 3, 1], 1.0),
-                filled(lora_b_key("q"), &[5, 2], 1.0),
-            ],
+            &[filled(lora_a_key("q"), &[2, 3, 1], 1.0), filled(lora_b_key("q"), &[5, 2], 1.0)],
         );
         match PeftAdapter::load(tmp.path()) {
             Err(EmlocError::ShapeMismatch { name, found, .. }) => {
@@ -1432,11 +1377,9 @@ mod tests {
         fan.fan_in_fan_out = true;
         let mut bad_regex = base.clone();
         bad_regex.target_modules = TargetModules::Regex("(unclosed".into());
-        for (config, needle) in [
-            (prefix, "PREFIX_TUNING"),
-            (fan, "fan_in_fan_out"),
-            (bad_regex, "(unclosed"),
-        ] {
+        for (config, needle) in
+            [(prefix, "PREFIX_TUNING"), (fan, "fan_in_fan_out"), (bad_regex, "(unclosed")]
+        {
             write_config(tmp.path(), &config);
             match PeftAdapter::load(tmp.path()) {
                 Err(EmlocError::AdapterConfig { message, .. }) => {
@@ -1469,10 +1412,7 @@ mod tests {
         let before = snapshot(tmp.path());
 
         let mut rank_mismatch = good.clone();
-        let l = rank_mismatch
-            .layers
-            .get_mut("layers.0.attention.query")
-            .unwrap();
+        let l = rank_mismatch.layers.get_mut("layers.0.attention.query").unwrap();
         l.lora_b = matrix(5, 3, 9);
         assert!(matches!(
             rank_mismatch.save(tmp.path()),
@@ -1481,20 +1421,14 @@ mod tests {
 
         let mut pattern_mismatch = good.clone();
         // layers.1.attention.value must have rank 2 by rank_pattern.
-        pattern_mismatch
-            .layers
-            .insert("layers.1.attention.value".into(), layer(4, 6, 5, 7));
+        pattern_mismatch.layers.insert("layers.1.attention.value".into(), layer(4, 6, 5, 7));
         assert!(matches!(
             pattern_mismatch.save(tmp.path()),
             Err(EmlocError::ShapeMismatch { name, .. }) if name == lora_a_key("layers.1.attention.value")
         ));
 
         let mut nan = good.clone();
-        nan.layers
-            .get_mut("layers.0.attention.value")
-            .unwrap()
-            .lora_a
-            .data[3] = f32::NAN;
+        nan.layers.get_mut("layers.0.attention.value").unwrap().lora_a.data[3] = f32::NAN;
         assert!(matches!(
             nan.save(tmp.path()),
             Err(EmlocError::NonFinite { layer, what })
@@ -1502,9 +1436,7 @@ mod tests {
         ));
 
         let mut untargeted = good.clone();
-        untargeted
-            .layers
-            .insert("layers.0.attention.key".into(), layer(4, 6, 5, 11));
+        untargeted.layers.insert("layers.0.attention.key".into(), layer(4, 6, 5, 11));
         assert!(matches!(
             untargeted.save(tmp.path()),
             Err(EmlocError::AdapterConfig { message, .. }) if message.contains("layers.0.attention.key")
@@ -1535,11 +1467,7 @@ mod tests {
 
         assert_eq!(c.rank_for("layers.0.attn.q"), 8);
         assert_eq!(c.rank_for("layers.3.attn.q"), 2);
-        assert_eq!(
-            c.rank_for("layers.13.attn.q"),
-            8,
-            "suffix must start at a component"
-        );
+        assert_eq!(c.rank_for("layers.13.attn.q"), 8, "suffix must start at a component");
         assert_eq!(c.rank_for("layers.0.attn.v"), 4);
         assert_eq!(c.rank_for("attn.v"), 4);
         assert_eq!(c.rank_for("layers.0.xattn.v"), 8);
@@ -1561,7 +1489,13 @@ mod tests {
     #[test]
     fn pattern_keys_resolve_as_in_peft() {
         let mut c = PeftConfig::new(8, 16.0, vec!["q".into()]);
-        for (key, r) in [("attn.q", 2), ("cross.attn.q", 6), (r"layers\.[01]\.mlp\.(up|down)", 3), ("mlp.gate", 5), ("v|k", 7)] {
+        for (key, r) in [
+            ("attn.q", 2),
+            ("cross.attn.q", 6),
+            (r"layers\.[01]\.mlp\.(up|down)", 3),
+            ("mlp.gate", 5),
+            ("v|k", 7),
+        ] {
             c.rank_pattern.insert(key.into(), r);
         }
         c.alpha_pattern.insert("q".into(), 32.0);
@@ -1605,7 +1539,8 @@ mod tests {
         let adapter = sample_adapter();
         adapter.save(tmp.path()).unwrap();
         let config_path = tmp.path().join(CONFIG_FILE);
-        let saved: Value = serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
+        let saved: Value =
+            serde_json::from_str(&fs::read_to_string(&config_path).unwrap()).unwrap();
         let with = |field: &str, value: Value| {
             let mut config = saved.clone();
             config[field] = value;
@@ -1637,11 +1572,19 @@ mod tests {
         ] {
             match with(field, value.clone()) {
                 Err(e @ EmlocError::UnsupportedPeftFeature { .. }) => {
-                    let EmlocError::UnsupportedPeftFeature { path, feature, value: found } = &e else { unreachable!() };
-                    assert_eq!((path, feature.as_str(), found), (&config_path, field, &value.to_string()));
+                    let EmlocError::UnsupportedPeftFeature { path, feature, value: found } = &e
+                    else {
+                        unreachable!()
+                    };
+                    assert_eq!(
+                        (path, feature.as_str(), found),
+                        (&config_path, field, &value.to_string())
+                    );
                     assert!(e.to_string().contains(field), "{e}");
                 }
-                other => panic!("{field} = {value}: expected UnsupportedPeftFeature, got {other:?}"),
+                other => {
+                    panic!("{field} = {value}: expected UnsupportedPeftFeature, got {other:?}")
+                }
             }
         }
 
@@ -1675,19 +1618,10 @@ mod tests {
         let re = TargetModules::Regex(r"layers\.[01]\.attention\.(query|value)".into());
         assert!(re.matches("layers.1.attention.value").unwrap());
         assert!(!re.matches("layers.2.attention.value").unwrap());
-        assert!(
-            !re.matches("model.layers.1.attention.value").unwrap(),
-            "anchored at start"
-        );
-        assert!(
-            !re.matches("layers.1.attention.value.x").unwrap(),
-            "anchored at end"
-        );
+        assert!(!re.matches("model.layers.1.attention.value").unwrap(), "anchored at start");
+        assert!(!re.matches("layers.1.attention.value.x").unwrap(), "anchored at end");
         let alt = TargetModules::Regex("a|b".into());
-        assert!(
-            !alt.matches("ab").unwrap(),
-            "alternation must stay inside the anchors"
-        );
+        assert!(!alt.matches("ab").unwrap(), "alternation must stay inside the anchors");
 
         assert!(matches!(
             TargetModules::Regex("(".into()).matches("x"),
@@ -1704,19 +1638,8 @@ mod tests {
         let f16_bits: [u16; 6] = [0x3c00, 0xc000, 0x3800, 0x7bff, 0x0001, 0x8000];
         let f16_want = [1.0, -2.0, 0.5, 65504.0, 5.960_464_5e-8, -0.0];
         let bf16_bits: [u16; 6] = [0x3f80, 0xc060, 0x3e20, 0x0000, 0x4780, 0x0001];
-        let bf16_want = [
-            1.0,
-            -3.5,
-            0.156_25,
-            0.0,
-            65536.0,
-            f32::from_bits(0x0001_0000),
-        ];
-        let le = |bits: &[u16]| {
-            bits.iter()
-                .flat_map(|b| b.to_le_bytes())
-                .collect::<Vec<_>>()
-        };
+        let bf16_want = [1.0, -3.5, 0.156_25, 0.0, 65536.0, f32::from_bits(0x0001_0000)];
+        let le = |bits: &[u16]| bits.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<_>>();
         write_raw(
             tmp.path(),
             &[
@@ -1742,16 +1665,9 @@ mod tests {
             if e == 0x1f {
                 continue;
             }
-            let magnitude = if e == 0 {
-                m * 2f64.powi(-24)
-            } else {
-                (1.0 + m / 1024.0) * 2f64.powi(e - 15)
-            };
-            let want = if h & 0x8000 == 0 {
-                magnitude
-            } else {
-                -magnitude
-            };
+            let magnitude =
+                if e == 0 { m * 2f64.powi(-24) } else { (1.0 + m / 1024.0) * 2f64.powi(e - 15) };
+            let want = if h & 0x8000 == 0 { magnitude } else { -magnitude };
             assert_eq!(f16_to_f32(h).to_bits(), (want as f32).to_bits(), "{h:#06x}");
         }
     }

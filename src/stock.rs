@@ -103,14 +103,18 @@ fn prepare(adapter: &PeftAdapter, paths: &BTreeSet<String>) -> Result<Prepared> 
         .iter()
         .map(|path| {
             let layer = &adapter.layers[path];
-            let factors = (layer.lora_a.transpose(), layer.lora_b.transpose(), patterns.scale_for(path));
+            let factors =
+                (layer.lora_a.transpose(), layer.lora_b.transpose(), patterns.scale_for(path));
             (path.clone(), factors)
         })
         .collect())
 }
 
 /// The layer of a float parameter's path when it is the weight of one of `prepared`'s layers.
-fn layer_of<'p, const D: usize>(prepared: &'p Prepared, path: &str) -> Option<&'p (Matrix, Matrix, f64)> {
+fn layer_of<'p, const D: usize>(
+    prepared: &'p Prepared,
+    path: &str,
+) -> Option<&'p (Matrix, Matrix, f64)> {
     path.strip_suffix(".weight").filter(|_| D == 2).and_then(|layer| prepared.get(layer))
 }
 

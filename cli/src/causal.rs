@@ -7,21 +7,27 @@ use std::path::Path;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use emloc::peft::PeftAdapter;
-use emloc::{CorrectionConfig, EmulatorDescription, EmulatorReport, attach_adapter, correct, emulate as emulate_model, export_adapter, load_emulator};
+use emloc::{
+    CorrectionConfig, EmulatorDescription, EmulatorReport, attach_adapter, correct,
+    emulate as emulate_model, export_adapter, load_emulator,
+};
 use emloc_models::causal_lm::{self, CausalLm, CausalLmMetrics, EvalConfig, Example};
 use emloc_models::llama::LlamaForCausalLM;
 use emloc_models::training::TrainReport;
 use serde::Serialize;
 
-use crate::checkpoint;
 use crate::CliResult;
 use crate::args::{DECODER_LORA_TARGETS, ModelArgs, TrainArgs};
-use crate::progress::progress;
-use crate::source::check_emulator_source;
-use crate::training::train_with_progress;
+use crate::checkpoint;
 use crate::memory::{Phase, PhaseStats};
 use crate::output::StagedDir;
-use crate::stages::{CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish, finish_staged, save_emulator};
+use crate::progress::progress;
+use crate::source::check_emulator_source;
+use crate::stages::{
+    CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish, finish_staged,
+    save_emulator,
+};
+use crate::training::train_with_progress;
 
 /// PEFT's task type of the adapters written for decoders.
 const PEFT_TASK_TYPE: &str = "CAUSAL_LM";
@@ -33,7 +39,10 @@ fn replaced_weights(description: &EmulatorDescription) -> BTreeSet<String> {
 
 /// Loads the decoder, or its emulator (the replaced dense weights never read) when
 /// `emulator_dir` is given.
-pub fn load(model: &ModelArgs, emulator_dir: Option<&Path>) -> CliResult<(CausalLm, Option<EmulatorDescription>)> {
+pub fn load(
+    model: &ModelArgs,
+    emulator_dir: Option<&Path>,
+) -> CliResult<(CausalLm, Option<EmulatorDescription>)> {
     match emulator_dir {
         None => Ok((model.load_decoder(&BTreeSet::new())?, None)),
         Some(dir) => {
@@ -50,7 +59,11 @@ pub fn load(model: &ModelArgs, emulator_dir: Option<&Path>) -> CliResult<(Causal
 
 /// The calibration sequences: prompt + training target of the first `count` training examples,
 /// each tokenized (so bad data fails before any work).
-pub fn calibration_sequences(lm: &CausalLm, train: &[Example], count: usize) -> CliResult<Vec<Vec<u32>>> {
+pub fn calibration_sequences(
+    lm: &CausalLm,
+    train: &[Example],
+    count: usize,
+) -> CliResult<Vec<Vec<u32>>> {
     if count == 0 || count > train.len() {
         return Err(format!("--calibration-pairs {count} must be in 1..={}", train.len()).into());
     }
@@ -96,7 +109,8 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let sequences = calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
     // Moved out (a lazily initialised placeholder stays), so that emulation releases the
     // original's dense weights layer by layer.
-    let original = std::mem::replace(&mut lm.model, lm.config.init(true, &burn::tensor::Device::flex()));
+    let original =
+        std::mem::replace(&mut lm.model, lm.config.init(true, &burn::tensor::Device::flex()));
     let (emulator, report) = build_emulator(original, &sequences, &config)?;
     save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, staged)
 }
@@ -142,12 +156,20 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     let inputs = args.inputs(&lm.source)?;
     let resume = checkpoint::resume(&args.out, &args.train, &inputs, args.resume)?;
     let every = args.checkpoint_every;
-    let (tuned, report) = train_adapter(&lm, lm.model.clone(), &split.train, &args.train, label, resume, |step, model, optim| {
-        if every > 0 && step % every == 0 {
-            checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
-        }
-        Ok(())
-    })?;
+    let (tuned, report) = train_adapter(
+        &lm,
+        lm.model.clone(),
+        &split.train,
+        &args.train,
+        label,
+        resume,
+        |step, model, optim| {
+            if every > 0 && step % every == 0 {
+                checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
+            }
+            Ok(())
+        },
+    )?;
     describe_adapter(export_adapter(&tuned)?, &lm.source).save(&args.out)?;
     eprintln!("loss {:.4} → {:.4}", report.first_loss, report.last_loss);
     finish("finetune", phase, &args.out, &report)
@@ -160,7 +182,11 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     let adapter = PeftAdapter::load(&args.adapter)?;
     let lm = args.model.load_decoder(&BTreeSet::new())?;
     check_out(&args.out, &lm.source)?;
-    check_emulator_source(&emloc::read_emulator_description(&args.emulator)?, &args.emulator, &lm.source)?;
+    check_emulator_source(
+        &emloc::read_emulator_description(&args.emulator)?,
+        &args.emulator,
+        &lm.source,
+    )?;
     let (emulator, _) = load_emulator(lm.model.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
     let (corrected, report) = correct(&lm.model, &tuned, &CorrectionConfig { clamp: args.clamp })?;
@@ -169,7 +195,13 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
 }
 
 /// Evaluates `model` on `examples` with a progress bar.
-pub fn evaluate(lm: &CausalLm, model: &LlamaForCausalLM, examples: &[Example], config: &EvalConfig, label: &str) -> CliResult<CausalLmMetrics> {
+pub fn evaluate(
+    lm: &CausalLm,
+    model: &LlamaForCausalLM,
+    examples: &[Example],
+    config: &EvalConfig,
+    label: &str,
+) -> CliResult<CausalLmMetrics> {
     let bar = progress(0, label);
     let metrics = causal_lm::evaluate(&lm.task, model, examples, config, |done, total| {
         bar.set_length(total as u64);
@@ -189,7 +221,8 @@ pub fn eval(args: &EvalArgs) -> CliResult<()> {
     if let Some(dir) = &args.adapter {
         model = attach_adapter(model, &PeftAdapter::load(dir)?)?;
     }
-    let config = EvalConfig { batch_size: args.eval_batch_size, max_new_tokens: args.max_new_tokens };
+    let config =
+        EvalConfig { batch_size: args.eval_batch_size, max_new_tokens: args.max_new_tokens };
     let metrics = evaluate(&lm, &model, &split.validation, &config, "evaluating")?;
     #[derive(Serialize)]
     struct Output {

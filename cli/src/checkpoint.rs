@@ -10,10 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use emloc::peft::PeftAdapter;
 use emloc::{adapter_param_ids, export_adapter};
-use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
 use emloc::FileIdentity;
@@ -60,21 +60,37 @@ impl TrainingInputs {
     fn difference(&self, now: &TrainingInputs) -> Option<String> {
         let (same, show) = (FileIdentity::same_files, FileIdentity::describe);
         if !same(&self.model, &now.model) {
-            return Some(format!("--model: the checkpoint trained {}, now {}", show(&self.model), show(&now.model)));
+            return Some(format!(
+                "--model: the checkpoint trained {}, now {}",
+                show(&self.model),
+                show(&now.model)
+            ));
         }
         match (&self.emulator, &now.emulator) {
             (None, None) => {}
             (Some(a), Some(b)) if same(a, b) => {}
             (a, b) => {
-                let show_opt = |f: &Option<Vec<FileIdentity>>| f.as_deref().map_or("no emulator".into(), show);
-                return Some(format!("--emulator: the checkpoint trained on {}, now {}", show_opt(a), show_opt(b)));
+                let show_opt =
+                    |f: &Option<Vec<FileIdentity>>| f.as_deref().map_or("no emulator".into(), show);
+                return Some(format!(
+                    "--emulator: the checkpoint trained on {}, now {}",
+                    show_opt(a),
+                    show_opt(b)
+                ));
             }
         }
         if !self.data.same_content(&now.data) {
-            return Some(format!("--data: the checkpoint trained on {}, now {}", show(std::slice::from_ref(&self.data)), show(std::slice::from_ref(&now.data))));
+            return Some(format!(
+                "--data: the checkpoint trained on {}, now {}",
+                show(std::slice::from_ref(&self.data)),
+                show(std::slice::from_ref(&now.data))
+            ));
         }
         if self.selection != now.selection {
-            return Some(format!("the data split: the checkpoint used {:?}, now {:?}", self.selection, now.selection));
+            return Some(format!(
+                "the data split: the checkpoint used {:?}, now {:?}",
+                self.selection, now.selection
+            ));
         }
         None
     }
@@ -107,15 +123,25 @@ pub fn save<M: Module>(
     let target = out.join(format!("checkpoint-{step}"));
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     // A fresh directory of this run's own (never a name that may hold someone's files).
-    let temp = tempfile::Builder::new().prefix(&format!(".checkpoint-{step}.tmp-")).tempdir_in(out)?;
-    let state = TrainerState { step, train: train.clone(), param_ids: adapter_param_ids(model), inputs: Some(inputs.clone()) };
+    let temp =
+        tempfile::Builder::new().prefix(&format!(".checkpoint-{step}.tmp-")).tempdir_in(out)?;
+    let state = TrainerState {
+        step,
+        train: train.clone(),
+        param_ids: adapter_param_ids(model),
+        inputs: Some(inputs.clone()),
+    };
     export_adapter(model)?.save(temp.path())?;
-    optim.to_record().save(temp.path().join(OPTIMIZER_FILE)).map_err(|e| format!("{}: {e:?}", temp.path().display()))?;
+    optim
+        .to_record()
+        .save(temp.path().join(OPTIMIZER_FILE))
+        .map_err(|e| format!("{}: {e:?}", temp.path().display()))?;
     write_json(&temp.path().join(STATE_FILE), &state)?;
     if target.exists() {
         // After the exchange the temporary directory holds the old checkpoint; dropping it
         // removes that.
-        exchange(temp.path(), &target).map_err(|e| format!("replacing {}: {e}", target.display()))?;
+        exchange(temp.path(), &target)
+            .map_err(|e| format!("replacing {}: {e}", target.display()))?;
     } else {
         let temp = temp.keep();
         std::fs::rename(&temp, &target).map_err(|e| format!("{}: {e}", target.display()))?;
@@ -131,7 +157,15 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
     let (a, b) = (c(a)?, c(b)?);
     // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
@@ -151,7 +185,10 @@ pub fn latest(out: &Path) -> CliResult<Option<PathBuf>> {
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+        let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
         if entry.path().join(STATE_FILE).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
             best = Some((step, entry.path()));
         }
@@ -162,7 +199,12 @@ pub fn latest(out: &Path) -> CliResult<Option<PathBuf>> {
 /// With `--resume`, the latest checkpoint of `out` (an error if there is none), checked against
 /// `train`'s hyperparameters and the run's `inputs`; without, `None`, after checking that `out`
 /// holds no checkpoint of an earlier run (a fresh run would overwrite them).
-pub fn resume(out: &Path, train: &TrainArgs, inputs: &TrainingInputs, resume: bool) -> CliResult<Option<TrainingCheckpoint>> {
+pub fn resume(
+    out: &Path,
+    train: &TrainArgs,
+    inputs: &TrainingInputs,
+    resume: bool,
+) -> CliResult<Option<TrainingCheckpoint>> {
     let Some(dir) = latest(out)? else {
         if resume {
             return Err(format!("--resume: no checkpoint-STEP in {}", out.display()).into());
@@ -184,10 +226,16 @@ pub fn resume(out: &Path, train: &TrainArgs, inputs: &TrainingInputs, resume: bo
 
 /// Reads a checkpoint and checks that it was made with `train`'s hyperparameters (a larger
 /// `--steps` extends the run, on the longer schedule) and from the same `inputs`.
-pub fn load(dir: &Path, train: &TrainArgs, inputs: &TrainingInputs) -> CliResult<TrainingCheckpoint> {
+pub fn load(
+    dir: &Path,
+    train: &TrainArgs,
+    inputs: &TrainingInputs,
+) -> CliResult<TrainingCheckpoint> {
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| format!("{}: {e}", state_path.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", state_path.display()))?;
     let without_steps = |t: &TrainArgs| -> CliResult<serde_json::Value> {
         let mut value = serde_json::to_value(t)?;
         value.as_object_mut().map(|o| o.remove("steps"));
@@ -214,14 +262,22 @@ pub fn load(dir: &Path, train: &TrainArgs, inputs: &TrainingInputs) -> CliResult
     match &state.inputs {
         Some(saved) => {
             if let Some(difference) = saved.difference(inputs) {
-                return Err(format!("{}: resuming on other inputs than the checkpoint's: {difference}", state_path.display()).into());
+                return Err(format!(
+                    "{}: resuming on other inputs than the checkpoint's: {difference}",
+                    state_path.display()
+                )
+                .into());
             }
         }
-        None => eprintln!("warning: {} records no input identities; their match is not checked", state_path.display()),
+        None => eprintln!(
+            "warning: {} records no input identities; their match is not checked",
+            state_path.display()
+        ),
     }
     let adapter = PeftAdapter::load(dir)?;
     let optimizer_path = dir.join(OPTIMIZER_FILE);
-    let optimizer = OptimizerRecord::load(&optimizer_path).map_err(|e| format!("{}: {e:?}", optimizer_path.display()))?;
+    let optimizer = OptimizerRecord::load(&optimizer_path)
+        .map_err(|e| format!("{}: {e:?}", optimizer_path.display()))?;
     Ok(TrainingCheckpoint { dir: dir.to_path_buf(), adapter, state, optimizer })
 }
 

@@ -97,9 +97,12 @@ impl DataArgs {
     pub fn split_classes(&self) -> CliResult<(ClassificationTask, Split<LabeledText>)> {
         let data = match &self.data {
             Some(path) => classification::read_jsonl(path)?,
-            None => classification::parse_jsonl(self.embedded.text(), Path::new(self.embedded.name()))?,
+            None => {
+                classification::parse_jsonl(self.embedded.text(), Path::new(self.embedded.name()))?
+            }
         };
-        let task = ClassificationTask::new(data.labels, &self.label_template, CLASSIFICATION_SCALE)?;
+        let task =
+            ClassificationTask::new(data.labels, &self.label_template, CLASSIFICATION_SCALE)?;
         Ok((task, retrieval::split(data.examples, self.validation, self.split_seed)?))
     }
 
@@ -109,14 +112,20 @@ impl DataArgs {
         use std::io::BufRead;
         let first = match &self.data {
             Some(path) => {
-                let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let file =
+                    std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 let mut lines = std::io::BufReader::new(file).lines();
                 // Only the first record is read: data files can be large.
-                lines.find(|l| !matches!(l, Ok(l) if l.trim().is_empty())).transpose().map_err(|e| format!("{}: {e}", path.display()))?
+                lines
+                    .find(|l| !matches!(l, Ok(l) if l.trim().is_empty()))
+                    .transpose()
+                    .map_err(|e| format!("{}: {e}", path.display()))?
             }
             None => self.embedded.text().lines().find(|l| !l.trim().is_empty()).map(str::to_string),
         };
-        Ok(first.is_some_and(|line| serde_json::from_str(&line).is_ok_and(|v| classification::is_classification_record(&v))))
+        Ok(first.is_some_and(|line| {
+            serde_json::from_str(&line).is_ok_and(|v| classification::is_classification_record(&v))
+        }))
     }
 }
 
@@ -159,17 +168,32 @@ pub fn calibration_texts(train: &[QaPair], pairs: usize) -> CliResult<Vec<String
 
 /// Classification calibration texts: the first `2 · pairs` training sentences (as many texts as
 /// retrieval's `pairs` pairs) and every label description, which training embeds at every step.
-pub fn classification_calibration_texts(task: &ClassificationTask, train: &[LabeledText], pairs: usize) -> CliResult<Vec<String>> {
+pub fn classification_calibration_texts(
+    task: &ClassificationTask,
+    train: &[LabeledText],
+    pairs: usize,
+) -> CliResult<Vec<String>> {
     let most = train.len() / 2;
     if pairs == 0 || pairs > most {
-        return Err(format!("--calibration-pairs {pairs} must be in 1..={most} (two training sentences each)").into());
+        return Err(format!(
+            "--calibration-pairs {pairs} must be in 1..={most} (two training sentences each)"
+        )
+        .into());
     }
-    Ok(train[..2 * pairs].iter().map(|e| e.input.clone()).chain(task.descriptions.iter().cloned()).collect())
+    Ok(train[..2 * pairs]
+        .iter()
+        .map(|e| e.input.clone())
+        .chain(task.descriptions.iter().cloned())
+        .collect())
 }
 
 /// The calibration texts of an encoder task: [`calibration_texts`] or
 /// [`classification_calibration_texts`] over the training split of `data`.
-pub fn encoder_calibration_texts(task: Task, data: &DataArgs, pairs: usize) -> CliResult<Vec<String>> {
+pub fn encoder_calibration_texts(
+    task: Task,
+    data: &DataArgs,
+    pairs: usize,
+) -> CliResult<Vec<String>> {
     if task == Task::Classification {
         let (task, split) = data.split_classes()?;
         return classification_calibration_texts(&task, &split.train, pairs);

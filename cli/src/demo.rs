@@ -8,8 +8,8 @@ use burn::module::Module;
 use burn::tensor::Device;
 use clap::Args;
 use emloc::{
-    CorrectionConfig, EmulatorConfig, LoraConfig, WhiteningMethod, correct, emulate, export_adapter,
-    merge_adapter, merge_lora,
+    CorrectionConfig, EmulatorConfig, LoraConfig, WhiteningMethod, correct, emulate,
+    export_adapter, merge_adapter, merge_lora,
 };
 use emloc_models::tiny::{SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets};
 use serde::Serialize;
@@ -57,9 +57,14 @@ struct Row {
 }
 
 fn trainable(model: &TinyTransformer) -> usize {
-    model.layers.iter().flat_map(|b| [&b.query, &b.key, &b.value, &b.output, &b.up, &b.down])
+    model
+        .layers
+        .iter()
+        .flat_map(|b| [&b.query, &b.key, &b.value, &b.output, &b.up, &b.down])
         .filter_map(|l| l.lora.as_ref())
-        .map(|l| l.a.val().dims().iter().product::<usize>() + l.b.val().dims().iter().product::<usize>())
+        .map(|l| {
+            l.a.val().dims().iter().product::<usize>() + l.b.val().dims().iter().product::<usize>()
+        })
         .sum()
 }
 
@@ -75,18 +80,19 @@ pub fn run(args: &DemoArgs) -> emloc::Result<()> {
     let calibration: Vec<_> = (0..4).map(|i| task.batch(16, 10_000 + i, &device)).collect();
     let mut rows = Vec::new();
 
-    let finetune = |model: TinyTransformer, label: &str| -> emloc::Result<(TinyTransformer, usize, usize)> {
-        let bar = progress(args.steps, label);
-        device.seed(args.seed + 1);
-        let tuned = task.finetune(model, &lora, args.steps, args.lr, &device, |_, loss| {
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.5}"));
-        })?;
-        bar.finish_and_clear();
-        let params = tuned.num_params();
-        let trained = trainable(&tuned);
-        Ok((tuned, params, trained))
-    };
+    let finetune =
+        |model: TinyTransformer, label: &str| -> emloc::Result<(TinyTransformer, usize, usize)> {
+            let bar = progress(args.steps, label);
+            device.seed(args.seed + 1);
+            let tuned = task.finetune(model, &lora, args.steps, args.lr, &device, |_, loss| {
+                bar.inc(1);
+                bar.set_message(format!("loss {loss:.5}"));
+            })?;
+            bar.finish_and_clear();
+            let params = tuned.num_params();
+            let trained = trainable(&tuned);
+            Ok((tuned, params, trained))
+        };
 
     let started = Instant::now();
     rows.push(Row {
@@ -107,7 +113,9 @@ pub fn run(args: &DemoArgs) -> emloc::Result<()> {
         wall_seconds: started.elapsed().as_secs_f64(),
     });
 
-    for (whitening, name) in [(WhiteningMethod::Cholesky, "EMLoC"), (WhiteningMethod::None, "plain SVD")] {
+    for (whitening, name) in
+        [(WhiteningMethod::Cholesky, "EMLoC"), (WhiteningMethod::None, "plain SVD")]
+    {
         let started = Instant::now();
         let config = EmulatorConfig::uniform(args.ratio).with_whitening(whitening);
         let (emulator, report) = emulate(
@@ -124,7 +132,8 @@ pub fn run(args: &DemoArgs) -> emloc::Result<()> {
             report.layers.len(),
             report.params_original(),
             report.params_kept(),
-            report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>() / report.layers.len() as f64
+            report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
+                / report.layers.len() as f64
         );
         let (tuned, params, trained) = finetune(emulator, &format!("LoRA on the {name} emulator"))?;
         let build_and_train = started.elapsed().as_secs_f64();
@@ -156,7 +165,11 @@ pub fn run(args: &DemoArgs) -> emloc::Result<()> {
     for row in &rows {
         println!(
             "| {} | {:.5} | {} | {} | {:.1} |",
-            row.method, row.held_out_mse, row.training_model_params, row.trainable_params, row.wall_seconds
+            row.method,
+            row.held_out_mse,
+            row.training_model_params,
+            row.trainable_params,
+            row.wall_seconds
         );
     }
     if let Some(path) = &args.json {

@@ -92,8 +92,8 @@ pub fn run(args: &GenerateArgs) -> emloc_models::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use emloc_models::ModelError;
     use clap::Parser;
+    use emloc_models::ModelError;
 
     #[derive(Parser)]
     struct Cli {

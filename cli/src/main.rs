@@ -87,7 +87,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args).map_err(|e| e.to_string()),
         Command::Embed(args) => embed::run(&args).map_err(|e| e.to_string()),
         Command::Run(args) => {
-            let run_matches = matches.subcommand_matches("run").expect("the `run` subcommand was parsed");
+            let run_matches =
+                matches.subcommand_matches("run").expect("the `run` subcommand was parsed");
             run::run_recipe(&args, run_matches).map_err(|e| e.to_string())
         }
         Command::Emulate(args) => stages::emulate(&args).map_err(|e| e.to_string()),

@@ -86,7 +86,8 @@ impl PhaseStats {
 
     /// Peak RSS in MiB for tables, or `-` if unknown.
     pub fn peak_mib(&self) -> String {
-        self.peak_rss_bytes.map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
+        self.peak_rss_bytes
+            .map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
     }
 }
 

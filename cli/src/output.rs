@@ -40,16 +40,17 @@ impl StagedDir {
     /// parent or the staging directory cannot be created; each message names the path.
     pub fn begin(out: &Path) -> CliResult<Self> {
         check_absent_or_empty(out)?;
-        let name = out
-            .file_name()
-            .filter(|n| *n != "." && *n != "..")
-            .ok_or_else(|| format!("--out {}: not a directory name; give a path such as ./out", out.display()))?;
+        let name = out.file_name().filter(|n| *n != "." && *n != "..").ok_or_else(|| {
+            format!("--out {}: not a directory name; give a path such as ./out", out.display())
+        })?;
         let parent = parent_of(out);
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         let staging = tempfile::Builder::new()
             .prefix(&format!(".emloc-{}-", name.to_string_lossy()))
             .tempdir_in(parent)
-            .map_err(|e| format!("cannot create a staging directory in {}: {e}", parent.display()))?;
+            .map_err(|e| {
+                format!("cannot create a staging directory in {}: {e}", parent.display())
+            })?;
         Ok(Self { staging, out: out.to_path_buf() })
     }
 
@@ -103,7 +104,8 @@ fn check_absent_or_empty(out: &Path) -> CliResult<()> {
         let message = "exists and is not a directory; emloc never overwrites it: choose a new path";
         return Err(format!("--out {} {message}", out.display()).into());
     }
-    let mut entries = std::fs::read_dir(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
+    let mut entries =
+        std::fs::read_dir(out).map_err(|e| format!("--out {}: {e}", out.display()))?;
     if entries.next().is_some() {
         return Err(format!(
             "--out {} already exists and is not empty; emloc never overwrites it: choose a new path or remove it",
@@ -124,7 +126,9 @@ fn sync_tree(dir: &Path) -> CliResult<()> {
             sync_tree(&entry.path())?;
         } else if kind.is_file() {
             let path = entry.path();
-            File::open(&path).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
     // Best effort: not every platform can open a directory.
@@ -150,7 +154,10 @@ pub const ENCODER_TASK_TYPE: &str = "FEATURE_EXTRACTION";
 
 /// Marks an adapter as a feature-extraction adapter of the encoder in `model_dir`, the metadata
 /// PEFT's `AutoPeftModel` classes need to load it.
-pub fn describe_encoder_adapter(mut adapter: emloc::peft::PeftAdapter, model_dir: &Path) -> emloc::peft::PeftAdapter {
+pub fn describe_encoder_adapter(
+    mut adapter: emloc::peft::PeftAdapter,
+    model_dir: &Path,
+) -> emloc::peft::PeftAdapter {
     adapter.config.task_type = Some(ENCODER_TASK_TYPE.into());
     adapter.config.base_model_name_or_path = Some(absolute(model_dir));
     adapter
@@ -159,5 +166,8 @@ pub fn describe_encoder_adapter(mut adapter: emloc::peft::PeftAdapter, model_dir
 /// `path` made absolute (canonical where it exists), for metadata read from another directory:
 /// PEFT resolves a relative `base_model_name_or_path` against its own working directory.
 pub fn absolute(path: &Path) -> String {
-    std::fs::canonicalize(path).unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())).display().to_string()
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+        .display()
+        .to_string()
 }

@@ -7,15 +7,18 @@ use std::path::PathBuf;
 
 use burn::module::Module;
 use clap::Args;
-use emloc::emulator::{LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
+use emloc::emulator::{
+    LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks,
+    whitened_spectra,
+};
 use emloc_models::bert::{BertConfig, BertModel};
 use emloc_models::llama::LlamaForCausalLM;
 use serde::Serialize;
 
-use crate::bench_memory::{MemoryPhase, PhaseResult, run_phase_process};
-use crate::causal;
 use crate::CliResult;
 use crate::args::{EmulatorArgs, ModelArgs, Task};
+use crate::bench_memory::{MemoryPhase, PhaseResult, run_phase_process};
+use crate::causal;
 use crate::data::{DataArgs, encoder_calibration_texts};
 use crate::output::write_json;
 use crate::progress::progress;
@@ -117,10 +120,18 @@ struct MemoryEstimate {
 /// of every projection, attention output, norms, the MLP's inner activations) plus
 /// `2·heads·seq` for the attention probabilities — a coarse count of what autodiff keeps, stated
 /// as such.
-fn estimate(shape: &Shape, dense_params: usize, factor_params: usize, adapter_params: usize, seq: usize, batch: usize) -> MemoryEstimate {
+fn estimate(
+    shape: &Shape,
+    dense_params: usize,
+    factor_params: usize,
+    adapter_params: usize,
+    seq: usize,
+    batch: usize,
+) -> MemoryEstimate {
     let frozen_weights = 4 * (dense_params + factor_params) as u64;
     let adapters_and_optimizer = 16 * adapter_params as u64;
-    let per_token_layer = 8 * shape.hidden + shape.mlp_factor * shape.intermediate + 2 * shape.heads * seq;
+    let per_token_layer =
+        8 * shape.hidden + shape.mlp_factor * shape.intermediate + 2 * shape.heads * seq;
     let activations = 4 * (batch * seq * shape.layers * per_token_layer) as u64;
     MemoryEstimate {
         frozen_weights,
@@ -135,22 +146,32 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
     let config = args.emulator.config()?;
     let (spectra, num_params, shape) = match args.model.task_for(&args.data)?.1 {
         task @ (Task::Retrieval | Task::Classification) => {
-            let texts = encoder_calibration_texts(task, &args.data, args.emulator.calibration_pairs)?;
+            let texts =
+                encoder_calibration_texts(task, &args.data, args.emulator.calibration_pairs)?;
             let (encoder, _) = args.model.load()?;
             let spectra = with_calibration(&encoder, &texts, |batches, forward| {
                 whitened_spectra(&encoder.model, batches, |m: &BertModel, b| forward(m, b), &config)
             })??;
             let c: &BertConfig = encoder.config();
-            let shape = Shape { hidden: c.hidden_size, intermediate: c.intermediate_size, heads: c.num_attention_heads, layers: c.num_hidden_layers, mlp_factor: 2 };
+            let shape = Shape {
+                hidden: c.hidden_size,
+                intermediate: c.intermediate_size,
+                heads: c.num_attention_heads,
+                layers: c.num_hidden_layers,
+                mlp_factor: 2,
+            };
             (spectra, encoder.model.num_params(), shape)
         }
         Task::CausalLm => {
             if args.measure {
-                return Err("--measure runs `bench-memory`, which measures sentence encoders only".into());
+                return Err(
+                    "--measure runs `bench-memory`, which measures sentence encoders only".into()
+                );
             }
             let split = args.data.split_examples()?;
             let lm = args.model.load_decoder(&std::collections::BTreeSet::new())?;
-            let sequences = causal::calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
+            let sequences =
+                causal::calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
             let bar = progress(sequences.len(), "calibration");
             let spectra = whitened_spectra(
                 &lm.model,
@@ -163,7 +184,13 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
             )?;
             bar.finish_and_clear();
             let c = &lm.config;
-            let shape = Shape { hidden: c.hidden_size, intermediate: c.intermediate_size, heads: c.num_attention_heads, layers: c.num_hidden_layers, mlp_factor: 4 };
+            let shape = Shape {
+                hidden: c.hidden_size,
+                intermediate: c.intermediate_size,
+                heads: c.num_attention_heads,
+                layers: c.num_hidden_layers,
+                mlp_factor: 4,
+            };
             (spectra, lm.model.num_params(), shape)
         }
     };
@@ -171,7 +198,9 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
     let emulated_params: usize = spectra.iter().map(|s| s.d_in * s.d_out).sum();
     let dense_params = num_params - emulated_params;
     let adapter_params: usize = spectra.iter().map(|s| args.lora_rank * (s.d_in + s.d_out)).sum();
-    let memory = |factor_params: usize| estimate(&shape, dense_params, factor_params, adapter_params, args.seq_len, args.batch);
+    let memory = |factor_params: usize| {
+        estimate(&shape, dense_params, factor_params, adapter_params, args.seq_len, args.batch)
+    };
     let make = |name: String, ranks: BTreeMap<String, usize>, spectra: &[LayerSpectrum]| {
         let (squared_whitened_error, factor_params) = allocation_cost(spectra, &ranks);
         let relative_squared_error = spectra
@@ -181,10 +210,21 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
                 if total > 0.0 { s.whitened_error(ranks[&s.path]).powi(2) / total } else { 0.0 }
             })
             .sum();
-        Plan { name, factor_params, squared_whitened_error, relative_squared_error, memory: memory(factor_params), ranks }
+        Plan {
+            name,
+            factor_params,
+            squared_whitened_error,
+            relative_squared_error,
+            memory: memory(factor_params),
+            ranks,
+        }
     };
 
-    let uniform = make(format!("uniform ρ = {}", args.emulator.ratio), uniform_ranks(&spectra, args.emulator.ratio)?, &spectra);
+    let uniform = make(
+        format!("uniform ρ = {}", args.emulator.ratio),
+        uniform_ranks(&spectra, args.emulator.ratio)?,
+        &spectra,
+    );
     let target = match (args.params, args.budget) {
         (Some(p), _) => p,
         (None, Some(budget)) => {
@@ -208,10 +248,19 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
         global_ranks(&spectra, target, objective)?,
         &spectra,
     );
-    let original = estimate(&shape, dense_params + emulated_params, 0, adapter_params, args.seq_len, args.batch);
+    let original = estimate(
+        &shape,
+        dense_params + emulated_params,
+        0,
+        adapter_params,
+        args.seq_len,
+        args.batch,
+    );
 
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    println!("| plan | factor params | Σ squared whitened error | Σ relative squared error | frozen MiB | adapters+optimizer MiB | activations MiB | total MiB |");
+    println!(
+        "| plan | factor params | Σ squared whitened error | Σ relative squared error | frozen MiB | adapters+optimizer MiB | activations MiB | total MiB |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     println!(
         "| LoRA on the original (no emulator) | {emulated_params} | 0 | 0 | {:.1} | {:.1} | {:.1} | {:.1} |",
@@ -235,11 +284,18 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
     }
     if let Some(budget) = args.budget {
         let fits = global.memory.total <= budget;
-        eprintln!("budget {budget} bytes: the global plan's estimate {} bytes {}", global.memory.total, if fits { "fits" } else { "does not fit" });
+        eprintln!(
+            "budget {budget} bytes: the global plan's estimate {} bytes {}",
+            global.memory.total,
+            if fits { "fits" } else { "does not fit" }
+        );
     }
     if let Some(out) = &args.out {
         write_json(out, &config_for_ranks(&global.ranks, &config))?;
-        eprintln!("global plan written to {} (use it with `emloc emulate --config` or `emloc run --config`)", out.display());
+        eprintln!(
+            "global plan written to {} (use it with `emloc emulate --config` or `emloc run --config`)",
+            out.display()
+        );
     }
     if let Some(path) = &args.json {
         write_json(path, &[&uniform, &global])?;
@@ -254,7 +310,8 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
 fn measure(args: &PlanArgs, global: &Plan) -> CliResult<()> {
     let rules = args.out.as_ref().expect("clap: --measure requires --out");
     let work = rules.with_extension("measured");
-    let mut bench: Vec<OsString> = vec!["bench-memory".into(), "--model".into(), args.model.resolve()?.into()];
+    let mut bench: Vec<OsString> =
+        vec!["bench-memory".into(), "--model".into(), args.model.resolve()?.into()];
     if let Some(data) = &args.data.data {
         bench.extend(["--data".into(), data.into()]);
     }
@@ -274,10 +331,17 @@ fn measure(args: &PlanArgs, global: &Plan) -> CliResult<()> {
     let tuned = run_phase_process(&bench, MemoryPhase::FinetuneEmulator)?;
     let mib = |b: u64| format!("{:.0}", b as f64 / (1024.0 * 1024.0));
     let rss = |r: &PhaseResult| r.peak_rss_bytes.map_or_else(|| "-".into(), &mib);
-    println!("measured (each in its own process; emulator in {}):", work.join("emulator").display());
+    println!(
+        "measured (each in its own process; emulator in {}):",
+        work.join("emulator").display()
+    );
     println!("| phase | estimate MiB | peak heap MiB | peak RSS MiB |");
     println!("|---|---:|---:|---:|");
-    println!("| emulator construction | - | {} | {} |", mib(built.peak_heap_bytes as u64), rss(&built));
+    println!(
+        "| emulator construction | - | {} | {} |",
+        mib(built.peak_heap_bytes as u64),
+        rss(&built)
+    );
     println!(
         "| fine-tuning the global plan | {} | {} | {} |",
         mib(global.memory.total),
@@ -288,7 +352,9 @@ fn measure(args: &PlanArgs, global: &Plan) -> CliResult<()> {
         let measured = tuned.peak_rss_bytes.unwrap_or(tuned.peak_heap_bytes as u64);
         let what = if tuned.peak_rss_bytes.is_some() { "RSS" } else { "heap" };
         if measured <= budget {
-            eprintln!("budget {budget} bytes: measured fine-tuning peak {measured} bytes ({what}) fits");
+            eprintln!(
+                "budget {budget} bytes: measured fine-tuning peak {measured} bytes ({what}) fits"
+            );
         } else {
             // What the estimate missed (activations, allocator and runtime overhead) is about
             // the same for every plan at this batch shape, so it comes off the budget.

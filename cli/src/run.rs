@@ -7,16 +7,19 @@ use std::path::PathBuf;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
-use emloc::{CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter, merge_lora};
+use emloc::{
+    CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
+    merge_lora,
+};
 use emloc_models::retrieval::RetrievalMetrics;
 use serde::Serialize;
 
 use crate::CliResult;
 use crate::args::{EmulatorArgs, ModelArgs, Task, TrainArgs};
 use crate::data::{DataArgs, EmbeddedData, calibration_texts};
+use crate::memory::{Phase, PhaseStats};
 use crate::output::write_json;
 use crate::training::{adapter_params, build_emulator, evaluate, train_adapter};
-use crate::memory::{Phase, PhaseStats};
 
 /// Options of `emloc run`.
 #[derive(Args, Debug, Clone)]
@@ -57,8 +60,13 @@ pub enum Recipe {
 
 /// The classification recipe's defaults, sized to finish in about 10 minutes on a 2-core CPU
 /// (EXPERIMENTS.md): options left at their generic default take these instead.
-const CLASSIFICATION_DEFAULTS: ClassificationDefaults =
-    ClassificationDefaults { validation: 500, steps: 36, batch_size: 32, warmup_steps: 4, max_seq_length: 48 };
+const CLASSIFICATION_DEFAULTS: ClassificationDefaults = ClassificationDefaults {
+    validation: 500,
+    steps: 36,
+    batch_size: 32,
+    warmup_steps: 4,
+    max_seq_length: 48,
+};
 
 struct ClassificationDefaults {
     validation: usize,
@@ -96,7 +104,10 @@ pub fn run_recipe(args: &RunArgs, matches: &ArgMatches) -> CliResult<()> {
             crate::run_classification::run(&args, &train, max_seq_length)
         }
         Task::Retrieval => run(&args),
-        Task::CausalLm => Err("emloc run works on sentence encoders; for decoders run the stages (see docs/CLI.md)".into()),
+        Task::CausalLm => Err(
+            "emloc run works on sentence encoders; for decoders run the stages (see docs/CLI.md)"
+                .into(),
+        ),
     }
 }
 
@@ -176,7 +187,15 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
 
     let row_phase = Phase::start();
     let phase = Phase::start();
-    let (tuned, train_report) = train_adapter(&encoder, original.clone(), &train, &args.train, "LoRA on the full model", None, |_, _, _| Ok(()))?;
+    let (tuned, train_report) = train_adapter(
+        &encoder,
+        original.clone(),
+        &train,
+        &args.train,
+        "LoRA on the full model",
+        None,
+        |_, _, _| Ok(()),
+    )?;
     let training = phase.finish();
     let trainable = adapter_params(&tuned);
     let trained_params = count_params(&tuned) - trainable;
@@ -188,7 +207,9 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     );
     let full_gain = metrics.recall_at_1 - zero_shot.recall_at_1;
     // A share of a gain only means something when there is a gain.
-    let recovered = |m: &RetrievalMetrics| (full_gain > 1e-12).then(|| (m.recall_at_1 - zero_shot.recall_at_1) / full_gain);
+    let recovered = |m: &RetrievalMetrics| {
+        (full_gain > 1e-12).then(|| (m.recall_at_1 - zero_shot.recall_at_1) / full_gain)
+    };
     rows.push(Row {
         method: "LoRA on the full model".into(),
         metrics,
@@ -201,7 +222,10 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
 
     let base_config = args.emulator.config()?;
     let sizing = match &args.emulator.config {
-        Some(path) => format!("({})", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+        Some(path) => format!(
+            "({})",
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ),
         None => format!("ρ={}", args.emulator.ratio),
     };
     let mut emulators = Vec::new();
@@ -211,33 +235,52 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         (WhiteningMethod::None, "plain-SVD emulator", "emulator-plain-svd"),
     ] {
         let row_phase = Phase::start();
-        let config = EmulatorConfig { whitening: emloc::emulator::WhiteningConfig { method, ..base_config.whitening.clone() }, ..base_config.clone() };
-        let (emulator, report) = build_emulator(&encoder, encoder.model.clone(), &calibration, &config)?;
+        let config = EmulatorConfig {
+            whitening: emloc::emulator::WhiteningConfig { method, ..base_config.whitening.clone() },
+            ..base_config.clone()
+        };
+        let (emulator, report) =
+            build_emulator(&encoder, encoder.model.clone(), &calibration, &config)?;
         let emulate_seconds = row_phase.elapsed_seconds();
         eprintln!(
             "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({:.1}s)",
             report.layers.len(),
             report.params_original(),
             report.params_kept(),
-            report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>() / report.layers.len().max(1) as f64,
+            report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
+                / report.layers.len().max(1) as f64,
             emulate_seconds
         );
-        emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(config.clone(), report.clone()), &args.out.join(dir))?;
+        emloc::save_emulator(
+            &emulator,
+            &emloc::EmulatorDescription::new(config.clone(), report.clone()),
+            &args.out.join(dir),
+        )?;
         emulators.push((name.to_string(), report));
 
         let phase = Phase::start();
-        let (tuned, train_report) = train_adapter(&encoder, emulator, &train, &args.train, &format!("LoRA on the {name}"), None, |_, _, _| Ok(()))?;
+        let (tuned, train_report) = train_adapter(
+            &encoder,
+            emulator,
+            &train,
+            &args.train,
+            &format!("LoRA on the {name}"),
+            None,
+            |_, _, _| Ok(()),
+        )?;
         let training = phase.finish();
         let trainable = adapter_params(&tuned);
         let trained_params = count_params(&tuned) - trainable;
         eprintln!("{name}: loss {:.3} → {:.3}", train_report.first_loss, train_report.last_loss);
         let built_and_trained = row_phase.elapsed_seconds();
 
-        let variants: &[bool] = if method == WhiteningMethod::Cholesky { &[true, false] } else { &[true] };
+        let variants: &[bool] =
+            if method == WhiteningMethod::Cholesky { &[true, false] } else { &[true] };
         for &corrected in variants {
             let phase = Phase::start();
             let adapter = if corrected {
-                let (adapter, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
+                let (adapter, report) =
+                    correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
                 corrections.push(report);
                 adapter
             } else {
@@ -247,7 +290,10 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
             adapter.save(&args.out.join(format!("adapter-{dir}-{label}")))?;
             let merged = merge_adapter(original.clone(), &adapter)?;
             let metrics = evaluate(&encoder, &merged, &split.validation, label)?;
-            eprintln!("{name} {label}: Recall@1 {:.4}, MRR {:.4}, loss {:.4}", metrics.recall_at_1, metrics.mrr, metrics.loss);
+            eprintln!(
+                "{name} {label}: Recall@1 {:.4}, MRR {:.4}, loss {:.4}",
+                metrics.recall_at_1, metrics.mrr, metrics.loss
+            );
             rows.push(Row {
                 method: format!("{name} {sizing} {label}, merged into the original"),
                 metrics,
@@ -260,7 +306,9 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         }
     }
 
-    println!("| method | Recall@1 | MRR | Recall@5 | val. loss | R@1 gain recovered | params trained on | fine-tune peak heap MiB | peak RSS MiB | fine-tune s | row s |");
+    println!(
+        "| method | Recall@1 | MRR | Recall@5 | val. loss | R@1 gain recovered | params trained on | fine-tune peak heap MiB | peak RSS MiB | fine-tune s | row s |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         println!(

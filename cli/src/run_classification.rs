@@ -6,7 +6,10 @@
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
-use emloc::{CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter, merge_lora};
+use emloc::{
+    CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
+    merge_lora,
+};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
 use serde::Serialize;
@@ -14,10 +17,12 @@ use serde::Serialize;
 use crate::CliResult;
 use crate::args::{EmulatorArgs, TrainArgs};
 use crate::data::{DataArgs, classification_calibration_texts};
-use crate::output::write_json;
-use crate::training::{adapter_params, build_emulator, evaluate_classes, train_classifier, with_calibration};
 use crate::memory::{Phase, PhaseStats};
+use crate::output::write_json;
 use crate::run::RunArgs;
+use crate::training::{
+    adapter_params, build_emulator, evaluate_classes, train_classifier, with_calibration,
+};
 
 /// One row of the table.
 #[derive(Debug, Serialize)]
@@ -82,7 +87,8 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     if args.train_pairs > 0 {
         train.truncate(args.train_pairs);
     }
-    let calibration = classification_calibration_texts(&task, &train, args.emulator.calibration_pairs)?;
+    let calibration =
+        classification_calibration_texts(&task, &train, args.emulator.calibration_pairs)?;
     let (encoder, model_dir) = args.model.load()?;
     let encoder = encoder.with_max_seq_length(max_seq_length)?;
     let original = encoder.model.clone();
@@ -98,7 +104,15 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         calibration.len()
     );
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    let context = Context { encoder: &encoder, original: &original, task: &task, train: &train, validation: &split.validation, args, train_args };
+    let context = Context {
+        encoder: &encoder,
+        original: &original,
+        task: &task,
+        train: &train,
+        validation: &split.validation,
+        args,
+        train_args,
+    };
 
     let mut rows = Vec::new();
     let phase = Phase::start();
@@ -121,7 +135,16 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
 
     let row_phase = Phase::start();
     let phase = Phase::start();
-    let (tuned, report) = train_classifier(&encoder, original.clone(), &task, &train, train_args, "LoRA on the full model", None, |_, _, _| Ok(()))?;
+    let (tuned, report) = train_classifier(
+        &encoder,
+        original.clone(),
+        &task,
+        &train,
+        train_args,
+        "LoRA on the full model",
+        None,
+        |_, _, _| Ok(()),
+    )?;
     let training = phase.finish();
     let trainable = adapter_params(&tuned);
     let trained_params = tuned.num_params() - trainable;
@@ -133,7 +156,9 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     );
     let full_gain = metrics.accuracy - zero_shot.accuracy;
     // A share of a gain only means something when there is a gain.
-    let recovered = |m: &ClassificationMetrics| (full_gain > 1e-12).then(|| (m.accuracy - zero_shot.accuracy) / full_gain);
+    let recovered = |m: &ClassificationMetrics| {
+        (full_gain > 1e-12).then(|| (m.accuracy - zero_shot.accuracy) / full_gain)
+    };
     rows.push(Row {
         method: "LoRA on the full model".into(),
         accuracy_gain_recovered: recovered(&metrics),
@@ -147,7 +172,10 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
 
     let base = args.emulator.config()?;
     let sizing = match &args.emulator.config {
-        Some(path) => format!("({})", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+        Some(path) => format!(
+            "({})",
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ),
         None => format!("ρ = {}", args.emulator.ratio),
     };
     let with_whitening = |method| EmulatorConfig {
@@ -157,16 +185,38 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     let mut emulators = Vec::new();
     let mut corrections = Vec::new();
     let variants = [
-        Variant { name: format!("EMLoC {sizing}"), dir: "emulator-whitened", config: with_whitening(WhiteningMethod::Cholesky), uncorrected_too: true },
-        Variant { name: format!("plain-SVD emulator {sizing}"), dir: "emulator-plain-svd", config: with_whitening(WhiteningMethod::None), uncorrected_too: false },
+        Variant {
+            name: format!("EMLoC {sizing}"),
+            dir: "emulator-whitened",
+            config: with_whitening(WhiteningMethod::Cholesky),
+            uncorrected_too: true,
+        },
+        Variant {
+            name: format!("plain-SVD emulator {sizing}"),
+            dir: "emulator-plain-svd",
+            config: with_whitening(WhiteningMethod::None),
+            uncorrected_too: false,
+        },
     ];
     for variant in &variants {
         let row_phase = Phase::start();
-        let (emulator, report) = build_emulator(&encoder, original.clone(), &calibration, &variant.config)?;
+        let (emulator, report) =
+            build_emulator(&encoder, original.clone(), &calibration, &variant.config)?;
         log_emulator(&variant.name, &report, row_phase.elapsed_seconds());
-        emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(variant.config.clone(), report.clone()), &args.out.join(variant.dir))?;
+        emloc::save_emulator(
+            &emulator,
+            &emloc::EmulatorDescription::new(variant.config.clone(), report.clone()),
+            &args.out.join(variant.dir),
+        )?;
         emulators.push((variant.name.clone(), report));
-        rows.extend(train_correct_score(&context, variant, emulator, row_phase, &recovered, &mut corrections)?);
+        rows.extend(train_correct_score(
+            &context,
+            variant,
+            emulator,
+            row_phase,
+            &recovered,
+            &mut corrections,
+        )?);
     }
 
     // The global allocation at the uniform emulator's size: ranks by whitened spectrum (as
@@ -178,12 +228,29 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     })??;
     let size = emulators[0].1.params_kept();
     let config = config_for_ranks(&global_ranks(&spectra, size, Objective::Relative)?, whitened);
-    let global = Variant { name: format!("global allocation, {size} factor params"), dir: "emulator-global", config, uncorrected_too: false };
-    let (emulator, report) = build_emulator(&encoder, original.clone(), &calibration, &global.config)?;
+    let global = Variant {
+        name: format!("global allocation, {size} factor params"),
+        dir: "emulator-global",
+        config,
+        uncorrected_too: false,
+    };
+    let (emulator, report) =
+        build_emulator(&encoder, original.clone(), &calibration, &global.config)?;
     log_emulator(&global.name, &report, row_phase.elapsed_seconds());
-    emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(global.config.clone(), report.clone()), &args.out.join(global.dir))?;
+    emloc::save_emulator(
+        &emulator,
+        &emloc::EmulatorDescription::new(global.config.clone(), report.clone()),
+        &args.out.join(global.dir),
+    )?;
     emulators.push((global.name.clone(), report));
-    rows.extend(train_correct_score(&context, &global, emulator, row_phase, &recovered, &mut corrections)?);
+    rows.extend(train_correct_score(
+        &context,
+        &global,
+        emulator,
+        row_phase,
+        &recovered,
+        &mut corrections,
+    )?);
 
     print_table(&rows);
     let report = Report {
@@ -213,7 +280,8 @@ fn log_emulator(name: &str, report: &emloc::EmulatorReport, seconds: f64) {
         report.layers.len(),
         report.params_original(),
         report.params_kept(),
-        report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>() / report.layers.len().max(1) as f64,
+        report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
+            / report.layers.len().max(1) as f64,
     );
 }
 
@@ -229,7 +297,16 @@ fn train_correct_score(
 ) -> CliResult<Vec<Row>> {
     let phase = Phase::start();
     let label = format!("LoRA on the {}", variant.name);
-    let (tuned, report) = train_classifier(cx.encoder, emulator, cx.task, cx.train, cx.train_args, &label, None, |_, _, _| Ok(()))?;
+    let (tuned, report) = train_classifier(
+        cx.encoder,
+        emulator,
+        cx.task,
+        cx.train,
+        cx.train_args,
+        &label,
+        None,
+        |_, _, _| Ok(()),
+    )?;
     let training = phase.finish();
     let trainable = adapter_params(&tuned);
     let trained_params = tuned.num_params() - trainable;
@@ -238,7 +315,8 @@ fn train_correct_score(
     for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
         let phase = Phase::start();
         let adapter = if corrected {
-            let (adapter, report) = correct(cx.original, &tuned, &CorrectionConfig { clamp: cx.args.clamp })?;
+            let (adapter, report) =
+                correct(cx.original, &tuned, &CorrectionConfig { clamp: cx.args.clamp })?;
             corrections.push((variant.name.clone(), report));
             adapter
         } else {
@@ -250,7 +328,12 @@ fn train_correct_score(
         let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, which)?;
         eprintln!(
             "{} {which}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
-            variant.name, metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss
+            variant.name,
+            metrics.accuracy,
+            metrics.macro_f1,
+            metrics.loss,
+            report.first_loss,
+            report.last_loss
         );
         rows.push(Row {
             method: format!("{} {which}, merged into the original", variant.name),
@@ -267,7 +350,9 @@ fn train_correct_score(
 }
 
 fn print_table(rows: &[Row]) {
-    println!("| method | accuracy | macro-F1 | val. loss | accuracy gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |");
+    println!(
+        "| method | accuracy | macro-F1 | val. loss | accuracy gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         println!(
@@ -276,7 +361,8 @@ fn print_table(rows: &[Row]) {
             row.metrics.accuracy,
             row.metrics.macro_f1,
             row.metrics.loss,
-            row.accuracy_gain_recovered.map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
+            row.accuracy_gain_recovered
+                .map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
             row.trained_model_params,
             row.training.peak_mib(),
             row.training.wall_seconds,

@@ -57,7 +57,11 @@ pub fn model_identity(source: &Path) -> CliResult<Vec<FileIdentity>> {
 /// Refuses an emulator whose `emulator.json` records that it was built from another model than
 /// the one at `source` (by content): its factors approximate other weights, so training on it or
 /// correcting against `source` would be silently wrong. Emulators without a record pass.
-pub fn check_emulator_source(description: &EmulatorDescription, emulator_dir: &Path, source: &Path) -> CliResult<()> {
+pub fn check_emulator_source(
+    description: &EmulatorDescription,
+    emulator_dir: &Path,
+    source: &Path,
+) -> CliResult<()> {
     let Some(provenance) = &description.provenance else { return Ok(()) };
     let now = model_identity(source)?;
     if FileIdentity::same_files(&provenance.model, &now) {

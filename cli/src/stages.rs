@@ -8,20 +8,25 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use clap::Args;
 use emloc::peft::PeftAdapter;
-use emloc::{CorrectionConfig, EmulatorConfig, EmulatorDescription, EmulatorReport, Provenance, attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors};
+use emloc::{
+    CorrectionConfig, EmulatorConfig, EmulatorDescription, EmulatorReport, Provenance,
+    attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors,
+};
 use emloc_models::loading::Checkpoint;
 use serde::Serialize;
 
 use crate::CliResult;
+use crate::args::Task;
 use crate::args::{EmulatorArgs, ModelArgs, TrainArgs};
 use crate::data::{DataArgs, encoder_calibration_texts};
-use crate::output::{describe_encoder_adapter, write_json};
-use crate::source::{check_emulator_source, emulator_identity, model_identity};
-use crate::training::{build_emulator, evaluate, evaluate_classes, train_adapter, train_classifier};
-use crate::args::Task;
-use crate::{causal, checkpoint};
 use crate::memory::{Phase, PhaseStats};
 use crate::output::StagedDir;
+use crate::output::{describe_encoder_adapter, write_json};
+use crate::source::{check_emulator_source, emulator_identity, model_identity};
+use crate::training::{
+    build_emulator, evaluate, evaluate_classes, train_adapter, train_classifier,
+};
+use crate::{causal, checkpoint};
 
 /// `report.json` of a stage: what it did, how long it took, its peak memory.
 #[derive(Debug, Serialize)]
@@ -33,21 +38,36 @@ struct StageReport<T: Serialize> {
 }
 
 /// Writes `report.json` into `out` and prints the stage's summary.
-pub(crate) fn finish<T: Serialize>(stage: &'static str, phase: Phase, out: &Path, details: T) -> CliResult<()> {
+pub(crate) fn finish<T: Serialize>(
+    stage: &'static str,
+    phase: Phase,
+    out: &Path,
+    details: T,
+) -> CliResult<()> {
     let stats = write_report(stage, phase, out, details)?;
     print_summary(stage, &stats, out);
     Ok(())
 }
 
 /// Writes `report.json` into the staging directory, moves it to `--out` and prints the summary.
-pub(crate) fn finish_staged<T: Serialize>(stage: &'static str, phase: Phase, staged: StagedDir, details: T) -> CliResult<()> {
+pub(crate) fn finish_staged<T: Serialize>(
+    stage: &'static str,
+    phase: Phase,
+    staged: StagedDir,
+    details: T,
+) -> CliResult<()> {
     let stats = write_report(stage, phase, staged.path(), details)?;
     let out = staged.commit()?;
     print_summary(stage, &stats, &out);
     Ok(())
 }
 
-fn write_report<T: Serialize>(stage: &'static str, phase: Phase, dir: &Path, details: T) -> CliResult<PhaseStats> {
+fn write_report<T: Serialize>(
+    stage: &'static str,
+    phase: Phase,
+    dir: &Path,
+    details: T,
+) -> CliResult<PhaseStats> {
     let report = StageReport { stage, stats: phase.finish(), details };
     write_json(&dir.join("report.json"), &report)?;
     Ok(report.stats)
@@ -70,7 +90,9 @@ pub(crate) fn check_out(out: &Path, model_dir: &Path) -> CliResult<()> {
         _ => false,
     };
     if same(out, model_dir) {
-        return Err(format!("--out {} is the model directory; choose another", out.display()).into());
+        return Err(
+            format!("--out {} is the model directory; choose another", out.display()).into()
+        );
     }
     Ok(())
 }
@@ -114,7 +136,11 @@ impl EmulateArgs {
     pub(crate) fn provenance(&self, source: &Path) -> CliResult<Provenance> {
         let mut selection = self.data.selection();
         selection.insert("calibration_pairs".into(), self.emulator.calibration_pairs.into());
-        Ok(Provenance { model: model_identity(source)?, data: vec![self.data.identity()?], selection })
+        Ok(Provenance {
+            model: model_identity(source)?,
+            data: vec![self.data.identity()?],
+            selection,
+        })
     }
 }
 
@@ -165,7 +191,10 @@ pub struct FinetuneArgs {
     pub(crate) out: PathBuf,
 }
 
-fn load_model(model: &ModelArgs, emulator: Option<&Path>) -> CliResult<(emloc_models::bert::SentenceEncoder, PathBuf, Option<EmulatorDescription>)> {
+fn load_model(
+    model: &ModelArgs,
+    emulator: Option<&Path>,
+) -> CliResult<(emloc_models::bert::SentenceEncoder, PathBuf, Option<EmulatorDescription>)> {
     match emulator {
         Some(emulator_dir) => {
             let (encoder, dir, description) = model.load_emulated(emulator_dir)?;
@@ -199,7 +228,8 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     }
     let phase = Phase::start();
     // Parsed before the model is loaded, so bad data fails fast.
-    let classes = if task == Task::Classification { Some(args.data.split_classes()?) } else { None };
+    let classes =
+        if task == Task::Classification { Some(args.data.split_classes()?) } else { None };
     let split = if classes.is_none() { Some(args.data.split()?) } else { None };
     let (encoder, model_dir, emulator) = load_model(&args.model, args.emulator.as_deref())?;
     check_out(&args.out, &model_dir)?;
@@ -207,16 +237,28 @@ pub fn finetune(args: &FinetuneArgs) -> CliResult<()> {
     let inputs = args.inputs(&model_dir)?;
     let resume = checkpoint::resume(&args.out, &args.train, &inputs, args.resume)?;
     let every = args.checkpoint_every;
-    let on_step = |step, model: &emloc_models::bert::BertModel, optim: &burn::optim::ModuleOptimizer| {
-        if every > 0 && step % every == 0 {
-            checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
-        }
-        Ok(())
-    };
+    let on_step =
+        |step, model: &emloc_models::bert::BertModel, optim: &burn::optim::ModuleOptimizer| {
+            if every > 0 && step % every == 0 {
+                checkpoint::save(&args.out, step, &args.train, &inputs, model, optim)?;
+            }
+            Ok(())
+        };
     let model = encoder.model.clone();
     let (tuned, report) = match (&classes, &split) {
-        (Some((classes, split)), _) => train_classifier(&encoder, model, classes, &split.train, &args.train, label, resume, on_step)?,
-        (None, Some(split)) => train_adapter(&encoder, model, &split.train, &args.train, label, resume, on_step)?,
+        (Some((classes, split)), _) => train_classifier(
+            &encoder,
+            model,
+            classes,
+            &split.train,
+            &args.train,
+            label,
+            resume,
+            on_step,
+        )?,
+        (None, Some(split)) => {
+            train_adapter(&encoder, model, &split.train, &args.train, label, resume, on_step)?
+        }
         (None, None) => unreachable!("the retrieval split is read unless classification"),
     };
     describe_encoder_adapter(export_adapter(&tuned)?, &model_dir).save(&args.out)?;
@@ -254,7 +296,11 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     let (encoder, model_dir) = args.model.load()?;
     check_out(&args.out, &model_dir)?;
     let original = encoder.model.clone();
-    check_emulator_source(&emloc::read_emulator_description(&args.emulator)?, &args.emulator, &model_dir)?;
+    check_emulator_source(
+        &emloc::read_emulator_description(&args.emulator)?,
+        &args.emulator,
+        &model_dir,
+    )?;
     let (emulator, _) = load_emulator(original.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
     let (corrected, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
@@ -346,7 +392,9 @@ const MODEL_FILES: &[&str] = &[
 ];
 
 fn is_model_file(name: &str) -> bool {
-    MODEL_FILES.contains(&name) || name.starts_with("LICENSE") || name.ends_with(".safetensors.index.json")
+    MODEL_FILES.contains(&name)
+        || name.starts_with("LICENSE")
+        || name.ends_with(".safetensors.index.json")
 }
 
 /// A sentence-transformers module folder (`1_Pooling`, `2_Normalize`, `2_Dense`), which
@@ -377,7 +425,11 @@ struct Skipped {
 /// regular file it resolves to, wherever that is, because the Hugging Face cache stores every
 /// file of a snapshot as a symlink into its `blobs/` folder. Special files (FIFOs, devices) are
 /// never opened.
-fn copy_model_files(from: &Path, to: &Path, weights: &[PathBuf]) -> CliResult<(Vec<String>, Vec<Skipped>)> {
+fn copy_model_files(
+    from: &Path,
+    to: &Path,
+    weights: &[PathBuf],
+) -> CliResult<(Vec<String>, Vec<Skipped>)> {
     let read_dir = |dir: &Path| -> CliResult<Vec<std::fs::DirEntry>> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .and_then(|d| d.collect::<Result<Vec<_>, _>>())
@@ -430,14 +482,19 @@ fn copy_file(from: &Path, to: &Path) -> CliResult<Option<&'static str>> {
         meta => meta.map_err(|e| format!("{}: {e}", from.display()))?,
     };
     if meta.is_dir() {
-        return Ok(Some(if from.is_symlink() { "symlinked directory, not followed" } else { "directory, not a model file" }));
+        return Ok(Some(if from.is_symlink() {
+            "symlinked directory, not followed"
+        } else {
+            "directory, not a model file"
+        }));
     }
     if !meta.is_file() {
         return Ok(Some("not a regular file"));
     }
     let mut source = std::fs::File::open(from).map_err(|e| format!("{}: {e}", from.display()))?;
     let mut target = std::fs::File::create_new(to).map_err(|e| format!("{}: {e}", to.display()))?;
-    std::io::copy(&mut source, &mut target).map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
+    std::io::copy(&mut source, &mut target)
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
     target.sync_all().map_err(|e| format!("{}: {e}", to.display()))?;
     Ok(None)
 }
@@ -472,7 +529,8 @@ pub fn eval(args: &EvalArgs) -> CliResult<()> {
         return causal::eval(args);
     }
     let phase = Phase::start();
-    let classes = if task == Task::Classification { Some(args.data.split_classes()?) } else { None };
+    let classes =
+        if task == Task::Classification { Some(args.data.split_classes()?) } else { None };
     let split = if classes.is_none() { Some(args.data.split()?) } else { None };
     let (encoder, _, _) = load_model(&args.model, args.emulator.as_deref())?;
     let mut model = encoder.model.clone();

@@ -22,7 +22,8 @@ pub fn with_calibration<T>(
     texts: &[String],
     stage: impl FnOnce(Vec<Vec<&str>>, &mut dyn FnMut(&BertModel, Vec<&str>)) -> T,
 ) -> CliResult<T> {
-    let batches: Vec<Vec<&str>> = texts.chunks(16).map(|c| c.iter().map(String::as_str).collect()).collect();
+    let batches: Vec<Vec<&str>> =
+        texts.chunks(16).map(|c| c.iter().map(String::as_str).collect()).collect();
     for batch in &batches {
         encoder.tokenize(batch)?;
     }
@@ -65,7 +66,11 @@ pub fn train_with_progress<M: Module>(
     targets: &[&str],
     label: &str,
     resume: Option<TrainingCheckpoint>,
-    finetune: impl FnOnce(M, Option<Resume>, StepCallback<'_, M>) -> emloc_models::Result<(M, TrainReport)>,
+    finetune: impl FnOnce(
+        M,
+        Option<Resume>,
+        StepCallback<'_, M>,
+    ) -> emloc_models::Result<(M, TrainReport)>,
     mut on_step: impl FnMut(usize, &M, &ModuleOptimizer) -> CliResult<()>,
 ) -> CliResult<(M, TrainReport)> {
     device.seed(args.seed);
@@ -79,15 +84,20 @@ pub fn train_with_progress<M: Module>(
         }
     };
     let mut failure = None;
-    let result = finetune(model, resume, &mut |info: &StepInfo, model: &M, optim: &ModuleOptimizer| {
-        bar.inc(1);
-        bar.set_message(format!("loss {:.4}, {:.0} tok/s", info.loss, info.tokens as f64 / info.seconds));
-        if failure.is_none()
-            && let Err(e) = on_step(info.step, model, optim)
-        {
-            failure = Some(e);
-        }
-    });
+    let result =
+        finetune(model, resume, &mut |info: &StepInfo, model: &M, optim: &ModuleOptimizer| {
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {:.4}, {:.0} tok/s",
+                info.loss,
+                info.tokens as f64 / info.seconds
+            ));
+            if failure.is_none()
+                && let Err(e) = on_step(info.step, model, optim)
+            {
+                failure = Some(e);
+            }
+        });
     bar.finish_and_clear();
     if let Some(e) = failure {
         return Err(e);
@@ -138,7 +148,9 @@ pub fn train_classifier(
         &BERT_LORA_TARGETS,
         label,
         resume,
-        |model, resume, step| classification::finetune(encoder, model, task, train, &config, resume, step),
+        |model, resume, step| {
+            classification::finetune(encoder, model, task, train, &config, resume, step)
+        },
         on_step,
     )
 }
@@ -158,7 +170,12 @@ pub fn evaluate_classes(
 }
 
 /// Evaluates `model` on `validation` with a spinner.
-pub fn evaluate(encoder: &SentenceEncoder, model: &BertModel, validation: &[QaPair], label: &str) -> CliResult<RetrievalMetrics> {
+pub fn evaluate(
+    encoder: &SentenceEncoder,
+    model: &BertModel,
+    validation: &[QaPair],
+    label: &str,
+) -> CliResult<RetrievalMetrics> {
     let spinner = spinner(format!("evaluating {label} on {} pairs", validation.len()));
     let metrics = retrieval::evaluate(encoder, model, validation);
     spinner.finish_and_clear();
@@ -168,5 +185,7 @@ pub fn evaluate(encoder: &SentenceEncoder, model: &BertModel, validation: &[QaPa
 /// Trainable parameters (LoRA A and B) of `model`.
 pub fn adapter_params(model: &BertModel) -> usize {
     let adapter = emloc::export_adapter(model);
-    adapter.map(|a| a.layers.values().map(|l| l.lora_a.data.len() + l.lora_b.data.len()).sum()).unwrap_or(0)
+    adapter
+        .map(|a| a.layers.values().map(|l| l.lora_a.data.len() + l.lora_b.data.len()).sum())
+        .unwrap_or(0)
 }

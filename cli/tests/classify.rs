@@ -32,23 +32,66 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
     write_data(&dir.path().join("data.jsonl"));
     let model = fixture().display().to_string();
     let data = p("data.jsonl");
-    let common = ["--data", data.as_str(), "--validation", "12", "--max-seq-length", "12", "--label-template", "{label}"];
+    let common = [
+        "--data",
+        data.as_str(),
+        "--validation",
+        "12",
+        "--max-seq-length",
+        "12",
+        "--label-template",
+        "{label}",
+    ];
     let args = |cmd: &str, model: &str, extra: &[&str]| -> Vec<String> {
         [cmd, "--model", model].iter().chain(&common).chain(extra).map(|s| s.to_string()).collect()
     };
     let run = |v: Vec<String>| ok(&v.iter().map(String::as_str).collect::<Vec<_>>());
 
-    run(args("emulate", &model, &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]));
+    run(args(
+        "emulate",
+        &model,
+        &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")],
+    ));
     // The label descriptions are part of the task: emulator.json (and checkpoints) record them.
-    let description: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap()).unwrap();
-    assert_eq!(description["provenance"]["selection"]["label_template"], "{label}", "{description}");
-    let train = ["--steps", "6", "--batch-size", "8", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--warmup-steps", "1"];
+    let description: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        description["provenance"]["selection"]["label_template"], "{label}",
+        "{description}"
+    );
+    let train = [
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--rank",
+        "2",
+        "--alpha",
+        "4",
+        "--lr",
+        "0.01",
+        "--warmup-steps",
+        "1",
+    ];
     let (emulator, adapter) = (p("emulator"), p("adapter"));
     let mut extra = vec!["--emulator", emulator.as_str(), "--out", adapter.as_str()];
     extra.extend(train);
     run(args("finetune", &model, &extra));
-    ok(&["correct", "--model", &model, "--max-seq-length", "12", "--emulator", &p("emulator"), "--adapter", &p("adapter"), "--out", &p("corrected")]);
+    ok(&[
+        "correct",
+        "--model",
+        &model,
+        "--max-seq-length",
+        "12",
+        "--emulator",
+        &p("emulator"),
+        "--adapter",
+        &p("adapter"),
+        "--out",
+        &p("corrected"),
+    ]);
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
 
     let eval = |v: Vec<String>| -> serde_json::Value { serde_json::from_str(&run(v)).unwrap() };
@@ -59,11 +102,20 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
         assert_eq!(m["examples"], 12, "{m}");
         let accuracy = m["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&accuracy), "{m}");
-        assert!(m["macro_f1"].as_f64().unwrap() <= 1.0 && m["loss"].as_f64().unwrap().is_finite(), "{m}");
-        let support: u64 = m["per_class"].as_array().unwrap().iter().map(|c| c["support"].as_u64().unwrap()).sum();
+        assert!(
+            m["macro_f1"].as_f64().unwrap() <= 1.0 && m["loss"].as_f64().unwrap().is_finite(),
+            "{m}"
+        );
+        let support: u64 =
+            m["per_class"].as_array().unwrap().iter().map(|c| c["support"].as_u64().unwrap()).sum();
         assert_eq!(support, 12, "{m}");
     }
-    let labels: Vec<&str> = base["per_class"].as_array().unwrap().iter().map(|c| c["label"].as_str().unwrap()).collect();
+    let labels: Vec<&str> = base["per_class"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["label"].as_str().unwrap())
+        .collect();
     assert_eq!(labels, ["blue", "green", "red"]);
     let (a, b) = (merged["loss"].as_f64().unwrap(), unmerged["loss"].as_f64().unwrap());
     assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "merged {a} vs unmerged {b}");
@@ -71,10 +123,20 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
     assert_ne!(merged["loss"], base["loss"], "the adapter must change the model");
 
     // --task retrieval overrides the inference, and then the data's fields are wrong for it.
-    fails_with(&["eval", "--model", &model, "--data", &data, "--task", "retrieval"], "missing field `question`");
+    fails_with(
+        &["eval", "--model", &model, "--data", &data, "--task", "retrieval"],
+        "missing field `question`",
+    );
     // Classification errors name the file and line.
-    std::fs::write(dir.path().join("bad.jsonl"), "{\"input\": \"a cat\", \"label\": \"red\"}\n{\"input\": \"a dog\"}\n").unwrap();
-    fails_with(&["eval", "--model", &model, "--data", &p("bad.jsonl"), "--validation", "1"], "bad.jsonl:2: missing field `label`");
+    std::fs::write(
+        dir.path().join("bad.jsonl"),
+        "{\"input\": \"a cat\", \"label\": \"red\"}\n{\"input\": \"a dog\"}\n",
+    )
+    .unwrap();
+    fails_with(
+        &["eval", "--model", &model, "--data", &p("bad.jsonl"), "--validation", "1"],
+        "bad.jsonl:2: missing field `label`",
+    );
 }
 
 #[test]
@@ -84,21 +146,63 @@ fn run_prints_the_six_rows_and_applies_only_the_recipe_defaults_not_given() {
     write_data(&dir.path().join("data.jsonl"));
     let model = fixture().display().to_string();
     let table = ok(&[
-        "run", "--model", &model, "--data", &p("data.jsonl"), "--validation", "12", "--max-seq-length", "12", "--label-template", "{label}",
-        "--batch-size", "8", "--rank", "2", "--alpha", "4", "--calibration-pairs", "8", "--ratio", "0.5", "--out", &p("run"),
+        "run",
+        "--model",
+        &model,
+        "--data",
+        &p("data.jsonl"),
+        "--validation",
+        "12",
+        "--max-seq-length",
+        "12",
+        "--label-template",
+        "{label}",
+        "--batch-size",
+        "8",
+        "--rank",
+        "2",
+        "--alpha",
+        "4",
+        "--calibration-pairs",
+        "8",
+        "--ratio",
+        "0.5",
+        "--out",
+        &p("run"),
     ]);
-    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+    let rows: Vec<&str> =
+        table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
     assert_eq!(rows.len(), 6, "{table}");
-    for (row, name) in rows.iter().zip(["zero-shot", "LoRA on the full model", "EMLoC", "EMLoC", "plain-SVD", "global allocation"]) {
+    for (row, name) in rows.iter().zip([
+        "zero-shot",
+        "LoRA on the full model",
+        "EMLoC",
+        "EMLoC",
+        "plain-SVD",
+        "global allocation",
+    ]) {
         assert!(row.starts_with(&format!("| {name}")), "{row}");
     }
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/report.json")).unwrap())
+            .unwrap();
     // Given on the command line: kept. Not given: the recipe's (36 steps, 4 warmup steps).
-    assert_eq!((report["data"]["validation"].as_u64(), report["train"]["batch_size"].as_u64()), (Some(12), Some(8)), "{report}");
-    assert_eq!((report["train"]["steps"].as_u64(), report["train"]["warmup_steps"].as_u64()), (Some(36), Some(4)), "{report}");
+    assert_eq!(
+        (report["data"]["validation"].as_u64(), report["train"]["batch_size"].as_u64()),
+        (Some(12), Some(8)),
+        "{report}"
+    );
+    assert_eq!(
+        (report["train"]["steps"].as_u64(), report["train"]["warmup_steps"].as_u64()),
+        (Some(36), Some(4)),
+        "{report}"
+    );
     assert_eq!(report["validation_examples"], 12);
     assert_eq!(report["rows"].as_array().unwrap().len(), 6);
     for row in report["rows"].as_array().unwrap() {
-        assert!(row["metrics"]["accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{row}");
+        assert!(
+            row["metrics"]["accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)),
+            "{row}"
+        );
     }
 }

@@ -51,7 +51,8 @@ fn corrupt_model(
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     edit(config.as_object_mut().unwrap());
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap())
+        .unwrap();
     dir
 }
 
@@ -133,7 +134,8 @@ fn corrupt_models_fail_naming_the_file_and_merge_writes_nothing() {
         (
             "shape-bytes",
             edited_header(|h| {
-                h["encoder.layer.0.attention.self.query.weight"]["shape"] = serde_json::json!([16, 32]);
+                h["encoder.layer.0.attention.self.query.weight"]["shape"] =
+                    serde_json::json!([16, 32]);
             }),
         ),
     ];
@@ -155,10 +157,23 @@ fn corrupt_models_fail_naming_the_file_and_merge_writes_nothing() {
         let empty = root.join(format!("empty-{name}"));
         std::fs::create_dir_all(&empty).unwrap();
         fails_naming(
-            &["merge", "--model", &model_arg, "--adapter", &adapter_arg, "--out", &empty.display().to_string()],
+            &[
+                "merge",
+                "--model",
+                &model_arg,
+                "--adapter",
+                &adapter_arg,
+                "--out",
+                &empty.display().to_string(),
+            ],
             &["model.safetensors", name],
         );
-        assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "{name}: merge wrote into {}", empty.display());
+        assert_eq!(
+            std::fs::read_dir(&empty).unwrap().count(),
+            0,
+            "{name}: merge wrote into {}",
+            empty.display()
+        );
         let existing = root.join(format!("existing-{name}"));
         std::fs::create_dir_all(&existing).unwrap();
         std::fs::write(existing.join("model.safetensors"), b"previous").unwrap();
@@ -167,8 +182,14 @@ fn corrupt_models_fail_naming_the_file_and_merge_writes_nothing() {
             &["merge", "--model", &model_arg, "--adapter", &adapter_arg, "--out", &existing_arg],
             &[&existing_arg, "not empty"],
         );
-        let listing: Vec<_> = std::fs::read_dir(&existing).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(listing, vec!["model.safetensors"], "{name}: merge wrote into {}", existing.display());
+        let listing: Vec<_> =
+            std::fs::read_dir(&existing).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            listing,
+            vec!["model.safetensors"],
+            "{name}: merge wrote into {}",
+            existing.display()
+        );
         assert_eq!(std::fs::read(existing.join("model.safetensors")).unwrap(), b"previous");
     }
 
@@ -185,7 +206,11 @@ fn corrupt_models_fail_naming_the_file_and_merge_writes_nothing() {
     });
     fails_naming(
         &["embed", "--model", &model.display().to_string(), "hello"],
-        &["config-mismatch/model.safetensors", "does not fit", "encoder.layer.0.attention.self.query.weight"],
+        &[
+            "config-mismatch/model.safetensors",
+            "does not fit",
+            "encoder.layer.0.attention.self.query.weight",
+        ],
     );
 }
 
@@ -208,8 +233,12 @@ fn default_model_dir_holding_user_files_is_never_replaced() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     eprintln!("{stderr}");
     assert_eq!(output.status.code(), Some(1), "a typed error exits with 1: {stderr}");
-    assert!(stderr.contains("refusing to touch it") && stderr.contains("EMLOC_MINILM_DIR"), "{stderr}");
-    let listing: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(
+        stderr.contains("refusing to touch it") && stderr.contains("EMLOC_MINILM_DIR"),
+        "{stderr}"
+    );
+    let listing: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(listing, vec!["notes.txt"]);
     assert_eq!(std::fs::read(dir.join("notes.txt")).unwrap(), b"keep me");
 }

@@ -31,7 +31,6 @@ fn write_data(path: &Path) {
     std::fs::write(path, lines.join("\n")).unwrap();
 }
 
-
 fn eval_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(args)).unwrap()
 }
@@ -43,48 +42,112 @@ fn decoder_pipeline_runs_every_stage() {
     write_data(&dir.path().join("data.jsonl"));
     let model = fixture("tiny_llama").display().to_string();
     let data = p("data.jsonl");
-    let common = ["--model", model.as_str(), "--data", data.as_str(), "--validation", "8", "--max-seq-length", "16"];
+    let common = [
+        "--model",
+        model.as_str(),
+        "--data",
+        data.as_str(),
+        "--validation",
+        "8",
+        "--max-seq-length",
+        "16",
+    ];
     let args = |cmd: &str, extra: &[&str]| -> Vec<String> {
-        std::iter::once(cmd).chain(common).chain(extra.iter().copied()).map(str::to_string).collect()
+        std::iter::once(cmd)
+            .chain(common)
+            .chain(extra.iter().copied())
+            .map(str::to_string)
+            .collect()
     };
-    let run = |cmd: &str, extra: &[&str]| ok(&args(cmd, extra).iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |cmd: &str, extra: &[&str]| {
+        ok(&args(cmd, extra).iter().map(String::as_str).collect::<Vec<_>>())
+    };
 
     let zero_shot = run("eval", &["--max-new-tokens", "4"]);
     let zero_shot: serde_json::Value = serde_json::from_str(&zero_shot).unwrap();
     assert!(zero_shot["loss"].as_f64().unwrap() > 0.0, "{zero_shot}");
-    assert!(zero_shot["exact_match"].as_f64().is_some() && zero_shot["accuracy"].as_f64().is_some(), "{zero_shot}");
+    assert!(
+        zero_shot["exact_match"].as_f64().is_some() && zero_shot["accuracy"].as_f64().is_some(),
+        "{zero_shot}"
+    );
 
     run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
-    let description: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap()).unwrap();
+    let description: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap(),
+    )
+    .unwrap();
     assert!(description.to_string().contains("model.layers.1.mlp.down_proj"), "{description}");
 
     let (emulator, adapter) = (p("emulator"), p("adapter"));
-    let train = ["--steps", "6", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.02", "--warmup-steps", "1"];
-    let mut extra = vec!["--emulator", emulator.as_str(), "--checkpoint-every", "3", "--out", adapter.as_str()];
+    let train = [
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--rank",
+        "2",
+        "--alpha",
+        "4",
+        "--lr",
+        "0.02",
+        "--warmup-steps",
+        "1",
+    ];
+    let mut extra =
+        vec!["--emulator", emulator.as_str(), "--checkpoint-every", "3", "--out", adapter.as_str()];
     extra.extend(train);
     run("finetune", &extra);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter/adapter_config.json")).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(config["task_type"], "CAUSAL_LM", "{config}");
     assert_eq!(config["target_modules"].as_array().map(Vec::len), Some(2 * 7), "{config}");
     assert!(dir.path().join("adapter/checkpoint-6/trainer_state.json").is_file());
 
-    ok(&["correct", "--model", &model, "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
+    ok(&[
+        "correct",
+        "--model",
+        &model,
+        "--emulator",
+        &emulator,
+        "--adapter",
+        &adapter,
+        "--out",
+        &p("corrected"),
+    ]);
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
 
     // Serving the corrected adapter beside the model equals merging it (within f32 rounding).
     let served = run("eval", &["--adapter", &p("corrected"), "--max-new-tokens", "0"]);
     let served: serde_json::Value = serde_json::from_str(&served).unwrap();
     let merged = p("merged");
-    let merged = eval_json(&["eval", "--model", &merged, "--data", &data, "--validation", "8", "--max-seq-length", "16", "--max-new-tokens", "0"]);
+    let merged = eval_json(&[
+        "eval",
+        "--model",
+        &merged,
+        "--data",
+        &data,
+        "--validation",
+        "8",
+        "--max-seq-length",
+        "16",
+        "--max-new-tokens",
+        "0",
+    ]);
     let (a, b) = (served["loss"].as_f64().unwrap(), merged["loss"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-4 * a.max(1.0), "served {a} vs merged {b}");
     assert!(merged["exact_match"].is_null(), "{merged}");
     // A global rank plan at the uniform plan's size, used as emulator rules.
-    let table = run("plan", &["--calibration-pairs", "8", "--seq-len", "16", "--batch", "4", "--out", &p("rules.json")]);
+    let table = run(
+        "plan",
+        &["--calibration-pairs", "8", "--seq-len", "16", "--batch", "4", "--out", &p("rules.json")],
+    );
     assert!(table.contains("| global"), "{table}");
-    run("emulate", &["--config", &p("rules.json"), "--calibration-pairs", "8", "--out", &p("emulator-global")]);
+    run(
+        "emulate",
+        &["--config", &p("rules.json"), "--calibration-pairs", "8", "--out", &p("emulator-global")],
+    );
     // The emulator alone evaluates too (its replaced weights never loaded).
     let emulated = run("eval", &["--emulator", &emulator, "--max-new-tokens", "0"]);
     assert!(emulated.contains("\"loss\""), "{emulated}");
@@ -98,30 +161,69 @@ fn the_task_follows_the_model_and_bad_combinations_are_refused() {
     let data = data.display().to_string();
     let llama = fixture("tiny_llama").display().to_string();
     let bert = fixture("tiny_bert").display().to_string();
-    fails_with(&["eval", "--model", &llama, "--data", &data, "--task", "retrieval"], "needs a sentence encoder");
-    fails_with(&["eval", "--model", &bert, "--data", &data, "--task", "causal-lm"], "needs a decoder model");
+    fails_with(
+        &["eval", "--model", &llama, "--data", &data, "--task", "retrieval"],
+        "needs a sentence encoder",
+    );
+    fails_with(
+        &["eval", "--model", &bert, "--data", &data, "--task", "causal-lm"],
+        "needs a decoder model",
+    );
     // An encoder reads a first record with `input` and `label` as classification data; this
     // file's second line has no label.
     fails_with(&["eval", "--model", &bert, "--data", &data], "data.jsonl:2: missing field `label`");
-    fails_with(&["eval", "--model", &bert, "--data", &data, "--task", "retrieval"], "missing field `question`");
+    fails_with(
+        &["eval", "--model", &bert, "--data", &data, "--task", "retrieval"],
+        "missing field `question`",
+    );
     // An unsupported architecture is named.
     let other = dir.path().join("gpt2");
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
-    fails_with(&["eval", "--model", &other.display().to_string(), "--data", &data], "model_type `gpt2` is not supported");
+    fails_with(
+        &["eval", "--model", &other.display().to_string(), "--data", &data],
+        "model_type `gpt2` is not supported",
+    );
     // A malformed line is named by file and line, before any work.
-    std::fs::write(dir.path().join("bad.jsonl"), "{\"input\": \"the cat\", \"target\": \"sat\"}\n{\"input\": \"x\"}\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.jsonl"),
+        "{\"input\": \"the cat\", \"target\": \"sat\"}\n{\"input\": \"x\"}\n",
+    )
+    .unwrap();
     let bad = dir.path().join("bad.jsonl").display().to_string();
-    fails_with(&["finetune", "--model", &llama, "--data", &bad, "--out", &dir.path().join("o").display().to_string()], "bad.jsonl:2:");
+    fails_with(
+        &[
+            "finetune",
+            "--model",
+            &llama,
+            "--data",
+            &bad,
+            "--out",
+            &dir.path().join("o").display().to_string(),
+        ],
+        "bad.jsonl:2:",
+    );
     assert!(!dir.path().join("o").exists());
     // Raw prompts only: the tiny model has no chat template.
-    fails_with(&["generate", "--model", &llama, "--prompt", "the cat", "--chat"], "needs a chat template");
+    fails_with(
+        &["generate", "--model", &llama, "--prompt", "the cat", "--chat"],
+        "needs a chat template",
+    );
 }
 
 #[test]
 fn generate_prints_only_the_completion() {
     let llama = fixture("tiny_llama").display().to_string();
-    let out = ok(&["generate", "--model", &llama, "--prompt", "the cat", "--max-new-tokens", "3", "--json"]);
+    let out = ok(&[
+        "generate",
+        "--model",
+        &llama,
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
     let value: serde_json::Value = serde_json::from_str(&out).unwrap();
     let generated = value["generated_ids"].as_array().unwrap();
     assert!(!generated.is_empty() && generated.len() <= 3, "{value}");
@@ -150,15 +252,54 @@ fn gguf_decoder_goes_through_every_stage_and_merges_into_an_hf_directory() {
     let data = p("data.jsonl");
     let common = ["--data", data.as_str(), "--validation", "6", "--max-seq-length", "48"];
     let run = |cmd: &str, model: &str, extra: &[&str]| {
-        let args: Vec<&str> = [cmd, "--model", model].into_iter().chain(common).chain(extra.iter().copied()).collect();
+        let args: Vec<&str> = [cmd, "--model", model]
+            .into_iter()
+            .chain(common)
+            .chain(extra.iter().copied())
+            .collect();
         ok(&args)
     };
-    run("emulate", &model, &["--ratio", "0.5", "--calibration-pairs", "6", "--out", &p("emulator")]);
+    run(
+        "emulate",
+        &model,
+        &["--ratio", "0.5", "--calibration-pairs", "6", "--out", &p("emulator")],
+    );
     let (emulator, adapter) = (p("emulator"), p("adapter"));
-    run("finetune", &model, &["--emulator", &emulator, "--out", &adapter, "--steps", "3", "--batch-size", "4", "--rank", "2"]);
-    ok(&["correct", "--model", &model, "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
+    run(
+        "finetune",
+        &model,
+        &[
+            "--emulator",
+            &emulator,
+            "--out",
+            &adapter,
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--rank",
+            "2",
+        ],
+    );
+    ok(&[
+        "correct",
+        "--model",
+        &model,
+        "--emulator",
+        &emulator,
+        "--adapter",
+        &adapter,
+        "--out",
+        &p("corrected"),
+    ]);
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(dir.path().join("merged").join(file).is_file(), "{file}");
     }
     // No staging directory is left beside the output.
@@ -169,12 +310,26 @@ fn gguf_decoder_goes_through_every_stage_and_merges_into_an_hf_directory() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // The merged HF directory (chat template and all) scores as the GGUF with the adapter served.
-    let served: serde_json::Value =
-        serde_json::from_str(&run("eval", &model, &["--adapter", &p("corrected"), "--max-new-tokens", "3"])).unwrap();
-    let merged: serde_json::Value = serde_json::from_str(&run("eval", &p("merged"), &["--max-new-tokens", "3"])).unwrap();
+    let served: serde_json::Value = serde_json::from_str(&run(
+        "eval",
+        &model,
+        &["--adapter", &p("corrected"), "--max-new-tokens", "3"],
+    ))
+    .unwrap();
+    let merged: serde_json::Value =
+        serde_json::from_str(&run("eval", &p("merged"), &["--max-new-tokens", "3"])).unwrap();
     let (a, b) = (served["loss"].as_f64().unwrap(), merged["loss"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-4 * a.max(1.0), "served {a} vs merged {b}");
     assert_eq!(served["exact_match"], merged["exact_match"]);
-    let reply = ok(&["generate", "--model", &model, "--prompt", "is the cat on the mat?", "--chat", "--max-new-tokens", "4"]);
+    let reply = ok(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "is the cat on the mat?",
+        "--chat",
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(!reply.contains("<|im_start|>"), "{reply}");
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use common::{emloc, ok};
 
 const WORDS: [&str; 20] = [
-    "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue", "bird", "sings", "tree",
-    "house", "sun", "moon", "night", "day",
+    "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue",
+    "bird", "sings", "tree", "house", "sun", "moon", "night", "day",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -44,12 +44,40 @@ impl Inputs {
         let dir = tempfile::tempdir().unwrap();
         let inputs = Self { dir };
         write_data(&inputs.path("data.jsonl"));
-        ok(&inputs.args("emulate", &inputs.path("emulator")).iter().map(String::as_str).collect::<Vec<_>>());
-        let (model, data, emulator, adapter) =
-            (Self::model(), inputs.arg("data.jsonl"), inputs.arg("emulator"), inputs.arg("adapter"));
+        ok(&inputs
+            .args("emulate", &inputs.path("emulator"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>());
+        let (model, data, emulator, adapter) = (
+            Self::model(),
+            inputs.arg("data.jsonl"),
+            inputs.arg("emulator"),
+            inputs.arg("adapter"),
+        );
         ok(&[
-            "finetune", "--model", &model, "--data", &data, "--validation", "8", "--max-seq-length", "12", "--emulator",
-            &emulator, "--steps", "3", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--out",
+            "finetune",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--validation",
+            "8",
+            "--max-seq-length",
+            "12",
+            "--emulator",
+            &emulator,
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+            "--lr",
+            "0.01",
+            "--out",
             &adapter,
         ]);
         inputs
@@ -70,15 +98,38 @@ impl Inputs {
     /// The arguments of `stage` (emulate, correct or merge) writing to `out`.
     fn args(&self, stage: &str, out: &Path) -> Vec<String> {
         let (model, out) = (Self::model(), out.display().to_string());
-        let (data, emulator, adapter) = (self.arg("data.jsonl"), self.arg("emulator"), self.arg("adapter"));
+        let (data, emulator, adapter) =
+            (self.arg("data.jsonl"), self.arg("emulator"), self.arg("adapter"));
         let args: Vec<&str> = match stage {
             "emulate" => vec![
-                "emulate", "--model", &model, "--data", &data, "--validation", "8", "--max-seq-length", "12", "--ratio",
-                "0.5", "--calibration-pairs", "8", "--out", &out,
+                "emulate",
+                "--model",
+                &model,
+                "--data",
+                &data,
+                "--validation",
+                "8",
+                "--max-seq-length",
+                "12",
+                "--ratio",
+                "0.5",
+                "--calibration-pairs",
+                "8",
+                "--out",
+                &out,
             ],
             "correct" => vec![
-                "correct", "--model", &model, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter,
-                "--out", &out,
+                "correct",
+                "--model",
+                &model,
+                "--max-seq-length",
+                "12",
+                "--emulator",
+                &emulator,
+                "--adapter",
+                &adapter,
+                "--out",
+                &out,
             ],
             "merge" => vec!["merge", "--model", &model, "--adapter", &adapter, "--out", &out],
             _ => unreachable!("{stage}"),
@@ -126,13 +177,15 @@ fn content(name: &str, bytes: Vec<u8>) -> Content {
         return Content { json: Some(report["stage"].clone()), bytes: Vec::new() };
     }
     if name.ends_with(".json") {
-        let mut json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         strip_timings(&mut json);
         return Content { json: Some(json), bytes: Vec::new() };
     }
     if name.ends_with(".safetensors") {
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let header =
+            serde_json::from_slice(&bytes[8..8 + n]).unwrap_or_else(|e| panic!("{name}: {e}"));
         return Content { json: Some(header), bytes: bytes[8 + n..].to_vec() };
     }
     Content { json: None, bytes }
@@ -162,7 +215,8 @@ fn assert_same(dir: &Path, reference: &BTreeMap<String, Content>, what: &str) {
     let got = files(dir);
     let names = |m: &BTreeMap<String, Content>| m.keys().cloned().collect::<Vec<_>>();
     assert_eq!(names(&got), names(reference), "{what}: the files of {}", dir.display());
-    let differing: Vec<&String> = got.iter().filter(|(k, v)| reference[*k] != **v).map(|(k, _)| k).collect();
+    let differing: Vec<&String> =
+        got.iter().filter(|(k, v)| reference[*k] != **v).map(|(k, _)| k).collect();
     assert!(differing.is_empty(), "{what}: {differing:?} differ in {}", dir.display());
 }
 
@@ -204,7 +258,10 @@ fn finish_within(mut child: Child, limit: Duration, what: &str) -> Output {
         if start.elapsed() > limit {
             let _ = child.kill();
             let output = child.wait_with_output().unwrap();
-            panic!("{what} still running after {limit:?}: {}", String::from_utf8_lossy(&output.stderr));
+            panic!(
+                "{what} still running after {limit:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -225,23 +282,36 @@ fn sigkill_leaves_out_absent_or_complete() {
 
         // Kill after fixed delays, when the staging directory appears, and when its first file does.
         let mut killed_while_staging = 0;
-        for (i, when) in ["0", "5", "20", "60", "150", "staging", "staged-file"].into_iter().enumerate() {
+        for (i, when) in
+            ["0", "5", "20", "60", "150", "staging", "staged-file"].into_iter().enumerate()
+        {
             let parent = inputs.path(&format!("{stage}-kill-{i}"));
             std::fs::create_dir(&parent).unwrap();
             let out = parent.join("out");
             let mut child = inputs.spawn(stage, &out);
             match when {
-                "staging" => assert!(wait_for(|| !staging_dirs(&parent).is_empty() || out.exists())),
+                "staging" => {
+                    assert!(wait_for(|| !staging_dirs(&parent).is_empty() || out.exists()))
+                }
                 "staged-file" => assert!(wait_for(|| out.exists()
-                    || staging_dirs(&parent).iter().any(|s| std::fs::read_dir(s).is_ok_and(|mut d| d.next().is_some())))),
+                    || staging_dirs(&parent)
+                        .iter()
+                        .any(|s| std::fs::read_dir(s).is_ok_and(|mut d| d.next().is_some())))),
                 ms => std::thread::sleep(Duration::from_millis(ms.parse().unwrap())),
             }
             child.kill().unwrap();
             let status = child.wait().unwrap();
             let leftovers = staging_dirs(&parent);
             killed_while_staging += usize::from(!leftovers.is_empty());
-            eprintln!("{stage} killed at {when}: {status}, out exists: {}, staging left: {leftovers:?}", out.exists());
-            assert!(visible(&parent).iter().all(|n| n == "out"), "{stage} at {when}: {:?}", visible(&parent));
+            eprintln!(
+                "{stage} killed at {when}: {status}, out exists: {}, staging left: {leftovers:?}",
+                out.exists()
+            );
+            assert!(
+                visible(&parent).iter().all(|n| n == "out"),
+                "{stage} at {when}: {:?}",
+                visible(&parent)
+            );
             if out.exists() {
                 assert_same(&out, &reference, &format!("{stage} killed at {when}"));
             }
@@ -251,7 +321,10 @@ fn sigkill_leaves_out_absent_or_complete() {
                 assert_same(&out, &reference, &format!("{stage} rerun after a kill at {when}"));
             }
         }
-        assert!(killed_while_staging > 0, "{stage}: no kill landed while the output was being written");
+        assert!(
+            killed_while_staging > 0,
+            "{stage}: no kill landed while the output was being written"
+        );
     }
 }
 
@@ -287,25 +360,37 @@ fn a_full_disk_fails_clearly_and_leaves_nothing() {
     let disk = match Tmpfs::mount(&mount, "8k") {
         Ok(disk) => disk,
         Err(e) => {
-            eprintln!("skipped: cannot mount a tmpfs to fill ({e}); run as root to test a full disk");
+            eprintln!(
+                "skipped: cannot mount a tmpfs to fill ({e}); run as root to test a full disk"
+            );
             return;
         }
     };
     for stage in ["emulate", "correct", "merge"] {
         let fits = inputs.path(&format!("{stage}-fits"));
         assert!(inputs.run(stage, &fits).status.success());
-        let size: u64 = std::fs::read_dir(&fits).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        let size: u64 =
+            std::fs::read_dir(&fits).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
         let out = disk.0.join(stage);
         let output = inputs.run(stage, &out);
         let stderr = String::from_utf8_lossy(&output.stderr);
         if output.status.success() {
-            panic!("{stage} ({size} bytes of output) fit in 8 KiB; make the fixture output larger or the disk smaller");
+            panic!(
+                "{stage} ({size} bytes of output) fit in 8 KiB; make the fixture output larger or the disk smaller"
+            );
         }
         assert_eq!(output.status.code(), Some(1), "{stage}: a typed error, not a panic: {stderr}");
         assert!(stderr.contains("No space left on device"), "{stage}: {stderr}");
-        assert!(stderr.contains(&format!("{}", disk.0.display())), "{stage}: the path is named: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}", disk.0.display())),
+            "{stage}: the path is named: {stderr}"
+        );
         assert!(!out.exists(), "{stage}: a partial --out on a full disk");
-        assert!(staging_dirs(&disk.0).is_empty(), "{stage}: staging left: {:?}", staging_dirs(&disk.0));
+        assert!(
+            staging_dirs(&disk.0).is_empty(),
+            "{stage}: staging left: {:?}",
+            staging_dirs(&disk.0)
+        );
     }
     drop(disk);
 }
@@ -320,20 +405,30 @@ fn two_runs_on_one_out_one_wins_and_its_output_is_intact() {
         std::fs::create_dir(&parent).unwrap();
         let out = parent.join("out");
         let children = [inputs.spawn(stage, &out), inputs.spawn(stage, &out)];
-        let outputs: Vec<Output> = children.into_iter().map(|c| finish_within(c, Duration::from_secs(120), stage)).collect();
+        let outputs: Vec<Output> = children
+            .into_iter()
+            .map(|c| finish_within(c, Duration::from_secs(120), stage))
+            .collect();
         let winners = outputs.iter().filter(|o| o.status.success()).count();
         assert_eq!(winners, 1, "{stage}: exactly one run succeeds");
         let loser = outputs.iter().find(|o| !o.status.success()).unwrap();
         let stderr = String::from_utf8_lossy(&loser.stderr);
         eprintln!("{stage} race, the loser said: {stderr}");
         assert!(
-            stderr.contains("written by another process") || stderr.contains("already exists and is not empty"),
+            stderr.contains("written by another process")
+                || stderr.contains("already exists and is not empty"),
             "{stage}: {stderr}"
         );
-        assert!(stderr.contains(&out.display().to_string()), "{stage}: the path is named: {stderr}");
+        assert!(
+            stderr.contains(&out.display().to_string()),
+            "{stage}: the path is named: {stderr}"
+        );
         assert_same(&out, &files(&reference), &format!("{stage}: the winner's output"));
         assert_eq!(visible(&parent), ["out"]);
-        assert!(staging_dirs(&parent).is_empty(), "{stage}: the loser's staging directory is removed");
+        assert!(
+            staging_dirs(&parent).is_empty(),
+            "{stage}: the loser's staging directory is removed"
+        );
 
         // The rename collision itself, made certain: `out` appears while the run is staging.
         let mut collided = false;
@@ -349,10 +444,17 @@ fn two_runs_on_one_out_one_wins_and_its_output_is_intact() {
             let output = finish_within(child, Duration::from_secs(120), stage);
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert!(!output.status.success(), "{stage}: renamed onto a non-empty directory");
-            assert!(stderr.contains("written by another process") && stderr.contains(&out.display().to_string()), "{stderr}");
+            assert!(
+                stderr.contains("written by another process")
+                    && stderr.contains(&out.display().to_string()),
+                "{stderr}"
+            );
             assert_eq!(visible(&out), ["theirs"], "{stage}: the other run's output is untouched");
             assert_eq!(std::fs::read(out.join("theirs")).unwrap(), b"another run's file");
-            assert!(staging_dirs(&parent).is_empty(), "{stage}: staging removed after the failed rename");
+            assert!(
+                staging_dirs(&parent).is_empty(),
+                "{stage}: staging removed after the failed rename"
+            );
             collided = true;
             break;
         }
@@ -371,14 +473,21 @@ fn an_existing_out_with_files_is_refused_and_an_empty_one_replaced() {
         let output = inputs.run(stage, &out);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{stage} wrote into a non-empty --out");
-        assert!(stderr.contains("already exists and is not empty") && stderr.contains(&out.display().to_string()), "{stderr}");
+        assert!(
+            stderr.contains("already exists and is not empty")
+                && stderr.contains(&out.display().to_string()),
+            "{stderr}"
+        );
         assert_eq!(visible(&out), ["mine.txt"]);
         assert_eq!(std::fs::read(out.join("mine.txt")).unwrap(), b"keep me");
 
         let file = inputs.path(&format!("{stage}-file"));
         std::fs::write(&file, b"a file").unwrap();
         let output = inputs.run(stage, &file);
-        assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("is not a directory"));
+        assert!(
+            !output.status.success()
+                && String::from_utf8_lossy(&output.stderr).contains("is not a directory")
+        );
         assert_eq!(std::fs::read(&file).unwrap(), b"a file");
 
         let empty = inputs.path(&format!("{stage}-empty"));
@@ -399,10 +508,27 @@ fn an_existing_out_with_files_is_refused_and_an_empty_one_replaced() {
     std::fs::write(out.join("mine.txt"), b"keep me").unwrap();
     let args = |out: &Path| {
         let (data, out) = (data.display().to_string(), out.display().to_string());
-        emloc(&["emulate", "--model", &llama, "--data", &data, "--validation", "4", "--ratio", "0.5", "--calibration-pairs", "4", "--out", &out])
+        emloc(&[
+            "emulate",
+            "--model",
+            &llama,
+            "--data",
+            &data,
+            "--validation",
+            "4",
+            "--ratio",
+            "0.5",
+            "--calibration-pairs",
+            "4",
+            "--out",
+            &out,
+        ])
     };
     let output = args(&out);
-    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("already exists and is not empty"));
+    assert!(
+        !output.status.success()
+            && String::from_utf8_lossy(&output.stderr).contains("already exists and is not empty")
+    );
     assert_eq!(visible(&out), ["mine.txt"]);
     let fresh = inputs.path("llama-emulator");
     assert!(args(&fresh).status.success());
@@ -424,7 +550,13 @@ fn model_copy(root: &Path) -> PathBuf {
 /// the written file names and the report.
 fn merge_into(inputs: &Inputs, model: &Path, out: &Path) -> (Vec<String>, serde_json::Value) {
     let child = Command::new(env!("CARGO_BIN_EXE_emloc"))
-        .args(["merge", "--model", &model.display().to_string(), "--adapter", &inputs.arg("adapter")])
+        .args([
+            "merge",
+            "--model",
+            &model.display().to_string(),
+            "--adapter",
+            &inputs.arg("adapter"),
+        ])
         .arg("--out")
         .arg(out)
         .stderr(Stdio::piped())
@@ -439,7 +571,9 @@ fn merge_into(inputs: &Inputs, model: &Path, out: &Path) -> (Vec<String>, serde_
 
 /// The names a merge report lists as skipped.
 fn skipped(report: &serde_json::Value) -> Vec<&str> {
-    let list = report["details"]["skipped"].as_array().unwrap_or_else(|| panic!("no skipped list: {report}"));
+    let list = report["details"]["skipped"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no skipped list: {report}"));
     list.iter().map(|s| s["name"].as_str().unwrap()).collect()
 }
 
@@ -483,12 +617,21 @@ fn merge_copies_model_files_not_other_weights_or_git() {
     assert_eq!(
         written,
         [
-            "1_Pooling/config.json", "LICENSE.txt", "README.md", "config.json", "model.safetensors", "modules.json",
-            "report.json", "tokenizer.json"
+            "1_Pooling/config.json",
+            "LICENSE.txt",
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "modules.json",
+            "report.json",
+            "tokenizer.json"
         ]
     );
     assert_eq!(skipped(&report), [".git", "onnx", "original", "pytorch_model.bin"]);
-    assert_ne!(std::fs::read(out.join("model.safetensors")).unwrap(), std::fs::read(model.join("model.safetensors")).unwrap());
+    assert_ne!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(model.join("model.safetensors")).unwrap()
+    );
 }
 
 #[test]
@@ -510,7 +653,16 @@ fn merge_never_follows_symlinked_directories_or_opens_special_files() {
 
     let out = root.path().join("merged");
     let (written, report) = merge_into(&inputs, &model, &out);
-    assert_eq!(written, ["config.json", "model.safetensors", "report.json", "tokenizer.json", "tokenizer_config.json"]);
+    assert_eq!(
+        written,
+        [
+            "config.json",
+            "model.safetensors",
+            "report.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
     assert_eq!(skipped(&report), ["2_Dense", "loop", "special_tokens_map.json", "vocab.txt"]);
     let config = out.join("tokenizer_config.json");
     assert!(!config.is_symlink(), "a symlink is copied as its content");

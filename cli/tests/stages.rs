@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 use common::{emloc, fails_with, ok};
 
 const WORDS: [&str; 20] = [
-    "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue", "bird", "sings", "tree",
-    "house", "sun", "moon", "night", "day",
+    "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue",
+    "bird", "sings", "tree", "house", "sun", "moon", "night", "day",
 ];
 
 fn fixture() -> PathBuf {
@@ -30,15 +30,25 @@ fn write_data(path: &Path) {
     std::fs::write(path, lines.join("\n")).unwrap();
 }
 
-
 #[test]
 fn pipeline_stages_chain_and_merged_equals_unmerged() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).display().to_string();
     write_data(&dir.path().join("data.jsonl"));
     let model = fixture().display().to_string();
-    let common = ["--model", &model, "--data", &p("data.jsonl"), "--validation", "8", "--max-seq-length", "12"];
-    let with = |extra: &[&str]| -> Vec<String> { common.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let common = [
+        "--model",
+        &model,
+        "--data",
+        &p("data.jsonl"),
+        "--validation",
+        "8",
+        "--max-seq-length",
+        "12",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        common.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
     let run = |cmd: &str, extra: &[&str]| {
         let mut args = vec![cmd.to_string()];
         args.extend(with(extra));
@@ -49,8 +59,10 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     assert!(dir.path().join("emulator/emulator.safetensors").is_file());
     // emulator.json records what built it: the model's files and the data, by content
     // (checked against coreutils' sha256sum), and how calibration samples were drawn.
-    let description: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap()).unwrap();
+    let description: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap(),
+    )
+    .unwrap();
     let provenance = &description["provenance"];
     let sha256sum = |path: &Path| -> String {
         let out = Command::new("sha256sum").arg(path).output().expect("sha256sum runs");
@@ -61,14 +73,19 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
         .unwrap()
         .iter()
         .chain(provenance["data"].as_array().unwrap())
-        .map(|f| (f["path"].as_str().unwrap().to_string(), f["sha256"].as_str().unwrap().to_string()))
+        .map(|f| {
+            (f["path"].as_str().unwrap().to_string(), f["sha256"].as_str().unwrap().to_string())
+        })
         .collect();
     let names: Vec<&str> = files.iter().map(|(path, _)| path.rsplit('/').next().unwrap()).collect();
     assert_eq!(names, ["config.json", "model.safetensors", "data.jsonl"], "{provenance}");
     for (path, sha) in &files {
         assert_eq!(*sha, sha256sum(Path::new(path)), "{path}");
     }
-    assert_eq!(provenance["selection"], serde_json::json!({"validation": 8, "split_seed": 0, "calibration_pairs": 8}));
+    assert_eq!(
+        provenance["selection"],
+        serde_json::json!({"validation": 8, "split_seed": 0, "calibration_pairs": 8})
+    );
     // ... so it is refused beside another model (one weight bit flipped), before any work.
     let other = dir.path().join("other-model");
     std::fs::create_dir(&other).unwrap();
@@ -81,33 +98,94 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     let other = other.display().to_string();
     let refused = "the emulator was built from";
     fails_with(
-        &["finetune", "--model", &other, "--data", &p("data.jsonl"), "--validation", "8", "--max-seq-length", "12", "--emulator", &p("emulator"),
-          "--out", &p("refused")],
+        &[
+            "finetune",
+            "--model",
+            &other,
+            "--data",
+            &p("data.jsonl"),
+            "--validation",
+            "8",
+            "--max-seq-length",
+            "12",
+            "--emulator",
+            &p("emulator"),
+            "--out",
+            &p("refused"),
+        ],
         refused,
     );
-    let train = ["--steps", "4", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--warmup-steps", "1"];
+    let train = [
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--rank",
+        "2",
+        "--alpha",
+        "4",
+        "--lr",
+        "0.01",
+        "--warmup-steps",
+        "1",
+    ];
     let (emulator, adapter) = (p("emulator"), p("adapter"));
     let mut extra = vec!["--emulator", &emulator, "--checkpoint-every", "2", "--out", &adapter];
     extra.extend(train);
     run("finetune", &extra);
-    for file in ["adapter_config.json", "adapter_model.safetensors", "checkpoint-2/adapter_model.safetensors", "checkpoint-4/adapter_config.json", "report.json"] {
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "checkpoint-2/adapter_model.safetensors",
+        "checkpoint-4/adapter_config.json",
+        "report.json",
+    ] {
         assert!(dir.path().join("adapter").join(file).is_file(), "{file}");
     }
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter/report.json")).unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter/report.json")).unwrap(),
+    )
+    .unwrap();
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0, "{report}");
     // The tiny model's weights alone are ~30 KB; a training run's heap peak must exceed them.
     assert!(report["peak_heap_bytes"].as_u64().unwrap() > 30_000, "{report}");
 
     fails_with(
-        &["correct", "--model", &other, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter, "--out", &p("refused")],
+        &[
+            "correct",
+            "--model",
+            &other,
+            "--max-seq-length",
+            "12",
+            "--emulator",
+            &emulator,
+            "--adapter",
+            &adapter,
+            "--out",
+            &p("refused"),
+        ],
         refused,
     );
     assert!(!dir.path().join("refused").exists());
-    ok(&["correct", "--model", &model, "--max-seq-length", "12", "--emulator", &emulator, "--adapter", &adapter, "--out", &p("corrected")]);
+    ok(&[
+        "correct",
+        "--model",
+        &model,
+        "--max-seq-length",
+        "12",
+        "--emulator",
+        &emulator,
+        "--adapter",
+        &adapter,
+        "--out",
+        &p("corrected"),
+    ]);
     // PEFT's AutoPeftModelForFeatureExtraction needs the base model and the task type.
     for stage in ["adapter", "corrected"] {
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join(stage).join("adapter_config.json")).unwrap()).unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(stage).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(config["task_type"], "FEATURE_EXTRACTION", "{stage}: {config}");
         let canonical = std::fs::canonicalize(&model).unwrap().display().to_string();
         assert_eq!(config["base_model_name_or_path"], canonical.as_str(), "{stage}: {config}");
@@ -123,7 +201,9 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
         all.extend(args);
         serde_json::from_str(&ok(&all.iter().map(String::as_str).collect::<Vec<_>>())).unwrap()
     };
-    let merged = metrics(with(&[]).into_iter().map(|s| if s == model { merged_dir.clone() } else { s }).collect());
+    let merged = metrics(
+        with(&[]).into_iter().map(|s| if s == model { merged_dir.clone() } else { s }).collect(),
+    );
     let unmerged = metrics(with(&["--adapter", &p("corrected")]));
     let base = metrics(with(&[]));
     for m in [&merged, &unmerged, &base] {
@@ -147,18 +227,43 @@ fn bad_inputs_fail_with_a_message_and_write_nothing() {
     std::fs::write(dir.path().join("bad.jsonl"), text).unwrap();
 
     let base = ["--model", &model, "--validation", "8", "--max-seq-length", "12"];
-    let args = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let args = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
     let call = |cmd: &str, extra: &[&str], needle: &str| {
         let mut all = vec![cmd.to_string()];
         all.extend(args(extra));
         fails_with(&all.iter().map(String::as_str).collect::<Vec<_>>(), needle);
     };
-    call("emulate", &["--data", &p("bad.jsonl"), "--out", &p("e1")], "bad.jsonl:41: missing field `answer`");
-    call("emulate", &["--data", &p("data.jsonl"), "--ratio", "1.5", "--out", &p("e2")], "keep-ratio 1.5");
-    call("emulate", &["--data", &p("data.jsonl"), "--calibration-pairs", "0", "--out", &p("e3")], "--calibration-pairs 0");
-    call("finetune", &["--data", &p("data.jsonl"), "--emulator", &p("nowhere"), "--out", &p("f1")], "emulator.json");
-    call("finetune", &["--data", &p("data.jsonl"), "--batch-size", "1", "--out", &p("f2")], "batch_size must be at least 2");
-    fails_with(&["merge", "--model", &model, "--adapter", &p("nowhere"), "--out", &p("m1")], "adapter_config.json");
+    call(
+        "emulate",
+        &["--data", &p("bad.jsonl"), "--out", &p("e1")],
+        "bad.jsonl:41: missing field `answer`",
+    );
+    call(
+        "emulate",
+        &["--data", &p("data.jsonl"), "--ratio", "1.5", "--out", &p("e2")],
+        "keep-ratio 1.5",
+    );
+    call(
+        "emulate",
+        &["--data", &p("data.jsonl"), "--calibration-pairs", "0", "--out", &p("e3")],
+        "--calibration-pairs 0",
+    );
+    call(
+        "finetune",
+        &["--data", &p("data.jsonl"), "--emulator", &p("nowhere"), "--out", &p("f1")],
+        "emulator.json",
+    );
+    call(
+        "finetune",
+        &["--data", &p("data.jsonl"), "--batch-size", "1", "--out", &p("f2")],
+        "batch_size must be at least 2",
+    );
+    fails_with(
+        &["merge", "--model", &model, "--adapter", &p("nowhere"), "--out", &p("m1")],
+        "adapter_config.json",
+    );
     fails_with(&["eval", "--model", &p("nowhere")], "no config.json");
     for out in ["e1", "e2", "e3", "f1", "f2", "m1"] {
         assert!(!dir.path().join(out).exists(), "{out} must not be created by a failing command");
@@ -175,9 +280,19 @@ fn resumed_training_equals_an_uninterrupted_run_bit_for_bit() {
     // `extra` options replace the defaults of the same name (clap refuses repeated options).
     let finetune = |out: &str, extra: &[&str]| -> Output {
         let defaults = [
-            ("--model", model.as_str()), ("--data", &data), ("--validation", "8"), ("--max-seq-length", "12"),
-            ("--steps", "5"), ("--batch-size", "4"), ("--rank", "2"), ("--alpha", "4"), ("--warmup-steps", "1"),
-            ("--seed", "3"), ("--checkpoint-every", "2"), ("--lr", "0.01"), ("--out", out),
+            ("--model", model.as_str()),
+            ("--data", &data),
+            ("--validation", "8"),
+            ("--max-seq-length", "12"),
+            ("--steps", "5"),
+            ("--batch-size", "4"),
+            ("--rank", "2"),
+            ("--alpha", "4"),
+            ("--warmup-steps", "1"),
+            ("--seed", "3"),
+            ("--checkpoint-every", "2"),
+            ("--lr", "0.01"),
+            ("--out", out),
         ];
         let mut args = vec!["finetune"];
         for (flag, value) in defaults.iter().filter(|(flag, _)| !extra.contains(flag)) {
@@ -186,41 +301,65 @@ fn resumed_training_equals_an_uninterrupted_run_bit_for_bit() {
         args.extend_from_slice(extra);
         emloc(&args)
     };
-    let weights = |out: &str| std::fs::read(Path::new(out).join("adapter_model.safetensors")).unwrap();
+    let weights =
+        |out: &str| std::fs::read(Path::new(out).join("adapter_model.safetensors")).unwrap();
     let (first, second) = (p("first"), p("second"));
     assert!(finetune(&first, &[]).status.success());
     assert!(finetune(&second, &[]).status.success());
     assert!(weights(&first) == weights(&second), "the same seed twice must give the same adapter");
 
     // Interrupt `second` after step 2: only checkpoint-2 survives.
-    for name in ["checkpoint-4", "adapter_model.safetensors", "adapter_config.json", "report.json"] {
+    for name in ["checkpoint-4", "adapter_model.safetensors", "adapter_config.json", "report.json"]
+    {
         let path = dir.path().join("second").join(name);
-        if path.is_dir() { std::fs::remove_dir_all(path).unwrap() } else { std::fs::remove_file(path).unwrap() }
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).unwrap()
+        } else {
+            std::fs::remove_file(path).unwrap()
+        }
     }
     let changed = finetune(&second, &["--resume", "--lr", "0.02"]);
-    assert!(!changed.status.success() && String::from_utf8_lossy(&changed.stderr).contains("other training options"));
+    assert!(
+        !changed.status.success()
+            && String::from_utf8_lossy(&changed.stderr).contains("other training options")
+    );
     // Other inputs than the checkpoint's (by content) are refused, naming which; so is a fresh
     // run that would overwrite the checkpoints.
     let text = std::fs::read_to_string(&data).unwrap();
-    std::fs::write(p("other.jsonl"), format!("{text}\n{}\n", text.lines().next().unwrap())).unwrap();
+    std::fs::write(p("other.jsonl"), format!("{text}\n{}\n", text.lines().next().unwrap()))
+        .unwrap();
     let refused = |extra: &[&str], needle: &str| {
         let out = finetune(&second, extra);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains(needle), "expected `{needle}` in: {stderr}");
+        assert!(
+            !out.status.success() && stderr.contains(needle),
+            "expected `{needle}` in: {stderr}"
+        );
     };
-    refused(&["--resume", "--data", &p("other.jsonl")], "resuming on other inputs than the checkpoint's: --data");
+    refused(
+        &["--resume", "--data", &p("other.jsonl")],
+        "resuming on other inputs than the checkpoint's: --data",
+    );
     refused(&["--resume", "--split-seed", "1"], "the data split");
     refused(&[], "pass --resume to continue it");
     let resumed = finetune(&second, &["--resume"]);
     assert!(resumed.status.success());
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("(step 2)"));
-    assert!(weights(&first) == weights(&second), "a resumed run must end where an uninterrupted one does");
-    assert!(!finetune(&p("empty"), &["--resume"]).status.success(), "--resume without a checkpoint fails");
+    assert!(
+        weights(&first) == weights(&second),
+        "a resumed run must end where an uninterrupted one does"
+    );
+    assert!(
+        !finetune(&p("empty"), &["--resume"]).status.success(),
+        "--resume without a checkpoint fails"
+    );
 
     // A longer --steps extends the run from its latest checkpoint; a shorter one than that
     // checkpoint is refused.
     let extended = finetune(&second, &["--resume", "--steps", "7"]);
-    assert!(extended.status.success() && String::from_utf8_lossy(&extended.stderr).contains("(step 4)"));
+    assert!(
+        extended.status.success() && String::from_utf8_lossy(&extended.stderr).contains("(step 4)")
+    );
     assert!(Path::new(&second).join("checkpoint-6/trainer_state.json").is_file());
     refused(&["--resume", "--steps", "3"], "past --steps 3");
 }
@@ -233,17 +372,49 @@ fn killing_a_run_midway_loses_nothing_and_resume_finishes_it() {
     let (model, data) = (fixture().display().to_string(), p("data.jsonl"));
     let args = |out: &str| -> Vec<String> {
         [
-            "finetune", "--model", &model, "--data", &data, "--validation", "8", "--max-seq-length", "12", "--steps",
-            "40", "--batch-size", "4", "--rank", "2", "--alpha", "4", "--lr", "0.01", "--warmup-steps", "2",
-            "--seed", "5", "--checkpoint-every", "1", "--out", out,
+            "finetune",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--validation",
+            "8",
+            "--max-seq-length",
+            "12",
+            "--steps",
+            "40",
+            "--batch-size",
+            "4",
+            "--rank",
+            "2",
+            "--alpha",
+            "4",
+            "--lr",
+            "0.01",
+            "--warmup-steps",
+            "2",
+            "--seed",
+            "5",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            out,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect()
     };
-    let weights = |out: &str| std::fs::read(Path::new(out).join("adapter_model.safetensors")).unwrap();
+    let weights =
+        |out: &str| std::fs::read(Path::new(out).join("adapter_model.safetensors")).unwrap();
     let reference = p("reference");
-    assert!(Command::new(env!("CARGO_BIN_EXE_emloc")).args(args(&reference)).output().unwrap().status.success());
+    assert!(
+        Command::new(env!("CARGO_BIN_EXE_emloc"))
+            .args(args(&reference))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
 
     // SIGKILL the same run part-way through; no cleanup code of ours runs.
     let killed = p("killed");
@@ -263,8 +434,16 @@ fn killing_a_run_midway_loses_nothing_and_resume_finishes_it() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("checkpoint-") {
             checkpoints += 1;
-            for file in ["adapter_config.json", "adapter_model.safetensors", "optimizer.bpk", "trainer_state.json"] {
-                assert!(entry.path().join(file).is_file(), "{name}/{file} missing: a checkpoint was half written");
+            for file in [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "optimizer.bpk",
+                "trainer_state.json",
+            ] {
+                assert!(
+                    entry.path().join(file).is_file(),
+                    "{name}/{file} missing: a checkpoint was half written"
+                );
             }
         }
     }
@@ -275,9 +454,19 @@ fn killing_a_run_midway_loses_nothing_and_resume_finishes_it() {
         if checkpoints > 0 {
             again.push("--resume".into());
         }
-        assert!(Command::new(env!("CARGO_BIN_EXE_emloc")).args(again).output().unwrap().status.success());
+        assert!(
+            Command::new(env!("CARGO_BIN_EXE_emloc"))
+                .args(again)
+                .output()
+                .unwrap()
+                .status
+                .success()
+        );
     }
-    assert!(weights(&killed) == weights(&reference), "the finished run must equal the uninterrupted one");
+    assert!(
+        weights(&killed) == weights(&reference),
+        "the finished run must equal the uninterrupted one"
+    );
 }
 
 #[test]
@@ -302,33 +491,19 @@ fn bench_memory_measures_every_phase_in_its_own_process() {
         "--calibration-sequences",
         "3",
     ];
-    let mut args = vec![
-        "bench-memory",
-        "--model-kind",
-        "llama",
-        "--batch-size",
-        "2",
-        "--steps",
-        "4",
-        "--out",
-    ];
+    let mut args =
+        vec!["bench-memory", "--model-kind", "llama", "--batch-size", "2", "--steps", "4", "--out"];
     let out_arg = out.display().to_string();
     args.push(&out_arg);
     args.extend(tiny_llama);
     let table = ok(&args);
-    assert!(
-        table.contains("| LoRA fine-tuning on the emulator |"),
-        "{table}"
-    );
+    assert!(table.contains("| LoRA fine-tuning on the emulator |"), "{table}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let phases = report["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 4);
     for phase in phases {
-        assert!(
-            phase["peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
-            "{phase}"
-        );
+        assert!(phase["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{phase}");
         assert!(phase["peak_heap_bytes"].as_u64().unwrap() > 0, "{phase}");
     }
     // Both fine-tuning phases really train (one fixed batch: the loss must fall).
@@ -340,10 +515,7 @@ fn bench_memory_measures_every_phase_in_its_own_process() {
     let emulator: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("emulator/emulator.json")).unwrap())
             .unwrap();
-    assert_eq!(
-        emulator["report"]["layers"].as_array().unwrap().len(),
-        2 * 7
-    );
+    assert_eq!(emulator["report"]["layers"].as_array().unwrap().len(), 2 * 7);
 
     // MiniLM's path on the tiny BERT fixture, and bad input before any work.
     write_data(&dir.path().join("data.jsonl"));
@@ -364,22 +536,11 @@ fn bench_memory_measures_every_phase_in_its_own_process() {
         "--calibration-pairs",
         "8",
     ];
-    let mut args = vec![
-        "bench-memory",
-        "--batch-size",
-        "4",
-        "--steps",
-        "2",
-        "--out",
-        &bert_out,
-    ];
+    let mut args = vec!["bench-memory", "--batch-size", "4", "--steps", "2", "--out", &bert_out];
     args.extend(common);
     ok(&args);
     assert!(Path::new(&bert_out).join("report.json").is_file());
-    fails_with(
-        &["bench-memory", "--ratio", "1.5", "--out", &bert_out],
-        "--ratio 1.5",
-    );
+    fails_with(&["bench-memory", "--ratio", "1.5", "--out", &bert_out], "--ratio 1.5");
 }
 
 #[test]
@@ -392,8 +553,24 @@ fn plan_measure_builds_and_fine_tunes_the_plan_in_child_processes() {
         dir.path().join("rules.json").display().to_string(),
     );
     let table = ok(&[
-        "plan", "--model", &model, "--data", &data, "--validation", "8", "--calibration-pairs", "8", "--seq-len", "12", "--max-seq-length", "12",
-        "--batch", "4", "--out", &rules, "--measure",
+        "plan",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--validation",
+        "8",
+        "--calibration-pairs",
+        "8",
+        "--seq-len",
+        "12",
+        "--max-seq-length",
+        "12",
+        "--batch",
+        "4",
+        "--out",
+        &rules,
+        "--measure",
     ]);
     assert!(table.contains("| fine-tuning the global plan |"), "{table}");
     // The measured emulator is the plan's: its layers have the ranks the rules file gives.
@@ -401,23 +578,15 @@ fn plan_measure_builds_and_fine_tunes_the_plan_in_child_processes() {
         &std::fs::read_to_string(dir.path().join("rules.measured/emulator/emulator.json")).unwrap(),
     )
     .unwrap();
-    let rules: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
+    let rules: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
     assert_eq!(emulator["config"]["rules"], rules["rules"]);
 }
 
 #[test]
 fn bench_layer_times_both_variants() {
-    let table = ok(&[
-        "bench-layer",
-        "--d-in",
-        "48",
-        "--d-out",
-        "40",
-        "--tokens",
-        "30",
-        "--repeats",
-        "3",
-    ]);
+    let table =
+        ok(&["bench-layer", "--d-in", "48", "--d-out", "40", "--tokens", "30", "--repeats", "3"]);
     assert!(
         table.contains("| dense frozen layer + LoRA |")
             && table.contains("| emulator layer (ρ 0.4, rank 8) + LoRA |"),
@@ -425,7 +594,19 @@ fn bench_layer_times_both_variants() {
     );
     // Burn's default device: wgpu in the test build, so the emulator layer runs the fused kernel.
     let output = Command::new(env!("CARGO_BIN_EXE_emloc"))
-        .args(["bench-layer", "--device", "auto", "--d-in", "48", "--d-out", "40", "--tokens", "30", "--repeats", "1"])
+        .args([
+            "bench-layer",
+            "--device",
+            "auto",
+            "--d-in",
+            "48",
+            "--d-out",
+            "40",
+            "--tokens",
+            "30",
+            "--repeats",
+            "1",
+        ])
         .env("BURN_DEVICE", "wgpu")
         .output()
         .unwrap();

@@ -65,7 +65,10 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<ClassificationData> {
             let Some(choices) = choices.as_array() else {
                 return Err(format!("`choices` must be an array of strings, found {choices}"));
             };
-            let choices = choices.iter().map(|c| nonblank_string(Some(c), "choices")).collect::<std::result::Result<Vec<_>, _>>()?;
+            let choices = choices
+                .iter()
+                .map(|c| nonblank_string(Some(c), "choices"))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
             if !choices.contains(&label) {
                 return Err(format!("label `{label}` is not one of its `choices` {choices:?}"));
             }
@@ -81,7 +84,10 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<ClassificationData> {
     let labels: Vec<String> = labels.into_iter().collect();
     let examples = raw
         .into_iter()
-        .map(|(input, label)| LabeledText { label: labels.binary_search(&label).expect("collected above"), input })
+        .map(|(input, label)| LabeledText {
+            label: labels.binary_search(&label).expect("collected above"),
+            input,
+        })
         .collect();
     Ok(ClassificationData { labels, examples })
 }
@@ -119,10 +125,15 @@ impl ClassificationTask {
     /// (every label would get the same description), or a scale that is not positive.
     pub fn new(labels: Vec<String>, template: &str, scale: f64) -> Result<Self> {
         if labels.len() < 2 {
-            return Err(ModelError::InvalidInput(format!("{} labels: classification needs at least two", labels.len())));
+            return Err(ModelError::InvalidInput(format!(
+                "{} labels: classification needs at least two",
+                labels.len()
+            )));
         }
         if !template.contains("{label}") {
-            return Err(ModelError::InvalidInput(format!("label template `{template}` has no `{{label}}`")));
+            return Err(ModelError::InvalidInput(format!(
+                "label template `{template}` has no `{{label}}`"
+            )));
         }
         if !(scale.is_finite() && scale > 0.0) {
             return Err(ModelError::InvalidInput(format!("logit scale {scale} must be positive")));
@@ -188,7 +199,10 @@ pub fn classification_metrics(
         }
     }
     if let Some(t) = targets.iter().find(|&&t| t >= task.labels.len()) {
-        return Err(ModelError::InvalidInput(format!("target {t} is not a label index (there are {})", task.labels.len())));
+        return Err(ModelError::InvalidInput(format!(
+            "target {t} is not a label index (there are {})",
+            task.labels.len()
+        )));
     }
     let classes = task.labels.len();
     let mut confusion = vec![vec![0usize; classes]; classes];
@@ -198,16 +212,24 @@ pub fn classification_metrics(
             .iter()
             .map(|d| {
                 assert_eq!(d.len(), sentence.len(), "embedding widths differ");
-                task.scale * sentence.iter().zip(d).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>()
+                task.scale
+                    * sentence
+                        .iter()
+                        .zip(d)
+                        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                        .sum::<f64>()
             })
             .collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         // Ties go against the target: the first other label at the maximum wins.
-        let predicted = if scores[target] == max && scores.iter().filter(|&&s| s == max).count() == 1 {
-            target
-        } else {
-            (0..classes).find(|&c| c != target && scores[c] == max).expect("some label attains the maximum")
-        };
+        let predicted =
+            if scores[target] == max && scores.iter().filter(|&&s| s == max).count() == 1 {
+                target
+            } else {
+                (0..classes)
+                    .find(|&c| c != target && scores[c] == max)
+                    .expect("some label attains the maximum")
+            };
         confusion[target][predicted] += 1;
         loss += scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln() + max - scores[target];
     }
@@ -263,7 +285,12 @@ pub fn evaluate(
 /// - `sentences`: `[batch, d]`, `descriptions`: `[classes, d]`, unit-norm rows
 /// - `targets`: `[batch]`, class indices
 /// - output: `[1]`
-pub fn classification_loss(sentences: Tensor<2>, descriptions: Tensor<2>, targets: Tensor<1, Int>, scale: f64) -> Tensor<1> {
+pub fn classification_loss(
+    sentences: Tensor<2>,
+    descriptions: Tensor<2>,
+    targets: Tensor<1, Int>,
+    scale: f64,
+) -> Tensor<1> {
     let batch = sentences.dims()[0];
     let scores = sentences.matmul(descriptions.transpose()).mul_scalar(scale);
     let log_probs = log_softmax(scores, 1);
@@ -296,7 +323,8 @@ pub fn finetune(
         let encoded = encoder.tokenize(&inputs)?;
         let tokens = encoded.iter().map(|e| e.ids.len()).sum::<usize>() + description_tokens;
         let targets: Vec<i64> = indices.iter().map(|&i| examples[i].label as i64).collect();
-        let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [indices.len()]), &train_device);
+        let targets =
+            Tensor::<1, Int>::from_data(TensorData::new(targets, [indices.len()]), &train_device);
         let s = encoder.forward_with(model, encoder.batch(&encoded).to_device(&train_device));
         let d = encoder.forward_with(model, encoder.batch(&described).to_device(&train_device));
         Ok((classification_loss(s, d, targets, task.scale), tokens))
@@ -309,7 +337,8 @@ mod tests {
     use super::*;
 
     fn task(labels: &[&str]) -> ClassificationTask {
-        ClassificationTask::new(labels.iter().map(|s| s.to_string()).collect(), "{label}", 20.0).unwrap()
+        ClassificationTask::new(labels.iter().map(|s| s.to_string()).collect(), "{label}", 20.0)
+            .unwrap()
     }
 
     #[test]
@@ -318,7 +347,13 @@ mod tests {
         let text = "{\"input\": \"good\", \"label\": \"pos\", \"choices\": [\"pos\", \"neg\", \"mixed\"]}\n\n{\"input\": \"bad\", \"label\": \"neg\"}\n";
         let data = parse_jsonl(text, path).unwrap();
         assert_eq!(data.labels, ["mixed", "neg", "pos"]);
-        assert_eq!(data.examples, [LabeledText { input: "good".into(), label: 2 }, LabeledText { input: "bad".into(), label: 1 }]);
+        assert_eq!(
+            data.examples,
+            [
+                LabeledText { input: "good".into(), label: 2 },
+                LabeledText { input: "bad".into(), label: 1 }
+            ]
+        );
         let good = r#"{"input": "a", "label": "x"}"#;
         let cases = [
             (format!("{good}\nnot json\n"), 2, "invalid JSON"),
@@ -326,8 +361,16 @@ mod tests {
             (r#"{"input": 3, "label": "x"}"#.to_string(), 1, "must be a string"),
             (r#"{"input": "a", "label": " "}"#.to_string(), 1, "is empty"),
             (r#"{"input": "a", "label": "x", "choices": "x"}"#.to_string(), 1, "array of strings"),
-            (r#"{"input": "a", "label": "x", "choices": ["y", 2]}"#.to_string(), 1, "must be a string"),
-            (r#"{"input": "a", "label": "x", "choices": ["y", "z"]}"#.to_string(), 1, "not one of its `choices`"),
+            (
+                r#"{"input": "a", "label": "x", "choices": ["y", 2]}"#.to_string(),
+                1,
+                "must be a string",
+            ),
+            (
+                r#"{"input": "a", "label": "x", "choices": ["y", "z"]}"#.to_string(),
+                1,
+                "not one of its `choices`",
+            ),
             (format!("{good}\n{good}\n"), 0, "fewer than two labels"),
             ("\n".to_string(), 0, "no input/label examples"),
         ];
@@ -346,7 +389,8 @@ mod tests {
 
     #[test]
     fn task_validates_its_template_and_scale() {
-        let t = ClassificationTask::new(vec!["a".into(), "b".into()], "it is {label}.", 5.0).unwrap();
+        let t =
+            ClassificationTask::new(vec!["a".into(), "b".into()], "it is {label}.", 5.0).unwrap();
         assert_eq!(t.descriptions, ["it is a.", "it is b."]);
         assert!(ClassificationTask::new(vec!["a".into(), "b".into()], "same", 5.0).is_err());
         assert!(ClassificationTask::new(vec!["a".into()], "{label}", 5.0).is_err());
@@ -357,14 +401,21 @@ mod tests {
     fn metrics_match_a_hand_computed_confusion_matrix() {
         // Three classes along the axes; sentences point at the class they are predicted as.
         let d = vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0]];
-        let s = vec![vec![1.0, 0.0, 0.0], vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0], vec![0.0, 1.0, 0.0]];
+        let s = vec![
+            vec![1.0, 0.0, 0.0],
+            vec![1.0, 0.0, 0.0],
+            vec![0.0, 1.0, 0.0],
+            vec![0.0, 0.0, 1.0],
+            vec![0.0, 1.0, 0.0],
+        ];
         let targets = [0, 1, 1, 1, 2];
         // Confusion (row target, column predicted): [1 0 0; 1 1 1; 0 1 0].
         let m = classification_metrics(&s, &targets, &d, &task(&["a", "b", "c"])).unwrap();
         assert_eq!(m.accuracy, 2.0 / 5.0);
         let f1 = [2.0 * 1.0 / (1.0 + 2.0), 2.0 * 1.0 / (3.0 + 2.0), 0.0];
         assert!((m.macro_f1 - f1.iter().sum::<f64>() / 3.0).abs() < 1e-12, "{}", m.macro_f1);
-        let counts: Vec<(usize, usize, usize)> = m.per_class.iter().map(|c| (c.support, c.predicted, c.correct)).collect();
+        let counts: Vec<(usize, usize, usize)> =
+            m.per_class.iter().map(|c| (c.support, c.predicted, c.correct)).collect();
         assert_eq!(counts, [(1, 2, 1), (3, 2, 1), (1, 1, 0)]);
         // Right: ln(1 + 2e^-20); wrong: ln(1 + 2e^-20) + 20.
         let right = (1.0 + 2.0 * (-20.0f64).exp()).ln();
@@ -374,13 +425,23 @@ mod tests {
     #[test]
     fn ties_count_against_the_target_and_nan_is_an_error() {
         let d = vec![vec![1.0, 0.0], vec![1.0, 0.0]];
-        let m = classification_metrics(&[vec![1.0, 0.0], vec![1.0, 0.0]], &[0, 1], &d, &task(&["a", "b"])).unwrap();
+        let m = classification_metrics(
+            &[vec![1.0, 0.0], vec![1.0, 0.0]],
+            &[0, 1],
+            &d,
+            &task(&["a", "b"]),
+        )
+        .unwrap();
         assert_eq!(m.accuracy, 0.0);
         assert_eq!(m.macro_f1, 0.0);
-        let e = classification_metrics(&[vec![f32::NAN, 0.0]], &[0], &d, &task(&["a", "b"])).unwrap_err().to_string();
+        let e = classification_metrics(&[vec![f32::NAN, 0.0]], &[0], &d, &task(&["a", "b"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sentence 0") && e.contains("NaN"), "{e}");
         let bad = vec![vec![1.0, 0.0], vec![f32::INFINITY, 0.0]];
-        let e = classification_metrics(&[vec![1.0, 0.0]], &[0], &bad, &task(&["a", "b"])).unwrap_err().to_string();
+        let e = classification_metrics(&[vec![1.0, 0.0]], &[0], &bad, &task(&["a", "b"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("label description 1"), "{e}");
         assert!(classification_metrics(&[vec![1.0, 0.0]], &[2], &d, &task(&["a", "b"])).is_err());
     }
@@ -400,7 +461,13 @@ mod tests {
         let loss = f64::from(loss.into_scalar::<f32>());
         let mut expected = 0.0;
         for (si, &t) in s.iter().zip(&targets) {
-            let z: Vec<f64> = d.iter().map(|dj| 10.0 * (f64::from(si[0]) * f64::from(dj[0]) + f64::from(si[1]) * f64::from(dj[1]))).collect();
+            let z: Vec<f64> = d
+                .iter()
+                .map(|dj| {
+                    10.0 * (f64::from(si[0]) * f64::from(dj[0])
+                        + f64::from(si[1]) * f64::from(dj[1]))
+                })
+                .collect();
             expected += z.iter().map(|v| v.exp()).sum::<f64>().ln() - z[t as usize];
         }
         expected /= 2.0;

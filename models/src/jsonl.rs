@@ -21,8 +21,13 @@ pub(crate) fn parse_records<T>(
         if line.trim().is_empty() {
             continue;
         }
-        let error = |message: String| ModelError::Data { path: path.to_path_buf(), line: index + 1, message };
-        let value: Value = serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
+        let error = |message: String| ModelError::Data {
+            path: path.to_path_buf(),
+            line: index + 1,
+            message,
+        };
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| error(format!("invalid JSON: {e}")))?;
         records.push(record(&value).map_err(error)?);
     }
     if records.is_empty() {
@@ -32,7 +37,10 @@ pub(crate) fn parse_records<T>(
 }
 
 /// The string field `name` of `value`, which must be present and not blank.
-pub(crate) fn nonblank_string(value: Option<&Value>, name: &str) -> std::result::Result<String, String> {
+pub(crate) fn nonblank_string(
+    value: Option<&Value>,
+    name: &str,
+) -> std::result::Result<String, String> {
     match value {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
         Some(Value::String(_)) => Err(format!("`{name}` is empty")),

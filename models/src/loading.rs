@@ -97,7 +97,9 @@ pub fn check_sizes(
     }
     for &(name, value, divisor_name, divisor) in multiples {
         if divisor == 0 || !value.is_multiple_of(divisor) {
-            return Err(format!("`{name}` {value} is not a multiple of `{divisor_name}` {divisor}"));
+            return Err(format!(
+                "`{name}` {value} is not a multiple of `{divisor_name}` {divisor}"
+            ));
         }
     }
     Ok(())
@@ -315,9 +317,12 @@ impl Checkpoint {
         .collect();
         // Skipped parameters: their keys are renamed out of the model's namespace, so the
         // loader finds no parameter for them and never reads their bytes.
-        let skip_rules = skip.iter().map(|p| (format!("^{}$", regex::escape(p)), format!("{SKIPPED_PREFIX}{p}")));
-        let remapper = KeyRemapper::from_patterns(mapping.to_burn.iter().cloned().chain(skip_rules).collect())
-            .map_err(|e| ModelError::InvalidInput(format!("key mapping: {e}")))?;
+        let skip_rules = skip
+            .iter()
+            .map(|p| (format!("^{}$", regex::escape(p)), format!("{SKIPPED_PREFIX}{p}")));
+        let remapper =
+            KeyRemapper::from_patterns(mapping.to_burn.iter().cloned().chain(skip_rules).collect())
+                .map_err(|e| ModelError::InvalidInput(format!("key mapping: {e}")))?;
 
         // Module path -> checkpoint key, for reporting; two keys onto one path is an error.
         let mut original: BTreeMap<String, String> = BTreeMap::new();
@@ -379,8 +384,12 @@ impl Checkpoint {
                 unexpected.push(key);
             }
         }
-        let missing: Vec<String> =
-            missing.unwrap_or_default().iter().filter(|p| !skip.contains(*p)).map(|p| name(p)).collect();
+        let missing: Vec<String> = missing
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| !skip.contains(*p))
+            .map(|p| name(p))
+            .collect();
         if !missing.is_empty() || !unexpected.is_empty() || !invalid.is_empty() {
             return Err(ModelError::KeyMismatch { path: self.path, missing, unexpected, invalid });
         }

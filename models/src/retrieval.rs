@@ -18,8 +18,8 @@ use crate::bert::{BertModel, Encoded, SentenceEncoder};
 use crate::error::{ModelError, Result};
 use crate::jsonl::{nonblank_string, parse_records};
 use crate::training::rng;
-pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport, batch_order};
 use crate::training::train;
+pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport, batch_order};
 
 /// One question with its worked answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,7 +152,11 @@ pub fn retrieval_metrics(queries: &[Vec<f32>], documents: &[Vec<f32>]) -> Result
 ///
 /// # Errors
 /// As [`SentenceEncoder::embed`]; [`ModelError::InvalidInput`] if `pairs` is empty.
-pub fn evaluate(encoder: &SentenceEncoder, model: &BertModel, pairs: &[QaPair]) -> Result<RetrievalMetrics> {
+pub fn evaluate(
+    encoder: &SentenceEncoder,
+    model: &BertModel,
+    pairs: &[QaPair],
+) -> Result<RetrievalMetrics> {
     if pairs.is_empty() {
         return Err(ModelError::InvalidInput("no pairs to evaluate".into()));
     }
@@ -208,7 +212,9 @@ pub fn finetune(
     on_step: impl FnMut(&StepInfo, &BertModel, &ModuleOptimizer),
 ) -> Result<(BertModel, TrainReport)> {
     if config.batch_size < 2 {
-        return Err(ModelError::InvalidInput("training config: batch_size must be at least 2 (in-batch negatives)".into()));
+        return Err(ModelError::InvalidInput(
+            "training config: batch_size must be at least 2 (in-batch negatives)".into(),
+        ));
     }
     let train_device: Device = encoder.device().clone().autodiff();
     let loss_of = |model: &BertModel, indices: &[usize]| {
@@ -262,7 +268,8 @@ mod tests {
     fn split_is_a_deterministic_partition() {
         let s = split(pairs(50), 10, 3).unwrap();
         assert_eq!((s.validation.len(), s.train.len()), (10, 40));
-        let mut all: Vec<String> = s.train.iter().chain(&s.validation).map(|p| p.question.clone()).collect();
+        let mut all: Vec<String> =
+            s.train.iter().chain(&s.validation).map(|p| p.question.clone()).collect();
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 50);
@@ -313,7 +320,8 @@ mod tests {
         let qs = [[1.0f64, 0.0], [0.0, 1.0], [0.6, 0.8]];
         let mut expected = 0.0;
         for (i, qi) in qs.iter().enumerate() {
-            let s: Vec<f64> = raw.iter().map(|aj| 20.0 * (qi[0] * aj[0] as f64 + qi[1] * aj[1] as f64)).collect();
+            let s: Vec<f64> =
+                raw.iter().map(|aj| 20.0 * (qi[0] * aj[0] as f64 + qi[1] * aj[1] as f64)).collect();
             let lse = s.iter().map(|v| v.exp()).sum::<f64>().ln();
             expected += lse - s[i];
         }

@@ -4,8 +4,8 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use emloc::nn::{Linear, LinearConfig};

@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::optim::{
+    AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord,
+};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -193,8 +195,10 @@ pub fn train<M: Module>(
         optim = optim.load_record(resume.optimizer);
     }
     let started = Instant::now();
-    let mut report = TrainReport { first_loss: f64::NAN, last_loss: f64::NAN, tokens: 0, seconds: 0.0 };
-    for (step, micro_batches) in order.chunks(config.grad_accumulation).enumerate().skip(completed) {
+    let mut report =
+        TrainReport { first_loss: f64::NAN, last_loss: f64::NAN, tokens: 0, seconds: 0.0 };
+    for (step, micro_batches) in order.chunks(config.grad_accumulation).enumerate().skip(completed)
+    {
         let step_started = Instant::now();
         // Dropout draws from the device RNG: reseeding it from (seed, step) makes every step's
         // masks a function of the step alone, so a resumed run matches an uninterrupted one.
@@ -210,7 +214,10 @@ pub fn train<M: Module>(
             accumulator.accumulate(&model, grads);
         }
         if !loss_sum.is_finite() {
-            return Err(ModelError::InvalidInput(format!("the loss became {loss_sum} at step {}", step + 1)));
+            return Err(ModelError::InvalidInput(format!(
+                "the loss became {loss_sum} at step {}",
+                step + 1
+            )));
         }
         let lr = config.learning_rate(step);
         model = optim.step(lr, model, accumulator.grads());
@@ -219,7 +226,13 @@ pub fn train<M: Module>(
         }
         report.last_loss = loss_sum;
         report.tokens += tokens;
-        let info = StepInfo { step: step + 1, loss: loss_sum, lr, tokens, seconds: step_started.elapsed().as_secs_f64() };
+        let info = StepInfo {
+            step: step + 1,
+            loss: loss_sum,
+            lr,
+            tokens,
+            seconds: step_started.elapsed().as_secs_f64(),
+        };
         on_step(&info, &model, &optim);
     }
     report.seconds = started.elapsed().as_secs_f64();

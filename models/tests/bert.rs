@@ -22,7 +22,6 @@ use serde_json::Value;
 /// the f32 forward pass on the CPU is within 1e-6).
 const TOL: f32 = 1e-5;
 
-
 fn tiny_dir() -> PathBuf {
     fixtures().join("tiny_bert")
 }
@@ -35,7 +34,6 @@ fn device() -> Device {
     Device::default()
 }
 
-
 fn int_tensor(v: &Value, device: &Device) -> Tensor<2, Int> {
     let rows = v.as_array().unwrap();
     let cols = rows[0].as_array().unwrap().len();
@@ -45,8 +43,6 @@ fn int_tensor(v: &Value, device: &Device) -> Tensor<2, Int> {
         .collect();
     Tensor::from_data(TensorData::new(data, [rows.len(), cols]), device)
 }
-
-
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     assert_within(what, got, want, TOL);
@@ -146,9 +142,6 @@ fn tiny_sentence_encoder_matches_reference() {
 
 // ------------------------------------------------------------------------ checkpoint variants
 
-
-
-
 /// The fixture checkpoint as `(key, dtype, shape, bytes)`.
 fn fixture_tensors() -> Tensors {
     read_tensors(&tiny_dir().join("model.safetensors"))
@@ -228,7 +221,6 @@ fn tiny_bert_loads_sharded_half_precision_with_bert_prefix() {
     assert_eq!(weight.dtype(), burn::tensor::DType::F32);
     check_against_reference(&model);
 }
-
 
 #[test]
 fn missing_keys_are_listed() {
@@ -390,37 +382,19 @@ fn emulator_loads_without_reading_the_weights_it_replaces() {
     )
     .unwrap();
     let saved = tempfile::tempdir().unwrap();
-    emloc::save_emulator(
-        &emulator,
-        &emloc::EmulatorDescription::new(config, report),
-        saved.path(),
-    )
-    .unwrap();
+    emloc::save_emulator(&emulator, &emloc::EmulatorDescription::new(config, report), saved.path())
+        .unwrap();
 
     let description = emloc::read_emulator_description(saved.path()).unwrap();
-    let skip: std::collections::BTreeSet<String> = description
-        .report
-        .layers
-        .iter()
-        .map(|l| format!("{}.weight", l.path))
-        .collect();
+    let skip: std::collections::BTreeSet<String> =
+        description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
     let (skeleton, _, load) = BertModel::load_skipping(tiny_dir(), &device, &skip).unwrap();
     // The skipped weights were neither read nor materialised; everything else was loaded.
     assert_eq!(load.skipped.len(), skip.len());
     let query = &skeleton.encoder.layer[0].attention.self_attn.query;
-    assert!(
-        !query.weight.is_initialized(),
-        "a skipped weight was materialised"
-    );
-    assert!(
-        query.bias.as_ref().unwrap().is_initialized(),
-        "the bias must still be loaded"
-    );
-    assert_eq!(
-        query.d_input(),
-        16,
-        "reading the shape must not materialise the weight"
-    );
+    assert!(!query.weight.is_initialized(), "a skipped weight was materialised");
+    assert!(query.bias.as_ref().unwrap().is_initialized(), "the bias must still be loaded");
+    assert_eq!(query.d_input(), 16, "reading the shape must not materialise the weight");
     assert!(!query.weight.is_initialized());
     let (lean, _) = emloc::load_emulator(skeleton, saved.path()).unwrap();
 
@@ -433,10 +407,7 @@ fn emulator_loads_without_reading_the_weights_it_replaces() {
         values(emulator.forward(tiny_input(&device)).last_hidden_state),
     );
     assert_eq!(a, b, "lean and full loading must give identical emulators");
-    assert_eq!(
-        a, c,
-        "a reloaded emulator must compute what the built one did"
-    );
+    assert_eq!(a, c, "a reloaded emulator must compute what the built one did");
 }
 
 // ------------------------------------------------------------------------- real checkpoint

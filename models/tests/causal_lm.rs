@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::*;
 use emloc_models::causal_lm::{
-    Choices, EvalConfig, Example, Prompt, Tokenized, completion_loss, evaluate, finetune, load_causal_lm, row_nll,
+    Choices, EvalConfig, Example, Prompt, Tokenized, completion_loss, evaluate, finetune,
+    load_causal_lm, row_nll,
 };
 use emloc_models::training::TrainConfig;
 use serde_json::Value;
@@ -30,12 +31,23 @@ fn log_softmax(row: &[f64]) -> Vec<f64> {
 fn completion_loss_matches_the_float64_reference_with_masking_and_padding() {
     let expected = read_expected("tiny_llama_transformers.json");
     let rows: Vec<Vec<u32>> = expected["input_ids"].as_array().unwrap().iter().map(ids).collect();
-    let shape: Vec<usize> = expected["logits"]["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let values: Vec<f64> = expected["logits"]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let shape: Vec<usize> = expected["logits"]["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let values: Vec<f64> = expected["logits"]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let (seq, vocab) = (shape[1], shape[2]);
     let logit_row = |b: usize, t: usize| &values[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
 
-    let lm = load_causal_lm(&fixtures().join("tiny_llama"), &Device::flex(), &BTreeSet::new()).unwrap();
+    let lm =
+        load_causal_lm(&fixtures().join("tiny_llama"), &Device::flex(), &BTreeSet::new()).unwrap();
     // Row 0: prompt of 3 tokens, completion of 5 (the whole row); row 1: prompt of 2, completion
     // of 4, cut at 6 tokens so the batch is right-padded (causal attention keeps the cut away).
     let items = [
@@ -59,7 +71,8 @@ fn completion_loss_matches_the_float64_reference_with_masking_and_padding() {
         assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "row nll {got} vs {want}");
     }
     let loss = f64::from(completion_loss(&lm.model, &batch).into_scalar::<f32>());
-    let mean = reference.iter().map(|r| r.0).sum::<f64>() / reference.iter().map(|r| r.1).sum::<usize>() as f64;
+    let mean = reference.iter().map(|r| r.0).sum::<f64>()
+        / reference.iter().map(|r| r.1).sum::<usize>() as f64;
     assert!((loss - mean).abs() < 1e-4 * mean.max(1.0), "loss {loss} vs {mean}");
 }
 
@@ -67,23 +80,31 @@ fn example(prompt: &str, target: &str, options: Option<(&[&str], usize)>) -> Exa
     Example {
         prompt: Prompt::Text(prompt.into()),
         targets: vec![target.into()],
-        choices: options.map(|(o, answer)| Choices { options: o.iter().map(|s| s.to_string()).collect(), answer }),
+        choices: options.map(|(o, answer)| Choices {
+            options: o.iter().map(|s| s.to_string()).collect(),
+            answer,
+        }),
     }
 }
 
 #[test]
 fn choice_accuracy_and_loss_follow_full_sequence_likelihoods() {
-    let lm = load_causal_lm(&fixtures().join("tiny_llama"), &Device::flex(), &BTreeSet::new()).unwrap();
+    let lm =
+        load_causal_lm(&fixtures().join("tiny_llama"), &Device::flex(), &BTreeSet::new()).unwrap();
     let options = ["cat sat", "dog runs fast", "bird sings"];
-    let examples: Vec<Example> =
-        (0..3).map(|answer| example("the big", options[answer], Some((&options, answer)))).collect();
+    let examples: Vec<Example> = (0..3)
+        .map(|answer| example("the big", options[answer], Some((&options, answer))))
+        .collect();
     // Host reference: each option's summed log-probability from the full logits of its sequence.
     let scores: Vec<f64> = options
         .iter()
         .map(|option| {
             let t = lm.task.encode_completion(&examples[0].prompt, option).unwrap();
             let sequence: Vec<u32> = t.prompt.iter().chain(&t.completion).copied().collect();
-            let data = TensorData::new(sequence.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, sequence.len()]);
+            let data = TensorData::new(
+                sequence.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [1, sequence.len()],
+            );
             let logits = lm.model.forward(Tensor::<2, Int>::from_data(data, &Device::flex()), None);
             let values: Vec<f64> = logits.into_data().iter::<f32>().map(f64::from).collect();
             let vocab = lm.model.vocab_size();
@@ -93,12 +114,25 @@ fn choice_accuracy_and_loss_follow_full_sequence_likelihoods() {
         })
         .collect();
     let best = (0..3).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
-    let metrics = evaluate(&lm.task, &lm.model, &examples, &EvalConfig { batch_size: 2, max_new_tokens: 3 }, |_, _| {}).unwrap();
+    let metrics = evaluate(
+        &lm.task,
+        &lm.model,
+        &examples,
+        &EvalConfig { batch_size: 2, max_new_tokens: 3 },
+        |_, _| {},
+    )
+    .unwrap();
     assert_eq!(metrics.choice_examples, 3);
-    assert!((metrics.accuracy.unwrap() - 1.0 / 3.0).abs() < 1e-12, "only example {best} is right: {metrics:?}");
+    assert!(
+        (metrics.accuracy.unwrap() - 1.0 / 3.0).abs() < 1e-12,
+        "only example {best} is right: {metrics:?}"
+    );
     // The loss is the mean NLL per completion token over the three targets (each target is one
     // of the options, so its NLL is minus the option's score).
-    let tokens: usize = options.iter().map(|o| lm.task.encode_completion(&examples[0].prompt, o).unwrap().completion.len()).sum();
+    let tokens: usize = options
+        .iter()
+        .map(|o| lm.task.encode_completion(&examples[0].prompt, o).unwrap().completion.len())
+        .sum();
     let reference = -scores.iter().sum::<f64>() / tokens as f64;
     assert!((metrics.loss - reference).abs() < 1e-4 * reference, "{} vs {reference}", metrics.loss);
     assert_eq!(metrics.completion_tokens, tokens);
@@ -107,26 +141,55 @@ fn choice_accuracy_and_loss_follow_full_sequence_likelihoods() {
 
 #[test]
 fn finetuning_lowers_the_validation_loss_and_gguf_loads_the_same_way() {
-    let lm = load_causal_lm(&fixtures().join("tiny_llama"), &Device::flex(), &BTreeSet::new()).unwrap();
+    let lm =
+        load_causal_lm(&fixtures().join("tiny_llama"), &Device::flex(), &BTreeSet::new()).unwrap();
     let animals = ["cat", "dog", "bird", "fish"];
-    let data: Vec<Example> = (0..16).map(|i| example(&format!("the {} in the park", animals[i % 4]), &format!("{} runs fast", animals[i % 4]), None)).collect();
+    let data: Vec<Example> = (0..16)
+        .map(|i| {
+            example(
+                &format!("the {} in the park", animals[i % 4]),
+                &format!("{} runs fast", animals[i % 4]),
+                None,
+            )
+        })
+        .collect();
     let eval = EvalConfig { batch_size: 4, max_new_tokens: 0 };
     let before = evaluate(&lm.task, &lm.model, &data[12..], &eval, |_, _| {}).unwrap();
-    let lora = emloc::LoraConfig::new(4).with_alpha(8.0).with_target_modules(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]);
+    let lora = emloc::LoraConfig::new(4).with_alpha(8.0).with_target_modules(vec![
+        "q_proj".into(),
+        "v_proj".into(),
+        "down_proj".into(),
+    ]);
     let (model, _) = emloc::attach_lora(lm.model.clone(), &lora).unwrap();
-    let config = TrainConfig { steps: 20, batch_size: 4, lr: 1e-2, warmup_steps: 2, ..TrainConfig::default() };
+    let config = TrainConfig {
+        steps: 20,
+        batch_size: 4,
+        lr: 1e-2,
+        warmup_steps: 2,
+        ..TrainConfig::default()
+    };
     let mut steps = 0;
-    let (tuned, report) = finetune(&lm.task, model, &data[..12], &config, None, |_, _, _| steps += 1).unwrap();
+    let (tuned, report) =
+        finetune(&lm.task, model, &data[..12], &config, None, |_, _, _| steps += 1).unwrap();
     assert_eq!(steps, 20);
     assert!(report.last_loss < report.first_loss, "{report:?}");
     let after = evaluate(&lm.task, &tuned, &data[12..], &eval, |_, _| {}).unwrap();
     assert!(after.loss < 0.5 * before.loss, "{} → {}", before.loss, after.loss);
 
     // The GGUF fixture loads with its own tokenizer, chat template and stop ids.
-    let gguf = load_causal_lm(&fixtures().join("gguf/tiny_llama.gguf"), &Device::flex(), &BTreeSet::new()).unwrap();
+    let gguf =
+        load_causal_lm(&fixtures().join("gguf/tiny_llama.gguf"), &Device::flex(), &BTreeSet::new())
+            .unwrap();
     assert_eq!(gguf.task.style(), emloc_models::causal_lm::PromptStyle::Chat);
     assert!(gguf.task.eos_token_ids().contains(&2), "{:?}", gguf.task.eos_token_ids());
-    let t = gguf.task.encode_completion(&Prompt::Text("is the cat on the mat?".into()), "the cat is.").unwrap();
+    let t = gguf
+        .task
+        .encode_completion(&Prompt::Text("is the cat on the mat?".into()), "the cat is.")
+        .unwrap();
     let im_end = 2;
-    assert_eq!(t.completion.iter().filter(|&&i| i == im_end).count(), 1, "the assistant turn ends with <|im_end|>: {t:?}");
+    assert_eq!(
+        t.completion.iter().filter(|&&i| i == im_end).count(),
+        1,
+        "the assistant turn ends with <|im_end|>: {t:?}"
+    );
 }

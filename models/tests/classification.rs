@@ -22,7 +22,10 @@ fn encoder() -> SentenceEncoder {
 /// A learnable synthetic task from the fixture's vocabulary: the animal decides the colour.
 fn data() -> (ClassificationTask, Vec<LabeledText>) {
     let (animals, colours) = (["cat", "dog", "bird"], ["red", "blue", "green"]);
-    let (verbs, places) = (["sat on", "runs in", "sings in", "was in"], ["the mat", "the park", "a tree", "the house"]);
+    let (verbs, places) = (
+        ["sat on", "runs in", "sings in", "was in"],
+        ["the mat", "the park", "a tree", "the house"],
+    );
     let mut lines = String::new();
     for (i, (animal, colour)) in animals.iter().zip(colours).enumerate() {
         for (j, verb) in verbs.iter().enumerate() {
@@ -52,8 +55,12 @@ fn zero_shot_metrics_match_an_independent_computation() {
     let mut loss = 0.0;
     for example in &examples {
         let s = embed(&example.input);
-        let scores: Vec<f64> =
-            labels.iter().map(|l| 20.0 * s.iter().zip(l).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()).collect();
+        let scores: Vec<f64> = labels
+            .iter()
+            .map(|l| {
+                20.0 * s.iter().zip(l).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
+            })
+            .collect();
         let best = (0..k).fold(0, |b, c| if scores[c] > scores[b] { c } else { b });
         confusion[example.label][best] += 1;
         let lse = scores.iter().map(|v| v.exp()).sum::<f64>().ln();
@@ -65,22 +72,29 @@ fn zero_shot_metrics_match_an_independent_computation() {
         .filter_map(|c| {
             let support: usize = confusion[c].iter().sum();
             let predicted: usize = confusion.iter().map(|r| r[c]).sum();
-            (support + predicted > 0).then(|| 2.0 * confusion[c][c] as f64 / (support + predicted) as f64)
+            (support + predicted > 0)
+                .then(|| 2.0 * confusion[c][c] as f64 / (support + predicted) as f64)
         })
         .collect();
     let macro_f1 = f1.iter().sum::<f64>() / f1.len() as f64;
-    println!("zero-shot: accuracy {accuracy:.4}, macro-F1 {macro_f1:.4}, loss {:.4}; confusion {confusion:?}", loss / n);
+    println!(
+        "zero-shot: accuracy {accuracy:.4}, macro-F1 {macro_f1:.4}, loss {:.4}; confusion {confusion:?}",
+        loss / n
+    );
     assert_eq!(metrics.accuracy, accuracy);
     assert!((metrics.macro_f1 - macro_f1).abs() < 1e-12, "{} vs {macro_f1}", metrics.macro_f1);
     assert!((metrics.loss - loss / n).abs() < 1e-4, "{} vs {}", metrics.loss, loss / n);
     let predicted: Vec<usize> = metrics.per_class.iter().map(|c| c.predicted).collect();
-    assert_eq!(predicted, (0..k).map(|c| confusion.iter().map(|r| r[c]).sum()).collect::<Vec<usize>>());
+    assert_eq!(
+        predicted,
+        (0..k).map(|c| confusion.iter().map(|r| r[c]).sum()).collect::<Vec<usize>>()
+    );
 }
 
 fn lora() -> emloc::LoraConfig {
-    emloc::LoraConfig::new(4)
-        .with_alpha(8.0)
-        .with_target_modules(["query", "key", "value", "output.dense", "intermediate.dense"].map(String::from).to_vec())
+    emloc::LoraConfig::new(4).with_alpha(8.0).with_target_modules(
+        ["query", "key", "value", "output.dense", "intermediate.dense"].map(String::from).to_vec(),
+    )
 }
 
 fn config() -> TrainConfig {
@@ -94,11 +108,18 @@ fn fine_tuning_lowers_the_loss() {
     let before = classification::evaluate(&encoder, &encoder.model, &task, &examples).unwrap();
     encoder.device().seed(3);
     let (model, _) = emloc::attach_lora(encoder.model.clone(), &lora()).unwrap();
-    let (tuned, report) = classification::finetune(&encoder, model, &task, &examples, &config(), None, |_, _, _| {}).unwrap();
+    let (tuned, report) =
+        classification::finetune(&encoder, model, &task, &examples, &config(), None, |_, _, _| {})
+            .unwrap();
     let after = classification::evaluate(&encoder, &tuned, &task, &examples).unwrap();
     println!(
         "training loss {:.4} → {:.4}; loss {:.4} → {:.4}, accuracy {:.3} → {:.3}",
-        report.first_loss, report.last_loss, before.loss, after.loss, before.accuracy, after.accuracy
+        report.first_loss,
+        report.last_loss,
+        before.loss,
+        after.loss,
+        before.accuracy,
+        after.accuracy
     );
     // The untrained tiny encoder is confidently wrong (loss 3.4 over three classes); training
     // must at least reach the uniform guess (ln 3 = 1.10). Accuracy is left out: how far beyond
@@ -110,7 +131,11 @@ fn fine_tuning_lowers_the_loss() {
 fn emulate_lora_correct_merge_runs_through_classification() {
     let encoder = encoder();
     let (task, examples) = data();
-    let texts: Vec<&str> = examples.iter().map(|e| e.input.as_str()).chain(task.descriptions.iter().map(String::as_str)).collect();
+    let texts: Vec<&str> = examples
+        .iter()
+        .map(|e| e.input.as_str())
+        .chain(task.descriptions.iter().map(String::as_str))
+        .collect();
     let batches: Vec<Vec<&str>> = texts.chunks(8).map(<[&str]>::to_vec).collect();
     let (emulator, report) = emloc::emulate(
         encoder.model.clone(),
@@ -125,21 +150,35 @@ fn emulate_lora_correct_merge_runs_through_classification() {
     encoder.device().seed(5);
     let (model, _) = emloc::attach_lora(emulator, &lora()).unwrap();
     // Single-batch training losses are too noisy to compare here; the held-out check is below.
-    let (tuned, _) = classification::finetune(&encoder, model, &task, &examples, &config(), None, |_, _, _| {}).unwrap();
+    let (tuned, _) =
+        classification::finetune(&encoder, model, &task, &examples, &config(), None, |_, _, _| {})
+            .unwrap();
 
-    let (adapter, _) = emloc::correct(&encoder.model, &tuned, &emloc::CorrectionConfig::default()).unwrap();
+    let (adapter, _) =
+        emloc::correct(&encoder.model, &tuned, &emloc::CorrectionConfig::default()).unwrap();
     let merged = emloc::merge_adapter(encoder.model.clone(), &adapter).unwrap();
     let unmerged = emloc::attach_adapter(encoder.model.clone(), &adapter).unwrap().valid();
     let a = classification::evaluate(&encoder, &merged, &task, &examples).unwrap();
     let b = classification::evaluate(&encoder, &unmerged, &task, &examples).unwrap();
     let zero_shot = classification::evaluate(&encoder, &encoder.model, &task, &examples).unwrap();
-    println!("zero-shot loss {:.4}; corrected merged {:.4}, unmerged {:.4}", zero_shot.loss, a.loss, b.loss);
+    println!(
+        "zero-shot loss {:.4}; corrected merged {:.4}, unmerged {:.4}",
+        zero_shot.loss, a.loss, b.loss
+    );
     assert!((a.loss - b.loss).abs() < 1e-4 * a.loss.max(1.0), "{} vs {}", a.loss, b.loss);
     assert_eq!(a.per_class, b.per_class);
     // The embeddings themselves agree too, not only the metrics.
     let inputs: Vec<&str> = examples.iter().map(|e| e.input.as_str()).collect();
-    let (ea, eb) = (encoder.embed_with(&merged, &inputs).unwrap(), encoder.embed_with(&unmerged, &inputs).unwrap());
+    let (ea, eb) = (
+        encoder.embed_with(&merged, &inputs).unwrap(),
+        encoder.embed_with(&unmerged, &inputs).unwrap(),
+    );
     let diff = ea.iter().zip(&eb).map(|(x, y)| max_abs_diff(x, y)).fold(0.0, f32::max);
     assert!(diff < 1e-4, "merged vs unmerged embeddings differ by {diff}");
-    assert!(a.loss < zero_shot.loss, "the corrected adapter must help: {} !< {}", a.loss, zero_shot.loss);
+    assert!(
+        a.loss < zero_shot.loss,
+        "the corrected adapter must help: {} !< {}",
+        a.loss,
+        zero_shot.loss
+    );
 }

@@ -126,8 +126,6 @@ fn wrong_activation_does_not_match_the_reference() {
 
 // ------------------------------------------------------------------------ checkpoint variants
 
-
-
 fn fixture_tensors() -> Tensors {
     read_tensors(&tiny_dir().join("model.safetensors"))
 }
@@ -146,7 +144,6 @@ fn edit_config(dir: &Path, f: &dyn Fn(&mut serde_json::Map<String, Value>)) {
     f(config.as_object_mut().unwrap());
     std::fs::write(&path, config.to_string()).unwrap();
 }
-
 
 #[test]
 fn unprefixed_checkpoint_loads() {

@@ -192,7 +192,10 @@ fn config_not_matching_the_weights_lists_the_keys() {
     match err {
         ModelError::KeyMismatch { path, invalid, .. } => {
             assert_eq!(path, dir.path().join("model.safetensors"));
-            assert!(invalid.iter().any(|k| k.starts_with("encoder.layer.1.output.dense.weight")), "{invalid:?}");
+            assert!(
+                invalid.iter().any(|k| k.starts_with("encoder.layer.1.output.dense.weight")),
+                "{invalid:?}"
+            );
         }
         other => panic!("expected KeyMismatch, got {other:?}"),
     }
@@ -200,7 +203,10 @@ fn config_not_matching_the_weights_lists_the_keys() {
     let dir = with_config(|c| {
         c.insert("num_hidden_layers".into(), 1.into());
     });
-    let err = load_error(dir.path(), &["model.safetensors", "encoder.layer.1.attention.self.query.weight"]);
+    let err = load_error(
+        dir.path(),
+        &["model.safetensors", "encoder.layer.1.attention.self.query.weight"],
+    );
     match err {
         ModelError::KeyMismatch { unexpected, missing, .. } => {
             assert!(missing.is_empty(), "{missing:?}");

@@ -34,19 +34,11 @@ fn json(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn u64s(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
 
 fn device() -> Device {
@@ -111,15 +103,8 @@ fn check_array(key: &str, a: &GgufArray, types: &[&str], want: &Value) {
             assert_eq!(v, &w, "{key}");
         }
         ("FLOAT32", GgufArray::F32(v)) => {
-            let w: Vec<u32> = want
-                .iter()
-                .map(|x| (x.as_f64().unwrap() as f32).to_bits())
-                .collect();
-            assert_eq!(
-                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                w,
-                "{key}"
-            );
+            let w: Vec<u32> = want.iter().map(|x| (x.as_f64().unwrap() as f32).to_bits()).collect();
+            assert_eq!(v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), w, "{key}");
         }
         ("FLOAT64", GgufArray::F64(v)) => {
             let w: Vec<f64> = want.iter().map(|x| x.as_f64().unwrap()).collect();
@@ -140,10 +125,7 @@ fn check_array(key: &str, a: &GgufArray, types: &[&str], want: &Value) {
                     | ("INT32", GgufArray::I32(_))
                     | ("INT64", GgufArray::I64(_))
             );
-            assert!(
-                expected_variant,
-                "{key}: expected {ty} elements, parsed {a:?}"
-            );
+            assert!(expected_variant, "{key}: expected {ty} elements, parsed {a:?}");
             let w: Vec<i64> = want.iter().map(|x| x.as_i64().unwrap()).collect();
             assert_eq!(a.to_i64_vec().unwrap(), w, "{key}");
         }
@@ -155,20 +137,13 @@ fn check_file_against(file: &GgufFile, want: &Value) {
         assert_eq!(u64::from(file.version()), v.as_u64().unwrap());
     }
     assert_eq!(file.alignment(), want["alignment"].as_u64().unwrap());
-    assert_eq!(
-        file.data_start(),
-        want["data_section_offset"].as_u64().unwrap()
-    );
+    assert_eq!(file.data_start(), want["data_section_offset"].as_u64().unwrap());
     if let Some(v) = want.get("file_size") {
         assert_eq!(file.file_size(), v.as_u64().unwrap());
     }
     let metadata = want["metadata"].as_object().unwrap();
     let keys: BTreeSet<&str> = file.metadata_keys().iter().map(String::as_str).collect();
-    assert_eq!(
-        keys,
-        metadata.keys().map(String::as_str).collect::<BTreeSet<_>>(),
-        "metadata keys"
-    );
+    assert_eq!(keys, metadata.keys().map(String::as_str).collect::<BTreeSet<_>>(), "metadata keys");
     assert_eq!(file.metadata_keys().len(), file.metadata().len());
     for (key, w) in metadata {
         check_value(key, file.get(key).unwrap(), w);
@@ -177,38 +152,13 @@ fn check_file_against(file: &GgufFile, want: &Value) {
     assert_eq!(file.tensors().len(), tensors.len());
     for (t, w) in file.tensors().iter().zip(tensors) {
         assert_eq!(t.name, w["name"].as_str().unwrap());
-        assert_eq!(
-            t.ggml_type.id() as u64,
-            w["ggml_type_id"].as_u64().unwrap(),
-            "{}",
-            t.name
-        );
-        assert_eq!(
-            format!("{:?}", t.ggml_type),
-            w["ggml_type"].as_str().unwrap(),
-            "{}",
-            t.name
-        );
+        assert_eq!(t.ggml_type.id() as u64, w["ggml_type_id"].as_u64().unwrap(), "{}", t.name);
+        assert_eq!(format!("{:?}", t.ggml_type), w["ggml_type"].as_str().unwrap(), "{}", t.name);
         assert_eq!(t.ne, u64s(&w["ne"]), "{}", t.name);
-        assert_eq!(
-            t.n_elements(),
-            w["n_elements"].as_u64().unwrap(),
-            "{}",
-            t.name
-        );
+        assert_eq!(t.n_elements(), w["n_elements"].as_u64().unwrap(), "{}", t.name);
         assert_eq!(t.byte_len(), w["n_bytes"].as_u64(), "{}", t.name);
-        assert_eq!(
-            t.offset,
-            w["offset_in_data"].as_u64().unwrap(),
-            "{}",
-            t.name
-        );
-        assert_eq!(
-            file.data_start() + t.offset,
-            w["data_offset"].as_u64().unwrap(),
-            "{}",
-            t.name
-        );
+        assert_eq!(t.offset, w["offset_in_data"].as_u64().unwrap(), "{}", t.name);
+        assert_eq!(file.data_start() + t.offset, w["data_offset"].as_u64().unwrap(), "{}", t.name);
     }
 }
 
@@ -223,10 +173,7 @@ fn reader_matches_gguf_py_metadata_and_tensor_infos() {
     let bytes = std::fs::read(gguf_dir().join("quants.gguf")).unwrap();
     let from_bytes = GgufFile::from_bytes(bytes, "quants.gguf").unwrap();
     check_file_against(&from_bytes, &want);
-    assert_eq!(
-        from_bytes.dequantize("t_q4_k").unwrap(),
-        file.dequantize("t_q4_k").unwrap()
-    );
+    assert_eq!(from_bytes.dequantize("t_q4_k").unwrap(), file.dequantize("t_q4_k").unwrap());
 }
 
 #[test]
@@ -244,12 +191,8 @@ fn every_quant_type_dequantizes_bit_for_bit_like_gguf_py() {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let got: Vec<u32> = file
-            .dequantize(&info.name)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect();
+        let got: Vec<u32> =
+            file.dequantize(&info.name).unwrap().iter().map(|x| x.to_bits()).collect();
         let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
         println!(
             "{} ({:?}): {} values, {differing} differ in bits",
@@ -265,9 +208,8 @@ fn every_quant_type_dequantizes_bit_for_bit_like_gguf_py() {
         );
         types.insert(format!("{:?}", info.ggml_type));
     }
-    let all: BTreeSet<String> = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
-        .map(String::from)
-        .into();
+    let all: BTreeSet<String> =
+        ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"].map(String::from).into();
     assert_eq!(types, all, "every supported type is covered");
 }
 
@@ -315,26 +257,10 @@ fn corrupt_and_hostile_headers_are_typed_errors() {
         ("version 1", set(4, &1u32.to_le_bytes()), "version 1"),
         ("version 4", set(4, &4u32.to_le_bytes()), "version 4"),
         ("big-endian", set(4, &3u32.to_be_bytes()), "big-endian"),
-        (
-            "huge tensor count",
-            set(8, &u64::MAX.to_le_bytes()),
-            "tensor count",
-        ),
-        (
-            "huge metadata count",
-            set(16, &(u64::MAX / 2).to_le_bytes()),
-            "metadata count",
-        ),
-        (
-            "key length past the end",
-            set(24, &(1u64 << 40).to_le_bytes()),
-            "past the end",
-        ),
-        (
-            "key length u64::MAX",
-            set(24, &u64::MAX.to_le_bytes()),
-            "past the end",
-        ),
+        ("huge tensor count", set(8, &u64::MAX.to_le_bytes()), "tensor count"),
+        ("huge metadata count", set(16, &(u64::MAX / 2).to_le_bytes()), "metadata count"),
+        ("key length past the end", set(24, &(1u64 << 40).to_le_bytes()), "past the end"),
+        ("key length u64::MAX", set(24, &u64::MAX.to_le_bytes()), "past the end"),
         (
             "tensor offset past the end",
             set(offset_at, &(1u64 << 20).to_le_bytes()),
@@ -408,10 +334,7 @@ fn nested_arrays(depth: usize) -> Vec<u8> {
 #[test]
 fn deeply_nested_arrays_are_an_error_not_a_stack_overflow() {
     let ok = GgufFile::from_bytes(nested_arrays(3), "nested.gguf").unwrap();
-    assert!(matches!(
-        ok.get("k"),
-        Some(GgufValue::Array(GgufArray::Array(_)))
-    ));
+    assert!(matches!(ok.get("k"), Some(GgufValue::Array(GgufArray::Array(_)))));
     let message = parse_error(nested_arrays(100_000));
     assert!(message.contains("nested deeper"), "{message}");
 }
@@ -472,32 +395,14 @@ fn tiny_llama_gguf_matches_transformers() {
     let e = json("tiny_llama_gguf_expected.json");
     let (model, config) = LlamaForCausalLM::load_gguf(tiny_gguf(), &device).unwrap();
     assert_eq!(config.model_type, LlamaFamily::Llama);
-    let reference = LlamaForCausalLM::load(fixtures().join("tiny_llama"), &device)
-        .unwrap()
-        .1;
+    let reference = LlamaForCausalLM::load(fixtures().join("tiny_llama"), &device).unwrap().1;
     for (what, got, want) in [
         ("vocab_size", config.vocab_size, reference.vocab_size),
         ("hidden_size", config.hidden_size, reference.hidden_size),
-        (
-            "intermediate_size",
-            config.intermediate_size,
-            reference.intermediate_size,
-        ),
-        (
-            "num_hidden_layers",
-            config.num_hidden_layers,
-            reference.num_hidden_layers,
-        ),
-        (
-            "num_attention_heads",
-            config.num_attention_heads,
-            reference.num_attention_heads,
-        ),
-        (
-            "num_key_value_heads",
-            config.num_key_value_heads(),
-            reference.num_key_value_heads(),
-        ),
+        ("intermediate_size", config.intermediate_size, reference.intermediate_size),
+        ("num_hidden_layers", config.num_hidden_layers, reference.num_hidden_layers),
+        ("num_attention_heads", config.num_attention_heads, reference.num_attention_heads),
+        ("num_key_value_heads", config.num_key_value_heads(), reference.num_key_value_heads()),
         ("head_dim", config.head_dim(), reference.head_dim()),
     ] {
         assert_eq!(got, want, "{what}");
@@ -521,24 +426,16 @@ fn tiny_llama_gguf_matches_transformers() {
     let original = read_tensors(&fixtures().join("tiny_llama/model.safetensors"));
     let file = GgufFile::open(tiny_gguf()).unwrap();
     let tensors = emloc_models::gguf::hf_tensors(&file, &config).unwrap();
-    for (name, want_diff) in e["dequant_max_abs_diff_vs_safetensors"]
-        .as_object()
-        .unwrap()
-    {
+    for (name, want_diff) in e["dequant_max_abs_diff_vs_safetensors"].as_object().unwrap() {
         let t = tensors.iter().find(|t| &t.hf_name == name).unwrap();
         let got = t.read(&file).unwrap();
         let (_, dtype, _, raw) = original.iter().find(|(k, ..)| k == name).unwrap();
         assert_eq!(*dtype, Dtype::F32);
-        let orig: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let orig: Vec<f32> =
+            raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         let diff = max_abs_diff(&got, &orig);
         let want_diff = want_diff.as_f64().unwrap() as f32;
-        assert!(
-            (diff - want_diff).abs() < 1e-6,
-            "{name}: {diff} vs transformers' {want_diff}"
-        );
+        assert!((diff - want_diff).abs() < 1e-6, "{name}: {diff} vs transformers' {want_diff}");
     }
 }
 
@@ -553,21 +450,15 @@ fn gguf_to_hf_dir_round_trips_to_identical_logits() {
     assert!(export.tokenizer_written, "{:?}", export.tokenizer_skipped);
     assert_eq!(export.config, config);
     // Nothing but the directory is left beside it.
-    let siblings: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let siblings: Vec<_> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(siblings, vec![std::ffi::OsString::from("tiny_hf")]);
 
     let (loaded, loaded_config) = LlamaForCausalLM::load(&out, &device).unwrap();
     assert_eq!(loaded_config, config);
     let a = tiny_logits(&model, &e, &device);
     let b = tiny_logits(&loaded, &e, &device);
-    assert_eq!(
-        max_abs_diff(&a, &b),
-        0.0,
-        "load(gguf_to_hf_dir(f)) == load_gguf(f)"
-    );
+    assert_eq!(max_abs_diff(&a, &b), 0.0, "load(gguf_to_hf_dir(f)) == load_gguf(f)");
 
     let tokenizer = LlamaTokenizer::from_dir(&out).unwrap();
     let gguf_tokenizer = LlamaTokenizer::from_gguf(&GgufFile::open(tiny_gguf()).unwrap()).unwrap();
@@ -580,12 +471,7 @@ fn gguf_to_hf_dir_round_trips_to_identical_logits() {
     }
     let tokenizer_config = read_json(&out.join("tokenizer_config.json"));
     assert_eq!(tokenizer_config["eos_token"], "<|im_end|>");
-    assert!(
-        tokenizer_config["chat_template"]
-            .as_str()
-            .unwrap()
-            .contains("<|im_start|>")
-    );
+    assert!(tokenizer_config["chat_template"].as_str().unwrap().contains("<|im_start|>"));
     let generation = read_json(&out.join("generation_config.json"));
     assert_eq!(generation["eos_token_id"], 2);
     let hf_config = read_json(&out.join("config.json"));
@@ -613,26 +499,15 @@ fn tiny_llama_gguf_tokenizer_matches_transformers() {
     let cases = e["tokenizer"]["cases"].as_array().unwrap();
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tokenizer.encode(text, false).unwrap(),
-            ids(&case["ids"]),
-            "{text:?}"
-        );
-        assert_eq!(
-            tokenizer.encode(text, true).unwrap(),
-            ids(&case["ids_special"]),
-            "{text:?}"
-        );
+        assert_eq!(tokenizer.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?}");
+        assert_eq!(tokenizer.encode(text, true).unwrap(), ids(&case["ids_special"]), "{text:?}");
         assert_eq!(
             tokenizer.decode(&ids(&case["ids"]), false).unwrap(),
             case["decoded"].as_str().unwrap()
         );
     }
     let chat = e["tokenizer"]["chat_text"].as_str().unwrap();
-    assert_eq!(
-        tokenizer.encode(chat, false).unwrap(),
-        ids(&e["tokenizer"]["chat_ids"])
-    );
+    assert_eq!(tokenizer.encode(chat, false).unwrap(), ids(&e["tokenizer"]["chat_ids"]));
     println!("{} tokenizer cases and a chat prompt equal", cases.len());
 
     let info = GgufTokenizerInfo::from_gguf(&file).unwrap();
@@ -647,62 +522,31 @@ fn tiny_llama_gguf_tokenizer_matches_transformers() {
 #[test]
 fn load_gguf_skipping_never_materialises_skipped_weights() {
     let device = device();
-    let skip: BTreeSet<String> = [
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.embed_tokens.weight",
-    ]
-    .map(String::from)
-    .into();
+    let skip: BTreeSet<String> =
+        ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+            .map(String::from)
+            .into();
     let (model, _) = LlamaForCausalLM::load_gguf_skipping(tiny_gguf(), &device, &skip).unwrap();
-    assert!(
-        !model.model.layers[0]
-            .self_attn
-            .q_proj
-            .weight
-            .is_initialized()
-    );
+    assert!(!model.model.layers[0].self_attn.q_proj.weight.is_initialized());
     assert!(!model.model.embed_tokens.weight.is_initialized());
-    assert!(
-        model.model.layers[0]
-            .self_attn
-            .k_proj
-            .weight
-            .is_initialized()
-    );
+    assert!(model.model.layers[0].self_attn.k_proj.weight.is_initialized());
 
     // A skipped tensor may even be of a type that cannot be dequantized (here Q8_1).
     let mut bytes = std::fs::read(tiny_gguf()).unwrap();
     let name = b"blk.0.attn_q.weight";
     let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
-    assert_eq!(
-        u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()),
-        2,
-        "n_dims"
-    );
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 2, "n_dims");
     let type_at = at + 4 + 16;
-    assert_eq!(
-        u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()),
-        8,
-        "Q8_0"
-    );
+    assert_eq!(u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()), 8, "Q8_0");
     bytes[type_at..type_at + 4].copy_from_slice(&9u32.to_le_bytes());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q8_1.gguf");
     std::fs::write(&path, bytes).unwrap();
     let (_, _, invalid, message) = key_mismatch_of(LlamaForCausalLM::load_gguf(&path, &device));
-    assert!(
-        invalid.len() == 1 && invalid[0].contains("Q8_1"),
-        "{message}"
-    );
+    assert!(invalid.len() == 1 && invalid[0].contains("Q8_1"), "{message}");
     let skip: BTreeSet<String> = ["model.layers.0.self_attn.q_proj.weight".to_string()].into();
     let (model, _) = LlamaForCausalLM::load_gguf_skipping(&path, &device, &skip).unwrap();
-    assert!(
-        !model.model.layers[0]
-            .self_attn
-            .q_proj
-            .weight
-            .is_initialized()
-    );
+    assert!(!model.model.layers[0].self_attn.q_proj.weight.is_initialized());
 }
 
 #[test]
@@ -711,10 +555,7 @@ fn tensor_name_problems_are_key_mismatches() {
     let bytes = std::fs::read(tiny_gguf()).unwrap();
     let rename = |from: &str, to: &str| {
         assert_eq!(from.len(), to.len());
-        let at = bytes
-            .windows(from.len())
-            .position(|w| w == from.as_bytes())
-            .unwrap();
+        let at = bytes.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
         let mut b = bytes.clone();
         b[at..at + to.len()].copy_from_slice(to.as_bytes());
         let dir = tempfile::tempdir().unwrap();
@@ -730,16 +571,9 @@ fn tensor_name_problems_are_key_mismatches() {
     assert_eq!(unexpected, vec!["output_norx.weight".to_string()]);
     assert!(invalid.is_empty());
     let out = _dir.path().join("hf");
-    assert!(matches!(
-        gguf_to_hf_dir(&path, &out),
-        Err(ModelError::KeyMismatch { .. })
-    ));
+    assert!(matches!(gguf_to_hf_dir(&path, &out), Err(ModelError::KeyMismatch { .. })));
     assert!(!out.exists());
-    assert_eq!(
-        std::fs::read_dir(_dir.path()).unwrap().count(),
-        1,
-        "no temporary directory left"
-    );
+    assert_eq!(std::fs::read_dir(_dir.path()).unwrap().count(), 1, "no temporary directory left");
 
     assert_eq!(
         hf_tensor_name("blk.12.attn_output.bias").unwrap(),
@@ -814,14 +648,8 @@ fn smollm2_config_and_tokenizer_match_transformers() {
     // The whole tokenizer.json equals the one transformers builds.
     let want = json("smollm2_transformers_tokenizer.json");
     let got = tokenizer_json(&file).unwrap();
-    for key in [
-        "added_tokens",
-        "normalizer",
-        "pre_tokenizer",
-        "post_processor",
-        "decoder",
-        "model",
-    ] {
+    for key in ["added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder", "model"]
+    {
         assert_eq!(got[key], want[key], "tokenizer.json `{key}`");
     }
 
@@ -829,16 +657,8 @@ fn smollm2_config_and_tokenizer_match_transformers() {
     let cases = e["tokenizer"].as_array().unwrap();
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tokenizer.encode(text, false).unwrap(),
-            ids(&case["ids"]),
-            "{text:?}"
-        );
-        assert_eq!(
-            tokenizer.encode(text, true).unwrap(),
-            ids(&case["ids_special"]),
-            "{text:?}"
-        );
+        assert_eq!(tokenizer.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?}");
+        assert_eq!(tokenizer.encode(text, true).unwrap(), ids(&case["ids_special"]), "{text:?}");
         assert_eq!(
             tokenizer.decode(&ids(&case["ids"]), false).unwrap(),
             case["decoded"].as_str().unwrap(),
@@ -847,9 +667,7 @@ fn smollm2_config_and_tokenizer_match_transformers() {
     }
     for chat in e["chat"].as_array().unwrap() {
         assert_eq!(
-            tokenizer
-                .encode(chat["text"].as_str().unwrap(), false)
-                .unwrap(),
+            tokenizer.encode(chat["text"].as_str().unwrap(), false).unwrap(),
             ids(&chat["ids"])
         );
     }
@@ -861,15 +679,9 @@ fn smollm2_config_and_tokenizer_match_transformers() {
 
     let info = GgufTokenizerInfo::from_gguf(&file).unwrap();
     let special = &e["special"];
-    assert_eq!(
-        info.bos.as_ref().unwrap().id as u64,
-        special["bos"]["id"].as_u64().unwrap()
-    );
+    assert_eq!(info.bos.as_ref().unwrap().id as u64, special["bos"]["id"].as_u64().unwrap());
     assert_eq!(info.eos_token(), special["eos"]["token"].as_str());
-    assert_eq!(
-        info.chat_template(),
-        special["tokenizer_chat_template"].as_str()
-    );
+    assert_eq!(info.chat_template(), special["tokenizer_chat_template"].as_str());
     assert_eq!(info.eos_token_ids(), vec![2]);
 
     // The HF directory: config as transformers reads it, tokenizer.json as transformers builds
@@ -892,18 +704,10 @@ fn smollm2_config_and_tokenizer_match_transformers() {
         assert_eq!(hf[key], value, "config.json `{key}`");
     }
     let written = read_json(&out.join("tokenizer.json"));
-    for key in [
-        "added_tokens",
-        "pre_tokenizer",
-        "post_processor",
-        "decoder",
-        "model",
-    ] {
+    for key in ["added_tokens", "pre_tokenizer", "post_processor", "decoder", "model"] {
         assert_eq!(written[key], want[key], "written tokenizer.json `{key}`");
     }
-    let size = std::fs::metadata(out.join("model.safetensors"))
-        .unwrap()
-        .len();
+    let size = std::fs::metadata(out.join("model.safetensors")).unwrap().len();
     println!("model.safetensors: {size} bytes");
     assert!(size > 4 * 134_000_000 && size < 4 * 135_000_000);
 }
@@ -915,10 +719,7 @@ fn smollm2_logits_and_greedy_completions_match_transformers() {
     let (model, config) = LlamaForCausalLM::load_gguf(&path, &device).unwrap();
     // Peak resident memory so far (Linux): the f32 model is 0.54 GB.
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        let peak = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM"))
-            .unwrap_or("VmHWM: ?");
+        let peak = status.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?");
         println!("after load_gguf: {peak}");
     }
     let e = json("smollm2_expected.json");
@@ -931,12 +732,7 @@ fn smollm2_logits_and_greedy_completions_match_transformers() {
     let top_ids = ids(&last["top_ids"]);
     let got: Vec<f32> = top_ids.iter().map(|&i| last_row[i as usize]).collect();
     // Float32 on both sides over 30 layers; the measured difference is printed.
-    assert_within(
-        "SmolLM2 top-20 last-position logits",
-        &got,
-        &floats(&last["top_values"]),
-        1e-3,
-    );
+    assert_within("SmolLM2 top-20 last-position logits", &got, &floats(&last["top_values"]), 1e-3);
     let mut order: Vec<usize> = (0..vocab).collect();
     order.sort_by(|&a, &b| last_row[b].total_cmp(&last_row[a]));
     assert_eq!(order[0] as u32, top_ids[0], "argmax");

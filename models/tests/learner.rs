@@ -7,9 +7,13 @@ use burn::data::dataset::InMemDataset;
 use burn::module::Module;
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use burn::train::{InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep};
+use burn::train::{
+    InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep,
+};
 use emloc::{EmulatorConfig, LoraConfig, attach_lora, correct, emulate, merge_adapter};
-use emloc_models::tiny::{SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets, mse};
+use emloc_models::tiny::{
+    SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets, mse,
+};
 
 const SEQ: usize = 12;
 
@@ -76,7 +80,8 @@ fn examples(task: &SyntheticTask, seeds: std::ops::Range<u64>, device: &Device) 
     seeds
         .flat_map(|seed| {
             let batch = task.batch(16, seed, device);
-            let tokens: Vec<i64> = batch.tokens.into_data().convert::<i64>().try_into_vec().unwrap();
+            let tokens: Vec<i64> =
+                batch.tokens.into_data().convert::<i64>().try_into_vec().unwrap();
             let targets: Vec<f32> = batch.targets.into_data().try_into_vec().unwrap();
             let outputs = targets.len() / 16;
             (0..16)

@@ -50,8 +50,10 @@ fn device() -> Device {
 fn int_tensor(v: &Value, device: &Device) -> Tensor<2, Int> {
     let rows = v.as_array().unwrap();
     let cols = rows[0].as_array().unwrap().len();
-    let data: Vec<i64> =
-        rows.iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap())).collect();
+    let data: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
+        .collect();
     Tensor::from_data(TensorData::new(data, [rows.len(), cols]), device)
 }
 
@@ -99,7 +101,11 @@ impl Family {
     }
 }
 
-fn with_adapter<M: burn::module::Module>(model: M, adapter: Option<&PeftAdapter>, merge: bool) -> M {
+fn with_adapter<M: burn::module::Module>(
+    model: M,
+    adapter: Option<&PeftAdapter>,
+    merge: bool,
+) -> M {
     match (adapter, merge) {
         (None, _) => model,
         (Some(a), false) => attach_adapter(model, a).unwrap(),
@@ -117,25 +123,50 @@ fn check_against_peft(name: &str) {
     let adapter = PeftAdapter::load(&peft_dir(name)).unwrap();
 
     let layers = want["layers"].as_object().unwrap();
-    assert_eq!(adapter.layers.keys().collect::<Vec<_>>(), layers.keys().collect::<Vec<_>>(), "{name}: layers");
+    assert_eq!(
+        adapter.layers.keys().collect::<Vec<_>>(),
+        layers.keys().collect::<Vec<_>>(),
+        "{name}: layers"
+    );
     let patterns = adapter.config.patterns().unwrap();
     for (path, peft) in layers {
         let (r, scale) = (peft["r"].as_u64().unwrap() as usize, peft["scale"].as_f64().unwrap());
         assert_eq!(patterns.rank_for(path), r, "{name}: rank of {path}");
-        assert!((patterns.scale_for(path) - scale).abs() <= 1e-12 * scale, "{name}: scale of {path}");
+        assert!(
+            (patterns.scale_for(path) - scale).abs() <= 1e-12 * scale,
+            "{name}: scale of {path}"
+        );
     }
 
     let dir = family.model_dir();
     let (lora, merged) = (floats(&want["lora"]), floats(&want["merged"]));
-    assert_within(&format!("{name}: attached vs PEFT"), &family.outputs(&dir, Some(&adapter), false), &lora, TOL);
-    assert_within(&format!("{name}: merge_adapter vs PEFT merged"), &family.outputs(&dir, Some(&adapter), true), &merged, TOL);
+    assert_within(
+        &format!("{name}: attached vs PEFT"),
+        &family.outputs(&dir, Some(&adapter), false),
+        &lora,
+        TOL,
+    );
+    assert_within(
+        &format!("{name}: merge_adapter vs PEFT merged"),
+        &family.outputs(&dir, Some(&adapter), true),
+        &merged,
+        TOL,
+    );
     // The adapter matters at this tolerance.
-    assert!(max_abs_diff(&family.outputs(&dir, None, false), &lora) > 100.0 * TOL, "{name}: adapter changes nothing");
+    assert!(
+        max_abs_diff(&family.outputs(&dir, None, false), &lora) > 100.0 * TOL,
+        "{name}: adapter changes nothing"
+    );
 
     let out = tempfile::tempdir().unwrap();
     merge_into_safetensors(&adapter, &[dir.join("model.safetensors")], out.path()).unwrap();
     std::fs::copy(dir.join("config.json"), out.path().join("config.json")).unwrap();
-    assert_within(&format!("{name}: merge_into_safetensors vs PEFT merged"), &family.outputs(out.path(), None, false), &merged, TOL);
+    assert_within(
+        &format!("{name}: merge_into_safetensors vs PEFT merged"),
+        &family.outputs(out.path(), None, false),
+        &merged,
+        TOL,
+    );
 }
 
 #[test]
@@ -160,7 +191,10 @@ fn peft_adapter_with_modules_to_save_is_refused_by_name() {
     let message = err.to_string();
     match err {
         EmlocError::UnsupportedPeftFeature { path, feature, value } => {
-            assert_eq!((path, feature.as_str(), value.as_str()), (dir.join(CONFIG_FILE), "modules_to_save", r#"["pooler.dense"]"#));
+            assert_eq!(
+                (path, feature.as_str(), value.as_str()),
+                (dir.join(CONFIG_FILE), "modules_to_save", r#"["pooler.dense"]"#)
+            );
         }
         other => panic!("expected UnsupportedPeftFeature, got {other:?}"),
     }
@@ -178,7 +212,10 @@ fn emloc_adapter() -> PeftAdapter {
     let mut lora = |d_in: usize, d_out: usize, r: usize, alpha: f64| {
         seed += 2;
         let a = Tensor::from_data(TensorData::new(noise(seed, d_in * r, 0.5), [d_in, r]), &device);
-        let b = Tensor::from_data(TensorData::new(noise(seed + 1, r * d_out, 0.5), [r, d_out]), &device);
+        let b = Tensor::from_data(
+            TensorData::new(noise(seed + 1, r * d_out, 0.5), [r, d_out]),
+            &device,
+        );
         Some(LoraAdapter::new(a, b, alpha, false, 0.0))
     };
     let [l0, l1] = &mut model.encoder.layer[..] else { panic!("tiny BERT has 2 layers") };
@@ -220,7 +257,10 @@ fn emloc_still_writes_the_emloc_bert_fixture_byte_for_byte() {
     emloc_adapter().save(tmp.path()).unwrap();
     for file in [CONFIG_FILE, WEIGHTS_FILE] {
         let committed = std::fs::read(peft_dir("emloc_bert").join(file)).unwrap();
-        assert!(std::fs::read(tmp.path().join(file)).unwrap() == committed, "{file} differs: rerun the ignored test and the script");
+        assert!(
+            std::fs::read(tmp.path().join(file)).unwrap() == committed,
+            "{file} differs: rerun the ignored test and the script"
+        );
     }
 }
 
@@ -228,9 +268,9 @@ fn emloc_still_writes_the_emloc_bert_fixture_byte_for_byte() {
 fn emloc_written_adapter_gives_peft_outputs() {
     let written = emloc_adapter();
     // `^`-anchored keys, so PEFT cannot resolve them to another layer's tail.
-    assert_eq!(written.config.rank_pattern.keys().collect::<Vec<_>>(), [
-        r"^encoder\.layer\.0\.attention\.self\.value",
-        r"^encoder\.layer\.1\.output\.dense"
-    ]);
+    assert_eq!(
+        written.config.rank_pattern.keys().collect::<Vec<_>>(),
+        [r"^encoder\.layer\.0\.attention\.self\.value", r"^encoder\.layer\.1\.output\.dense"]
+    );
     check_against_peft("emloc_bert");
 }

@@ -3,7 +3,9 @@
 
 use burn::module::Module;
 use burn::tensor::Device;
-use emloc::{EmulatorConfig, LoraConfig, attach_adapter, correct, emulate, export_adapter, merge_adapter};
+use emloc::{
+    EmulatorConfig, LoraConfig, attach_adapter, correct, emulate, export_adapter, merge_adapter,
+};
 use emloc_models::tiny::{SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets};
 
 const SEQ: usize = 12;
@@ -14,7 +16,7 @@ fn corrected_merge_beats_uncorrected_merge() {
     device.seed(7);
     let original = TinyTransformerConfig::new().init(&device);
     // Only the LoRA targets (not the head) are adapted; the head stays as is.
-            // Planted change of strength 0.5 with uniform tokens: the regime where the emulator's
+    // Planted change of strength 0.5 with uniform tokens: the regime where the emulator's
     // mismatch is comparable to the task's change. Measured over seeds 1, 2, 3, 4, 7 (held-out
     // MSE, corrected vs uncorrected merge): 0.0039/0.0047, 0.0033/0.0037, 0.0036/0.0048,
     // 0.0029/0.0041, 0.0044/0.0053. With a stronger change (0.8) or an under-trained rank-4
@@ -38,7 +40,8 @@ fn corrected_merge_beats_uncorrected_merge() {
     let zero_shot = task.held_out_loss(&original, 4, &device);
     let emulator_zero_shot = task.held_out_loss(&emulator, 4, &device);
     let lora = LoraConfig::new(8).with_alpha(16.0).with_target_modules(lora_targets());
-    let tuned_emulator = task.finetune(emulator, &lora, 600, 3e-3, &device, |_, _| {}).expect("finetune");
+    let tuned_emulator =
+        task.finetune(emulator, &lora, 600, 3e-3, &device, |_, _| {}).expect("finetune");
     assert_eq!(tuned_emulator.layers[0].query.lora.as_ref().map(|l| l.rank()), Some(8));
     let tuned_emulator_loss = task.held_out_loss(&tuned_emulator, 4, &device);
 

@@ -69,9 +69,6 @@ fn key_mismatch(dir: &Path) -> (Vec<String>, Vec<String>, Vec<String>, String) {
     key_mismatch_of(ViTModel::load(dir, &device()))
 }
 
-
-
-
 #[test]
 fn prefixed_checkpoint_loads_and_extra_keys_are_reported() {
     // `vit.` prefix (as ViTForImageClassification saves): same outputs.

@@ -52,7 +52,12 @@ impl LayerSpectrum {
 ///
 /// # Errors
 /// As [`emulate`](super::emulate) for the config, the calibration and the whitening.
-pub fn whitened_spectra<M, I, F>(model: &M, batches: I, forward: F, config: &EmulatorConfig) -> Result<Vec<LayerSpectrum>>
+pub fn whitened_spectra<M, I, F>(
+    model: &M,
+    batches: I,
+    forward: F,
+    config: &EmulatorConfig,
+) -> Result<Vec<LayerSpectrum>>
 where
     M: Module,
     I: IntoIterator,
@@ -61,7 +66,10 @@ where
     config.validate()?;
     let rules = config.compiled_rules()?;
     let emulated = |path: &str| {
-        rules.iter().find(|(re, _)| re.is_match(path)).is_some_and(|(_, keep)| !matches!(keep, Keep::Full))
+        rules
+            .iter()
+            .find(|(re, _)| re.is_match(path))
+            .is_some_and(|(_, keep)| !matches!(keep, Keep::Full))
     };
     let stats = super::calibrate(model, batches, forward, emulated)?;
     let mut weights: BTreeMap<String, Matrix> = BTreeMap::new();
@@ -74,7 +82,10 @@ where
         .into_iter()
         .map(|stat| {
             let weight = weights.remove(&stat.path).ok_or_else(|| {
-                EmlocError::InvalidConfig(format!("layer `{}` is already an emulator layer", stat.path))
+                EmlocError::InvalidConfig(format!(
+                    "layer `{}` is already an emulator layer",
+                    stat.path
+                ))
             })?;
             let factors = factorize_layer(&stat.path, &weight, &stat.gram, 1, &config.whitening)?;
             Ok(LayerSpectrum {
@@ -98,7 +109,13 @@ pub fn uniform_ranks(spectra: &[LayerSpectrum], ratio: f64) -> Result<BTreeMap<S
     }
     spectra
         .iter()
-        .map(|s| Ok((s.path.clone(), rank_for(&s.path, Keep::Ratio(ratio), s.d_in, s.d_out)?.expect("a ratio keeps a rank"))))
+        .map(|s| {
+            Ok((
+                s.path.clone(),
+                rank_for(&s.path, Keep::Ratio(ratio), s.d_in, s.d_out)?
+                    .expect("a ratio keeps a rank"),
+            ))
+        })
         .collect()
 }
 
@@ -141,7 +158,11 @@ pub enum Objective {
 /// # Errors
 /// [`EmlocError::InvalidConfig`] if `params` cannot give every layer rank 1, or `spectra` is
 /// empty.
-pub fn global_ranks(spectra: &[LayerSpectrum], params: usize, objective: Objective) -> Result<BTreeMap<String, usize>> {
+pub fn global_ranks(
+    spectra: &[LayerSpectrum],
+    params: usize,
+    objective: Objective,
+) -> Result<BTreeMap<String, usize>> {
     if spectra.is_empty() {
         return Err(EmlocError::InvalidConfig("no layers to allocate ranks to".into()));
     }
@@ -166,11 +187,13 @@ pub fn global_ranks(spectra: &[LayerSpectrum], params: usize, objective: Objecti
         .collect();
     let candidate = |layer: usize, rank: usize| {
         let s = &spectra[layer];
-        s.singular_values
-            .get(rank)
-            .map(|sigma| Candidate { gain_per_param: weight[layer] * sigma * sigma / (s.d_in + s.d_out) as f64, layer })
+        s.singular_values.get(rank).map(|sigma| Candidate {
+            gain_per_param: weight[layer] * sigma * sigma / (s.d_in + s.d_out) as f64,
+            layer,
+        })
     };
-    let mut heap: BinaryHeap<Candidate> = (0..spectra.len()).filter_map(|l| candidate(l, 1)).collect();
+    let mut heap: BinaryHeap<Candidate> =
+        (0..spectra.len()).filter_map(|l| candidate(l, 1)).collect();
     while let Some(best) = heap.pop() {
         let cost = spectra[best.layer].d_in + spectra[best.layer].d_out;
         if cost > left {
@@ -232,7 +255,11 @@ mod tests {
             for ra in 1..=4 {
                 for rb in 1..=4 {
                     for rc in 1..=4 {
-                        let r = BTreeMap::from([("a".to_string(), ra), ("b".to_string(), rb), ("c".to_string(), rc)]);
+                        let r = BTreeMap::from([
+                            ("a".to_string(), ra),
+                            ("b".to_string(), rb),
+                            ("c".to_string(), rc),
+                        ]);
                         let (e, p) = allocation_cost(&spectra, &r);
                         if p <= budget {
                             best = best.min(e);
@@ -267,11 +294,27 @@ mod tests {
     #[test]
     fn global_allocation_never_loses_to_uniform_at_equal_size() {
         // Layers of different widths with different spectral decay.
-        let decay = |n: usize, rate: f64| (0..n).map(|i| (-rate * i as f64).exp()).collect::<Vec<_>>();
+        let decay =
+            |n: usize, rate: f64| (0..n).map(|i| (-rate * i as f64).exp()).collect::<Vec<_>>();
         let spectra = vec![
-            LayerSpectrum { path: "fast".into(), d_in: 24, d_out: 24, singular_values: decay(24, 0.5) },
-            LayerSpectrum { path: "slow".into(), d_in: 24, d_out: 48, singular_values: decay(24, 0.05) },
-            LayerSpectrum { path: "flat".into(), d_in: 16, d_out: 16, singular_values: vec![0.3; 16] },
+            LayerSpectrum {
+                path: "fast".into(),
+                d_in: 24,
+                d_out: 24,
+                singular_values: decay(24, 0.5),
+            },
+            LayerSpectrum {
+                path: "slow".into(),
+                d_in: 24,
+                d_out: 48,
+                singular_values: decay(24, 0.05),
+            },
+            LayerSpectrum {
+                path: "flat".into(),
+                d_in: 16,
+                d_out: 16,
+                singular_values: vec![0.3; 16],
+            },
         ];
         let mut strictly_better = 0;
         for ratio in [0.2, 0.4, 0.6] {
@@ -280,10 +323,16 @@ mod tests {
             let global = global_ranks(&spectra, params, Objective::Absolute).unwrap();
             let (global_error, global_params) = allocation_cost(&spectra, &global);
             assert!(global_params <= params);
-            assert!(global_error <= uniform_error + 1e-12, "ρ {ratio}: global {global_error} vs uniform {uniform_error}");
+            assert!(
+                global_error <= uniform_error + 1e-12,
+                "ρ {ratio}: global {global_error} vs uniform {uniform_error}"
+            );
             strictly_better += usize::from(global_error < uniform_error - 1e-9);
         }
-        assert!(strictly_better >= 2, "the spectra differ, so the global plan should win at most sizes");
+        assert!(
+            strictly_better >= 2,
+            "the spectra differ, so the global plan should win at most sizes"
+        );
         assert!(global_ranks(&spectra, 10, Objective::Relative).is_err());
         assert!(uniform_ranks(&spectra, 1.0).is_err());
     }

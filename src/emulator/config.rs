@@ -197,7 +197,10 @@ impl EmulatorConfig {
             .map(|rule| {
                 match rule.keep {
                     Keep::Ratio(r) if !(r > 0.0 && r < 1.0) => {
-                        return Err(EmlocError::InvalidRatio { rule: rule.pattern.clone(), ratio: r });
+                        return Err(EmlocError::InvalidRatio {
+                            rule: rule.pattern.clone(),
+                            ratio: r,
+                        });
                     }
                     Keep::Rank(0) => {
                         return Err(EmlocError::InvalidRank {
@@ -218,13 +221,20 @@ impl EmulatorConfig {
 }
 
 /// The rank kept for a `d_out × d_in` layer under `keep`, or `None` when it stays dense.
-pub(crate) fn rank_for(layer: &str, keep: Keep, d_in: usize, d_out: usize) -> Result<Option<usize>> {
+pub(crate) fn rank_for(
+    layer: &str,
+    keep: Keep,
+    d_in: usize,
+    d_out: usize,
+) -> Result<Option<usize>> {
     let max = d_in.min(d_out);
     let rank = match keep {
         Keep::Full => return Ok(None),
         // In f64 so that huge shapes (a corrupt description or rules input) cannot overflow;
         // identical to the integer product for every shape below 2^53 parameters.
-        Keep::Ratio(rho) => (rho * (d_in as f64 * d_out as f64) / (d_in as f64 + d_out as f64)).floor() as usize,
+        Keep::Ratio(rho) => {
+            (rho * (d_in as f64 * d_out as f64) / (d_in as f64 + d_out as f64)).floor() as usize
+        }
         Keep::Rank(k) => k,
     };
     if rank == 0 || rank > max {
@@ -241,9 +251,13 @@ mod tests {
     fn rank_of_huge_or_empty_shapes_is_an_error_or_a_valid_rank() {
         // Regression (fuzzing, emulator_rules): `d_in * d_out` overflowed and panicked.
         let config = EmulatorConfig::all_layers(0.5);
-        for (d_in, d_out) in [(usize::MAX, usize::MAX), (usize::MAX, 2), (1 << 40, 1 << 40), (0, 0), (0, 7)] {
+        for (d_in, d_out) in
+            [(usize::MAX, usize::MAX), (usize::MAX, 2), (1 << 40, 1 << 40), (0, 0), (0, 7)]
+        {
             match config.rank_of("layers.0.q", d_in, d_out) {
-                Ok(Some(rank)) => assert!(rank >= 1 && rank <= d_in.min(d_out), "{rank} for [{d_in}, {d_out}]"),
+                Ok(Some(rank)) => {
+                    assert!(rank >= 1 && rank <= d_in.min(d_out), "{rank} for [{d_in}, {d_out}]")
+                }
                 Ok(None) => panic!("a matching ratio rule gives a rank or an error"),
                 Err(e) => assert!(matches!(e, EmlocError::InvalidRank { .. }), "{e:?}"),
             }
@@ -251,6 +265,11 @@ mod tests {
         // Unchanged for ordinary shapes: ⌊0.5 · 16·32 / 48⌋ = 5.
         assert_eq!(config.rank_of("layers.0.q", 16, 32).unwrap(), Some(5));
         assert_eq!(EmulatorConfig::uniform(0.5).rank_of("pooler.dense", 16, 16).unwrap(), None);
-        assert_eq!(EmulatorConfig { rules: vec![], ..EmulatorConfig::default() }.rank_of("x", 4, 4).unwrap(), None);
+        assert_eq!(
+            EmulatorConfig { rules: vec![], ..EmulatorConfig::default() }
+                .rank_of("x", 4, 4)
+                .unwrap(),
+            None
+        );
     }
 }

@@ -78,12 +78,20 @@ impl Whitening {
 }
 
 /// Finds `S` with `S Sᵀ = G (+ damping)` following `config`; see [`WhiteningConfig`].
-pub fn whitening(layer: &str, gram: MatRef<'_, f64>, config: &WhiteningConfig) -> Result<Whitening> {
+pub fn whitening(
+    layer: &str,
+    gram: MatRef<'_, f64>,
+    config: &WhiteningConfig,
+) -> Result<Whitening> {
     let d = gram.nrows();
     let mean_diag = (0..d).map(|i| gram[(i, i)]).sum::<f64>() / d as f64;
     if config.method == WhiteningMethod::None || mean_diag <= 0.0 {
         // A zero Gram (the layer only ever saw zeros) carries no information to weight by.
-        return Ok(Whitening { kind: WhiteningKind::Identity, damping: 0.0, relative_damping: 0.0 });
+        return Ok(Whitening {
+            kind: WhiteningKind::Identity,
+            damping: 0.0,
+            relative_damping: 0.0,
+        });
     }
     if config.method == WhiteningMethod::Cholesky
         && let Some(device) = &config.cholesky_device
@@ -136,7 +144,10 @@ pub fn whitening(layer: &str, gram: MatRef<'_, f64>, config: &WhiteningConfig) -
 /// As [`crate::ops::cholesky`]; [`EmlocError::NotPositiveDefinite`] describes the last attempt when every
 /// damping failed. A matrix whose diagonal mean is not positive (a zero Gram) fails after the
 /// first attempt: damping relative to it cannot help.
-pub fn cholesky_damped(g: burn::tensor::Tensor<2>, config: &WhiteningConfig) -> Result<ops::Cholesky> {
+pub fn cholesky_damped(
+    g: burn::tensor::Tensor<2>,
+    config: &WhiteningConfig,
+) -> Result<ops::Cholesky> {
     ops::check_square("cholesky_damped: G", &g)?;
     ops::check_factor_args(config.initial_damping, config.pivot_tolerance)?;
     if !(config.damping_growth.is_finite() && config.damping_growth >= 1.0) {
@@ -258,7 +269,8 @@ pub fn randomized_svd(
 ) -> std::result::Result<TruncatedSvd, faer::linalg::svd::SvdError> {
     let (m, n) = (a.nrows(), a.ncols());
     let l = (rank + oversample).min(m).min(n).max(1);
-    let mut state = (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n as u64) ^ 0xD1B5_4A32_D192_ED03 | 1;
+    let mut state =
+        (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n as u64) ^ 0xD1B5_4A32_D192_ED03 | 1;
     let mut gaussian = || {
         // Box–Muller from two xorshift uniforms.
         let mut uniform = || {
@@ -343,8 +355,16 @@ pub fn factorize_layer(
 
     Ok(FactorizedLayer {
         // Burn orientation: w_v = W_vᵀ [d_in, k], w_u = W_uᵀ [k, d_out].
-        w_v: Matrix::new(d_in, rank, (0..d_in * rank).map(|idx| w_v[(idx % rank, idx / rank)] as f32).collect()),
-        w_u: Matrix::new(rank, d_out, (0..rank * d_out).map(|idx| w_u[(idx % d_out, idx / d_out)] as f32).collect()),
+        w_v: Matrix::new(
+            d_in,
+            rank,
+            (0..d_in * rank).map(|idx| w_v[(idx % rank, idx / rank)] as f32).collect(),
+        ),
+        w_u: Matrix::new(
+            rank,
+            d_out,
+            (0..rank * d_out).map(|idx| w_u[(idx % d_out, idx / d_out)] as f32).collect(),
+        ),
         singular_values,
         whitened_error,
         whitened_norm,
@@ -374,9 +394,8 @@ pub(crate) mod tests {
         let x = noise(seed, tokens * d_in);
         let mut g = vec![0.0f32; d_in * d_in];
         for t in 0..tokens {
-            let row: Vec<f32> = (0..d_in)
-                .map(|j| x[t * d_in + j] * (1.0 + 8.0 / (1.0 + j as f32)))
-                .collect();
+            let row: Vec<f32> =
+                (0..d_in).map(|j| x[t * d_in + j] * (1.0 + 8.0 / (1.0 + j as f32))).collect();
             for i in 0..d_in {
                 for j in 0..d_in {
                     g[i * d_in + j] += row[i] * row[j];
@@ -393,9 +412,12 @@ pub(crate) mod tests {
         let d = gram.nrows();
         let q = eig.U();
         let lam: Vec<f64> = (0..d).map(|i| eig.S().column_vector()[i]).collect();
-        let s = Mat::from_fn(d, d, |i, j| (0..d).map(|m| q[(i, m)] * lam[m].sqrt() * q[(j, m)]).sum::<f64>());
-        let s_inv =
-            Mat::from_fn(d, d, |i, j| (0..d).map(|m| q[(i, m)] / lam[m].sqrt() * q[(j, m)]).sum::<f64>());
+        let s = Mat::from_fn(d, d, |i, j| {
+            (0..d).map(|m| q[(i, m)] * lam[m].sqrt() * q[(j, m)]).sum::<f64>()
+        });
+        let s_inv = Mat::from_fn(d, d, |i, j| {
+            (0..d).map(|m| q[(i, m)] / lam[m].sqrt() * q[(j, m)]).sum::<f64>()
+        });
         let ws = w * &s;
         let svd = ws.thin_svd().unwrap();
         let n = svd.S().column_vector().nrows();
@@ -454,7 +476,8 @@ pub(crate) mod tests {
         let data: Vec<f32> = (0..d_in * d_out)
             .map(|idx| {
                 let (i, j) = (idx / d_out, idx % d_out);
-                (0..12).map(|r| left.get(i, r) * right.get(r, j) / (1.0 + r as f32)).sum::<f32>() + 0.01 * tail[idx]
+                (0..12).map(|r| left.get(i, r) * right.get(r, j) / (1.0 + r as f32)).sum::<f32>()
+                    + 0.01 * tail[idx]
             })
             .collect();
         let weight = Matrix::new(d_in, d_out, data);
@@ -470,10 +493,20 @@ pub(crate) mod tests {
         let (w, g) = (weight_to_faer(&weight), square_to_faer(&gram));
         let diff = &w - &dense_emulator(&fast);
         let err2 = (&diff * &g * diff.transpose()).diagonal().column_vector().iter().sum::<f64>();
-        assert!((err2.sqrt() - fast.whitened_error).abs() / fast.whitened_error < 1e-3, "{} vs {}", err2.sqrt(), fast.whitened_error);
+        assert!(
+            (err2.sqrt() - fast.whitened_error).abs() / fast.whitened_error < 1e-3,
+            "{} vs {}",
+            err2.sqrt(),
+            fast.whitened_error
+        );
         // Eckart–Young: never better than exact, and close to it with power iterations.
         assert!(fast.whitened_error >= exact.whitened_error * (1.0 - 1e-9));
-        assert!(fast.whitened_error <= exact.whitened_error * 1.01, "{} vs {}", fast.whitened_error, exact.whitened_error);
+        assert!(
+            fast.whitened_error <= exact.whitened_error * 1.01,
+            "{} vs {}",
+            fast.whitened_error,
+            exact.whitened_error
+        );
         for i in 0..k {
             let (a, b) = (fast.singular_values[i], exact.singular_values[i]);
             assert!((a - b).abs() <= 1e-3 * b, "σ_{i}: {a} vs {b}");
@@ -536,7 +569,8 @@ pub(crate) mod tests {
             let err = factorize_layer("blk.q", &weight, &gram, rank, &Default::default());
             assert!(matches!(err, Err(EmlocError::InvalidRank { max: 4, .. })), "{err:?}");
         }
-        let err = factorize_layer("blk.q", &weight, &calibration_gram(5, 20, 1), 2, &Default::default());
+        let err =
+            factorize_layer("blk.q", &weight, &calibration_gram(5, 20, 1), 2, &Default::default());
         assert!(matches!(err, Err(EmlocError::ShapeMismatch { .. })));
     }
 }

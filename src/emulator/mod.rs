@@ -6,13 +6,14 @@ pub(crate) mod factorize;
 mod store;
 
 pub use allocation::{
-    LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra,
+    LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks,
+    whitened_spectra,
 };
 pub use config::{EmulatorConfig, Keep, LayerRule, SvdMethod, WhiteningConfig, WhiteningMethod};
 pub use factorize::{FactorizedLayer, Whitening, cholesky_damped, factorize_layer, whitening};
 pub use store::{
-    DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, LayerFactors, Provenance, load_emulator, parse_emulator, read_emulator,
-    read_emulator_description, save_emulator,
+    DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, LayerFactors, Provenance,
+    load_emulator, parse_emulator, read_emulator, read_emulator_description, save_emulator,
 };
 
 use std::collections::HashMap;
@@ -25,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::calibration::CalibrationSession;
 use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
-use crate::nn::hooks::{all_layer_paths, all_linear_paths, for_each_linear, map_linears};
 use crate::nn::LowRankFactors;
+use crate::nn::hooks::{all_layer_paths, all_linear_paths, for_each_linear, map_linears};
 
 /// What emulation did to one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,11 +249,9 @@ where
                 linear.factors =
                     Some(LowRankFactors::new(f.w_v.to_tensor(&device), f.w_u.to_tensor(&device)));
                 // Drop the dense weight; keep its id so the layer stays addressable.
-                linear.weight = Param::initialized(
-                    linear.weight.id,
-                    Tensor::zeros([0, 0], &device),
-                )
-                .set_require_grad(false);
+                linear.weight =
+                    Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
+                        .set_require_grad(false);
                 linear
             }
             Err(e) => {
@@ -265,13 +264,14 @@ where
         return Err(e);
     }
     let emulated: Vec<&str> = reports.iter().map(|r| r.path.as_str()).collect();
-    let dense_layers = all_layer_paths(&model)
+    let dense_layers =
+        all_layer_paths(&model).into_iter().filter(|p| !emulated.contains(&p.as_str())).collect();
+    let emloc_paths: Vec<String> =
+        crate::adapter::linear_layers(&model).into_iter().map(|l| l.path).collect();
+    let stock_layers = crate::stock::stock_linear_layers(&model, &emloc_paths)
         .into_iter()
-        .filter(|p| !emulated.contains(&p.as_str()))
+        .map(|l| l.shape.path)
         .collect();
-    let emloc_paths: Vec<String> = crate::adapter::linear_layers(&model).into_iter().map(|l| l.path).collect();
-    let stock_layers =
-        crate::stock::stock_linear_layers(&model, &emloc_paths).into_iter().map(|l| l.shape.path).collect();
     Ok((
         model,
         EmulatorReport {
@@ -333,12 +333,13 @@ fn plan_layers<M: Module>(model: &M, config: &EmulatorConfig) -> Result<Vec<Plan
         return Err(e);
     }
     if plan.is_empty() {
-        let stock: Vec<String> = all_linear_paths(model)
-            .into_iter()
-            .filter(|p| !emloc_paths.contains(p))
-            .collect();
+        let stock: Vec<String> =
+            all_linear_paths(model).into_iter().filter(|p| !emloc_paths.contains(p)).collect();
         let what = if stock.is_empty() {
-            format!("the emulator rules {:?}", config.rules.iter().map(|r| &r.pattern).collect::<Vec<_>>())
+            format!(
+                "the emulator rules {:?}",
+                config.rules.iter().map(|r| &r.pattern).collect::<Vec<_>>()
+            )
         } else {
             format!(
                 "the emulator rules; these layers are stock burn::nn::Linear, which cannot be \

@@ -86,7 +86,11 @@ fn file_error(path: &Path, message: impl Into<String>) -> EmlocError {
 /// # Errors
 /// [`EmlocError::EmulatorFile`] if `model`'s emulator layers disagree with
 /// `description.report.layers` (paths, shapes or ranks); [`EmlocError::Io`] on write failure.
-pub fn save_emulator<M: Module>(model: &M, description: &EmulatorDescription, dir: &Path) -> Result<()> {
+pub fn save_emulator<M: Module>(
+    model: &M,
+    description: &EmulatorDescription,
+    dir: &Path,
+) -> Result<()> {
     let factors_path = dir.join(FACTORS_FILE);
     let described: HashMap<&str, [usize; 3]> = description
         .report
@@ -100,7 +104,8 @@ pub fn save_emulator<M: Module>(model: &M, description: &EmulatorDescription, di
         let Some(factors) = &linear.factors else { return };
         let shape = [factors.d_input(), factors.rank(), factors.d_output()];
         if described.get(path) != Some(&shape) {
-            problems.push(format!("layer `{path}` [d_in, k, d_out] = {shape:?} is not as described"));
+            problems
+                .push(format!("layer `{path}` [d_in, k, d_out] = {shape:?} is not as described"));
             return;
         }
         for (suffix, tensor) in [("w_v", factors.w_v.val()), ("w_u", factors.w_u.val())] {
@@ -204,15 +209,19 @@ pub fn parse_emulator(
 fn read_header(reader: &mut impl Read, len: u64, path: &Path) -> Result<(Metadata, u64)> {
     let bad = |message: String| file_error(path, message);
     let mut prefix = [0u8; 8];
-    reader.read_exact(&mut prefix).map_err(|_| bad(format!("{len} bytes: too short for a safetensors header")))?;
+    reader
+        .read_exact(&mut prefix)
+        .map_err(|_| bad(format!("{len} bytes: too short for a safetensors header")))?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > len.saturating_sub(8) || header_len > MAX_HEADER_BYTES {
-        return Err(bad(format!("header length {header_len} does not fit in the file's {len} bytes")));
+        return Err(bad(format!(
+            "header length {header_len} does not fit in the file's {len} bytes"
+        )));
     }
     let mut header = vec![0u8; header_len as usize];
     reader.read_exact(&mut header).map_err(|e| bad(format!("reading the header: {e}")))?;
-    let metadata: Metadata =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
+    let metadata: Metadata = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
     let data_start = 8 + header_len;
     if data_start + metadata.data_len() as u64 != len {
         return Err(bad(format!(
@@ -230,14 +239,22 @@ fn parse_description(text: &str, json_path: &Path) -> Result<EmulatorDescription
     if description.format_version != FORMAT_VERSION {
         return Err(file_error(
             json_path,
-            format!("format_version {} (this emloc reads {FORMAT_VERSION})", description.format_version),
+            format!(
+                "format_version {} (this emloc reads {FORMAT_VERSION})",
+                description.format_version
+            ),
         ));
     }
     for layer in &description.report.layers {
         if layer.rank == 0 || layer.rank > layer.d_in.min(layer.d_out) {
             return Err(file_error(
                 json_path,
-                format!("layer `{}`: rank {} outside 1..={}", layer.path, layer.rank, layer.d_in.min(layer.d_out)),
+                format!(
+                    "layer `{}`: rank {} outside 1..={}",
+                    layer.path,
+                    layer.rank,
+                    layer.d_in.min(layer.d_out)
+                ),
             ));
         }
     }
@@ -272,7 +289,10 @@ fn parse_factors(
             continue;
         };
         if info.dtype != Dtype::F32 {
-            return Err(file_error(&factors_path, format!("{key}: dtype {} (expected F32)", info.dtype)));
+            return Err(file_error(
+                &factors_path,
+                format!("{key}: dtype {} (expected F32)", info.dtype),
+            ));
         }
         if info.shape != shape {
             misshaped.push(format!("{key}: expected {shape:?}, found {:?}", info.shape));
@@ -298,7 +318,10 @@ fn parse_factors(
         }
         let m = Matrix::new(shape[0], shape[1], data);
         if !m.is_finite() {
-            return Err(EmlocError::NonFinite { layer: key.to_string(), what: "emulator factor".into() });
+            return Err(EmlocError::NonFinite {
+                layer: key.to_string(),
+                what: "emulator factor".into(),
+            });
         }
         matrices.insert(key.to_string(), m);
     }
@@ -330,12 +353,8 @@ fn parse_factors(
 /// the model, already emulated or shaped differently.
 pub fn load_emulator<M: Module>(model: M, dir: &Path) -> Result<(M, EmulatorDescription)> {
     let (description, mut factors) = read_emulator(dir)?;
-    let shapes: HashMap<&str, (usize, usize)> = description
-        .report
-        .layers
-        .iter()
-        .map(|l| (l.path.as_str(), (l.d_in, l.d_out)))
-        .collect();
+    let shapes: HashMap<&str, (usize, usize)> =
+        description.report.layers.iter().map(|l| (l.path.as_str(), (l.d_in, l.d_out))).collect();
     let mut found = Vec::new();
     let mut problems = Vec::new();
     for_each_linear(&model, |path, linear| {
@@ -365,7 +384,8 @@ pub fn load_emulator<M: Module>(model: M, dir: &Path) -> Result<(M, EmulatorDesc
         // `lazy_device`: a freshly built model's dense weight is never materialised here, so a
         // model skeleton plus the factors is all the memory loading takes.
         let device = linear.weight.lazy_device();
-        linear.factors = Some(LowRankFactors::new(w_v.into_tensor(&device), w_u.into_tensor(&device)));
+        linear.factors =
+            Some(LowRankFactors::new(w_v.into_tensor(&device), w_u.into_tensor(&device)));
         linear.weight = Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
             .set_require_grad(false);
         linear

@@ -37,8 +37,12 @@ impl LinearConfig {
             device,
         );
         let bias = self.bias.then(|| {
-            self.initializer
-                .init_with([self.d_output], Some(self.d_input), Some(self.d_output), device)
+            self.initializer.init_with(
+                [self.d_output],
+                Some(self.d_input),
+                Some(self.d_output),
+                device,
+            )
         });
         Linear { weight, bias, factors: None, lora: None }
     }
@@ -82,7 +86,10 @@ impl Linear {
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let d_input = self.d_input();
         let got = input.dims()[D - 1];
-        assert_eq!(got, d_input, "Linear::forward: input has {got} features, layer expects {d_input}");
+        assert_eq!(
+            got, d_input,
+            "Linear::forward: input has {got} features, layer expects {d_input}"
+        );
         calibration::record(&self.weight.id, &input);
 
         let bias = self.bias.as_ref().map(|b| b.val());

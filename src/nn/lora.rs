@@ -1,8 +1,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{Device, Distribution, Tensor};
 use burn::tensor::module::linear;
+use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::error::{EmlocError, Result};
 use crate::peft::module_name_matches;

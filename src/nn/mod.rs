@@ -15,7 +15,7 @@ pub use attention::{MhaCache, MhaInput, MhaOutput, MultiHeadAttention, MultiHead
 pub use conv2d::{Conv2d, Conv2dConfig};
 pub use feed_forward::{PositionWiseFeedForward, PositionWiseFeedForwardConfig};
 pub use linear::{Linear, LinearConfig};
-pub use lora::{LoraAdapter, LoraConfig, lora_scale};
 pub(crate) use lora::check_lora_rank;
+pub use lora::{LoraAdapter, LoraConfig, lora_scale};
 pub use low_rank::LowRankFactors;
 pub use swiglu::{SwiGlu, SwiGluConfig};

@@ -1,7 +1,9 @@
 //! Rank allocation from whitened spectra, checked against what `emulate` reports.
 
 use burn::tensor::Device;
-use emloc::emulator::{Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra};
+use emloc::emulator::{
+    Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks, whitened_spectra,
+};
 use emloc::{EmulatorConfig, emulate};
 
 use crate::common::*;
@@ -25,7 +27,11 @@ fn spectra_agree_with_emulate_and_global_plans_build() {
         let spectrum = spectra.iter().find(|s| s.path == layer.path).unwrap();
         assert_eq!(uniform[&layer.path], layer.rank);
         let error = spectrum.whitened_error(layer.rank);
-        assert!((error - layer.whitened_error).abs() <= 1e-9 * error.max(1.0), "{error} vs {}", layer.whitened_error);
+        assert!(
+            (error - layer.whitened_error).abs() <= 1e-9 * error.max(1.0),
+            "{error} vs {}",
+            layer.whitened_error
+        );
     }
 
     // A global plan of the same size is a valid emulator config, and what it reports matches.
@@ -33,7 +39,11 @@ fn spectra_agree_with_emulate_and_global_plans_build() {
     let global = global_ranks(&spectra, params, Objective::Absolute).unwrap();
     let (global_error, global_params) = allocation_cost(&spectra, &global);
     assert!(global_params <= params);
-    let (_, report) = emulate(model, calibration(), forward, &config_for_ranks(&global, &config)).unwrap();
+    let (_, report) =
+        emulate(model, calibration(), forward, &config_for_ranks(&global, &config)).unwrap();
     let reported: f64 = report.layers.iter().map(|l| l.whitened_error.powi(2)).sum();
-    assert!((reported - global_error).abs() <= 1e-9 * global_error.max(1.0), "{reported} vs {global_error}");
+    assert!(
+        (reported - global_error).abs() <= 1e-9 * global_error.max(1.0),
+        "{reported} vs {global_error}"
+    );
 }

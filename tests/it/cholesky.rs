@@ -275,8 +275,7 @@ fn check_indefinite(device: &Device) {
         }
     }
     let (want_relative, want_attempts) = want_relative.expect("the schedule reaches a PD shift");
-    let factor =
-        cholesky_damped(tensor(&gh, d, d, device), &config).expect("damping rescues it");
+    let factor = cholesky_damped(tensor(&gh, d, d, device), &config).expect("damping rescues it");
     println!(
         "indefinite retry: relative damping {:e} after {} attempts (f64 reference {want_relative:e}, {want_attempts})",
         factor.relative_damping, factor.attempts

@@ -46,7 +46,13 @@ impl Mlp {
 }
 
 /// Calibration inputs `[rows, d]` confined to a `dim`-dimensional subspace of R^d.
-pub fn subspace_batches(d: usize, dim: usize, rows: usize, n: usize, device: &Device) -> Vec<Tensor<2>> {
+pub fn subspace_batches(
+    d: usize,
+    dim: usize,
+    rows: usize,
+    n: usize,
+    device: &Device,
+) -> Vec<Tensor<2>> {
     let basis = tensor(99, [dim, d], device);
     (0..n).map(|i| tensor(200 + i as u64, [rows, dim], device).matmul(basis.clone())).collect()
 }

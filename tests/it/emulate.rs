@@ -11,7 +11,15 @@ fn calibration_gram_is_x_transpose_x_in_f64() {
     let device = Device::flex();
     let model = Mlp::new(6, 5, 3, &device);
     let batches: Vec<_> = (0..3).map(|i| tensor(10 + i, [7, 6], &device)).collect();
-    let stats = calibrate(&model, batches.clone(), |m: &Mlp, x| { m.forward(x); }, |p| p == "l1").unwrap();
+    let stats = calibrate(
+        &model,
+        batches.clone(),
+        |m: &Mlp, x| {
+            m.forward(x);
+        },
+        |p| p == "l1",
+    )
+    .unwrap();
     assert_eq!(stats.len(), 1);
     assert_eq!(stats[0].tokens, 21);
     // Oracle: Σ_batches XᵀX in f64 on the host.
@@ -45,15 +53,26 @@ fn emulator_is_exact_on_the_calibration_subspace() {
         rules: vec![LayerRule { pattern: "l1".into(), keep: Keep::Rank(3) }],
         whitening: Default::default(),
     };
-    let (emulator, report) =
-        emulate(model.clone(), calibration, |m: &Mlp, x| { m.forward(x); }, &config).unwrap();
+    let (emulator, report) = emulate(
+        model.clone(),
+        calibration,
+        |m: &Mlp, x| {
+            m.forward(x);
+        },
+        &config,
+    )
+    .unwrap();
     assert_eq!(report.layers.len(), 1);
     let layer = &report.layers[0];
     assert_eq!((layer.path.as_str(), layer.rank, layer.tokens), ("l1", 3, 32));
     assert!(layer.relative_damping > 0.0, "rank-3 Gram of size 12 needs damping");
     assert!(layer.relative_whitened_error < 1e-3, "{layer:?}");
     assert_eq!(report.dense_layers, vec!["l2".to_string(), "stock".to_string()]);
-    assert_eq!(report.stock_layers, vec!["stock".to_string()], "the burn::nn::Linear is named as such");
+    assert_eq!(
+        report.stock_layers,
+        vec!["stock".to_string()],
+        "the burn::nn::Linear is named as such"
+    );
     assert!(emulator.l1.is_emulated() && emulator.l1.weight.val().dims() == [0, 0]);
 
     let x = subspace_batches(12, 3, 9, 1, &device).remove(0);
@@ -77,7 +96,9 @@ fn whitened_emulator_beats_plain_svd_on_calibration_outputs() {
         &device,
     );
     let batches: Vec<_> = (0..4)
-        .map(|i| (tensor(40 + i, [32, 16], &device) * scales.clone().unsqueeze()).matmul(basis.clone()))
+        .map(|i| {
+            (tensor(40 + i, [32, 16], &device) * scales.clone().unsqueeze()).matmul(basis.clone())
+        })
         .collect();
     let out_err = |method| {
         let config = EmulatorConfig {
@@ -85,8 +106,19 @@ fn whitened_emulator_beats_plain_svd_on_calibration_outputs() {
             whitening: Default::default(),
         }
         .with_whitening(method);
-        let (emu, _) = emulate(model.clone(), batches.clone(), |m: &Mlp, x| { m.forward(x); }, &config).unwrap();
-        batches.iter().map(|x| rel_diff(emu.l1.forward(x.clone()), model.l1.forward(x.clone()))).sum::<f32>()
+        let (emu, _) = emulate(
+            model.clone(),
+            batches.clone(),
+            |m: &Mlp, x| {
+                m.forward(x);
+            },
+            &config,
+        )
+        .unwrap();
+        batches
+            .iter()
+            .map(|x| rel_diff(emu.l1.forward(x.clone()), model.l1.forward(x.clone())))
+            .sum::<f32>()
     };
     let (whitened, plain) = (out_err(WhiteningMethod::Cholesky), out_err(WhiteningMethod::None));
     assert!(whitened < plain, "whitened {whitened} !< plain {plain}");
@@ -101,9 +133,19 @@ fn same_inputs_give_bit_identical_emulators() {
         let mut model = Mlp::new(8, 8, 2, &device);
         model.l1.weight = burn::module::Param::from_tensor(tensor(30, [8, 8], &device));
         let batches: Vec<_> = (0..2).map(|i| tensor(i, [10, 8], &device)).collect();
-        let config =
-            EmulatorConfig { rules: vec![LayerRule::ratio("l1", 0.5)], whitening: Default::default() };
-        let (emu, _) = emulate(model, batches, |m: &Mlp, x| { m.forward(x); }, &config).unwrap();
+        let config = EmulatorConfig {
+            rules: vec![LayerRule::ratio("l1", 0.5)],
+            whitening: Default::default(),
+        };
+        let (emu, _) = emulate(
+            model,
+            batches,
+            |m: &Mlp, x| {
+                m.forward(x);
+            },
+            &config,
+        )
+        .unwrap();
         let f = emu.l1.factors.unwrap();
         (f.w_u.val().into_data(), f.w_v.val().into_data())
     };

@@ -7,8 +7,19 @@ use emloc::{EmlocError, EmulatorConfig, LoraConfig, attach_lora, emulate};
 
 use crate::common::*;
 
-fn run(model: Mlp, batches: Vec<Tensor<2>>, config: &EmulatorConfig) -> Result<(Mlp, emloc::EmulatorReport), EmlocError> {
-    emulate(model, batches, |m: &Mlp, x| { m.forward(x); }, config)
+fn run(
+    model: Mlp,
+    batches: Vec<Tensor<2>>,
+    config: &EmulatorConfig,
+) -> Result<(Mlp, emloc::EmulatorReport), EmlocError> {
+    emulate(
+        model,
+        batches,
+        |m: &Mlp, x| {
+            m.forward(x);
+        },
+        config,
+    )
 }
 
 fn setup() -> (Mlp, Vec<Tensor<2>>) {
@@ -28,8 +39,14 @@ fn ratio_outside_open_unit_interval_is_rejected() {
 #[test]
 fn rank_zero_or_too_large_is_rejected_with_the_layer() {
     let (model, batches) = setup();
-    let rule = |k| EmulatorConfig { rules: vec![LayerRule { pattern: "l.".into(), keep: Keep::Rank(k) }], whitening: Default::default() };
-    assert!(matches!(run(model, batches, &rule(0)).unwrap_err(), EmlocError::InvalidRank { rank: 0, .. }));
+    let rule = |k| EmulatorConfig {
+        rules: vec![LayerRule { pattern: "l.".into(), keep: Keep::Rank(k) }],
+        whitening: Default::default(),
+    };
+    assert!(matches!(
+        run(model, batches, &rule(0)).unwrap_err(),
+        EmlocError::InvalidRank { rank: 0, .. }
+    ));
     let (model, batches) = setup();
     match run(model, batches, &rule(7)).unwrap_err() {
         EmlocError::InvalidRank { layer, rank: 7, max: 6 } => assert_eq!(layer, "l1"),
@@ -53,8 +70,15 @@ fn empty_calibration_is_rejected() {
 #[test]
 fn a_layer_the_forward_never_reaches_is_named() {
     let (model, batches) = setup();
-    let err = emulate(model, batches, |m: &Mlp, x| { m.l1.forward(x); }, &EmulatorConfig::all_layers(0.5))
-        .unwrap_err();
+    let err = emulate(
+        model,
+        batches,
+        |m: &Mlp, x| {
+            m.l1.forward(x);
+        },
+        &EmulatorConfig::all_layers(0.5),
+    )
+    .unwrap_err();
     match err {
         EmlocError::NoCalibrationTokens { layer } => assert_eq!(layer, "l2"),
         other => panic!("{other}"),
@@ -66,11 +90,21 @@ fn non_finite_weight_is_named_before_calibration() {
     let (mut model, batches) = setup();
     model.l2.weight = Param::from_tensor(model.l2.weight.val().mul_scalar(f32::NAN));
     let mut forwards = 0;
-    let err = emulate(model, batches, |m: &Mlp, x| { forwards += 1; m.forward(x); }, &EmulatorConfig::all_layers(0.5))
-        .unwrap_err();
+    let err = emulate(
+        model,
+        batches,
+        |m: &Mlp, x| {
+            forwards += 1;
+            m.forward(x);
+        },
+        &EmulatorConfig::all_layers(0.5),
+    )
+    .unwrap_err();
     assert_eq!(forwards, 0, "validation must happen before calibration");
     match err {
-        EmlocError::NonFinite { layer, what } => assert_eq!((layer.as_str(), what.as_str()), ("l2", "weight")),
+        EmlocError::NonFinite { layer, what } => {
+            assert_eq!((layer.as_str(), what.as_str()), ("l2", "weight"))
+        }
         other => panic!("{other}"),
     }
 }
@@ -91,9 +125,14 @@ fn non_finite_activations_are_named() {
 #[test]
 fn stock_burn_linear_is_reported_not_silently_skipped() {
     let (model, batches) = setup();
-    let only_stock = EmulatorConfig { rules: vec![LayerRule::ratio("stock", 0.5)], whitening: Default::default() };
+    let only_stock = EmulatorConfig {
+        rules: vec![LayerRule::ratio("stock", 0.5)],
+        whitening: Default::default(),
+    };
     match run(model.clone(), batches, &only_stock).unwrap_err() {
-        EmlocError::NoMatchingLayers(msg) => assert!(msg.contains("stock") && msg.contains("burn::nn::Linear"), "{msg}"),
+        EmlocError::NoMatchingLayers(msg) => {
+            assert!(msg.contains("stock") && msg.contains("burn::nn::Linear"), "{msg}")
+        }
         other => panic!("{other}"),
     }
     let lora = LoraConfig::new(2).with_target_modules(vec!["stock".into()]);
@@ -109,9 +148,13 @@ fn bad_lora_config_and_regex_are_rejected() {
         LoraConfig::new(2).with_dropout(1.0),
         LoraConfig::new(2).with_target_regex(Some("l(".into())),
     ] {
-        assert!(matches!(attach_lora(model.clone(), &config).unwrap_err(), EmlocError::InvalidConfig(_)));
+        assert!(matches!(
+            attach_lora(model.clone(), &config).unwrap_err(),
+            EmlocError::InvalidConfig(_)
+        ));
     }
-    let bad_rule = EmulatorConfig { rules: vec![LayerRule::ratio("(", 0.5)], whitening: Default::default() };
+    let bad_rule =
+        EmulatorConfig { rules: vec![LayerRule::ratio("(", 0.5)], whitening: Default::default() };
     let (model, batches) = setup();
     assert!(matches!(run(model, batches, &bad_rule).unwrap_err(), EmlocError::InvalidConfig(_)));
 }
@@ -119,7 +162,8 @@ fn bad_lora_config_and_regex_are_rejected() {
 #[test]
 fn valid_model_is_untouched_by_a_failed_lora_attach() {
     let (model, _) = setup();
-    let (model, _) = attach_lora(model, &LoraConfig::new(2).with_target_modules(vec!["l1".into()])).unwrap();
+    let (model, _) =
+        attach_lora(model, &LoraConfig::new(2).with_target_modules(vec!["l1".into()])).unwrap();
     // A second attach on the same layer fails and says why.
     let err = attach_lora(model.clone(), &LoraConfig::new(2)).unwrap_err();
     assert!(err.to_string().contains("already carries"), "{err}");

@@ -5,7 +5,10 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use emloc::matrix::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
-use emloc::{EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_lora, emulate, export_adapter, merge_adapter, merge_lora};
+use emloc::{
+    EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_lora, emulate, export_adapter,
+    merge_adapter, merge_lora,
+};
 
 use crate::common::*;
 
@@ -31,15 +34,28 @@ fn adapter_forward_matches_dense_oracle_on_dense_and_emulator_layers() {
     device.seed(4);
     let model = Mlp::new(10, 8, 6, &device);
     let calibration = vec![tensor(1, [20, 10], &device)];
-    let (emulator, _) =
-        emulate(model.clone(), calibration, |m: &Mlp, x| { m.forward(x); }, &EmulatorConfig::all_layers(0.5)).unwrap();
+    let (emulator, _) = emulate(
+        model.clone(),
+        calibration,
+        |m: &Mlp, x| {
+            m.forward(x);
+        },
+        &EmulatorConfig::all_layers(0.5),
+    )
+    .unwrap();
     for (name, base, rslora) in [("dense", model, false), ("emulator", emulator, true)] {
-        let config = LoraConfig::new(3).with_alpha(6.0).with_use_rslora(rslora).with_target_modules(targets(&["l1"]));
+        let config = LoraConfig::new(3)
+            .with_alpha(6.0)
+            .with_use_rslora(rslora)
+            .with_target_modules(targets(&["l1"]));
         let (adapted, paths) = attach_lora(base.clone(), &config).unwrap();
         assert_eq!(paths, targets(&["l1"]));
         let x = tensor(2, [5, 10], &device);
         // B = 0 at attachment: outputs unchanged.
-        assert_eq!(adapted.l1.forward(x.clone()).into_data(), base.l1.forward(x.clone()).into_data());
+        assert_eq!(
+            adapted.l1.forward(x.clone()).into_data(),
+            base.l1.forward(x.clone()).into_data()
+        );
 
         let adapted = randomize_b(adapted, &device);
         let lora = adapted.l1.lora.as_ref().unwrap();
@@ -56,12 +72,18 @@ fn adapter_forward_matches_dense_oracle_on_dense_and_emulator_layers() {
 fn only_adapter_factors_receive_gradients() {
     let device = Device::flex();
     let model = Mlp::new(6, 5, 4, &device);
-    let (model, _) = attach_lora(model, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"]))).unwrap();
+    let (model, _) =
+        attach_lora(model, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"])))
+            .unwrap();
     let model = randomize_b(model, &device).train();
     let model = {
         // randomize_b made fresh params; re-freeze everything but the adapters the public way.
         let adapter = export_adapter(&model.valid()).unwrap();
-        let base = Mlp { l1: strip(model.l1.clone()), l2: strip(model.l2.clone()), stock: model.stock.clone() };
+        let base = Mlp {
+            l1: strip(model.l1.clone()),
+            l2: strip(model.l2.clone()),
+            stock: model.stock.clone(),
+        };
         attach_adapter(base.valid(), &adapter).unwrap().train()
     };
     let x = tensor(3, [4, 6], &device.clone().autodiff());
@@ -88,7 +110,11 @@ fn peft_round_trip_gives_identical_outputs() {
     let device = Device::flex();
     device.seed(5);
     let model = Mlp::new(7, 9, 5, &device);
-    let (adapted, _) = attach_lora(model.clone(), &LoraConfig::new(4).with_alpha(16.0).with_target_modules(targets(&["l1", "l2"]))).unwrap();
+    let (adapted, _) = attach_lora(
+        model.clone(),
+        &LoraConfig::new(4).with_alpha(16.0).with_target_modules(targets(&["l1", "l2"])),
+    )
+    .unwrap();
     let adapted = randomize_b(adapted, &device);
     let dir = tempfile::tempdir().unwrap();
     export_adapter(&adapted).unwrap().save(dir.path()).unwrap();
@@ -112,7 +138,9 @@ fn peft_round_trip_gives_identical_outputs() {
 fn adapter_for_another_model_is_rejected_with_every_key() {
     let device = Device::flex();
     let small = Mlp::new(7, 9, 3, &device);
-    let (adapted, _) = attach_lora(small, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"]))).unwrap();
+    let (adapted, _) =
+        attach_lora(small, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"])))
+            .unwrap();
     let mut adapter = export_adapter(&adapted).unwrap();
     // Make l2's adapter belong to a layer the model does not have.
     let l2 = adapter.layers.remove("l2").unwrap();
@@ -121,8 +149,20 @@ fn adapter_for_another_model_is_rejected_with_every_key() {
     let other = Mlp::new(7, 11, 3, &device); // l1 is [7 → 11]: A fits, B does not.
     match attach_adapter(other, &adapter).unwrap_err() {
         EmlocError::AdapterKeys { missing, unexpected, misshaped } => {
-            assert_eq!(missing, vec!["base_model.model.l2.lora_A.weight".to_string(), "base_model.model.l2.lora_B.weight".to_string()]);
-            assert_eq!(unexpected, vec!["base_model.model.decoder.l2.lora_A.weight".to_string(), "base_model.model.decoder.l2.lora_B.weight".to_string()]);
+            assert_eq!(
+                missing,
+                vec![
+                    "base_model.model.l2.lora_A.weight".to_string(),
+                    "base_model.model.l2.lora_B.weight".to_string()
+                ]
+            );
+            assert_eq!(
+                unexpected,
+                vec![
+                    "base_model.model.decoder.l2.lora_A.weight".to_string(),
+                    "base_model.model.decoder.l2.lora_B.weight".to_string()
+                ]
+            );
             assert_eq!(misshaped.len(), 1, "{misshaped:?}");
             assert!(misshaped[0].starts_with("base_model.model.l1.lora_B.weight"), "{misshaped:?}");
         }
@@ -134,10 +174,19 @@ fn adapter_for_another_model_is_rejected_with_every_key() {
 fn merging_into_an_emulator_is_refused() {
     let device = Device::flex();
     let model = Mlp::new(6, 6, 6, &device);
-    let (adapted, _) = attach_lora(model.clone(), &LoraConfig::new(2).with_target_modules(targets(&["l1"]))).unwrap();
+    let (adapted, _) =
+        attach_lora(model.clone(), &LoraConfig::new(2).with_target_modules(targets(&["l1"])))
+            .unwrap();
     let adapter = export_adapter(&adapted).unwrap();
-    let (emulator, _) =
-        emulate(model, vec![tensor(1, [12, 6], &device)], |m: &Mlp, x| { m.forward(x); }, &EmulatorConfig::all_layers(0.5)).unwrap();
+    let (emulator, _) = emulate(
+        model,
+        vec![tensor(1, [12, 6], &device)],
+        |m: &Mlp, x| {
+            m.forward(x);
+        },
+        &EmulatorConfig::all_layers(0.5),
+    )
+    .unwrap();
     let err = merge_adapter(emulator, &adapter).unwrap_err();
     assert!(err.to_string().contains("emulator layer"), "{err}");
     let _: Tensor<2> = tensor(0, [1, 1], &device);
@@ -151,12 +200,20 @@ fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
     let model = Mlp::new(3, 9, 5, &device); // l1: 3 → 9, l2: 9 → 5
     let too_big = LoraConfig::new(4).with_target_modules(targets(&["l1"]));
     let err = attach_lora(model.clone(), &too_big).unwrap_err().to_string();
-    assert!(err.contains("LoRA rank 4 at layer `l1` exceeds min(d_in = 3, d_out = 9) = 3"), "{err}");
+    assert!(
+        err.contains("LoRA rank 4 at layer `l1` exceeds min(d_in = 3, d_out = 9) = 3"),
+        "{err}"
+    );
     // Rank 5 ≤ 5 on l2 is fine.
     attach_lora(model.clone(), &LoraConfig::new(5).with_target_modules(targets(&["l2"]))).unwrap();
 
     // An adapter file with r = 4 on the 3-input l1 (built by hand, as another tool might write it).
-    let mut adapter = export_adapter(&attach_lora(model.clone(), &LoraConfig::new(3).with_target_modules(targets(&["l1"]))).unwrap().0).unwrap();
+    let mut adapter = export_adapter(
+        &attach_lora(model.clone(), &LoraConfig::new(3).with_target_modules(targets(&["l1"])))
+            .unwrap()
+            .0,
+    )
+    .unwrap();
     adapter.config.r = 4;
     let layer = adapter.layers.get_mut("l1").unwrap();
     layer.lora_a = emloc::matrix::Matrix::new(4, 3, noise(1, 12));
@@ -164,23 +221,52 @@ fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
     assert!(adapter.validate().unwrap_err().to_string().contains("exceeds min(d_in = 3"));
     assert!(attach_adapter(model.clone(), &adapter).is_err());
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("adapter_config.json"), serde_json::to_string(&adapter.config).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        serde_json::to_string(&adapter.config).unwrap(),
+    )
+    .unwrap();
     let a = emloc::peft::lora_a_key("l1");
     let b = emloc::peft::lora_b_key("l1");
-    let bytes = |m: &emloc::matrix::Matrix| m.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let bytes = |m: &emloc::matrix::Matrix| {
+        m.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
+    };
     let (ab, bb) = (bytes(&adapter.layers["l1"].lora_a), bytes(&adapter.layers["l1"].lora_b));
     let views = vec![
-        (a.as_str(), safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, vec![4, 3], &ab).unwrap()),
-        (b.as_str(), safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, vec![9, 4], &bb).unwrap()),
+        (
+            a.as_str(),
+            safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, vec![4, 3], &ab)
+                .unwrap(),
+        ),
+        (
+            b.as_str(),
+            safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, vec![9, 4], &bb)
+                .unwrap(),
+        ),
     ];
-    std::fs::write(dir.path().join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     let err = PeftAdapter::load(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("adapter_config.json") && err.contains("exceeds min(d_in = 3, d_out = 9)"), "{err}");
+    assert!(
+        err.contains("adapter_config.json") && err.contains("exceeds min(d_in = 3, d_out = 9)"),
+        "{err}"
+    );
 
     // A LoraAdapter built by hand (its fields are public) reaches the correction: an error, no panic.
     let mut tuned = model.clone();
-    tuned.l1.lora = Some(emloc::nn::LoraAdapter::new(tensor(3, [3, 4], &device), tensor(4, [4, 9], &device), 8.0, false, 0.0));
-    let err = emloc::correct(&model, &tuned, &emloc::CorrectionConfig::default()).unwrap_err().to_string();
+    tuned.l1.lora = Some(emloc::nn::LoraAdapter::new(
+        tensor(3, [3, 4], &device),
+        tensor(4, [4, 9], &device),
+        8.0,
+        false,
+        0.0,
+    ));
+    let err = emloc::correct(&model, &tuned, &emloc::CorrectionConfig::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("LoRA rank 4 at layer `l1`"), "{err}");
 }
 
@@ -222,7 +308,13 @@ impl Nested {
     /// `mlp` (r 3, α 12), so only `attn.q` goes to the patterns.
     fn adapted(mut self, only_attn_q: bool, device: &Device) -> Self {
         let lora = |s: u64, d_in: usize, d_out: usize, r: usize, alpha: f64| {
-            Some(emloc::nn::LoraAdapter::new(tensor(s, [d_in, r], device), tensor(s + 1, [r, d_out], device), alpha, false, 0.0))
+            Some(emloc::nn::LoraAdapter::new(
+                tensor(s, [d_in, r], device),
+                tensor(s + 1, [r, d_out], device),
+                alpha,
+                false,
+                0.0,
+            ))
         };
         self.attn.q.lora = lora(80, 6, 5, 2, 2.0);
         if !only_attn_q {
@@ -251,7 +343,8 @@ fn exported_patterns_resolve_each_layer_to_its_own_rank_and_alpha() {
     }
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path()).unwrap();
-    let restored = attach_adapter(Nested::new(1, &device), &PeftAdapter::load(dir.path()).unwrap()).unwrap();
+    let restored =
+        attach_adapter(Nested::new(1, &device), &PeftAdapter::load(dir.path()).unwrap()).unwrap();
     let x = tensor(6, [4, 6], &device);
     for ((path, got), (_, want)) in restored.layers().into_iter().zip(adapted.layers()) {
         let x = if path == "mlp" { tensor(7, [4, 5], &device) } else { x.clone() };
@@ -287,7 +380,14 @@ fn correction_uses_each_attached_adapters_own_scale() {
 }
 
 /// `x (W + s Aᵀ Bᵀ) + bias` in f64 on the host (PEFT layout: `A` `[r, d_in]`, `B` `[d_out, r]`).
-fn dense_lora_oracle(x: &Tensor<2>, w: &Tensor<2>, bias: &Tensor<1>, a: &Matrix, b: &Matrix, s: f64) -> Tensor<2> {
+fn dense_lora_oracle(
+    x: &Tensor<2>,
+    w: &Tensor<2>,
+    bias: &Tensor<1>,
+    a: &Matrix,
+    b: &Matrix,
+    s: f64,
+) -> Tensor<2> {
     let [n, d_in] = x.dims();
     let d_out = w.dims()[1];
     let r = a.shape()[0];
@@ -314,7 +414,10 @@ fn adapters_are_served_and_merged_on_stock_burn_linear_layers() {
     let model = Mlp::new(6, 5, 4, &device);
     let (r, alpha) = (2, 6.0);
     let layer = |seed: u64, d_in: usize, d_out: usize| {
-        PeftLayer::new(Matrix::new(r, d_in, noise(seed, r * d_in)), Matrix::new(d_out, r, noise(seed + 1, d_out * r)))
+        PeftLayer::new(
+            Matrix::new(r, d_in, noise(seed, r * d_in)),
+            Matrix::new(d_out, r, noise(seed + 1, d_out * r)),
+        )
     };
     let adapter = PeftAdapter {
         config: PeftConfig::new(r, alpha, targets(&["l1", "stock"])),
@@ -326,8 +429,10 @@ fn adapters_are_served_and_merged_on_stock_burn_linear_layers() {
         let l = &adapter.layers[name];
         dense_lora_oracle(&x, w, bias, &l.lora_a, &l.lora_b, s)
     };
-    let stock_expected = expected("stock", &model.stock.weight.val(), &model.stock.bias.as_ref().unwrap().val());
-    let l1_expected = expected("l1", &model.l1.weight.val(), &model.l1.bias.as_ref().unwrap().val());
+    let stock_expected =
+        expected("stock", &model.stock.weight.val(), &model.stock.bias.as_ref().unwrap().val());
+    let l1_expected =
+        expected("l1", &model.l1.weight.val(), &model.l1.bias.as_ref().unwrap().val());
 
     // Served: Burn's LoRA reparameterization on the stock layer, emloc's adapter on l1.
     let served = attach_adapter(model.clone(), &adapter).unwrap();

@@ -9,7 +9,8 @@ use emloc::emulator::{DESCRIPTION_FILE, FACTORS_FILE};
 use emloc::matrix::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use emloc::{
-    EmlocError, EmulatorConfig, EmulatorDescription, emulate, load_emulator, merge_into_safetensors, save_emulator,
+    EmlocError, EmulatorConfig, EmulatorDescription, emulate, load_emulator,
+    merge_into_safetensors, save_emulator,
 };
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -19,16 +20,23 @@ fn built(device: &Device) -> (Mlp, Mlp, EmulatorDescription) {
     let model = Mlp::new(12, 9, 5, device);
     let config = EmulatorConfig::all_layers(0.5);
     let calibration = vec![tensor(1, [30, 12], device), tensor(2, [30, 12], device)];
-    let (emulator, report) = emulate(model.clone(), calibration, |m: &Mlp, x| {
-        m.forward(x);
-    }, &config)
+    let (emulator, report) = emulate(
+        model.clone(),
+        calibration,
+        |m: &Mlp, x| {
+            m.forward(x);
+        },
+        &config,
+    )
     .unwrap();
     (model, emulator, EmulatorDescription::new(config, report))
 }
 
 fn emulator_file_error(result: emloc::Result<(Mlp, EmulatorDescription)>, needle: &str) {
     match result {
-        Err(EmlocError::EmulatorFile { message, .. }) => assert!(message.contains(needle), "{message}"),
+        Err(EmlocError::EmulatorFile { message, .. }) => {
+            assert!(message.contains(needle), "{message}")
+        }
         Err(other) => panic!("expected an emulator file error about {needle}, got {other}"),
         Ok(_) => panic!("expected an emulator file error about {needle}"),
     }
@@ -43,16 +51,24 @@ fn saved_emulator_loads_onto_the_original_bit_identically() {
     let (loaded, read) = load_emulator(original.clone(), dir.path()).unwrap();
     // Compared through the same JSON parse: serde_json's default float parser may read a
     // 17-digit report value (e.g. `whitened_error`) back one ulp off.
-    let reparsed: EmulatorDescription = serde_json::from_str(&serde_json::to_string(&description).unwrap()).unwrap();
+    let reparsed: EmulatorDescription =
+        serde_json::from_str(&serde_json::to_string(&description).unwrap()).unwrap();
     assert_eq!(read, reparsed);
     assert!(loaded.l1.is_emulated() && loaded.l2.is_emulated());
     let x = tensor(3, [7, 12], &device);
     let (a, b) = (loaded.forward(x.clone()), emulator.forward(x));
-    assert_eq!(a.into_data(), b.into_data(), "a saved and reloaded emulator must compute the same outputs");
+    assert_eq!(
+        a.into_data(),
+        b.into_data(),
+        "a saved and reloaded emulator must compute the same outputs"
+    );
 
     // Loading checks the model before changing it.
     emulator_file_error(load_emulator(emulator.clone(), dir.path()), "already an emulator layer");
-    emulator_file_error(load_emulator(Mlp::new(12, 10, 5, &device), dir.path()), "`l1` is [12, 10] in the model");
+    emulator_file_error(
+        load_emulator(Mlp::new(12, 10, 5, &device), dir.path()),
+        "`l1` is [12, 10] in the model",
+    );
 }
 
 #[test]
@@ -104,7 +120,8 @@ fn tampered_emulator_directories_are_rejected_by_name() {
 }
 
 fn write_checkpoint(path: &Path, tensors: &[(&str, [usize; 2], &[f32])]) {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views: Vec<(&str, TensorView<'_>)> = tensors
         .iter()
         .zip(&bytes)
@@ -120,30 +137,50 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     let other = noise(2, 10);
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("model.safetensors");
-    write_checkpoint(&input, &[("bert.encoder.dense.weight", [d_out, d_in], &w), ("bert.embeddings.weight", [2, 5], &other)]);
+    write_checkpoint(
+        &input,
+        &[
+            ("bert.encoder.dense.weight", [d_out, d_in], &w),
+            ("bert.embeddings.weight", [2, 5], &other),
+        ],
+    );
     let lora_a = Matrix::new(r, d_in, noise(3, r * d_in));
     let lora_b = Matrix::new(d_out, r, noise(4, d_out * r));
     let adapter = PeftAdapter {
         config: PeftConfig::new(r, 6.0, vec!["dense".into()]),
-        layers: BTreeMap::from([("encoder.dense".to_string(), PeftLayer::new(lora_a.clone(), lora_b.clone()))]),
+        layers: BTreeMap::from([(
+            "encoder.dense".to_string(),
+            PeftLayer::new(lora_a.clone(), lora_b.clone()),
+        )]),
     };
     let out = dir.path().join("merged");
     let merged = merge_into_safetensors(&adapter, std::slice::from_ref(&input), &out).unwrap();
-    assert_eq!(merged.merged, vec![("encoder.dense".to_string(), "bert.encoder.dense.weight".to_string())]);
+    assert_eq!(
+        merged.merged,
+        vec![("encoder.dense".to_string(), "bert.encoder.dense.weight".to_string())]
+    );
 
     let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let read = |k: &str| -> Vec<f32> {
-        st.tensor(k).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        st.tensor(k)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     };
     assert_eq!(read("bert.embeddings.weight"), other, "untouched tensors are copied bit for bit");
     let got = read("bert.encoder.dense.weight");
     let scale = 6.0 / r as f64;
     for o in 0..d_out {
         for i in 0..d_in {
-            let delta: f64 = (0..r).map(|k| f64::from(lora_b.get(o, k)) * f64::from(lora_a.get(k, i))).sum();
+            let delta: f64 =
+                (0..r).map(|k| f64::from(lora_b.get(o, k)) * f64::from(lora_a.get(k, i))).sum();
             let expected = f64::from(w[o * d_in + i]) + scale * delta;
-            assert!((f64::from(got[o * d_in + i]) - expected).abs() <= 1e-6 * expected.abs().max(1.0));
+            assert!(
+                (f64::from(got[o * d_in + i]) - expected).abs() <= 1e-6 * expected.abs().max(1.0)
+            );
         }
     }
 
@@ -153,7 +190,9 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     stray.layers.insert("encoder.gate".into(), PeftLayer::new(lora_a, lora_b));
     let out2 = dir.path().join("merged2");
     match merge_into_safetensors(&stray, std::slice::from_ref(&input), &out2) {
-        Err(EmlocError::AdapterKeys { missing, .. }) => assert_eq!(missing, vec!["encoder.gate.weight".to_string()]),
+        Err(EmlocError::AdapterKeys { missing, .. }) => {
+            assert_eq!(missing, vec!["encoder.gate.weight".to_string()])
+        }
         other => panic!("expected missing keys, got {other:?}"),
     }
     assert!(!out2.exists(), "a failed merge must not create its output");
@@ -165,8 +204,15 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     poisoned[3] = f32::NAN;
     let bad = dir.path().join("bad");
     std::fs::create_dir(&bad).unwrap();
-    write_checkpoint(&bad.join("model.safetensors"), &[("bert.encoder.dense.weight", [d_out, d_in], &poisoned)]);
-    match merge_into_safetensors(&adapter, &[bad.join("model.safetensors")], &dir.path().join("merged3")) {
+    write_checkpoint(
+        &bad.join("model.safetensors"),
+        &[("bert.encoder.dense.weight", [d_out, d_in], &poisoned)],
+    );
+    match merge_into_safetensors(
+        &adapter,
+        &[bad.join("model.safetensors")],
+        &dir.path().join("merged3"),
+    ) {
         Err(EmlocError::NonFinite { layer, .. }) => assert_eq!(layer, "bert.encoder.dense.weight"),
         other => panic!("expected a non-finite error, got {other:?}"),
     }

@@ -248,20 +248,29 @@ mod tests {
         let device = Device::flex();
         device.seed(7);
         let attention = BertAttentionConfig::new(8, 2).init(&device);
-        let hidden = Tensor::<3>::random([2, 4, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        let mask = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 1, 1, 1, 1, 1, 0, 0], [2, 4]), &device);
+        let hidden =
+            Tensor::<3>::random([2, 4, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let mask = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![1i64, 1, 1, 1, 1, 1, 0, 0], [2, 4]),
+            &device,
+        );
         let bias = attention_mask_bias(mask);
         let values: Vec<f32> = bias.clone().into_data().iter::<f32>().collect();
         assert_eq!(values, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, f32::MIN, f32::MIN]);
-        let reference: Vec<f32> =
-            attention.self_attn.forward(hidden.clone(), Some(bias.clone())).into_data().iter::<f32>().collect();
+        let reference: Vec<f32> = attention
+            .self_attn
+            .forward(hidden.clone(), Some(bias.clone()))
+            .into_data()
+            .iter::<f32>()
+            .collect();
         for dtype in [DType::F16, DType::BF16] {
             let half = attention.clone().map(&mut ToHalf(dtype));
             let out = half.self_attn.forward(hidden.clone().cast(dtype), Some(bias.clone()));
             assert_eq!(out.dtype(), dtype);
             let out: Vec<f32> = out.into_data().iter::<f32>().collect();
             assert!(out.iter().all(|v| v.is_finite()), "{dtype:?}: {out:?}");
-            let diff = out.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let diff =
+                out.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(diff < 0.05, "{dtype:?} differs from f32 by {diff}");
         }
     }

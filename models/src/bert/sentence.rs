@@ -105,7 +105,11 @@ impl SentenceEncoder {
     ///
     /// # Errors
     /// As [`load`](Self::load).
-    pub fn load_skipping(dir: impl AsRef<Path>, device: &Device, skip: &BTreeSet<String>) -> Result<Self> {
+    pub fn load_skipping(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        skip: &BTreeSet<String>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {

@@ -18,7 +18,10 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish_non_exhaustive()
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
     }
 }
 
@@ -32,14 +35,22 @@ impl ChatTemplate {
     /// [`ModelError::InvalidInput`] with Jinja's message if the template does not compile.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
-        let syntax = SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().expect("default delimiters");
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .expect("default delimiters");
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> std::result::Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        });
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| ModelError::InvalidInput(format!("chat template does not compile: {e}")))?;
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_template_owned("chat", source.to_string()).map_err(|e| {
+            ModelError::InvalidInput(format!("chat template does not compile: {e}"))
+        })?;
         Ok(Self { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
@@ -74,10 +85,19 @@ mod tests {
         let t = ChatTemplate::new(CHATML, "<|im_start|>", "<|im_end|>").unwrap();
         let messages = [Message::new("user", "Hi")];
         let system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
-        assert_eq!(t.render(&messages, true).unwrap(), format!("{system}<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
-        assert_eq!(t.render(&messages, false).unwrap(), format!("{system}<|im_start|>user\nHi<|im_end|>\n"));
+        assert_eq!(
+            t.render(&messages, true).unwrap(),
+            format!("{system}<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        );
+        assert_eq!(
+            t.render(&messages, false).unwrap(),
+            format!("{system}<|im_start|>user\nHi<|im_end|>\n")
+        );
         let with_system = [Message::new("system", "S"), Message::new("user", "Hi")];
-        assert_eq!(t.render(&with_system, false).unwrap(), "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        assert_eq!(
+            t.render(&with_system, false).unwrap(),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]

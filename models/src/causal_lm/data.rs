@@ -96,21 +96,33 @@ pub fn parse_record(value: &Value) -> std::result::Result<Example, String> {
         None => Err(format!("missing field `{name}`")),
     };
     if let Some(messages) = value.get("messages") {
-        let messages: Vec<Message> = serde_json::from_value(messages.clone())
-            .map_err(|e| format!("`messages` must be a list of {{\"role\", \"content\"}} strings: {e}"))?;
+        let messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
+            format!("`messages` must be a list of {{\"role\", \"content\"}} strings: {e}")
+        })?;
         let Some((last, prompt)) = messages.split_last() else {
             return Err("`messages` is empty".into());
         };
         if last.role != "assistant" {
-            return Err(format!("the last message must be the assistant's (the target), found role `{}`", last.role));
+            return Err(format!(
+                "the last message must be the assistant's (the target), found role `{}`",
+                last.role
+            ));
         }
         if prompt.is_empty() {
             return Err("`messages` has no message before the assistant's".into());
         }
-        return Ok(Example { prompt: Prompt::Chat(prompt.to_vec()), targets: vec![last.content.clone()], choices: None });
+        return Ok(Example {
+            prompt: Prompt::Chat(prompt.to_vec()),
+            targets: vec![last.content.clone()],
+            choices: None,
+        });
     }
     if value.get("prompt").is_some() {
-        return Ok(Example { prompt: Prompt::Text(string("prompt")?), targets: vec![string("completion")?], choices: None });
+        return Ok(Example {
+            prompt: Prompt::Text(string("prompt")?),
+            targets: vec![string("completion")?],
+            choices: None,
+        });
     }
     if value.get("input").is_some() {
         let input = string("input")?;
@@ -119,7 +131,11 @@ pub fn parse_record(value: &Value) -> std::result::Result<Example, String> {
             Some(Value::Array(items)) => {
                 let options = items
                     .iter()
-                    .map(|v| v.as_str().map(str::to_string).ok_or_else(|| format!("`choices` must hold strings, found {}", short(v))))
+                    .map(|v| {
+                        v.as_str().map(str::to_string).ok_or_else(|| {
+                            format!("`choices` must hold strings, found {}", short(v))
+                        })
+                    })
                     .collect::<std::result::Result<Vec<_>, _>>()?;
                 if options.len() < 2 {
                     return Err("`choices` needs at least two options".into());
@@ -134,7 +150,12 @@ pub fn parse_record(value: &Value) -> std::result::Result<Example, String> {
                         .map(|i| i as usize)
                         .filter(|&i| i < options.len())
                         .ok_or_else(|| format!("`label` {n} is not an index into `choices`"))?,
-                    Some(other) => return Err(format!("`label` must be a string or an index, found {}", short(other))),
+                    Some(other) => {
+                        return Err(format!(
+                            "`label` must be a string or an index, found {}",
+                            short(other)
+                        ));
+                    }
                     None => return Err("`choices` without a `label`".into()),
                 };
                 Some(Choices { options, answer })
@@ -147,10 +168,18 @@ pub fn parse_record(value: &Value) -> std::result::Result<Example, String> {
                 .iter()
                 .map(|v| match v.as_str() {
                     Some(s) if !s.is_empty() => Ok(s.to_string()),
-                    _ => Err(format!("`target` list items must be non-empty strings, found {}", short(v))),
+                    _ => Err(format!(
+                        "`target` list items must be non-empty strings, found {}",
+                        short(v)
+                    )),
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?,
-            Some(other) => return Err(format!("`target` must be a non-empty string or list of strings, found {}", short(other))),
+            Some(other) => {
+                return Err(format!(
+                    "`target` must be a non-empty string or list of strings, found {}",
+                    short(other)
+                ));
+            }
             None => match &choices {
                 Some(c) => vec![c.options[c.answer].clone()],
                 None => return Err("missing field `target` (or `label` with `choices`)".into()),
@@ -159,14 +188,22 @@ pub fn parse_record(value: &Value) -> std::result::Result<Example, String> {
         return Ok(Example { prompt: Prompt::Text(input), targets, choices });
     }
     if value.get("question").is_some() {
-        return Ok(Example { prompt: Prompt::Text(string("question")?), targets: vec![string("answer")?], choices: None });
+        return Ok(Example {
+            prompt: Prompt::Text(string("question")?),
+            targets: vec![string("answer")?],
+            choices: None,
+        });
     }
     Err(format!("expected one of {FORMATS}"))
 }
 
 fn short(value: &Value) -> String {
     let text = value.to_string();
-    if text.chars().count() > 40 { format!("{}…", text.chars().take(40).collect::<String>()) } else { text }
+    if text.chars().count() > 40 {
+        format!("{}…", text.chars().take(40).collect::<String>())
+    } else {
+        text
+    }
 }
 
 /// Parses JSONL text, one [`Example`] per non-blank line (see [`parse_record`]); `path` names
@@ -204,20 +241,30 @@ mod tests {
     #[test]
     fn every_format_parses() {
         let e = parse(r#"{"input": "What is 1 plus 2?", "target": "3"}"#).unwrap();
-        assert_eq!((e.prompt, e.targets, e.choices), (Prompt::Text("What is 1 plus 2?".into()), vec!["3".to_string()], None));
+        assert_eq!(
+            (e.prompt, e.targets, e.choices),
+            (Prompt::Text("What is 1 plus 2?".into()), vec!["3".to_string()], None)
+        );
         let e = parse(r#"{"input": "count", "target": ["twelve", "12"]}"#).unwrap();
         assert_eq!(e.targets, ["twelve", "12"]);
         let e = parse(r#"{"input": "q", "label": "b", "choices": ["a", "b", "c"]}"#).unwrap();
-        assert_eq!(e.choices, Some(Choices { options: vec!["a".into(), "b".into(), "c".into()], answer: 1 }));
+        assert_eq!(
+            e.choices,
+            Some(Choices { options: vec!["a".into(), "b".into(), "c".into()], answer: 1 })
+        );
         assert_eq!(e.target(), "b");
-        let e = parse(r#"{"input": "q", "label": 2, "choices": ["a", "b", "c"], "target": "c!"}"#).unwrap();
+        let e = parse(r#"{"input": "q", "label": 2, "choices": ["a", "b", "c"], "target": "c!"}"#)
+            .unwrap();
         assert_eq!((e.target(), e.choices.as_ref().unwrap().answer), ("c!", 2));
         let e = parse(r#"{"prompt": "p", "completion": " c"}"#).unwrap();
         assert_eq!((&e.prompt, e.target()), (&Prompt::Text("p".into()), " c"));
         let e = parse(r#"{"question": "q", "answer": "a"}"#).unwrap();
         assert_eq!(e.target(), "a");
         let e = parse(r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}"#).unwrap();
-        assert_eq!(e.prompt, Prompt::Chat(vec![Message::new("system", "s"), Message::new("user", "u")]));
+        assert_eq!(
+            e.prompt,
+            Prompt::Chat(vec![Message::new("system", "s"), Message::new("user", "u")])
+        );
         assert_eq!(e.target(), "a");
     }
 
@@ -242,7 +289,9 @@ mod tests {
         }
         let good = r#"{"input": "q", "target": "t"}"#;
         match parse_jsonl(&format!("{good}\n\n{good}\n[1]\n"), Path::new("d.jsonl")) {
-            Err(e @ ModelError::Data { line: 4, .. }) => assert!(e.to_string().starts_with("d.jsonl:4: expected a JSON object"), "{e}"),
+            Err(e @ ModelError::Data { line: 4, .. }) => {
+                assert!(e.to_string().starts_with("d.jsonl:4: expected a JSON object"), "{e}")
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(parse_jsonl("\n", Path::new("d")), Err(ModelError::Data { line: 0, .. })));

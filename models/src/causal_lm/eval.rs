@@ -105,17 +105,23 @@ pub fn evaluate(
             let nll = &option_nll[k..k + choices.options.len()];
             k += choices.options.len();
             // The most likely option; ties go to the first, as an argmax over log-likelihoods.
-            let best = (0..nll.len()).min_by(|&a, &b| nll[a].0.total_cmp(&nll[b].0)).expect("two or more options");
+            let best = (0..nll.len())
+                .min_by(|&a, &b| nll[a].0.total_cmp(&nll[b].0))
+                .expect("two or more options");
             correct += usize::from(best == choices.answer);
             choice_examples += 1;
         }
     }
 
     let exact_match = if generations > 0 {
-        let settings = GenerationConfig::greedy(config.max_new_tokens).with_eos_token_ids(task.eos_token_ids().to_vec());
-        let prompts = examples.iter().map(|e| task.encode_prompt(&e.prompt)).collect::<Result<Vec<_>>>()?;
+        let settings = GenerationConfig::greedy(config.max_new_tokens)
+            .with_eos_token_ids(task.eos_token_ids().to_vec());
+        let prompts =
+            examples.iter().map(|e| task.encode_prompt(&e.prompt)).collect::<Result<Vec<_>>>()?;
         let mut matches = 0;
-        for (chunk, batch) in examples.chunks(config.batch_size).zip(prompts.chunks(config.batch_size)) {
+        for (chunk, batch) in
+            examples.chunks(config.batch_size).zip(prompts.chunks(config.batch_size))
+        {
             // Left-padded batched greedy decoding; each row stops at its own end of sequence.
             let generated = model.generate_batch(batch, &settings, task.pad_token_id())?;
             for (example, ids) in chunk.iter().zip(&generated) {

@@ -11,8 +11,8 @@ use super::chat::ChatTemplate;
 use super::task::CausalLmTask;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufTokenizerInfo};
-use crate::loading::read_json;
 use crate::llama::{LlamaConfig, LlamaForCausalLM, LlamaTokenizer};
+use crate::loading::read_json;
 
 /// A loaded decoder LM and the task that formats data for it.
 #[derive(Debug)]
@@ -35,10 +35,15 @@ pub fn is_gguf(path: &Path) -> bool {
 
 /// Tokens that end an assistant turn in common chat templates; those the vocabulary has stop
 /// generation besides the config's end-of-sequence ids.
-const END_OF_TURN_TOKENS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
+const END_OF_TURN_TOKENS: [&str; 5] =
+    ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
 
 /// Adds the ids of the end-of-turn tokens the template uses (and the vocabulary has) to `ids`.
-fn with_end_of_turn_ids(mut ids: Vec<u32>, template: Option<&str>, tokenizer: &LlamaTokenizer) -> Vec<u32> {
+fn with_end_of_turn_ids(
+    mut ids: Vec<u32>,
+    template: Option<&str>,
+    tokenizer: &LlamaTokenizer,
+) -> Vec<u32> {
     if let Some(template) = template {
         for token in END_OF_TURN_TOKENS {
             if template.contains(token)
@@ -56,7 +61,9 @@ fn with_end_of_turn_ids(mut ids: Vec<u32>, template: Option<&str>, tokenizer: &L
 fn token_string(config: &Value, name: &str) -> String {
     match config.get(name) {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or("").to_string(),
+        Some(Value::Object(o)) => {
+            o.get("content").and_then(Value::as_str).unwrap_or("").to_string()
+        }
         _ => String::new(),
     }
 }
@@ -73,11 +80,18 @@ fn chat_template_of(dir: &Path) -> Result<Option<(String, String, String)>> {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(list)) => {
             let named = |name: &str| {
-                list.iter().find(|t| t.get("name").and_then(Value::as_str) == Some(name)).and_then(|t| t.get("template")?.as_str())
+                list.iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
+                    .and_then(|t| t.get("template")?.as_str())
             };
             match named("default") {
                 Some(t) => t.to_string(),
-                None => return Err(ModelError::InvalidConfig { path, message: "`chat_template` list has no `default`".into() }),
+                None => {
+                    return Err(ModelError::InvalidConfig {
+                        path,
+                        message: "`chat_template` list has no `default`".into(),
+                    });
+                }
             }
         }
         _ => return Ok(None),
@@ -133,7 +147,11 @@ fn load_gguf(path: &Path, device: &Device, skip: &BTreeSet<String>) -> Result<Ca
     let tokenizer = LlamaTokenizer::from_gguf(&file)?;
     let info = GgufTokenizerInfo::from_gguf(&file)?;
     let chat = info.chat_template().map(|t| {
-        (t.to_string(), info.bos_token().unwrap_or_default().to_string(), info.eos_token().unwrap_or_default().to_string())
+        (
+            t.to_string(),
+            info.bos_token().unwrap_or_default().to_string(),
+            info.eos_token().unwrap_or_default().to_string(),
+        )
     });
     assemble(model, config, tokenizer, chat, info.eos_token_ids(), path)
 }

@@ -44,8 +44,13 @@ mod task;
 mod train;
 
 pub use chat::ChatTemplate;
-pub use data::{Choices, Example, FORMATS, Message, Prompt, is_causal_lm_record, parse_jsonl, parse_record, read_jsonl};
-pub use load::{CausalLm, is_gguf, load_causal_lm};
+pub use data::{
+    Choices, Example, FORMATS, Message, Prompt, is_causal_lm_record, parse_jsonl, parse_record,
+    read_jsonl,
+};
 pub use eval::{CausalLmMetrics, EvalConfig, answer_text, evaluate};
-pub use task::{CausalBatch, CausalLmTask, PromptStyle, Tokenized, completion_loss, row_nll, token_nll};
+pub use load::{CausalLm, is_gguf, load_causal_lm};
+pub use task::{
+    CausalBatch, CausalLmTask, PromptStyle, Tokenized, completion_loss, row_nll, token_nll,
+};
 pub use train::{finetune, tokenize_all};

@@ -92,9 +92,15 @@ impl CausalLmTask {
     ///
     /// # Errors
     /// [`ModelError::InvalidInput`] if `eos_token_ids` is empty.
-    pub fn new(tokenizer: LlamaTokenizer, template: Option<ChatTemplate>, eos_token_ids: Vec<u32>) -> Result<Self> {
+    pub fn new(
+        tokenizer: LlamaTokenizer,
+        template: Option<ChatTemplate>,
+        eos_token_ids: Vec<u32>,
+    ) -> Result<Self> {
         let Some(&pad_token_id) = eos_token_ids.first() else {
-            return Err(ModelError::InvalidInput("a causal-LM task needs at least one end-of-sequence id".into()));
+            return Err(ModelError::InvalidInput(
+                "a causal-LM task needs at least one end-of-sequence id".into(),
+            ));
         };
         let style = if template.is_some() { PromptStyle::Chat } else { PromptStyle::Raw };
         Ok(Self { tokenizer, template, style, max_seq_length: 512, eos_token_ids, pad_token_id })
@@ -106,7 +112,9 @@ impl CausalLmTask {
     /// [`ModelError::InvalidInput`] for [`PromptStyle::Chat`] without a chat template.
     pub fn with_style(mut self, style: PromptStyle) -> Result<Self> {
         if style == PromptStyle::Chat && self.template.is_none() {
-            return Err(ModelError::InvalidInput("prompt style `chat` needs a chat template, and the model has none".into()));
+            return Err(ModelError::InvalidInput(
+                "prompt style `chat` needs a chat template, and the model has none".into(),
+            ));
         }
         self.style = style;
         Ok(self)
@@ -118,7 +126,9 @@ impl CausalLmTask {
     /// [`ModelError::InvalidInput`] if it is below 2 (one prompt and one completion token).
     pub fn with_max_seq_length(mut self, max_seq_length: usize) -> Result<Self> {
         if max_seq_length < 2 {
-            return Err(ModelError::InvalidInput(format!("max_seq_length {max_seq_length} must be at least 2")));
+            return Err(ModelError::InvalidInput(format!(
+                "max_seq_length {max_seq_length} must be at least 2"
+            )));
         }
         self.max_seq_length = max_seq_length;
         Ok(self)
@@ -158,9 +168,9 @@ impl CausalLmTask {
     pub fn prompt_text(&self, prompt: &Prompt) -> Result<String> {
         match (self.style, prompt) {
             (PromptStyle::Raw, Prompt::Text(text)) => Ok(text.clone()),
-            (PromptStyle::Raw, Prompt::Chat(_)) => {
-                Err(ModelError::InvalidInput("a {\"messages\"} example needs the chat prompt style (and a chat template)".into()))
-            }
+            (PromptStyle::Raw, Prompt::Chat(_)) => Err(ModelError::InvalidInput(
+                "a {\"messages\"} example needs the chat prompt style (and a chat template)".into(),
+            )),
             (PromptStyle::Chat, prompt) => self.template().render(&Self::messages(prompt), true),
         }
     }
@@ -213,7 +223,9 @@ impl CausalLmTask {
             }
         };
         if prompt_ids.is_empty() || completion_ids.is_empty() {
-            return Err(ModelError::InvalidInput("an example's prompt or completion encodes to no tokens".into()));
+            return Err(ModelError::InvalidInput(
+                "an example's prompt or completion encodes to no tokens".into(),
+            ));
         }
         let max = self.max_seq_length;
         completion_ids.truncate(max - 1);
@@ -241,7 +253,10 @@ impl CausalLmTask {
         let (mut positions, mut targets, mut rows) = (Vec::new(), Vec::new(), Vec::new());
         let mut tokens = 0;
         for (row, item) in items.iter().enumerate() {
-            assert!(!item.prompt.is_empty() && !item.completion.is_empty(), "CausalLmTask::batch: empty prompt or completion");
+            assert!(
+                !item.prompt.is_empty() && !item.completion.is_empty(),
+                "CausalLmTask::batch: empty prompt or completion"
+            );
             let sequence: Vec<u32> = item.prompt.iter().chain(&item.completion).copied().collect();
             tokens += sequence.len();
             for (t, &id) in sequence[..sequence.len() - 1].iter().enumerate() {
@@ -300,12 +315,22 @@ pub fn completion_loss(model: &LlamaForCausalLM, batch: &CausalBatch) -> Tensor<
 ///
 /// # Errors
 /// [`ModelError::InvalidInput`] if a value is NaN or infinite (a diverged model).
-pub fn row_nll(model: &LlamaForCausalLM, batch: &CausalBatch, rows: usize) -> Result<Vec<(f64, usize)>> {
-    let values = token_nll(model, batch).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
+pub fn row_nll(
+    model: &LlamaForCausalLM,
+    batch: &CausalBatch,
+    rows: usize,
+) -> Result<Vec<(f64, usize)>> {
+    let values = token_nll(model, batch)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data");
     let mut sums = vec![(0.0f64, 0usize); rows];
     for (&row, &v) in batch.rows.iter().zip(&values) {
         if !v.is_finite() {
-            return Err(ModelError::InvalidInput(format!("the model's log-likelihood is {v} on example {row} of a batch")));
+            return Err(ModelError::InvalidInput(format!(
+                "the model's log-likelihood is {v} on example {row} of a batch"
+            )));
         }
         sums[row].0 += f64::from(v);
         sums[row].1 += 1;

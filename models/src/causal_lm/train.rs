@@ -18,7 +18,9 @@ pub fn tokenize_all(task: &CausalLmTask, examples: &[Example]) -> Result<Vec<Tok
     examples
         .iter()
         .enumerate()
-        .map(|(i, e)| task.encode(e).map_err(|err| ModelError::InvalidInput(format!("example {i}: {err}"))))
+        .map(|(i, e)| {
+            task.encode(e).map_err(|err| ModelError::InvalidInput(format!("example {i}: {err}")))
+        })
         .collect()
 }
 

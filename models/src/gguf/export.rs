@@ -84,10 +84,7 @@ pub fn gguf_to_hf_dir(gguf_path: impl AsRef<Path>, out_dir: impl AsRef<Path>) ->
         Err(e) => return Err(e),
     };
 
-    let name = out_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let parent = match out_dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -101,10 +98,7 @@ pub fn gguf_to_hf_dir(gguf_path: impl AsRef<Path>, out_dir: impl AsRef<Path>) ->
         generation.insert("_from_model_config".into(), json!(true));
         if let Ok((info, json)) = &tokenizer {
             write_json(&tmp.join("tokenizer.json"), json)?;
-            write_json(
-                &tmp.join("tokenizer_config.json"),
-                &info.tokenizer_config_json(),
-            )?;
+            write_json(&tmp.join("tokenizer_config.json"), &info.tokenizer_config_json())?;
             if let Some(bos) = &info.bos {
                 generation.insert("bos_token_id".into(), json!(bos.id));
             }
@@ -135,10 +129,7 @@ pub fn gguf_to_hf_dir(gguf_path: impl AsRef<Path>, out_dir: impl AsRef<Path>) ->
                 );
             }
         }
-        write_json(
-            &tmp.join("generation_config.json"),
-            &Value::Object(generation),
-        )?;
+        write_json(&tmp.join("generation_config.json"), &Value::Object(generation))?;
         std::fs::rename(&tmp, out_dir).map_err(|e| ModelError::io(out_dir, e))
     })();
     if let Err(e) = result {
@@ -204,8 +195,7 @@ fn write_safetensors(
     }
     let io = |e| ModelError::io(path, e);
     let mut out = BufWriter::new(File::create(path).map_err(io)?);
-    out.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     out.write_all(&header).map_err(io)?;
     for t in tensors {
         let values = t.read(file)?;
@@ -216,8 +206,5 @@ fn write_safetensors(
             out.write_all(&bytes).map_err(io)?;
         }
     }
-    out.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)
+    out.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)
 }

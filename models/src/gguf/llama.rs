@@ -41,36 +41,23 @@ use crate::llama::{LlamaConfig, LlamaFamily, LlamaForCausalLM, RopeScaling, Toke
 pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
 
 fn invalid(file: &GgufFile, message: String) -> ModelError {
-    ModelError::InvalidConfig {
-        path: file.path().to_path_buf(),
-        message,
-    }
+    ModelError::InvalidConfig { path: file.path().to_path_buf(), message }
 }
 
 fn positive(file: &GgufFile, key: &str) -> Result<usize> {
     let value = file.get_u64(key)?;
     match usize::try_from(value) {
         Ok(v) if v > 0 => Ok(v),
-        _ => Err(invalid(
-            file,
-            format!("metadata `{key}` must be a positive size, got {value}"),
-        )),
+        _ => Err(invalid(file, format!("metadata `{key}` must be a positive size, got {value}"))),
     }
 }
 
 fn token_id(file: &GgufFile, key: &str) -> Result<Option<u32>> {
     match file.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .and_then(|id| u32::try_from(id).ok())
-            .map(Some)
-            .ok_or_else(|| {
-                invalid(
-                    file,
-                    format!("metadata `{key}` must be a token id, got {v:?}"),
-                )
-            }),
+        Some(v) => v.as_u64().and_then(|id| u32::try_from(id).ok()).map(Some).ok_or_else(|| {
+            invalid(file, format!("metadata `{key}` must be a token id, got {v:?}"))
+        }),
     }
 }
 
@@ -112,10 +99,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     let vocab = match file.tensor("token_embd.weight") {
         Some(t) if t.ne.len() == 2 => t.shape()[0],
         Some(t) => {
-            return Err(invalid(
-                file,
-                format!("`token_embd.weight` has ne {:?}, not 2-D", t.ne),
-            ));
+            return Err(invalid(file, format!("`token_embd.weight` has ne {:?}, not 2-D", t.ne)));
         }
         None => positive(file, &key("vocab_size"))?,
     };
@@ -239,11 +223,7 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// # Panics
 /// If `data.len() != rows * cols` or `rows` is not a multiple of `2 · heads`.
 pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    assert_eq!(
-        data.len(),
-        rows * cols,
-        "unpermute_rows: data is not [rows, cols]"
-    );
+    assert_eq!(data.len(), rows * cols, "unpermute_rows: data is not [rows, cols]");
     assert!(
         heads > 0 && rows.is_multiple_of(2 * heads),
         "unpermute_rows: {rows} rows, {heads} heads"
@@ -298,11 +278,7 @@ impl HfTensor {
 /// The HF shape every parameter of a [`LlamaForCausalLM`] with `config` must have (the head
 /// included unless tied).
 pub fn expected_shapes(config: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
-    let (d, ffn, vocab) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
+    let (d, ffn, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
     let q = config.num_attention_heads * config.head_dim();
     let kv = config.num_key_value_heads() * config.head_dim();
     let mut shapes = BTreeMap::new();
@@ -318,27 +294,18 @@ pub fn expected_shapes(config: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
         };
         add("input_layernorm.weight", vec![d]);
         add("post_attention_layernorm.weight", vec![d]);
-        for (name, rows, cols) in [
-            ("q_proj", q, d),
-            ("k_proj", kv, d),
-            ("v_proj", kv, d),
-            ("o_proj", d, q),
-        ] {
+        for (name, rows, cols) in
+            [("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q)]
+        {
             add(&format!("self_attn.{name}.weight"), vec![rows, cols]);
-            let bias = if name == "o_proj" {
-                config.o_bias()
-            } else {
-                config.qkv_bias()
-            };
+            let bias = if name == "o_proj" { config.o_bias() } else { config.qkv_bias() };
             if bias {
                 add(&format!("self_attn.{name}.bias"), vec![rows]);
             }
         }
-        for (name, rows, cols) in [
-            ("gate_proj", ffn, d),
-            ("up_proj", ffn, d),
-            ("down_proj", d, ffn),
-        ] {
+        for (name, rows, cols) in
+            [("gate_proj", ffn, d), ("up_proj", ffn, d), ("down_proj", d, ffn)]
+        {
             add(&format!("mlp.{name}.weight"), vec![rows, cols]);
             if config.mlp_bias() {
                 add(&format!("mlp.{name}.bias"), vec![rows]);
@@ -401,12 +368,7 @@ fn plan(file: &GgufFile, config: &LlamaConfig, skip: &BTreeSet<String>) -> Resul
         } else {
             None
         };
-        tensors.push(HfTensor {
-            hf_name,
-            gguf_name: info.name.clone(),
-            shape,
-            unpermute_heads,
-        });
+        tensors.push(HfTensor { hf_name, gguf_name: info.name.clone(), shape, unpermute_heads });
     }
     let missing: Vec<String> = expected.into_keys().collect();
     if !missing.is_empty() || !unexpected.is_empty() || !invalid.is_empty() {
@@ -467,20 +429,14 @@ impl LlamaForCausalLM {
                 let file = Arc::clone(&file);
                 let shape = Shape::from(t.shape.clone());
                 bridge::deferred(t.hf_name.clone(), DType::F32, shape, None, move || {
-                    let values = t
-                        .read(&file)
-                        .map_err(|e| PackError::IoError(e.to_string()))?;
+                    let values = t.read(&file).map_err(|e| PackError::IoError(e.to_string()))?;
                     Ok(TensorData::new(values, t.shape.clone()))
                 })
             })
             .collect();
         let result = model.apply(pack, None, Some(Box::new(PyTorchToBurnAdapter)), false);
-        let missing: Vec<String> = result
-            .missing
-            .into_iter()
-            .map(|(p, _)| p)
-            .filter(|p| !skip.contains(p))
-            .collect();
+        let missing: Vec<String> =
+            result.missing.into_iter().map(|(p, _)| p).filter(|p| !skip.contains(p)).collect();
         let invalid: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
         if !missing.is_empty() || !result.unused.is_empty() || !invalid.is_empty() {
             return Err(ModelError::KeyMismatch {

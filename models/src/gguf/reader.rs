@@ -418,17 +418,11 @@ impl<R: Read> HeaderReader<R> {
         what: &dyn Fn() -> String,
     ) -> std::result::Result<GgufArray, String> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(format!(
-                "{}: arrays nested deeper than {MAX_ARRAY_DEPTH}",
-                what()
-            ));
+            return Err(format!("{}: arrays nested deeper than {MAX_ARRAY_DEPTH}", what()));
         }
         let element_type = self.u32(what)?;
         if element_type > 12 {
-            return Err(format!(
-                "{}: unknown array element type {element_type}",
-                what()
-            ));
+            return Err(format!("{}: unknown array element type {element_type}", what()));
         }
         let count = self.u64(what)?;
         let n = self.check_count(count, min_value_size(element_type), what)?;
@@ -453,12 +447,7 @@ impl<R: Read> HeaderReader<R> {
             4 => numbers!(U32, u32),
             5 => numbers!(I32, i32),
             6 => numbers!(F32, f32),
-            7 => GgufArray::Bool(
-                self.bytes(n as u64, what)?
-                    .into_iter()
-                    .map(|b| b != 0)
-                    .collect(),
-            ),
+            7 => GgufArray::Bool(self.bytes(n as u64, what)?.into_iter().map(|b| b != 0).collect()),
             8 => {
                 let mut v = Vec::with_capacity(n);
                 for i in 0..n {
@@ -494,11 +483,7 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let mut parsed = {
-            let reader = HeaderReader {
-                inner: BufReader::new(&file),
-                pos: 0,
-                len,
-            };
+            let reader = HeaderReader { inner: BufReader::new(&file), pos: 0, len };
             Self::parse(path, reader)?
         };
         parsed.source = Source::File(Mutex::new(file));
@@ -513,11 +498,7 @@ impl GgufFile {
         let path = name.into();
         let len = bytes.len() as u64;
         let mut parsed = {
-            let reader = HeaderReader {
-                inner: bytes.as_slice(),
-                pos: 0,
-                len,
-            };
+            let reader = HeaderReader { inner: bytes.as_slice(), pos: 0, len };
             Self::parse(&path, reader)?
         };
         parsed.source = Source::Bytes(bytes);
@@ -525,15 +506,10 @@ impl GgufFile {
     }
 
     fn parse<R: Read>(path: &Path, mut r: HeaderReader<R>) -> Result<Self> {
-        let bad = |message: String| ModelError::Checkpoint {
-            path: path.to_path_buf(),
-            message,
-        };
+        let bad = |message: String| ModelError::Checkpoint { path: path.to_path_buf(), message };
         let magic: [u8; 4] = r.array(&|| "magic".to_string()).map_err(bad)?;
         if magic != GGUF_MAGIC {
-            return Err(bad(format!(
-                "not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"
-            )));
+            return Err(bad(format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
         }
         let version = r.u32(&|| "version".to_string()).map_err(bad)?;
         match version {
@@ -546,21 +522,17 @@ impl GgufFile {
                 )));
             }
             v => {
-                return Err(bad(format!(
-                    "GGUF version {v} is not supported (only 2 and 3)"
-                )));
+                return Err(bad(format!("GGUF version {v} is not supported (only 2 and 3)")));
             }
         }
         let tensor_count = r.u64(&|| "tensor count".to_string()).map_err(bad)?;
         let kv_count = r.u64(&|| "metadata count".to_string()).map_err(bad)?;
         // A key/value takes at least 13 bytes (key length, value type, one byte), a tensor
         // info at least 24 (name length, n_dims, type, offset).
-        let kv_count = r
-            .check_count(kv_count, 13, &|| "metadata count".to_string())
-            .map_err(bad)?;
-        let tensor_count = r
-            .check_count(tensor_count, 24, &|| "tensor count".to_string())
-            .map_err(bad)?;
+        let kv_count =
+            r.check_count(kv_count, 13, &|| "metadata count".to_string()).map_err(bad)?;
+        let tensor_count =
+            r.check_count(tensor_count, 24, &|| "tensor count".to_string()).map_err(bad)?;
 
         let mut metadata = BTreeMap::new();
         let mut metadata_order = Vec::with_capacity(kv_count);
@@ -592,10 +564,7 @@ impl GgufFile {
             let what = || format!("tensor `{name}`");
             let n_dims = r.u32(&what).map_err(bad)?;
             if n_dims > MAX_DIMS {
-                return Err(bad(format!(
-                    "{}: {n_dims} dimensions (at most {MAX_DIMS})",
-                    what()
-                )));
+                return Err(bad(format!("{}: {n_dims} dimensions (at most {MAX_DIMS})", what())));
             }
             let mut ne = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -617,12 +586,7 @@ impl GgufFile {
             if tensor_index.insert(name.clone(), i).is_some() {
                 return Err(bad(format!("tensor `{name}` occurs twice")));
             }
-            tensors.push(GgufTensorInfo {
-                name,
-                ne,
-                ggml_type,
-                offset,
-            });
+            tensors.push(GgufTensorInfo { name, ne, ggml_type, offset });
         }
 
         let data_start = r.pos.div_ceil(alignment) * alignment;
@@ -720,15 +684,11 @@ impl GgufFile {
     }
 
     fn error(&self, message: String) -> ModelError {
-        ModelError::Checkpoint {
-            path: self.path.clone(),
-            message,
-        }
+        ModelError::Checkpoint { path: self.path.clone(), message }
     }
 
     fn info(&self, name: &str) -> Result<&GgufTensorInfo> {
-        self.tensor(name)
-            .ok_or_else(|| self.error(format!("no tensor `{name}`")))
+        self.tensor(name).ok_or_else(|| self.error(format!("no tensor `{name}`")))
     }
 
     /// A tensor's raw bytes, as stored.
@@ -785,9 +745,7 @@ impl GgufFile {
     /// # Errors
     /// [`ModelError::Checkpoint`] if `key` is absent or not a string.
     pub fn get_str(&self, key: &str) -> Result<&str> {
-        self.require(key)?
-            .as_str()
-            .ok_or_else(|| self.error(self.wrong_type(key, "a string")))
+        self.require(key)?.as_str().ok_or_else(|| self.error(self.wrong_type(key, "a string")))
     }
 
     /// A non-negative integer metadata value (any integer type).
@@ -805,14 +763,11 @@ impl GgufFile {
     /// # Errors
     /// [`ModelError::Checkpoint`] if `key` is absent or not a number.
     pub fn get_f64(&self, key: &str) -> Result<f64> {
-        self.require(key)?
-            .as_f64()
-            .ok_or_else(|| self.error(self.wrong_type(key, "a number")))
+        self.require(key)?.as_f64().ok_or_else(|| self.error(self.wrong_type(key, "a number")))
     }
 
     fn require(&self, key: &str) -> Result<&GgufValue> {
-        self.get(key)
-            .ok_or_else(|| self.error(format!("required metadata `{key}` is missing")))
+        self.get(key).ok_or_else(|| self.error(format!("required metadata `{key}` is missing")))
     }
 
     fn wrong_type(&self, key: &str, expected: &str) -> String {

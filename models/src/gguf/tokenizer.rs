@@ -78,29 +78,26 @@ pub struct GgufTokenizerInfo {
 }
 
 fn tokenizer_error(file: &GgufFile, message: String) -> ModelError {
-    ModelError::Tokenizer {
-        path: file.path().to_path_buf(),
-        message,
-    }
+    ModelError::Tokenizer { path: file.path().to_path_buf(), message }
 }
 
 fn strings<'a>(file: &'a GgufFile, key: &str) -> Result<Option<&'a [String]>> {
     match file.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_array()
-            .and_then(|a| a.as_strings())
-            .map(Some)
-            .ok_or_else(|| tokenizer_error(file, format!("`{key}` must be an array of strings"))),
+        Some(v) => {
+            v.as_array().and_then(|a| a.as_strings()).map(Some).ok_or_else(|| {
+                tokenizer_error(file, format!("`{key}` must be an array of strings"))
+            })
+        }
     }
 }
 
 fn flag(file: &GgufFile, key: &str) -> Result<bool> {
     match file.get(key) {
         None => Ok(false),
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| tokenizer_error(file, format!("`{key}` must be a bool"))),
+        Some(v) => {
+            v.as_bool().ok_or_else(|| tokenizer_error(file, format!("`{key}` must be a bool")))
+        }
     }
 }
 
@@ -132,22 +129,16 @@ impl GgufTokenizerInfo {
             let Some(v) = file.get(&key) else {
                 return Ok(None);
             };
-            let id = v
-                .as_u64()
-                .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| {
-                    tokenizer_error(file, format!("`{key}` must be a token id, got {v:?}"))
-                })?;
+            let id = v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
+                tokenizer_error(file, format!("`{key}` must be a token id, got {v:?}"))
+            })?;
             let content = tokens.get(id as usize).ok_or_else(|| {
                 tokenizer_error(
                     file,
                     format!("`{key}` {id} is outside the vocabulary of {}", tokens.len()),
                 )
             })?;
-            Ok(Some(SpecialToken {
-                id,
-                content: content.clone(),
-            }))
+            Ok(Some(SpecialToken { id, content: content.clone() }))
         };
         let pre = match file.get("tokenizer.ggml.pre") {
             None => None,
@@ -169,11 +160,8 @@ impl GgufTokenizerInfo {
                     .to_string(),
             ),
         };
-        let index: BTreeMap<&str, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.as_str(), i as u32))
-            .collect();
+        let index: BTreeMap<&str, u32> =
+            tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
         Ok(Self {
             model,
             pre,
@@ -187,12 +175,7 @@ impl GgufTokenizerInfo {
             chat_template,
             end_tokens: END_TOKENS
                 .iter()
-                .filter_map(|t| {
-                    index.get(t).map(|&id| SpecialToken {
-                        id,
-                        content: t.to_string(),
-                    })
-                })
+                .filter_map(|t| index.get(t).map(|&id| SpecialToken { id, content: t.to_string() }))
                 .collect(),
         })
     }
@@ -362,10 +345,7 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
             added.insert(id as u32, token.clone());
         }
     }
-    for t in [&info.bos, &info.eos, &info.unk, &info.pad]
-        .into_iter()
-        .flatten()
-    {
+    for t in [&info.bos, &info.eos, &info.unk, &info.pad].into_iter().flatten() {
         added.entry(t.id).or_insert_with(|| t.content.clone());
     }
     let added_tokens: Vec<Value> = added

@@ -68,10 +68,10 @@ mod rms_norm;
 mod rope;
 mod tokenizer;
 
+pub use crate::rng::XorShiftRng;
 pub use attention::{CAUSAL_MASK_BIAS, LlamaAttention, causal_mask_bias, mask_value};
 pub use cache::{KvCache, LayerKvCache};
 pub use config::{LlamaConfig, LlamaFamily, REQUIRED_FIELDS, TokenIds};
-pub use crate::rng::XorShiftRng;
 pub use generate::{GenerationConfig, argmax, check_logits, sample_token};
 pub use mask::{AttentionInputs, PaddingMask};
 pub use mlp::LlamaMlp;
