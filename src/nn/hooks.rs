@@ -18,7 +18,9 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor};
 
 use super::Linear;
 
-type VisitFn = dyn FnMut(&str, &Linear, Option<[usize; 2]>);
+/// A convolution's kernel size `[kh, kw]`; `None` for a `Linear`.
+type KernelSize = Option<[usize; 2]>;
+type VisitFn = dyn FnMut(&str, &Linear, KernelSize);
 type MapFn = dyn FnMut(&str, Linear) -> Linear;
 type UnsupportedFn = dyn FnMut(&str, &str);
 
@@ -174,7 +176,7 @@ pub(crate) fn for_each_layer<M: Module>(
     model: &M,
     mut f: impl FnMut(&str, &Linear, Option<[usize; 2]>),
 ) {
-    let f: &mut dyn FnMut(&str, &Linear, Option<[usize; 2]>) = &mut f;
+    let f: &mut dyn FnMut(&str, &Linear, KernelSize) = &mut f;
     // SAFETY: only the lifetime is erased; `Installed` removes the pointer before `f` goes away.
     let f: *mut VisitFn = unsafe { std::mem::transmute(f) };
     let _installed = Installed::new(Active::Visit(f));
