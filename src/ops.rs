@@ -4,18 +4,20 @@
 //! - [`gram`] / [`gram_accumulate`]: the calibration statistic `G (+)= XᵀX`, in `f32`;
 //! - [`lowrank_lora`]: the emulator layer with its adapter,
 //!   `y = (x W_v) W_u + s (dropout(x) A) B + b`, computed as one product of width `k + r` and
-//!   one of depth `k + r`; its backward keeps only `x` and the `[.., k + r]` bottleneck and
-//!   gives gradients to `x`, `A` and `B` (and to the factors or bias only if they are trainable);
+//!   one of depth `k + r`; its backward keeps only the LoRA input and the `[.., r]` LoRA
+//!   bottleneck `h_l = x_l A` and gives gradients to `x`, `A` and `B` (and to the factors or
+//!   bias only if they are trainable);
 //! - [`cholesky`]: `G + λI = L Lᵀ` in `f32` with the first rejected pivot reported as
 //!   [`EmlocError::NotPositiveDefinite`] (the damping retries of whitening are
 //!   [`crate::emulator::cholesky_damped`]); [`solve_lower_right`]: `X L⁻¹` (whitening's `W_v = Σ^{1/2} Vᵀ L⁻¹`)
 //!   or `X L⁻ᵀ` (CholeskyQR). Never tracked by autodiff.
 //!
 //! Implementations ([`EmlocOps`]): `Cube` (emloc's CubeCL kernels, crate `emloc-cube-kernels`,
-//! for the wgpu, CUDA and CPU runtimes), `Flex` (plain tensor ops for the Gram and LoRA ops, a
-//! host `f64` loop for Cholesky and the solves; also the test oracle) and `Autodiff` (custom
-//! backward; Cholesky and the solves delegate to the inner backend). Any other backend panics
-//! at run time.
+//! for the wgpu, CUDA and CPU runtimes; the heavy products of the Gram and the fused layer go
+//! through Burn's own matmul on devices with tensor cores, see [`ProductRoute`]), `Flex` (plain
+//! tensor ops for the Gram and LoRA ops, a host `f64` loop for Cholesky and the solves; also
+//! the test oracle) and `Autodiff` (custom backward; Cholesky and the solves delegate to the
+//! inner backend). Any other backend panics at run time.
 
 use burn::backend::{Backend, Dispatch, ExtensionType, backend_extension, tensor::FloatTensor};
 use burn::tensor::{FloatDType, Tensor};
@@ -35,6 +37,83 @@ pub mod status {
     pub const MIN_PIVOT: usize = 3;
     /// Length of the status tensor.
     pub const LEN: usize = 4;
+}
+
+/// Which engine runs the heavy products (the Gram `XᵀX` and the fused layer's four products)
+/// on the Cube backend. Flex always uses its own matmul; Cholesky and the triangular solves
+/// always run on emloc's `f32` tiled core (their accuracy needs true `f32` products).
+///
+/// - [`Tiled`](Self::Tiled): emloc's tiled core (`emloc-cube-kernels`): `f32` FMAs, operands
+///   joined and scaled in place (`[W_v | A]`, `[W_u ; s·B]` are never built), the Gram's lower
+///   tiles only. Exact `f32` products on every runtime.
+/// - [`Matmul`](Self::Matmul): Burn's own matmul (CubeCL's `cubek`): tensor cores where the
+///   device has them (CUDA: `f16`/`bf16` with `f32` accumulation, and `f32` inputs as **TF32**,
+///   as for any Burn matmul there), vectorised unit kernels elsewhere. The joined weights are
+///   built for each call (`d_in·(k + r)` and `(k + r)·d_out` elements, small next to the
+///   products), and the Gram is the full `XᵀX` with an `f32` output.
+/// - [`Auto`](Self::Auto) (the default): `Matmul` where the device has tensor cores for the
+///   input dtype, except for an `f32` Gram (TF32 would cost calibration 13 mantissa bits), and
+///   `Tiled` everywhere else (wgpu on most desktop drivers, lavapipe, the CubeCL CPU runtime).
+///
+/// The route is chosen per thread: [`with_product_route`] for a scope, or the environment
+/// variable `EMLOC_PRODUCT_ROUTE` (`auto`, `tiled` or `matmul`) for the whole process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProductRoute {
+    /// Tensor cores when the device has them for the dtype (not for an `f32` Gram).
+    #[default]
+    Auto,
+    /// Always emloc's tiled `f32`-FMA core.
+    Tiled,
+    /// Always Burn's matmul.
+    Matmul,
+}
+
+impl ProductRoute {
+    /// Parses `auto`, `tiled` or `matmul` (case-insensitive).
+    ///
+    /// # Errors
+    /// [`EmlocError::InvalidConfig`] for any other value.
+    pub fn parse(value: &str) -> Result<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "tiled" => Ok(Self::Tiled),
+            "matmul" => Ok(Self::Matmul),
+            other => Err(EmlocError::InvalidConfig(format!(
+                "product route must be auto, tiled or matmul, got `{other}`"
+            ))),
+        }
+    }
+
+    /// The route in force on this thread: the innermost [`with_product_route`], else
+    /// `EMLOC_PRODUCT_ROUTE` (read once; an invalid value panics with the accepted ones), else
+    /// [`Auto`](Self::Auto).
+    pub fn current() -> Self {
+        static FROM_ENV: std::sync::OnceLock<ProductRoute> = std::sync::OnceLock::new();
+        ROUTE.with(|r| r.get()).unwrap_or_else(|| {
+            *FROM_ENV.get_or_init(|| match std::env::var("EMLOC_PRODUCT_ROUTE") {
+                Ok(v) => Self::parse(&v).unwrap_or_else(|e| panic!("EMLOC_PRODUCT_ROUTE: {e}")),
+                Err(_) => Self::Auto,
+            })
+        })
+    }
+}
+
+thread_local! {
+    static ROUTE: std::cell::Cell<Option<ProductRoute>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `route` for emloc's products on this thread (benchmarks, tests), restoring the
+/// previous choice afterwards, also when `f` panics. Autodiff's backward pass runs on the
+/// thread that calls `backward()`, so a backward inside `f` follows the route too.
+pub fn with_product_route<T>(route: ProductRoute, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<ProductRoute>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ROUTE.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(ROUTE.with(|r| r.replace(Some(route))));
+    f()
 }
 
 /// An optional float tensor argument of an [`EmlocOps`] operation (`#[backend_extension]` maps
@@ -97,8 +176,9 @@ pub trait EmlocOps: Backend {
         scale: f64,
     ) -> FloatTensor<Self>;
 
-    /// Like [`lowrank_lora`](Self::lowrank_lora), also returning the bottleneck
-    /// `h = [x W_v | x_l A]` that the backward pass needs: `(y, h)`. Not differentiable itself.
+    /// Like [`lowrank_lora`](Self::lowrank_lora), also returning the LoRA bottleneck
+    /// `h_l = x_l A` (`[n, r]`, a buffer of its own) that the backward pass needs: `(y, h_l)`.
+    /// The low-rank bottleneck `x W_v` (`[n, k]`) is not kept. Not differentiable itself.
     #[allow(clippy::too_many_arguments)]
     fn lowrank_lora_forward(
         x: FloatTensor<Self>,
@@ -111,15 +191,17 @@ pub trait EmlocOps: Backend {
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// Gradients of the fused layer from the saved `x`, `x_lora`, `h` and the output gradient
-    /// `dy` `[n, d_out]`: `(dx, dx_lora, da, db)`. `dx` is computed only when `need_x` (the
-    /// low-rank branch's part when `x_lora` is given, both branches' otherwise); `dx_lora` only
-    /// when `need_x` and `x_lora` is given. Not differentiable itself.
+    /// Gradients of the fused layer from the saved LoRA input `x_l` (`x_lora`, or `x` when
+    /// there is none), the LoRA bottleneck `h_l` `[n, r]` and the output gradient `dy`
+    /// `[n, d_out]`: `(dx, dx_lora, da, db)`. The factors are read, never differentiated here.
+    ///
+    /// `dx` is computed only when `need_x`: with `separate_lora_input` it is the low-rank
+    /// branch's part `dy W_uᵀ W_vᵀ` and `dx_lora = s·dy Bᵀ Aᵀ` is the LoRA branch's;
+    /// otherwise `dx` is their sum and `dx_lora` is `None`. Not differentiable itself.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn lowrank_lora_backward(
-        x: FloatTensor<Self>,
-        #[extension_type] x_lora: MaybeTensor<Self>,
-        h: FloatTensor<Self>,
+        x_l: FloatTensor<Self>,
+        h_l: FloatTensor<Self>,
         w_v: FloatTensor<Self>,
         w_u: FloatTensor<Self>,
         a: FloatTensor<Self>,
@@ -127,6 +209,7 @@ pub trait EmlocOps: Backend {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
+        separate_lora_input: bool,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
 
     /// Cholesky factor of `g + λI` (`g` `[d, d]` symmetric, any float dtype, only its lower
@@ -181,10 +264,12 @@ pub fn gram_accumulate(acc: Option<Tensor<2>>, x: Tensor<2>) -> Tensor<2> {
 /// `y = (x W_v) W_u + s · (x_l A) B + bias`, with `x_l = x_lora.unwrap_or(x)` (pass
 /// `dropout(x)` as `x_lora` for adapter dropout).
 ///
-/// Computes `h = [x W_v | x_l A]` (`[.., k + r]`) in one product and `y = h [W_u ; s·B] + bias`
-/// in another, without building `[W_v | A]`, `[W_u ; s·B]` or any dense `d_in × d_out` matrix.
-/// Under autodiff the backward keeps `x` (and `x_lora`) and `h`, and gives gradients to `x`,
-/// `x_lora`, `a` and `b`; the factors and the bias get gradients only if they require them.
+/// Computes the bottleneck `h = [x W_v | x_l A]` (`[.., k + r]`) and `y = h [W_u ; s·B] + bias`
+/// without building any dense `d_in × d_out` matrix (see [`ProductRoute`] for how each device
+/// runs the two products). Under autodiff the backward keeps only the LoRA input `x_l` and
+/// `h_l = x_l A` (`[.., r]`), plus `x` when a factor is trainable (never in EMLoC), and gives
+/// gradients to `x`, `x_lora`, `a` and `b`; the factors and the bias get gradients only if they
+/// require them.
 ///
 /// # Shapes
 /// - `x`, `x_lora`: `[..., d_in]`; output `[..., d_out]`

@@ -15,12 +15,15 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::std::tensor::TensorHandle;
 
-use crate::gemm::{F32, MatRef, Operand, empty_matrix, gemm_accumulate, plan, tile_config};
+use crate::gemm::{
+    F32, MatRef, Operand, empty_matrix, gemm_accumulate, plan, product_address, tile_config,
+};
 use crate::gram::lower_tiles;
 use crate::kernels::{
     OutputArgsLaunch, cholesky_diag_kernel, cholesky_init_kernel, cholesky_start_kernel,
     copy_f32_kernel, status, syrk_direct_kernel, trsm_rows_kernel, zero_upper_kernel,
 };
+use crate::launch::{address_of, grid};
 
 /// Block size of the factorization and of the triangular solves: the diagonal block
 /// (`nb² f32` = 4 KiB) fits the shared memory of every runtime, and each row's unknowns
@@ -101,10 +104,13 @@ pub fn cholesky(
         TensorHandle::new_contiguous([status::LEN], client.empty(status::LEN * 4), F32);
     let a = empty_matrix(client, d, d, F32);
 
+    // One address width for every launch: the working matrix is the largest buffer.
+    let address = address_of(client, &[&g, &a]);
     cholesky_start_kernel::launch(
         client,
         CubeCount::Static(1, 1, 1),
         CubeDim::new_1d(1),
+        address,
         g.clone().into_arg(),
         status_buf.clone().into_arg(),
         d,
@@ -118,6 +124,7 @@ pub fn cholesky(
         client,
         count,
         dim,
+        address,
         g.into_arg(),
         a.clone().into_arg(),
         status_buf.clone().into_arg(),
@@ -137,6 +144,7 @@ pub fn cholesky(
             client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_1d(diag_units as u32),
+            address,
             a.clone().into_arg(),
             status_buf.clone().into_arg(),
             d,
@@ -150,8 +158,9 @@ pub fn cholesky(
             // Panel: A₂₁ ← A₂₁ L₁₁⁻ᵀ, one unit per row.
             trsm_rows_kernel::launch(
                 client,
-                CubeCount::Static(below.div_ceil(row_units) as u32, 1, 1),
+                grid(client, [below.div_ceil(row_units), 1, 1]),
                 CubeDim::new_1d(row_units as u32),
+                address,
                 a.clone().into_arg(),
                 a.clone().into_arg(),
                 k0 * d + k0,
@@ -171,7 +180,7 @@ pub fn cholesky(
         k0 += b;
     }
     let (count, dim) = elementwise(client, d * d);
-    zero_upper_kernel::launch(client, count, dim, a.clone().into_arg(), d);
+    zero_upper_kernel::launch(client, count, dim, address, a.clone().into_arg(), d);
     (a, status_buf)
 }
 
@@ -181,9 +190,10 @@ fn syrk_update(client: &Client, panel: &MatRef, out: &MatRef) {
     // The depth is one block: no split along it, whatever the plan would do for a deep product.
     let plan = plan(client, m, m, depth, lower_tiles(m));
     let tile = plan.tile();
-    let blocks = m.div_ceil(tile) as u32;
+    let blocks = m.div_ceil(tile);
     let lhs = Operand::Single(panel.clone());
     let rhs = Operand::Single(panel.clone().t());
+    let address = product_address(client, &lhs, &rhs, out);
     let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, &lhs, &rhs);
     let (l1, l2, largs, _) = lhs.launch_args();
     let (r1, r2, rargs, _) = rhs.launch_args();
@@ -191,8 +201,9 @@ fn syrk_update(client: &Client, panel: &MatRef, out: &MatRef) {
         OutputArgsLaunch::new(out.offset, out.row_stride, out.col_stride, m, m, depth, depth, -1.0);
     syrk_direct_kernel::launch(
         client,
-        CubeCount::Static(blocks, blocks, 1),
+        grid(client, [blocks, blocks, 1]),
         CubeDim::new_2d(plan.threads as u32, plan.threads as u32),
+        address,
         lhs_vec,
         rhs_vec,
         l1,
@@ -222,6 +233,7 @@ pub fn to_f32_contiguous(client: &Client, x: TensorHandle) -> TensorHandle {
             client,
             count,
             dim,
+            address_of(client, &[&x, &out]),
             x.into_arg(),
             out.clone().into_arg(),
             rows,
@@ -290,8 +302,9 @@ pub fn solve_lower_right(
         }
         trsm_rows_kernel::launch(
             client,
-            CubeCount::Static(m.div_ceil(row_units) as u32, 1, 1),
+            grid(client, [m.div_ceil(row_units), 1, 1]),
             CubeDim::new_1d(row_units as u32),
+            address_of(client, &[&l, &y]),
             l.clone().into_arg(),
             y.clone().into_arg(),
             j0 * l_ref.row_stride + j0,

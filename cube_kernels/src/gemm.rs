@@ -8,6 +8,7 @@ use cubecl::std::tensor::TensorHandle;
 use crate::kernels::{
     OutputArgsLaunch, Start, gemm_direct_kernel, gemm_partial_kernel, split_k_reduce_kernel,
 };
+use crate::launch::{address_of, grid};
 use crate::tile::{Join, Loads, OperandArgsLaunch, TileConfig, VEC};
 
 /// A 2-D strided view of a tensor buffer: element `(i, j)` is at
@@ -328,6 +329,18 @@ pub(crate) fn plan(
     plan
 }
 
+/// The address width of a product over these operands and output (panics when the runtime
+/// lacks it; see [`crate::KernelError`]).
+pub(crate) fn product_address(
+    client: &Client,
+    lhs: &Operand,
+    rhs: &Operand,
+    out: &MatRef,
+) -> AddressType {
+    let (l, r) = (lhs.parts(), rhs.parts());
+    address_of(client, &[&l.0.tensor, &l.1.tensor, &r.0.tensor, &r.1.tensor, &out.tensor])
+}
+
 /// A contiguous `[rows, cols]` tensor with uninitialised contents.
 pub fn empty_matrix(client: &Client, rows: usize, cols: usize, dtype: ElemType) -> TensorHandle {
     let handle = client.empty(rows * cols * dtype.size());
@@ -364,6 +377,7 @@ pub fn gemm(
     let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, lhs, rhs);
     let cube_dim = CubeDim::new_2d(plan.threads as u32, plan.threads as u32);
     let bias_arg = || bias.map(|b| b.clone().into_arg()).into();
+    let address = product_address(client, lhs, rhs, out);
 
     if depth == 0 || plan.splits == 1 {
         let dst = OutputArgsLaunch::new(
@@ -378,8 +392,9 @@ pub fn gemm(
         );
         gemm_direct_kernel::launch(
             client,
-            CubeCount::Static(cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1),
+            grid(client, [rows.div_ceil(tile), cols.div_ceil(tile), 1]),
             cube_dim,
+            address,
             lhs_vec,
             rhs_vec,
             l1,
@@ -414,12 +429,9 @@ pub fn gemm(
     };
     gemm_partial_kernel::launch(
         client,
-        CubeCount::Static(
-            cols.div_ceil(tile) as u32,
-            rows.div_ceil(tile) as u32,
-            plan.splits as u32,
-        ),
+        grid(client, [rows.div_ceil(tile), cols.div_ceil(tile), plan.splits]),
         cube_dim,
+        address.max(address_of(client, &[&partial])),
         lhs_vec,
         rhs_vec,
         l1,
@@ -461,10 +473,14 @@ pub(crate) fn reduce(
         (None, true) => Start::Output,
         (None, false) => Start::Zero,
     };
+    let mut tensors = vec![partial, &out.tensor];
+    tensors.extend(bias);
+    tensors.extend(base);
     split_k_reduce_kernel::launch(
         client,
         cube_count,
         cube_dim,
+        address_of(client, &tensors),
         partial.clone().into_arg(),
         bias.map(|b| b.clone().into_arg()).into(),
         base.map(|b| b.clone().into_arg()).into(),
@@ -509,6 +525,7 @@ pub fn gemm_accumulate(client: &Client, lhs: &Operand, rhs: &Operand, out: &MatR
     let (l1, l2, largs, _) = lhs.launch_args();
     let (r1, r2, rargs, _) = rhs.launch_args();
     let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, lhs, rhs);
+    let address = product_address(client, lhs, rhs, out);
     let dst = OutputArgsLaunch::new(
         out.offset,
         out.row_stride,
@@ -521,8 +538,9 @@ pub fn gemm_accumulate(client: &Client, lhs: &Operand, rhs: &Operand, out: &MatR
     );
     gemm_direct_kernel::launch(
         client,
-        CubeCount::Static(cols.div_ceil(tile) as u32, rows.div_ceil(tile) as u32, 1),
+        grid(client, [rows.div_ceil(tile), cols.div_ceil(tile), 1]),
         CubeDim::new_2d(plan.threads as u32, plan.threads as u32),
+        address,
         lhs_vec,
         rhs_vec,
         l1,

@@ -4,8 +4,9 @@ use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::std::tensor::TensorHandle;
 
-use crate::gemm::{F32, MatRef, Operand, empty_matrix, plan, reduce, tile_config};
+use crate::gemm::{F32, MatRef, Operand, empty_matrix, plan, product_address, reduce, tile_config};
 use crate::kernels::{OutputArgsLaunch, gemm_partial_kernel, mirror_kernel, syrk_direct_kernel};
+use crate::launch::{address_of, grid};
 
 /// What a Gram product adds to.
 #[derive(Clone, Debug)]
@@ -49,7 +50,7 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
 
     let plan = plan(client, d, d, tokens, lower_tiles(d));
     let tile = plan.tile();
-    let blocks = d.div_ceil(tile) as u32;
+    let blocks = d.div_ceil(tile);
     let lhs = Operand::Single(x.clone().t());
     let rhs = Operand::Single(x.clone());
     let (config, lhs_vec, rhs_vec) = tile_config(client, &plan, &lhs, &rhs);
@@ -69,14 +70,16 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
         )
     };
     let cube_dim = CubeDim::new_2d(plan.threads as u32, plan.threads as u32);
+    let address = product_address(client, &lhs, &rhs, &out_ref);
 
     // One pass over the tokens: write (or add) the lower tiles straight into the result, then
     // mirror them — no workspace, which matters at d = 14336 (0.8 GB per f32 Gram).
     if plan.splits == 1 && base.is_none() && tokens > 0 {
         syrk_direct_kernel::launch(
             client,
-            CubeCount::Static(blocks, blocks, 1),
+            grid(client, [blocks, blocks, 1]),
             cube_dim,
+            address,
             lhs_vec,
             rhs_vec,
             l1,
@@ -94,7 +97,15 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
         let elements = d * d;
         let mirror_dim = CubeDim::new(client, elements);
         let mirror_count = cubecl::calculate_cube_count_elemwise(client, elements, mirror_dim);
-        mirror_kernel::launch(client, mirror_count, mirror_dim, out_ref.arg(), dst(tokens), tile);
+        mirror_kernel::launch(
+            client,
+            mirror_count,
+            mirror_dim,
+            address_of(client, &[&out]),
+            out_ref.arg(),
+            dst(tokens),
+            tile,
+        );
         return out;
     }
 
@@ -104,8 +115,9 @@ pub fn gram(client: &Client, x: TensorHandle, start: GramStart) -> TensorHandle 
     if tokens > 0 {
         gemm_partial_kernel::launch(
             client,
-            CubeCount::Static(blocks, blocks, plan.splits as u32),
+            grid(client, [blocks, blocks, plan.splits]),
             cube_dim,
+            address.max(address_of(client, &[&partial])),
             lhs_vec,
             rhs_vec,
             l1,

@@ -26,11 +26,12 @@ pub struct OutputArgs {
     pub alpha: f32,
 }
 
-/// `out = alpha · lhs · rhs (+ bias)`, one cube per output tile, written in `F`; with
+/// `out = alpha · lhs · rhs (+ bias)`, one cube per output tile (row tiles along the grid's
+/// `x` axis, which has the largest limit, column tiles along `y`), written in `F`; with
 /// `accumulate`, `out += alpha · lhs · rhs (+ bias)` (the updates of the blocked triangular
 /// solve).
 #[allow(clippy::too_many_arguments)]
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn gemm_direct_kernel<F: Float, NL: Size, NR: Size>(
     lhs_1: &Tensor<Vector<F, NL>>,
     lhs_2: &Tensor<Vector<F, NL>>,
@@ -49,8 +50,8 @@ pub fn gemm_direct_kernel<F: Float, NL: Size, NR: Size>(
     let threads = config.threads;
     let groups = comptime!(config.micro / VEC);
     let tile = comptime!(config.threads * config.micro);
-    let m0 = CUBE_POS_Y as usize * tile;
-    let n0 = CUBE_POS_X as usize * tile;
+    let m0 = CUBE_POS_X as usize * tile;
+    let n0 = CUBE_POS_Y as usize * tile;
     let mut acc = zero_tile(config);
     accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, 0, dst.depth, config,
@@ -83,11 +84,11 @@ pub fn gemm_direct_kernel<F: Float, NL: Size, NR: Size>(
     }
 }
 
-/// Split-K partial products: cube `(x, y, z)` writes tile `(y, x)` of `lhs · rhs` restricted to
+/// Split-K partial products: cube `(x, y, z)` writes tile `(x, y)` of `lhs · rhs` restricted to
 /// reduction chunk `z` into `partial[z]` (`[splits, rows, cols]`, `f32`). With `lower`, only
 /// tiles on or below the diagonal are computed (symmetric products).
 #[allow(clippy::too_many_arguments)]
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn gemm_partial_kernel<F: Float, NL: Size, NR: Size>(
     lhs_1: &Tensor<Vector<F, NL>>,
     lhs_2: &Tensor<Vector<F, NL>>,
@@ -105,11 +106,11 @@ pub fn gemm_partial_kernel<F: Float, NL: Size, NR: Size>(
     let threads = config.threads;
     let groups = comptime!(config.micro / VEC);
     let tile = comptime!(config.threads * config.micro);
-    if lower && CUBE_POS_X > CUBE_POS_Y {
+    if lower && CUBE_POS_Y > CUBE_POS_X {
         terminate!();
     }
-    let m0 = CUBE_POS_Y as usize * tile;
-    let n0 = CUBE_POS_X as usize * tile;
+    let m0 = CUBE_POS_X as usize * tile;
+    let n0 = CUBE_POS_Y as usize * tile;
     let z = CUBE_POS_Z as usize;
     let k_begin = z * dst.k_chunk;
     let mut k_end = k_begin + dst.k_chunk;
@@ -142,11 +143,11 @@ pub fn gemm_partial_kernel<F: Float, NL: Size, NR: Size>(
 }
 
 /// A symmetric product written straight into `out` (`f32`), without split-K: cube `(x, y)`
-/// with `x ≤ y` computes lower tile `(y, x)` over the whole depth, scales it by `dst.alpha`
+/// with `y ≤ x` computes lower tile `(x, y)` over the whole depth, scales it by `dst.alpha`
 /// and writes it, or adds it to what `out` holds with `accumulate`. [`mirror_kernel`] then
 /// completes the upper triangle (Gram); the Cholesky trailing update (`alpha = -1`) ignores it.
 #[allow(clippy::too_many_arguments)]
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn syrk_direct_kernel<F: Float, NL: Size, NR: Size>(
     lhs_1: &Tensor<Vector<F, NL>>,
     lhs_2: &Tensor<Vector<F, NL>>,
@@ -164,11 +165,11 @@ pub fn syrk_direct_kernel<F: Float, NL: Size, NR: Size>(
     let threads = config.threads;
     let groups = comptime!(config.micro / VEC);
     let tile = comptime!(config.threads * config.micro);
-    if CUBE_POS_X > CUBE_POS_Y {
+    if CUBE_POS_Y > CUBE_POS_X {
         terminate!();
     }
-    let m0 = CUBE_POS_Y as usize * tile;
-    let n0 = CUBE_POS_X as usize * tile;
+    let m0 = CUBE_POS_X as usize * tile;
+    let n0 = CUBE_POS_Y as usize * tile;
     let mut acc = zero_tile(config);
     accumulate_tile::<F, NL, NR>(
         lhs_1, lhs_2, &lhs, rhs_1, rhs_2, &rhs, &mut acc, m0, n0, 0, dst.depth, config,
@@ -200,7 +201,7 @@ pub fn syrk_direct_kernel<F: Float, NL: Size, NR: Size>(
 
 /// Completes a symmetric `[d, d]` matrix whose tiles (`tile` wide) on and below the diagonal
 /// are written: each element of a tile above the diagonal is copied from its transpose.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn mirror_kernel(out: &mut Tensor<f32>, dst: OutputArgs, tile: usize) {
     let index = ABSOLUTE_POS;
     if index >= dst.rows * dst.cols {
@@ -229,7 +230,7 @@ pub enum Start {
 /// the partials hold only the lower tiles of a symmetric product (`tile` wide) and the upper
 /// triangle is read from its transpose: the symmetric matrix is completed here, once.
 #[allow(clippy::too_many_arguments)]
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn split_k_reduce_kernel<F: Float>(
     partial: &Tensor<f32>,
     bias: ComptimeOption<&Tensor<F>>,
@@ -296,7 +297,7 @@ const PIVOT_CEILING: f32 = 3.0e38;
 
 /// Starts a factorization: `status[MEAN_DIAG] = mean(diag G)` (one unit walks the diagonal;
 /// `d` loads are nothing next to the `d³/3` flops that follow) and resets the other slots.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn cholesky_start_kernel<F: Float>(
     g: &Tensor<F>,
     status: &mut Tensor<f32>,
@@ -322,7 +323,7 @@ pub fn cholesky_start_kernel<F: Float>(
 /// The working matrix of a factorization: the lower triangle of `G + λ I` in `f32`
 /// (`λ = relative_damping · mean(diag G)`), contiguous `[d, d]`; the strict upper triangle is
 /// zeroed (the result is a plain lower-triangular matrix). One unit per element.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn cholesky_init_kernel<F: Float>(
     g: &Tensor<F>,
     a: &mut Tensor<f32>,
@@ -356,7 +357,7 @@ pub fn cholesky_init_kernel<F: Float>(
 /// `status` (blocks run in order, so the first one recorded is the first of the matrix), and
 /// the factorization carries on with `L_jj = 1` so later launches stay finite; the caller reads
 /// the status once at the end.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn cholesky_diag_kernel(
     a: &mut Tensor<f32>,
     status: &mut Tensor<f32>,
@@ -446,7 +447,7 @@ pub fn cholesky_diag_kernel(
 /// `l_offset` (row stride `l_stride`), staged once per cube in shared memory. The
 /// off-diagonal blocks' contributions have already been subtracted from `Y`.
 #[allow(clippy::too_many_arguments)]
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn trsm_rows_kernel(
     l: &Tensor<f32>,
     y: &mut Tensor<f32>,
@@ -509,7 +510,7 @@ pub fn trsm_rows_kernel(
 }
 
 /// `out = cast_f32(x)` for a strided 2-D `x`, into a contiguous `[rows, cols]` `f32` tensor.
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn copy_f32_kernel<F: Float>(
     x: &Tensor<F>,
     out: &mut Tensor<f32>,
@@ -528,7 +529,7 @@ pub fn copy_f32_kernel<F: Float>(
 
 /// Zeroes the strict upper triangle of a contiguous `[d, d]` matrix (the trailing updates write
 /// whole tiles, including the parts of diagonal tiles above the diagonal).
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 pub fn zero_upper_kernel(a: &mut Tensor<f32>, d: usize) {
     let index = ABSOLUTE_POS;
     if index >= d * d {

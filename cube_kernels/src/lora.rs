@@ -1,9 +1,11 @@
 //! Fused low-rank + LoRA layer: `h = [x W_v | x_l A]`, `y = h [W_u ; s·B] + b`.
 //!
 //! Shapes (Burn orientation): `x`, `x_l` `[n, d_in]`, `W_v` `[d_in, k]`, `A` `[d_in, r]`,
-//! `W_u` `[k, d_out]`, `B` `[r, d_out]`, `b` `[d_out]`, `h` `[n, k + r]`, `y` `[n, d_out]`.
-//! `x_l` is the LoRA branch's input (`dropout(x)`), `x` itself when there is no dropout. The
-//! concatenated weights are never built: the kernels read `[W_v | A]` and `[W_u ; s·B]` in place.
+//! `W_u` `[k, d_out]`, `B` `[r, d_out]`, `b` `[d_out]`, `h_v` `[n, k]`, `h_l` `[n, r]`,
+//! `y` `[n, d_out]`. `x_l` is the LoRA branch's input (`dropout(x)`), `x` itself when there is
+//! no dropout. The concatenated operands are never built: the kernels read `[h_v | h_l]`,
+//! `[W_u ; s·B]` and their transposes in place, so `h_l` (all the backward keeps) lives in a
+//! buffer of its own and `h_v` is freed as soon as `y` is computed.
 
 use cubecl::client::Client;
 use cubecl::std::tensor::TensorHandle;
@@ -50,9 +52,9 @@ impl LowRankLora {
         (d_in, k, r, d_out)
     }
 
-    /// `(y, h)`: the layer output and the `[n, k + r]` bottleneck activations the backward
-    /// pass needs. Two launches when `x_lora` is `None` (one GEMM of width `k + r`, one of depth
-    /// `k + r` with the bias in its epilogue), three otherwise.
+    /// `(y, h_l)`: the layer output and the `[n, r]` LoRA bottleneck `x_l A` the backward pass
+    /// needs. Three launches: `h_v = x W_v`, `h_l = x_l A`, then one GEMM of depth `k + r` over
+    /// the joined `[h_v | h_l]` with the bias in its epilogue.
     pub fn forward(
         &self,
         client: &Client,
@@ -69,57 +71,58 @@ impl LowRankLora {
         );
         let n = x.rows;
         let dtype = x.dtype();
-        let h = empty_matrix(client, n, k + r, dtype);
-        let h_ref = MatRef::new(h.clone());
-        let w_v = MatRef::new(self.w_v.clone());
-        let a = MatRef::new(self.a.clone());
-        match x_lora {
-            None => {
-                let rhs = Operand::Cols { first: w_v, second: a, scale: 1.0 };
-                gemm(client, &Operand::Single(x), &rhs, &h_ref, None, 1.0);
-            }
+        let x_l = match x_lora {
             Some(x_lora) => {
                 let x_lora = MatRef::new(x_lora);
                 assert_eq!((x_lora.rows, x_lora.cols), (n, d_in), "x_lora must match x");
-                let x = Operand::Single(x);
-                gemm(client, &x, &Operand::Single(w_v), &h_ref.clone().cols(0, k), None, 1.0);
-                let x_lora = Operand::Single(x_lora);
-                gemm(client, &x_lora, &Operand::Single(a), &h_ref.clone().cols(k, r), None, 1.0);
+                x_lora
             }
-        }
+            None => x.clone(),
+        };
+        let h_v = MatRef::new(empty_matrix(client, n, k, dtype));
+        let h_l = empty_matrix(client, n, r, dtype);
+        let h_l_ref = MatRef::new(h_l.clone());
+        let w_v = Operand::Single(MatRef::new(self.w_v.clone()));
+        gemm(client, &Operand::Single(x), &w_v, &h_v, None, 1.0);
+        let a = Operand::Single(MatRef::new(self.a.clone()));
+        gemm(client, &Operand::Single(x_l), &a, &h_l_ref, None, 1.0);
         let y = empty_matrix(client, n, d_out, dtype);
+        let lhs = Operand::Cols { first: h_v, second: h_l_ref, scale: 1.0 };
         let rhs = Operand::Rows {
             first: MatRef::new(self.w_u.clone()),
             second: MatRef::new(self.b.clone()),
             scale: self.scale,
         };
-        gemm(client, &Operand::Single(h_ref), &rhs, &MatRef::new(y.clone()), bias, 1.0);
-        (y, h)
+        gemm(client, &lhs, &rhs, &MatRef::new(y.clone()), bias, 1.0);
+        (y, h_l)
     }
 
-    /// Gradients from the saved `x`, `x_lora` (if separate) and `h`, and the output gradient
-    /// `dy` `[n, d_out]`. The frozen factors get none; `∂L/∂x` is skipped unless `need_x`.
+    /// Gradients from the saved LoRA input `x_l` and bottleneck `h_l` `[n, r]` and the output
+    /// gradient `dy` `[n, d_out]`. The frozen factors get none; `∂L/∂x` is skipped unless
+    /// `need_x`, and split into the two branches' parts with `separate_lora_input`.
     ///
     /// `dh = dy [W_u ; s·B]ᵀ` (or only its LoRA columns `s·dy Bᵀ` without `need_x`),
     /// `dx = dh [W_v | A]ᵀ`, `dA = x_lᵀ dh_l`, `dB = s·h_lᵀ dy`; the last two reduce over the
     /// tokens and are split along them.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         client: &Client,
-        x: TensorHandle,
-        x_lora: Option<TensorHandle>,
-        h: TensorHandle,
+        x_l: TensorHandle,
+        h_l: TensorHandle,
         dy: TensorHandle,
         need_x: bool,
+        separate_lora_input: bool,
     ) -> LowRankLoraGrads {
         let (d_in, k, r, d_out) = self.dims();
-        let x = MatRef::new(x);
-        let h = MatRef::new(h);
+        let x_l = MatRef::new(x_l);
+        let h_l = MatRef::new(h_l);
         let dy = MatRef::new(dy);
-        let n = x.rows;
+        let n = x_l.rows;
         assert_eq!((dy.rows, dy.cols), (n, d_out), "LowRankLora::backward: dy has the wrong shape");
-        assert_eq!((h.rows, h.cols), (n, k + r), "LowRankLora::backward: h has the wrong shape");
-        let dtype = x.dtype();
+        assert_eq!((h_l.rows, h_l.cols), (n, r), "LowRankLora::backward: h_l has the wrong shape");
+        assert_eq!(x_l.cols, d_in, "LowRankLora::backward: x_l has the wrong width");
+        let dtype = x_l.dtype();
         let w_v = MatRef::new(self.w_v.clone());
         let a = MatRef::new(self.a.clone());
         let b = MatRef::new(self.b.clone());
@@ -142,9 +145,9 @@ impl LowRankLora {
             (None, dh_lora)
         };
 
-        let (grad_x, grad_x_lora) = match (&dh, &x_lora) {
+        let (grad_x, grad_x_lora) = match (&dh, separate_lora_input) {
             (None, _) => (None, None),
-            (Some(dh), None) => {
+            (Some(dh), false) => {
                 let dx = empty_matrix(client, n, d_in, dtype);
                 let rhs =
                     Operand::Rows { first: w_v.clone().t(), second: a.clone().t(), scale: 1.0 };
@@ -158,7 +161,7 @@ impl LowRankLora {
                 );
                 (Some(dx), None)
             }
-            (Some(dh), Some(_)) => {
+            (Some(dh), true) => {
                 let dx = empty_matrix(client, n, d_in, dtype);
                 let lhs = Operand::Single(dh.clone().cols(0, k));
                 gemm(
@@ -183,10 +186,6 @@ impl LowRankLora {
             }
         };
 
-        let x_l = match x_lora {
-            Some(t) => MatRef::new(t),
-            None => x,
-        };
         let grad_a = empty_matrix(client, d_in, r, dtype);
         gemm(
             client,
@@ -199,7 +198,7 @@ impl LowRankLora {
         let grad_b = empty_matrix(client, r, d_out, dtype);
         gemm(
             client,
-            &Operand::Single(h.cols(k, r).t()),
+            &Operand::Single(h_l.t()),
             &dy_op,
             &MatRef::new(grad_b.clone()),
             None,

@@ -1,10 +1,13 @@
 //! Autodiff implementation: the fused layer's custom backward.
 //!
-//! The forward runs the inner backend's fused op and saves `x` (and `x_lora`), `h` and the
-//! weight handles (which the parameters hold anyway); the backward runs the inner backend's
-//! fused backward for `x`, `x_lora`, `A` and `B`. Gradients for the factors or the bias are
-//! computed with plain ops, and only when those inputs are tracked (never in EMLoC, where they
-//! are frozen).
+//! The forward runs the inner backend's fused op and keeps only what the gradients read: the
+//! LoRA input `x_l` (`x_lora`, or `x` itself without dropout), the LoRA bottleneck
+//! `h_l = x_l A` (`[n, r]`) and the weight handles (which the parameters hold anyway). The
+//! low-rank bottleneck `x W_v` (`[n, k]`, with `k` in the hundreds or thousands) is not kept,
+//! nor `x` beside a separate `x_lora`. The backward runs the inner backend's fused backward for
+//! `x`, `x_lora`, `A` and `B`. Gradients for the factors or the bias are computed with plain
+//! ops, and only when those inputs are tracked (never in EMLoC, where they are frozen); only
+//! then is `x` kept, and `x W_v` recomputed.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -13,7 +16,6 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, TensorMetadata};
 
-use super::flex::cols;
 use crate::ops::{EmlocOps, MaybeTensor};
 
 /// Parent order of the fused op's node.
@@ -28,49 +30,62 @@ const BIAS: usize = 6;
 #[derive(Debug)]
 struct LowRankLoraBackward;
 
-/// What the backward pass keeps: the inputs `x`, `x_lora`, the bottleneck `h`, and handles to
-/// the weights.
+/// What the backward pass keeps between forward and backward.
 #[derive(Clone, Debug)]
 struct State<B: Backend> {
-    x: FloatTensor<B>,
-    x_lora: Option<FloatTensor<B>>,
-    h: FloatTensor<B>,
+    /// The LoRA input: `x_lora`, or `x` when there is no separate one.
+    x_l: FloatTensor<B>,
+    /// `x`, only when a factor is trainable and `x_lora` is separate (else `x_l` is `x`).
+    x: Option<FloatTensor<B>>,
+    /// `x_l A`, `[n, r]`, in a buffer of its own.
+    h_l: FloatTensor<B>,
     w_v: FloatTensor<B>,
     w_u: FloatTensor<B>,
     a: FloatTensor<B>,
     b: FloatTensor<B>,
     scale: f64,
+    separate_lora_input: bool,
 }
 
 impl<B: Backend + EmlocOps> Backward<B, 7> for LowRankLoraBackward {
     type State = State<B>;
 
     fn backward(self, ops: Ops<Self::State, 7>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let State { x, x_lora, h, w_v, w_u, a, b, scale } = ops.state;
+        let State { x_l, x, h_l, w_v, w_u, a, b, scale, separate_lora_input } = ops.state;
         let dy = grads.consume::<B>(&ops.node);
         let tracked = |i: usize| ops.parents[i].is_some();
         let need_x = tracked(X) || tracked(X_LORA);
 
-        // Rare paths first (trainable factors or bias), while dy and h are still at hand.
-        let k = w_v.shape()[1];
+        // Rare paths first (trainable factors or bias), while dy is still at hand.
         if let Some(node) = &ops.parents[BIAS] {
             let d_out = dy.shape()[1];
             let db = B::float_sum_dim(dy.clone(), 0);
             grads.register::<B>(node.id, B::float_reshape(db, [d_out].into()));
         }
-        if let Some(node) = &ops.parents[W_U] {
-            let h_v = cols::<B>(h.clone(), 0, k);
-            grads.register::<B>(node.id, B::float_matmul(B::float_transpose(h_v), dy.clone()));
-        }
-        if let Some(node) = &ops.parents[W_V] {
-            let dh_v = B::float_matmul(dy.clone(), B::float_transpose(w_u.clone()));
-            let xt = B::float_transpose(x.clone());
-            grads.register::<B>(node.id, B::float_matmul(xt, dh_v));
+        if tracked(W_U) || tracked(W_V) {
+            let x = x.unwrap_or_else(|| x_l.clone());
+            if let Some(node) = &ops.parents[W_U] {
+                let h_v = B::float_matmul(x.clone(), w_v.clone());
+                grads.register::<B>(node.id, B::float_matmul(B::float_transpose(h_v), dy.clone()));
+            }
+            if let Some(node) = &ops.parents[W_V] {
+                let dh_v = B::float_matmul(dy.clone(), B::float_transpose(w_u.clone()));
+                grads.register::<B>(node.id, B::float_matmul(B::float_transpose(x), dh_v));
+            }
         }
 
-        let x_lora = MaybeTensor::from_option(x_lora);
-        let (dx, dx_lora, da, db) =
-            B::lowrank_lora_backward(x, x_lora, h, w_v, w_u, a, b, dy, scale, need_x);
+        let (dx, dx_lora, da, db) = B::lowrank_lora_backward(
+            x_l,
+            h_l,
+            w_v,
+            w_u,
+            a,
+            b,
+            dy,
+            scale,
+            need_x,
+            separate_lora_input,
+        );
         if let (Some(node), Some(dx)) = (&ops.parents[X], dx) {
             grads.register::<B>(node.id, dx);
         }
@@ -136,6 +151,8 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
             b.node(),
             bias.as_ref().map(|t| t.node()).unwrap_or_else(stand_in),
         ];
+        // x is read again only for the gradients of trainable factors.
+        let keep_x = x_lora.is_some() && (w_v.is_tracked() || w_u.is_tracked());
         let x = x.into_primitive();
         let x_lora = x_lora.map(|t| t.into_primitive());
         let (w_v, w_u) = (w_v.into_primitive(), w_u.into_primitive());
@@ -144,7 +161,8 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
 
         match LowRankLoraBackward.prepare::<C>(guards).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (y, h) = B::lowrank_lora_forward(
+                let separate_lora_input = x_lora.is_some();
+                let (y, h_l) = B::lowrank_lora_forward(
                     x.clone(),
                     MaybeTensor::from_option(x_lora.clone()),
                     w_v.clone(),
@@ -154,7 +172,11 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
                     MaybeTensor::from_option(bias),
                     scale,
                 );
-                let state = State { x, x_lora, h, w_v, w_u, a, b, scale };
+                let (x_l, x) = match x_lora {
+                    Some(x_lora) => (x_lora, keep_x.then_some(x)),
+                    None => (x, None),
+                };
+                let state = State { x_l, x, h_l, w_v, w_u, a, b, scale, separate_lora_input };
                 prep.finish(state, y)
             }
             OpsKind::UnTracked(prep) => {
@@ -189,9 +211,8 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
     }
 
     fn lowrank_lora_backward(
-        x: FloatTensor<Self>,
-        x_lora: MaybeTensor<Self>,
-        h: FloatTensor<Self>,
+        x_l: FloatTensor<Self>,
+        h_l: FloatTensor<Self>,
         w_v: FloatTensor<Self>,
         w_u: FloatTensor<Self>,
         a: FloatTensor<Self>,
@@ -199,12 +220,12 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
+        separate_lora_input: bool,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
     {
         let (dx, dx_lora, da, db) = B::lowrank_lora_backward(
-            x.into_primitive(),
-            inner(x_lora),
-            h.into_primitive(),
+            x_l.into_primitive(),
+            h_l.into_primitive(),
             w_v.into_primitive(),
             w_u.into_primitive(),
             a.into_primitive(),
@@ -212,6 +233,7 @@ impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
             dy.into_primitive(),
             scale,
             need_x,
+            separate_lora_input,
         );
         (
             dx.map(Self::from_inner),

@@ -1,15 +1,20 @@
 //! Cube implementation (every CubeCL runtime: wgpu, CUDA, CPU): emloc's own kernels from
-//! `emloc-cube-kernels`.
+//! `emloc-cube-kernels`, with the heavy products of the Gram and the fused layer on Burn's
+//! matmul instead where [`ProductRoute`] says so (tensor cores).
 
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{DType, Shape};
 use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::ir::{ElemType, FloatKind};
 use burn_cubecl::cubecl::std::tensor::TensorHandle;
+use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
 use burn_cubecl::kernel::untile;
 use burn_cubecl::tensor::CubeTensor;
 use emloc_cube_kernels::{GramStart, LowRankLora};
 
-use crate::ops::{EmlocOps, MaybeTensor};
+use super::generic;
+use crate::ops::{EmlocOps, MaybeTensor, ProductRoute};
 
 // `ops::status` restates the kernels' status layout (emloc cannot re-export it without the
 // `cube` feature); the two must agree slot for slot.
@@ -20,6 +25,48 @@ const _: () = {
     assert!(ops::FAILED_VALUE == kernels::FAILED_VALUE && ops::MIN_PIVOT == kernels::MIN_PIVOT);
     assert!(ops::LEN == kernels::LEN);
 };
+
+/// The tensor-core input type behind a float dtype (`f32` runs as TF32 on tensor cores).
+fn tensor_core_input(dtype: DType) -> Option<FloatKind> {
+    match dtype {
+        DType::F32 => Some(FloatKind::TF32),
+        DType::F16 => Some(FloatKind::F16),
+        DType::BF16 => Some(FloatKind::BF16),
+        _ => None,
+    }
+}
+
+/// Whether the device has tensor cores (CubeCL `cmma`) for `dtype` inputs with `f32`
+/// accumulation.
+fn has_tensor_cores(tensor: &CubeTensor) -> bool {
+    let Some(kind) = tensor_core_input(tensor.dtype) else { return false };
+    let f32 = ElemType::Float(FloatKind::F32);
+    let input = ElemType::Float(kind);
+    let plain = ElemType::Float(match kind {
+        FloatKind::TF32 => FloatKind::F32,
+        other => other,
+    });
+    let features = &tensor.client.properties().features.matmul;
+    features.cmma.iter().any(|c| c.cd_type == f32 && (c.a_type == input || c.a_type == plain))
+}
+
+/// Whether this product runs on Burn's matmul rather than the tiled core; see
+/// [`ProductRoute`]. `gram` products never take TF32 under `Auto`.
+fn on_matmul(tensor: &CubeTensor, gram: bool) -> bool {
+    match ProductRoute::current() {
+        ProductRoute::Tiled => false,
+        ProductRoute::Matmul => true,
+        ProductRoute::Auto => has_tensor_cores(tensor) && !(gram && tensor.dtype == DType::F32),
+    }
+}
+
+/// `XᵀX` on Burn's matmul, `f32` output whatever `x`'s dtype (`f16`/`bf16` products are exact in
+/// the `f32` accumulator, as in the tiled core).
+fn gram_on_matmul(x: CubeTensor) -> CubeTensor {
+    let xt = CubeBackend::float_transpose(x.clone());
+    matmul(xt, x, None, MatmulStrategy::default(), DType::F32)
+        .unwrap_or_else(|e| panic!("gram: Burn's matmul could not run: {e:?}"))
+}
 
 /// The kernels' view of a tensor: its buffer and strides, as they are (no copy).
 fn handle(tensor: CubeTensor) -> TensorHandle {
@@ -64,6 +111,9 @@ fn layer(
 
 impl EmlocOps for CubeBackend {
     fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if on_matmul(&x, true) {
+            return gram_on_matmul(x);
+        }
         let like = x.clone();
         let g = emloc_cube_kernels::gram(&like.client, handle(x), GramStart::Zero);
         wrap(&like, g, DType::F32)
@@ -71,6 +121,9 @@ impl EmlocOps for CubeBackend {
 
     fn gram_accumulate(acc: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
         assert_eq!(acc.dtype, DType::F32, "gram_accumulate: the accumulator must be f32");
+        if on_matmul(&x, true) {
+            return Self::float_add(acc, gram_on_matmul(x));
+        }
         let like = x.clone();
         // In place when this call holds the only reference to the accumulator's buffer.
         let start = if acc.can_mut() {
@@ -106,20 +159,22 @@ impl EmlocOps for CubeBackend {
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (x_lora, bias) = (x_lora.into_option(), bias.into_option());
+        if on_matmul(&x, false) {
+            return generic::lowrank_lora_forward::<Self>(x, x_lora, w_v, w_u, a, b, bias, scale);
+        }
         let layer = layer("lowrank_lora", &x, x_lora.as_ref(), w_v, w_u, a, b, scale);
         if let Some(bias) = &bias {
             check_dtypes("lowrank_lora", &x, &[bias]);
         }
         let like = x.clone();
         let bias = bias.map(handle);
-        let (y, h) = layer.forward(&like.client, handle(x), x_lora.map(handle), bias.as_ref());
-        (wrap(&like, y, like.dtype), wrap(&like, h, like.dtype))
+        let (y, h_l) = layer.forward(&like.client, handle(x), x_lora.map(handle), bias.as_ref());
+        (wrap(&like, y, like.dtype), wrap(&like, h_l, like.dtype))
     }
 
     fn lowrank_lora_backward(
-        x: FloatTensor<Self>,
-        x_lora: MaybeTensor<Self>,
-        h: FloatTensor<Self>,
+        x_l: FloatTensor<Self>,
+        h_l: FloatTensor<Self>,
         w_v: FloatTensor<Self>,
         w_u: FloatTensor<Self>,
         a: FloatTensor<Self>,
@@ -127,20 +182,19 @@ impl EmlocOps for CubeBackend {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
+        separate_lora_input: bool,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
     {
-        let x_lora = x_lora.into_option();
-        let layer = layer("lowrank_lora_backward", &x, x_lora.as_ref(), w_v, w_u, a, b, scale);
-        check_dtypes("lowrank_lora_backward", &x, &[&h, &dy]);
-        let like = x.clone();
-        let grads = layer.backward(
-            &like.client,
-            handle(x),
-            x_lora.map(handle),
-            handle(h),
-            handle(dy),
-            need_x,
-        );
+        let sep = separate_lora_input;
+        if on_matmul(&x_l, false) {
+            return generic::lowrank_lora_backward::<Self>(
+                x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep,
+            );
+        }
+        let layer = layer("lowrank_lora_backward", &x_l, None, w_v, w_u, a, b, scale);
+        check_dtypes("lowrank_lora_backward", &x_l, &[&h_l, &dy]);
+        let like = x_l.clone();
+        let grads = layer.backward(&like.client, handle(x_l), handle(h_l), handle(dy), need_x, sep);
         let dtype = like.dtype;
         (
             grads.x.map(|t| wrap(&like, t, dtype)),

@@ -1,13 +1,13 @@
-//! Flex implementation: plain backend tensor ops. The same generic functions are the
-//! reference the kernels are tested against and serve the autodiff backward's rarely used
-//! gradients (trainable factors or bias). Cholesky and the triangular solves have no tensor-op
-//! form: they run as host loops in `f64` (Flex tensors live on the host anyway), rounded to
-//! `f32` like the kernels' results.
+//! Flex implementation: the plain tensor-op forms of [`super::generic`] (also the reference the
+//! kernels are tested against). Cholesky and the triangular solves have no tensor-op form: they
+//! run as host loops in `f64` (Flex tensors live on the host anyway), rounded to `f32` like the
+//! kernels' results.
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Flex, FloatDType, Scalar, Shape, Slice, TensorMetadata};
+use burn::backend::{Backend, Flex, FloatDType, TensorMetadata};
 use burn::tensor::TensorData;
 
+use super::generic::{gram, lowrank_lora_backward, lowrank_lora_forward};
 use crate::ops::{EmlocOps, MaybeTensor, status};
 
 impl EmlocOps for Flex {
@@ -48,9 +48,8 @@ impl EmlocOps for Flex {
     }
 
     fn lowrank_lora_backward(
-        x: FloatTensor<Self>,
-        x_lora: MaybeTensor<Self>,
-        h: FloatTensor<Self>,
+        x_l: FloatTensor<Self>,
+        h_l: FloatTensor<Self>,
         w_v: FloatTensor<Self>,
         w_u: FloatTensor<Self>,
         a: FloatTensor<Self>,
@@ -58,9 +57,11 @@ impl EmlocOps for Flex {
         dy: FloatTensor<Self>,
         scale: f64,
         need_x: bool,
+        separate_lora_input: bool,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
     {
-        lowrank_lora_backward::<Self>(x, x_lora.into_option(), h, w_v, w_u, a, b, dy, scale, need_x)
+        let sep = separate_lora_input;
+        lowrank_lora_backward::<Self>(x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep)
     }
 
     fn cholesky(
@@ -175,86 +176,4 @@ pub(crate) fn host_solve_lower_right(
             }
         }
     }
-}
-
-/// `start + XᵀX` in `f32` with the backend's own matmul.
-pub(crate) fn gram<B: Backend>(x: FloatTensor<B>, start: Option<FloatTensor<B>>) -> FloatTensor<B> {
-    let x = B::float_cast(x, FloatDType::F32);
-    let g = B::float_matmul(B::float_transpose(x.clone()), x);
-    match start {
-        Some(start) => B::float_add(B::float_cast(start, FloatDType::F32), g),
-        None => g,
-    }
-}
-
-/// Columns `start..end` of a 2-D tensor.
-pub(crate) fn cols<B: Backend>(t: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
-    let rows = t.shape()[0];
-    B::float_slice(t, &[Slice::from(0..rows), Slice::from(start..end)])
-}
-
-/// `bias` `[d]` as a broadcastable `[1, d]` row.
-pub(crate) fn bias_row<B: Backend>(bias: FloatTensor<B>) -> FloatTensor<B> {
-    let d = bias.shape()[0];
-    B::float_reshape(bias, Shape::new([1, d]))
-}
-
-/// The unfused forward: `h = [x W_v | x_l A]`, `y = (x W_v) W_u + s (x_l A) B + bias`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn lowrank_lora_forward<B: Backend>(
-    x: FloatTensor<B>,
-    x_lora: Option<FloatTensor<B>>,
-    w_v: FloatTensor<B>,
-    w_u: FloatTensor<B>,
-    a: FloatTensor<B>,
-    b: FloatTensor<B>,
-    bias: Option<FloatTensor<B>>,
-    scale: f64,
-) -> (FloatTensor<B>, FloatTensor<B>) {
-    let x_l = x_lora.unwrap_or_else(|| x.clone());
-    let h_v = B::float_matmul(x, w_v);
-    let h_l = B::float_matmul(x_l, a);
-    let lora = B::float_mul_scalar(B::float_matmul(h_l.clone(), b), Scalar::from(scale));
-    let y = B::float_add(B::float_matmul(h_v.clone(), w_u), lora);
-    let y = match bias {
-        Some(bias) => B::float_add(y, bias_row::<B>(bias)),
-        None => y,
-    };
-    (y, B::float_cat(vec![h_v, h_l], 1))
-}
-
-/// The unfused backward; see [`EmlocOps::lowrank_lora_backward`].
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-pub(crate) fn lowrank_lora_backward<B: Backend>(
-    x: FloatTensor<B>,
-    x_lora: Option<FloatTensor<B>>,
-    h: FloatTensor<B>,
-    w_v: FloatTensor<B>,
-    w_u: FloatTensor<B>,
-    a: FloatTensor<B>,
-    b: FloatTensor<B>,
-    dy: FloatTensor<B>,
-    scale: f64,
-    need_x: bool,
-) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
-    let k = w_v.shape()[1];
-    let width = h.shape()[1];
-    let s = Scalar::from(scale);
-    let dh_l = B::float_mul_scalar(B::float_matmul(dy.clone(), B::float_transpose(b)), s);
-    let (dx, dx_lora) = if need_x {
-        let dh_v = B::float_matmul(dy.clone(), B::float_transpose(w_u));
-        let dx_v = B::float_matmul(dh_v, B::float_transpose(w_v));
-        let dx_l = B::float_matmul(dh_l.clone(), B::float_transpose(a));
-        match &x_lora {
-            Some(_) => (Some(dx_v), Some(dx_l)),
-            None => (Some(B::float_add(dx_v, dx_l)), None),
-        }
-    } else {
-        (None, None)
-    };
-    let x_l = x_lora.unwrap_or(x);
-    let da = B::float_matmul(B::float_transpose(x_l), dh_l);
-    let h_l = cols::<B>(h, k, width);
-    let db = B::float_mul_scalar(B::float_matmul(B::float_transpose(h_l), dy), s);
-    (dx, dx_lora, da, db)
 }

@@ -1,0 +1,105 @@
+//! The Gram and the fused layer as plain backend tensor ops, for any backend: Flex's
+//! implementation, the Cube backend's [`ProductRoute::Matmul`](crate::ops::ProductRoute) (Burn's
+//! own matmul, tensor cores where the device has them) and the autodiff backward's rarely used
+//! gradients (trainable factors or bias).
+//!
+//! The layer reads each operand once per product: `h_v = x W_v` and `h_l = x_l A`, then one
+//! product of depth `k + r`, `y = [h_v | h_l] [W_u ; s·B] + bias`, instead of two output-sized
+//! products, a scale and two additions. Its backward mirrors it with one product of width
+//! `k + r`, `dh = dy [W_u ; s·B]ᵀ`.
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, FloatDType, Scalar, Shape, Slice, TensorMetadata};
+
+/// `start + XᵀX` in `f32` with the backend's own matmul.
+pub(crate) fn gram<B: Backend>(x: FloatTensor<B>, start: Option<FloatTensor<B>>) -> FloatTensor<B> {
+    let x = B::float_cast(x, FloatDType::F32);
+    let g = B::float_matmul(B::float_transpose(x.clone()), x);
+    match start {
+        Some(start) => B::float_add(B::float_cast(start, FloatDType::F32), g),
+        None => g,
+    }
+}
+
+/// Columns `start..end` of a 2-D tensor (a view).
+pub(crate) fn cols<B: Backend>(t: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
+    let rows = t.shape()[0];
+    B::float_slice(t, &[Slice::from(0..rows), Slice::from(start..end)])
+}
+
+/// `bias` `[d]` as a broadcastable `[1, d]` row.
+pub(crate) fn bias_row<B: Backend>(bias: FloatTensor<B>) -> FloatTensor<B> {
+    let d = bias.shape()[0];
+    B::float_reshape(bias, Shape::new([1, d]))
+}
+
+/// `[W_u ; s·B]`, `[k + r, d_out]`.
+fn joined_output_weights<B: Backend>(
+    w_u: FloatTensor<B>,
+    b: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    B::float_cat(vec![w_u, B::float_mul_scalar(b, Scalar::from(scale))], 0)
+}
+
+/// The forward: `(y, h_l)` with `y = (x W_v) W_u + s (x_l A) B + bias` and `h_l = x_l A`
+/// (`x_l = x_lora` or `x`); see [`EmlocOps::lowrank_lora_forward`](crate::ops::EmlocOps).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lowrank_lora_forward<B: Backend>(
+    x: FloatTensor<B>,
+    x_lora: Option<FloatTensor<B>>,
+    w_v: FloatTensor<B>,
+    w_u: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let x_l = x_lora.unwrap_or_else(|| x.clone());
+    let h_v = B::float_matmul(x, w_v);
+    let h_l = B::float_matmul(x_l, a);
+    let h = B::float_cat(vec![h_v, h_l.clone()], 1);
+    let y = B::float_matmul(h, joined_output_weights::<B>(w_u, b, scale));
+    let y = match bias {
+        Some(bias) => B::float_add(y, bias_row::<B>(bias)),
+        None => y,
+    };
+    (y, h_l)
+}
+
+/// The backward; see [`EmlocOps::lowrank_lora_backward`](crate::ops::EmlocOps).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(crate) fn lowrank_lora_backward<B: Backend>(
+    x_l: FloatTensor<B>,
+    h_l: FloatTensor<B>,
+    w_v: FloatTensor<B>,
+    w_u: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    dy: FloatTensor<B>,
+    scale: f64,
+    need_x: bool,
+    separate_lora_input: bool,
+) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
+    let [k, r] = [w_v.shape()[1], a.shape()[1]];
+    let s = Scalar::from(scale);
+    let (dx, dx_lora, dh_l) = if need_x {
+        // dh = dy [W_u ; s·B]ᵀ, [n, k + r]: both branches' bottleneck gradients in one product.
+        let w_out = joined_output_weights::<B>(w_u, b, scale);
+        let dh = B::float_matmul(dy.clone(), B::float_transpose(w_out));
+        let dh_l = cols::<B>(dh.clone(), k, k + r);
+        if separate_lora_input {
+            let dx = B::float_matmul(cols::<B>(dh, 0, k), B::float_transpose(w_v));
+            let dx_l = B::float_matmul(dh_l.clone(), B::float_transpose(a));
+            (Some(dx), Some(dx_l), dh_l)
+        } else {
+            let w_in = B::float_cat(vec![w_v, a], 1);
+            (Some(B::float_matmul(dh, B::float_transpose(w_in))), None, dh_l)
+        }
+    } else {
+        (None, None, B::float_mul_scalar(B::float_matmul(dy.clone(), B::float_transpose(b)), s))
+    };
+    let da = B::float_matmul(B::float_transpose(x_l), dh_l);
+    let db = B::float_mul_scalar(B::float_matmul(B::float_transpose(h_l), dy), s);
+    (dx, dx_lora, da, db)
+}
