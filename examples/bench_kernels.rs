@@ -17,11 +17,20 @@
 //!
 //! For statistically careful numbers (criterion, several sizes and dtypes) use
 //! `cargo bench -p emloc --features wgpu --bench kernels`; the results are in BENCHMARKS.md.
+//!
+//! `bench_kernels DEVICE --sweep gpu|quick` instead times every shape and dtype of
+//! `benches/gpu_sizes.json` (the sizes `benches/peers/gpu_peer.py` gives PyTorch) and prints one
+//! JSON object per line: the Gram, the fused layer's forward + backward on each
+//! [`ops::ProductRoute`] and as unfused Burn ops, the bytes the layer's autograph holds between
+//! forward and backward (measured on the device's allocator), Cholesky + solve, and a bf16 Gram
+//! past 2³² elements checked against its known value (64-bit addressing). `benches/gpu.sh`
+//! runs it on the lent GPU.
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{Device, Distribution, Tensor};
-use emloc::ops;
+use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use emloc::ops::{self, ProductRoute};
+use serde_json::{Value, json};
 
 fn pick_device(name: &str) -> Result<Device, String> {
     let missing = || format!("device `{name}` needs `--features {name}`");
@@ -81,6 +90,10 @@ fn ms(d: Duration) -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let device = pick_device(args.first().map_or("flex", String::as_str))?;
+    if args.get(1).is_some_and(|a| a == "--sweep") {
+        let name = args.get(2).ok_or("--sweep needs a size set: gpu or quick")?;
+        return sweep(&device, name);
+    }
     let d: usize = args.get(1).map_or(Ok(512), |s| s.parse()).map_err(|e| format!("width: {e}"))?;
     let normal = Distribution::Normal(0.0, 1.0);
     println!(
@@ -136,4 +149,210 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let faer_time = median(&device, || drop(faer_g.llt(faer::Side::Lower).expect("SPD")));
     row("Cholesky", emloc_chol, faer_time, "faer f64 on the host");
     Ok(())
+}
+
+/// Median time of `f` over `repeats` runs after one warm-up (device synchronised after each).
+fn median_of(device: &Device, repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    device.sync().expect("device sync");
+    let mut times: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            device.sync().expect("device sync");
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn dtype_of(name: &str) -> Result<FloatDType, String> {
+    match name {
+        "f32" => Ok(FloatDType::F32),
+        "f16" => Ok(FloatDType::F16),
+        "bf16" => Ok(FloatDType::BF16),
+        other => Err(format!("unknown dtype `{other}` in gpu_sizes.json")),
+    }
+}
+
+fn pairs(set: &Value, key: &str) -> Vec<(usize, usize)> {
+    set[key]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|p| Some((p[0].as_u64()? as usize, p[1].as_u64()? as usize)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn emit(line: Value) {
+    println!("{line}");
+}
+
+const ROUTES: [(&str, ProductRoute); 3] = [
+    ("emloc_auto", ProductRoute::Auto),
+    ("emloc_tiled", ProductRoute::Tiled),
+    ("emloc_matmul", ProductRoute::Matmul),
+];
+
+/// The sweep of `benches/gpu_sizes.json`'s set `name`, as JSON lines on stdout.
+fn sweep(device: &Device, name: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let sizes: Value = serde_json::from_str(include_str!("../benches/gpu_sizes.json"))?;
+    let set = &sizes[name];
+    if set.is_null() {
+        return Err(format!("no size set `{name}` in benches/gpu_sizes.json").into());
+    }
+    let repeats = set["repeats"].as_u64().unwrap_or(5) as usize;
+    let keep = set["keep"].as_f64().unwrap_or(0.4);
+    let rank = set["rank"].as_u64().unwrap_or(16) as usize;
+    let normal = Distribution::Normal(0.0, 1.0);
+    emit(json!({"op": "device", "device": format!("{device:?}")}));
+    for dtype_name in set["dtypes"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        let dtype = dtype_of(dtype_name)?;
+        if !device.supports_dtype(dtype) {
+            emit(json!({"op": "skip", "dtype": dtype_name, "why": "unsupported on this device"}));
+            continue;
+        }
+        for (d, tokens) in pairs(set, "gram") {
+            let x = Tensor::<2>::random([tokens, d], normal, device).cast(dtype);
+            let flops = 2.0 * tokens as f64 * (d * d) as f64;
+            let mut row = |imp: &str, seconds: f64| {
+                emit(json!({"op": "gram", "impl": imp, "dtype": dtype_name, "d": d,
+                    "tokens": tokens, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12}));
+            };
+            for (imp, route) in ROUTES {
+                let t = ops::with_product_route(route, || {
+                    median_of(device, repeats, || drop(ops::gram(x.clone())))
+                });
+                row(imp, t);
+            }
+            let t = median_of(device, repeats, || drop(x.clone().transpose().matmul(x.clone())));
+            row("burn_matmul", t);
+        }
+        for (d, tokens) in pairs(set, "layer") {
+            layer_rows(device, dtype, dtype_name, d, tokens, keep, rank, repeats);
+        }
+    }
+    for d in set["cholesky"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
+        let d = d as usize;
+        let x = Tensor::<2>::random([4 * d, d], normal, device);
+        let g = ops::gram(x).div_scalar((4 * d) as f64);
+        let rhs = Tensor::<2>::random([d / 4, d], normal, device);
+        let t = median_of(device, repeats, || {
+            let l = ops::cholesky(g.clone(), 0.0, 0.0).expect("SPD").l;
+            drop(ops::solve_lower_right(rhs.clone(), l, false).expect("solve"));
+        });
+        emit(json!({"op": "cholesky_solve", "impl": "emloc", "dtype": "f32", "d": d,
+            "ms": t * 1e3}));
+    }
+    if let Some(large) = set["large_gram"].as_array() {
+        let dim = |i: usize| large[i].as_u64().unwrap_or(0) as usize;
+        large_gram(device, dim(0), dim(1));
+    }
+    Ok(())
+}
+
+/// The fused layer, fwd + bwd, on each route and as unfused Burn ops; then the bytes its
+/// autograph holds between forward and backward.
+#[allow(clippy::too_many_arguments)]
+fn layer_rows(
+    device: &Device,
+    dtype: FloatDType,
+    dtype_name: &str,
+    d: usize,
+    tokens: usize,
+    keep: f64,
+    rank: usize,
+    repeats: usize,
+) {
+    let (k, r, scale) = (((keep * d as f64) as usize).max(1), rank, 2.0);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let train = device.clone().autodiff();
+    let weights = |shape: [usize; 2]| {
+        Tensor::<2>::random(shape, normal, &train)
+            .mul_scalar(1.0 / (shape[0] as f64).sqrt())
+            .cast(dtype)
+    };
+    let (w_v, w_u) = (weights([d, k]), weights([k, d]));
+    let (a, b) = (weights([d, r]).require_grad(), weights([r, d]).require_grad());
+    let bias = Tensor::<1>::zeros([d], &train).cast(dtype);
+    let input = Tensor::<2>::random([tokens, d], normal, &train).cast(dtype).require_grad();
+    let dy = Tensor::<2>::random([tokens, d], normal, &train).cast(dtype);
+    let forward = |fused: bool| {
+        if fused {
+            ops::lowrank_lora(
+                input.clone(),
+                None,
+                w_v.clone(),
+                w_u.clone(),
+                a.clone(),
+                b.clone(),
+                Some(bias.clone()),
+                scale,
+            )
+        } else {
+            let base = input.clone().matmul(w_v.clone()).matmul(w_u.clone());
+            let lora = input.clone().matmul(a.clone()).matmul(b.clone()).mul_scalar(scale);
+            base + lora + bias.clone().unsqueeze::<2>()
+        }
+    };
+    let step = |fused: bool| drop((forward(fused) * dy.clone()).sum().backward());
+    // Forward products x W_v, h_v W_u, x A, h_l B; the backward's (dh, dx, dA, dB) about as many.
+    let n = tokens as f64;
+    let flops = 2.0 * n * (2.0 * (d * k) as f64 + 2.0 * (d * r) as f64) * 2.0;
+    let row = |imp: &str, seconds: f64| {
+        emit(json!({"op": "layer_fwd_bwd", "impl": imp, "dtype": dtype_name, "d": d,
+            "tokens": tokens, "k": k, "r": r, "ms": seconds * 1e3,
+            "tflops": flops / seconds / 1e12}));
+    };
+    for (imp, route) in ROUTES {
+        row(imp, ops::with_product_route(route, || median_of(device, repeats, || step(true))));
+    }
+    row("burn_unfused", median_of(device, repeats, || step(false)));
+
+    // Held bytes: allocator's bytes in use after the forward, less the output (second run).
+    let in_use = || {
+        device.sync().expect("device sync");
+        device.memory_pool_usage().map(|u| u.bytes_in_use as i64)
+    };
+    let elem = dtype.size();
+    for (imp, fused) in [("emloc_auto", true), ("burn_unfused", false)] {
+        let mut held = None;
+        for _ in 0..2 {
+            let Some(before) = in_use() else { break };
+            let y = forward(fused);
+            held = in_use().map(|after| after - before - (tokens * d * elem) as i64);
+            drop(y);
+        }
+        if let Some(bytes) = held {
+            emit(json!({"op": "layer_held_bytes", "impl": imp, "dtype": dtype_name, "d": d,
+                "tokens": tokens, "k": k, "r": r, "bytes": bytes,
+                "h_l_bytes": tokens * r * elem,
+                "previous_emloc_bytes": tokens * (k + r) * elem}));
+        }
+    }
+}
+
+/// A bf16 Gram over more than 2³² elements on the tiled core (64-bit indices), against its
+/// known value: the last row is ones and every other row zero, so `G` is all ones; 32-bit
+/// indices would wrap the last row onto the first and give zeros.
+fn large_gram(device: &Device, tokens: usize, d: usize) {
+    let elements = tokens * d;
+    if !device.supports_dtype(FloatDType::BF16) {
+        emit(json!({"op": "large_gram", "skip": "bf16 unsupported"}));
+        return;
+    }
+    let x = Tensor::<2>::zeros([tokens, d], device).cast(FloatDType::BF16);
+    let ones = Tensor::<2>::ones([1, d], device).cast(FloatDType::BF16);
+    let x = x.slice_assign([tokens - 1..tokens, 0..d], ones);
+    let start = Instant::now();
+    let g = ops::with_product_route(ProductRoute::Tiled, || ops::gram(x.clone()));
+    let values: Vec<f32> = g.into_data().convert::<f32>().to_vec().expect("f32 Gram");
+    let seconds = start.elapsed().as_secs_f64();
+    let max_err = values.iter().fold(0.0f32, |m, v| m.max((v - 1.0).abs()));
+    emit(json!({"op": "large_gram", "impl": "emloc_tiled", "dtype": "bf16", "tokens": tokens,
+        "d": d, "elements": elements, "past_u32": elements > u32::MAX as usize,
+        "max_abs_error": max_err, "ok": max_err == 0.0, "seconds": seconds}));
 }

@@ -160,7 +160,9 @@ impl EmlocOps for CubeBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (x_lora, bias) = (x_lora.into_option(), bias.into_option());
         if on_matmul(&x, false) {
-            return generic::lowrank_lora_forward::<Self>(x, x_lora, w_v, w_u, a, b, bias, scale);
+            return generic::lowrank_lora_forward::<Self>(
+                x, x_lora, w_v, w_u, a, b, bias, scale, true,
+            );
         }
         let layer = layer("lowrank_lora", &x, x_lora.as_ref(), w_v, w_u, a, b, scale);
         if let Some(bias) = &bias {
@@ -188,7 +190,7 @@ impl EmlocOps for CubeBackend {
         let sep = separate_lora_input;
         if on_matmul(&x_l, false) {
             return generic::lowrank_lora_backward::<Self>(
-                x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep,
+                x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep, true,
             );
         }
         let layer = layer("lowrank_lora_backward", &x_l, None, w_v, w_u, a, b, scale);

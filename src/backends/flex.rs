@@ -30,7 +30,7 @@ impl EmlocOps for Flex {
         scale: f64,
     ) -> FloatTensor<Self> {
         let (x_lora, bias) = (x_lora.into_option(), bias.into_option());
-        lowrank_lora_forward::<Self>(x, x_lora, w_v, w_u, a, b, bias, scale).0
+        lowrank_lora_forward::<Self>(x, x_lora, w_v, w_u, a, b, bias, scale, false).0
     }
 
     fn lowrank_lora_forward(
@@ -44,7 +44,7 @@ impl EmlocOps for Flex {
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (x_lora, bias) = (x_lora.into_option(), bias.into_option());
-        lowrank_lora_forward::<Self>(x, x_lora, w_v, w_u, a, b, bias, scale)
+        lowrank_lora_forward::<Self>(x, x_lora, w_v, w_u, a, b, bias, scale, false)
     }
 
     fn lowrank_lora_backward(
@@ -61,7 +61,7 @@ impl EmlocOps for Flex {
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
     {
         let sep = separate_lora_input;
-        lowrank_lora_backward::<Self>(x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep)
+        lowrank_lora_backward::<Self>(x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep, false)
     }
 
     fn cholesky(

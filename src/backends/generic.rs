@@ -3,10 +3,11 @@
 //! own matmul, tensor cores where the device has them) and the autodiff backward's rarely used
 //! gradients (trainable factors or bias).
 //!
-//! The layer reads each operand once per product: `h_v = x W_v` and `h_l = x_l A`, then one
-//! product of depth `k + r`, `y = [h_v | h_l] [W_u ; s·B] + bias`, instead of two output-sized
-//! products, a scale and two additions. Its backward mirrors it with one product of width
-//! `k + r`, `dh = dy [W_u ; s·B]ᵀ`.
+//! With `joined` (the matmul route) the layer writes its output once: `h_v = x W_v` and
+//! `h_l = x_l A`, then one product of depth `k + r`, `y = [h_v | h_l] [W_u ; s·B] + bias`,
+//! instead of two output-sized products, a scale and two additions; its backward mirrors it
+//! with one product of width `k + r`, `dh = dy [W_u ; s·B]ᵀ`. Without (Flex), the plain
+//! unfused form, whose base branch is bit for bit the adapter-free layer's `(x W_v) W_u`.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, FloatDType, Scalar, Shape, Slice, TensorMetadata};
@@ -54,12 +55,18 @@ pub(crate) fn lowrank_lora_forward<B: Backend>(
     b: FloatTensor<B>,
     bias: Option<FloatTensor<B>>,
     scale: f64,
+    joined: bool,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let x_l = x_lora.unwrap_or_else(|| x.clone());
     let h_v = B::float_matmul(x, w_v);
     let h_l = B::float_matmul(x_l, a);
-    let h = B::float_cat(vec![h_v, h_l.clone()], 1);
-    let y = B::float_matmul(h, joined_output_weights::<B>(w_u, b, scale));
+    let y = if joined {
+        let h = B::float_cat(vec![h_v, h_l.clone()], 1);
+        B::float_matmul(h, joined_output_weights::<B>(w_u, b, scale))
+    } else {
+        let lora = B::float_mul_scalar(B::float_matmul(h_l.clone(), b), Scalar::from(scale));
+        B::float_add(B::float_matmul(h_v, w_u), lora)
+    };
     let y = match bias {
         Some(bias) => B::float_add(y, bias_row::<B>(bias)),
         None => y,
@@ -80,10 +87,20 @@ pub(crate) fn lowrank_lora_backward<B: Backend>(
     scale: f64,
     need_x: bool,
     separate_lora_input: bool,
+    joined: bool,
 ) -> (Option<FloatTensor<B>>, Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>) {
     let [k, r] = [w_v.shape()[1], a.shape()[1]];
     let s = Scalar::from(scale);
-    let (dx, dx_lora, dh_l) = if need_x {
+    let (dx, dx_lora, dh_l) = if need_x && !joined {
+        let dh_l = B::float_mul_scalar(B::float_matmul(dy.clone(), B::float_transpose(b)), s);
+        let dh_v = B::float_matmul(dy.clone(), B::float_transpose(w_u));
+        let dx_v = B::float_matmul(dh_v, B::float_transpose(w_v));
+        let dx_l = B::float_matmul(dh_l.clone(), B::float_transpose(a));
+        match separate_lora_input {
+            true => (Some(dx_v), Some(dx_l), dh_l),
+            false => (Some(B::float_add(dx_v, dx_l)), None, dh_l),
+        }
+    } else if need_x {
         // dh = dy [W_u ; s·B]ᵀ, [n, k + r]: both branches' bottleneck gradients in one product.
         let w_out = joined_output_weights::<B>(w_u, b, scale);
         let dh = B::float_matmul(dy.clone(), B::float_transpose(w_out));
