@@ -218,7 +218,7 @@ fn sweep(device: &Device, name: &str) -> Result<(), Box<dyn std::error::Error>> 
         for (d, tokens) in pairs(set, "gram") {
             let x = Tensor::<2>::random([tokens, d], normal, device).cast(dtype);
             let flops = 2.0 * tokens as f64 * (d * d) as f64;
-            let mut row = |imp: &str, seconds: f64| {
+            let row = |imp: &str, seconds: f64| {
                 emit(json!({"op": "gram", "impl": imp, "dtype": dtype_name, "d": d,
                     "tokens": tokens, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12}));
             };
@@ -317,7 +317,7 @@ fn layer_rows(
         device.sync().expect("device sync");
         device.memory_pool_usage().map(|u| u.bytes_in_use as i64)
     };
-    let elem = dtype.size();
+    let elem = burn::tensor::DType::from(dtype).size();
     for (imp, fused) in [("emloc_auto", true), ("burn_unfused", false)] {
         let mut held = None;
         for _ in 0..2 {
@@ -349,7 +349,7 @@ fn large_gram(device: &Device, tokens: usize, d: usize) {
     let x = x.slice_assign([tokens - 1..tokens, 0..d], ones);
     let start = Instant::now();
     let g = ops::with_product_route(ProductRoute::Tiled, || ops::gram(x.clone()));
-    let values: Vec<f32> = g.into_data().convert::<f32>().to_vec().expect("f32 Gram");
+    let values: Vec<f32> = g.into_data().try_to_vec().expect("an f32 Gram");
     let seconds = start.elapsed().as_secs_f64();
     let max_err = values.iter().fold(0.0f32, |m, v| m.max((v - 1.0).abs()));
     emit(json!({"op": "large_gram", "impl": "emloc_tiled", "dtype": "bf16", "tokens": tokens,

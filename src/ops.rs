@@ -51,20 +51,22 @@ pub mod status {
 ///   as for any Burn matmul there), vectorised unit kernels elsewhere. The joined weights are
 ///   built for each call (`d_in·(k + r)` and `(k + r)·d_out` elements, small next to the
 ///   products), and the Gram is the full `XᵀX` with an `f32` output.
-/// - [`Auto`](Self::Auto) (the default): `Matmul` where the device has tensor cores for the
-///   input dtype, except for an `f32` Gram (TF32 would cost calibration 13 mantissa bits), and
-///   `Tiled` everywhere else (wgpu on most desktop drivers, lavapipe, the CubeCL CPU runtime).
+/// - [`Auto`](Self::Auto) (the default): `Matmul` for `f16`/`bf16` inputs on a device with
+///   tensor cores for them (products exact in the `f32` accumulator, as on the tiled core),
+///   `Tiled` for `f32` (TF32 would cost 13 mantissa bits: choose `Matmul` to trade them for
+///   speed) and on devices without tensor cores (most wgpu drivers, lavapipe, the CubeCL CPU
+///   runtime).
 ///
 /// The route is chosen per thread: [`with_product_route`] for a scope, or the environment
 /// variable `EMLOC_PRODUCT_ROUTE` (`auto`, `tiled` or `matmul`) for the whole process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ProductRoute {
-    /// Tensor cores when the device has them for the dtype (not for an `f32` Gram).
+    /// Tensor cores for `f16`/`bf16` where the device has them, else the tiled core.
     #[default]
     Auto,
-    /// Always emloc's tiled `f32`-FMA core.
+    /// Always emloc's tiled core (`f32` FMAs).
     Tiled,
-    /// Always Burn's matmul.
+    /// Always Burn's matmul (TF32 for `f32` inputs on CUDA tensor cores).
     Matmul,
 }
 

@@ -51,12 +51,13 @@ fn has_tensor_cores(tensor: &CubeTensor) -> bool {
 }
 
 /// Whether this product runs on Burn's matmul rather than the tiled core; see
-/// [`ProductRoute`]. `gram` products never take TF32 under `Auto`.
-fn on_matmul(tensor: &CubeTensor, gram: bool) -> bool {
+/// [`ProductRoute`]: under `Auto`, half-precision inputs on a device with tensor cores for them
+/// (an `f32` input would run as TF32 there).
+fn on_matmul(tensor: &CubeTensor) -> bool {
     match ProductRoute::current() {
         ProductRoute::Tiled => false,
         ProductRoute::Matmul => true,
-        ProductRoute::Auto => has_tensor_cores(tensor) && !(gram && tensor.dtype == DType::F32),
+        ProductRoute::Auto => tensor.dtype != DType::F32 && has_tensor_cores(tensor),
     }
 }
 
@@ -111,7 +112,7 @@ fn layer(
 
 impl EmlocOps for CubeBackend {
     fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        if on_matmul(&x, true) {
+        if on_matmul(&x) {
             return gram_on_matmul(x);
         }
         let like = x.clone();
@@ -121,7 +122,7 @@ impl EmlocOps for CubeBackend {
 
     fn gram_accumulate(acc: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
         assert_eq!(acc.dtype, DType::F32, "gram_accumulate: the accumulator must be f32");
-        if on_matmul(&x, true) {
+        if on_matmul(&x) {
             return Self::float_add(acc, gram_on_matmul(x));
         }
         let like = x.clone();
@@ -159,7 +160,7 @@ impl EmlocOps for CubeBackend {
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (x_lora, bias) = (x_lora.into_option(), bias.into_option());
-        if on_matmul(&x, false) {
+        if on_matmul(&x) {
             return generic::lowrank_lora_forward::<Self>(
                 x, x_lora, w_v, w_u, a, b, bias, scale, true,
             );
@@ -188,7 +189,7 @@ impl EmlocOps for CubeBackend {
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>)
     {
         let sep = separate_lora_input;
-        if on_matmul(&x_l, false) {
+        if on_matmul(&x_l) {
             return generic::lowrank_lora_backward::<Self>(
                 x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep, true,
             );
