@@ -32,7 +32,7 @@
 //! joined field names, as in Burn's records); outside those calls the hook does nothing.
 //! During calibration, each layer's forward also adds its input's Gram matrix `XᵀX` (in f32,
 //! through [`ops::gram_accumulate`]) to the statistics of the session that [`emulate`] or
-//! [`calibrate`] opened. The kernels behind [`ops`] are a Burn backend extension: emloc's CubeCL
+//! [`calibrate`] opened on the calling thread (the forward passes must run on that thread). The kernels behind [`ops`] are a Burn backend extension: emloc's CubeCL
 //! kernels on CubeCL devices, plain tensor ops on Flex. Design notes: the repository's
 //! `docs/DESIGN.md`; the method and the corrections to the official release that emloc follows:
 //! its `README.md` and `EXPERIMENTS.md`.

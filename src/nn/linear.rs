@@ -60,8 +60,9 @@ impl LinearConfig {
 /// - either form plus a **LoRA adapter** ([`lora`](Self::lora)): `y += s · (dropout(x) A) B`,
 ///   computed through the rank-`r` bottleneck, never as a dense `B A`.
 ///
-/// While [`emulate`](crate::emulate) runs calibration, the forward pass also accumulates the
-/// layer's input Gram matrix `XᵀX`.
+/// While [`emulate`](crate::emulate) or [`calibrate`](crate::calibrate) runs calibration on
+/// this thread, the forward pass also adds the layer's input Gram matrix `XᵀX` to that
+/// session's statistics.
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// Dense weight `Wᵀ`, shape `[d_in, d_out]`; `[0, 0]` in emulator form.

@@ -42,6 +42,47 @@ fn calibration_gram_is_x_transpose_x_in_f64() {
 }
 
 #[test]
+fn concurrent_calibrations_of_one_model_stay_apart() {
+    // Two threads calibrate clones of one model (the same parameter ids) on different data, their
+    // sessions overlapping: each must see only its own inputs.
+    let device = Device::flex();
+    let model = Mlp::new(6, 5, 3, &device);
+    let data =
+        |seed: u64| -> Vec<_> { (0..2).map(|i| tensor(seed + i, [4, 6], &device)).collect() };
+    let barrier = std::sync::Barrier::new(2);
+    let run = |batches: Vec<_>, model: Mlp, meet: bool| {
+        let mut seen = 0;
+        calibrate(
+            &model,
+            batches,
+            |m: &Mlp, x| {
+                m.forward(x);
+                seen += 1;
+                if meet && seen == 1 {
+                    // Both sessions are open and have recorded one batch here.
+                    barrier.wait();
+                }
+            },
+            |_| true,
+        )
+        .unwrap()
+    };
+    let (a, b) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| run(data(100), model.clone(), true));
+        let b = scope.spawn(|| run(data(200), model.clone(), true));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for (got, seed) in [(a, 100), (b, 200)] {
+        let alone = run(data(seed), model.clone(), false);
+        assert_eq!(got.len(), alone.len());
+        for (g, w) in got.iter().zip(&alone) {
+            assert_eq!((&g.path, g.tokens), (&w.path, 8), "layer {} saw other inputs", g.path);
+            assert_eq!(g.gram, w.gram, "layer {}: Gram differs from its own data's", g.path);
+        }
+    }
+}
+
+#[test]
 fn emulator_is_exact_on_the_calibration_subspace() {
     // Inputs of l1 span 3 dimensions of R^12: a rank-3 emulator of l1 reproduces l1 on that
     // subspace although W^E differs from W (the whitened SVD only has to be right on the data).
