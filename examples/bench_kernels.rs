@@ -335,24 +335,27 @@ fn layer_rows(
     }
 }
 
-/// A bf16 Gram over more than 2³² elements on the tiled core (64-bit indices), against its
-/// known value: the last row is ones and every other row zero, so `G` is all ones; 32-bit
-/// indices would wrap the last row onto the first and give zeros.
+/// A half-precision (bf16, else f16) Gram over more than 2³² elements on the tiled core (64-bit
+/// indices), against its known value: the last row is ones and every other row zero, so `G` is
+/// all ones; 32-bit indices would wrap the last row onto the first and give zeros.
 fn large_gram(device: &Device, tokens: usize, d: usize) {
     let elements = tokens * d;
-    if !device.supports_dtype(FloatDType::BF16) {
-        emit(json!({"op": "large_gram", "skip": "bf16 unsupported"}));
+    let Some((dtype, name)) = [(FloatDType::BF16, "bf16"), (FloatDType::F16, "f16")]
+        .into_iter()
+        .find(|(dtype, _)| device.supports_dtype(*dtype))
+    else {
+        emit(json!({"op": "large_gram", "skip": "no half-precision dtype on this device"}));
         return;
-    }
-    let x = Tensor::<2>::zeros([tokens, d], device).cast(FloatDType::BF16);
-    let ones = Tensor::<2>::ones([1, d], device).cast(FloatDType::BF16);
+    };
+    let x = Tensor::<2>::zeros([tokens, d], device).cast(dtype);
+    let ones = Tensor::<2>::ones([1, d], device).cast(dtype);
     let x = x.slice_assign([tokens - 1..tokens, 0..d], ones);
     let start = Instant::now();
     let g = ops::with_product_route(ProductRoute::Tiled, || ops::gram(x.clone()));
     let values: Vec<f32> = g.into_data().try_to_vec().expect("an f32 Gram");
     let seconds = start.elapsed().as_secs_f64();
     let max_err = values.iter().fold(0.0f32, |m, v| m.max((v - 1.0).abs()));
-    emit(json!({"op": "large_gram", "impl": "emloc_tiled", "dtype": "bf16", "tokens": tokens,
+    emit(json!({"op": "large_gram", "impl": "emloc_tiled", "dtype": name, "tokens": tokens,
         "d": d, "elements": elements, "past_u32": elements > u32::MAX as usize,
         "max_abs_error": max_err, "ok": max_err == 0.0, "seconds": seconds}));
 }
