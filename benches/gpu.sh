@@ -50,12 +50,12 @@ build() {
             # shellcheck disable=SC2086
             cargo rustc --release --features cuda $target --message-format=json-render-diagnostics \
                 -- -C link-arg="$stub" > "$BUNDLE/.artifacts.json" || return 1
-            "$PYTHON" - "$BUNDLE" < "$BUNDLE/.artifacts.json" <<'PY' || return 1
+            "$PYTHON" - "$BUNDLE" "$BUNDLE/.artifacts.json" <<'PY' || return 1
 import json, shutil, sys
-exe = [m["executable"] for m in map(json.loads, sys.stdin)
-       if m.get("reason") == "compiler-artifact" and m.get("executable")]
-name = exe[-1].rsplit("/", 1)[-1].split("-")[0]
-shutil.copy(exe[-1], f"{sys.argv[1]}/{name}")
+with open(sys.argv[2]) as f:
+    exe = [m for m in map(json.loads, f)
+           if m.get("reason") == "compiler-artifact" and m.get("executable")]
+shutil.copy(exe[-1]["executable"], f"{sys.argv[1]}/{exe[-1]['target']['name']}")
 PY
         done
         rm -f "$BUNDLE/.artifacts.json"
@@ -75,12 +75,13 @@ for m in map(json.loads, sys.stdin):
     fi
     strip "$BUNDLE"/* || return 1
     ls -l "$BUNDLE"
-    xz -6 -T0 "$BUNDLE"/* || return 1
+    xz -9 -T0 "$BUNDLE"/* || return 1
     local bytes
     bytes=$(du -cb "$BUNDLE"/* | tail -1 | cut -f1)
     ls -l "$BUNDLE"
     echo "bundle: $((bytes / 1048576)) MiB (xz) in $BUNDLE (a device call carries 64 MiB in all)"
-    [ "$bytes" -lt $((60 * 1048576)) ] || { echo "bundle too large" >&2; return 1; }
+    # The working tree travels too (about 10 MB).
+    [ "$bytes" -lt $((52 * 1048576)) ] || { echo "bundle too large" >&2; return 1; }
 }
 
 run() {
@@ -98,8 +99,8 @@ run() {
         [ -f "$BUNDLE/$bin.xz" ] || { log "missing $BUNDLE/$bin.xz: run benches/gpu.sh build first"; return 1; }
         xz -dc "$BUNDLE/$bin.xz" > "$bin_dir/$bin" && chmod +x "$bin_dir/$bin" || return 1
     done
-    # NVRTC and the CUDA runtime for CubeCL (cudarc loads them by name): the toolkit's and the
-    # ones PyTorch's wheels bring.
+    # The driver (libcuda), NVRTC and the CUDA runtime for CubeCL (cudarc loads them by name):
+    # the driver's mount, the toolkit's and the ones PyTorch's wheels bring.
     if [ "$device" = cuda ]; then
         local libs
         libs=$("$PYTHON" - <<'PY' 2>/dev/null
@@ -109,7 +110,8 @@ try:
     roots = list(nvidia.__path__)
 except ImportError:
     roots = []
-dirs = ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+dirs = ["/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/local/cuda/lib64",
+        "/usr/local/cuda/targets/x86_64-linux/lib"]
 dirs += [d for r in roots for d in glob.glob(os.path.join(r, "*", "lib"))]
 print(":".join(d for d in dirs if os.path.isdir(d)))
 PY
