@@ -63,19 +63,8 @@ fn cuda() -> Option<Device> {
 }
 
 /// Median wall time of `f` over 5 runs after one warm-up, the device synchronised after each.
-fn median(device: &Device, mut f: impl FnMut()) -> Duration {
-    f();
-    device.sync().expect("device sync");
-    let mut times: Vec<Duration> = (0..5)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            device.sync().expect("device sync");
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[2]
+fn median(device: &Device, f: impl FnMut()) -> Duration {
+    Duration::from_secs_f64(median_of(device, 5, f))
 }
 
 fn row(name: &str, emloc: Duration, burn: Duration, peer: &str) {
@@ -108,36 +97,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     row("gram XᵀX", emloc_gram, burn_gram, "Burn matmul");
 
     // Emulator layer (k = 0.2 d, keep-ratio 0.4 of a square layer) + LoRA r = 8, fwd + bwd.
-    let (k, r, scale) = (d / 5, 8, 2.0);
-    let train = device.clone().autodiff();
-    let weights = |shape: [usize; 2]| {
-        Tensor::<2>::random(shape, normal, &train).mul_scalar(1.0 / (shape[0] as f64).sqrt())
-    };
-    let (w_v, w_u) = (weights([d, k]), weights([k, d]));
-    let (a, b) = (weights([d, r]).require_grad(), weights([r, d]).require_grad());
-    let input = Tensor::<2>::random([4 * d, d], normal, &train).require_grad();
-    let fused = || {
-        let y = ops::lowrank_lora(
-            input.clone(),
-            None,
-            w_v.clone(),
-            w_u.clone(),
-            a.clone(),
-            b.clone(),
-            None,
-            scale,
-        );
-        drop(y.sum().backward());
-    };
-    let unfused = || {
-        let base = input.clone().matmul(w_v.clone()).matmul(w_u.clone());
-        let y = base + input.clone().matmul(a.clone()).matmul(b.clone()).mul_scalar(scale);
-        drop(y.sum().backward());
-    };
+    let layer = LayerBench::new(&device, FloatDType::F32, d, 4 * d, d / 5, 8);
     row(
         "low-rank + LoRA fwd+bwd",
-        median(&device, fused),
-        median(&device, unfused),
+        median(&device, || layer.step(true)),
+        median(&device, || layer.step(false)),
         "Burn ops, unfused",
     );
 
@@ -254,6 +218,64 @@ fn sweep(device: &Device, name: &str) -> Result<(), Box<dyn std::error::Error>> 
     Ok(())
 }
 
+/// An emulator layer `[d, d]` of rank `k` with a rank-`r` adapter on an autodiff device, its
+/// input (`tokens` rows, tracked) and an output gradient.
+struct LayerBench {
+    input: Tensor<2>,
+    w_v: Tensor<2>,
+    w_u: Tensor<2>,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    bias: Tensor<1>,
+    dy: Tensor<2>,
+}
+
+impl LayerBench {
+    const SCALE: f64 = 2.0;
+
+    fn new(
+        device: &Device,
+        dtype: FloatDType,
+        d: usize,
+        tokens: usize,
+        k: usize,
+        r: usize,
+    ) -> Self {
+        let normal = Distribution::Normal(0.0, 1.0);
+        let train = device.clone().autodiff();
+        let random = |shape: [usize; 2], scale: f64| {
+            Tensor::<2>::random(shape, normal, &train).mul_scalar(scale).cast(dtype)
+        };
+        let weights = |shape: [usize; 2]| random(shape, 1.0 / (shape[0] as f64).sqrt());
+        Self {
+            w_v: weights([d, k]),
+            w_u: weights([k, d]),
+            a: weights([d, r]).require_grad(),
+            b: weights([r, d]).require_grad(),
+            bias: Tensor::<1>::zeros([d], &train).cast(dtype),
+            input: random([tokens, d], 1.0).require_grad(),
+            dy: random([tokens, d], 1.0),
+        }
+    }
+
+    /// `(x W_v) W_u + s (x A) B + b`: emloc's fused op, or the same maths as Burn ops.
+    fn forward(&self, fused: bool) -> Tensor<2> {
+        let (x, s) = (self.input.clone(), Self::SCALE);
+        let (w_v, w_u, a, b) = (self.w_v.clone(), self.w_u.clone(), self.a.clone(), self.b.clone());
+        if fused {
+            ops::lowrank_lora(x, None, w_v, w_u, a, b, Some(self.bias.clone()), s)
+        } else {
+            let base = x.clone().matmul(w_v).matmul(w_u);
+            base + x.matmul(a).matmul(b).mul_scalar(s) + self.bias.clone().unsqueeze::<2>()
+        }
+    }
+
+    /// Forward and backward (gradients for x, A and B).
+    fn step(&self, fused: bool) {
+        drop((self.forward(fused) * self.dy.clone()).sum().backward());
+    }
+}
+
 /// The fused layer, fwd + bwd, on each route and as unfused Burn ops; then the bytes its
 /// autograph holds between forward and backward.
 #[allow(clippy::too_many_arguments)]
@@ -267,38 +289,8 @@ fn layer_rows(
     rank: usize,
     repeats: usize,
 ) {
-    let (k, r, scale) = (((keep * d as f64) as usize).max(1), rank, 2.0);
-    let normal = Distribution::Normal(0.0, 1.0);
-    let train = device.clone().autodiff();
-    let weights = |shape: [usize; 2]| {
-        Tensor::<2>::random(shape, normal, &train)
-            .mul_scalar(1.0 / (shape[0] as f64).sqrt())
-            .cast(dtype)
-    };
-    let (w_v, w_u) = (weights([d, k]), weights([k, d]));
-    let (a, b) = (weights([d, r]).require_grad(), weights([r, d]).require_grad());
-    let bias = Tensor::<1>::zeros([d], &train).cast(dtype);
-    let input = Tensor::<2>::random([tokens, d], normal, &train).cast(dtype).require_grad();
-    let dy = Tensor::<2>::random([tokens, d], normal, &train).cast(dtype);
-    let forward = |fused: bool| {
-        if fused {
-            ops::lowrank_lora(
-                input.clone(),
-                None,
-                w_v.clone(),
-                w_u.clone(),
-                a.clone(),
-                b.clone(),
-                Some(bias.clone()),
-                scale,
-            )
-        } else {
-            let base = input.clone().matmul(w_v.clone()).matmul(w_u.clone());
-            let lora = input.clone().matmul(a.clone()).matmul(b.clone()).mul_scalar(scale);
-            base + lora + bias.clone().unsqueeze::<2>()
-        }
-    };
-    let step = |fused: bool| drop((forward(fused) * dy.clone()).sum().backward());
+    let (k, r) = (((keep * d as f64) as usize).max(1), rank);
+    let layer = LayerBench::new(device, dtype, d, tokens, k, r);
     // Forward products x W_v, h_v W_u, x A, h_l B; the backward's (dh, dx, dA, dB) about as many.
     let n = tokens as f64;
     let flops = 2.0 * n * (2.0 * (d * k) as f64 + 2.0 * (d * r) as f64) * 2.0;
@@ -308,9 +300,10 @@ fn layer_rows(
             "tflops": flops / seconds / 1e12}));
     };
     for (imp, route) in ROUTES {
-        row(imp, ops::with_product_route(route, || median_of(device, repeats, || step(true))));
+        let time = || median_of(device, repeats, || layer.step(true));
+        row(imp, ops::with_product_route(route, time));
     }
-    row("burn_unfused", median_of(device, repeats, || step(false)));
+    row("burn_unfused", median_of(device, repeats, || layer.step(false)));
 
     // Held bytes: allocator's bytes in use after the forward, less the output (second run).
     let in_use = || {
@@ -322,7 +315,7 @@ fn layer_rows(
         let mut held = None;
         for _ in 0..2 {
             let Some(before) = in_use() else { break };
-            let y = forward(fused);
+            let y = layer.forward(fused);
             held = in_use().map(|after| after - before - (tokens * d * elem) as i64);
             drop(y);
         }

@@ -42,6 +42,19 @@ def ms(v):
     return f"{v:.2f}" if v else "-"
 
 
+def table(title, times, columns, ratios):
+    """One row per (dtype, d, tokens): each implementation's ms, then emloc auto's ratios."""
+    print(f"\n## {title} (ms; ratio = peer time / emloc time, > 1: emloc faster)\n")
+    heads = [name for name, _ in columns] + [name for name, _ in ratios]
+    print("| dtype | d | tokens | " + " | ".join(heads) + " |")
+    print("|---" * (3 + len(heads)) + "|")
+    for dt, d, n in sorted({k[1:] for k in times}):
+        get = lambda impl: times.get((impl, dt, d, n))
+        cells = [ms(get(impl)) for _, impl in columns]
+        cells += [ratio(get(peer), get("emloc_auto")) for _, peer in ratios]
+        print(f"| {dt} | {d} | {n} | " + " | ".join(cells) + " |")
+
+
 def main():
     rows = load(sys.argv[1]) + load(sys.argv[2])
     for r in rows:
@@ -49,32 +62,22 @@ def main():
             print(f"- device: {r.get('device')} {r.get('torch', '')}".rstrip())
     print()
 
-    gram = index(rows, "gram")
-    keys = sorted({k[1:] for k in gram})
-    print("## Gram XᵀX (ms; ratio = peer time / emloc time, > 1: emloc faster)\n")
-    print("| dtype | d | tokens | emloc auto | tiled | matmul route | Burn xᵀx | torch x.T@x "
-          "| auto vs torch | auto vs Burn |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for dt, d, n in keys:
-        g = lambda i: gram.get((i, dt, d, n))
-        print(f"| {dt} | {d} | {n} | {ms(g('emloc_auto'))} | {ms(g('emloc_tiled'))} "
-              f"| {ms(g('emloc_matmul'))} | {ms(g('burn_matmul'))} | {ms(g('torch_matmul'))} "
-              f"| {ratio(g('torch_matmul'), g('emloc_auto'))} "
-              f"| {ratio(g('burn_matmul'), g('emloc_auto'))} |")
-
-    layer = index(rows, "layer_fwd_bwd")
-    keys = sorted({k[1:] for k in layer})
-    print("\n## Emulator layer + LoRA, forward + backward (ms; ratios as above)\n")
-    print("| dtype | d | tokens | emloc auto | tiled | matmul route | Burn unfused "
-          "| torch eager | PEFT dense | vs Burn unfused | vs torch eager | vs PEFT dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for dt, d, n in keys:
-        g = lambda i: layer.get((i, dt, d, n))
-        print(f"| {dt} | {d} | {n} | {ms(g('emloc_auto'))} | {ms(g('emloc_tiled'))} "
-              f"| {ms(g('emloc_matmul'))} | {ms(g('burn_unfused'))} | {ms(g('torch_eager'))} "
-              f"| {ms(g('peft_dense'))} | {ratio(g('burn_unfused'), g('emloc_auto'))} "
-              f"| {ratio(g('torch_eager'), g('emloc_auto'))} "
-              f"| {ratio(g('peft_dense'), g('emloc_auto'))} |")
+    table(
+        "Gram XᵀX",
+        index(rows, "gram"),
+        [("emloc auto", "emloc_auto"), ("tiled", "emloc_tiled"), ("matmul route", "emloc_matmul"),
+         ("Burn xᵀx", "burn_matmul"), ("torch x.T@x", "torch_matmul")],
+        [("auto vs torch", "torch_matmul"), ("auto vs Burn", "burn_matmul")],
+    )
+    table(
+        "Emulator layer + LoRA, forward + backward",
+        index(rows, "layer_fwd_bwd"),
+        [("emloc auto", "emloc_auto"), ("tiled", "emloc_tiled"), ("matmul route", "emloc_matmul"),
+         ("Burn unfused", "burn_unfused"), ("torch eager", "torch_eager"),
+         ("PEFT dense", "peft_dense")],
+        [("vs Burn unfused", "burn_unfused"), ("vs torch eager", "torch_eager"),
+         ("vs PEFT dense", "peft_dense")],
+    )
 
     held = [r for r in rows if r.get("op") == "layer_held_bytes"]
     if held:
