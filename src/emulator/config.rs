@@ -1,6 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EmlocError, Result};
+use crate::peft::full_match_regex;
 
 /// How much of a layer the emulator keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -211,9 +212,7 @@ impl EmulatorConfig {
                     }
                     _ => {}
                 }
-                let re = regex::Regex::new(&format!("^(?:{})$", rule.pattern)).map_err(|e| {
-                    EmlocError::InvalidConfig(format!("rule regex `{}`: {e}", rule.pattern))
-                })?;
+                let re = full_match_regex(&rule.pattern, "rule regex")?;
                 Ok((re, rule.keep))
             })
             .collect()

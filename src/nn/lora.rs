@@ -5,7 +5,7 @@ use burn::tensor::module::linear;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::error::{EmlocError, Result};
-use crate::peft::module_name_matches;
+use crate::peft::{full_match_regex, module_name_matches};
 
 /// How to build LoRA adapters, with HF PEFT's defaults and target semantics.
 #[derive(Config, Debug, PartialEq)]
@@ -56,11 +56,7 @@ impl LoraConfig {
     fn compiled_regex(&self) -> Result<Option<regex::Regex>> {
         self.target_regex
             .as_ref()
-            .map(|pattern| {
-                regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
-                    EmlocError::InvalidConfig(format!("LoRA target regex `{pattern}`: {e}"))
-                })
-            })
+            .map(|pattern| full_match_regex(pattern, "LoRA target regex"))
             .transpose()
     }
 
