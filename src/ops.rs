@@ -73,7 +73,7 @@ impl<B: Backend> MaybeTensor<B> {
 /// The backend operations behind [`gram`] and [`lowrank_lora`].
 ///
 /// Shapes use Burn's orientation: `x` `[n, d_in]`, `w_v` `[d_in, k]`, `w_u` `[k, d_out]`,
-/// `a` `[d_in, r]`, `b` `[r, d_out]`, `bias` `[d_out]`, `h` `[n, k + r]`.
+/// `a` `[d_in, r]`, `b` `[r, d_out]`, `bias` `[d_out]`, `h_l` `[n, r]`.
 #[backend_extension(
     Autodiff,
     Cube: cfg(feature = "cube"),
