@@ -240,16 +240,44 @@ fn check_adapter<M: Module>(
     stock::targeted(adapter, &stock_layers)
 }
 
-/// The parameter ids (`[A, B]`) of every attached adapter by module path: what optimizer state
-/// is keyed by, saved with a training checkpoint so that [`attach_adapter_with_ids`] can resume it.
-pub fn adapter_param_ids<M: Module>(model: &M) -> BTreeMap<String, [u64; 2]> {
+/// The parameter ids of every attached adapter's `A` and `B`, by module path: what optimizer
+/// state is keyed by. Saved with a training checkpoint (serialized as `{path: [a, b]}` with the
+/// ids' `u64` values) so that [`attach_adapter_with_ids`] can resume it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct AdapterParamIds(BTreeMap<String, [u64; 2]>);
+
+impl AdapterParamIds {
+    /// The ids of the adapter at `path`, as `[A, B]`.
+    pub fn get(&self, path: &str) -> Option<[ParamId; 2]> {
+        self.0.get(path).map(|ids| ids.map(ParamId::from))
+    }
+
+    /// The adapted module paths, sorted.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// Number of adapted layers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no layer is adapted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The parameter ids of every attached adapter in `model`.
+pub fn adapter_param_ids<M: Module>(model: &M) -> AdapterParamIds {
     let mut ids = BTreeMap::new();
     for_each_linear(model, |path, linear| {
         if let Some(lora) = &linear.lora {
             ids.insert(path.to_string(), adapter_ids(lora).map(|id| id.val()));
         }
     });
-    ids
+    AdapterParamIds(ids)
 }
 
 /// [`attach_adapter`] that gives each adapter's `A` and `B` the parameter ids in `ids` (from
@@ -262,12 +290,12 @@ pub fn adapter_param_ids<M: Module>(model: &M) -> BTreeMap<String, [u64; 2]> {
 pub fn attach_adapter_with_ids<M: Module>(
     model: M,
     adapter: &PeftAdapter,
-    ids: &BTreeMap<String, [u64; 2]>,
+    ids: &AdapterParamIds,
 ) -> Result<M> {
-    if !adapter.layers.keys().eq(ids.keys()) {
+    if !adapter.layers.keys().map(String::as_str).eq(ids.paths()) {
         return Err(EmlocError::InvalidConfig(format!(
             "parameter ids are for layers {:?}, the adapter has {:?}",
-            ids.keys().collect::<Vec<_>>(),
+            ids.paths().collect::<Vec<_>>(),
             adapter.layers.keys().collect::<Vec<_>>()
         )));
     }
@@ -287,7 +315,7 @@ pub fn attach_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
 fn attach_adapter_inner<M: Module>(
     model: M,
     adapter: &PeftAdapter,
-    ids: Option<&BTreeMap<String, [u64; 2]>>,
+    ids: Option<&AdapterParamIds>,
 ) -> Result<M> {
     let stock_targets = check_adapter(&model, adapter, false)?;
     if ids.is_some() && !stock_targets.is_empty() {
@@ -309,8 +337,8 @@ fn attach_adapter_inner<M: Module>(
             );
             let mut lora = lora;
             if let Some([a, b]) = ids.and_then(|ids| ids.get(path)) {
-                lora.a = Param::initialized(ParamId::from(*a), lora.a.val());
-                lora.b = Param::initialized(ParamId::from(*b), lora.b.val());
+                lora.a = Param::initialized(a, lora.a.val());
+                lora.b = Param::initialized(b, lora.b.val());
             }
             trainable.extend(adapter_ids(&lora));
             linear.lora = Some(lora);

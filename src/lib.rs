@@ -55,8 +55,8 @@ pub mod peft;
 mod stock;
 
 pub use adapter::{
-    adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_lora, export_adapter,
-    linear_layers, merge_adapter, merge_lora,
+    AdapterParamIds, adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_lora,
+    export_adapter, linear_layers, merge_adapter, merge_lora,
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use emulator::{

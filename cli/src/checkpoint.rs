@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use emloc::peft::PeftAdapter;
-use emloc::{adapter_param_ids, export_adapter};
+use emloc::{AdapterParamIds, adapter_param_ids, export_adapter};
 use serde::{Deserialize, Serialize};
 
 use emloc::FileIdentity;
@@ -34,7 +34,7 @@ pub struct TrainerState {
     /// `steps`).
     pub train: TrainArgs,
     /// `[A, B]` parameter ids per adapted layer.
-    pub param_ids: BTreeMap<String, [u64; 2]>,
+    pub param_ids: AdapterParamIds,
     /// What the run trained on (absent in checkpoints written before it was recorded).
     #[serde(default)]
     pub inputs: Option<TrainingInputs>,
