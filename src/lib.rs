@@ -60,8 +60,9 @@ pub use adapter::{
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use emulator::{
-    EmulatorConfig, EmulatorDescription, EmulatorReport, Keep, LayerRule, Provenance,
-    WhiteningMethod, calibrate, emulate, load_emulator, read_emulator_description, save_emulator,
+    EmulatorConfig, EmulatorDescription, EmulatorReport, FactorizationProgress, Keep, LayerRule,
+    Provenance, WhiteningMethod, calibrate, emulate, emulate_with_progress, load_emulator,
+    read_emulator_description, save_emulator,
 };
 pub use error::{EmlocError, Result};
 pub use identity::FileIdentity;

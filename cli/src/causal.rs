@@ -9,7 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use emloc::peft::PeftAdapter;
 use emloc::{
     CorrectionConfig, EmulatorDescription, EmulatorReport, attach_adapter, correct,
-    emulate as emulate_model, export_adapter, load_emulator,
+    emulate_with_progress, export_adapter, load_emulator,
 };
 use emloc_models::causal_lm::{self, CausalLm, CausalLmMetrics, EvalConfig, Example};
 use emloc_models::llama::LlamaForCausalLM;
@@ -21,7 +21,7 @@ use crate::args::{DECODER_LORA_TARGETS, ModelArgs, TrainArgs};
 use crate::checkpoint;
 use crate::memory::{Phase, PhaseStats};
 use crate::output::StagedDir;
-use crate::progress::progress;
+use crate::progress::{self, progress};
 use crate::source::check_emulator_source;
 use crate::stages::{
     CorrectArgs, EmulateArgs, EvalArgs, FinetuneArgs, check_out, finish, finish_staged,
@@ -85,7 +85,7 @@ pub fn build_emulator(
     config: &emloc::EmulatorConfig,
 ) -> CliResult<(LlamaForCausalLM, EmulatorReport)> {
     let bar = progress(sequences.len(), "calibration");
-    let result = emulate_model(
+    let result = emulate_with_progress(
         model,
         sequences.iter(),
         |m: &LlamaForCausalLM, ids: &Vec<u32>| {
@@ -93,6 +93,7 @@ pub fn build_emulator(
             bar.inc(1);
         },
         config,
+        progress::factorization(),
     );
     bar.finish_and_clear();
     Ok(result?)

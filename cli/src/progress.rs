@@ -21,3 +21,17 @@ pub fn spinner(message: String) -> ProgressBar {
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     spinner
 }
+
+/// Progress of an emulator's factorisation, one step per layer: a bar that appears with the
+/// first factored layer (calibration has its own) and shows the layer's path.
+pub fn factorization() -> impl FnMut(emloc::FactorizationProgress<'_>) {
+    let mut bar: Option<ProgressBar> = None;
+    move |p| {
+        let bar = bar.get_or_insert_with(|| progress(p.total, "factorisation"));
+        bar.set_position(p.done as u64);
+        bar.set_message(p.path.to_string());
+        if p.done == p.total {
+            bar.finish_and_clear();
+        }
+    }
+}

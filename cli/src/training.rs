@@ -4,7 +4,9 @@
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
-use emloc::{EmulatorConfig, EmulatorReport, attach_adapter_with_ids, attach_lora, emulate};
+use emloc::{
+    EmulatorConfig, EmulatorReport, attach_adapter_with_ids, attach_lora, emulate_with_progress,
+};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{self, ClassificationMetrics, ClassificationTask, LabeledText};
 use emloc_models::retrieval::{self, QaPair, RetrievalMetrics};
@@ -13,7 +15,7 @@ use emloc_models::training::{Resume, StepInfo, TrainReport};
 use crate::CliResult;
 use crate::args::{BERT_LORA_TARGETS, TrainArgs};
 use crate::checkpoint::TrainingCheckpoint;
-use crate::progress::{progress, spinner};
+use crate::progress::{self, progress, spinner};
 
 /// Runs `stage` (emulation or spectra) over `texts` in calibration batches of 16, with a progress
 /// bar. Every batch is tokenized first, so untokenizable data fails before any work.
@@ -46,7 +48,8 @@ pub fn build_emulator(
     config: &EmulatorConfig,
 ) -> CliResult<(BertModel, EmulatorReport)> {
     let result = with_calibration(encoder, texts, |batches, forward| {
-        emulate(model, batches, |m: &BertModel, b| forward(m, b), config)
+        let forward = |m: &BertModel, b| forward(m, b);
+        emulate_with_progress(model, batches, forward, config, progress::factorization())
     })?;
     Ok(result?)
 }

@@ -192,3 +192,29 @@ fn same_inputs_give_bit_identical_emulators() {
     };
     assert_eq!(build(), build());
 }
+
+#[test]
+fn factorisation_progress_reports_each_layer_once_in_order() {
+    let device = Device::flex();
+    let model = Mlp::new(10, 8, 6, &device);
+    let batches: Vec<_> = (0..2).map(|i| tensor(30 + i, [12, 10], &device)).collect();
+    let mut seen = Vec::new();
+    let (_, report) = emloc::emulate_with_progress(
+        model,
+        batches,
+        |m: &Mlp, x| {
+            m.forward(x);
+        },
+        &EmulatorConfig::all_layers(0.5),
+        |p| seen.push((p.done, p.total, p.path.to_string())),
+    )
+    .unwrap();
+    let want: Vec<_> = report
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i + 1, report.layers.len(), l.path.clone()))
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(seen, want);
+}
