@@ -26,38 +26,27 @@ const _: () = {
     assert!(ops::LEN == kernels::LEN);
 };
 
-/// The tensor-core input type behind a float dtype (`f32` runs as TF32 on tensor cores).
-fn tensor_core_input(dtype: DType) -> Option<FloatKind> {
-    match dtype {
-        DType::F32 => Some(FloatKind::TF32),
-        DType::F16 => Some(FloatKind::F16),
-        DType::BF16 => Some(FloatKind::BF16),
-        _ => None,
-    }
-}
-
-/// Whether the device has tensor cores (CubeCL `cmma`) for `dtype` inputs with `f32`
-/// accumulation.
-fn has_tensor_cores(tensor: &CubeTensor) -> bool {
-    let Some(kind) = tensor_core_input(tensor.dtype) else { return false };
+/// Whether the device has tensor cores (CubeCL `cmma`) for this half-precision (`f16`/`bf16`)
+/// tensor's inputs with `f32` accumulation; `false` for any other dtype.
+fn has_half_tensor_cores(tensor: &CubeTensor) -> bool {
+    let input = match tensor.dtype {
+        DType::F16 => ElemType::Float(FloatKind::F16),
+        DType::BF16 => ElemType::Float(FloatKind::BF16),
+        _ => return false,
+    };
     let f32 = ElemType::Float(FloatKind::F32);
-    let input = ElemType::Float(kind);
-    let plain = ElemType::Float(match kind {
-        FloatKind::TF32 => FloatKind::F32,
-        other => other,
-    });
     let features = &tensor.client.properties().features.matmul;
-    features.cmma.iter().any(|c| c.cd_type == f32 && (c.a_type == input || c.a_type == plain))
+    features.cmma.iter().any(|c| c.a_type == input && c.cd_type == f32)
 }
 
 /// Whether this product runs on Burn's matmul rather than the tiled core; see
 /// [`ProductRoute`]: under `Auto`, half-precision inputs on a device with tensor cores for them
-/// (an `f32` input would run as TF32 there).
+/// (an `f32` input would run as TF32 there, so it stays on the tiled core).
 fn on_matmul(tensor: &CubeTensor) -> bool {
     match ProductRoute::current() {
         ProductRoute::Tiled => false,
         ProductRoute::Matmul => true,
-        ProductRoute::Auto => tensor.dtype != DType::F32 && has_tensor_cores(tensor),
+        ProductRoute::Auto => has_half_tensor_cores(tensor),
     }
 }
 
