@@ -2,12 +2,13 @@
 # The GPU run of emloc's kernels, in two stages, so that the lent GPU machine (no Rust toolchain,
 # no registry, 10 minutes a command) only runs prepared binaries:
 #
-#   benches/gpu.sh build [cuda|wgpu] [release|debug]
+#   benches/gpu.sh build [cuda|wgpu]
 #       Here, on the CPU machine (same x86-64 architecture). Builds the kernel tests (`it`) and
 #       `bench_kernels` with `--features cuda` (release), strips and compresses them into
 #       target/gpu-bundle/ and checks the bundle fits the 64 MiB a device call carries. (The
 #       held-bytes measurement of tests/held_memory.rs runs inside the sweep there.)
-#       `wgpu debug` makes a bundle from the usual test build instead, for a dry run here.
+#       `wgpu` makes a bundle from the README's test build (debug, wgpu) instead, for a dry run
+#       here.
 #   benches/gpu.sh run [OUT_DIR]
 #       On the GPU (OUT_DIR defaults to $OUT). In under 6 minutes: the kernel tests on
 #       CUDA, emloc's sweep of benches/gpu_sizes.json (`bench_kernels cuda --sweep gpu`: Gram,
@@ -20,7 +21,7 @@
 # The one device call (the `device` tool's run):
 #   command: bash benches/gpu.sh run    carry: ["target/gpu-bundle"]    timeout_s: 420
 # A dry run here (lavapipe and torch on the CPU, tiny sizes):
-#   benches/gpu.sh build wgpu debug && EMLOC_GPU_DEVICE=wgpu EMLOC_GPU_SIZES=quick \
+#   benches/gpu.sh build wgpu && EMLOC_GPU_DEVICE=wgpu EMLOC_GPU_SIZES=quick \
 #       PYTHON=/work/pyref/bin/python benches/gpu.sh run /tmp/gpu-dry
 #
 # Why the stub object: cubecl-cuda always links cubecl-llvm's NVPTX code generator, and the
@@ -37,7 +38,7 @@ BUNDLE="${EMLOC_GPU_BUNDLE:-target/gpu-bundle}"
 PYTHON="${PYTHON:-python3}"
 
 build() {
-    local backend="${1:-cuda}" profile="${2:-release}"
+    local backend="${1:-cuda}"
     mkdir -p "$BUNDLE"
     rm -f "$BUNDLE"/*
     if [ "$backend" = cuda ]; then
@@ -71,7 +72,6 @@ for m in map(json.loads, sys.stdin):
         if name in ("it", "bench_kernels"):
             shutil.copy(exe, sys.argv[1] + "/" + name)
 ' "$BUNDLE" || return 1
-        [ -x "$BUNDLE/bench_kernels" ] || cp target/debug/examples/bench_kernels "$BUNDLE/"
     fi
     strip "$BUNDLE"/* || return 1
     ls -l "$BUNDLE"
@@ -157,7 +157,7 @@ case "$STAGE" in
     build) shift; build "$@" ;;
     run) shift; run "$@" ;;
     *)
-        echo "usage: benches/gpu.sh build [cuda|wgpu] [release|debug] | run [OUT_DIR]" >&2
+        echo "usage: benches/gpu.sh build [cuda|wgpu] | run [OUT_DIR]" >&2
         exit 2
         ;;
 esac
