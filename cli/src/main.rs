@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod bench_memory;
+mod bench_step;
 mod causal;
 mod checkpoint;
 mod data;
@@ -76,6 +77,9 @@ enum Command {
     BenchMemory(bench_memory::BenchMemoryArgs),
     /// P3: forward + backward of one emulator layer with LoRA vs the dense layer with LoRA.
     BenchLayer(bench::BenchLayerArgs),
+    /// The CPU training step of the main job (LoRA on MiniLM, MultiEmo classification) on the
+    /// full model and on the emulator, against HF PEFT on PyTorch on the same batches.
+    BenchStep(bench_step::BenchStepArgs),
     Generate(generate::GenerateArgs),
 }
 
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
         Command::BenchCorrection(args) => bench::bench_correction(&args).map_err(|e| e.to_string()),
         Command::BenchSvd(args) => bench::bench_svd(&args).map_err(|e| e.to_string()),
         Command::BenchLayer(args) => bench::bench_layer(&args).map_err(|e| e.to_string()),
+        Command::BenchStep(args) => bench_step::bench_step(&args).map_err(|e| e.to_string()),
         Command::BenchMemory(args) => bench_memory::bench_memory(&args).map_err(|e| e.to_string()),
         Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };

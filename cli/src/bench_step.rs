@@ -1,0 +1,350 @@
+//! `emloc bench-step`: the CPU training step of the main job (LoRA on all-MiniLM-L6-v2, MultiEmo
+//! sentence classification) in emloc, on the full model and on its emulator, then the same
+//! step in HF PEFT on PyTorch (`benches/peers/peft_step.py`, embedded), on the same batches, in
+//! one run; prints the step times, their ratios and the peaks, and writes `OUT/report.json`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Args;
+use emloc::EmulatorConfig;
+use emloc_models::bert::{BertModel, SentenceEncoder};
+use emloc_models::classification::{ClassificationTask, LabeledText};
+use emloc_models::training::{TrainConfig, batch_order};
+use serde::{Deserialize, Serialize};
+
+use crate::CliResult;
+use crate::args::{ModelArgs, TrainArgs};
+use crate::data::{DataArgs, EmbeddedData, classification_calibration_texts};
+use crate::memory::{Phase, PhaseStats};
+use crate::output::write_json;
+use crate::training::{build_emulator, train_classifier};
+
+/// The PEFT peer, shipped inside the binary so that the command runs from any directory.
+const PEER_SCRIPT: &str = include_str!("../../benches/peers/peft_step.py");
+
+/// Options of `emloc bench-step`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchStepArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Optimizer steps timed per row; the first is a warm-up and not in the median.
+    #[arg(long, default_value_t = 6)]
+    steps: usize,
+    /// Sentences per step (the main job's batch).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA α.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// AdamW learning rate (constant after one warm-up step; speed does not depend on it).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Emulator keep-ratio ρ of the emulator row.
+    #[arg(long, default_value_t = 0.4)]
+    ratio: f64,
+    /// Calibration pairs (two sentences each) for the emulator.
+    #[arg(long, default_value_t = 32)]
+    calibration_pairs: usize,
+    /// Threads PyTorch may use (emloc's pool takes every core: set RAYON_NUM_THREADS to match).
+    #[arg(long, default_value_t = default_threads())]
+    threads: usize,
+    /// Python with torch, transformers and peft for the peer.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// Skip the PyTorch + PEFT peer (emloc's rows only).
+    #[arg(long)]
+    no_peer: bool,
+    /// Directory for `report.json`.
+    #[arg(long, default_value = "emloc-bench-step")]
+    out: PathBuf,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// One timed row.
+#[derive(Debug, Serialize, Deserialize)]
+struct Row {
+    method: String,
+    /// Wall seconds of every step, the warm-up first.
+    step_seconds: Vec<f64>,
+    /// Median over the steps after the warm-up.
+    median_step_seconds: f64,
+    /// Peak RSS of the row's training (for the peer: of its whole process).
+    peak_rss_bytes: Option<u64>,
+    /// Peak live heap of the row's training (emloc rows; it includes the original model the
+    /// command keeps for the next row).
+    peak_heap_bytes: Option<usize>,
+    /// Median step time over the PEFT peer's.
+    ratio_to_peft: Option<f64>,
+}
+
+/// What the peer prints.
+#[derive(Debug, Deserialize)]
+struct PeerResult {
+    seconds: Vec<f64>,
+    peak_rss_bytes: u64,
+    torch: String,
+    transformers: String,
+    peft: String,
+    threads: usize,
+}
+
+/// What the peer reads: the model, the label descriptions and the exact batches.
+#[derive(Debug, Serialize)]
+struct PeerSpec<'a> {
+    model: String,
+    descriptions: &'a [String],
+    batches: Vec<PeerBatch<'a>>,
+    rank: usize,
+    alpha: f64,
+    lr: f64,
+    scale: f64,
+    max_length: usize,
+    threads: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct PeerBatch<'a> {
+    texts: Vec<&'a str>,
+    labels: Vec<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    command: Vec<String>,
+    model: String,
+    batch_size: usize,
+    max_seq_length: usize,
+    steps: usize,
+    ratio: f64,
+    threads: usize,
+    rayon_threads: usize,
+    peer_versions: Option<String>,
+    rows: Vec<Row>,
+}
+
+fn median_after_warmup(seconds: &[f64]) -> f64 {
+    let mut timed: Vec<f64> = seconds.iter().skip(1).copied().collect();
+    timed.sort_by(f64::total_cmp);
+    match timed.len() {
+        0 => seconds.first().copied().unwrap_or(f64::NAN),
+        n if n % 2 == 1 => timed[n / 2],
+        n => 0.5 * (timed[n / 2 - 1] + timed[n / 2]),
+    }
+}
+
+/// Trains `model` for the configured steps and returns each step's wall seconds with the
+/// phase's peaks.
+fn timed_training(
+    encoder: &SentenceEncoder,
+    model: BertModel,
+    task: &ClassificationTask,
+    train: &[LabeledText],
+    train_args: &TrainArgs,
+    label: &str,
+) -> CliResult<(Vec<f64>, PhaseStats)> {
+    let phase = Phase::start();
+    let mut last = Instant::now();
+    let mut seconds = Vec::new();
+    train_classifier(encoder, model, task, train, train_args, label, None, |_, _, _| {
+        seconds.push(last.elapsed().as_secs_f64());
+        last = Instant::now();
+        Ok(())
+    })?;
+    Ok((seconds, phase.finish()))
+}
+
+/// Runs the benchmark.
+pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
+    if args.steps < 2 || args.batch_size == 0 || args.threads == 0 {
+        return Err("--steps must be at least 2 (one warm-up), --batch-size and --threads at least 1".into());
+    }
+    let config = EmulatorConfig::uniform(args.ratio);
+    config.validate()?;
+    let mut data = args.data.clone();
+    data.embedded = EmbeddedData::MultiEmo;
+    let (task, split) = data.split_classes()?;
+    let train = split.train;
+    let calibration = classification_calibration_texts(&task, &train, args.calibration_pairs)?;
+    let (encoder, model_dir) = args.model.load()?;
+    let max_seq_length = args.model.encoder_max_seq_length();
+    let train_args = TrainArgs {
+        rank: args.rank,
+        alpha: args.alpha,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accumulation: 1,
+        lr: args.lr,
+        warmup_steps: 1,
+        seed: 0,
+    };
+    let rayon_threads = rayon_threads();
+    eprintln!(
+        "{} steps of {} sentences (≤ {max_seq_length} tokens), LoRA r {} on {}; emloc on {rayon_threads} threads, PyTorch on {}",
+        args.steps,
+        args.batch_size,
+        args.rank,
+        model_dir.display(),
+        args.threads
+    );
+
+    let mut rows = Vec::new();
+    let original = encoder.model.clone();
+    let (seconds, stats) =
+        timed_training(&encoder, original.clone(), &task, &train, &train_args, "emloc LoRA")?;
+    rows.push(emloc_row("emloc, LoRA on the full model", seconds, stats));
+    let (emulator, _) = build_emulator(&encoder, original, &calibration, &config)?;
+    let label = format!("emloc, LoRA on the emulator (ρ = {})", args.ratio);
+    let (seconds, stats) =
+        timed_training(&encoder, emulator, &task, &train, &train_args, "emloc emulator")?;
+    rows.push(emloc_row(&label, seconds, stats));
+
+    let mut peer_versions = None;
+    if !args.no_peer {
+        let order = batch_order(
+            &TrainConfig {
+                steps: args.steps,
+                batch_size: args.batch_size,
+                seed: train_args.seed,
+                ..TrainConfig::default()
+            },
+            train.len(),
+        );
+        let spec = PeerSpec {
+            model: model_dir.display().to_string(),
+            descriptions: &task.descriptions,
+            batches: order
+                .iter()
+                .map(|indices| PeerBatch {
+                    texts: indices.iter().map(|&i| train[i].input.as_str()).collect(),
+                    labels: indices.iter().map(|&i| train[i].label).collect(),
+                })
+                .collect(),
+            rank: args.rank,
+            alpha: args.alpha,
+            lr: args.lr,
+            scale: task.scale,
+            max_length: max_seq_length,
+            threads: args.threads,
+        };
+        let peer = run_peer(&args.python, &spec)?;
+        peer_versions = Some(format!(
+            "torch {}, transformers {}, peft {}, {} threads",
+            peer.torch, peer.transformers, peer.peft, peer.threads
+        ));
+        let peft = median_after_warmup(&peer.seconds);
+        for row in &mut rows {
+            row.ratio_to_peft = Some(row.median_step_seconds / peft);
+        }
+        rows.push(Row {
+            method: "HF PEFT on PyTorch, LoRA on the full model".into(),
+            median_step_seconds: peft,
+            step_seconds: peer.seconds,
+            peak_rss_bytes: Some(peer.peak_rss_bytes),
+            peak_heap_bytes: None,
+            ratio_to_peft: Some(1.0),
+        });
+    }
+
+    println!("| row | median step s | × PEFT | peak RSS MiB |");
+    println!("|---|---:|---:|---:|");
+    for row in &rows {
+        println!(
+            "| {} | {:.3} | {} | {} |",
+            row.method,
+            row.median_step_seconds,
+            row.ratio_to_peft.map_or_else(|| "-".into(), |r| format!("{r:.2}")),
+            row.peak_rss_bytes.map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+        );
+    }
+    let report = Report {
+        command: std::env::args().collect(),
+        model: model_dir.display().to_string(),
+        batch_size: args.batch_size,
+        max_seq_length,
+        steps: args.steps,
+        ratio: args.ratio,
+        threads: args.threads,
+        rayon_threads,
+        peer_versions,
+        rows,
+    };
+    let path = args.out.join("report.json");
+    write_json(&path, &report)?;
+    eprintln!("report in {}", path.display());
+    Ok(())
+}
+
+fn emloc_row(method: &str, step_seconds: Vec<f64>, stats: PhaseStats) -> Row {
+    Row {
+        method: method.into(),
+        median_step_seconds: median_after_warmup(&step_seconds),
+        step_seconds,
+        peak_rss_bytes: stats.peak_rss_bytes,
+        peak_heap_bytes: Some(stats.peak_heap_bytes),
+        ratio_to_peft: None,
+    }
+}
+
+/// Threads of emloc's CPU pool (Burn's Flex backend and gemm use rayon's global pool).
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(default_threads)
+}
+
+/// Writes the peer script and its spec to a fresh temporary directory, runs it and parses its
+/// JSON line.
+fn run_peer(python: &PathBuf, spec: &PeerSpec<'_>) -> CliResult<PeerResult> {
+    let dir = std::env::temp_dir().join(format!("emloc-bench-step-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let script = dir.join("peft_step.py");
+    let spec_path = dir.join("spec.json");
+    let result = (|| -> CliResult<PeerResult> {
+        std::fs::write(&script, PEER_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+        write_json(&spec_path, spec)?;
+        eprintln!("running the PEFT peer ({} {})", python.display(), script.display());
+        let output = Command::new(python)
+            .arg(&script)
+            .arg(&spec_path)
+            .output()
+            .map_err(|e| format!("--python {}: {e} (use --no-peer to skip the peer)", python.display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "the PEFT peer failed ({}); it needs torch, transformers and peft (pip install torch transformers peft; --python picks the interpreter, --no-peer skips it):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+        serde_json::from_str(line)
+            .map_err(|e| format!("the PEFT peer printed no result ({e}): {stdout}").into())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warm_up_step_is_left_out_of_the_median() {
+        assert_eq!(median_after_warmup(&[9.0, 1.0, 3.0, 2.0]), 2.0);
+        assert_eq!(median_after_warmup(&[9.0, 1.0, 3.0]), 2.0);
+        assert_eq!(median_after_warmup(&[9.0]), 9.0);
+    }
+}
