@@ -138,6 +138,13 @@ pub trait EmlocOps: Backend {
         separate_lora_input: bool,
     ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// `lhs · rhs` for `lhs` `[n, k]` and `rhs` `[k, m]`, the dense products of [`linear`] and
+    /// of the CPU forms of the fused layer and the Gram. Strided views (a transpose) are read
+    /// in place. Flex computes `f32` and `f64` with faer's matrix product (several times Burn
+    /// Flex's own on x86 hosts with AVX-512, BENCHMARKS.md), other dtypes and backends with
+    /// Burn's matmul. Differentiable.
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Cholesky factor of `g + λI` (`g` `[d, d]` symmetric, any float dtype, only its lower
     /// triangle read; `λ = relative_damping · mean(diag g)`), in `f32`: `(L, status)` with `L`
     /// `[d, d]` lower-triangular and `status` the `[4]` `f32` tensor described in
@@ -184,6 +191,47 @@ pub fn gram_accumulate(acc: Option<Tensor<2>>, x: Tensor<2>) -> Tensor<2> {
         None => <Dispatch as EmlocOps>::gram(x),
     };
     Tensor::from_dispatch(out)
+}
+
+/// `lhs · rhs`, `[n, k] · [k, m] → [n, m]`, through [`EmlocOps::matmul`] (faer on the CPU).
+///
+/// # Panics
+/// If the inner dimensions differ.
+pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
+    let ([n, k], [k_rhs, m]) = (lhs.dims(), rhs.dims());
+    assert_eq!(k, k_rhs, "matmul: lhs is [{n}, {k}] but rhs is [{k_rhs}, {m}]");
+    Tensor::from_dispatch(<Dispatch as EmlocOps>::matmul(lhs.into_dispatch(), rhs.into_dispatch()))
+}
+
+/// The dense layer `y = x W + bias` (Burn's orientation: `weight` `[d_in, d_out]`), every
+/// leading dimension of `x` folded into the rows of one [`matmul`].
+///
+/// # Shapes
+/// - `x`: `[..., d_in]`; output `[..., d_out]`
+/// - `weight` `[d_in, d_out]`, `bias` `[d_out]`
+///
+/// # Panics
+/// If the last dimension of `x` is not `d_in`, or `bias` is not `[d_out]`.
+pub fn linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    let mut dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    assert_eq!(
+        dims[D - 1],
+        d_in,
+        "linear: x has {} features, the weight expects {d_in}",
+        dims[D - 1]
+    );
+    let mut y = matmul(x.reshape([-1, d_in as i64]), weight);
+    if let Some(bias) = bias {
+        assert_eq!(bias.dims(), [d_out], "linear: bias must be [{d_out}]");
+        y = y + bias.unsqueeze_dim(0);
+    }
+    dims[D - 1] = d_out;
+    y.reshape(dims)
 }
 
 /// The emulator layer with a LoRA adapter, fused:

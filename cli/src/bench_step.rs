@@ -166,7 +166,10 @@ fn timed_training(
 /// Runs the benchmark.
 pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
     if args.steps < 2 || args.batch_size == 0 || args.threads == 0 {
-        return Err("--steps must be at least 2 (one warm-up), --batch-size and --threads at least 1".into());
+        return Err(
+            "--steps must be at least 2 (one warm-up), --batch-size and --threads at least 1"
+                .into(),
+        );
     }
     let config = EmulatorConfig::uniform(args.ratio);
     config.validate()?;
@@ -263,7 +266,8 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
             row.method,
             row.median_step_seconds,
             row.ratio_to_peft.map_or_else(|| "-".into(), |r| format!("{r:.2}")),
-            row.peak_rss_bytes.map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+            row.peak_rss_bytes
+                .map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
         );
     }
     let report = Report {
@@ -315,11 +319,9 @@ fn run_peer(python: &PathBuf, spec: &PeerSpec<'_>) -> CliResult<PeerResult> {
         std::fs::write(&script, PEER_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
         write_json(&spec_path, spec)?;
         eprintln!("running the PEFT peer ({} {})", python.display(), script.display());
-        let output = Command::new(python)
-            .arg(&script)
-            .arg(&spec_path)
-            .output()
-            .map_err(|e| format!("--python {}: {e} (use --no-peer to skip the peer)", python.display()))?;
+        let output = Command::new(python).arg(&script).arg(&spec_path).output().map_err(|e| {
+            format!("--python {}: {e} (use --no-peer to skip the peer)", python.display())
+        })?;
         if !output.status.success() {
             return Err(format!(
                 "the PEFT peer failed ({}); it needs torch, transformers and peft (pip install torch transformers peft; --python picks the interpreter, --no-peer skips it):\n{}",

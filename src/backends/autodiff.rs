@@ -65,12 +65,12 @@ impl<B: Backend + EmlocOps> Backward<B, 7> for LowRankLoraBackward {
         if tracked(W_U) || tracked(W_V) {
             let x = x.unwrap_or_else(|| x_l.clone());
             if let Some(node) = &ops.parents[W_U] {
-                let h_v = B::float_matmul(x.clone(), w_v.clone());
-                grads.register::<B>(node.id, B::float_matmul(B::float_transpose(h_v), dy.clone()));
+                let h_v = B::matmul(x.clone(), w_v.clone());
+                grads.register::<B>(node.id, B::matmul(B::float_transpose(h_v), dy.clone()));
             }
             if let Some(node) = &ops.parents[W_V] {
-                let dh_v = B::float_matmul(dy.clone(), B::float_transpose(w_u.clone()));
-                grads.register::<B>(node.id, B::float_matmul(B::float_transpose(x), dh_v));
+                let dh_v = B::matmul(dy.clone(), B::float_transpose(w_u.clone()));
+                grads.register::<B>(node.id, B::matmul(B::float_transpose(x), dh_v));
             }
         }
 
@@ -101,7 +101,40 @@ impl<B: Backend + EmlocOps> Backward<B, 7> for LowRankLoraBackward {
     }
 }
 
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl<B: Backend + EmlocOps> Backward<B, 2> for MatmulBackward {
+    /// `lhs` when `rhs` needs a gradient, `rhs` when `lhs` does.
+    type State = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (lhs, rhs) = ops.state;
+        let dy = grads.consume::<B>(&ops.node);
+        if let (Some(node), Some(rhs)) = (&ops.parents[0], rhs) {
+            grads.register::<B>(node.id, B::matmul(dy.clone(), B::float_transpose(rhs)));
+        }
+        if let (Some(node), Some(lhs)) = (&ops.parents[1], lhs) {
+            grads.register::<B>(node.id, B::matmul(B::float_transpose(lhs), dy));
+        }
+    }
+}
+
 impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let guards = [lhs.node(), rhs.node()];
+        // Each operand is kept only for the other's gradient: with a frozen weight, x is not.
+        let (keep_lhs, keep_rhs) = (rhs.is_tracked(), lhs.is_tracked());
+        let (lhs, rhs) = (lhs.into_primitive(), rhs.into_primitive());
+        match MatmulBackward.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::matmul(lhs.clone(), rhs.clone());
+                prep.finish((keep_lhs.then_some(lhs), keep_rhs.then_some(rhs)), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::matmul(lhs, rhs)),
+        }
+    }
+
     // Gram matrices are statistics, never differentiated.
     fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::gram(x.into_primitive()))

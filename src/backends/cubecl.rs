@@ -100,6 +100,10 @@ fn layer(
 }
 
 impl EmlocOps for CubeBackend {
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+
     fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
         if on_matmul(&x) {
             return gram_on_matmul(x);

@@ -3,8 +3,9 @@
 //! run as host loops in `f64` (Flex tensors live on the host anyway), rounded to `f32` like the
 //! kernels' results.
 
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Flex, FloatDType, TensorMetadata};
+use burn::backend::{Backend, DType, Flex, FloatDType, Shape, TensorMetadata};
 use burn::tensor::TensorData;
 
 use super::generic::{gram, lowrank_lora_backward, lowrank_lora_forward};
@@ -64,6 +65,14 @@ impl EmlocOps for Flex {
         lowrank_lora_backward::<Self>(x_l, h_l, w_v, w_u, a, b, dy, scale, need_x, sep, false)
     }
 
+    fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        match (lhs.dtype(), rhs.dtype()) {
+            (DType::F32, DType::F32) => faer_matmul::<f32>(&lhs, &rhs, 1.0),
+            (DType::F64, DType::F64) => faer_matmul::<f64>(&lhs, &rhs, 1.0),
+            _ => Self::float_matmul(lhs, rhs),
+        }
+    }
+
     fn cholesky(
         g: FloatTensor<Self>,
         relative_damping: f64,
@@ -89,6 +98,66 @@ impl EmlocOps for Flex {
         let mut y = host_f64::<Self>(x);
         host_solve_lower_right(&host_f64::<Self>(l), d, &mut y, m, transpose);
         from_host::<Self>(y, vec![m, d], &device)
+    }
+}
+
+/// Below this many multiply-adds (`n·k·m`) a product runs on the calling thread: splitting it
+/// costs more than it saves.
+const PARALLEL_WORK: usize = 1 << 21;
+
+/// `lhs · rhs` of two 2-D Flex tensors of element type `T`, read in place through their strides,
+/// with faer's matrix product on the rayon pool Flex uses too.
+fn faer_matmul<T>(lhs: &FloatTensor<Flex>, rhs: &FloatTensor<Flex>, one: T) -> FloatTensor<Flex>
+where
+    T: faer::traits::ComplexField + burn::tensor::Element + bytemuck::Pod,
+{
+    let (n, k, m) = (lhs.shape()[0], lhs.shape()[1], rhs.shape()[1]);
+    assert_eq!(rhs.shape()[0], k, "matmul: inner dimensions differ");
+    let mut out = FloatTensor::<Flex>::zeros(Shape::new([n, m]), T::dtype());
+    if n == 0 || m == 0 || k == 0 {
+        return out;
+    }
+    let view = |t: &FloatTensor<Flex>| {
+        let layout = t.layout();
+        let (rows, cols) = (layout.shape()[0], layout.shape()[1]);
+        let (row_stride, col_stride) = (layout.strides()[0], layout.strides()[1]);
+        let storage = t.storage::<T>();
+        let last = (rows as isize - 1) * row_stride + (cols as isize - 1) * col_stride;
+        assert!(
+            row_stride >= 0
+                && col_stride >= 0
+                && layout.start_offset() + (last as usize) < storage.len(),
+            "matmul: a Flex view outside its buffer"
+        );
+        // SAFETY: non-negative strides, and the last element (the farthest from the start)
+        // lies inside `storage`, which outlives the view.
+        unsafe {
+            faer::MatRef::<T>::from_raw_parts(
+                storage.as_ptr().add(layout.start_offset()),
+                rows,
+                cols,
+                row_stride,
+                col_stride,
+            )
+        }
+    };
+    let (lhs, rhs) = (contiguous_if_reversed(lhs), contiguous_if_reversed(rhs));
+    let par = if n.saturating_mul(k).saturating_mul(m) >= PARALLEL_WORK {
+        faer::Par::rayon(0)
+    } else {
+        faer::Par::Seq
+    };
+    let dst = faer::MatMut::from_row_major_slice_mut(out.storage_mut::<T>(), n, m);
+    faer::linalg::matmul::matmul(dst, faer::Accum::Replace, view(&lhs), view(&rhs), one, par);
+    out
+}
+
+/// `t` itself, or a contiguous copy when a stride is negative (a flipped view).
+fn contiguous_if_reversed(t: &FloatTensor<Flex>) -> std::borrow::Cow<'_, FloatTensor<Flex>> {
+    if t.layout().strides().iter().all(|&s| s >= 0) {
+        std::borrow::Cow::Borrowed(t)
+    } else {
+        std::borrow::Cow::Owned(t.to_contiguous())
     }
 }
 

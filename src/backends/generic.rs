@@ -12,10 +12,15 @@
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, FloatDType, Scalar, Shape, Slice, TensorMetadata};
 
+use crate::ops::EmlocOps;
+
 /// `start + XᵀX` in `f32` with the backend's own matmul.
-pub(crate) fn gram<B: Backend>(x: FloatTensor<B>, start: Option<FloatTensor<B>>) -> FloatTensor<B> {
+pub(crate) fn gram<B: EmlocOps>(
+    x: FloatTensor<B>,
+    start: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
     let x = B::float_cast(x, FloatDType::F32);
-    let g = B::float_matmul(B::float_transpose(x.clone()), x);
+    let g = B::matmul(B::float_transpose(x.clone()), x);
     match start {
         Some(start) => B::float_add(B::float_cast(start, FloatDType::F32), g),
         None => g,
@@ -35,7 +40,7 @@ pub(crate) fn bias_row<B: Backend>(bias: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 /// `[W_u ; s·B]`, `[k + r, d_out]`.
-fn joined_output_weights<B: Backend>(
+fn joined_output_weights<B: EmlocOps>(
     w_u: FloatTensor<B>,
     b: FloatTensor<B>,
     scale: f64,
@@ -46,7 +51,7 @@ fn joined_output_weights<B: Backend>(
 /// The forward: `(y, h_l)` with `y = (x W_v) W_u + s (x_l A) B + bias` and `h_l = x_l A`
 /// (`x_l = x_lora` or `x`); see [`EmlocOps::lowrank_lora_forward`](crate::ops::EmlocOps).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn lowrank_lora_forward<B: Backend>(
+pub(crate) fn lowrank_lora_forward<B: EmlocOps>(
     x: FloatTensor<B>,
     x_lora: Option<FloatTensor<B>>,
     w_v: FloatTensor<B>,
@@ -58,14 +63,14 @@ pub(crate) fn lowrank_lora_forward<B: Backend>(
     joined: bool,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let x_l = x_lora.unwrap_or_else(|| x.clone());
-    let h_v = B::float_matmul(x, w_v);
-    let h_l = B::float_matmul(x_l, a);
+    let h_v = B::matmul(x, w_v);
+    let h_l = B::matmul(x_l, a);
     let y = if joined {
         let h = B::float_cat(vec![h_v, h_l.clone()], 1);
-        B::float_matmul(h, joined_output_weights::<B>(w_u, b, scale))
+        B::matmul(h, joined_output_weights::<B>(w_u, b, scale))
     } else {
-        let lora = B::float_mul_scalar(B::float_matmul(h_l.clone(), b), Scalar::from(scale));
-        B::float_add(B::float_matmul(h_v, w_u), lora)
+        let lora = B::float_mul_scalar(B::matmul(h_l.clone(), b), Scalar::from(scale));
+        B::float_add(B::matmul(h_v, w_u), lora)
     };
     let y = match bias {
         Some(bias) => B::float_add(y, bias_row::<B>(bias)),
@@ -76,7 +81,7 @@ pub(crate) fn lowrank_lora_forward<B: Backend>(
 
 /// The backward; see [`EmlocOps::lowrank_lora_backward`](crate::ops::EmlocOps).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-pub(crate) fn lowrank_lora_backward<B: Backend>(
+pub(crate) fn lowrank_lora_backward<B: EmlocOps>(
     x_l: FloatTensor<B>,
     h_l: FloatTensor<B>,
     w_v: FloatTensor<B>,
@@ -92,10 +97,10 @@ pub(crate) fn lowrank_lora_backward<B: Backend>(
     let [k, r] = [w_v.shape()[1], a.shape()[1]];
     let s = Scalar::from(scale);
     let (dx, dx_lora, dh_l) = if need_x && !joined {
-        let dh_l = B::float_mul_scalar(B::float_matmul(dy.clone(), B::float_transpose(b)), s);
-        let dh_v = B::float_matmul(dy.clone(), B::float_transpose(w_u));
-        let dx_v = B::float_matmul(dh_v, B::float_transpose(w_v));
-        let dx_l = B::float_matmul(dh_l.clone(), B::float_transpose(a));
+        let dh_l = B::float_mul_scalar(B::matmul(dy.clone(), B::float_transpose(b)), s);
+        let dh_v = B::matmul(dy.clone(), B::float_transpose(w_u));
+        let dx_v = B::matmul(dh_v, B::float_transpose(w_v));
+        let dx_l = B::matmul(dh_l.clone(), B::float_transpose(a));
         match separate_lora_input {
             true => (Some(dx_v), Some(dx_l), dh_l),
             false => (Some(B::float_add(dx_v, dx_l)), None, dh_l),
@@ -103,20 +108,20 @@ pub(crate) fn lowrank_lora_backward<B: Backend>(
     } else if need_x {
         // dh = dy [W_u ; s·B]ᵀ, [n, k + r]: both branches' bottleneck gradients in one product.
         let w_out = joined_output_weights::<B>(w_u, b, scale);
-        let dh = B::float_matmul(dy.clone(), B::float_transpose(w_out));
+        let dh = B::matmul(dy.clone(), B::float_transpose(w_out));
         let dh_l = cols::<B>(dh.clone(), k, k + r);
         if separate_lora_input {
-            let dx = B::float_matmul(cols::<B>(dh, 0, k), B::float_transpose(w_v));
-            let dx_l = B::float_matmul(dh_l.clone(), B::float_transpose(a));
+            let dx = B::matmul(cols::<B>(dh, 0, k), B::float_transpose(w_v));
+            let dx_l = B::matmul(dh_l.clone(), B::float_transpose(a));
             (Some(dx), Some(dx_l), dh_l)
         } else {
             let w_in = B::float_cat(vec![w_v, a], 1);
-            (Some(B::float_matmul(dh, B::float_transpose(w_in))), None, dh_l)
+            (Some(B::matmul(dh, B::float_transpose(w_in))), None, dh_l)
         }
     } else {
-        (None, None, B::float_mul_scalar(B::float_matmul(dy.clone(), B::float_transpose(b)), s))
+        (None, None, B::float_mul_scalar(B::matmul(dy.clone(), B::float_transpose(b)), s))
     };
-    let da = B::float_matmul(B::float_transpose(x_l), dh_l);
-    let db = B::float_mul_scalar(B::float_matmul(B::float_transpose(h_l), dy), s);
+    let da = B::matmul(B::float_transpose(x_l), dh_l);
+    let db = B::float_mul_scalar(B::matmul(B::float_transpose(h_l), dy), s);
     (dx, dx_lora, da, db)
 }

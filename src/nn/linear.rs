@@ -1,10 +1,10 @@
+use crate::ops::linear;
 use burn::config::Config;
 use burn::module::{
     Content, Devices, DisplaySettings, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper,
     ModuleVisitor, Param,
 };
 use burn::nn::Initializer;
-use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor};
 
 use super::hooks;

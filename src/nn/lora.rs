@@ -1,7 +1,7 @@
+use crate::ops::linear;
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::error::{EmlocError, Result};
