@@ -339,6 +339,83 @@ fn flex_bf16_inputs() {
     check_forward(&flex, FloatDType::BF16, 3e-2);
 }
 
+/// `ops::matmul` (faer on Flex) against an f64 host product, on contiguous operands, transposed
+/// views and sliced views (an offset into a larger buffer), below and above the size where the
+/// product goes parallel; in f32 and f64.
+#[test]
+fn flex_matmul_matches_f64_on_strided_views() {
+    let device = Device::flex();
+    for (n, k, m) in [(7, 5, 3), (150, 130, 120), (1, 33, 1)] {
+        let lhs = matrix(n, k, 11, &device);
+        let rhs = matrix(k, m, 12, &device);
+        let (l, _) = host(lhs.clone());
+        let (r, _) = host(rhs.clone());
+        let want: Vec<f64> = (0..n * m)
+            .map(|o| (0..k).map(|i| l[(o / m) * k + i] * r[i * m + o % m]).sum())
+            .collect();
+        let tag = format!("[{n}, {k}] · [{k}, {m}]");
+        assert_close(&format!("matmul {tag}"), ops::matmul(lhs.clone(), rhs.clone()), &want, 1e-6);
+        // The same operands as a transpose of a transpose and as a slice of a wider buffer.
+        let lhs_t = lhs.clone().transpose().into_data();
+        let lhs_view = Tensor::<2>::from_data(lhs_t, &device).transpose();
+        let wide = Tensor::cat(vec![matrix(k, 3, 13, &device), rhs.clone()], 1);
+        let rhs_view = wide.slice([0..k, 3..3 + m]);
+        assert_close(
+            &format!("matmul of views {tag}"),
+            ops::matmul(lhs_view, rhs_view),
+            &want,
+            1e-6,
+        );
+        let f64_product = ops::matmul(lhs.cast(FloatDType::F64), rhs.cast(FloatDType::F64));
+        let got = f64_product.into_data().try_to_vec::<f64>().expect("an f64 product");
+        let err = rel_err(&got, &want);
+        assert!(err <= 1e-12, "matmul f64 {tag}: relative error {err:.3e}");
+    }
+}
+
+/// `ops::linear`'s gradients against autodiff of Burn's own `x.matmul(w) + b` (a different
+/// product implementation); a frozen weight gets none.
+#[test]
+fn flex_linear_grads_match_burn_matmul() {
+    let device = Device::flex().autodiff();
+    let x = Tensor::<3>::from_data(TensorData::new(values(2 * 9 * 6, 21), [2, 9, 6]), &device);
+    let w = matrix(6, 4, 22, &device);
+    let bias = Tensor::<1>::from_data(TensorData::new(values(4, 23), [4]), &device);
+    let dy = Tensor::<3>::from_data(TensorData::new(values(2 * 9 * 4, 24), [2, 9, 4]), &device);
+    let run = |ours: bool, weight_trainable: bool| {
+        let x = x.clone().require_grad();
+        let w = if weight_trainable { w.clone().require_grad() } else { w.clone() };
+        let bias = bias.clone().require_grad();
+        let y = if ours {
+            ops::linear(x.clone(), w.clone(), Some(bias.clone()))
+        } else {
+            x.clone().matmul(w.clone().unsqueeze()) + bias.clone().unsqueeze()
+        };
+        let grads = (y.clone() * dy.clone()).sum().backward();
+        let flat = |t: Tensor<3>| t.reshape([18, -1]);
+        (
+            flat(y.inner()),
+            flat(x.grad(&grads).expect("x gradient")),
+            w.grad(&grads),
+            bias.grad(&grads).expect("bias gradient").unsqueeze::<2>(),
+        )
+    };
+    for weight_trainable in [false, true] {
+        let (y1, gx1, gw1, gb1) = run(true, weight_trainable);
+        let (y2, gx2, gw2, gb2) = run(false, weight_trainable);
+        assert_close("linear y", y1, &host(y2).0, 1e-6);
+        assert_close("linear grad x", gx1, &host(gx2).0, 1e-6);
+        assert_close("linear grad bias", gb1, &host(gb2).0, 1e-6);
+        match (gw1, gw2) {
+            (Some(g1), Some(g2)) => assert_close("linear grad W", g1, &host(g2).0, 1e-6),
+            (None, None) => assert!(!weight_trainable),
+            (g1, g2) => {
+                panic!("weight gradient present: ours {}, Burn's {}", g1.is_some(), g2.is_some())
+            }
+        }
+    }
+}
+
 #[test]
 fn product_route_parses_and_scopes() {
     use emloc::ops::ProductRoute;
