@@ -145,6 +145,16 @@ pub trait EmlocOps: Backend {
     /// Burn's matmul. Differentiable.
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// The exact GELU `x Φ(x) = x (1 + erf(x / √2)) / 2` (HF's `"gelu"`), elementwise, any
+    /// shape. Flex runs `f32` through one vectorisable pass with a rational `erf` (absolute
+    /// error below 5·10⁻⁷, Eigen's); other dtypes and backends compose Burn's ops.
+    /// Differentiable, with the exact derivative (Burn's own GELU backward is the tanh
+    /// approximation's).
+    fn erf_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `dy · (Φ(x) + x φ(x))`, the exact GELU's input gradient. Not differentiable itself.
+    fn erf_gelu_backward(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Cholesky factor of `g + λI` (`g` `[d, d]` symmetric, any float dtype, only its lower
     /// triangle read; `λ = relative_damping · mean(diag g)`), in `f32`: `(L, status)` with `L`
     /// `[d, d]` lower-triangular and `status` the `[4]` `f32` tensor described in
@@ -232,6 +242,12 @@ pub fn linear<const D: usize>(
     }
     dims[D - 1] = d_out;
     y.reshape(dims)
+}
+
+/// The exact GELU, `x Φ(x)`, elementwise (HF's `"gelu"`), through [`EmlocOps::erf_gelu`]:
+/// one pass on the CPU instead of Burn's five, and the exact derivative under autodiff.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as EmlocOps>::erf_gelu(x.into_dispatch()))
 }
 
 /// The emulator layer with a LoRA adapter, fused:

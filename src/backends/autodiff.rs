@@ -120,7 +120,38 @@ impl<B: Backend + EmlocOps> Backward<B, 2> for MatmulBackward {
     }
 }
 
+#[derive(Debug)]
+struct GeluBackward;
+
+impl<B: Backend + EmlocOps> Backward<B, 1> for GeluBackward {
+    /// The input.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<B>(node.id, B::erf_gelu_backward(ops.state, dy));
+        }
+    }
+}
+
 impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
+    fn erf_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let guards = [x.node()];
+        let x = x.into_primitive();
+        match GeluBackward.prepare::<C>(guards).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::erf_gelu(x.clone());
+                prep.finish(x, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::erf_gelu(x)),
+        }
+    }
+
+    fn erf_gelu_backward(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::erf_gelu_backward(x.into_primitive(), dy.into_primitive()))
+    }
+
     fn matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         let guards = [lhs.node(), rhs.node()];
         // Each operand is kept only for the other's gradient: with a frozen weight, x is not.

@@ -104,6 +104,14 @@ impl EmlocOps for CubeBackend {
         Self::float_matmul(lhs, rhs)
     }
 
+    fn erf_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        generic::erf_gelu::<Self>(x)
+    }
+
+    fn erf_gelu_backward(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        generic::erf_gelu_backward::<Self>(x, dy)
+    }
+
     fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
         if on_matmul(&x) {
             return gram_on_matmul(x);

@@ -125,3 +125,25 @@ pub(crate) fn lowrank_lora_backward<B: EmlocOps>(
     let db = B::float_mul_scalar(B::matmul(B::float_transpose(h_l), dy), s);
     (dx, dx_lora, da, db)
 }
+
+/// `x Φ(x)` from Burn's ops (`erf`).
+pub(crate) fn erf_gelu<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let phi =
+        B::float_erf(B::float_mul_scalar(x.clone(), Scalar::from(std::f64::consts::FRAC_1_SQRT_2)));
+    let phi = B::float_mul_scalar(B::float_add_scalar(phi, Scalar::from(1.0)), Scalar::from(0.5));
+    B::float_mul(x, phi)
+}
+
+/// `dy · (Φ(x) + x φ(x))` from Burn's ops.
+pub(crate) fn erf_gelu_backward<B: Backend>(
+    x: FloatTensor<B>,
+    dy: FloatTensor<B>,
+) -> FloatTensor<B> {
+    use std::f64::consts::{FRAC_1_SQRT_2, PI};
+    let cdf = B::float_erf(B::float_mul_scalar(x.clone(), Scalar::from(FRAC_1_SQRT_2)));
+    let cdf = B::float_mul_scalar(B::float_add_scalar(cdf, Scalar::from(1.0)), Scalar::from(0.5));
+    let square = B::float_mul(x.clone(), x.clone());
+    let pdf = B::float_exp(B::float_mul_scalar(square, Scalar::from(-0.5)));
+    let pdf = B::float_mul_scalar(pdf, Scalar::from(1.0 / (2.0 * PI).sqrt()));
+    B::float_mul(dy, B::float_add(cdf, B::float_mul(x, pdf)))
+}

@@ -416,6 +416,30 @@ fn flex_linear_grads_match_burn_matmul() {
     }
 }
 
+/// `ops::gelu` against Burn's GELU (libm's `erf`) in f64, and its gradient against central
+/// differences of that f64 GELU (Burn's own GELU backward is the tanh approximation's).
+#[test]
+fn flex_gelu_and_its_gradient_match_f64() {
+    let device = Device::flex().autodiff();
+    let raw: Vec<f32> = values(4096, 31).into_iter().map(|v| 12.0 * v).collect();
+    let x = Tensor::<2>::from_data(TensorData::new(raw.clone(), [64, 64]), &device).require_grad();
+    let y = ops::gelu(x.clone());
+    let grads = y.clone().sum().backward();
+    let dx = x.grad(&grads).expect("gelu gradient");
+    // The same values in f64 (exact: they are f32), shifted by `shift` in f64.
+    let exact = |shift: f64| {
+        let t = Tensor::<2>::from_data(TensorData::new(raw.clone(), [64, 64]), &Device::flex());
+        let t = t.cast(FloatDType::F64).add_scalar(shift);
+        burn::tensor::activation::gelu(t).into_data().try_to_vec::<f64>().unwrap()
+    };
+    let h = 1e-4;
+    let (plus, minus) = (exact(h), exact(-h));
+    let slope: Vec<f64> = plus.iter().zip(&minus).map(|(p, m)| (p - m) / (2.0 * h)).collect();
+    // f32 rounding of values up to 12 plus the rational erf's 5e-7.
+    assert_close("gelu", y.inner(), &exact(0.0), 1e-6);
+    assert_close("gelu gradient", dx, &slope, 2e-6);
+}
+
 #[test]
 fn product_route_parses_and_scopes() {
     use emloc::ops::ProductRoute;

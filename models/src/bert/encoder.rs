@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig};
-use burn::tensor::activation::{gelu, gelu_approximate, relu, silu};
+use burn::tensor::activation::{gelu_approximate, relu, silu};
 use burn::tensor::{Device, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
@@ -96,7 +96,7 @@ impl BertIntermediate {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let x = self.dense.forward(x);
         match self.activation {
-            HiddenAct::Gelu => gelu(x),
+            HiddenAct::Gelu => emloc::ops::gelu(x),
             HiddenAct::GeluNew => gelu_approximate(x),
             HiddenAct::Relu => relu(x),
             HiddenAct::Silu => silu(x),

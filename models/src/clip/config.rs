@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::nn::LayerNormConfig;
-use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu};
+use burn::tensor::activation::{gelu_approximate, relu, sigmoid, silu};
 use burn::tensor::{Device, Tensor};
 use emloc::nn::LinearConfig;
 use serde::{Deserialize, Serialize};
@@ -41,7 +41,7 @@ impl ClipActivation {
     pub fn forward<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self {
             Self::QuickGelu => x.clone() * sigmoid(x.mul_scalar(1.702)),
-            Self::Gelu => gelu(x),
+            Self::Gelu => emloc::ops::gelu(x),
             Self::GeluNew => gelu_approximate(x),
             Self::Relu => relu(x),
             Self::Silu => silu(x),
