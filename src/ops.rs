@@ -7,6 +7,9 @@
 //!   one of depth `k + r`; its backward keeps only the LoRA input and the `[.., r]` LoRA
 //!   bottleneck `h_l = x_l A` and gives gradients to `x`, `A` and `B` (and to the factors or
 //!   bias only if they are trainable);
+//! - [`matmul`] / [`linear`]: the dense products (of `Linear`, LoRA and the CPU forms above),
+//!   through faer on the CPU, where Burn Flex's own matmul is several times slower;
+//! - [`gelu`]: the exact GELU in one CPU pass, with the exact derivative;
 //! - [`cholesky`]: `G + λI = L Lᵀ` in `f32` with the first rejected pivot reported as
 //!   [`EmlocError::NotPositiveDefinite`] (the damping retries of whitening are
 //!   [`crate::emulator::cholesky_damped`]); [`solve_lower_right`]: `X L⁻¹` (whitening's `W_v = Σ^{1/2} Vᵀ L⁻¹`)
