@@ -1,7 +1,7 @@
+use super::{Dropout, DropoutConfig};
 use crate::ops::linear;
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::error::{EmlocError, Result};

@@ -5,9 +5,10 @@ use burn::config::Config;
 use burn::module::{
     Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
 };
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig};
+use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
+use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
 
 /// Configuration of [`BertAttention`].

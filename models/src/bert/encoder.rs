@@ -2,9 +2,10 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig};
+use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{gelu_approximate, relu, silu};
 use burn::tensor::{Device, Tensor};
+use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::{BertAttention, BertAttentionConfig, BertConfig, HiddenAct};

@@ -1,8 +1,8 @@
 //! [`ClipAttention`]: multi-head self-attention of a CLIP vision layer (HF `self_attn`).
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Device, Tensor};
+use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::ClipVisionConfig;

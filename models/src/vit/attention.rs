@@ -2,9 +2,9 @@
 //! projection (HF `attention.output`, no residual or norm inside: ViT blocks are pre-LN).
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
+use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::ViTConfig;

@@ -2,9 +2,10 @@
 //! positions.
 
 use burn::module::{Module, Param};
+use burn::nn::Initializer;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Initializer};
 use burn::tensor::{Device, Tensor};
+use emloc::nn::{Dropout, DropoutConfig};
 
 use super::ViTConfig;
 

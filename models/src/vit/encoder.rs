@@ -1,9 +1,10 @@
 //! [`ViTEncoder`]: a stack of pre-LN [`ViTLayer`]s.
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig};
+use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{gelu_approximate, relu, silu};
 use burn::tensor::{Device, Tensor};
+use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::{ViTAttention, ViTConfig};
