@@ -142,6 +142,14 @@ pub enum EmlocError {
         /// Factorizations tried.
         attempts: usize,
     },
+    /// A device this build cannot run on (its Burn backend feature is off).
+    #[error("device `{device}` is not in this build: rebuild with `--features {feature}`")]
+    DeviceUnavailable {
+        /// The device asked for.
+        device: String,
+        /// The cargo feature that brings it.
+        feature: String,
+    },
     /// Host linear algebra failed (eigen decomposition or SVD did not converge).
     #[error("linear algebra failed for layer `{layer}`: {message}")]
     Linalg {

@@ -44,6 +44,7 @@ pub mod atomic;
 mod backends;
 mod calibration;
 pub mod correction;
+pub mod device;
 pub mod emulator;
 pub mod error;
 mod identity;
@@ -59,6 +60,7 @@ pub use adapter::{
     export_adapter, linear_layers, merge_adapter, merge_lora,
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
+pub use device::DeviceChoice;
 pub use emulator::{
     EmulatorConfig, EmulatorDescription, EmulatorReport, FactorizationProgress, Keep, LayerRule,
     Provenance, WhiteningMethod, calibrate, emulate, emulate_with_progress, load_emulator,

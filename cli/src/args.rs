@@ -64,6 +64,11 @@ pub struct ModelArgs {
     /// it has one) or `raw` (prompt text, completion, end-of-sequence token).
     #[arg(long, value_parser = ["chat", "raw"])]
     pub prompt_style: Option<String>,
+    /// Where the model runs: `cpu` (Burn's Flex backend), `wgpu` (a GPU through wgpu, or Mesa's
+    /// lavapipe on the CPU) or `cuda`; the last two need a build with `--features emloc/wgpu` or
+    /// `emloc/cuda`. Correction and merging always run on the host.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu", "cuda"])]
+    pub device: String,
 }
 
 /// Default `--max-seq-length` of encoders (sentences) and decoders (prompt + completion).
@@ -72,6 +77,11 @@ pub const ENCODER_MAX_SEQ_LENGTH: usize = 64;
 pub const DECODER_MAX_SEQ_LENGTH: usize = 256;
 
 impl ModelArgs {
+    /// The device of `--device`.
+    pub fn device(&self) -> CliResult<Device> {
+        Ok(self.device.parse::<emloc::DeviceChoice>()?.device()?)
+    }
+
     /// `--max-seq-length` for a sentence encoder.
     pub fn encoder_max_seq_length(&self) -> usize {
         self.max_seq_length.unwrap_or(ENCODER_MAX_SEQ_LENGTH)
@@ -150,7 +160,7 @@ impl ModelArgs {
         let Some(path) = &self.model else {
             return Err("--model is required for a decoder".into());
         };
-        let mut lm = emloc_models::causal_lm::load_causal_lm(path, &Device::flex(), skip)?;
+        let mut lm = emloc_models::causal_lm::load_causal_lm(path, &self.device()?, skip)?;
         let style = match self.prompt_style.as_deref() {
             Some("raw") => Some(PromptStyle::Raw),
             Some(_) => Some(PromptStyle::Chat),
@@ -193,10 +203,10 @@ impl ModelArgs {
         Ok(dir)
     }
 
-    /// Loads the sentence encoder (on the CPU backend) with `max_seq_length`.
+    /// Loads the sentence encoder on `--device` with `max_seq_length`.
     pub fn load(&self) -> CliResult<(SentenceEncoder, PathBuf)> {
         let dir = self.resolve()?;
-        let encoder = SentenceEncoder::load(&dir, &Device::flex())?
+        let encoder = SentenceEncoder::load(&dir, &self.device()?)?
             .with_max_seq_length(self.encoder_max_seq_length())?;
         Ok((encoder, dir))
     }
@@ -212,7 +222,7 @@ impl ModelArgs {
         let description = emloc::read_emulator_description(emulator_dir)?;
         check_emulator_source(&description, emulator_dir, &dir)?;
         let skip = description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
-        let encoder = SentenceEncoder::load_skipping(&dir, &Device::flex(), &skip)?
+        let encoder = SentenceEncoder::load_skipping(&dir, &self.device()?, &skip)?
             .with_max_seq_length(self.encoder_max_seq_length())?;
         let (model, description) = emloc::load_emulator(encoder.model.clone(), emulator_dir)?;
         Ok((encoder.with_model(model), dir, description))

@@ -110,8 +110,7 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let sequences = calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
     // Moved out (a lazily initialised placeholder stays), so that emulation releases the
     // original's dense weights layer by layer.
-    let original =
-        std::mem::replace(&mut lm.model, lm.config.init(true, &burn::tensor::Device::flex()));
+    let original = std::mem::replace(&mut lm.model, lm.config.init(true, &args.model.device()?));
     let (emulator, report) = build_emulator(original, &sequences, &config)?;
     save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, staged)
 }

@@ -216,6 +216,53 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     assert_ne!(merged["loss"], base["loss"], "the adapter must change the model");
 }
 
+/// `--device wgpu` (Mesa's lavapipe in CI) against the CPU: the same adapter and the same emulator
+/// (built on wgpu, so calibration runs emloc's Gram kernel) evaluate to the same metrics within
+/// 1e-4. Training is only checked to run there: LoRA's initialisation and the dropout masks come
+/// from each backend's own generator, so the two devices train different draws.
+/// Skipped, saying so, in a build without `emloc/wgpu`.
+#[test]
+fn stages_on_wgpu_evaluate_like_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    write_data(&dir.path().join("data.jsonl"));
+    let model = fixture().display().to_string();
+    let data = p("data.jsonl");
+    let run = |cmd: &str, device: &str, extra: &[&str]| -> String {
+        let mut args = vec![cmd, "--model", &model, "--data", &data, "--validation", "8"];
+        args.extend(["--max-seq-length", "12", "--device", device]);
+        args.extend(extra);
+        ok(&args)
+    };
+    let probe = emloc(&[
+        "eval",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--validation",
+        "8",
+        "--device",
+        "wgpu",
+    ]);
+    if String::from_utf8_lossy(&probe.stderr).contains("is not in this build") {
+        eprintln!("SKIPPED: this build has no wgpu (test with --features emloc/wgpu)");
+        return;
+    }
+    run("finetune", "cpu", &["--steps", "3", "--out", &p("lora")]);
+    run("emulate", "wgpu", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emu")]);
+    run("finetune", "wgpu", &["--emulator", &p("emu"), "--steps", "2", "--out", &p("lora-emu")]);
+    let metrics = |text: String| -> serde_json::Value { serde_json::from_str(&text).unwrap() };
+    for extra in [vec!["--adapter", &p("lora")], vec!["--emulator", &p("emu")]] {
+        let (cpu, wgpu) =
+            (metrics(run("eval", "cpu", &extra)), metrics(run("eval", "wgpu", &extra)));
+        for key in ["recall_at_1", "recall_at_5", "mrr", "loss"] {
+            let (a, b) = (cpu[key].as_f64().unwrap(), wgpu[key].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-4, "{extra:?} {key}: cpu {a} vs wgpu {b}");
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_fail_with_a_message_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
