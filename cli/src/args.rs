@@ -160,7 +160,10 @@ impl ModelArgs {
         let Some(path) = &self.model else {
             return Err("--model is required for a decoder".into());
         };
-        let mut lm = emloc_models::causal_lm::load_causal_lm(path, &self.device()?, skip)?;
+        let device = self.device()?;
+        let mut lm = crate::progress::with_spinner(format!("loading {}", path.display()), || {
+            emloc_models::causal_lm::load_causal_lm(path, &device, skip)
+        })?;
         let style = match self.prompt_style.as_deref() {
             Some("raw") => Some(PromptStyle::Raw),
             Some(_) => Some(PromptStyle::Chat),
@@ -206,8 +209,11 @@ impl ModelArgs {
     /// Loads the sentence encoder on `--device` with `max_seq_length`.
     pub fn load(&self) -> CliResult<(SentenceEncoder, PathBuf)> {
         let dir = self.resolve()?;
-        let encoder = SentenceEncoder::load(&dir, &self.device()?)?
-            .with_max_seq_length(self.encoder_max_seq_length())?;
+        let device = self.device()?;
+        let encoder = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
+            SentenceEncoder::load(&dir, &device)
+        })?
+        .with_max_seq_length(self.encoder_max_seq_length())?;
         Ok((encoder, dir))
     }
 
@@ -222,8 +228,11 @@ impl ModelArgs {
         let description = emloc::read_emulator_description(emulator_dir)?;
         check_emulator_source(&description, emulator_dir, &dir)?;
         let skip = description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
-        let encoder = SentenceEncoder::load_skipping(&dir, &self.device()?, &skip)?
-            .with_max_seq_length(self.encoder_max_seq_length())?;
+        let device = self.device()?;
+        let encoder = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
+            SentenceEncoder::load_skipping(&dir, &device, &skip)
+        })?
+        .with_max_seq_length(self.encoder_max_seq_length())?;
         let (model, description) = emloc::load_emulator(encoder.model.clone(), emulator_dir)?;
         Ok((encoder.with_model(model), dir, description))
     }

@@ -189,7 +189,9 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     )?;
     let (emulator, _) = load_emulator(lm.model.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
-    let (corrected, report) = correct(&lm.model, &tuned, &CorrectionConfig { clamp: args.clamp })?;
+    let (corrected, report) = crate::progress::with_spinner("correcting the adapter", || {
+        correct(&lm.model, &tuned, &CorrectionConfig { clamp: args.clamp })
+    })?;
     describe_adapter(corrected, &lm.source).save(staged.path())?;
     finish_staged("correct", phase, staged, &report)
 }

@@ -22,6 +22,15 @@ pub fn spinner(message: String) -> ProgressBar {
     spinner
 }
 
+/// Runs `work` under a [`spinner`] showing `message`: for the phases without steps to count
+/// (loading a model, correction, merging).
+pub fn with_spinner<T>(message: impl Into<String>, work: impl FnOnce() -> T) -> T {
+    let spinner = spinner(message.into());
+    let result = work();
+    spinner.finish_and_clear();
+    result
+}
+
 /// Progress of an emulator's factorisation, one step per layer: a bar that appears with the
 /// first factored layer (calibration has its own) and shows the layer's path.
 pub fn factorization() -> impl FnMut(emloc::FactorizationProgress<'_>) {

@@ -303,7 +303,9 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     )?;
     let (emulator, _) = load_emulator(original.clone(), &args.emulator)?;
     let tuned = attach_adapter(emulator, &adapter)?;
-    let (corrected, report) = correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })?;
+    let (corrected, report) = crate::progress::with_spinner("correcting the adapter", || {
+        correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })
+    })?;
     describe_encoder_adapter(corrected, &model_dir).save(staged.path())?;
     finish_staged("correct", phase, staged, &report)
 }
@@ -339,14 +341,19 @@ pub fn merge(args: &MergeArgs) -> CliResult<()> {
         let parent = staged.path().parent().unwrap_or(Path::new("."));
         let staging = tempfile::Builder::new().prefix(".emloc-gguf-").tempdir_in(parent)?;
         eprintln!("converting {} to an HF directory", args.model.display());
-        emloc_models::gguf::gguf_to_hf_dir(&args.model, staging.path().join("hf"))?;
+        crate::progress::with_spinner("converting the GGUF file", || {
+            emloc_models::gguf::gguf_to_hf_dir(&args.model, staging.path().join("hf"))
+        })?;
         Some(staging)
     } else {
         None
     };
     let model_dir = gguf_staging.as_ref().map_or(args.model.clone(), |s| s.path().join("hf"));
     let files = Checkpoint::open_dir(&model_dir)?.files();
-    let merged = merge_into_safetensors(&adapter, &files, staged.path())?;
+    let merged =
+        crate::progress::with_spinner(format!("merging into {} files", files.len()), || {
+            merge_into_safetensors(&adapter, &files, staged.path())
+        })?;
     let (copied, skipped) = copy_model_files(&model_dir, staged.path(), &files)?;
     eprintln!("merged {} weights; copied {} other files", merged.merged.len(), copied.len());
     if !skipped.is_empty() {
