@@ -660,3 +660,39 @@ fn bench_layer_times_both_variants() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success() && stderr.contains("Wgpu"), "{stderr}");
 }
+
+#[test]
+fn bench_step_times_both_rows_and_names_a_missing_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench").display().to_string();
+    let model = fixture().display().to_string();
+    let base = [
+        "bench-step",
+        "--model",
+        &model,
+        "--max-seq-length",
+        "12",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--calibration-pairs",
+        "4",
+        "--out",
+        &out,
+    ];
+    let table = ok(&[&base[..], &["--no-peer"]].concat());
+    assert!(table.contains("| emloc, LoRA on the full model |"), "{table}");
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("bench/report.json")).unwrap(),
+    )
+    .unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{report}");
+    for row in rows {
+        assert_eq!(row["step_seconds"].as_array().unwrap().len(), 3, "{row}");
+        assert!(row["median_step_seconds"].as_f64().unwrap() > 0.0);
+    }
+    // A peer that cannot run is an error that says how to skip it, after emloc's rows.
+    fails_with(&[&base[..], &["--python", "/nonexistent/python3"]].concat(), "--no-peer");
+}
