@@ -33,7 +33,8 @@
 //! During calibration, each layer's forward also adds its input's Gram matrix `XᵀX` (in f32,
 //! through [`ops::gram_accumulate`]) to the statistics of the session that [`emulate`] or
 //! [`calibrate`] opened on the calling thread (the forward passes must run on that thread). The kernels behind [`ops`] are a Burn backend extension: emloc's CubeCL
-//! kernels on CubeCL devices, plain tensor ops on Flex. Design notes: the repository's
+//! kernels on CubeCL devices, plain tensor ops on Flex with the dense products through faer.
+//! [`DeviceChoice`] names the device a pipeline runs on. Design notes: the repository's
 //! `docs/DESIGN.md`; the method and the corrections to the official release that emloc follows:
 //! its `README.md` and `EXPERIMENTS.md`.
 

@@ -318,7 +318,7 @@ pub fn lowrank_lora<const D: usize>(
 }
 
 /// A Cholesky factor `G + λI = L Lᵀ` and how it was obtained ([`cholesky`],
-/// [`cholesky_damped`]).
+/// [`cholesky_damped`](crate::emulator::cholesky_damped)).
 #[derive(Debug, Clone)]
 pub struct Cholesky {
     /// `L`, `[d, d]` `f32`, lower-triangular (zeros above the diagonal), on `G`'s device.

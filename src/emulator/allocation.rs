@@ -152,8 +152,9 @@ pub enum Objective {
     Relative,
 }
 
-/// Global allocation of at most `params` factor parameters minimising `objective` (see the
-/// [module docs](self)).
+/// Global allocation of at most `params` factor parameters minimising `objective`: every layer
+/// gets rank 1, then the triplet with the largest (weighted) `σ² / (d_in + d_out)` that still
+/// fits is kept, until none fits (the greedy solution of the knapsack).
 ///
 /// # Errors
 /// [`EmlocError::InvalidConfig`] if `params` cannot give every layer rank 1, or `spectra` is
