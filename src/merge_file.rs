@@ -148,21 +148,27 @@ pub fn merge_into_safetensors(
             spans.push((start, start + view.data().len(), key.as_str(), *path, view));
         }
         spans.sort_by_key(|s| s.0);
-        let mut failure = None;
+        // The key of a weight whose merge is not finite; the write stops there.
+        let mut non_finite = None;
         write_atomic_with(target, |out| {
             let mut cursor = 0;
             for (start, end, key, path, view) in &spans {
                 out.write_all(&bytes[cursor..*start])?;
                 let layer = &adapter.layers[*path];
-                if let Err(e) = write_merged(out, view, layer, patterns.scale_for(path), key) {
-                    failure = Some(e);
-                    return Err(std::io::Error::other("merge failed"));
+                if !write_merged(out, view, layer, patterns.scale_for(path))? {
+                    non_finite = Some(key.to_string());
+                    return Err(std::io::Error::other("a merged weight is not finite"));
                 }
                 cursor = *end;
             }
             out.write_all(&bytes[cursor..])
         })
-        .map_err(|e| failure.take().unwrap_or(e))?;
+        .map_err(|e| match non_finite.take() {
+            Some(layer) => {
+                EmlocError::NonFinite { layer, what: "merged weight W + s·B·A".into() }
+            }
+            None => e,
+        })?;
         files.push(target.clone());
     }
     Ok(MergedFiles { files, merged })
@@ -179,14 +185,14 @@ fn map(file: &Path) -> Result<memmap2::Mmap> {
 
 /// Writes `W + scale · B A` for the checkpoint weight `view` (`[d_out, d_in]`, or a
 /// convolution's `[C_out, C_in, kh, kw]`) row by row, computed in f64 and rounded to the
-/// weight's own dtype.
+/// weight's own dtype. `Ok(false)`, with the rows so far written, when a merged value is not
+/// finite in that dtype.
 fn write_merged(
     out: &mut impl Write,
     view: &TensorView<'_>,
     layer: &crate::peft::PeftLayer,
     scale: f64,
-    key: &str,
-) -> Result<()> {
+) -> std::io::Result<bool> {
     let (d_out, d_in, r) = (layer.lora_b.rows, layer.lora_a.cols, layer.lora_a.rows);
     let dtype = view.dtype();
     let width = dtype.bitsize() / 8;
@@ -199,15 +205,12 @@ fn write_merged(
                 .map(|k| f64::from(layer.lora_b.get(o, k)) * f64::from(layer.lora_a.get(k, i)))
                 .sum();
             if !encode(dtype, w + scale * delta, &mut row) {
-                return Err(EmlocError::NonFinite {
-                    layer: key.to_string(),
-                    what: "merged weight W + s·B·A".into(),
-                });
+                return Ok(false);
             }
         }
-        out.write_all(&row).map_err(|e| EmlocError::io(Path::new(key), e))?;
+        out.write_all(&row)?;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Appends `value` rounded to nearest in `dtype` (F32, F16 or BF16, little-endian); false if

@@ -64,11 +64,28 @@ pub struct ModelArgs {
     /// it has one) or `raw` (prompt text, completion, end-of-sequence token).
     #[arg(long, value_parser = ["chat", "raw"])]
     pub prompt_style: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `--device`, for every command that runs a model.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
     /// Where the model runs: `cpu` (Burn's Flex backend), `wgpu` (a GPU through wgpu, or Mesa's
     /// lavapipe on the CPU) or `cuda`; the last two need a build with `--features emloc/wgpu` or
     /// `emloc/cuda`. Correction and merging always run on the host.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu", "cuda"])]
-    pub device: String,
+    #[arg(long = "device", value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "wgpu", "cuda"])]
+    pub name: String,
+}
+
+impl DeviceArgs {
+    /// The Burn device of `--device`.
+    ///
+    /// # Errors
+    /// [`emloc::EmlocError::DeviceUnavailable`] when this build lacks the backend.
+    pub fn device(&self) -> emloc::Result<Device> {
+        self.name.parse::<emloc::DeviceChoice>()?.device()
+    }
 }
 
 /// Default `--max-seq-length` of encoders (sentences) and decoders (prompt + completion).
@@ -79,7 +96,7 @@ pub const DECODER_MAX_SEQ_LENGTH: usize = 256;
 impl ModelArgs {
     /// The device of `--device`.
     pub fn device(&self) -> CliResult<Device> {
-        Ok(self.device.parse::<emloc::DeviceChoice>()?.device()?)
+        Ok(self.device.device()?)
     }
 
     /// `--max-seq-length` for a sentence encoder.

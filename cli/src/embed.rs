@@ -11,9 +11,8 @@ pub struct EmbedArgs {
     /// Model directory: config.json, model.safetensors (or a sharded index), tokenizer.json.
     #[arg(long)]
     model: PathBuf,
-    /// Where the model runs: `cpu`, `wgpu` or `cuda` (see `emloc finetune --help`).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu", "cuda"])]
-    device: String,
+    #[command(flatten)]
+    device: crate::args::DeviceArgs,
     /// Texts to embed.
     #[arg(required = true)]
     texts: Vec<String>,
@@ -21,8 +20,7 @@ pub struct EmbedArgs {
 
 /// Loads the encoder and prints one JSON array of floats per text, in order.
 pub fn run(args: &EmbedArgs) -> emloc_models::Result<()> {
-    let encoder =
-        SentenceEncoder::load(&args.model, &args.device.parse::<emloc::DeviceChoice>()?.device()?)?;
+    let encoder = SentenceEncoder::load(&args.model, &args.device.device()?)?;
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let embeddings = encoder.embed(&texts)?;
     println!("{}", serde_json::to_string(&embeddings).expect("floats serialize"));

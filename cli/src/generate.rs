@@ -19,9 +19,8 @@ pub struct GenerateArgs {
     /// a `.gguf` file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Where the model runs: `cpu`, `wgpu` or `cuda` (see `emloc finetune --help`).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu", "cuda"])]
-    pub device: String,
+    #[command(flatten)]
+    pub device: crate::args::DeviceArgs,
     /// The text to continue.
     #[arg(long)]
     pub prompt: String,
@@ -62,11 +61,7 @@ impl GenerateArgs {
 /// [`ModelError::InvalidInput`](emloc_models::ModelError::InvalidInput) for bad settings, `--chat` without a chat template, or a prompt
 /// the tokenizer maps outside the vocabulary.
 pub fn run(args: &GenerateArgs) -> emloc_models::Result<()> {
-    let lm = load_causal_lm(
-        &args.model,
-        &args.device.parse::<emloc::DeviceChoice>()?.device()?,
-        &BTreeSet::new(),
-    )?;
+    let lm = load_causal_lm(&args.model, &args.device.device()?, &BTreeSet::new())?;
     let settings = args.generation_config(lm.task.eos_token_ids().to_vec());
     settings.validate()?;
     let style = if args.chat { PromptStyle::Chat } else { PromptStyle::Raw };

@@ -126,12 +126,15 @@ pub(crate) fn lowrank_lora_backward<B: EmlocOps>(
     (dx, dx_lora, da, db)
 }
 
+/// `Φ(x) = (1 + erf(x / √2)) / 2` from Burn's ops.
+fn normal_cdf<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let erf = B::float_erf(B::float_mul_scalar(x, Scalar::from(std::f64::consts::FRAC_1_SQRT_2)));
+    B::float_mul_scalar(B::float_add_scalar(erf, Scalar::from(1.0)), Scalar::from(0.5))
+}
+
 /// `x Φ(x)` from Burn's ops (`erf`).
 pub(crate) fn erf_gelu<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    let phi =
-        B::float_erf(B::float_mul_scalar(x.clone(), Scalar::from(std::f64::consts::FRAC_1_SQRT_2)));
-    let phi = B::float_mul_scalar(B::float_add_scalar(phi, Scalar::from(1.0)), Scalar::from(0.5));
-    B::float_mul(x, phi)
+    B::float_mul(x.clone(), normal_cdf::<B>(x))
 }
 
 /// `dy · (Φ(x) + x φ(x))` from Burn's ops.
@@ -139,11 +142,9 @@ pub(crate) fn erf_gelu_backward<B: Backend>(
     x: FloatTensor<B>,
     dy: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    use std::f64::consts::{FRAC_1_SQRT_2, PI};
-    let cdf = B::float_erf(B::float_mul_scalar(x.clone(), Scalar::from(FRAC_1_SQRT_2)));
-    let cdf = B::float_mul_scalar(B::float_add_scalar(cdf, Scalar::from(1.0)), Scalar::from(0.5));
+    let cdf = normal_cdf::<B>(x.clone());
     let square = B::float_mul(x.clone(), x.clone());
     let pdf = B::float_exp(B::float_mul_scalar(square, Scalar::from(-0.5)));
-    let pdf = B::float_mul_scalar(pdf, Scalar::from(1.0 / (2.0 * PI).sqrt()));
+    let pdf = B::float_mul_scalar(pdf, Scalar::from(1.0 / (2.0 * std::f64::consts::PI).sqrt()));
     B::float_mul(dy, B::float_add(cdf, B::float_mul(x, pdf)))
 }

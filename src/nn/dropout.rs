@@ -58,9 +58,9 @@ impl Dropout {
             let burn = burn::nn::Dropout { prob: self.prob, training: self.training.clone() };
             return burn.forward(input);
         }
-        let keep = 1.0 - self.prob;
-        let mask = host_mask(device_seed(&device), input.shape().num_elements(), keep);
-        input.clone() * Tensor::from_data(TensorData::new(mask, input.shape()), &device)
+        let shape = input.shape();
+        let mask = host_mask(device_seed(&device), shape.num_elements(), 1.0 - self.prob);
+        input * Tensor::from_data(TensorData::new(mask, shape), &device)
     }
 }
 
