@@ -19,6 +19,56 @@ pub const EMBEDDED_GSM8K: &str = include_str!("../../data/gsm8k/train.jsonl");
 /// default data of `emloc run`'s classification recipe.
 pub const EMBEDDED_MULTIEMO: &str = include_str!("../../data/multiemo/train.jsonl");
 
+/// How a BIG-bench task is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// Exact match of the greedy answer against any accepted target.
+    ExactMatch,
+    /// The most likely of the choices (MathQA).
+    Choice,
+}
+
+/// One of the BIG-bench train splits embedded for `emloc run --recipe smollm2-bigbench`
+/// (Apache-2.0, `data/bigbench/README.md`).
+#[derive(Debug)]
+pub struct BigbenchTask {
+    /// The file under `data/bigbench/`, as errors name it.
+    pub file: &'static str,
+    /// The table's column name.
+    pub short: &'static str,
+    /// The JSONL text.
+    pub text: &'static str,
+    /// How it is scored.
+    pub scoring: Scoring,
+}
+
+macro_rules! bigbench {
+    ($file:literal, $short:literal, $scoring:expr) => {
+        BigbenchTask {
+            file: concat!("data/bigbench/", $file, " (embedded)"),
+            short: $short,
+            text: include_str!(concat!("../../data/bigbench/", $file)),
+            scoring: $scoring,
+        }
+    };
+}
+
+/// The eight BIG-bench tasks of the LLM recipe, in the table's order.
+pub const BIGBENCH_TASKS: [BigbenchTask; 8] = [
+    bigbench!("arithmetic__2_digit_addition.train.jsonl", "2-digit +", Scoring::ExactMatch),
+    bigbench!("arithmetic__3_digit_addition.train.jsonl", "3-digit +", Scoring::ExactMatch),
+    bigbench!("arithmetic__2_digit_multiplication.train.jsonl", "2-digit ×", Scoring::ExactMatch),
+    bigbench!("unit_conversion__unit_addition_same.train.jsonl", "units", Scoring::ExactMatch),
+    bigbench!("object_counting.train.jsonl", "counting", Scoring::ExactMatch),
+    bigbench!(
+        "linguistic_mappings__past_tense_json.train.jsonl",
+        "past tense",
+        Scoring::ExactMatch
+    ),
+    bigbench!("linguistic_mappings__plural_json.train.jsonl", "plurals", Scoring::ExactMatch),
+    bigbench!("elementary_math_qa__question_only.train.jsonl", "MathQA", Scoring::Choice),
+];
+
 /// The data sets shipped in the binary: what a command reads without `--data`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub enum EmbeddedData {

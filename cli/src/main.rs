@@ -17,6 +17,7 @@ mod output;
 mod plan;
 mod progress;
 mod run;
+mod run_causal;
 mod run_classification;
 mod source;
 mod stages;

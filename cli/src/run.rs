@@ -1,7 +1,8 @@
 //! `emloc run`: the main job. The whole pipeline on a real sentence encoder (all-MiniLM-L6-v2 by
 //! default), against zero-shot and LoRA on the full model, with one seed, step count and set of
-//! hyperparameters for every row. Two recipes: MultiEmo sentence classification (the default, in
-//! [`crate::run_classification`]) and GSM8K question → answer retrieval (here).
+//! hyperparameters for every row. Three recipes: MultiEmo sentence classification (the default, in
+//! [`crate::run_classification`]), GSM8K question → answer retrieval (here) and the LLM
+//! experiment on BIG-bench (in [`crate::run_causal`]).
 
 use std::path::PathBuf;
 
@@ -26,8 +27,11 @@ use crate::training::{adapter_params, build_emulator, evaluate, train_adapter};
 pub struct RunArgs {
     /// What runs without --data, with its defaults: `multiemo-classification` (MultiEmo
     /// sentiment, shipped in data/multiemo; --validation 500, --steps 36, --batch-size 32,
-    /// --warmup-steps 4, --max-seq-length 48 unless given) or `gsm8k-retrieval` (the GSM8K
-    /// table). With --data the task follows the data's fields.
+    /// --warmup-steps 4, --max-seq-length 48 unless given), `gsm8k-retrieval` (the GSM8K
+    /// table) or `smollm2-bigbench` (the LLM experiment on eight embedded BIG-bench tasks:
+    /// --validation 20 per task, --train-pairs 300 per task, --steps 80, --batch-size 8,
+    /// --lr 2e-3, --warmup-steps 5 unless given; --model defaults to $EMLOC_SMOLLM2_GGUF or
+    /// the path scripts/fetch_smollm2.sh writes). With --data the task follows the data's fields.
     #[arg(long, value_enum, default_value_t = Recipe::MultiemoClassification)]
     pub(crate) recipe: Recipe,
     #[command(flatten)]
@@ -38,9 +42,17 @@ pub struct RunArgs {
     pub(crate) emulator: EmulatorArgs,
     #[command(flatten)]
     pub(crate) train: TrainArgs,
-    /// Training examples used (the first N of the shuffled training split; 0 = all).
+    /// Training examples used (the first N of the shuffled training split, per task for
+    /// smollm2-bigbench; 0 = all).
     #[arg(long, default_value_t = 0)]
     pub(crate) train_pairs: usize,
+    /// LLM recipe: the keep-ratios of the EMLoC sweep (corrected and uncorrected rows); --ratio
+    /// must be one of them and sizes the plain-SVD and global-allocation rows.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.2, 0.4, 0.6])]
+    pub(crate) ratios: Vec<f64>,
+    /// LLM recipe: which rows run (`headline` for extra seeds).
+    #[arg(long, value_enum, default_value_t = Rows::All)]
+    pub(crate) rows: Rows,
     /// Correction clamp L.
     #[arg(long, default_value_t = 3.0)]
     pub(crate) clamp: f64,
@@ -56,6 +68,37 @@ pub enum Recipe {
     MultiemoClassification,
     /// GSM8K question → answer retrieval (at MiniLM's zero-shot ceiling).
     Gsm8kRetrieval,
+    /// The LLM experiment: SmolLM2-135M-Instruct (or --model) fine-tuned on eight BIG-bench
+    /// tasks mixed, scored per task.
+    Smollm2Bigbench,
+}
+
+/// `--rows` values (the LLM recipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Rows {
+    /// Every row: zero-shot, LoRA, EMLoC over --ratios, plain SVD and the global allocation.
+    All,
+    /// Zero-shot, LoRA and EMLoC at --ratio, corrected and uncorrected (for more seeds).
+    Headline,
+}
+
+/// The LLM recipe's defaults (about 75 minutes for all rows on a 2-core CPU, EXPERIMENTS.md).
+const BIGBENCH_DEFAULTS: RecipeDefaults = RecipeDefaults {
+    validation: 20,
+    steps: 80,
+    batch_size: 8,
+    warmup_steps: 5,
+    lr: 2e-3,
+    train_pairs: 300,
+};
+
+struct RecipeDefaults {
+    validation: usize,
+    steps: usize,
+    batch_size: usize,
+    warmup_steps: usize,
+    lr: f64,
+    train_pairs: usize,
 }
 
 /// The classification recipe's defaults, sized to finish in about 10 minutes on a 2-core CPU
@@ -83,6 +126,25 @@ pub fn run_recipe(args: &RunArgs, matches: &ArgMatches) -> CliResult<()> {
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     if args.recipe == Recipe::MultiemoClassification {
         args.data.embedded = EmbeddedData::MultiEmo;
+    }
+    if args.recipe == Recipe::Smollm2Bigbench {
+        let d = BIGBENCH_DEFAULTS;
+        let mut train = args.train.clone();
+        for (id, field, value) in [
+            ("validation", &mut args.data.validation, d.validation),
+            ("steps", &mut train.steps, d.steps),
+            ("batch_size", &mut train.batch_size, d.batch_size),
+            ("warmup_steps", &mut train.warmup_steps, d.warmup_steps),
+            ("train_pairs", &mut args.train_pairs, d.train_pairs),
+        ] {
+            if !given(id) {
+                *field = value;
+            }
+        }
+        if !given("lr") {
+            train.lr = d.lr;
+        }
+        return crate::run_causal::run(&args, &train);
     }
     match args.model.task_for(&args.data)?.1 {
         Task::Classification => {

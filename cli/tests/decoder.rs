@@ -333,3 +333,59 @@ fn gguf_decoder_goes_through_every_stage_and_merges_into_an_hf_directory() {
     ]);
     assert!(!reply.contains("<|im_start|>"), "{reply}");
 }
+
+/// `emloc run --recipe smollm2-bigbench` on the tiny Llama: every headline row runs and the
+/// report scores each of the eight tasks with its own metric; its option errors come first.
+#[test]
+fn bigbench_recipe_scores_every_task_and_checks_its_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama").display().to_string();
+    let out = dir.path().join("run").display().to_string();
+    let args = [
+        "run",
+        "--recipe",
+        "smollm2-bigbench",
+        "--model",
+        model.as_str(),
+        "--validation",
+        "2",
+        "--train-pairs",
+        "4",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--calibration-pairs",
+        "4",
+        "--max-seq-length",
+        "48",
+        "--out",
+        out.as_str(),
+    ];
+    let table = ok(&[&args[..], &["--rows", "headline"]].concat());
+    assert!(table.contains("| MathQA |"), "{table}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/report.json")).unwrap())
+            .unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(rows.len(), 4, "{methods:?}");
+    assert!(methods[2].contains("ρ = 0.4 corrected") && methods[3].contains("uncorrected"));
+    for row in rows {
+        let tasks = row["scores"]["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 8, "{row}");
+        for task in tasks {
+            let expected = if task["task"] == "MathQA" { "accuracy" } else { "exact_match" };
+            assert_eq!(task["metric"], expected, "{task}");
+            assert!(task["loss"].as_f64().unwrap() > 0.0, "{task}");
+        }
+    }
+    // Rows trained on the emulator are trained on fewer parameters and need less memory.
+    let trained_on = |i: usize| rows[i]["trained_model_params"].as_u64().unwrap();
+    assert!(trained_on(2) < trained_on(1), "{methods:?}");
+    assert!(dir.path().join("run/adapter-emloc-rho0.4-corrected/adapter_config.json").is_file());
+
+    fails_with(&[&args[..], &["--data", "x.jsonl"]].concat(), "--data is for the other recipes");
+    fails_with(&[&args[..], &["--ratios", "0.3,0.5"]].concat(), "must be one of --ratios");
+    fails_with(&[&args[..], &["--ratios", "0.4,1.5"]].concat(), "keep-ratio 1.5 must be in (0, 1)");
+}

@@ -1,0 +1,653 @@
+//! `emloc run --recipe smollm2-bigbench`: the LLM experiment. Supervised fine-tuning of a
+//! Llama-family decoder (SmolLM2-135M-Instruct by default) on eight BIG-bench tasks mixed,
+//! scored per task on validation items carved out of each task's train split: exact match for
+//! the seven generation tasks, choice accuracy for MathQA. Rows: zero-shot, LoRA on the full
+//! model, EMLoC corrected and uncorrected over a ρ sweep, the plain-SVD emulator and the global
+//! rank allocation at the headline ρ's size; one seed, step count and set of hyperparameters
+//! for every row.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
+use emloc::{
+    CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
+};
+use emloc_models::causal_lm::{self, CausalLm, EvalConfig, Example};
+use emloc_models::llama::LlamaForCausalLM;
+use emloc_models::retrieval;
+use emloc_models::rng::XorShiftRng;
+use serde::Serialize;
+
+use crate::CliResult;
+use crate::args::{EmulatorArgs, TrainArgs};
+use crate::causal::{build_emulator, calibration_sequences, forward_sequence, train_adapter};
+use crate::data::{BIGBENCH_TASKS, BigbenchTask, Scoring};
+use crate::memory::{Phase, PhaseStats};
+use crate::output::write_json;
+use crate::run::{Rows, RunArgs};
+
+/// Most tokens generated per example when scoring exact match: every accepted target of the
+/// seven generation tasks fits in fewer.
+const MAX_NEW_TOKENS: usize = 8;
+
+/// Where the recipe looks for SmolLM2 without `--model`: `$EMLOC_SMOLLM2_GGUF`, else the
+/// path `scripts/fetch_smollm2.sh` writes to.
+fn default_gguf() -> PathBuf {
+    if let Some(path) = std::env::var_os("EMLOC_SMOLLM2_GGUF") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache/emloc/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// One task's held-out items and its training share.
+struct TaskData {
+    task: &'static BigbenchTask,
+    validation: Vec<Example>,
+    train: usize,
+}
+
+/// Reads the embedded tasks, carves `validation` items out of each with `split_seed` (the same
+/// split for every row and seed), keeps up to `train_per_task` of the rest (0 = all), and mixes
+/// the training items in one fixed-seed order. Generation tasks lose their choices, so that they
+/// are scored by exact match only.
+fn split_tasks(
+    validation: usize,
+    split_seed: u64,
+    train_per_task: usize,
+) -> CliResult<(Vec<TaskData>, Vec<Example>)> {
+    let mut tasks = Vec::new();
+    let mut train = Vec::new();
+    for task in &BIGBENCH_TASKS {
+        let mut examples = causal_lm::parse_jsonl(task.text, Path::new(task.file))?;
+        if task.scoring == Scoring::ExactMatch {
+            examples.iter_mut().for_each(|e| e.choices = None);
+        }
+        let split = retrieval::split(examples, validation, split_seed)
+            .map_err(|e| format!("{}: {e}", task.file))?;
+        let mut task_train = split.train;
+        if train_per_task > 0 {
+            task_train.truncate(train_per_task);
+        }
+        tasks.push(TaskData { task, validation: split.validation, train: task_train.len() });
+        train.extend(task_train);
+    }
+    // Mixed, so that the calibration sequences (the first ones) cover every task.
+    let order = XorShiftRng::new(split_seed ^ 0x6d69_7865).permutation(train.len());
+    let mut slots: Vec<Option<Example>> = train.into_iter().map(Some).collect();
+    let mixed = order.iter().map(|&i| slots[i].take().expect("a permutation")).collect();
+    Ok((tasks, mixed))
+}
+
+/// One task's result.
+#[derive(Debug, Clone, Serialize)]
+struct TaskScore {
+    task: &'static str,
+    /// `exact_match` or `accuracy`.
+    metric: &'static str,
+    score: f64,
+    /// Mean NLL per completion token of the training targets.
+    loss: f64,
+}
+
+/// A model's results over all tasks.
+#[derive(Debug, Clone, Serialize)]
+struct Scores {
+    /// Mean of the task scores (each task counts once).
+    mean_score: f64,
+    /// Mean of the task losses.
+    mean_loss: f64,
+    tasks: Vec<TaskScore>,
+}
+
+/// Scores `model` on every task's validation items.
+fn score(
+    lm: &CausalLm,
+    model: &LlamaForCausalLM,
+    tasks: &[TaskData],
+    label: &str,
+) -> CliResult<Scores> {
+    let mut scores = Vec::new();
+    for data in tasks {
+        let config = EvalConfig {
+            batch_size: 8,
+            max_new_tokens: match data.task.scoring {
+                Scoring::ExactMatch => MAX_NEW_TOKENS,
+                Scoring::Choice => 0,
+            },
+        };
+        let label = format!("{label}: {}", data.task.short);
+        let metrics = crate::causal::evaluate(lm, model, &data.validation, &config, &label)?;
+        let (metric, score) = match data.task.scoring {
+            Scoring::ExactMatch => ("exact_match", metrics.exact_match),
+            Scoring::Choice => ("accuracy", metrics.accuracy),
+        };
+        let score = score.ok_or_else(|| format!("{}: no {metric} computed", data.task.file))?;
+        scores.push(TaskScore { task: data.task.short, metric, score, loss: metrics.loss });
+    }
+    let n = scores.len() as f64;
+    Ok(Scores {
+        mean_score: scores.iter().map(|s| s.score).sum::<f64>() / n,
+        mean_loss: scores.iter().map(|s| s.loss).sum::<f64>() / n,
+        tasks: scores,
+    })
+}
+
+/// Bytes of a model's parameters (f32).
+fn param_bytes(model: &LlamaForCausalLM) -> usize {
+    model.num_params() * std::mem::size_of::<f32>()
+}
+
+/// What a phase needs in a process of its own: the model it runs (held before the phase
+/// started) plus what the phase allocated above its starting heap.
+fn needed_bytes(model_bytes: usize, stats: &PhaseStats) -> usize {
+    model_bytes + stats.peak_heap_bytes.saturating_sub(stats.start_heap_bytes)
+}
+
+/// Heap a forward pass of the original needs on the batch of the `batch_size` longest training
+/// sequences (the largest batch training can meet), counted like [`needed_bytes`].
+fn inference_bytes(
+    lm: &CausalLm,
+    original: &LlamaForCausalLM,
+    train: &[Example],
+    batch_size: usize,
+) -> CliResult<usize> {
+    let mut tokenized = causal_lm::tokenize_all(&lm.task, train)?;
+    tokenized.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    tokenized.truncate(batch_size);
+    let phase = Phase::start();
+    let batch = lm.task.batch(&tokenized, &original.device());
+    let nll = causal_lm::token_nll(original, &batch).sum().into_scalar::<f32>();
+    let stats = phase.finish();
+    if !nll.is_finite() {
+        return Err("the original's loss on the longest training batch is not finite".into());
+    }
+    Ok(needed_bytes(param_bytes(original), &stats))
+}
+
+/// One row of the table.
+#[derive(Debug, Serialize)]
+struct Row {
+    method: String,
+    /// The emulator's keep-ratio, if the row trains on an emulator built with one.
+    ratio: Option<f64>,
+    scores: Scores,
+    /// Share of full-model LoRA's mean-score gain over zero-shot.
+    gain_recovered: Option<f64>,
+    trainable_params: usize,
+    /// Parameters of the model the adapter was trained on (0 for zero-shot).
+    trained_model_params: usize,
+    /// Training loss of the first and the last step.
+    training_loss: Option<(f64, f64)>,
+    /// Heap fine-tuning needs: the trained model's parameters plus what training allocated
+    /// (adapter, optimizer state, activations, gradients).
+    finetune_bytes: Option<usize>,
+    /// `finetune_bytes` over what running the original on the largest training batch needs.
+    finetune_vs_inference: Option<f64>,
+    /// Wall time and peaks of fine-tuning (for zero-shot: of evaluating the original).
+    training: PhaseStats,
+    /// Wall time of the whole row in seconds (emulation, training, correction, merge, scoring).
+    row_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    recipe: &'static str,
+    model: String,
+    split_seed: u64,
+    validation_per_task: usize,
+    train_per_task: Vec<(&'static str, usize)>,
+    emulator: &'a EmulatorArgs,
+    ratios: &'a [f64],
+    train: &'a TrainArgs,
+    inference_bytes: usize,
+    rows: Vec<Row>,
+    emulators: Vec<(String, emloc::EmulatorReport)>,
+    corrections: Vec<(String, emloc::CorrectionReport)>,
+}
+
+/// An emulator to build, train on and score.
+struct Variant {
+    name: String,
+    dir: String,
+    ratio: Option<f64>,
+    config: EmulatorConfig,
+    uncorrected_too: bool,
+}
+
+/// What every trained row needs.
+struct Context<'a> {
+    lm: &'a CausalLm,
+    original: &'a LlamaForCausalLM,
+    tasks: &'a [TaskData],
+    train: &'a [Example],
+    args: &'a RunArgs,
+    train_args: &'a TrainArgs,
+    inference: usize,
+}
+
+impl Context<'_> {
+    /// Trains LoRA on `model` and returns the tuned model, its training stats and report, and
+    /// the row fields every trained row shares.
+    fn train(
+        &self,
+        model: LlamaForCausalLM,
+        label: &str,
+    ) -> CliResult<(LlamaForCausalLM, Trained)> {
+        let model_bytes = param_bytes(&model);
+        let trained_model_params = model.num_params();
+        let phase = Phase::start();
+        let (tuned, report) =
+            train_adapter(self.lm, model, self.train, self.train_args, label, None, |_, _, _| {
+                Ok(())
+            })?;
+        let stats = phase.finish();
+        let bytes = needed_bytes(model_bytes, &stats);
+        let trainable_params = tuned.num_params() - trained_model_params;
+        eprintln!(
+            "{label}: loss {:.3} → {:.3} in {:.0}s; needs {} MiB ({:.2}× inference)",
+            report.first_loss,
+            report.last_loss,
+            stats.wall_seconds,
+            bytes >> 20,
+            bytes as f64 / self.inference as f64
+        );
+        Ok((
+            tuned,
+            Trained {
+                trainable_params,
+                trained_model_params,
+                training_loss: (report.first_loss, report.last_loss),
+                bytes,
+                stats,
+            },
+        ))
+    }
+}
+
+/// What a training run contributes to its rows.
+struct Trained {
+    trainable_params: usize,
+    trained_model_params: usize,
+    training_loss: (f64, f64),
+    bytes: usize,
+    stats: PhaseStats,
+}
+
+/// Checks the recipe's own options before any work.
+fn validate(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
+    if args.data.data.is_some() {
+        return Err("--recipe smollm2-bigbench reads its eight embedded BIG-bench tasks; \
+                    --data is for the other recipes"
+            .into());
+    }
+    if args.emulator.config.is_some() {
+        return Err("--recipe smollm2-bigbench sizes its emulators with --ratio and --ratios; \
+                    --config is for the other recipes"
+            .into());
+    }
+    for &ratio in std::iter::once(&args.emulator.ratio).chain(&args.ratios) {
+        if !(ratio > 0.0 && ratio < 1.0) {
+            return Err(format!("keep-ratio {ratio} must be in (0, 1)").into());
+        }
+    }
+    if args.rows == Rows::All && !args.ratios.contains(&args.emulator.ratio) {
+        return Err(format!(
+            "--ratio {} (the plain-SVD and global-allocation rows' size) must be one of --ratios {:?}",
+            args.emulator.ratio, args.ratios
+        )
+        .into());
+    }
+    if train_args.batch_size == 0 || train_args.steps == 0 {
+        return Err("--steps and --batch-size must be at least 1".into());
+    }
+    Ok(())
+}
+
+/// Runs the recipe with `train_args` (its defaults applied) and prints the table.
+pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
+    validate(args, train_args)?;
+    let phase = Phase::start();
+    let (tasks, train) = split_tasks(args.data.validation, args.data.split_seed, args.train_pairs)?;
+    let mut model_args = args.model.clone();
+    let path = model_args.model.get_or_insert_with(default_gguf).clone();
+    if !path.exists() {
+        return Err(format!(
+            "{}: no such model; fetch SmolLM2-135M-Instruct with scripts/fetch_smollm2.sh, or \
+             name a Llama-family GGUF file or HF directory with --model (or $EMLOC_SMOLLM2_GGUF)",
+            path.display()
+        )
+        .into());
+    }
+    let lm = model_args.load_decoder(&BTreeSet::new())?;
+    let calibration = calibration_sequences(&lm, &train, args.emulator.calibration_pairs)?;
+    let original = lm.model.clone();
+    let inference = inference_bytes(&lm, &original, &train, train_args.batch_size)?;
+    eprintln!(
+        "model {} loaded in {:.1}s; {} tasks, {} validation items each, {} mixed training items, \
+         {} calibration sequences; running the original on the largest training batch needs {} MiB",
+        path.display(),
+        phase.elapsed_seconds(),
+        tasks.len(),
+        args.data.validation,
+        train.len(),
+        calibration.len(),
+        inference >> 20
+    );
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    let cx = Context {
+        lm: &lm,
+        original: &original,
+        tasks: &tasks,
+        train: &train,
+        args,
+        train_args,
+        inference,
+    };
+
+    let mut rows = Vec::new();
+    let phase = Phase::start();
+    let zero_shot = score(&lm, &original, &tasks, "zero-shot")?;
+    let stats = phase.finish();
+    log_scores("zero-shot", &zero_shot);
+    rows.push(Row {
+        method: "zero-shot (original model)".into(),
+        ratio: None,
+        scores: zero_shot.clone(),
+        gain_recovered: None,
+        trainable_params: 0,
+        trained_model_params: 0,
+        training_loss: None,
+        finetune_bytes: None,
+        finetune_vs_inference: None,
+        training: stats,
+        row_seconds: stats.wall_seconds,
+    });
+
+    let row_phase = Phase::start();
+    let (tuned, trained) = cx.train(original.clone(), "LoRA on the full model")?;
+    let adapter = export_adapter(&tuned)?;
+    adapter.save(&args.out.join("adapter-full-lora"))?;
+    let lora = score(&lm, &merge_adapter(original.clone(), &adapter)?, &tasks, "LoRA")?;
+    log_scores("LoRA on the full model", &lora);
+    let full_gain = lora.mean_score - zero_shot.mean_score;
+    // A share of a gain only means something when there is a gain.
+    let recovered =
+        |s: &Scores| (full_gain > 1e-12).then(|| (s.mean_score - zero_shot.mean_score) / full_gain);
+    rows.push(trained_row(
+        &cx,
+        "LoRA on the full model".into(),
+        None,
+        lora.clone(),
+        &trained,
+        &recovered,
+        &row_phase,
+    ));
+
+    let whitening = args.emulator.config()?.whitening.method;
+    let at = |ratio: f64, method: WhiteningMethod| -> CliResult<EmulatorConfig> {
+        let config = EmulatorConfig::uniform(ratio).with_whitening(method);
+        config.validate()?;
+        Ok(config)
+    };
+    let ratios: Vec<f64> = match args.rows {
+        Rows::All => args.ratios.clone(),
+        Rows::Headline => vec![args.emulator.ratio],
+    };
+    let mut variants = Vec::new();
+    for &ratio in &ratios {
+        variants.push(Variant {
+            name: format!("EMLoC ρ = {ratio}"),
+            dir: format!("emloc-rho{ratio}"),
+            ratio: Some(ratio),
+            config: at(ratio, whitening)?,
+            uncorrected_too: true,
+        });
+    }
+    if args.rows == Rows::All {
+        let ratio = args.emulator.ratio;
+        variants.push(Variant {
+            name: format!("plain-SVD emulator ρ = {ratio}"),
+            dir: format!("plain-svd-rho{ratio}"),
+            ratio: Some(ratio),
+            config: at(ratio, WhiteningMethod::None)?,
+            uncorrected_too: false,
+        });
+    }
+    let mut emulators = Vec::new();
+    let mut corrections = Vec::new();
+    for variant in &variants {
+        let row_phase = Phase::start();
+        let (emulator, report) = build_emulator(original.clone(), &calibration, &variant.config)?;
+        log_emulator(&variant.name, &report, row_phase.elapsed_seconds());
+        emulators.push((variant.name.clone(), report));
+        rows.extend(train_correct_score(
+            &cx,
+            variant,
+            emulator,
+            &row_phase,
+            &recovered,
+            &mut corrections,
+        )?);
+    }
+
+    if args.rows == Rows::All {
+        // The global allocation at the headline EMLoC emulator's size: ranks by whitened
+        // spectrum (as `emloc plan` computes them), then the same pipeline.
+        let row_phase = Phase::start();
+        let headline = at(args.emulator.ratio, whitening)?;
+        let size = emulators
+            .iter()
+            .zip(&variants)
+            .find(|(_, v)| v.ratio == Some(args.emulator.ratio) && v.uncorrected_too)
+            .map(|((_, report), _)| report.params_kept())
+            .expect("--ratio is one of --ratios (validated)");
+        let bar = crate::progress::progress(calibration.len(), "spectra");
+        let spectra = whitened_spectra(
+            &original,
+            calibration.iter(),
+            |m: &LlamaForCausalLM, ids: &Vec<u32>| {
+                forward_sequence(m, ids);
+                bar.inc(1);
+            },
+            &headline,
+        )?;
+        bar.finish_and_clear();
+        let global = Variant {
+            name: format!("global allocation, {size} factor params"),
+            dir: "global".into(),
+            ratio: None,
+            config: config_for_ranks(
+                &global_ranks(&spectra, size, Objective::Relative)?,
+                &headline,
+            ),
+            uncorrected_too: false,
+        };
+        let (emulator, report) = build_emulator(original.clone(), &calibration, &global.config)?;
+        log_emulator(&global.name, &report, row_phase.elapsed_seconds());
+        emulators.push((global.name.clone(), report));
+        rows.extend(train_correct_score(
+            &cx,
+            &global,
+            emulator,
+            &row_phase,
+            &recovered,
+            &mut corrections,
+        )?);
+    }
+
+    print_table(&rows, &tasks);
+    let report = Report {
+        recipe: "smollm2-bigbench",
+        model: path.display().to_string(),
+        split_seed: args.data.split_seed,
+        validation_per_task: args.data.validation,
+        train_per_task: tasks.iter().map(|t| (t.task.short, t.train)).collect(),
+        emulator: &args.emulator,
+        ratios: &ratios,
+        train: train_args,
+        inference_bytes: inference,
+        rows,
+        emulators,
+        corrections,
+    };
+    let path = args.out.join("report.json");
+    write_json(&path, &report)?;
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+fn trained_row(
+    cx: &Context<'_>,
+    method: String,
+    ratio: Option<f64>,
+    scores: Scores,
+    trained: &Trained,
+    recovered: &dyn Fn(&Scores) -> Option<f64>,
+    row_phase: &Phase,
+) -> Row {
+    Row {
+        method,
+        ratio,
+        gain_recovered: recovered(&scores),
+        scores,
+        trainable_params: trained.trainable_params,
+        trained_model_params: trained.trained_model_params,
+        training_loss: Some(trained.training_loss),
+        finetune_bytes: Some(trained.bytes),
+        finetune_vs_inference: Some(trained.bytes as f64 / cx.inference as f64),
+        training: trained.stats,
+        row_seconds: row_phase.elapsed_seconds(),
+    }
+}
+
+/// Trains LoRA on `emulator`, then scores the corrected (and, if asked, the uncorrected)
+/// adapter merged into the original: one row each.
+fn train_correct_score(
+    cx: &Context<'_>,
+    variant: &Variant,
+    emulator: LlamaForCausalLM,
+    row_phase: &Phase,
+    recovered: &dyn Fn(&Scores) -> Option<f64>,
+    corrections: &mut Vec<(String, emloc::CorrectionReport)>,
+) -> CliResult<Vec<Row>> {
+    let (tuned, trained) = cx.train(emulator, &format!("LoRA on the {}", variant.name))?;
+    let mut rows = Vec::new();
+    for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
+        let adapter = if corrected {
+            let (adapter, report) =
+                correct(cx.original, &tuned, &CorrectionConfig { clamp: cx.args.clamp })?;
+            corrections.push((variant.name.clone(), report));
+            adapter
+        } else {
+            export_adapter(&tuned)?
+        };
+        let which = if corrected { "corrected" } else { "uncorrected" };
+        adapter.save(&cx.args.out.join(format!("adapter-{}-{which}", variant.dir)))?;
+        let merged = merge_adapter(cx.original.clone(), &adapter)?;
+        let label = format!("{} {which}", variant.name);
+        let scores = score(cx.lm, &merged, cx.tasks, &label)?;
+        log_scores(&label, &scores);
+        rows.push(trained_row(
+            cx,
+            format!("{label}, merged into the original"),
+            variant.ratio,
+            scores,
+            &trained,
+            recovered,
+            row_phase,
+        ));
+    }
+    Ok(rows)
+}
+
+fn log_emulator(name: &str, report: &emloc::EmulatorReport, seconds: f64) {
+    eprintln!(
+        "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({seconds:.1}s)",
+        report.layers.len(),
+        report.params_original(),
+        report.params_kept(),
+        report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
+            / report.layers.len().max(1) as f64,
+    );
+}
+
+fn log_scores(label: &str, scores: &Scores) {
+    let tasks: Vec<String> =
+        scores.tasks.iter().map(|t| format!("{} {:.2}", t.task, t.score)).collect();
+    eprintln!(
+        "{label}: mean score {:.4}, mean loss {:.4} ({})",
+        scores.mean_score,
+        scores.mean_loss,
+        tasks.join(", ")
+    );
+}
+
+fn print_table(rows: &[Row], tasks: &[TaskData]) {
+    let names: Vec<&str> = tasks.iter().map(|t| t.task.short).collect();
+    println!(
+        "| method | mean score | {} | val. loss | gain recovered | params trained on | fine-tune MiB (× inference) | fine-tune s | row s |",
+        names.join(" | ")
+    );
+    println!("|---|---:|{}---:|---:|---:|---:|---:|", "---:|".repeat(names.len()));
+    for row in rows {
+        let tasks: Vec<String> =
+            row.scores.tasks.iter().map(|t| format!("{:.2}", t.score)).collect();
+        println!(
+            "| {} | {:.4} | {} | {:.4} | {} | {} | {} | {:.1} | {:.1} |",
+            row.method,
+            row.scores.mean_score,
+            tasks.join(" | "),
+            row.scores.mean_loss,
+            row.gain_recovered.map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
+            row.trained_model_params,
+            match (row.finetune_bytes, row.finetune_vs_inference) {
+                (Some(b), Some(x)) => format!("{} ({x:.2}×)", b >> 20),
+                _ => "-".into(),
+            },
+            row.training.wall_seconds,
+            row.row_seconds
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_is_split_apart_and_the_training_mix_covers_them_all() {
+        let (tasks, train) = split_tasks(5, 3, 40).unwrap();
+        assert_eq!(tasks.len(), 8);
+        assert_eq!(train.len(), 8 * 40);
+        for data in &tasks {
+            assert_eq!(data.validation.len(), 5);
+            assert_eq!(data.train, 40);
+            for example in &data.validation {
+                assert!(
+                    !train.contains(example),
+                    "{}: a validation item is trained on",
+                    data.task.file
+                );
+                // Generation tasks are scored by exact match only; MathQA by its choices.
+                assert_eq!(example.choices.is_some(), data.task.scoring == Scoring::Choice);
+            }
+        }
+        // The first 64 (the calibration sequences) hold items of every task: the mix is shuffled.
+        let covered = tasks
+            .iter()
+            .filter(|d| {
+                let all = causal_lm::parse_jsonl(d.task.text, Path::new(d.task.file)).unwrap();
+                train[..64].iter().any(|e| all.iter().any(|a| a.prompt == e.prompt))
+            })
+            .count();
+        assert_eq!(covered, 8);
+        // The same seed gives the same split; another seed another one.
+        let (again, _) = split_tasks(5, 3, 40).unwrap();
+        assert_eq!(again[0].validation, tasks[0].validation);
+        let (other, _) = split_tasks(5, 4, 40).unwrap();
+        assert_ne!(other[0].validation, tasks[0].validation);
+    }
+}
