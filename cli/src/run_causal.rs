@@ -2,9 +2,10 @@
 //! Llama-family decoder (SmolLM2-135M-Instruct by default) on eight BIG-bench tasks mixed,
 //! scored per task on validation items carved out of each task's train split: exact match for
 //! the seven generation tasks, choice accuracy for MathQA. Rows: zero-shot, LoRA on the full
-//! model, EMLoC corrected and uncorrected over a ρ sweep, the plain-SVD emulator and the global
-//! rank allocation at the headline ρ's size; one seed, step count and set of hyperparameters
-//! for every row.
+//! model, EMLoC corrected and uncorrected over a ρ sweep (with, as a diagnostic, the adapter
+//! scored on the emulator it was trained on), the plain-SVD emulator and the global rank
+//! allocation at the headline ρ's size; one seed, step count and set of hyperparameters for
+//! every row.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -535,6 +536,22 @@ fn train_correct_score(
 ) -> CliResult<Vec<Row>> {
     let (tuned, trained) = cx.train(emulator, &format!("LoRA on the {}", variant.name))?;
     let mut rows = Vec::new();
+    if variant.uncorrected_too {
+        // Diagnostic: how well the adapter does on the model it was trained on, which separates
+        // what the emulator cannot learn from what is lost moving the adapter to the original.
+        let label = format!("{} adapter on the emulator itself", variant.name);
+        let scores = score(cx.lm, &tuned, cx.tasks, &label)?;
+        log_scores(&label, &scores);
+        rows.push(trained_row(
+            cx,
+            format!("{label} (diagnostic)"),
+            variant.ratio,
+            scores,
+            &trained,
+            recovered,
+            row_phase,
+        ));
+    }
     for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
         let adapter = if corrected {
             let (adapter, report) =
