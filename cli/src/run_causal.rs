@@ -230,8 +230,7 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    /// Trains LoRA on `model` and returns the tuned model, its training stats and report, and
-    /// the row fields every trained row shares.
+    /// Trains LoRA on `model`; returns the tuned model and what the rows it gives share.
     fn train(
         &self,
         model: LlamaForCausalLM,
