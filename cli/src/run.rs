@@ -82,7 +82,7 @@ pub enum Rows {
     Headline,
 }
 
-/// The LLM recipe's defaults (about 75 minutes for all rows on a 2-core CPU, EXPERIMENTS.md).
+/// The LLM recipe's defaults (about 40 minutes for all rows on a 2-core CPU, EXPERIMENTS.md).
 const BIGBENCH_DEFAULTS: RecipeDefaults = RecipeDefaults {
     validation: 20,
     steps: 80,

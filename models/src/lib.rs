@@ -18,4 +18,4 @@ pub mod tiny;
 pub mod training;
 pub mod vit;
 
-pub use error::{ModelError, Result};
+pub use error::{ConfigProblem, ModelError, Result};

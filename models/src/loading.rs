@@ -26,7 +26,7 @@ use burn::tensor::DType;
 use regex::Regex;
 use serde_json::Value;
 
-use crate::error::{ModelError, Result};
+use crate::error::{ConfigProblem, ModelError, Result};
 
 /// The single-file checkpoint name.
 pub const SAFETENSORS_FILE: &str = "model.safetensors";
@@ -71,34 +71,40 @@ pub fn require_fields(value: &Value, path: &Path, required: &[&str]) -> Result<(
 ///
 /// # Errors
 /// [`ModelError::MissingConfigField`] naming the first absent field; [`ModelError::InvalidConfig`]
-/// for a value of the wrong type or one `validate` rejects.
+/// for a value of the wrong type; [`ModelError::ConfigValue`] for one `validate` rejects.
 pub fn parse_config<T: serde::de::DeserializeOwned>(
     value: Value,
     path: &Path,
     required: &[&str],
-    validate: impl FnOnce(&T) -> std::result::Result<(), String>,
+    validate: impl FnOnce(&T) -> std::result::Result<(), ConfigProblem>,
 ) -> Result<T> {
     require_fields(&value, path, required)?;
-    let invalid = |message: String| ModelError::InvalidConfig { path: path.to_path_buf(), message };
-    let config: T = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
-    validate(&config).map_err(invalid)?;
+    let config: T = serde_json::from_value(value).map_err(|e| ModelError::InvalidConfig {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    validate(&config).map_err(|problem| ModelError::config_value(path, problem))?;
     Ok(config)
 }
 
 /// Checks a config's sizes: every `(name, value)` of `positive` is non-zero, and in every
-/// `(name, value, divisor name, divisor)` of `multiples` the divisor divides the value. Returns
-/// the first problem, naming the fields.
+/// `(name, value, divisor name, divisor)` of `multiples` the divisor divides the value.
+///
+/// # Errors
+/// The first problem: `` `name` must be positive `` (field `name`), or
+/// `` `name` value is not a multiple of `divisor name` divisor `` (field `name`).
 pub fn check_sizes(
     positive: &[(&str, usize)],
     multiples: &[(&str, usize, &str, usize)],
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), ConfigProblem> {
     if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-        return Err(format!("`{name}` must be positive"));
+        return Err(ConfigProblem::new(*name, "must be positive"));
     }
     for &(name, value, divisor_name, divisor) in multiples {
         if divisor == 0 || !value.is_multiple_of(divisor) {
-            return Err(format!(
-                "`{name}` {value} is not a multiple of `{divisor_name}` {divisor}"
+            return Err(ConfigProblem::new(
+                name,
+                format!("{value} is not a multiple of `{divisor_name}` {divisor}"),
             ));
         }
     }
@@ -414,5 +420,58 @@ fn describe(error: &ApplyError, name: &dyn Fn(&str) -> String) -> String {
         ApplyError::AdapterError { path, message } | ApplyError::LoadError { path, message } => {
             format!("{}: {message}", name(path))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Sizes {
+        width: usize,
+        heads: usize,
+    }
+
+    fn validate(s: &Sizes) -> std::result::Result<(), ConfigProblem> {
+        check_sizes(
+            &[("width", s.width), ("heads", s.heads)],
+            &[("width", s.width, "heads", s.heads)],
+        )
+    }
+
+    #[test]
+    fn check_sizes_names_the_field_at_fault() {
+        let zero = check_sizes(&[("a", 1), ("b", 0)], &[]).unwrap_err();
+        assert_eq!(zero, ConfigProblem::new("b", "must be positive"));
+        assert_eq!(zero.to_string(), "`b` must be positive");
+        let ragged =
+            check_sizes(&[], &[("hidden_size", 10, "num_attention_heads", 4)]).unwrap_err();
+        assert_eq!(ragged.field, "hidden_size");
+        assert_eq!(
+            ragged.to_string(),
+            "`hidden_size` 10 is not a multiple of `num_attention_heads` 4"
+        );
+        assert_eq!(check_sizes(&[("a", 1)], &[("a", 8, "b", 4)]), Ok(()));
+    }
+
+    #[test]
+    fn parse_config_tells_bad_values_from_bad_types() {
+        let path = Path::new("dir/config.json");
+        let parse = |v: Value| parse_config::<Sizes>(v, path, &["width"], validate);
+        match parse(serde_json::json!({"width": 10, "heads": 4})) {
+            Err(ModelError::ConfigValue { path: p, problem }) => {
+                assert_eq!(p, path);
+                assert_eq!(problem.field, "width");
+            }
+            other => panic!("expected ConfigValue, got {other:?}"),
+        }
+        let err = parse(serde_json::json!({"width": "ten", "heads": 4})).unwrap_err();
+        assert!(matches!(err, ModelError::InvalidConfig { .. }), "{err:?}");
+        let err = parse(serde_json::json!({"heads": 4})).unwrap_err();
+        assert!(
+            matches!(err, ModelError::MissingConfigField { ref field, .. } if field == "width")
+        );
+        assert_eq!(parse(serde_json::json!({"width": 8, "heads": 4})).unwrap().width, 8);
     }
 }

@@ -237,9 +237,14 @@ fn bad_configs_name_the_field() {
     let (config, model) = load(&|c| {
         c.insert("patch_size".into(), 3.into());
     });
-    let message = invalid(config);
+    let problem = match config {
+        Err(ModelError::ConfigValue { problem, .. }) => problem,
+        other => panic!("expected ConfigValue, got {other:?}"),
+    };
+    let message = problem.to_string();
     assert!(message.contains("image_size") && message.contains("patch_size"), "{message}");
-    assert!(matches!(model, Err(ModelError::InvalidConfig { .. })));
+    assert_eq!(problem.field, "image_size");
+    assert!(matches!(model, Err(ModelError::ConfigValue { .. })));
 
     let (config, _) = load(&|c| {
         c.insert("hidden_act".into(), "tanh".into());

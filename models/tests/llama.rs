@@ -617,13 +617,15 @@ fn bad_configs_name_the_field() {
         ),
     ];
     for (edit, field) in cases {
-        match config_error(edit) {
-            ModelError::InvalidConfig { message, path } => {
-                assert!(message.contains(field), "{field}: {message}");
-                assert!(path.ends_with("config.json"));
-            }
-            other => panic!("{field}: expected InvalidConfig, got {other}"),
-        }
+        // Unparsable forms are `InvalidConfig`; values `validate` rejects are `ConfigValue`
+        // (a typed `ConfigProblem`, displayed the same way).
+        let (message, path) = match config_error(edit) {
+            ModelError::InvalidConfig { message, path } => (message, path),
+            ModelError::ConfigValue { problem, path } => (problem.to_string(), path),
+            other => panic!("{field}: expected InvalidConfig or ConfigValue, got {other}"),
+        };
+        assert!(message.contains(field), "{field}: {message}");
+        assert!(path.ends_with("config.json"));
     }
 }
 

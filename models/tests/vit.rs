@@ -141,10 +141,12 @@ fn bad_configs_name_the_field() {
         c.insert("patch_size".into(), 3.into());
     });
     match config {
-        Err(ModelError::InvalidConfig { message, .. }) => {
-            assert!(message.contains("image_size") && message.contains("patch_size"), "{message}")
+        Err(ModelError::ConfigValue { problem, .. }) => {
+            let message = problem.to_string();
+            assert!(message.contains("image_size") && message.contains("patch_size"), "{message}");
+            assert_eq!(problem.field, "image_size");
         }
-        other => panic!("expected InvalidConfig, got {other:?}"),
+        other => panic!("expected ConfigValue, got {other:?}"),
     }
 }
 

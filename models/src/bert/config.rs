@@ -6,7 +6,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use super::{BertEmbeddingsConfig, BertEncoderConfig, BertModel, BertPooler};
-use crate::error::Result;
+use crate::error::{ConfigProblem, Result};
 use crate::loading::{check_sizes, parse_config, read_json};
 
 /// The activation of the intermediate (feed-forward) layer, HF's `hidden_act`.
@@ -122,16 +122,19 @@ impl BertConfig {
     /// # Errors
     /// [`ModelError::Io`] if the file cannot be read; [`ModelError::MissingConfigField`] naming
     /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`] for
-    /// malformed JSON, a value of the wrong type, or a value [`validate`](Self::validate)
-    /// rejects.
+    /// malformed JSON or a value of the wrong type; [`ModelError::ConfigValue`] for a value
+    /// [`validate`](Self::validate) rejects.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         parse_config(read_json(path)?, path, &REQUIRED_FIELDS, Self::validate)
     }
 
     /// Checks sizes (non-zero, heads dividing the width), dropout probabilities in `[0, 1)`,
-    /// a positive epsilon and the position embedding type; returns what is wrong.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// a positive epsilon and the position embedding type.
+    ///
+    /// # Errors
+    /// The first problem found, naming the field (the `config.json` key).
+    pub fn validate(&self) -> std::result::Result<(), ConfigProblem> {
         let sizes = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -149,16 +152,22 @@ impl BertConfig {
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(format!("`{name}` {p} is outside [0, 1)"));
+                return Err(ConfigProblem::new(name, format!("{p} is outside [0, 1)")));
             }
         }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            return Err(format!("`layer_norm_eps` {} must be positive", self.layer_norm_eps));
+            return Err(ConfigProblem::new(
+                "layer_norm_eps",
+                format!("{} must be positive", self.layer_norm_eps),
+            ));
         }
         if self.position_embedding_type != "absolute" {
-            return Err(format!(
-                "`position_embedding_type` \"{}\" is not supported (only \"absolute\")",
-                self.position_embedding_type
+            return Err(ConfigProblem::new(
+                "position_embedding_type",
+                format!(
+                    "\"{}\" is not supported (only \"absolute\")",
+                    self.position_embedding_type
+                ),
             ));
         }
         Ok(())
@@ -175,13 +184,63 @@ impl BertConfig {
     /// # Panics
     /// If the config is invalid (see [`validate`](Self::validate)).
     pub fn init(&self, add_pooling_layer: bool, device: &Device) -> BertModel {
-        if let Err(message) = self.validate() {
-            panic!("invalid BertConfig: {message}");
+        if let Err(problem) = self.validate() {
+            panic!("invalid BertConfig: {problem}");
         }
         BertModel {
             embeddings: BertEmbeddingsConfig::from_bert(self).init(device),
             encoder: BertEncoderConfig::from_bert(self).init(device),
             pooler: add_pooling_layer.then(|| BertPooler::new(self.hidden_size, device)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ModelError;
+
+    fn tiny() -> BertConfig {
+        BertConfig::new(32, 16, 2, 4, 24, 64)
+    }
+
+    #[test]
+    fn validate_names_the_field_at_fault() {
+        assert_eq!(tiny().validate(), Ok(()));
+        let mut c = tiny();
+        c.hidden_size = 18;
+        let p = c.validate().unwrap_err();
+        assert_eq!(p.field, "hidden_size");
+        assert_eq!(p.to_string(), "`hidden_size` 18 is not a multiple of `num_attention_heads` 4");
+        let mut c = tiny();
+        c.attention_probs_dropout_prob = 1.0;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigProblem::new("attention_probs_dropout_prob", "1 is outside [0, 1)"))
+        );
+        let mut c = tiny();
+        c.position_embedding_type = "relative_key".into();
+        let p = c.validate().unwrap_err();
+        assert_eq!(p.field, "position_embedding_type");
+        assert_eq!(
+            p.to_string(),
+            "`position_embedding_type` \"relative_key\" is not supported (only \"absolute\")"
+        );
+    }
+
+    #[test]
+    fn from_file_reports_a_bad_value_as_config_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let mut value = serde_json::to_value(tiny()).unwrap();
+        value["layer_norm_eps"] = 0.0.into();
+        std::fs::write(&path, value.to_string()).unwrap();
+        match BertConfig::from_file(&path) {
+            Err(ModelError::ConfigValue { path: p, problem }) => {
+                assert_eq!(p, path);
+                assert_eq!(problem, ConfigProblem::new("layer_norm_eps", "0 must be positive"));
+            }
+            other => panic!("expected ConfigValue, got {other:?}"),
         }
     }
 }

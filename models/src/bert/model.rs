@@ -153,7 +153,8 @@ impl BertModel {
     ///
     /// # Errors
     /// [`ModelError::MissingConfigField`](crate::ModelError::MissingConfigField) /
-    /// [`InvalidConfig`](crate::ModelError::InvalidConfig) for the config,
+    /// [`InvalidConfig`](crate::ModelError::InvalidConfig) /
+    /// [`ConfigValue`](crate::ModelError::ConfigValue) for the config,
     /// [`MissingFile`](crate::ModelError::MissingFile) /
     /// [`Checkpoint`](crate::ModelError::Checkpoint) for the weights, and
     /// [`KeyMismatch`](crate::ModelError::KeyMismatch) listing every missing, unexpected or

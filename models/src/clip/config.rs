@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{ClipEncoder, ClipVisionEmbeddings, ClipVisionModel};
-use crate::error::{ModelError, Result};
+use crate::error::{ConfigProblem, ModelError, Result};
 use crate::loading::{check_sizes, parse_config, read_json};
 
 /// Feed-forward activation of a CLIP tower (HF `hidden_act`).
@@ -134,8 +134,8 @@ impl ClipVisionConfig {
     /// # Errors
     /// [`ModelError::Io`] if the file cannot be read; [`ModelError::InvalidConfig`] for
     /// malformed JSON, a `vision_config` that is not an object, a value of the wrong type or an
-    /// unknown `hidden_act`, or a value [`validate`](Self::validate) rejects (the message names
-    /// the field).
+    /// unknown `hidden_act`; [`ModelError::ConfigValue`] for a value
+    /// [`validate`](Self::validate) rejects (naming the field).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let invalid =
@@ -158,9 +158,11 @@ impl ClipVisionConfig {
     }
 
     /// Checks sizes (non-zero, heads dividing the width, patches tiling the image), the
-    /// attention dropout in `[0, 1)` and a positive epsilon; returns what is wrong, naming the
-    /// field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// attention dropout in `[0, 1)` and a positive epsilon.
+    ///
+    /// # Errors
+    /// The first problem found, naming the field (the `config.json` key of the vision config).
+    pub fn validate(&self) -> std::result::Result<(), ConfigProblem> {
         let sizes = [
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -178,13 +180,16 @@ impl ClipVisionConfig {
             ],
         )?;
         if !(0.0..1.0).contains(&self.attention_dropout) {
-            return Err(format!(
-                "`attention_dropout` {} is outside [0, 1)",
-                self.attention_dropout
+            return Err(ConfigProblem::new(
+                "attention_dropout",
+                format!("{} is outside [0, 1)", self.attention_dropout),
             ));
         }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return Err(format!("`layer_norm_eps` {} must be positive", self.layer_norm_eps));
+            return Err(ConfigProblem::new(
+                "layer_norm_eps",
+                format!("{} must be positive", self.layer_norm_eps),
+            ));
         }
         Ok(())
     }
@@ -201,8 +206,8 @@ impl ClipVisionConfig {
     /// # Panics
     /// If the config is invalid (see [`validate`](Self::validate)).
     pub fn init(&self, with_projection: bool, device: &Device) -> ClipVisionModel {
-        if let Err(message) = self.validate() {
-            panic!("invalid ClipVisionConfig: {message}");
+        if let Err(problem) = self.validate() {
+            panic!("invalid ClipVisionConfig: {problem}");
         }
         let norm = || LayerNormConfig::new(self.hidden_size).with_epsilon(self.layer_norm_eps);
         ClipVisionModel {
@@ -215,6 +220,37 @@ impl ClipVisionConfig {
                     .with_bias(false)
                     .init(device)
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_the_field_at_fault() {
+        assert_eq!(ClipVisionConfig::default().validate(), Ok(()));
+        let c = ClipVisionConfig { attention_dropout: 1.5, ..Default::default() };
+        let p = c.validate().unwrap_err();
+        assert_eq!(p.field, "attention_dropout");
+        assert_eq!(p.to_string(), "`attention_dropout` 1.5 is outside [0, 1)");
+        let c = ClipVisionConfig { projection_dim: 0, ..Default::default() };
+        assert_eq!(c.validate(), Err(ConfigProblem::new("projection_dim", "must be positive")));
+    }
+
+    #[test]
+    fn from_file_reports_a_bad_vision_value_as_config_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let config = serde_json::json!({"vision_config": {"layer_norm_eps": -1.0}});
+        std::fs::write(&path, config.to_string()).unwrap();
+        match ClipVisionConfig::from_file(&path) {
+            Err(ModelError::ConfigValue { path: p, problem }) => {
+                assert_eq!(p, path);
+                assert_eq!(problem, ConfigProblem::new("layer_norm_eps", "-1 must be positive"));
+            }
+            other => panic!("expected ConfigValue, got {other:?}"),
         }
     }
 }

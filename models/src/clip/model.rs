@@ -86,7 +86,8 @@ impl ClipVisionModel {
     /// and gives [`ClipVisionOutput::image_embeds`].
     ///
     /// # Errors
-    /// [`ModelError::InvalidConfig`](crate::ModelError::InvalidConfig) for the config,
+    /// [`ModelError::InvalidConfig`](crate::ModelError::InvalidConfig) /
+    /// [`ConfigValue`](crate::ModelError::ConfigValue) for the config,
     /// [`MissingFile`](crate::ModelError::MissingFile) /
     /// [`Checkpoint`](crate::ModelError::Checkpoint) for the weights, and
     /// [`KeyMismatch`](crate::ModelError::KeyMismatch) listing, under the checkpoint's names,

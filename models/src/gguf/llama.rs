@@ -75,8 +75,9 @@ fn token_id(file: &GgufFile, key: &str) -> Result<Option<u32>> {
 /// # Errors
 /// [`ModelError::Checkpoint`] for an absent or mistyped required key;
 /// [`ModelError::InvalidConfig`] for an architecture other than [`SUPPORTED_ARCHITECTURES`],
-/// a head width other than `rope.dimension_count` (partial RoPE), an unsupported RoPE scaling
-/// (including Llama 3's `rope_freqs.weight`), or sizes [`LlamaConfig::validate`] rejects.
+/// a head width other than `rope.dimension_count` (partial RoPE), or an unsupported RoPE scaling
+/// (including Llama 3's `rope_freqs.weight`); [`ModelError::ConfigValue`] for a config
+/// [`LlamaConfig::validate`] rejects (its field named as in `config.json`).
 pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     let arch = file.get_str("general.architecture")?;
     let family = match arch {
@@ -176,7 +177,7 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     }
     config.bos_token_id = token_id(file, "tokenizer.ggml.bos_token_id")?.map(TokenIds::One);
     config.eos_token_id = token_id(file, "tokenizer.ggml.eos_token_id")?.map(TokenIds::One);
-    config.validate().map_err(|m| invalid(file, m))?;
+    config.validate().map_err(|problem| ModelError::config_value(file.path(), problem))?;
     Ok(config)
 }
 
@@ -397,7 +398,8 @@ impl LlamaForCausalLM {
     ///
     /// # Errors
     /// [`ModelError::Io`] / [`ModelError::Checkpoint`] for the file, [`ModelError::InvalidConfig`]
-    /// / [`ModelError::Checkpoint`] for the metadata (see [`llama_config`]),
+    /// / [`ModelError::ConfigValue`] / [`ModelError::Checkpoint`] for the metadata (see
+    /// [`llama_config`]),
     /// [`ModelError::KeyMismatch`] for tensors (see [`hf_tensors`]).
     pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<(Self, LlamaConfig)> {
         Self::load_gguf_skipping(path, device, &BTreeSet::new())
@@ -447,5 +449,78 @@ impl LlamaForCausalLM {
             });
         }
         Ok((model, config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ConfigProblem;
+
+    /// A tensor-less GGUF (version 3) with the given metadata, each `(key, type id, value)`.
+    fn gguf(metadata: &[(&str, u32, Vec<u8>)]) -> GgufFile {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(0u64.to_le_bytes());
+        bytes.extend((metadata.len() as u64).to_le_bytes());
+        for (key, value_type, value) in metadata {
+            bytes.extend((key.len() as u64).to_le_bytes());
+            bytes.extend(key.as_bytes());
+            bytes.extend(value_type.to_le_bytes());
+            bytes.extend(value);
+        }
+        GgufFile::from_bytes(bytes, "tiny.gguf").unwrap()
+    }
+
+    fn string(s: &str) -> Vec<u8> {
+        [(s.len() as u64).to_le_bytes().as_slice(), s.as_bytes()].concat()
+    }
+
+    /// A tiny Llama's metadata with `extra` appended (u32 values, type 4).
+    fn llama(extra: &[(&str, u32, Vec<u8>)]) -> GgufFile {
+        let u32_ = |v: u32| (4u32, v.to_le_bytes().to_vec());
+        let mut metadata = vec![("general.architecture", 8, string("llama"))];
+        for (key, v) in [
+            ("llama.embedding_length", 16),
+            ("llama.attention.head_count", 4),
+            ("llama.feed_forward_length", 24),
+            ("llama.block_count", 2),
+            ("llama.vocab_size", 32),
+        ] {
+            let (t, bytes) = u32_(v);
+            metadata.push((key, t, bytes));
+        }
+        metadata.extend(extra.iter().cloned());
+        gguf(&metadata)
+    }
+
+    #[test]
+    fn metadata_values_the_config_rejects_are_config_values() {
+        let config = llama_config(&llama(&[])).unwrap();
+        assert_eq!((config.hidden_size, config.num_key_value_heads()), (16, 4));
+
+        let kv = llama(&[("llama.attention.head_count_kv", 4, 3u32.to_le_bytes().to_vec())]);
+        match llama_config(&kv) {
+            Err(ModelError::ConfigValue { path, problem }) => {
+                assert_eq!(path, Path::new("tiny.gguf"));
+                assert_eq!(problem.field, "num_attention_heads");
+                assert_eq!(
+                    problem.to_string(),
+                    "`num_attention_heads` 4 is not a multiple of `num_key_value_heads` 3"
+                );
+            }
+            other => panic!("expected ConfigValue, got {other:?}"),
+        }
+        // Fields are named as in `config.json`, not by their GGUF keys.
+        let theta = llama(&[("llama.rope.freq_base", 6, 0.5f32.to_le_bytes().to_vec())]);
+        match llama_config(&theta) {
+            Err(ModelError::ConfigValue { problem, .. }) => {
+                assert_eq!(problem, ConfigProblem::new("rope_theta", "0.5 must be greater than 1"));
+            }
+            other => panic!("expected ConfigValue, got {other:?}"),
+        }
+        // A metadata size of 0 is caught before the config is built, as GGUF metadata.
+        let zero = llama(&[("llama.context_length", 4, 0u32.to_le_bytes().to_vec())]);
+        assert!(matches!(llama_config(&zero), Err(ModelError::InvalidConfig { .. })));
     }
 }

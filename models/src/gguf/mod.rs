@@ -36,8 +36,9 @@
 //! # Errors
 //! Malformed files are [`ModelError::Checkpoint`](crate::ModelError::Checkpoint) naming the file
 //! and the key or tensor at fault (a tensor of a type that cannot be dequantized is an error
-//! only when that tensor is read); unsupported or invalid hyper-parameters
-//! [`ModelError::InvalidConfig`](crate::ModelError::InvalidConfig); tensors that do not fit the
+//! only when that tensor is read); unsupported hyper-parameters
+//! [`ModelError::InvalidConfig`](crate::ModelError::InvalidConfig), and values the Llama config
+//! rejects [`ModelError::ConfigValue`](crate::ModelError::ConfigValue); tensors that do not fit the
 //! model [`ModelError::KeyMismatch`](crate::ModelError::KeyMismatch) listing every one; tokenizer
 //! problems [`ModelError::Tokenizer`](crate::ModelError::Tokenizer); file system errors
 //! [`ModelError::Io`](crate::ModelError::Io).

@@ -71,8 +71,8 @@ impl LlamaAttention {
     /// # Panics
     /// If the config is invalid (see [`LlamaConfig::validate`]).
     pub fn new(config: &LlamaConfig, device: &Device) -> Self {
-        if let Err(message) = config.validate() {
-            panic!("invalid LlamaConfig: {message}");
+        if let Err(problem) = config.validate() {
+            panic!("invalid LlamaConfig: {problem}");
         }
         let d = config.hidden_size;
         let (heads, kv, hd) =

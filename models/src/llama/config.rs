@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::rope::RopeScaling;
-use crate::error::{ModelError, Result};
+use crate::error::{ConfigProblem, ModelError, Result};
 use crate::loading::{check_sizes, read_json, require_fields};
 
 /// The fields of `config.json` that have no default: a config without one of them is rejected
@@ -77,6 +77,9 @@ const NUMBER_FIELDS: [&str; 2] = ["rms_norm_eps", "rope_theta"];
 const BOOL_FIELDS: [&str; 4] =
     ["attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"];
 
+/// Checks the JSON types of the fields serde would otherwise reject without naming them. These
+/// are problems of the JSON's form, not of a value's range, so they stay plain messages (reported
+/// as [`ModelError::InvalidConfig`]).
 fn check_field_types(value: &Value) -> std::result::Result<(), String> {
     let present = |name: &str| value.get(name).filter(|v| !v.is_null());
     for name in INTEGER_FIELDS {
@@ -199,8 +202,9 @@ impl LlamaConfig {
     /// # Errors
     /// [`ModelError::Io`] if the file cannot be read; [`ModelError::MissingConfigField`] naming
     /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`] for
-    /// malformed JSON, a value of the wrong type, an unsupported `model_type`, or a value
-    /// [`validate`](Self::validate) rejects (the message names the field).
+    /// malformed JSON, a value of the wrong type, an unsupported `model_type` or
+    /// `rope_scaling.rope_type`, or an incomplete `rope_scaling` (the message names the field);
+    /// [`ModelError::ConfigValue`] for a value [`validate`](Self::validate) rejects.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let value = read_json(path)?;
@@ -225,20 +229,27 @@ impl LlamaConfig {
                 }
             }
         }
+        let bad_value = |problem| ModelError::config_value(path, problem);
         if let Some(scaling) = value.get("rope_scaling").filter(|v| !v.is_null()) {
-            RopeScaling::from_json(scaling).map_err(invalid)?;
+            RopeScaling::parse_unchecked(scaling)
+                .map_err(invalid)?
+                .validate()
+                .map_err(bad_value)?;
         }
         check_field_types(value).map_err(invalid)?;
         let config: Self =
             serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
-        config.validate().map_err(invalid)?;
+        config.validate().map_err(bad_value)?;
         Ok(config)
     }
 
     /// Checks sizes (non-zero, heads dividing evenly, `num_key_value_heads` dividing
     /// `num_attention_heads`, an even `head_dim`), a positive epsilon and θ, the activation, the
-    /// RoPE scaling and sliding windows; returns what is wrong, naming the field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// RoPE scaling and sliding windows.
+    ///
+    /// # Errors
+    /// The first problem found, naming the field (the `config.json` key).
+    pub fn validate(&self) -> std::result::Result<(), ConfigProblem> {
         let sizes = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -249,47 +260,65 @@ impl LlamaConfig {
         ];
         check_sizes(&sizes, &[])?;
         if self.num_key_value_heads == Some(0) {
-            return Err("`num_key_value_heads` must be positive".into());
+            return Err(ConfigProblem::new("num_key_value_heads", "must be positive"));
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads()) {
-            return Err(format!(
-                "`num_attention_heads` {} is not a multiple of `num_key_value_heads` {}",
-                self.num_attention_heads,
-                self.num_key_value_heads()
+            return Err(ConfigProblem::new(
+                "num_attention_heads",
+                format!(
+                    "{} is not a multiple of `num_key_value_heads` {}",
+                    self.num_attention_heads,
+                    self.num_key_value_heads()
+                ),
             ));
         }
         match self.head_dim {
-            Some(0) => return Err("`head_dim` must be positive".into()),
+            Some(0) => return Err(ConfigProblem::new("head_dim", "must be positive")),
             Some(_) => {}
             None if !self.hidden_size.is_multiple_of(self.num_attention_heads) => {
-                return Err(format!(
-                    "`hidden_size` {} is not a multiple of `num_attention_heads` {} (and no \
-                     `head_dim` is given)",
-                    self.hidden_size, self.num_attention_heads
+                return Err(ConfigProblem::new(
+                    "hidden_size",
+                    format!(
+                        "{} is not a multiple of `num_attention_heads` {} (and no `head_dim` is \
+                         given)",
+                        self.hidden_size, self.num_attention_heads
+                    ),
                 ));
             }
             None => {}
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(format!("`head_dim` {} must be even for RoPE", self.head_dim()));
+            return Err(ConfigProblem::new(
+                "head_dim",
+                format!("{} must be even for RoPE", self.head_dim()),
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(format!(
-                "`hidden_act` \"{}\" is not supported (only \"silu\")",
-                self.hidden_act
+            return Err(ConfigProblem::new(
+                "hidden_act",
+                format!("\"{}\" is not supported (only \"silu\")", self.hidden_act),
             ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(format!("`rms_norm_eps` {} must be positive", self.rms_norm_eps));
+            return Err(ConfigProblem::new(
+                "rms_norm_eps",
+                format!("{} must be positive", self.rms_norm_eps),
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(format!("`rope_theta` {} must be greater than 1", self.rope_theta));
+            return Err(ConfigProblem::new(
+                "rope_theta",
+                format!("{} must be greater than 1", self.rope_theta),
+            ));
         }
         if let Some(scaling) = &self.rope_scaling {
             scaling.validate()?;
         }
         if self.use_sliding_window {
-            return Err("`use_sliding_window` true is not supported (full attention only)".into());
+            return Err(ConfigProblem::new(
+                "use_sliding_window",
+                "true is not supported (full attention only)",
+            ));
         }
         Ok(())
     }
@@ -331,5 +360,130 @@ impl LlamaConfig {
     /// The end-of-sequence ids (empty when the config has none).
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> LlamaConfig {
+        LlamaConfig::new(32, 16, 24, 2, 4)
+    }
+
+    fn problem(edit: impl FnOnce(&mut LlamaConfig)) -> ConfigProblem {
+        let mut config = tiny();
+        edit(&mut config);
+        config.validate().unwrap_err()
+    }
+
+    #[test]
+    fn validate_names_the_field_at_fault() {
+        assert_eq!(tiny().validate(), Ok(()));
+        let p = problem(|c| c.num_key_value_heads = Some(0));
+        assert_eq!(p, ConfigProblem::new("num_key_value_heads", "must be positive"));
+        // A ragged GQA grouping is reported on the heads it must divide, as the message reads.
+        let p = problem(|c| {
+            c.num_attention_heads = 12;
+            c.hidden_size = 48;
+            c.num_key_value_heads = Some(5);
+        });
+        assert_eq!(p.field, "num_attention_heads");
+        assert_eq!(
+            p.to_string(),
+            "`num_attention_heads` 12 is not a multiple of `num_key_value_heads` 5"
+        );
+        let p = problem(|c| c.hidden_act = "gelu".into());
+        assert_eq!(p.field, "hidden_act");
+        assert_eq!(p.to_string(), "`hidden_act` \"gelu\" is not supported (only \"silu\")");
+        let p = problem(|c| c.head_dim = Some(7));
+        assert_eq!(
+            (p.field.as_str(), p.to_string()),
+            ("head_dim", "`head_dim` 7 must be even for RoPE".into())
+        );
+        let p = problem(|c| c.hidden_size = 18);
+        assert_eq!(p.field, "hidden_size");
+        assert_eq!(
+            p.to_string(),
+            "`hidden_size` 18 is not a multiple of `num_attention_heads` 4 (and no `head_dim` is given)"
+        );
+        assert_eq!(problem(|c| c.vocab_size = 0).field, "vocab_size");
+        assert_eq!(problem(|c| c.rope_theta = 1.0).field, "rope_theta");
+        assert_eq!(problem(|c| c.rms_norm_eps = f64::NAN).field, "rms_norm_eps");
+        assert_eq!(problem(|c| c.use_sliding_window = true).field, "use_sliding_window");
+        let p = problem(|c| c.rope_scaling = Some(RopeScaling::Linear { factor: 0.0 }));
+        assert_eq!(p.field, "rope_scaling.factor");
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid LlamaConfig: `head_dim` 7 must be even for RoPE")]
+    fn init_panics_with_the_problem() {
+        let mut config = tiny();
+        config.head_dim = Some(7);
+        config.init(true, &burn::tensor::Device::default());
+    }
+
+    fn load(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Result<LlamaConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let mut value = serde_json::to_value(tiny()).unwrap();
+        edit(value.as_object_mut().unwrap());
+        std::fs::write(&path, value.to_string()).unwrap();
+        LlamaConfig::from_file(&path)
+    }
+
+    #[test]
+    fn from_file_reports_bad_values_as_config_value() {
+        assert_eq!(load(|_| {}).unwrap(), tiny());
+        let value_error = |edit: fn(&mut serde_json::Map<String, Value>)| match load(edit) {
+            Err(ModelError::ConfigValue { path, problem }) => {
+                assert!(path.ends_with("config.json"), "{path:?}");
+                problem
+            }
+            other => panic!("expected ConfigValue, got {other:?}"),
+        };
+        let p = value_error(|c| {
+            c.insert("num_key_value_heads".into(), 0.into());
+        });
+        assert_eq!(p.field, "num_key_value_heads");
+        let p = value_error(|c| {
+            c.insert("rms_norm_eps".into(), (-1.0).into());
+        });
+        assert_eq!(p, ConfigProblem::new("rms_norm_eps", "-1 must be positive"));
+        // A RoPE scaling of the right form but with a bad value is a value problem too.
+        let p = value_error(|c| {
+            c.insert("rope_scaling".into(), serde_json::json!({"type": "linear", "factor": -2.0}));
+        });
+        assert_eq!(p.field, "rope_scaling.factor");
+        // The same text as before the problem was structured.
+        let err = load(|c| {
+            c.insert("hidden_act".into(), "gelu".into());
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("config.json: `hidden_act` \"gelu\" is not supported (only \"silu\")"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn from_file_reports_bad_types_and_forms_as_invalid_config() {
+        let invalid = |edit: fn(&mut serde_json::Map<String, Value>)| match load(edit) {
+            Err(ModelError::InvalidConfig { message, .. }) => message,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        };
+        let m = invalid(|c| {
+            c.insert("hidden_size".into(), "sixteen".into());
+        });
+        assert!(m.starts_with("`hidden_size` must be a non-negative integer"), "{m}");
+        let m = invalid(|c| {
+            c.insert("model_type".into(), "mistral".into());
+        });
+        assert!(m.starts_with("`model_type`"), "{m}");
+        let m = invalid(|c| {
+            c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "llama3"}));
+        });
+        assert!(m.starts_with("`rope_scaling.factor`"), "{m}");
     }
 }

@@ -193,8 +193,8 @@ impl LlamaConfig {
     /// # Panics
     /// If the config is invalid (see [`validate`](Self::validate)).
     pub fn init(&self, tied_head: bool, device: &Device) -> LlamaForCausalLM {
-        if let Err(message) = self.validate() {
-            panic!("invalid LlamaConfig: {message}");
+        if let Err(problem) = self.validate() {
+            panic!("invalid LlamaConfig: {problem}");
         }
         let d = self.hidden_size;
         LlamaForCausalLM {
@@ -279,8 +279,8 @@ impl LlamaForCausalLM {
     /// RoPE `inv_freq` buffers of old checkpoints are ignored.
     ///
     /// # Errors
-    /// [`ModelError::MissingConfigField`] / [`ModelError::InvalidConfig`] for the config (naming
-    /// the field), [`ModelError::MissingFile`] / [`ModelError::Checkpoint`] for the weights, and
+    /// [`ModelError::MissingConfigField`] / [`ModelError::InvalidConfig`] /
+    /// [`ModelError::ConfigValue`] for the config (naming the field), [`ModelError::MissingFile`] / [`ModelError::Checkpoint`] for the weights, and
     /// [`ModelError::KeyMismatch`] listing every missing, unexpected or mis-shaped key.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<(Self, LlamaConfig)> {
         let (model, config, _) = Self::load_with_report(dir, device)?;

@@ -6,6 +6,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::error::ConfigProblem;
+
 /// HF's `rope_scaling` object (read and written in HF's JSON form).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "Value", into = "Value")]
@@ -64,12 +66,22 @@ impl From<RopeScaling> for Value {
 }
 
 impl RopeScaling {
-    /// Parses HF's `rope_scaling` (`rope_type`, or the older `type`, plus its parameters).
+    /// Parses HF's `rope_scaling` (`rope_type`, or the older `type`, plus its parameters) and
+    /// checks it with [`validate`](Self::validate).
     ///
     /// # Errors
     /// A message naming the field (`rope_scaling.rope_type`, `rope_scaling.factor`, ...) when
-    /// the type is unsupported or a parameter is absent or not a number.
+    /// the type is unsupported, a parameter is absent or not a number, or
+    /// [`validate`](Self::validate) rejects a value.
     pub fn from_json(value: &Value) -> Result<Self, String> {
+        let scaling = Self::parse_unchecked(value)?;
+        scaling.validate().map_err(|problem| problem.to_string())?;
+        Ok(scaling)
+    }
+
+    /// [`from_json`](Self::from_json) without [`validate`](Self::validate): only the form of the
+    /// JSON (the type and parameters present and numeric) is checked.
+    pub(crate) fn parse_unchecked(value: &Value) -> Result<Self, String> {
         let kind = value
             .get("rope_type")
             .or_else(|| value.get("type"))
@@ -81,7 +93,7 @@ impl RopeScaling {
                 .and_then(Value::as_f64)
                 .ok_or_else(|| format!("`rope_scaling.{name}` is missing or not a number"))
         };
-        let scaling = match kind {
+        Ok(match kind {
             "default" => Self::Default,
             "linear" => Self::Linear { factor: number("factor")? },
             "llama3" => Self::Llama3 {
@@ -96,19 +108,23 @@ impl RopeScaling {
                      \"linear\" or \"llama3\")"
                 ));
             }
-        };
-        scaling.validate()?;
-        Ok(scaling)
+        })
     }
 
-    /// Checks the parameters (positive factors, `high_freq_factor > low_freq_factor`); returns
-    /// what is wrong, naming the field.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the parameters (positive factors, `high_freq_factor > low_freq_factor`).
+    ///
+    /// # Errors
+    /// The first problem, its field named `rope_scaling.factor`, `rope_scaling.low_freq_factor`,
+    /// ... (as the keys of `config.json`).
+    pub fn validate(&self) -> Result<(), ConfigProblem> {
         let positive = |name: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
                 Ok(())
             } else {
-                Err(format!("`rope_scaling.{name}` {v} must be positive"))
+                Err(ConfigProblem::new(
+                    format!("rope_scaling.{name}"),
+                    format!("{v} must be positive"),
+                ))
             }
         };
         match *self {
@@ -125,9 +141,11 @@ impl RopeScaling {
                 positive("high_freq_factor", high_freq_factor)?;
                 positive("original_max_position_embeddings", original_max_position_embeddings)?;
                 if high_freq_factor <= low_freq_factor {
-                    return Err(format!(
-                        "`rope_scaling.high_freq_factor` {high_freq_factor} must exceed \
-                         `low_freq_factor` {low_freq_factor}"
+                    return Err(ConfigProblem::new(
+                        "rope_scaling.high_freq_factor",
+                        format!(
+                            "{high_freq_factor} must exceed `low_freq_factor` {low_freq_factor}"
+                        ),
                     ));
                 }
                 Ok(())
@@ -376,6 +394,29 @@ mod tests {
         let err = RopeScaling::from_json(&serde_json::json!({"rope_type": "yarn", "factor": 8}))
             .unwrap_err();
         assert!(err.contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_scaling_field() {
+        let bad = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 4.0,
+            high_freq_factor: 1.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let problem = bad.validate().unwrap_err();
+        assert_eq!(problem.field, "rope_scaling.high_freq_factor");
+        assert_eq!(
+            problem.to_string(),
+            "`rope_scaling.high_freq_factor` 1 must exceed `low_freq_factor` 4"
+        );
+        let problem = RopeScaling::Linear { factor: -2.0 }.validate().unwrap_err();
+        assert_eq!(problem, ConfigProblem::new("rope_scaling.factor", "-2 must be positive"));
+        // `from_json` keeps reporting it as text, and `parse_unchecked` leaves it to `validate`.
+        let json = serde_json::json!({"rope_type": "linear", "factor": -2.0});
+        assert_eq!(RopeScaling::from_json(&json), Err(problem.to_string()));
+        assert_eq!(RopeScaling::parse_unchecked(&json), Ok(RopeScaling::Linear { factor: -2.0 }));
+        assert_eq!(RopeScaling::Default.validate(), Ok(()));
     }
 
     #[test]

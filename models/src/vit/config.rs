@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ViTEmbeddings, ViTEncoder, ViTModel, ViTPooler};
 use crate::bert::HiddenAct;
-use crate::error::Result;
+use crate::error::{ConfigProblem, Result};
 use crate::loading::{check_sizes, parse_config, read_json};
 
 /// The fields of `config.json` that have no default: a config without one of them is rejected
@@ -74,16 +74,19 @@ impl ViTConfig {
     /// # Errors
     /// [`ModelError::Io`] if the file cannot be read; [`ModelError::MissingConfigField`] naming
     /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`] for
-    /// malformed JSON, a value of the wrong type, or a value [`validate`](Self::validate)
-    /// rejects (the message names the field).
+    /// malformed JSON or a value of the wrong type; [`ModelError::ConfigValue`] for a value
+    /// [`validate`](Self::validate) rejects (naming the field).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         parse_config(read_json(path)?, path, &REQUIRED_FIELDS, Self::validate)
     }
 
     /// Checks sizes (non-zero, heads dividing the width, patches tiling the image), dropout
-    /// probabilities in `[0, 1)` and a positive epsilon; returns what is wrong, naming the field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// probabilities in `[0, 1)` and a positive epsilon.
+    ///
+    /// # Errors
+    /// The first problem found, naming the field (the `config.json` key).
+    pub fn validate(&self) -> std::result::Result<(), ConfigProblem> {
         let sizes = [
             ("hidden_size", self.hidden_size),
             ("num_attention_heads", self.num_attention_heads),
@@ -104,11 +107,14 @@ impl ViTConfig {
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(format!("`{name}` {p} is outside [0, 1)"));
+                return Err(ConfigProblem::new(name, format!("{p} is outside [0, 1)")));
             }
         }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return Err(format!("`layer_norm_eps` {} must be positive", self.layer_norm_eps));
+            return Err(ConfigProblem::new(
+                "layer_norm_eps",
+                format!("{} must be positive", self.layer_norm_eps),
+            ));
         }
         Ok(())
     }
@@ -124,8 +130,8 @@ impl ViTConfig {
     /// # Panics
     /// If the config is invalid (see [`validate`](Self::validate)).
     pub fn init(&self, add_pooling_layer: bool, device: &Device) -> ViTModel {
-        if let Err(message) = self.validate() {
-            panic!("invalid ViTConfig: {message}");
+        if let Err(problem) = self.validate() {
+            panic!("invalid ViTConfig: {problem}");
         }
         ViTModel {
             embeddings: ViTEmbeddings::new(self, device),
@@ -134,6 +140,57 @@ impl ViTConfig {
                 .with_epsilon(self.layer_norm_eps)
                 .init(device),
             pooler: add_pooling_layer.then(|| ViTPooler::new(self.hidden_size, device)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::error::ModelError;
+
+    fn tiny() -> serde_json::Value {
+        json!({
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 24,
+            "image_size": 8,
+            "patch_size": 4,
+        })
+    }
+
+    #[test]
+    fn validate_names_the_field_at_fault() {
+        let config: ViTConfig = serde_json::from_value(tiny()).unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        let mut c = config.clone();
+        c.patch_size = 3;
+        let p = c.validate().unwrap_err();
+        assert_eq!(p.field, "image_size");
+        assert_eq!(p.to_string(), "`image_size` 8 is not a multiple of `patch_size` 3");
+        let mut c = config;
+        c.hidden_dropout_prob = -0.5;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigProblem::new("hidden_dropout_prob", "-0.5 is outside [0, 1)"))
+        );
+    }
+
+    #[test]
+    fn from_file_reports_a_bad_value_as_config_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let mut value = tiny();
+        value["num_channels"] = 0.into();
+        std::fs::write(&path, value.to_string()).unwrap();
+        match ViTConfig::from_file(&path) {
+            Err(ModelError::ConfigValue { problem, .. }) => {
+                assert_eq!(problem, ConfigProblem::new("num_channels", "must be positive"));
+            }
+            other => panic!("expected ConfigValue, got {other:?}"),
         }
     }
 }
