@@ -10,7 +10,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EmlocError, Result};
 
 /// Where tensors live and kernels run.
+///
+/// With the `clap` feature it is a `clap::ValueEnum` with the names of [`name`](Self::name)
+/// (the help of each value is its summary here).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// The host CPU through Burn's Flex backend (dense products through faer); always built.

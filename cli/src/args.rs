@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
-use emloc::{EmulatorConfig, EmulatorDescription, LoraConfig, WhiteningMethod};
+use emloc::{DeviceChoice, EmulatorConfig, EmulatorDescription, LoraConfig, WhiteningMethod};
 use emloc_models::bert::SentenceEncoder;
+use emloc_models::causal_lm::PromptStyle;
 use emloc_models::retrieval::TrainConfig;
 use serde::Serialize;
 
@@ -62,8 +63,8 @@ pub struct ModelArgs {
     pub task: Option<Task>,
     /// Decoders: how prompts become text: `chat` (the model's chat template; the default when
     /// it has one) or `raw` (prompt text, completion, end-of-sequence token).
-    #[arg(long, value_parser = ["chat", "raw"])]
-    pub prompt_style: Option<String>,
+    #[arg(long, value_enum)]
+    pub prompt_style: Option<PromptStyle>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -71,11 +72,10 @@ pub struct ModelArgs {
 /// `--device`, for every command that runs a model.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    /// Where the model runs: `cpu` (Burn's Flex backend), `wgpu` (a GPU through wgpu, or Mesa's
-    /// lavapipe on the CPU) or `cuda`; the last two need a build with `--features emloc/wgpu` or
-    /// `emloc/cuda`. Correction and merging always run on the host.
-    #[arg(long = "device", value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "wgpu", "cuda"])]
-    pub name: String,
+    /// Where the model runs (`wgpu` and `cuda` need a build with `--features emloc/wgpu` or
+    /// `emloc/cuda`). Correction and merging always run on the host.
+    #[arg(long = "device", value_name = "DEVICE", value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub choice: DeviceChoice,
 }
 
 impl DeviceArgs {
@@ -84,7 +84,7 @@ impl DeviceArgs {
     /// # Errors
     /// [`emloc::EmlocError::DeviceUnavailable`] when this build lacks the backend.
     pub fn device(&self) -> emloc::Result<Device> {
-        self.name.parse::<emloc::DeviceChoice>()?.device()
+        self.choice.device()
     }
 }
 
@@ -173,7 +173,6 @@ impl ModelArgs {
         &self,
         skip: &std::collections::BTreeSet<String>,
     ) -> CliResult<emloc_models::causal_lm::CausalLm> {
-        use emloc_models::causal_lm::PromptStyle;
         let Some(path) = &self.model else {
             return Err("--model is required for a decoder".into());
         };
@@ -181,13 +180,8 @@ impl ModelArgs {
         let mut lm = crate::progress::with_spinner(format!("loading {}", path.display()), || {
             emloc_models::causal_lm::load_causal_lm(path, &device, skip)
         })?;
-        let style = match self.prompt_style.as_deref() {
-            Some("raw") => Some(PromptStyle::Raw),
-            Some(_) => Some(PromptStyle::Chat),
-            None => None,
-        };
         let mut task = lm.task;
-        if let Some(style) = style {
+        if let Some(style) = self.prompt_style {
             task = task.with_style(style)?;
         }
         lm.task =
@@ -277,23 +271,12 @@ pub struct EmulatorArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Whitening of the SVD (`none` is the plain-SVD ablation).
-    #[arg(long, value_enum, default_value_t = Whitening::Cholesky)]
-    pub whitening: Whitening,
+    #[arg(long, value_enum, default_value_t = WhiteningMethod::Cholesky)]
+    pub whitening: WhiteningMethod,
     /// Training pairs used for calibration (each gives its question and its answer; for
     /// classification, two training sentences, plus every label description once).
     #[arg(long, default_value_t = 64)]
     pub calibration_pairs: usize,
-}
-
-/// `--whitening` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-pub enum Whitening {
-    /// Cholesky of the damped Gram (eigen fallback).
-    Cholesky,
-    /// Eigen-decomposition of the Gram.
-    Eigen,
-    /// No whitening: plain truncated SVD.
-    None,
 }
 
 impl EmulatorArgs {
@@ -307,12 +290,7 @@ impl EmulatorArgs {
             config.validate()?;
             return Ok(config);
         }
-        let method = match self.whitening {
-            Whitening::Cholesky => WhiteningMethod::Cholesky,
-            Whitening::Eigen => WhiteningMethod::Eigen,
-            Whitening::None => WhiteningMethod::None,
-        };
-        let config = EmulatorConfig::uniform(self.ratio).with_whitening(method);
+        let config = EmulatorConfig::uniform(self.ratio).with_whitening(self.whitening);
         config.validate()?;
         Ok(config)
     }
@@ -366,6 +344,44 @@ impl TrainArgs {
             weight_decay: 0.0,
             scale: 20.0,
             seed: self.seed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        emulator: EmulatorArgs,
+    }
+
+    #[test]
+    fn library_enums_take_the_cli_spellings() {
+        let cli = Cli::parse_from(["emloc"]);
+        assert_eq!(cli.emulator.whitening, WhiteningMethod::Cholesky);
+        assert_eq!(cli.model.device.choice, DeviceChoice::Cpu);
+        assert_eq!(cli.model.prompt_style, None);
+        let cli = Cli::parse_from([
+            "emloc",
+            "--whitening",
+            "none",
+            "--device",
+            "wgpu",
+            "--prompt-style",
+            "raw",
+        ]);
+        assert_eq!(cli.emulator.whitening, WhiteningMethod::None);
+        assert_eq!(cli.model.device.choice, DeviceChoice::Wgpu);
+        assert_eq!(cli.model.prompt_style, Some(PromptStyle::Raw));
+        for bad in [["--whitening", "Cholesky"], ["--device", "tpu"], ["--prompt-style", "x"]] {
+            assert!(Cli::try_parse_from(["emloc", bad[0], bad[1]]).is_err(), "{bad:?}");
         }
     }
 }

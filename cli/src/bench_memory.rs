@@ -37,7 +37,7 @@ use emloc_models::rng::XorShiftRng;
 use serde::{Deserialize, Serialize};
 
 use crate::CliResult;
-use crate::args::{EmulatorArgs, ModelArgs, TrainArgs, Whitening};
+use crate::args::{EmulatorArgs, ModelArgs, TrainArgs};
 use crate::data::{DataArgs, calibration_texts};
 use crate::memory::{Phase, PhaseStats};
 use crate::progress::progress;
@@ -362,7 +362,7 @@ fn emulator_config(args: &BenchMemoryArgs) -> CliResult<EmulatorConfig> {
     EmulatorArgs {
         ratio: args.ratio,
         config: args.config.clone(),
-        whitening: Whitening::Cholesky,
+        whitening: emloc::WhiteningMethod::Cholesky,
         calibration_pairs: args.calibration_pairs,
     }
     .config()

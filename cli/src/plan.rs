@@ -54,8 +54,8 @@ pub struct PlanArgs {
     lora_rank: usize,
     /// What the global plan minimises: the sum of each layer's relative squared whitened error
     /// (`relative`, default), or the summed absolute one (`absolute`).
-    #[arg(long, value_enum, default_value_t = ObjectiveArg::Relative)]
-    objective: ObjectiveArg,
+    #[arg(long, value_enum, default_value_t = Objective::Relative)]
+    objective: Objective,
     /// Write the global plan as an emulator rules file (for `emloc emulate --config`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -68,15 +68,6 @@ pub struct PlanArgs {
     /// Write both plans (ranks, errors, memory estimates) as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-/// `--objective` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ObjectiveArg {
-    /// Σ over layers of the squared whitened error.
-    Absolute,
-    /// Σ over layers of the squared whitened error relative to the layer's ‖W S‖².
-    Relative,
 }
 
 /// One plan's figures.
@@ -239,10 +230,7 @@ pub fn plan(args: &PlanArgs) -> CliResult<()> {
         }
         (None, None) => uniform.factor_params,
     };
-    let objective = match args.objective {
-        ObjectiveArg::Absolute => Objective::Absolute,
-        ObjectiveArg::Relative => Objective::Relative,
-    };
+    let objective = args.objective;
     let global = make(
         format!("global ({objective:?}), {target} factor parameters"),
         global_ranks(&spectra, target, objective)?,

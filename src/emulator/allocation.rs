@@ -141,13 +141,22 @@ impl Ord for Candidate {
 }
 
 /// What the global allocation minimises.
+///
+/// With the `clap` feature it is a `clap::ValueEnum` (`absolute`, `relative`; the help of each
+/// value is its first paragraph here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
-    /// `Σ_l ‖(W_l − W_lᴱ) S_l‖_F²`: layers with large outputs dominate.
+    /// Σ over layers of the squared whitened error, `Σ_l ‖(W_l − W_lᴱ) S_l‖_F²`: layers with
+    /// large outputs dominate.
     Absolute,
+    /// Σ over layers of the squared whitened error relative to the layer's ‖W S‖²,
     /// `Σ_l ‖(W_l − W_lᴱ) S_l‖_F² / ‖W_l S_l‖_F²`: every layer's relative output error counts
-    /// the same. The default: on MiniLM it beat uniform ρ on the task, `Absolute` did not.
+    /// the same.
+    ///
+    /// The default: on MiniLM it beat uniform ρ on the task, [`Absolute`](Self::Absolute) did
+    /// not.
     #[default]
     Relative,
 }

@@ -39,12 +39,17 @@ impl LayerRule {
 }
 
 /// Which whitening `S` (with `S Sᵀ = XᵀX`) to use.
+///
+/// With the `clap` feature it is a `clap::ValueEnum` (`cholesky`, `eigen`, `none`; the help
+/// of each value is its summary here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum WhiteningMethod {
-    /// Cholesky `G = L Lᵀ` with relative damping retries, then the eigen path if damping runs out.
+    /// Cholesky `G = L Lᵀ` of the Gram, with relative damping retries, then the eigen path if
+    /// damping runs out.
     Cholesky,
-    /// Symmetric eigendecomposition with floored eigenvalues (robust, slower).
+    /// Symmetric eigendecomposition of the Gram with floored eigenvalues (robust, slower).
     Eigen,
     /// No whitening (`S = I`): plain truncated SVD of the weight, the ablation baseline.
     None,

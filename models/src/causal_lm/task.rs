@@ -11,7 +11,11 @@ use crate::error::{ModelError, Result};
 use crate::llama::{LlamaForCausalLM, LlamaTokenizer};
 
 /// How a prompt is turned into text.
+///
+/// With the `clap` feature it is a `clap::ValueEnum` (`chat`, `raw`; the help of each value is
+/// its summary here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum PromptStyle {
     /// Through the model's chat template: a text prompt becomes one user message, the
