@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+use burn::module::Module;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use emloc::{
@@ -304,15 +305,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         let (emulator, report) =
             build_emulator(&encoder, encoder.model.clone(), &calibration, &config)?;
         let emulate_seconds = row_phase.elapsed_seconds();
-        eprintln!(
-            "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({:.1}s)",
-            report.layers.len(),
-            report.params_original(),
-            report.params_kept(),
-            report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
-                / report.layers.len().max(1) as f64,
-            emulate_seconds
-        );
+        log_emulator(name, &report, emulate_seconds);
         emloc::save_emulator(
             &emulator,
             &emloc::EmulatorDescription::new(config.clone(), report.clone()),
@@ -402,5 +395,60 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     let path = args.out.join("report.json");
     write_json(&path, &report)?;
     eprintln!("report: {}", path.display());
+    Ok(())
+}
+
+/// Logs what an emulator build did: layers, parameters kept, mean relative whitened error, time.
+pub(crate) fn log_emulator(name: &str, report: &emloc::EmulatorReport, seconds: f64) {
+    eprintln!(
+        "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({seconds:.1}s)",
+        report.layers.len(),
+        report.params_original(),
+        report.params_kept(),
+        report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
+            / report.layers.len().max(1) as f64,
+    );
+}
+
+/// An emulator a recipe builds, trains LoRA on and scores.
+pub(crate) struct Variant {
+    /// The rows' name, e.g. `EMLoC ρ = 0.4`.
+    pub name: String,
+    /// The artifacts' name: adapters are saved as `OUT/adapter-{dir}-corrected`.
+    pub dir: String,
+    /// The emulator's keep-ratio, for reports (`None` for per-layer ranks).
+    pub ratio: Option<f64>,
+    /// How the emulator is built.
+    pub config: EmulatorConfig,
+    /// Whether the uncorrected adapter gets a row too.
+    pub uncorrected_too: bool,
+}
+
+/// The corrected adapter of `tuned` (trained on `variant`'s emulator), then the uncorrected one
+/// if the variant asks for it: each is saved as `out/adapter-{dir}-{which}`, merged into a copy
+/// of `original` and handed to `score` with `which` (`"corrected"` or `"uncorrected"`). One
+/// merged model is alive at a time. Correction reports go to `corrections` under the variant's
+/// name.
+pub(crate) fn score_merged_adapters<M: Module>(
+    original: &M,
+    tuned: &M,
+    variant: &Variant,
+    clamp: f64,
+    out: &std::path::Path,
+    corrections: &mut Vec<(String, emloc::CorrectionReport)>,
+    mut score: impl FnMut(&'static str, M) -> CliResult<()>,
+) -> CliResult<()> {
+    for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
+        let adapter = if corrected {
+            let (adapter, report) = correct(original, tuned, &CorrectionConfig { clamp })?;
+            corrections.push((variant.name.clone(), report));
+            adapter
+        } else {
+            export_adapter(tuned)?
+        };
+        let which = if corrected { "corrected" } else { "uncorrected" };
+        adapter.save(&out.join(format!("adapter-{}-{which}", variant.dir)))?;
+        score(which, merge_adapter(original.clone(), &adapter)?)?;
+    }
     Ok(())
 }

@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
-use emloc::{
-    CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
-};
+use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_adapter};
 use emloc_models::causal_lm::{self, CausalLm, EvalConfig, Example};
 use emloc_models::llama::LlamaForCausalLM;
 use emloc_models::retrieval;
@@ -27,7 +25,7 @@ use crate::causal::{build_emulator, calibration_sequences, forward_sequence, tra
 use crate::data::{BIGBENCH_TASKS, BigbenchTask, Scoring};
 use crate::memory::{Phase, PhaseStats};
 use crate::output::write_json;
-use crate::run::{Rows, RunArgs};
+use crate::run::{Rows, RunArgs, Variant, log_emulator, score_merged_adapters};
 
 /// Most tokens generated per example when scoring exact match: every accepted target of the
 /// seven generation tasks fits in fewer.
@@ -207,15 +205,6 @@ struct Report<'a> {
     rows: Vec<Row>,
     emulators: Vec<(String, emloc::EmulatorReport)>,
     corrections: Vec<(String, emloc::CorrectionReport)>,
-}
-
-/// An emulator to build, train on and score.
-struct Variant {
-    name: String,
-    dir: String,
-    ratio: Option<f64>,
-    config: EmulatorConfig,
-    uncorrected_too: bool,
 }
 
 /// What every trained row needs.
@@ -551,43 +540,30 @@ fn train_correct_score(
             row_phase,
         ));
     }
-    for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
-        let adapter = if corrected {
-            let (adapter, report) =
-                correct(cx.original, &tuned, &CorrectionConfig { clamp: cx.args.clamp })?;
-            corrections.push((variant.name.clone(), report));
-            adapter
-        } else {
-            export_adapter(&tuned)?
-        };
-        let which = if corrected { "corrected" } else { "uncorrected" };
-        adapter.save(&cx.args.out.join(format!("adapter-{}-{which}", variant.dir)))?;
-        let merged = merge_adapter(cx.original.clone(), &adapter)?;
-        let label = format!("{} {which}", variant.name);
-        let scores = score(cx.lm, &merged, cx.tasks, &label)?;
-        log_scores(&label, &scores);
-        rows.push(trained_row(
-            cx,
-            format!("{label}, merged into the original"),
-            variant.ratio,
-            scores,
-            &trained,
-            recovered,
-            row_phase,
-        ));
-    }
+    score_merged_adapters(
+        cx.original,
+        &tuned,
+        variant,
+        cx.args.clamp,
+        &cx.args.out,
+        corrections,
+        |which, merged| {
+            let label = format!("{} {which}", variant.name);
+            let scores = score(cx.lm, &merged, cx.tasks, &label)?;
+            log_scores(&label, &scores);
+            rows.push(trained_row(
+                cx,
+                format!("{label}, merged into the original"),
+                variant.ratio,
+                scores,
+                &trained,
+                recovered,
+                row_phase,
+            ));
+            Ok(())
+        },
+    )?;
     Ok(rows)
-}
-
-fn log_emulator(name: &str, report: &emloc::EmulatorReport, seconds: f64) {
-    eprintln!(
-        "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({seconds:.1}s)",
-        report.layers.len(),
-        report.params_original(),
-        report.params_kept(),
-        report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
-            / report.layers.len().max(1) as f64,
-    );
 }
 
 fn log_scores(label: &str, scores: &Scores) {

@@ -6,10 +6,7 @@
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
-use emloc::{
-    CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
-    merge_lora,
-};
+use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_lora};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
 use serde::Serialize;
@@ -19,7 +16,7 @@ use crate::args::{EmulatorArgs, TrainArgs};
 use crate::data::{DataArgs, classification_calibration_texts};
 use crate::memory::{Phase, PhaseStats};
 use crate::output::write_json;
-use crate::run::RunArgs;
+use crate::run::{RunArgs, Variant, log_emulator, score_merged_adapters};
 use crate::training::{
     adapter_params, build_emulator, evaluate_classes, train_classifier, with_calibration,
 };
@@ -57,14 +54,6 @@ struct Report<'a> {
     rows: Vec<Row>,
     emulators: Vec<(String, emloc::EmulatorReport)>,
     corrections: Vec<(String, emloc::CorrectionReport)>,
-}
-
-/// One emulator row set: how the emulator is built and which merged variants are scored.
-struct Variant {
-    name: String,
-    dir: &'static str,
-    config: EmulatorConfig,
-    uncorrected_too: bool,
 }
 
 /// What every trained row needs.
@@ -187,13 +176,15 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     let variants = [
         Variant {
             name: format!("EMLoC {sizing}"),
-            dir: "emulator-whitened",
+            dir: "emulator-whitened".into(),
+            ratio: None,
             config: with_whitening(WhiteningMethod::Cholesky),
             uncorrected_too: true,
         },
         Variant {
             name: format!("plain-SVD emulator {sizing}"),
-            dir: "emulator-plain-svd",
+            dir: "emulator-plain-svd".into(),
+            ratio: None,
             config: with_whitening(WhiteningMethod::None),
             uncorrected_too: false,
         },
@@ -206,7 +197,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         emloc::save_emulator(
             &emulator,
             &emloc::EmulatorDescription::new(variant.config.clone(), report.clone()),
-            &args.out.join(variant.dir),
+            &args.out.join(&variant.dir),
         )?;
         emulators.push((variant.name.clone(), report));
         rows.extend(train_correct_score(
@@ -230,7 +221,8 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     let config = config_for_ranks(&global_ranks(&spectra, size, Objective::Relative)?, whitened);
     let global = Variant {
         name: format!("global allocation, {size} factor params"),
-        dir: "emulator-global",
+        dir: "emulator-global".into(),
+        ratio: None,
         config,
         uncorrected_too: false,
     };
@@ -240,7 +232,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     emloc::save_emulator(
         &emulator,
         &emloc::EmulatorDescription::new(global.config.clone(), report.clone()),
-        &args.out.join(global.dir),
+        &args.out.join(&global.dir),
     )?;
     emulators.push((global.name.clone(), report));
     rows.extend(train_correct_score(
@@ -274,17 +266,6 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     Ok(())
 }
 
-fn log_emulator(name: &str, report: &emloc::EmulatorReport, seconds: f64) {
-    eprintln!(
-        "{name}: {} layers, {} → {} parameters in them, mean relative whitened error {:.3} ({seconds:.1}s)",
-        report.layers.len(),
-        report.params_original(),
-        report.params_kept(),
-        report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
-            / report.layers.len().max(1) as f64,
-    );
-}
-
 /// Trains LoRA on `emulator`, then scores the corrected (and, if asked, the uncorrected) adapter
 /// merged into the original: one row each.
 fn train_correct_score(
@@ -312,40 +293,39 @@ fn train_correct_score(
     let trained_params = tuned.num_params() - trainable;
     let built_and_trained = row_phase.elapsed_seconds();
     let mut rows = Vec::new();
-    for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
-        let phase = Phase::start();
-        let adapter = if corrected {
-            let (adapter, report) =
-                correct(cx.original, &tuned, &CorrectionConfig { clamp: cx.args.clamp })?;
-            corrections.push((variant.name.clone(), report));
-            adapter
-        } else {
-            export_adapter(&tuned)?
-        };
-        let which = if corrected { "corrected" } else { "uncorrected" };
-        adapter.save(&cx.args.out.join(format!("adapter-{}-{which}", variant.dir)))?;
-        let merged = merge_adapter(cx.original.clone(), &adapter)?;
-        let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, which)?;
-        eprintln!(
-            "{} {which}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
-            variant.name,
-            metrics.accuracy,
-            metrics.macro_f1,
-            metrics.loss,
-            report.first_loss,
-            report.last_loss
-        );
-        rows.push(Row {
-            method: format!("{} {which}, merged into the original", variant.name),
-            accuracy_gain_recovered: recovered(&metrics),
-            metrics,
-            trainable_params: trainable,
-            trained_model_params: trained_params,
-            training_loss: Some((report.first_loss, report.last_loss)),
-            training,
-            row_seconds: built_and_trained + phase.elapsed_seconds(),
-        });
-    }
+    let mut phase = Phase::start();
+    score_merged_adapters(
+        cx.original,
+        &tuned,
+        variant,
+        cx.args.clamp,
+        &cx.args.out,
+        corrections,
+        |which, merged| {
+            let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, which)?;
+            eprintln!(
+                "{} {which}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
+                variant.name,
+                metrics.accuracy,
+                metrics.macro_f1,
+                metrics.loss,
+                report.first_loss,
+                report.last_loss
+            );
+            rows.push(Row {
+                method: format!("{} {which}, merged into the original", variant.name),
+                accuracy_gain_recovered: recovered(&metrics),
+                metrics,
+                trainable_params: trainable,
+                trained_model_params: trained_params,
+                training_loss: Some((report.first_loss, report.last_loss)),
+                training,
+                row_seconds: built_and_trained + phase.elapsed_seconds(),
+            });
+            phase = Phase::start();
+            Ok(())
+        },
+    )?;
     Ok(rows)
 }
 
