@@ -83,42 +83,61 @@ pub enum Rows {
     Headline,
 }
 
+/// Options a recipe sets when the command line leaves them at their generic default.
+struct RecipeDefaults {
+    validation: usize,
+    steps: usize,
+    batch_size: usize,
+    warmup_steps: usize,
+    /// `None`: the generic default stays.
+    lr: Option<f64>,
+    /// `None`: the generic default stays.
+    train_pairs: Option<usize>,
+}
+
+impl RecipeDefaults {
+    /// Applies the defaults to `args` and `train` where `given(option id)` is false.
+    fn apply(&self, args: &mut RunArgs, train: &mut TrainArgs, given: impl Fn(&str) -> bool) {
+        for (id, field, value) in [
+            ("validation", &mut args.data.validation, Some(self.validation)),
+            ("steps", &mut train.steps, Some(self.steps)),
+            ("batch_size", &mut train.batch_size, Some(self.batch_size)),
+            ("warmup_steps", &mut train.warmup_steps, Some(self.warmup_steps)),
+            ("train_pairs", &mut args.train_pairs, self.train_pairs),
+        ] {
+            if let Some(value) = value.filter(|_| !given(id)) {
+                *field = value;
+            }
+        }
+        if let Some(lr) = self.lr.filter(|_| !given("lr")) {
+            train.lr = lr;
+        }
+    }
+}
+
 /// The LLM recipe's defaults (about 40 minutes for all rows on a 2-core CPU, EXPERIMENTS.md).
 const BIGBENCH_DEFAULTS: RecipeDefaults = RecipeDefaults {
     validation: 20,
     steps: 80,
     batch_size: 8,
     warmup_steps: 5,
-    lr: 2e-3,
-    train_pairs: 300,
+    lr: Some(2e-3),
+    train_pairs: Some(300),
 };
 
-struct RecipeDefaults {
-    validation: usize,
-    steps: usize,
-    batch_size: usize,
-    warmup_steps: usize,
-    lr: f64,
-    train_pairs: usize,
-}
-
 /// The classification recipe's defaults, sized to finish in about 10 minutes on a 2-core CPU
-/// (EXPERIMENTS.md): options left at their generic default take these instead.
-const CLASSIFICATION_DEFAULTS: ClassificationDefaults = ClassificationDefaults {
+/// (EXPERIMENTS.md).
+const CLASSIFICATION_DEFAULTS: RecipeDefaults = RecipeDefaults {
     validation: 500,
     steps: 36,
     batch_size: 32,
     warmup_steps: 4,
-    max_seq_length: 48,
+    lr: None,
+    train_pairs: None,
 };
 
-struct ClassificationDefaults {
-    validation: usize,
-    steps: usize,
-    batch_size: usize,
-    warmup_steps: usize,
-    max_seq_length: usize,
-}
+/// The classification recipe's token limit unless --max-seq-length is given.
+const CLASSIFICATION_MAX_SEQ_LENGTH: usize = 48;
 
 /// Runs the recipe of `args`; `matches` (of the `run` subcommand) tells which options were given
 /// on the command line, so that the recipe's defaults replace only the others.
@@ -129,41 +148,17 @@ pub fn run_recipe(args: &RunArgs, matches: &ArgMatches) -> CliResult<()> {
         args.data.embedded = EmbeddedData::MultiEmo;
     }
     if args.recipe == Recipe::Smollm2Bigbench {
-        let d = BIGBENCH_DEFAULTS;
         let mut train = args.train.clone();
-        for (id, field, value) in [
-            ("validation", &mut args.data.validation, d.validation),
-            ("steps", &mut train.steps, d.steps),
-            ("batch_size", &mut train.batch_size, d.batch_size),
-            ("warmup_steps", &mut train.warmup_steps, d.warmup_steps),
-            ("train_pairs", &mut args.train_pairs, d.train_pairs),
-        ] {
-            if !given(id) {
-                *field = value;
-            }
-        }
-        if !given("lr") {
-            train.lr = d.lr;
-        }
+        BIGBENCH_DEFAULTS.apply(&mut args, &mut train, given);
         return crate::run_causal::run(&args, &train);
     }
     match args.model.task_for(&args.data)?.1 {
         Task::Classification => {
-            let d = CLASSIFICATION_DEFAULTS;
             let mut train = args.train.clone();
             if args.recipe == Recipe::MultiemoClassification {
-                for (id, field, value) in [
-                    ("validation", &mut args.data.validation, d.validation),
-                    ("steps", &mut train.steps, d.steps),
-                    ("batch_size", &mut train.batch_size, d.batch_size),
-                    ("warmup_steps", &mut train.warmup_steps, d.warmup_steps),
-                ] {
-                    if !given(id) {
-                        *field = value;
-                    }
-                }
+                CLASSIFICATION_DEFAULTS.apply(&mut args, &mut train, given);
             }
-            let max_seq_length = args.model.max_seq_length.unwrap_or(d.max_seq_length);
+            let max_seq_length = args.model.max_seq_length.unwrap_or(CLASSIFICATION_MAX_SEQ_LENGTH);
             crate::run_classification::run(&args, &train, max_seq_length)
         }
         Task::Retrieval => run(&args),
