@@ -26,7 +26,7 @@ use burn::train::{
 };
 use emloc::nn::{Linear, LinearConfig};
 use emloc::{
-    CorrectionConfig, EmulatorConfig, LoraConfig, attach_lora, correct, emulate, merge_adapter,
+    CorrectionConfig, EmulatorConfig, LoraConfig, attach_new_adapter, correct, emulate, merge_adapter,
 };
 
 const D_IN: usize = 64;
@@ -174,7 +174,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2a. A hand-written loop.
     device.seed(1);
-    let (mut model, _) = attach_lora(emulator.clone(), &lora)?;
+    let (mut model, _) = attach_new_adapter(emulator.clone(), &lora)?;
     model = model.train(); // autodiff on, parameters tracked
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let train_x_ad = train_x.clone().to_device(&device.clone().autodiff());
@@ -192,7 +192,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2b. Burn's Learner on the same emulator and data.
     device.seed(1);
-    let (model, _) = attach_lora(emulator, &lora)?;
+    let (model, _) = attach_new_adapter(emulator, &lora)?;
     let train_device = device.clone().autodiff();
     let loader = |x: &Tensor<2>, y: &Tensor<2>, shuffle: Option<u64>| {
         let builder =

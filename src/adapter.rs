@@ -58,7 +58,7 @@ fn adapter_ids(lora: &LoraAdapter) -> [ParamId; 2] {
 ///
 /// Fails before changing anything when the config is invalid, nothing is targeted, or a targeted
 /// layer already carries an adapter.
-pub fn attach_lora<M: Module>(model: M, config: &LoraConfig) -> Result<(M, Vec<String>)> {
+pub fn attach_new_adapter<M: Module>(model: M, config: &LoraConfig) -> Result<(M, Vec<String>)> {
     config.validate()?;
     let mut targets = Vec::new();
     let mut problem = None;
@@ -124,7 +124,7 @@ fn linear_device(linear: &Linear) -> burn::tensor::Device {
 ///
 /// PEFT reads pattern keys as regexes matching a path's tail (see [`crate::peft::Patterns`]),
 /// so a plain path key would also match every longer path ending in it (`attn.q` matches
-/// `cross.attn.q`). Keys are therefore written as [`exact_path_pattern`]s, and
+/// `cross.attn.q`). Keys are therefore written as exact-path patterns (`^` and the escaped path), and
 /// `target_modules` becomes a regex of the adapted paths when the plain list would also
 /// target another layer. Every layer is checked to resolve to its own rank and alpha.
 pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
@@ -193,7 +193,7 @@ pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
 /// A `rank_pattern` / `alpha_pattern` key that PEFT resolves to exactly the module at `path`:
 /// `^` and the regex-escaped path. In PEFT's `(.*\.)?(KEY)$` the `^` only matches at the
 /// start, so the optional prefix group must be empty.
-pub fn exact_path_pattern(path: &str) -> String {
+fn exact_path_pattern(path: &str) -> String {
     format!("^{}", regex::escape(path))
 }
 
@@ -379,7 +379,7 @@ fn add_to_weight(linear: &mut Linear, delta: burn::tensor::Tensor<2>) {
 
 /// Folds every attached adapter of a dense `model` into its weights (`W ← W + s · B A`) and
 /// removes the adapters. Emulator layers keep their adapters (merging would densify them).
-pub fn merge_lora<M: Module>(model: M) -> M {
+pub fn merge_attached_adapter<M: Module>(model: M) -> M {
     map_linears(model, |_, mut linear| {
         if linear.factors.is_none()
             && let Some(lora) = linear.lora.take()

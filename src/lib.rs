@@ -6,7 +6,7 @@
 //! 1. [`emulate`]: run the original model on a few downstream samples, accumulate every
 //!    [`nn::Linear`]'s input Gram matrix (an [`nn::Conv2d`]'s: of its unfolded patches), and
 //!    replace the layers by activation-aware low-rank factors (whitened truncated SVD).
-//! 2. [`attach_lora`]: put LoRA adapters on the emulator and train them with any Burn loop; the
+//! 2. [`attach_new_adapter`]: put LoRA adapters on the emulator and train them with any Burn loop; the
 //!    emulator layer computes `(x W_v) W_u + s (x A) B` without building a dense matrix.
 //! 3. [`correct`]: fix each adapter in closed form for the emulator/original mismatch, then
 //!    [`merge_adapter`] into the original model (or [`attach_adapter`] to serve it unmerged).
@@ -27,7 +27,7 @@
 //! A Burn `ModuleMapper` sees parameters, never the module around them, and cannot change a
 //! module's structure, so no mapper can turn a dense layer into a factored one inside a user's
 //! model. emloc's layers therefore implement `Module` by hand: their `visit`/`map` first call a
-//! thread-local hook. [`emulate`], [`attach_lora`], [`correct`] and the other transforms install
+//! thread-local hook. [`emulate`], [`attach_new_adapter`], [`correct`] and the other transforms install
 //! it for one traversal of the model and receive every emloc layer with its module path (dot-
 //! joined field names, as in Burn's records); outside those calls the hook does nothing.
 //! During calibration, each layer's forward also adds its input's Gram matrix `XᵀX` (in f32,
@@ -41,7 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
-pub mod atomic;
+mod atomic;
 mod backends;
 mod calibration;
 pub mod correction;
@@ -49,16 +49,17 @@ pub mod device;
 pub mod emulator;
 pub mod error;
 mod identity;
-pub mod matrix;
-pub mod merge_file;
+pub mod io;
+mod matrix;
+mod merge_file;
 pub mod nn;
 pub mod ops;
 pub mod peft;
 mod stock;
 
 pub use adapter::{
-    AdapterParamIds, adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_lora,
-    export_adapter, linear_layers, merge_adapter, merge_lora,
+    AdapterParamIds, adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_new_adapter,
+    export_adapter, linear_layers, merge_adapter, merge_attached_adapter,
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use device::DeviceChoice;
@@ -68,6 +69,6 @@ pub use emulator::{
     read_emulator_description, save_emulator,
 };
 pub use error::{EmlocError, Result};
-pub use identity::FileIdentity;
-pub use merge_file::merge_into_safetensors;
+pub use matrix::Matrix;
+pub use merge_file::{MergedFiles, merge_adapter_into_safetensors};
 pub use nn::{Conv2d, Conv2dConfig, Linear, LinearConfig, LoraConfig};

@@ -23,7 +23,7 @@ use crate::atomic::write_atomic_with;
 use crate::error::{EmlocError, Result};
 use crate::peft::PeftAdapter;
 
-/// What [`merge_into_safetensors`] changed.
+/// What [`merge_adapter_into_safetensors`] changed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergedFiles {
     /// The files written, one per input file, same names, in `output_dir`.
@@ -58,7 +58,7 @@ fn weight_key<'a>(keys: impl Iterator<Item = &'a str>, path: &str) -> Vec<&'a st
 /// and every mis-shaped one; [`EmlocError::NonFinite`] naming the checkpoint key of a merged
 /// weight that holds NaN or infinity (files written before it stay; write into a fresh
 /// directory and discard it on error, as `emloc merge` does).
-pub fn merge_into_safetensors(
+pub fn merge_adapter_into_safetensors(
     adapter: &PeftAdapter,
     input_files: &[PathBuf],
     output_dir: &Path,
@@ -324,7 +324,7 @@ mod tests {
         let adapter =
             PeftAdapter { config: PeftConfig::new(r, 4.0, vec!["q_proj".into()]), layers };
         let out = dir.path().join("merged");
-        let merged = merge_into_safetensors(&adapter, &files, &out).unwrap();
+        let merged = merge_adapter_into_safetensors(&adapter, &files, &out).unwrap();
         assert_eq!(merged.merged.len(), 2);
 
         for (file, tensors) in files.iter().zip(&shards) {

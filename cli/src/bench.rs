@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Distribution, Tensor};
 use clap::Args;
 use emloc::nn::{Linear, LinearConfig};
-use emloc::{CorrectionConfig, EmulatorConfig, LoraConfig, attach_lora, correct, emulate};
+use emloc::{CorrectionConfig, EmulatorConfig, LoraConfig, attach_new_adapter, correct, emulate};
 
 use crate::CliResult;
 
@@ -63,7 +63,7 @@ pub fn bench_correction(args: &BenchCorrectionArgs) -> CliResult<()> {
         &EmulatorConfig::all_layers(args.ratio),
     )?;
     let (mut tuned, _) =
-        attach_lora(emulator, &LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64))?;
+        attach_new_adapter(emulator, &LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64))?;
     // A trained adapter has B ≠ 0; random values cost the same as trained ones.
     for layer in &mut tuned.layers {
         let lora = layer.lora.as_mut().expect("attached");
@@ -115,7 +115,7 @@ pub struct BenchSvdArgs {
 /// The peer script `benches/peers/svd_peer.py` times numpy/scipy on the same construction.
 pub fn bench_svd(args: &BenchSvdArgs) -> CliResult<()> {
     use emloc::emulator::{SvdMethod, WhiteningConfig, factorize_layer};
-    use emloc::matrix::Matrix;
+    use emloc::Matrix;
     println!(
         "| d | rank | exact s | randomized s | speed-up | exact rel. error | randomized rel. error |"
     );
@@ -219,8 +219,8 @@ pub fn bench_layer(args: &BenchLayerArgs) -> CliResult<()> {
     )?;
     let lora = LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64);
     let train_device = device.clone().autodiff();
-    let dense = attach_lora(dense, &lora)?.0.train();
-    let emulator = attach_lora(emulator, &lora)?.0.train();
+    let dense = attach_new_adapter(dense, &lora)?.0.train();
+    let emulator = attach_new_adapter(emulator, &lora)?.0.train();
     let x = Tensor::<2>::random(
         [args.tokens, args.d_in],
         Distribution::Normal(0.0, 1.0),

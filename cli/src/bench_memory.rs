@@ -28,7 +28,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use emloc::emulator::SvdMethod;
 use emloc::{
-    EmulatorConfig, EmulatorDescription, LoraConfig, attach_lora, emulate, load_emulator,
+    EmulatorConfig, EmulatorDescription, LoraConfig, attach_new_adapter, emulate, load_emulator,
     save_emulator,
 };
 use emloc_models::llama::{LlamaConfig, LlamaForCausalLM};
@@ -227,7 +227,7 @@ pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
     });
     let mut json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     json.push('\n');
-    emloc::atomic::write_atomic(&args.out.join("report.json"), json.as_bytes())?;
+    emloc::io::write_atomic(&args.out.join("report.json"), json.as_bytes())?;
     eprintln!("report: {}", args.out.join("report.json").display());
     Ok(())
 }
@@ -568,7 +568,7 @@ fn llama_finetune(
     let lora = LoraConfig::new(args.rank)
         .with_alpha(2.0 * args.rank as f64)
         .with_target_modules(LLAMA_LORA_TARGETS.iter().map(|s| s.to_string()).collect());
-    let (adapted, _) = attach_lora(model, &lora)?;
+    let (adapted, _) = attach_new_adapter(model, &lora)?;
     let device = Device::flex();
     let train_device = device.clone().autodiff();
     let mut model = adapted.train();

@@ -16,7 +16,7 @@ use emloc::peft::PeftAdapter;
 use emloc::{AdapterParamIds, adapter_param_ids, export_adapter};
 use serde::{Deserialize, Serialize};
 
-use emloc::FileIdentity;
+use emloc::io::FileIdentity;
 
 use crate::CliResult;
 use crate::args::TrainArgs;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use emloc::FileIdentity;
+use emloc::io::FileIdentity;
 use emloc_models::classification::{self, ClassificationTask, LabeledText};
 use emloc_models::retrieval::{self, QaPair, Split};
 use serde::Serialize;

@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use clap::Args;
 use emloc::{
     CorrectionConfig, EmulatorConfig, LoraConfig, WhiteningMethod, correct, emulate,
-    export_adapter, merge_adapter, merge_lora,
+    export_adapter, merge_adapter, merge_attached_adapter,
 };
 use emloc_models::tiny::{SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets};
 use serde::Serialize;
@@ -107,7 +107,7 @@ pub fn run(args: &DemoArgs) -> emloc::Result<()> {
     let (tuned, params, trained) = finetune(original.clone(), "LoRA on the full model")?;
     rows.push(Row {
         method: "LoRA on the full model".into(),
-        held_out_mse: task.held_out_loss(&merge_lora(tuned), 8, &device),
+        held_out_mse: task.held_out_loss(&merge_attached_adapter(tuned), 8, &device),
         training_model_params: params,
         trainable_params: trained,
         wall_seconds: started.elapsed().as_secs_f64(),
@@ -174,7 +174,7 @@ pub fn run(args: &DemoArgs) -> emloc::Result<()> {
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&rows).expect("rows serialize");
-        emloc::atomic::write_atomic(path, text.as_bytes())?;
+        emloc::io::write_atomic(path, text.as_bytes())?;
     }
     Ok(())
 }

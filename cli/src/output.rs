@@ -145,7 +145,7 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> CliResult<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
-    emloc::atomic::write_atomic(path, text.as_bytes())?;
+    emloc::io::write_atomic(path, text.as_bytes())?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use emloc::{
     CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
-    merge_lora,
+    merge_attached_adapter,
 };
 use emloc_models::retrieval::RetrievalMetrics;
 use serde::Serialize;
@@ -258,7 +258,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
     let trainable = adapter_params(&tuned);
     let trained_params = count_params(&tuned) - trainable;
     export_adapter(&tuned)?.save(&args.out.join("adapter-full-lora"))?;
-    let metrics = evaluate(&encoder, &merge_lora(tuned), &split.validation, "LoRA")?;
+    let metrics = evaluate(&encoder, &merge_attached_adapter(tuned), &split.validation, "LoRA")?;
     eprintln!(
         "LoRA on the full model: Recall@1 {:.4}, validation loss {:.4} (training loss {:.3} → {:.3})",
         metrics.recall_at_1, metrics.loss, train_report.first_loss, train_report.last_loss

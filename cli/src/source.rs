@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use emloc::{EmulatorDescription, FileIdentity};
+use emloc::EmulatorDescription;
+use emloc::io::FileIdentity;
 
 use crate::CliResult;
 

@@ -10,7 +10,7 @@ use clap::Args;
 use emloc::peft::PeftAdapter;
 use emloc::{
     CorrectionConfig, EmulatorConfig, EmulatorDescription, EmulatorReport, Provenance,
-    attach_adapter, correct, export_adapter, load_emulator, merge_into_safetensors,
+    attach_adapter, correct, export_adapter, load_emulator, merge_adapter_into_safetensors,
 };
 use emloc_models::loading::Checkpoint;
 use serde::Serialize;
@@ -352,7 +352,7 @@ pub fn merge(args: &MergeArgs) -> CliResult<()> {
     let files = Checkpoint::open_dir(&model_dir)?.files();
     let merged =
         crate::progress::with_spinner(format!("merging into {} files", files.len()), || {
-            merge_into_safetensors(&adapter, &files, staged.path())
+            merge_adapter_into_safetensors(&adapter, &files, staged.path())
         })?;
     let (copied, skipped) = copy_model_files(&model_dir, staged.path(), &files)?;
     eprintln!("merged {} weights; copied {} other files", merged.merged.len(), copied.len());

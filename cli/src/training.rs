@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use emloc::{
-    EmulatorConfig, EmulatorReport, attach_adapter_with_ids, attach_lora, emulate_with_progress,
+    EmulatorConfig, EmulatorReport, attach_adapter_with_ids, attach_new_adapter, emulate_with_progress,
 };
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{self, ClassificationMetrics, ClassificationTask, LabeledText};
@@ -79,7 +79,7 @@ pub fn train_with_progress<M: Module>(
     device.seed(args.seed);
     let bar = progress(args.steps, label);
     let (model, resume) = match resume {
-        None => (attach_lora(model, &args.lora_on(targets))?.0, None),
+        None => (attach_new_adapter(model, &args.lora_on(targets))?.0, None),
         Some(c) => {
             bar.set_position(c.state.step as u64);
             let model = attach_adapter_with_ids(model, &c.adapter, &c.state.param_ids)?;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use emloc::matrix::Matrix;
+use emloc::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use serde_json::Value;
 

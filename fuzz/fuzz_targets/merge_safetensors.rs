@@ -1,4 +1,4 @@
-//! `emloc merge` / `emloc::merge_into_safetensors`: the input is a model's `model.safetensors`,
+//! `emloc merge` / `emloc::merge_adapter_into_safetensors`: the input is a model's `model.safetensors`,
 //! merged with a fixed valid adapter (layer `encoder.dense`, r = 2, `[d_out, d_in] = [4, 6]`).
 //! Property: no input panics; an `Ok` merge writes a file that parses, with the same tensor
 //! names as the input, and the merged weight as F32 `[4, 6]`.
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use emloc::matrix::Matrix;
+use emloc::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use libfuzzer_sys::fuzz_target;
 
@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let input = input_dir.join("model.safetensors");
     std::fs::write(&input, data).expect("temp file");
     let _ = std::fs::remove_dir_all(out_dir);
-    if let Ok(merged) = emloc::merge_into_safetensors(adapter(), std::slice::from_ref(&input), out_dir) {
+    if let Ok(merged) = emloc::merge_adapter_into_safetensors(adapter(), std::slice::from_ref(&input), out_dir) {
         let before = safetensors::SafeTensors::deserialize(data).expect("a merged input parses");
         let bytes = std::fs::read(&merged.files[0]).expect("merged file written");
         let after = safetensors::SafeTensors::deserialize(&bytes).expect("the merged file parses");

@@ -187,7 +187,7 @@ pub fn contrastive_loss(questions: Tensor<2>, answers: Tensor<2>, scale: f64) ->
 }
 
 /// Trains the trainable parameters of `model` (e.g. LoRA adapters attached with
-/// [`emloc::attach_lora`], on the original model or on its emulator) for question → answer
+/// [`emloc::attach_new_adapter`], on the original model or on its emulator) for question → answer
 /// retrieval on `pairs` with [`contrastive_loss`], AdamW and a warmup + cosine schedule.
 /// `on_step` is called after every optimizer step with the step's figures and the model (to
 /// log or checkpoint it, with the optimizer whose [`ModuleOptimizer::to_record`] is the state

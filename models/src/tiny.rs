@@ -9,7 +9,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use emloc::nn::{Linear, LinearConfig};
-use emloc::{LoraConfig, attach_lora};
+use emloc::{LoraConfig, attach_new_adapter};
 
 /// Sizes of a [`TinyTransformer`].
 #[derive(Config, Debug)]
@@ -249,7 +249,7 @@ impl SyntheticTask {
         device: &Device,
         mut on_step: impl FnMut(usize, f32),
     ) -> emloc::Result<TinyTransformer> {
-        let (model, _) = attach_lora(model, lora)?;
+        let (model, _) = attach_new_adapter(model, lora)?;
         let train_device = device.clone().autodiff();
         let mut model = model.train();
         let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();

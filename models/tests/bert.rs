@@ -347,7 +347,7 @@ fn emulate_and_lora_run_on_tiny_bert() {
     let v = values(out);
     assert!(v.iter().all(|x| x.is_finite()), "emulator output not finite");
 
-    let (adapted, targets) = emloc::attach_lora(
+    let (adapted, targets) = emloc::attach_new_adapter(
         emulator,
         &emloc::LoraConfig::new(2).with_target_modules(vec!["query".into(), "value".into()]),
     )

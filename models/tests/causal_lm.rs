@@ -160,7 +160,7 @@ fn finetuning_lowers_the_validation_loss_and_gguf_loads_the_same_way() {
         "v_proj".into(),
         "down_proj".into(),
     ]);
-    let (model, _) = emloc::attach_lora(lm.model.clone(), &lora).unwrap();
+    let (model, _) = emloc::attach_new_adapter(lm.model.clone(), &lora).unwrap();
     let config = TrainConfig {
         steps: 20,
         batch_size: 4,

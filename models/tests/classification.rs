@@ -107,7 +107,7 @@ fn fine_tuning_lowers_the_loss() {
     let (task, examples) = data();
     let before = classification::evaluate(&encoder, &encoder.model, &task, &examples).unwrap();
     encoder.device().seed(3);
-    let (model, _) = emloc::attach_lora(encoder.model.clone(), &lora()).unwrap();
+    let (model, _) = emloc::attach_new_adapter(encoder.model.clone(), &lora()).unwrap();
     let (tuned, report) =
         classification::finetune(&encoder, model, &task, &examples, &config(), None, |_, _, _| {})
             .unwrap();
@@ -148,7 +148,7 @@ fn emulate_lora_correct_merge_runs_through_classification() {
     .unwrap();
     assert!(report.params_kept() < report.params_original());
     encoder.device().seed(5);
-    let (model, _) = emloc::attach_lora(emulator, &lora()).unwrap();
+    let (model, _) = emloc::attach_new_adapter(emulator, &lora()).unwrap();
     // Single-batch training losses are too noisy to compare here; the held-out check is below.
     let (tuned, _) =
         classification::finetune(&encoder, model, &task, &examples, &config(), None, |_, _, _| {})

@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::{
     InferenceStep, Learner, RegressionOutput, SupervisedTraining, TrainOutput, TrainStep,
 };
-use emloc::{EmulatorConfig, LoraConfig, attach_lora, correct, emulate, merge_adapter};
+use emloc::{EmulatorConfig, LoraConfig, attach_new_adapter, correct, emulate, merge_adapter};
 use emloc_models::tiny::{
     SyntheticTask, TinyTransformer, TinyTransformerConfig, lora_targets, mse,
 };
@@ -111,7 +111,7 @@ fn learner_trains_emulator_adapters() {
     )
     .unwrap();
     let lora = LoraConfig::new(8).with_alpha(16.0).with_target_modules(lora_targets());
-    let (emulator, _) = attach_lora(emulator, &lora).unwrap();
+    let (emulator, _) = attach_new_adapter(emulator, &lora).unwrap();
     let before = task.held_out_loss(&emulator, 4, &device);
     let frozen_before = emulator.layers[0].query.factors.as_ref().unwrap().w_v.val().into_data();
 

@@ -677,7 +677,7 @@ fn emloc_pipeline_runs_on_tiny_llama() {
         "v_proj".into(),
         "down_proj".into(),
     ]);
-    let (adapted, targets) = emloc::attach_lora(emulator, &lora).unwrap();
+    let (adapted, targets) = emloc::attach_new_adapter(emulator, &lora).unwrap();
     assert_eq!(targets.len(), 6);
 
     // A few AdamW steps on next-token prediction of one fixed batch.

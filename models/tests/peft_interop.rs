@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use emloc::nn::LoraAdapter;
 use emloc::peft::{CONFIG_FILE, PeftAdapter, WEIGHTS_FILE};
-use emloc::{EmlocError, attach_adapter, export_adapter, merge_adapter, merge_into_safetensors};
+use emloc::{EmlocError, attach_adapter, export_adapter, merge_adapter, merge_adapter_into_safetensors};
 use emloc_models::bert::{BertInput, BertModel};
 use emloc_models::llama::LlamaForCausalLM;
 use serde_json::Value;
@@ -115,7 +115,7 @@ fn with_adapter<M: burn::module::Module>(
 
 /// Loads adapter `name` and checks emloc against everything PEFT recorded for it: each layer's
 /// rank and scale, the outputs with the adapter attached, merged into the model, and merged into
-/// the checkpoint files by [`merge_into_safetensors`].
+/// the checkpoint files by [`merge_adapter_into_safetensors`].
 fn check_against_peft(name: &str) {
     let e = expected();
     let want = &e["adapters"][name];
@@ -159,10 +159,10 @@ fn check_against_peft(name: &str) {
     );
 
     let out = tempfile::tempdir().unwrap();
-    merge_into_safetensors(&adapter, &[dir.join("model.safetensors")], out.path()).unwrap();
+    merge_adapter_into_safetensors(&adapter, &[dir.join("model.safetensors")], out.path()).unwrap();
     std::fs::copy(dir.join("config.json"), out.path().join("config.json")).unwrap();
     assert_within(
-        &format!("{name}: merge_into_safetensors vs PEFT merged"),
+        &format!("{name}: merge_adapter_into_safetensors vs PEFT merged"),
         &family.outputs(out.path(), None, false),
         &merged,
         TOL,

@@ -190,7 +190,7 @@ fn emloc_pipeline_runs_on_tiny_vit() {
         "value".into(),
         "intermediate.dense".into(),
     ]);
-    let (adapted, targets) = emloc::attach_lora(emulator, &lora).unwrap();
+    let (adapted, targets) = emloc::attach_new_adapter(emulator, &lora).unwrap();
     assert_eq!(targets.len(), 6);
 
     // Regress the pooled output onto a fixed random target for a few AdamW steps.

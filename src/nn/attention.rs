@@ -4,7 +4,7 @@
 //! Replace `use burn::nn::attention::{...}` by `use emloc::nn::attention::{...}`: the config (fields
 //! and defaults), the module's fields, the forward signatures and the record layout
 //! (`query.weight`, `query.bias`, ..., `output.bias`) are Burn's, so Burn checkpoints load
-//! unchanged, and [`emulate`](crate::emulate), [`attach_lora`](crate::attach_lora) and the rest of
+//! unchanged, and [`emulate`](crate::emulate), [`attach_new_adapter`](crate::attach_new_adapter) and the rest of
 //! emloc reach the four projections.
 //!
 //! Burn's [`MhaOutput`] is re-exported (its fields are public). [`MhaInput`] and [`MhaCache`] are

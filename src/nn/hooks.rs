@@ -243,3 +243,101 @@ fn find_layer_paths<M: Module>(model: &M, with_conv: bool) -> Vec<String> {
     model.visit(&mut finder);
     finder.found
 }
+
+/// The field-by-field part of `Module` for an emloc layer whose parameters are `weight`, `bias`,
+/// `factors` and `lora` (`Linear`, `Conv2d`): what `#[derive(Module)]` would generate, so the
+/// hand-written impls only add the hook calls. `visit_fields!(self, visitor, CONTAINER)` and
+/// `map_fields!(this, mapper, CONTAINER)` (yielding the four mapped fields) go inside `visit` and
+/// `map`; `delegate_fields!()` writes the six remaining methods; fields other than the four are
+/// copied unchanged.
+macro_rules! visit_fields {
+    ($layer:expr, $visitor:expr, $container:expr) => {{
+        $visitor.enter_module("weight", $container);
+        $layer.weight.visit($visitor);
+        $visitor.exit_module("weight", $container);
+        $visitor.enter_module("bias", $container);
+        $layer.bias.visit($visitor);
+        $visitor.exit_module("bias", $container);
+        $visitor.enter_module("factors", $container);
+        $layer.factors.visit($visitor);
+        $visitor.exit_module("factors", $container);
+        $visitor.enter_module("lora", $container);
+        $layer.lora.visit($visitor);
+        $visitor.exit_module("lora", $container);
+    }};
+}
+
+macro_rules! map_fields {
+    ($layer:expr, $mapper:expr, $container:expr) => {{
+        $mapper.enter_module("weight", $container);
+        let weight = Module::map($layer.weight, $mapper);
+        $mapper.exit_module("weight", $container);
+        $mapper.enter_module("bias", $container);
+        let bias = Module::map($layer.bias, $mapper);
+        $mapper.exit_module("bias", $container);
+        $mapper.enter_module("factors", $container);
+        let factors = Module::map($layer.factors, $mapper);
+        $mapper.exit_module("factors", $container);
+        $mapper.enter_module("lora", $container);
+        let lora = Module::map($layer.lora, $mapper);
+        $mapper.exit_module("lora", $container);
+        (weight, bias, factors, lora)
+    }};
+}
+
+macro_rules! delegate_fields {
+    () => {
+        fn collect_devices(&self, devices: burn::module::Devices) -> burn::module::Devices {
+            let devices = self.weight.collect_devices(devices);
+            let devices = self.bias.collect_devices(devices);
+            let devices = self.factors.collect_devices(devices);
+            self.lora.collect_devices(devices)
+        }
+
+        fn fork(self, device: &burn::tensor::Device) -> Self {
+            $crate::nn::hooks::delegate_fields!(@each self, self, |field| field.fork(device))
+        }
+
+        fn to_device(self, device: &burn::tensor::Device) -> Self {
+            $crate::nn::hooks::delegate_fields!(@each self, self, |field| field.to_device(device))
+        }
+
+        fn valid(&self) -> Self {
+            let layer = self.clone();
+            $crate::nn::hooks::delegate_fields!(@each layer, layer, |field| field.valid())
+        }
+
+        fn train(self) -> Self {
+            $crate::nn::hooks::delegate_fields!(@each self, self, |field| field.train())
+        }
+
+        fn materialize(self) -> Self {
+            $crate::nn::hooks::delegate_fields!(@each self, self, |field| field.materialize())
+        }
+    };
+    (@each $layer:expr, $rest:expr, |$field:ident| $call:expr) => {{
+        #[allow(clippy::needless_update)]
+        let layer = Self {
+            weight: {
+                let $field = $layer.weight;
+                $call
+            },
+            bias: {
+                let $field = $layer.bias;
+                $call
+            },
+            factors: {
+                let $field = $layer.factors;
+                $call
+            },
+            lora: {
+                let $field = $layer.lora;
+                $call
+            },
+            ..$rest
+        };
+        layer
+    }};
+}
+
+pub(crate) use {delegate_fields, map_fields, visit_fields};

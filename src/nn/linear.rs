@@ -1,7 +1,7 @@
 use crate::ops::linear;
 use burn::config::Config;
 use burn::module::{
-    Content, Devices, DisplaySettings, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper,
+    Content, DisplaySettings, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper,
     ModuleVisitor, Param,
 };
 use burn::nn::Initializer;
@@ -153,88 +153,16 @@ const CONTAINER: &str = "Struct:Linear";
 impl Module for Linear {
     fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
         hooks::on_visit(self);
-        visitor.enter_module("weight", CONTAINER);
-        self.weight.visit(visitor);
-        visitor.exit_module("weight", CONTAINER);
-        visitor.enter_module("bias", CONTAINER);
-        self.bias.visit(visitor);
-        visitor.exit_module("bias", CONTAINER);
-        visitor.enter_module("factors", CONTAINER);
-        self.factors.visit(visitor);
-        visitor.exit_module("factors", CONTAINER);
-        visitor.enter_module("lora", CONTAINER);
-        self.lora.visit(visitor);
-        visitor.exit_module("lora", CONTAINER);
+        hooks::visit_fields!(self, visitor, CONTAINER);
     }
 
     fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
         let this = hooks::on_map(self);
-        mapper.enter_module("weight", CONTAINER);
-        let weight = Module::map(this.weight, mapper);
-        mapper.exit_module("weight", CONTAINER);
-        mapper.enter_module("bias", CONTAINER);
-        let bias = Module::map(this.bias, mapper);
-        mapper.exit_module("bias", CONTAINER);
-        mapper.enter_module("factors", CONTAINER);
-        let factors = Module::map(this.factors, mapper);
-        mapper.exit_module("factors", CONTAINER);
-        mapper.enter_module("lora", CONTAINER);
-        let lora = Module::map(this.lora, mapper);
-        mapper.exit_module("lora", CONTAINER);
+        let (weight, bias, factors, lora) = hooks::map_fields!(this, mapper, CONTAINER);
         Self { weight, bias, factors, lora }
     }
 
-    fn collect_devices(&self, devices: Devices) -> Devices {
-        let devices = self.weight.collect_devices(devices);
-        let devices = self.bias.collect_devices(devices);
-        let devices = self.factors.collect_devices(devices);
-        self.lora.collect_devices(devices)
-    }
-
-    fn fork(self, device: &Device) -> Self {
-        Self {
-            weight: self.weight.fork(device),
-            bias: self.bias.fork(device),
-            factors: self.factors.fork(device),
-            lora: self.lora.fork(device),
-        }
-    }
-
-    fn to_device(self, device: &Device) -> Self {
-        Self {
-            weight: self.weight.to_device(device),
-            bias: self.bias.to_device(device),
-            factors: self.factors.to_device(device),
-            lora: self.lora.to_device(device),
-        }
-    }
-
-    fn valid(&self) -> Self {
-        Self {
-            weight: self.weight.valid(),
-            bias: self.bias.valid(),
-            factors: self.factors.valid(),
-            lora: self.lora.valid(),
-        }
-    }
-
-    fn train(self) -> Self {
-        Self {
-            weight: self.weight.train(),
-            bias: self.bias.train(),
-            factors: self.factors.train(),
-            lora: self.lora.train(),
-        }
-    }
-
-    fn materialize(self) -> Self {
-        Self {
-            weight: self.weight.materialize(),
-            bias: self.bias.materialize(),
-            factors: self.factors.materialize(),
-            lora: self.lora.materialize(),
-        }
-    }
+    hooks::delegate_fields!();
 }
 
 impl ModuleDisplayDefault for Linear {

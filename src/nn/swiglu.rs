@@ -33,7 +33,7 @@ pub struct SwiGluConfig {
     /// - for the same reason, until the weight is initialised (by [`SwiGlu::forward`] or a
     ///   load), [`Linear::d_input`] and [`Linear::d_output`] read that lazy shape, i.e.
     ///   swapped. Run a forward pass or load a record before
-    ///   [`attach_lora`](crate::attach_lora) on a fresh column-layout layer (an
+    ///   [`attach_new_adapter`](crate::attach_new_adapter) on a fresh column-layout layer (an
     ///   [`emulate`](crate::emulate)d layer reads its dims from its factors and is not affected).
     ///
     /// emloc's transforms that replace a weight ([`emulate`](crate::emulate), loading an

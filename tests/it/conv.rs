@@ -15,8 +15,8 @@ use emloc::nn::{LoraAdapter, LowRankFactors};
 use emloc::peft::PeftAdapter;
 use emloc::{
     Conv2d, Conv2dConfig, CorrectionConfig, EmlocError, EmulatorConfig, Linear, LinearConfig,
-    LoraConfig, attach_adapter, attach_lora, calibrate, correct, emulate, export_adapter,
-    merge_adapter, merge_into_safetensors,
+    LoraConfig, attach_adapter, attach_new_adapter, calibrate, correct, emulate, export_adapter,
+    merge_adapter, merge_adapter_into_safetensors,
 };
 use faer::Mat;
 
@@ -486,7 +486,7 @@ fn faer_kernel(t: Tensor<4>) -> Mat<f64> {
     Mat::from_fn(o, c * kh * kw, |i, j| v[i * c * kh * kw + j] as f64)
 }
 
-fn faer_of(m: &emloc::matrix::Matrix) -> Mat<f64> {
+fn faer_of(m: &emloc::Matrix) -> Mat<f64> {
     Mat::from_fn(m.rows, m.cols, |i, j| m.get(i, j) as f64)
 }
 
@@ -524,7 +524,7 @@ fn small_cnn_emulate_train_correct_merge() {
         "c3".into(),
         "head".into(),
     ]);
-    let (adapted, targets) = attach_lora(emulator.clone(), &config).unwrap();
+    let (adapted, targets) = attach_new_adapter(emulator.clone(), &config).unwrap();
     assert_eq!(targets.len(), 4);
     assert_eq!(adapted.c2.lora.as_ref().unwrap().a.val().dims(), [48, 2]);
     // B = 0 at attachment: the emulator's outputs, through the fused emulator + LoRA path.
@@ -565,8 +565,8 @@ fn small_cnn_emulate_train_correct_merge() {
         let lora = trained.lora.as_ref().unwrap();
         let s = lora.scale();
         let (a, b) = (
-            faer_of(&emloc::matrix::Matrix::from_tensor(lora.a.val())).transpose().to_owned(),
-            faer_of(&emloc::matrix::Matrix::from_tensor(lora.b.val())).transpose().to_owned(),
+            faer_of(&emloc::Matrix::from_tensor(lora.a.val())).transpose().to_owned(),
+            faer_of(&emloc::Matrix::from_tensor(lora.b.val())).transpose().to_owned(),
         );
         let w_e = faer_kernel(trained.base_weight());
         let trained_map = &w_e + (&b * &a) * s;
@@ -606,7 +606,7 @@ fn peft_conv_adapter_round_trip_and_file_merge() {
         "c3".into(),
         "head".into(),
     ]);
-    let (mut adapted, _) = attach_lora(original.clone(), &config).unwrap();
+    let (mut adapted, _) = attach_new_adapter(original.clone(), &config).unwrap();
     for (i, conv) in [&mut adapted.c2, &mut adapted.c3].into_iter().enumerate() {
         let lora = conv.lora.as_mut().unwrap();
         lora.b = Param::from_tensor(tensor(50 + i as u64, lora.b.val().dims(), &device));
@@ -658,7 +658,7 @@ fn peft_conv_adapter_round_trip_and_file_merge() {
     let mut store = SafetensorsStore::from_file(&checkpoint).with_to_adapter(BurnToPyTorchAdapter);
     original.save_into(&mut store).unwrap();
     let out = dir.path().join("merged");
-    let files = merge_into_safetensors(&loaded, &[checkpoint], &out).unwrap();
+    let files = merge_adapter_into_safetensors(&loaded, &[checkpoint], &out).unwrap();
     let keys: BTreeMap<String, String> = files.merged.into_iter().collect();
     assert_eq!(keys["c2"], "c2.weight");
     let merged_file = load_cnn(&out.join("model.safetensors"), &device);
@@ -704,7 +704,7 @@ fn grouped_convolution_stays_dense_and_refuses_a_targeted_adapter() {
     assert_eq!(report.dense_layers, ["depthwise"]);
     assert!(!emulator.depthwise.is_emulated());
 
-    let err = attach_lora(
+    let err = attach_new_adapter(
         model.clone(),
         &LoraConfig::new(2).with_target_modules(vec!["depthwise".into()]),
     )
@@ -714,7 +714,7 @@ fn grouped_convolution_stays_dense_and_refuses_a_targeted_adapter() {
         "{err}"
     );
     // Every layer (no targets): the grouped one is passed over.
-    let (_, targets) = attach_lora(model, &LoraConfig::new(2)).unwrap();
+    let (_, targets) = attach_new_adapter(model, &LoraConfig::new(2)).unwrap();
     assert_eq!(targets, ["dense"]);
 }
 
@@ -839,7 +839,7 @@ fn peft_made_conv_adapter_matches_peft() {
     assert!(err < 1e-5, "merged vs PEFT: {err}");
 
     let out = tempfile::tempdir().unwrap();
-    merge_into_safetensors(&adapter, &[fixture().join("base.safetensors")], out.path()).unwrap();
+    merge_adapter_into_safetensors(&adapter, &[fixture().join("base.safetensors")], out.path()).unwrap();
     let mut from_file = TorchNet::load(&device);
     let mut store = SafetensorsStore::from_file(out.path().join("base.safetensors"))
         .with_from_adapter(PyTorchToBurnAdapter);

@@ -3,7 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 use emloc::emulator::{Keep, LayerRule};
-use emloc::{EmlocError, EmulatorConfig, LoraConfig, attach_lora, emulate};
+use emloc::{EmlocError, EmulatorConfig, LoraConfig, attach_new_adapter, emulate};
 
 use crate::common::*;
 
@@ -136,7 +136,7 @@ fn stock_burn_linear_is_reported_not_silently_skipped() {
         other => panic!("{other}"),
     }
     let lora = LoraConfig::new(2).with_target_modules(vec!["stock".into()]);
-    assert!(matches!(attach_lora(model, &lora).unwrap_err(), EmlocError::NoMatchingLayers(_)));
+    assert!(matches!(attach_new_adapter(model, &lora).unwrap_err(), EmlocError::NoMatchingLayers(_)));
 }
 
 #[test]
@@ -149,7 +149,7 @@ fn bad_lora_config_and_regex_are_rejected() {
         LoraConfig::new(2).with_target_regex(Some("l(".into())),
     ] {
         assert!(matches!(
-            attach_lora(model.clone(), &config).unwrap_err(),
+            attach_new_adapter(model.clone(), &config).unwrap_err(),
             EmlocError::InvalidConfig(_)
         ));
     }
@@ -163,9 +163,9 @@ fn bad_lora_config_and_regex_are_rejected() {
 fn valid_model_is_untouched_by_a_failed_lora_attach() {
     let (model, _) = setup();
     let (model, _) =
-        attach_lora(model, &LoraConfig::new(2).with_target_modules(vec!["l1".into()])).unwrap();
+        attach_new_adapter(model, &LoraConfig::new(2).with_target_modules(vec!["l1".into()])).unwrap();
     // A second attach on the same layer fails and says why.
-    let err = attach_lora(model.clone(), &LoraConfig::new(2)).unwrap_err();
+    let err = attach_new_adapter(model.clone(), &LoraConfig::new(2)).unwrap_err();
     assert!(err.to_string().contains("already carries"), "{err}");
     assert!(model.l1.lora.is_some() && model.l2.lora.is_none());
     let _ = model.num_params();

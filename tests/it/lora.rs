@@ -3,11 +3,11 @@
 use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
-use emloc::matrix::Matrix;
+use emloc::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use emloc::{
-    EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_lora, emulate, export_adapter,
-    merge_adapter, merge_lora,
+    EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_new_adapter, emulate, export_adapter,
+    merge_adapter, merge_attached_adapter,
 };
 
 use crate::common::*;
@@ -48,7 +48,7 @@ fn adapter_forward_matches_dense_oracle_on_dense_and_emulator_layers() {
             .with_alpha(6.0)
             .with_use_rslora(rslora)
             .with_target_modules(targets(&["l1"]));
-        let (adapted, paths) = attach_lora(base.clone(), &config).unwrap();
+        let (adapted, paths) = attach_new_adapter(base.clone(), &config).unwrap();
         assert_eq!(paths, targets(&["l1"]));
         let x = tensor(2, [5, 10], &device);
         // B = 0 at attachment: outputs unchanged.
@@ -73,7 +73,7 @@ fn only_adapter_factors_receive_gradients() {
     let device = Device::flex();
     let model = Mlp::new(6, 5, 4, &device);
     let (model, _) =
-        attach_lora(model, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"])))
+        attach_new_adapter(model, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"])))
             .unwrap();
     let model = randomize_b(model, &device).train();
     let model = {
@@ -110,7 +110,7 @@ fn peft_round_trip_gives_identical_outputs() {
     let device = Device::flex();
     device.seed(5);
     let model = Mlp::new(7, 9, 5, &device);
-    let (adapted, _) = attach_lora(
+    let (adapted, _) = attach_new_adapter(
         model.clone(),
         &LoraConfig::new(4).with_alpha(16.0).with_target_modules(targets(&["l1", "l2"])),
     )
@@ -130,7 +130,7 @@ fn peft_round_trip_gives_identical_outputs() {
     let merged = merge_adapter(model.clone(), &loaded).unwrap();
     assert!(merged.l1.lora.is_none());
     assert!(rel_diff(merged.forward(x.clone()), adapted.forward(x.clone())) < 1e-5);
-    let folded = merge_lora(adapted.clone());
+    let folded = merge_attached_adapter(adapted.clone());
     assert!(rel_diff(folded.forward(x.clone()), adapted.forward(x)) < 1e-5);
 }
 
@@ -139,7 +139,7 @@ fn adapter_for_another_model_is_rejected_with_every_key() {
     let device = Device::flex();
     let small = Mlp::new(7, 9, 3, &device);
     let (adapted, _) =
-        attach_lora(small, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"])))
+        attach_new_adapter(small, &LoraConfig::new(2).with_target_modules(targets(&["l1", "l2"])))
             .unwrap();
     let mut adapter = export_adapter(&adapted).unwrap();
     // Make l2's adapter belong to a layer the model does not have.
@@ -175,7 +175,7 @@ fn merging_into_an_emulator_is_refused() {
     let device = Device::flex();
     let model = Mlp::new(6, 6, 6, &device);
     let (adapted, _) =
-        attach_lora(model.clone(), &LoraConfig::new(2).with_target_modules(targets(&["l1"])))
+        attach_new_adapter(model.clone(), &LoraConfig::new(2).with_target_modules(targets(&["l1"])))
             .unwrap();
     let adapter = export_adapter(&adapted).unwrap();
     let (emulator, _) = emulate(
@@ -199,25 +199,25 @@ fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
     let device = Device::flex();
     let model = Mlp::new(3, 9, 5, &device); // l1: 3 → 9, l2: 9 → 5
     let too_big = LoraConfig::new(4).with_target_modules(targets(&["l1"]));
-    let err = attach_lora(model.clone(), &too_big).unwrap_err().to_string();
+    let err = attach_new_adapter(model.clone(), &too_big).unwrap_err().to_string();
     assert!(
         err.contains("LoRA rank 4 at layer `l1` exceeds min(d_in = 3, d_out = 9) = 3"),
         "{err}"
     );
     // Rank 5 ≤ 5 on l2 is fine.
-    attach_lora(model.clone(), &LoraConfig::new(5).with_target_modules(targets(&["l2"]))).unwrap();
+    attach_new_adapter(model.clone(), &LoraConfig::new(5).with_target_modules(targets(&["l2"]))).unwrap();
 
     // An adapter file with r = 4 on the 3-input l1 (built by hand, as another tool might write it).
     let mut adapter = export_adapter(
-        &attach_lora(model.clone(), &LoraConfig::new(3).with_target_modules(targets(&["l1"])))
+        &attach_new_adapter(model.clone(), &LoraConfig::new(3).with_target_modules(targets(&["l1"])))
             .unwrap()
             .0,
     )
     .unwrap();
     adapter.config.r = 4;
     let layer = adapter.layers.get_mut("l1").unwrap();
-    layer.lora_a = emloc::matrix::Matrix::new(4, 3, noise(1, 12));
-    layer.lora_b = emloc::matrix::Matrix::new(9, 4, noise(2, 36));
+    layer.lora_a = emloc::Matrix::new(4, 3, noise(1, 12));
+    layer.lora_b = emloc::Matrix::new(9, 4, noise(2, 36));
     assert!(adapter.validate().unwrap_err().to_string().contains("exceeds min(d_in = 3"));
     assert!(attach_adapter(model.clone(), &adapter).is_err());
     let dir = tempfile::tempdir().unwrap();
@@ -228,7 +228,7 @@ fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
     .unwrap();
     let a = emloc::peft::lora_a_key("l1");
     let b = emloc::peft::lora_b_key("l1");
-    let bytes = |m: &emloc::matrix::Matrix| {
+    let bytes = |m: &emloc::Matrix| {
         m.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
     };
     let (ab, bb) = (bytes(&adapter.layers["l1"].lora_a), bytes(&adapter.layers["l1"].lora_b));

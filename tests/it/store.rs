@@ -6,11 +6,11 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use emloc::emulator::{DESCRIPTION_FILE, FACTORS_FILE};
-use emloc::matrix::Matrix;
+use emloc::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use emloc::{
     EmlocError, EmulatorConfig, EmulatorDescription, emulate, load_emulator,
-    merge_into_safetensors, save_emulator,
+    merge_adapter_into_safetensors, save_emulator,
 };
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -154,7 +154,7 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
         )]),
     };
     let out = dir.path().join("merged");
-    let merged = merge_into_safetensors(&adapter, std::slice::from_ref(&input), &out).unwrap();
+    let merged = merge_adapter_into_safetensors(&adapter, std::slice::from_ref(&input), &out).unwrap();
     assert_eq!(
         merged.merged,
         vec![("encoder.dense".to_string(), "bert.encoder.dense.weight".to_string())]
@@ -189,7 +189,7 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     stray.config = PeftConfig::new(r, 6.0, vec!["dense".into(), "gate".into()]);
     stray.layers.insert("encoder.gate".into(), PeftLayer::new(lora_a, lora_b));
     let out2 = dir.path().join("merged2");
-    match merge_into_safetensors(&stray, std::slice::from_ref(&input), &out2) {
+    match merge_adapter_into_safetensors(&stray, std::slice::from_ref(&input), &out2) {
         Err(EmlocError::AdapterKeys { missing, .. }) => {
             assert_eq!(missing, vec!["encoder.gate.weight".to_string()])
         }
@@ -197,7 +197,7 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     }
     assert!(!out2.exists(), "a failed merge must not create its output");
     // Writing over the input is refused.
-    assert!(merge_into_safetensors(&adapter, std::slice::from_ref(&input), dir.path()).is_err());
+    assert!(merge_adapter_into_safetensors(&adapter, std::slice::from_ref(&input), dir.path()).is_err());
 
     // A NaN in the checkpoint's weight is named, not merged into a NaN model.
     let mut poisoned = w.clone();
@@ -208,7 +208,7 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
         &bad.join("model.safetensors"),
         &[("bert.encoder.dense.weight", [d_out, d_in], &poisoned)],
     );
-    match merge_into_safetensors(
+    match merge_adapter_into_safetensors(
         &adapter,
         &[bad.join("model.safetensors")],
         &dir.path().join("merged3"),

@@ -20,7 +20,7 @@
 //! let (model, config) = LlamaForCausalLM::load(dir, &device)?;
 //! let task = CausalLmTask::new(LlamaTokenizer::from_dir(dir)?, None, config.eos_token_ids())?;
 //! let lora = emloc::LoraConfig::new(4).with_target_modules(vec!["q_proj".into(), "v_proj".into()]);
-//! let (model, _) = emloc::attach_lora(model, &lora)?;
+//! let (model, _) = emloc::attach_new_adapter(model, &lora)?;
 //!
 //! let example = Example { prompt: Prompt::Text("the cat".into()), targets: vec!["sat on the mat".into()], choices: None };
 //! let batch = task.batch(&[task.encode(&example)?], &device.clone().autodiff());

@@ -25,7 +25,7 @@ pub fn tokenize_all(task: &CausalLmTask, examples: &[Example]) -> Result<Vec<Tok
 }
 
 /// Trains the trainable parameters of `model` (LoRA adapters attached with
-/// [`emloc::attach_lora`], on the original model or on its emulator) on `examples` with the
+/// [`emloc::attach_new_adapter`], on the original model or on its emulator) on `examples` with the
 /// completion-only loss ([`completion_loss`]), AdamW and a warmup + cosine schedule. `on_step`
 /// sees every optimizer step with the model and the optimizer (to log or checkpoint them).
 /// Returns the model in inference mode.
