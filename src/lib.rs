@@ -58,15 +58,15 @@ pub mod peft;
 mod stock;
 
 pub use adapter::{
-    AdapterParamIds, adapter_param_ids, attach_adapter, attach_adapter_with_ids, attach_new_adapter,
-    export_adapter, linear_layers, merge_adapter, merge_attached_adapter,
+    AdapterParamIds, adapter_param_ids, attach_adapter, attach_adapter_with_ids,
+    attach_new_adapter, export_adapter, linear_layers, merge_adapter, merge_attached_adapter,
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use device::DeviceChoice;
 pub use emulator::{
     EmulatorConfig, EmulatorDescription, EmulatorReport, FactorizationProgress, Keep, LayerRule,
-    Provenance, WhiteningMethod, calibrate, emulate, emulate_with_progress, load_emulator,
-    read_emulator_description, save_emulator,
+    Provenance, WhiteningMethod, calibrate, emulate, emulate_part, emulate_with_progress,
+    load_emulator, read_emulator_description, save_emulator,
 };
 pub use error::{EmlocError, Result};
 pub use matrix::Matrix;

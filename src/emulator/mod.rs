@@ -226,6 +226,38 @@ pub struct FactorizationProgress<'a> {
 pub fn emulate_with_progress<M, I, F, P>(
     model: M,
     batches: I,
+    forward: F,
+    config: &EmulatorConfig,
+    on_layer: P,
+) -> Result<(M, EmulatorReport)>
+where
+    M: Module,
+    I: IntoIterator,
+    F: FnMut(&M, I::Item),
+    P: FnMut(FactorizationProgress<'_>),
+{
+    emulate_part(model, "", batches, forward, config, on_layer)
+}
+
+/// [`emulate_with_progress`] for one part of a larger model (a decoder block, say) that sits at
+/// module path `part_path` in the whole model (`"model.layers.3"`; `""` for the whole model):
+/// `config`'s rules are matched against, and the report names, each layer's whole-model path
+/// (`model.layers.3.self_attn.q_proj`).
+///
+/// This is what lets an emulator be built one block at a time (streaming construction: load a
+/// block, calibrate it on the previous block's outputs, factor it, drop its dense weights, go
+/// on), holding one dense block instead of the whole original. Per layer, the result is the
+/// same as [`emulate`] on the whole model when each part sees the same inputs in the same
+/// order. The report's `dense_layers` and `stock_layers` cover only `part`; the calibration
+/// counters are the part's.
+///
+/// # Errors
+/// As [`emulate`]; a part in which no rule selects a layer is an error
+/// ([`EmlocError::NoMatchingLayers`]).
+pub fn emulate_part<M, I, F, P>(
+    part: M,
+    part_path: &str,
+    batches: I,
     mut forward: F,
     config: &EmulatorConfig,
     mut on_layer: P,
@@ -236,8 +268,9 @@ where
     F: FnMut(&M, I::Item),
     P: FnMut(FactorizationProgress<'_>),
 {
+    let model = part;
     config.validate()?;
-    let plan = plan_layers(&model, config)?;
+    let plan = plan_layers(&model, config, part_path)?;
 
     let (stats, calibration_batches, calibration_seconds) = run_calibration(
         &model,
@@ -301,13 +334,16 @@ where
         return Err(e);
     }
     let emulated: Vec<&str> = reports.iter().map(|r| r.path.as_str()).collect();
-    let dense_layers =
-        all_layer_paths(&model).into_iter().filter(|p| !emulated.contains(&p.as_str())).collect();
+    let dense_layers = all_layer_paths(&model)
+        .into_iter()
+        .map(|p| join_path(part_path, &p))
+        .filter(|p| !emulated.contains(&p.as_str()))
+        .collect();
     let emloc_paths: Vec<String> =
         crate::adapter::linear_layers(&model).into_iter().map(|l| l.path).collect();
     let stock_layers = crate::stock::stock_linear_layers(&model, &emloc_paths)
         .into_iter()
-        .map(|l| l.shape.path)
+        .map(|l| join_path(part_path, &l.shape.path))
         .collect();
     Ok((
         model,
@@ -327,12 +363,26 @@ fn relative(error: f64, norm: f64) -> f64 {
 }
 
 /// Selects layers by the first matching rule and validates their ranks and weights.
-fn plan_layers<M: Module>(model: &M, config: &EmulatorConfig) -> Result<Vec<PlannedLayer>> {
+/// `path` of a layer inside the part at `part_path`, as a path in the whole model.
+fn join_path(part_path: &str, path: &str) -> String {
+    match (part_path.is_empty(), path.is_empty()) {
+        (true, _) => path.to_string(),
+        (false, true) => part_path.to_string(),
+        (false, false) => format!("{part_path}.{path}"),
+    }
+}
+
+fn plan_layers<M: Module>(
+    model: &M,
+    config: &EmulatorConfig,
+    part_path: &str,
+) -> Result<Vec<PlannedLayer>> {
     let rules = config.compiled_rules()?;
     let mut plan = Vec::new();
     let mut problem = None;
     let mut emloc_paths = Vec::new();
     for_each_linear(model, |path, linear| {
+        let path = &join_path(part_path, path);
         emloc_paths.push(path.to_string());
         if problem.is_some() {
             return;
@@ -370,8 +420,11 @@ fn plan_layers<M: Module>(model: &M, config: &EmulatorConfig) -> Result<Vec<Plan
         return Err(e);
     }
     if plan.is_empty() {
-        let stock: Vec<String> =
-            all_linear_paths(model).into_iter().filter(|p| !emloc_paths.contains(p)).collect();
+        let stock: Vec<String> = all_linear_paths(model)
+            .into_iter()
+            .map(|p| join_path(part_path, &p))
+            .filter(|p| !emloc_paths.contains(p))
+            .collect();
         let what = if stock.is_empty() {
             format!(
                 "the emulator rules {:?}",

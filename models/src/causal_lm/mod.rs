@@ -40,6 +40,7 @@ mod chat;
 mod data;
 mod eval;
 mod load;
+mod streaming;
 mod task;
 mod train;
 
@@ -50,6 +51,7 @@ pub use data::{
 };
 pub use eval::{CausalLmMetrics, EvalConfig, answer_text, evaluate};
 pub use load::{CausalLm, is_gguf, load_causal_lm};
+pub use streaming::{StreamingProgress, emulate_streaming};
 pub use task::{
     CausalBatch, CausalLmTask, PromptStyle, Tokenized, completion_loss, row_nll, token_nll,
 };
