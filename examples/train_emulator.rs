@@ -26,7 +26,8 @@ use burn::train::{
 };
 use emloc::nn::{Linear, LinearConfig};
 use emloc::{
-    CorrectionConfig, EmulatorConfig, LoraConfig, attach_new_adapter, correct, emulate, merge_adapter,
+    CorrectionConfig, EmulatorConfig, LoraConfig, attach_new_adapter, correct, emulate,
+    merge_adapter,
 };
 
 const D_IN: usize = 64;

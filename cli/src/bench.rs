@@ -62,8 +62,10 @@ pub fn bench_correction(args: &BenchCorrectionArgs) -> CliResult<()> {
         },
         &EmulatorConfig::all_layers(args.ratio),
     )?;
-    let (mut tuned, _) =
-        attach_new_adapter(emulator, &LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64))?;
+    let (mut tuned, _) = attach_new_adapter(
+        emulator,
+        &LoraConfig::new(args.rank).with_alpha(2.0 * args.rank as f64),
+    )?;
     // A trained adapter has B ≠ 0; random values cost the same as trained ones.
     for layer in &mut tuned.layers {
         let lora = layer.lora.as_mut().expect("attached");
@@ -114,8 +116,8 @@ pub struct BenchSvdArgs {
 /// P2: whitening (Cholesky) + truncated SVD of one layer, exact vs randomized, side by side.
 /// The peer script `benches/peers/svd_peer.py` times numpy/scipy on the same construction.
 pub fn bench_svd(args: &BenchSvdArgs) -> CliResult<()> {
-    use emloc::emulator::{SvdMethod, WhiteningConfig, factorize_layer};
     use emloc::Matrix;
+    use emloc::emulator::{SvdMethod, WhiteningConfig, factorize_layer};
     println!(
         "| d | rank | exact s | randomized s | speed-up | exact rel. error | randomized rel. error |"
     );

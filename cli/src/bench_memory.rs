@@ -17,6 +17,7 @@
 //! on next-token prediction of random tokens. Memory depends on shapes, not values, so random
 //! weights measure what a real checkpoint of that shape would take.
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -31,6 +32,7 @@ use emloc::{
     EmulatorConfig, EmulatorDescription, LoraConfig, attach_new_adapter, emulate, load_emulator,
     save_emulator,
 };
+use emloc_models::causal_lm;
 use emloc_models::llama::{LlamaConfig, LlamaForCausalLM};
 use emloc_models::retrieval::batch_order;
 use emloc_models::rng::XorShiftRng;
@@ -38,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::CliResult;
 use crate::args::{EmulatorArgs, ModelArgs, TrainArgs};
+use crate::causal::build_emulator_streaming;
 use crate::data::{DataArgs, calibration_texts};
 use crate::memory::{Phase, PhaseStats};
 use crate::progress::progress;
@@ -57,8 +60,12 @@ pub enum BenchModel {
 pub enum MemoryPhase {
     /// Forward passes of the original model on the training batches.
     Inference,
-    /// Calibration and emulator construction; writes `OUT/emulator`.
+    /// Calibration and emulator construction with the whole original in memory; writes
+    /// `OUT/emulator`.
     Emulate,
+    /// Llama from `--model` only: streaming construction, one dense block at a time (what
+    /// `emloc emulate` does for decoders); writes `OUT/emulator-streaming`.
+    EmulateStreaming,
     /// LoRA fine-tuning on the emulator from `OUT/emulator`.
     FinetuneEmulator,
     /// LoRA fine-tuning on the original model.
@@ -66,14 +73,20 @@ pub enum MemoryPhase {
 }
 
 impl MemoryPhase {
-    const ALL: [MemoryPhase; 4] =
-        [Self::Inference, Self::Emulate, Self::FinetuneEmulator, Self::FinetuneFull];
+    const ALL: [MemoryPhase; 5] = [
+        Self::Inference,
+        Self::Emulate,
+        Self::EmulateStreaming,
+        Self::FinetuneEmulator,
+        Self::FinetuneFull,
+    ];
 
     /// A name for tables.
     pub fn name(self) -> &'static str {
         match self {
             Self::Inference => "inference (original)",
             Self::Emulate => "emulator construction",
+            Self::EmulateStreaming => "emulator construction, streaming",
             Self::FinetuneEmulator => "LoRA fine-tuning on the emulator",
             Self::FinetuneFull => "LoRA fine-tuning on the original",
         }
@@ -115,6 +128,10 @@ pub struct BenchMemoryArgs {
     /// Output directory: report.json and the emulator built by the `emulate` phase.
     #[arg(long, default_value = "emloc-bench-memory")]
     pub out: PathBuf,
+    /// The phases to run, comma-separated (default: all; `emulate-streaming` only for a Llama
+    /// read from `--model`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub phases: Vec<MemoryPhase>,
     /// Internal: run only this phase and print its statistics as one JSON line.
     #[arg(long, value_enum, hide = true)]
     pub phase: Option<MemoryPhase>,
@@ -162,15 +179,24 @@ impl LlamaShape {
         config.tie_word_embeddings = true;
         config
     }
+}
 
-    /// Parameters of the model (tied head: the embedding counted once).
-    fn params(&self) -> usize {
-        let c = self.config();
-        let (d, f) = (c.hidden_size, c.intermediate_size);
-        let kv = c.num_key_value_heads() * c.head_dim();
-        let layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d;
-        c.vocab_size * d + c.num_hidden_layers * layer + d
-    }
+/// The config of the measured Llama: `--model`'s, or the random shapes'.
+fn llama_config(args: &BenchMemoryArgs) -> CliResult<LlamaConfig> {
+    Ok(match args.model.model.as_deref() {
+        Some(path) => causal_lm::read_config(path)?,
+        None => args.llama.config(),
+    })
+}
+
+/// Parameters of a Llama with `c` (a tied head's embedding counted once; no biases).
+fn llama_params(c: &LlamaConfig) -> usize {
+    let (d, f) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim();
+    let kv = c.num_key_value_heads() * c.head_dim();
+    let layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d;
+    let head = if c.tie_word_embeddings { 0 } else { c.vocab_size * d };
+    c.vocab_size * d + head + c.num_hidden_layers * layer + d
 }
 
 /// What one phase measured.
@@ -210,13 +236,13 @@ pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let bench_args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let mut results = Vec::new();
-    for phase in MemoryPhase::ALL {
+    for phase in selected_phases(args) {
         eprintln!("== {} (own process)", phase.name());
         let result = run_phase_process(&bench_args, phase)?;
         eprintln!("   peak RSS {} MiB, {:.1} s", mib(result.peak_rss_bytes), result.wall_seconds);
         results.push(result);
     }
-    print_table(args, &results);
+    print_table(args, &results)?;
     let report = serde_json::json!({
         "bench": "memory",
         "args": args,
@@ -224,6 +250,8 @@ pub fn bench_memory(args: &BenchMemoryArgs) -> CliResult<()> {
         "phases": results,
         "finetune_emulator_over_inference_rss": ratio(&results, MemoryPhase::FinetuneEmulator),
         "finetune_full_over_inference_rss": ratio(&results, MemoryPhase::FinetuneFull),
+        "emulate_over_inference_rss": ratio(&results, MemoryPhase::Emulate),
+        "emulate_streaming_over_inference_rss": ratio(&results, MemoryPhase::EmulateStreaming),
     });
     let mut json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     json.push('\n');
@@ -266,6 +294,18 @@ pub fn run_phase_process(bench_args: &[OsString], phase: MemoryPhase) -> CliResu
     Ok(serde_json::from_str(line).map_err(|e| e.to_string())?)
 }
 
+/// `--phases`, or every phase that applies (streaming construction needs a Llama checkpoint).
+fn selected_phases(args: &BenchMemoryArgs) -> Vec<MemoryPhase> {
+    if !args.phases.is_empty() {
+        return args.phases.clone();
+    }
+    let streams = args.kind == BenchModel::Llama && args.model.model.is_some();
+    MemoryPhase::ALL
+        .into_iter()
+        .filter(|&p| p != MemoryPhase::EmulateStreaming || streams)
+        .collect()
+}
+
 fn validate(args: &BenchMemoryArgs) -> CliResult<()> {
     if args.steps == 0 || args.batch_size == 0 || args.rank == 0 {
         return Err("--steps, --batch-size and --rank must be at least 1".into());
@@ -280,6 +320,13 @@ fn validate(args: &BenchMemoryArgs) -> CliResult<()> {
             );
         }
         args.llama.config().validate().map_err(|e| format!("Llama shape: {e}"))?;
+    }
+    if selected_phases(args).contains(&MemoryPhase::EmulateStreaming)
+        && (args.kind != BenchModel::Llama || args.model.model.is_none())
+    {
+        return Err("the emulate-streaming phase needs --model-kind llama and --model (an HF \
+                    directory or a .gguf file)"
+            .into());
     }
     Ok(())
 }
@@ -313,7 +360,7 @@ fn ratio(results: &[PhaseResult], phase: MemoryPhase) -> Option<f64> {
 
 fn model_params(args: &BenchMemoryArgs) -> CliResult<usize> {
     Ok(match args.kind {
-        BenchModel::Llama => args.llama.params(),
+        BenchModel::Llama => llama_params(&llama_config(args)?),
         BenchModel::Minilm => {
             let (encoder, _) = args.model.load()?;
             encoder.model.num_params()
@@ -321,7 +368,7 @@ fn model_params(args: &BenchMemoryArgs) -> CliResult<usize> {
     })
 }
 
-fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
+fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) -> CliResult<()> {
     let what = match args.kind {
         BenchModel::Minilm => format!(
             "MiniLM, batch {} pairs × ≤{} tokens",
@@ -329,8 +376,12 @@ fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
             args.model.encoder_max_seq_length()
         ),
         BenchModel::Llama => format!(
-            "random Llama ({:.2} B parameters, f32), batch {} × {} tokens",
-            args.llama.params() as f64 / 1e9,
+            "{} ({:.2} B parameters, f32), batch {} × {} tokens",
+            args.model
+                .model
+                .as_ref()
+                .map_or_else(|| "random Llama".to_string(), |p| format!("Llama {}", p.display())),
+            llama_params(&llama_config(args)?) as f64 / 1e9,
             args.batch_size,
             args.llama.seq_len
         ),
@@ -355,6 +406,7 @@ fn print_table(args: &BenchMemoryArgs, results: &[PhaseResult]) {
             r.wall_seconds
         );
     }
+    Ok(())
 }
 
 /// `--config`'s rules, or uniform `--ratio`.
@@ -434,6 +486,7 @@ fn minilm_phase(
             )?;
             Ok(None)
         }
+        MemoryPhase::EmulateStreaming => Err("streaming construction is for decoders".into()),
         MemoryPhase::FinetuneEmulator | MemoryPhase::FinetuneFull => {
             let (encoder, label) = if phase == MemoryPhase::FinetuneEmulator {
                 (args.model.load_emulated(&emulator_dir(args))?.0, "LoRA on the emulator")
@@ -454,6 +507,27 @@ fn minilm_phase(
             Ok(Some((report.first_loss as f32, report.last_loss as f32)))
         }
     }
+}
+
+/// `--config`'s rules, or uniform `--ratio` with the randomized SVD, which keeps a 1 B model's
+/// construction to minutes on a small CPU.
+fn llama_emulator_config(args: &BenchMemoryArgs) -> CliResult<EmulatorConfig> {
+    let mut config = emulator_config(args)?;
+    if args.config.is_none() {
+        config.whitening.svd = SvdMethod::Randomized { oversample: 10, power_iterations: 2 };
+    }
+    Ok(config)
+}
+
+fn log_llama_emulator(report: &emloc::EmulatorReport) {
+    eprintln!(
+        "emulator: {} layers, {:.0} M → {:.0} M parameters in them, calibration {:.1} s, construction {:.1} s",
+        report.layers.len(),
+        report.params_original() as f64 / 1e6,
+        report.params_kept() as f64 / 1e6,
+        report.calibration_seconds,
+        report.construction_seconds
+    );
 }
 
 /// Llama LoRA targets: every projection of attention and MLP.
@@ -488,13 +562,24 @@ fn llama_phase(
     let device = Device::flex();
     device.seed(7);
     let shape = &args.llama;
-    let config = shape.config();
-    // A freshly built model is lazily initialised: a parameter is materialised (randomly) when
-    // first used, so the emulator phase never creates the dense weights it replaces.
-    let model = config.init(true, &device);
+    let checkpoint = args.model.model.as_deref();
+    let config = match checkpoint {
+        Some(path) => causal_lm::read_config(path)?,
+        None => shape.config(),
+    };
+    // A model read from `--model`, its parameters at `skip` left unread; or a freshly built one,
+    // lazily initialised: a parameter is materialised (randomly) when first used, so the
+    // emulator phase never creates the dense weights it replaces.
+    let model = |skip: &BTreeSet<String>| -> CliResult<LlamaForCausalLM> {
+        Ok(match checkpoint {
+            Some(path) => causal_lm::load_weights_skipping(path, &device, skip)?,
+            None => config.init(true, &device),
+        })
+    };
     let mut rng = XorShiftRng::new(11);
     match phase {
         MemoryPhase::Inference => {
+            let model = model(&BTreeSet::new())?;
             let bar = progress(args.steps, "inference");
             for _ in 0..args.steps {
                 let ids = random_ids(
@@ -510,16 +595,32 @@ fn llama_phase(
             bar.finish_and_clear();
             Ok(None)
         }
+        MemoryPhase::EmulateStreaming => {
+            let path = checkpoint.ok_or("the emulate-streaming phase needs --model")?;
+            let calibration: Vec<Vec<u32>> = (0..shape.calibration_sequences)
+                .map(|_| {
+                    (0..shape.seq_len)
+                        .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
+                        .collect()
+                })
+                .collect();
+            let emulator_config = llama_emulator_config(args)?;
+            let (emulator, report) =
+                build_emulator_streaming(path, &device, &calibration, &emulator_config)?;
+            log_llama_emulator(&report);
+            save_emulator(
+                &emulator,
+                &EmulatorDescription::new(emulator_config, report),
+                &args.out.join("emulator-streaming"),
+            )?;
+            Ok(None)
+        }
         MemoryPhase::Emulate => {
+            let model = model(&BTreeSet::new())?;
             let calibration: Vec<Tensor<2, Int>> = (0..shape.calibration_sequences)
                 .map(|_| random_ids(&mut rng, 1, shape.seq_len, config.vocab_size, &device))
                 .collect();
-            let mut emulator_config = emulator_config(args)?;
-            if args.config.is_none() {
-                // The randomized SVD keeps a 1 B model's construction to minutes on a small CPU.
-                emulator_config.whitening.svd =
-                    SvdMethod::Randomized { oversample: 10, power_iterations: 2 };
-            }
+            let emulator_config = llama_emulator_config(args)?;
             let bar = progress(shape.calibration_sequences, "calibration");
             let (emulator, report) = emulate(
                 model,
@@ -531,14 +632,7 @@ fn llama_phase(
                 &emulator_config,
             )?;
             bar.finish_and_clear();
-            eprintln!(
-                "emulator: {} layers, {:.0} M → {:.0} M parameters in them, calibration {:.1} s, construction {:.1} s",
-                report.layers.len(),
-                report.params_original() as f64 / 1e6,
-                report.params_kept() as f64 / 1e6,
-                report.calibration_seconds,
-                report.construction_seconds
-            );
+            log_llama_emulator(&report);
             save_emulator(
                 &emulator,
                 &EmulatorDescription::new(emulator_config, report),
@@ -547,14 +641,19 @@ fn llama_phase(
             Ok(None)
         }
         MemoryPhase::FinetuneEmulator => {
-            let (emulator, _) = load_emulator(model, &emulator_dir(args))?;
+            let description = emloc::read_emulator_description(&emulator_dir(args))?;
+            let replaced =
+                description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
+            let (emulator, _) = load_emulator(model(&replaced)?, &emulator_dir(args))?;
             // The rest of the model (embeddings, norms) is materialised by the first step.
             loaded();
-            llama_finetune(args, emulator, &mut rng, "LoRA on the emulator").map(Some)
+            llama_finetune(args, emulator, config.vocab_size, &mut rng, "LoRA on the emulator")
+                .map(Some)
         }
         MemoryPhase::FinetuneFull => {
+            let model = model(&BTreeSet::new())?;
             loaded();
-            llama_finetune(args, model, &mut rng, "LoRA on the model").map(Some)
+            llama_finetune(args, model, config.vocab_size, &mut rng, "LoRA on the model").map(Some)
         }
     }
 }
@@ -562,6 +661,7 @@ fn llama_phase(
 fn llama_finetune(
     args: &BenchMemoryArgs,
     model: LlamaForCausalLM,
+    vocab: usize,
     rng: &mut XorShiftRng,
     label: &str,
 ) -> CliResult<(f32, f32)> {
@@ -576,8 +676,7 @@ fn llama_finetune(
     let bar = progress(args.steps, label);
     let mut losses = Vec::new();
     // One fixed batch: the loss must fall, which checks that the adapter actually trains.
-    let ids =
-        random_ids(rng, args.batch_size, args.llama.seq_len, args.llama.llama_vocab, &train_device);
+    let ids = random_ids(rng, args.batch_size, args.llama.seq_len, vocab, &train_device);
     for _ in 0..args.steps {
         let loss = lm_loss(model.forward(ids.clone(), None), ids.clone());
         let value = loss.clone().into_scalar::<f32>();

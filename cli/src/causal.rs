@@ -105,14 +105,40 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let staged = StagedDir::begin(&args.out)?;
     let config = args.emulator.config()?;
     let split = args.data.split_examples()?;
-    let mut lm = args.model.load_decoder(&BTreeSet::new())?;
+    let path = args.model.model.as_deref().ok_or("--model is required for a decoder")?;
+    // Tokenizer, template and config only: the weights are read block by block below.
+    let lm = args.model.load_decoder(&causal_lm::parameter_paths(path)?)?;
     check_out(&args.out, &lm.source)?;
     let sequences = calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
-    // Moved out (a lazily initialised placeholder stays), so that emulation releases the
-    // original's dense weights layer by layer.
-    let original = std::mem::replace(&mut lm.model, lm.config.init(true, &args.model.device()?));
-    let (emulator, report) = build_emulator(original, &sequences, &config)?;
+    let (emulator, report) =
+        build_emulator_streaming(&lm.source, &args.model.device()?, &sequences, &config)?;
     save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, staged)
+}
+
+/// Builds the emulator of the decoder at `path` block by block
+/// ([`causal_lm::emulate_streaming`]: one dense block in memory at a time, the same emulator
+/// as [`build_emulator`] on the loaded original), with a bar over the blocks and one over the
+/// factored layers.
+pub fn build_emulator_streaming(
+    path: &Path,
+    device: &burn::tensor::Device,
+    sequences: &[Vec<u32>],
+    config: &emloc::EmulatorConfig,
+) -> CliResult<(LlamaForCausalLM, EmulatorReport)> {
+    let mut blocks = None;
+    let mut factorization = progress::factorization();
+    let result =
+        causal_lm::emulate_streaming(path, device, sequences, config, |event| match event {
+            causal_lm::StreamingProgress::Part { done, total } => {
+                let bar = blocks.get_or_insert_with(|| progress(total, "blocks (load, calibrate)"));
+                bar.set_position(done as u64);
+            }
+            causal_lm::StreamingProgress::Layer(layer) => factorization(layer),
+        });
+    if let Some(bar) = blocks {
+        bar.finish_and_clear();
+    }
+    Ok(result?)
 }
 
 /// Marks an adapter as a causal-LM adapter of the model at `source` (what PEFT's

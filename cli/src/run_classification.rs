@@ -138,7 +138,13 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     let trainable = adapter_params(&tuned);
     let trained_params = tuned.num_params() - trainable;
     export_adapter(&tuned)?.save(&args.out.join("adapter-full-lora"))?;
-    let metrics = evaluate_classes(&encoder, &merge_attached_adapter(tuned), &task, &split.validation, "LoRA")?;
+    let metrics = evaluate_classes(
+        &encoder,
+        &merge_attached_adapter(tuned),
+        &task,
+        &split.validation,
+        "LoRA",
+    )?;
     eprintln!(
         "LoRA on the full model: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
         metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss

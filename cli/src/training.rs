@@ -5,7 +5,8 @@ use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use emloc::{
-    EmulatorConfig, EmulatorReport, attach_adapter_with_ids, attach_new_adapter, emulate_with_progress,
+    EmulatorConfig, EmulatorReport, attach_adapter_with_ids, attach_new_adapter,
+    emulate_with_progress,
 };
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{self, ClassificationMetrics, ClassificationTask, LabeledText};

@@ -6,10 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fails_with, ok};
+use common::{correct_args, fails_with, ok, read_json};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_bert")
+    common::fixture("tiny_bert")
 }
 
 /// 48 sentences whose animal decides the label (colours from the fixture's vocabulary).
@@ -45,7 +45,7 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
     let args = |cmd: &str, model: &str, extra: &[&str]| -> Vec<String> {
         [cmd, "--model", model].iter().chain(&common).chain(extra).map(|s| s.to_string()).collect()
     };
-    let run = |v: Vec<String>| ok(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |v: Vec<String>| ok(&v);
 
     run(args(
         "emulate",
@@ -53,10 +53,7 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
         &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")],
     ));
     // The label descriptions are part of the task: emulator.json (and checkpoints) record them.
-    let description: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap(),
-    )
-    .unwrap();
+    let description = read_json(dir.path().join("emulator/emulator.json"));
     assert_eq!(
         description["provenance"]["selection"]["label_template"], "{label}",
         "{description}"
@@ -79,19 +76,7 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
     let mut extra = vec!["--emulator", emulator.as_str(), "--out", adapter.as_str()];
     extra.extend(train);
     run(args("finetune", &model, &extra));
-    ok(&[
-        "correct",
-        "--model",
-        &model,
-        "--max-seq-length",
-        "12",
-        "--emulator",
-        &p("emulator"),
-        "--adapter",
-        &p("adapter"),
-        "--out",
-        &p("corrected"),
-    ]);
+    ok(&correct_args(&model, &emulator, &adapter, &p("corrected"), &["--max-seq-length", "12"]));
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
 
     let eval = |v: Vec<String>| -> serde_json::Value { serde_json::from_str(&run(v)).unwrap() };
@@ -183,9 +168,7 @@ fn run_prints_the_six_rows_and_applies_only_the_recipe_defaults_not_given() {
     ]) {
         assert!(row.starts_with(&format!("| {name}")), "{row}");
     }
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/report.json")).unwrap())
-            .unwrap();
+    let report = read_json(dir.path().join("run/report.json"));
     // Given on the command line: kept. Not given: the recipe's (36 steps, 4 warmup steps).
     assert_eq!(
         (report["data"]["validation"].as_u64(), report["train"]["batch_size"].as_u64()),

@@ -3,21 +3,17 @@
 //! creates nor modifies its output. One check per class of damage; the library side of each
 //! class is tested in `models/tests/corrupt.rs`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{command, copy_tiny_bert, emloc, read_json};
 use emloc::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use serde_json::Value;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_bert")
-}
-
-fn emloc(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_emloc")).args(args).output().expect("runs");
-    eprintln!("$ emloc {}\n{}", args.join(" "), String::from_utf8_lossy(&output.stderr));
-    output
+    common::fixture("tiny_bert")
 }
 
 /// Runs emloc, expects failure with every one of `needles` on stderr, and no panic.
@@ -41,15 +37,11 @@ fn corrupt_model(
     edit: impl FnOnce(&mut serde_json::Map<String, Value>),
 ) -> PathBuf {
     let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture().join(f), dir.join(f)).unwrap();
-    }
+    copy_tiny_bert(&dir);
     if let Some(bytes) = weights {
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
     }
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut config = read_json(dir.join("config.json"));
     edit(config.as_object_mut().unwrap());
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap())
         .unwrap();
@@ -223,8 +215,7 @@ fn default_model_dir_holding_user_files_is_never_replaced() {
     let dir = tmp.path().join("mine");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("notes.txt"), b"keep me").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_emloc"))
-        .args(["eval"])
+    let output = command(["eval"])
         .env("EMLOC_MINILM_DIR", &dir)
         // A fetch that got as far as downloading would fail here instead of reaching PyPI.
         .env("PYTHON", "/nonexistent/python3")

@@ -4,13 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{fails_with, ok};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures").join(name)
-}
+use common::{correct_args, fails_with, fixture, ok, read_json};
 
 /// Completion data in the tiny word-level vocabulary: the target repeats the input's animal,
 /// so the task is learnable; every fourth line is multiple choice.
@@ -59,9 +55,7 @@ fn decoder_pipeline_runs_every_stage() {
             .map(str::to_string)
             .collect()
     };
-    let run = |cmd: &str, extra: &[&str]| {
-        ok(&args(cmd, extra).iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let run = |cmd: &str, extra: &[&str]| ok(&args(cmd, extra));
 
     let zero_shot = run("eval", &["--max-new-tokens", "4"]);
     let zero_shot: serde_json::Value = serde_json::from_str(&zero_shot).unwrap();
@@ -72,10 +66,7 @@ fn decoder_pipeline_runs_every_stage() {
     );
 
     run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
-    let description: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap(),
-    )
-    .unwrap();
+    let description = read_json(dir.path().join("emulator/emulator.json"));
     assert!(description.to_string().contains("model.layers.1.mlp.down_proj"), "{description}");
 
     let (emulator, adapter) = (p("emulator"), p("adapter"));
@@ -97,25 +88,12 @@ fn decoder_pipeline_runs_every_stage() {
         vec!["--emulator", emulator.as_str(), "--checkpoint-every", "3", "--out", adapter.as_str()];
     extra.extend(train);
     run("finetune", &extra);
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("adapter/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let config = read_json(dir.path().join("adapter/adapter_config.json"));
     assert_eq!(config["task_type"], "CAUSAL_LM", "{config}");
     assert_eq!(config["target_modules"].as_array().map(Vec::len), Some(2 * 7), "{config}");
     assert!(dir.path().join("adapter/checkpoint-6/trainer_state.json").is_file());
 
-    ok(&[
-        "correct",
-        "--model",
-        &model,
-        "--emulator",
-        &emulator,
-        "--adapter",
-        &adapter,
-        "--out",
-        &p("corrected"),
-    ]);
+    ok(&correct_args(&model, &emulator, &adapter, &p("corrected"), &[]));
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
 
     // Serving the corrected adapter beside the model equals merging it (within f32 rounding).
@@ -281,17 +259,7 @@ fn gguf_decoder_goes_through_every_stage_and_merges_into_an_hf_directory() {
             "2",
         ],
     );
-    ok(&[
-        "correct",
-        "--model",
-        &model,
-        "--emulator",
-        &emulator,
-        "--adapter",
-        &adapter,
-        "--out",
-        &p("corrected"),
-    ]);
+    ok(&correct_args(&model, &emulator, &adapter, &p("corrected"), &[]));
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);
     for file in [
         "config.json",
@@ -364,9 +332,7 @@ fn bigbench_recipe_scores_every_task_and_checks_its_options() {
     ];
     let table = ok(&[&args[..], &["--rows", "headline"]].concat());
     assert!(table.contains("| MathQA |"), "{table}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/report.json")).unwrap())
-            .unwrap();
+    let report = read_json(dir.path().join("run/report.json"));
     let rows = report["rows"].as_array().unwrap();
     let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
     assert_eq!(rows.len(), 5, "{methods:?}");

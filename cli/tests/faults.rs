@@ -10,28 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{emloc, ok};
-
-const WORDS: [&str; 20] = [
-    "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue",
-    "bird", "sings", "tree", "house", "sun", "moon", "night", "day",
-];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures").join(name)
-}
-
-/// 40 question/answer pairs in the tiny BERT vocabulary.
-fn write_data(path: &Path) {
-    let lines: Vec<String> = (0..40usize)
-        .map(|i| {
-            let w = |k: usize| WORDS[(i * 7 + k * 3) % WORDS.len()];
-            let question = format!("the {} {} on the {} .", w(0), w(1), w(2));
-            serde_json::json!({"question": question, "answer": format!("a {} and the {} .", w(0), w(2))}).to_string()
-        })
-        .collect();
-    std::fs::write(path, lines.join("\n")).unwrap();
-}
+use common::{
+    command, copy_tiny_bert, correct_args, emloc, fixture, ok, read_json, write_retrieval_data,
+};
 
 /// The inputs of the three stages on the tiny BERT fixture: data, an emulator and an adapter
 /// trained on it (built once per test, by the stages themselves).
@@ -43,12 +24,8 @@ impl Inputs {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let inputs = Self { dir };
-        write_data(&inputs.path("data.jsonl"));
-        ok(&inputs
-            .args("emulate", &inputs.path("emulator"))
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>());
+        write_retrieval_data(&inputs.path("data.jsonl"));
+        ok(&inputs.args("emulate", &inputs.path("emulator")));
         let (model, data, emulator, adapter) = (
             Self::model(),
             inputs.arg("data.jsonl"),
@@ -118,19 +95,9 @@ impl Inputs {
                 "--out",
                 &out,
             ],
-            "correct" => vec![
-                "correct",
-                "--model",
-                &model,
-                "--max-seq-length",
-                "12",
-                "--emulator",
-                &emulator,
-                "--adapter",
-                &adapter,
-                "--out",
-                &out,
-            ],
+            "correct" => {
+                correct_args(&model, &emulator, &adapter, &out, &["--max-seq-length", "12"])
+            }
             "merge" => vec!["merge", "--model", &model, "--adapter", &adapter, "--out", &out],
             _ => unreachable!("{stage}"),
         };
@@ -138,17 +105,11 @@ impl Inputs {
     }
 
     fn spawn(&self, stage: &str, out: &Path) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_emloc"))
-            .args(self.args(stage, out))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        command(self.args(stage, out)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
     }
 
     fn run(&self, stage: &str, out: &Path) -> Output {
-        let args = self.args(stage, out);
-        emloc(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        emloc(&self.args(stage, out))
     }
 }
 
@@ -539,24 +500,15 @@ fn an_existing_out_with_files_is_refused_and_an_empty_one_replaced() {
 /// A copy of the tiny BERT fixture in `root/model`.
 fn model_copy(root: &Path) -> PathBuf {
     let model = root.join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture("tiny_bert").join(f), model.join(f)).unwrap();
-    }
+    copy_tiny_bert(&model);
     model
 }
 
 /// `emloc merge` of the tiny adapter into `model`, killed (failing the test) after 30 s; returns
 /// the written file names and the report.
 fn merge_into(inputs: &Inputs, model: &Path, out: &Path) -> (Vec<String>, serde_json::Value) {
-    let child = Command::new(env!("CARGO_BIN_EXE_emloc"))
-        .args([
-            "merge",
-            "--model",
-            &model.display().to_string(),
-            "--adapter",
-            &inputs.arg("adapter"),
-        ])
+    let model = model.display().to_string();
+    let child = command(["merge", "--model", &model, "--adapter", &inputs.arg("adapter")])
         .arg("--out")
         .arg(out)
         .stderr(Stdio::piped())
@@ -565,8 +517,7 @@ fn merge_into(inputs: &Inputs, model: &Path, out: &Path) -> (Vec<String>, serde_
     let output = finish_within(child, Duration::from_secs(30), "merge");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "merge failed: {stderr}");
-    let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    (files(out).into_keys().collect(), report)
+    (files(out).into_keys().collect(), read_json(out.join("report.json")))
 }
 
 /// The names a merge report lists as skipped.

@@ -7,27 +7,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{emloc, fails_with, ok};
-
-const WORDS: [&str; 20] = [
-    "cat", "dog", "sat", "on", "mat", "runs", "fast", "park", "big", "small", "red", "blue",
-    "bird", "sings", "tree", "house", "sun", "moon", "night", "day",
-];
+use common::{
+    command, copy_tiny_bert, correct_args, emloc, fails_with, ok, read_json,
+    write_retrieval_data as write_data,
+};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny_bert")
-}
-
-/// 40 pairs whose answer repeats two words of the question, so retrieval is learnable.
-fn write_data(path: &Path) {
-    let mut lines = Vec::new();
-    for i in 0..40usize {
-        let w = |k: usize| WORDS[(i * 7 + k * 3) % WORDS.len()];
-        let question = format!("the {} {} on the {} .", w(0), w(1), w(2));
-        let answer = format!("a {} and the {} .", w(0), w(2));
-        lines.push(serde_json::json!({"question": question, "answer": answer}).to_string());
-    }
-    std::fs::write(path, lines.join("\n")).unwrap();
+    common::fixture("tiny_bert")
 }
 
 #[test]
@@ -52,17 +38,14 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     let run = |cmd: &str, extra: &[&str]| {
         let mut args = vec![cmd.to_string()];
         args.extend(with(extra));
-        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        ok(&args)
     };
 
     run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
     assert!(dir.path().join("emulator/emulator.safetensors").is_file());
     // emulator.json records what built it: the model's files and the data, by content
     // (checked against coreutils' sha256sum), and how calibration samples were drawn.
-    let description: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("emulator/emulator.json")).unwrap(),
-    )
-    .unwrap();
+    let description = read_json(dir.path().join("emulator/emulator.json"));
     let provenance = &description["provenance"];
     let sha256sum = |path: &Path| -> String {
         let out = Command::new("sha256sum").arg(path).output().expect("sha256sum runs");
@@ -88,10 +71,7 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     );
     // ... so it is refused beside another model (one weight bit flipped), before any work.
     let other = dir.path().join("other-model");
-    std::fs::create_dir(&other).unwrap();
-    for file in ["config.json", "tokenizer.json"] {
-        std::fs::copy(fixture().join(file), other.join(file)).unwrap();
-    }
+    copy_tiny_bert(&other);
     let mut weights = std::fs::read(fixture().join("model.safetensors")).unwrap();
     *weights.last_mut().unwrap() ^= 1;
     std::fs::write(other.join("model.safetensors"), weights).unwrap();
@@ -142,50 +122,18 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     ] {
         assert!(dir.path().join("adapter").join(file).is_file(), "{file}");
     }
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("adapter/report.json")).unwrap(),
-    )
-    .unwrap();
+    let report = read_json(dir.path().join("adapter/report.json"));
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0, "{report}");
     // The tiny model's weights alone are ~30 KB; a training run's heap peak must exceed them.
     assert!(report["peak_heap_bytes"].as_u64().unwrap() > 30_000, "{report}");
 
-    fails_with(
-        &[
-            "correct",
-            "--model",
-            &other,
-            "--max-seq-length",
-            "12",
-            "--emulator",
-            &emulator,
-            "--adapter",
-            &adapter,
-            "--out",
-            &p("refused"),
-        ],
-        refused,
-    );
+    let max_seq_length = ["--max-seq-length", "12"];
+    fails_with(&correct_args(&other, &emulator, &adapter, &p("refused"), &max_seq_length), refused);
     assert!(!dir.path().join("refused").exists());
-    ok(&[
-        "correct",
-        "--model",
-        &model,
-        "--max-seq-length",
-        "12",
-        "--emulator",
-        &emulator,
-        "--adapter",
-        &adapter,
-        "--out",
-        &p("corrected"),
-    ]);
+    ok(&correct_args(&model, &emulator, &adapter, &p("corrected"), &max_seq_length));
     // PEFT's AutoPeftModelForFeatureExtraction needs the base model and the task type.
     for stage in ["adapter", "corrected"] {
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join(stage).join("adapter_config.json")).unwrap(),
-        )
-        .unwrap();
+        let config = read_json(dir.path().join(stage).join("adapter_config.json"));
         assert_eq!(config["task_type"], "FEATURE_EXTRACTION", "{stage}: {config}");
         let canonical = std::fs::canonicalize(&model).unwrap().display().to_string();
         assert_eq!(config["base_model_name_or_path"], canonical.as_str(), "{stage}: {config}");
@@ -199,7 +147,7 @@ fn pipeline_stages_chain_and_merged_equals_unmerged() {
     let metrics = |args: Vec<String>| -> serde_json::Value {
         let mut all = vec!["eval".to_string()];
         all.extend(args);
-        serde_json::from_str(&ok(&all.iter().map(String::as_str).collect::<Vec<_>>())).unwrap()
+        serde_json::from_str(&ok(&all)).unwrap()
     };
     let merged = metrics(
         with(&[]).into_iter().map(|s| if s == model { merged_dir.clone() } else { s }).collect(),
@@ -280,7 +228,7 @@ fn bad_inputs_fail_with_a_message_and_write_nothing() {
     let call = |cmd: &str, extra: &[&str], needle: &str| {
         let mut all = vec![cmd.to_string()];
         all.extend(args(extra));
-        fails_with(&all.iter().map(String::as_str).collect::<Vec<_>>(), needle);
+        fails_with(&all, needle);
     };
     call(
         "emulate",
@@ -454,22 +402,11 @@ fn killing_a_run_midway_loses_nothing_and_resume_finishes_it() {
     let weights =
         |out: &str| std::fs::read(Path::new(out).join("adapter_model.safetensors")).unwrap();
     let reference = p("reference");
-    assert!(
-        Command::new(env!("CARGO_BIN_EXE_emloc"))
-            .args(args(&reference))
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    assert!(emloc(&args(&reference)).status.success());
 
     // SIGKILL the same run part-way through; no cleanup code of ours runs.
     let killed = p("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_emloc"))
-        .args(args(&killed))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = command(args(&killed)).stderr(std::process::Stdio::null()).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(400));
     let _ = child.kill();
     child.wait().unwrap();
@@ -501,14 +438,7 @@ fn killing_a_run_midway_loses_nothing_and_resume_finishes_it() {
         if checkpoints > 0 {
             again.push("--resume".into());
         }
-        assert!(
-            Command::new(env!("CARGO_BIN_EXE_emloc"))
-                .args(again)
-                .output()
-                .unwrap()
-                .status
-                .success()
-        );
+        assert!(emloc(&again).status.success());
     }
     assert!(
         weights(&killed) == weights(&reference),
@@ -545,8 +475,7 @@ fn bench_memory_measures_every_phase_in_its_own_process() {
     args.extend(tiny_llama);
     let table = ok(&args);
     assert!(table.contains("| LoRA fine-tuning on the emulator |"), "{table}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = read_json(out.join("report.json"));
     let phases = report["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 4);
     for phase in phases {
@@ -559,10 +488,47 @@ fn bench_memory_measures_every_phase_in_its_own_process() {
         let (first, last) = (losses[0].as_f64().unwrap(), losses[1].as_f64().unwrap());
         assert!(last.is_finite() && last < first, "{phase}");
     }
-    let emulator: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("emulator/emulator.json")).unwrap())
-            .unwrap();
+    let emulator = read_json(out.join("emulator/emulator.json"));
     assert_eq!(emulator["report"]["layers"].as_array().unwrap().len(), 2 * 7);
+
+    // A Llama read from a checkpoint: every phase, streaming construction included, which
+    // builds the same emulator as the in-memory phase, bit for bit.
+    let from_file = dir.path().join("llama-file");
+    let (model, file_out) =
+        (common::fixture("tiny_llama").display().to_string(), from_file.display().to_string());
+    let table = ok(&[
+        "bench-memory",
+        "--model-kind",
+        "llama",
+        "--model",
+        &model,
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--seq-len",
+        "12",
+        "--calibration-sequences",
+        "3",
+        "--out",
+        &file_out,
+    ]);
+    assert!(table.contains("| emulator construction, streaming |"), "{table}");
+    assert_eq!(read_json(from_file.join("report.json"))["phases"].as_array().unwrap().len(), 5);
+    let factors = |name: &str| std::fs::read(from_file.join(name).join("emulator.safetensors"));
+    assert!(factors("emulator").unwrap() == factors("emulator-streaming").unwrap());
+    fails_with(
+        &[
+            "bench-memory",
+            "--model-kind",
+            "llama",
+            "--phases",
+            "emulate-streaming",
+            "--out",
+            &file_out,
+        ],
+        "needs --model-kind llama and --model",
+    );
 
     // MiniLM's path on the tiny BERT fixture, and bad input before any work.
     write_data(&dir.path().join("data.jsonl"));
@@ -621,12 +587,8 @@ fn plan_measure_builds_and_fine_tunes_the_plan_in_child_processes() {
     ]);
     assert!(table.contains("| fine-tuning the global plan |"), "{table}");
     // The measured emulator is the plan's: its layers have the ranks the rules file gives.
-    let emulator: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("rules.measured/emulator/emulator.json")).unwrap(),
-    )
-    .unwrap();
-    let rules: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
+    let emulator = read_json(dir.path().join("rules.measured/emulator/emulator.json"));
+    let rules = read_json(&rules);
     assert_eq!(emulator["config"]["rules"], rules["rules"]);
 }
 
@@ -640,23 +602,22 @@ fn bench_layer_times_both_variants() {
         "{table}"
     );
     // Burn's default device: wgpu in the test build, so the emulator layer runs the fused kernel.
-    let output = Command::new(env!("CARGO_BIN_EXE_emloc"))
-        .args([
-            "bench-layer",
-            "--device",
-            "auto",
-            "--d-in",
-            "48",
-            "--d-out",
-            "40",
-            "--tokens",
-            "30",
-            "--repeats",
-            "1",
-        ])
-        .env("BURN_DEVICE", "wgpu")
-        .output()
-        .unwrap();
+    let output = command([
+        "bench-layer",
+        "--device",
+        "auto",
+        "--d-in",
+        "48",
+        "--d-out",
+        "40",
+        "--tokens",
+        "30",
+        "--repeats",
+        "1",
+    ])
+    .env("BURN_DEVICE", "wgpu")
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success() && stderr.contains("Wgpu"), "{stderr}");
 }
@@ -683,10 +644,7 @@ fn bench_step_times_both_rows_and_names_a_missing_peer() {
     ];
     let table = ok(&[&base[..], &["--no-peer"]].concat());
     assert!(table.contains("| emloc, LoRA on the full model |"), "{table}");
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("bench/report.json")).unwrap(),
-    )
-    .unwrap();
+    let report = read_json(dir.path().join("bench/report.json"));
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{report}");
     for row in rows {

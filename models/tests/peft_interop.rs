@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use emloc::nn::LoraAdapter;
 use emloc::peft::{CONFIG_FILE, PeftAdapter, WEIGHTS_FILE};
-use emloc::{EmlocError, attach_adapter, export_adapter, merge_adapter, merge_adapter_into_safetensors};
+use emloc::{
+    EmlocError, attach_adapter, export_adapter, merge_adapter, merge_adapter_into_safetensors,
+};
 use emloc_models::bert::{BertInput, BertModel};
 use emloc_models::llama::LlamaForCausalLM;
 use serde_json::Value;

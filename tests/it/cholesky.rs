@@ -402,8 +402,8 @@ fn reference_solve(l: &[f64], d: usize, y: &mut [f64], m: usize, transpose: bool
 /// The emulator's whitening with the opt-in device Cholesky (`cholesky_device`) against the
 /// default host f64 path on a well-conditioned calibration Gram: same factors up to f32 rounding.
 fn check_whitening_on_device(device: &Device) {
-    use emloc::emulator::factorize_layer;
     use emloc::Matrix;
+    use emloc::emulator::factorize_layer;
     let (tokens, d_in, d_out, rank) = (300, 70, 45, 12);
     let x = noise(90, tokens * d_in);
     let mut g = vec![0.0f32; d_in * d_in];

@@ -839,7 +839,8 @@ fn peft_made_conv_adapter_matches_peft() {
     assert!(err < 1e-5, "merged vs PEFT: {err}");
 
     let out = tempfile::tempdir().unwrap();
-    merge_adapter_into_safetensors(&adapter, &[fixture().join("base.safetensors")], out.path()).unwrap();
+    merge_adapter_into_safetensors(&adapter, &[fixture().join("base.safetensors")], out.path())
+        .unwrap();
     let mut from_file = TorchNet::load(&device);
     let mut store = SafetensorsStore::from_file(out.path().join("base.safetensors"))
         .with_from_adapter(PyTorchToBurnAdapter);

@@ -14,8 +14,8 @@ use emloc::nn::{
     PositionWiseFeedForward, PositionWiseFeedForwardConfig, SwiGlu, SwiGluConfig,
 };
 use emloc::{
-    CorrectionConfig, EmulatorConfig, LoraConfig, attach_adapter, attach_new_adapter, correct, emulate,
-    linear_layers, merge_adapter,
+    CorrectionConfig, EmulatorConfig, LoraConfig, attach_adapter, attach_new_adapter, correct,
+    emulate, linear_layers, merge_adapter,
 };
 
 use crate::common::*;
@@ -310,7 +310,8 @@ fn dropins_model_goes_through_emulate_lora_correct_and_merge() {
     }
 
     // LoRA on every emulator layer, a few AdamW steps on a toy regression.
-    let (adapted, targets) = attach_new_adapter(emulator, &LoraConfig::new(2).with_alpha(4.0)).unwrap();
+    let (adapted, targets) =
+        attach_new_adapter(emulator, &LoraConfig::new(2).with_alpha(4.0)).unwrap();
     assert_eq!(targets, expected);
     let train_device = device.clone().autodiff();
     let x = tensor3(40, [2, 6, d], &train_device);

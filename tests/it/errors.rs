@@ -136,7 +136,10 @@ fn stock_burn_linear_is_reported_not_silently_skipped() {
         other => panic!("{other}"),
     }
     let lora = LoraConfig::new(2).with_target_modules(vec!["stock".into()]);
-    assert!(matches!(attach_new_adapter(model, &lora).unwrap_err(), EmlocError::NoMatchingLayers(_)));
+    assert!(matches!(
+        attach_new_adapter(model, &lora).unwrap_err(),
+        EmlocError::NoMatchingLayers(_)
+    ));
 }
 
 #[test]
@@ -163,7 +166,8 @@ fn bad_lora_config_and_regex_are_rejected() {
 fn valid_model_is_untouched_by_a_failed_lora_attach() {
     let (model, _) = setup();
     let (model, _) =
-        attach_new_adapter(model, &LoraConfig::new(2).with_target_modules(vec!["l1".into()])).unwrap();
+        attach_new_adapter(model, &LoraConfig::new(2).with_target_modules(vec!["l1".into()]))
+            .unwrap();
     // A second attach on the same layer fails and says why.
     let err = attach_new_adapter(model.clone(), &LoraConfig::new(2)).unwrap_err();
     assert!(err.to_string().contains("already carries"), "{err}");

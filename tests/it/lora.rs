@@ -6,8 +6,8 @@ use burn::tensor::{Device, Tensor};
 use emloc::Matrix;
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use emloc::{
-    EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_new_adapter, emulate, export_adapter,
-    merge_adapter, merge_attached_adapter,
+    EmlocError, EmulatorConfig, LoraConfig, attach_adapter, attach_new_adapter, emulate,
+    export_adapter, merge_adapter, merge_attached_adapter,
 };
 
 use crate::common::*;
@@ -174,9 +174,11 @@ fn adapter_for_another_model_is_rejected_with_every_key() {
 fn merging_into_an_emulator_is_refused() {
     let device = Device::flex();
     let model = Mlp::new(6, 6, 6, &device);
-    let (adapted, _) =
-        attach_new_adapter(model.clone(), &LoraConfig::new(2).with_target_modules(targets(&["l1"])))
-            .unwrap();
+    let (adapted, _) = attach_new_adapter(
+        model.clone(),
+        &LoraConfig::new(2).with_target_modules(targets(&["l1"])),
+    )
+    .unwrap();
     let adapter = export_adapter(&adapted).unwrap();
     let (emulator, _) = emulate(
         model,
@@ -205,13 +207,17 @@ fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
         "{err}"
     );
     // Rank 5 ≤ 5 on l2 is fine.
-    attach_new_adapter(model.clone(), &LoraConfig::new(5).with_target_modules(targets(&["l2"]))).unwrap();
+    attach_new_adapter(model.clone(), &LoraConfig::new(5).with_target_modules(targets(&["l2"])))
+        .unwrap();
 
     // An adapter file with r = 4 on the 3-input l1 (built by hand, as another tool might write it).
     let mut adapter = export_adapter(
-        &attach_new_adapter(model.clone(), &LoraConfig::new(3).with_target_modules(targets(&["l1"])))
-            .unwrap()
-            .0,
+        &attach_new_adapter(
+            model.clone(),
+            &LoraConfig::new(3).with_target_modules(targets(&["l1"])),
+        )
+        .unwrap()
+        .0,
     )
     .unwrap();
     adapter.config.r = 4;
@@ -228,9 +234,8 @@ fn rank_above_the_layer_dims_is_refused_on_attach_load_and_correct() {
     .unwrap();
     let a = emloc::peft::lora_a_key("l1");
     let b = emloc::peft::lora_b_key("l1");
-    let bytes = |m: &emloc::Matrix| {
-        m.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
-    };
+    let bytes =
+        |m: &emloc::Matrix| m.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
     let (ab, bb) = (bytes(&adapter.layers["l1"].lora_a), bytes(&adapter.layers["l1"].lora_b));
     let views = vec![
         (

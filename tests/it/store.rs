@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::Device;
-use emloc::emulator::{DESCRIPTION_FILE, FACTORS_FILE};
 use emloc::Matrix;
+use emloc::emulator::{DESCRIPTION_FILE, FACTORS_FILE};
 use emloc::peft::{PeftAdapter, PeftConfig, PeftLayer};
 use emloc::{
     EmlocError, EmulatorConfig, EmulatorDescription, emulate, load_emulator,
@@ -154,7 +154,8 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
         )]),
     };
     let out = dir.path().join("merged");
-    let merged = merge_adapter_into_safetensors(&adapter, std::slice::from_ref(&input), &out).unwrap();
+    let merged =
+        merge_adapter_into_safetensors(&adapter, std::slice::from_ref(&input), &out).unwrap();
     assert_eq!(
         merged.merged,
         vec![("encoder.dense".to_string(), "bert.encoder.dense.weight".to_string())]
@@ -197,7 +198,9 @@ fn merging_into_safetensors_matches_a_float64_reference_and_copies_the_rest() {
     }
     assert!(!out2.exists(), "a failed merge must not create its output");
     // Writing over the input is refused.
-    assert!(merge_adapter_into_safetensors(&adapter, std::slice::from_ref(&input), dir.path()).is_err());
+    assert!(
+        merge_adapter_into_safetensors(&adapter, std::slice::from_ref(&input), dir.path()).is_err()
+    );
 
     // A NaN in the checkpoint's weight is named, not merged into a NaN model.
     let mut poisoned = w.clone();

@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use super::{BertEmbeddingsConfig, BertEncoderConfig, BertModel, BertPooler};
+use super::{BertEmbeddingsConfig, BertEncoderConfig, BertModel, BertPoolerConfig};
 use crate::error::{ConfigProblem, Result};
 use crate::loading::{check_sizes, parse_config, read_json};
 
@@ -190,7 +190,7 @@ impl BertConfig {
         BertModel {
             embeddings: BertEmbeddingsConfig::from_bert(self).init(device),
             encoder: BertEncoderConfig::from_bert(self).init(device),
-            pooler: add_pooling_layer.then(|| BertPooler::new(self.hidden_size, device)),
+            pooler: add_pooling_layer.then(|| BertPoolerConfig::from_bert(self).init(device)),
         }
     }
 }

@@ -47,8 +47,8 @@ pub use config::{BertConfig, HiddenAct, REQUIRED_FIELDS};
 pub use embeddings::{BertEmbeddings, BertEmbeddingsConfig};
 pub use encoder::{BertEncoder, BertEncoderConfig, BertIntermediate, BertLayer, BertOutput};
 pub use model::{
-    BertInput, BertModel, BertModelOutput, BertPooler, MASK_BIAS, attention_mask_bias, key_mapping,
-    linear_paths,
+    BertInput, BertModel, BertModelOutput, BertPooler, BertPoolerConfig, MASK_BIAS,
+    attention_mask_bias, key_mapping, linear_paths,
 };
 pub use sentence::{Encoded, Pooling, SentenceEncoder, l2_normalize, mean_pooling};
 

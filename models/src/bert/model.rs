@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::tanh;
 use burn::tensor::{Device, Int, Tensor};
@@ -31,6 +32,25 @@ pub fn attention_mask_bias(attention_mask: Tensor<2, Int>) -> Tensor<4> {
     zeros.mask_fill(attention_mask.equal_elem(0), fill).reshape([batch, 1, 1, seq])
 }
 
+/// Configuration of [`BertPooler`].
+#[derive(Config, Debug)]
+pub struct BertPoolerConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+}
+
+impl BertPoolerConfig {
+    /// The pooler configuration of a [`BertConfig`].
+    pub fn from_bert(config: &BertConfig) -> Self {
+        Self::new(config.hidden_size)
+    }
+
+    /// Builds the pooler on `device` (weights lazily initialised): `dense` `[d, d]` with bias.
+    pub fn init(&self, device: &Device) -> BertPooler {
+        BertPooler { dense: LinearConfig::new(self.hidden_size, self.hidden_size).init(device) }
+    }
+}
+
 /// HF `BertPooler`: `tanh(dense(hidden[:, 0]))`.
 #[derive(Module, Debug)]
 pub struct BertPooler {
@@ -39,11 +59,6 @@ pub struct BertPooler {
 }
 
 impl BertPooler {
-    /// A pooler of width `hidden_size` on `device` (weights lazily initialised).
-    pub fn new(hidden_size: usize, device: &Device) -> Self {
-        Self { dense: LinearConfig::new(hidden_size, hidden_size).init(device) }
-    }
-
     /// # Shapes
     /// - `hidden`: `[batch, seq, d]`
     /// - output: `[batch, d]` (from the first token)

@@ -51,7 +51,9 @@ pub use data::{
 };
 pub use eval::{CausalLmMetrics, EvalConfig, answer_text, evaluate};
 pub use load::{CausalLm, is_gguf, load_causal_lm};
-pub use streaming::{StreamingProgress, emulate_streaming};
+pub use streaming::{
+    StreamingProgress, emulate_streaming, load_weights_skipping, parameter_paths, read_config,
+};
 pub use task::{
     CausalBatch, CausalLmTask, PromptStyle, Tokenized, completion_loss, row_nll, token_nll,
 };

@@ -73,14 +73,13 @@ pub fn emulate_streaming(
         ));
     }
     let model_config = read_config(path)?;
-    let all_params: BTreeSet<String> =
-        expected_shapes(&model_config).into_keys().chain(["lm_head.weight".to_string()]).collect();
+    let all_params = parameter_paths_of(&model_config);
     let block_prefix = |l: usize| format!("model.layers.{l}.");
     let blocks: BTreeSet<String> =
         all_params.iter().filter(|p| p.starts_with("model.layers.")).cloned().collect();
 
     // The embeddings, the final norm and the head; the blocks stay lazy placeholders.
-    let mut model = load_skipping(path, device, &blocks)?;
+    let mut model = load_weights_skipping(path, device, &blocks)?;
     let layers = model.model.layers.len();
     let total_layers = selected_layers(&model_config, model.lm_head.is_none(), config)?;
     let total_parts = layers + usize::from(model.lm_head.is_some());
@@ -116,7 +115,7 @@ pub fn emulate_streaming(
         let prefix = block_prefix(l);
         let skip: BTreeSet<String> =
             all_params.iter().filter(|p| !p.starts_with(&prefix)).cloned().collect();
-        let loaded = load_skipping(path, device, &skip)?;
+        let loaded = load_weights_skipping(path, device, &skip)?;
         let block = loaded.model.layers.into_iter().nth(l).expect("the config's block count");
         let part_path = prefix.trim_end_matches('.');
         let selects = emloc::linear_layers(&block).iter().any(|layer| {
@@ -202,8 +201,12 @@ pub fn emulate_streaming(
     Ok((model, report))
 }
 
-/// The model config of an HF directory or a GGUF file.
-fn read_config(path: &Path) -> Result<LlamaConfig> {
+/// The config of the Llama-family model at `path`: an HF directory's `config.json`, or a GGUF
+/// file's metadata.
+///
+/// # Errors
+/// A missing or malformed config, or a GGUF file without Llama metadata.
+pub fn read_config(path: &Path) -> Result<LlamaConfig> {
     if is_gguf(path) {
         llama_config(&GgufFile::open(path)?)
     } else {
@@ -211,8 +214,27 @@ fn read_config(path: &Path) -> Result<LlamaConfig> {
     }
 }
 
-/// The model at `path` with the parameters at `skip` left unread (lazy placeholders).
-fn load_skipping(
+fn parameter_paths_of(config: &LlamaConfig) -> BTreeSet<String> {
+    expected_shapes(config).into_keys().chain(["lm_head.weight".to_string()]).collect()
+}
+
+/// The module path of every parameter the Llama-family model at `path` (HF directory or
+/// `.gguf`) can have (`lm_head.weight` included even when the head is tied), from its config
+/// alone: the `skip` that loads a model's tokenizer, template and config without its weights
+/// ([`load_causal_lm`](super::load_causal_lm)).
+///
+/// # Errors
+/// As [`read_config`].
+pub fn parameter_paths(path: &Path) -> Result<BTreeSet<String>> {
+    Ok(parameter_paths_of(&read_config(path)?))
+}
+
+/// The weights of the Llama-family model at `path` (HF directory or `.gguf`, no tokenizer
+/// needed), the parameters at `skip` left unread as lazy placeholders that hold no memory.
+///
+/// # Errors
+/// The loaders' ([`LlamaForCausalLM::load_skipping`], [`LlamaForCausalLM::load_gguf_skipping`]).
+pub fn load_weights_skipping(
     path: &Path,
     device: &Device,
     skip: &BTreeSet<String>,

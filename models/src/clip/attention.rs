@@ -1,5 +1,6 @@
 //! [`ClipAttention`]: multi-head self-attention of a CLIP vision layer (HF `self_attn`).
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use emloc::nn::{Dropout, DropoutConfig};
@@ -7,6 +8,49 @@ use emloc::nn::{Linear, LinearConfig};
 
 use super::ClipVisionConfig;
 use crate::vit::multi_head_attention;
+
+/// Configuration of [`ClipAttention`].
+#[derive(Config, Debug)]
+pub struct ClipAttentionConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+    /// Number of heads; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Dropout on the attention probabilities (training only).
+    #[config(default = 0.0)]
+    pub attention_dropout: f64,
+}
+
+impl ClipAttentionConfig {
+    /// The attention configuration of a [`ClipVisionConfig`].
+    pub fn from_clip(config: &ClipVisionConfig) -> Self {
+        Self::new(config.hidden_size, config.num_attention_heads)
+            .with_attention_dropout(config.attention_dropout)
+    }
+
+    /// Builds the layer on `device` (weights lazily initialised): `q_proj`, `k_proj`,
+    /// `v_proj` and `out_proj`, each `[d, d]` with bias.
+    ///
+    /// # Panics
+    /// If `num_attention_heads` is zero or does not divide `hidden_size`.
+    pub fn init(&self, device: &Device) -> ClipAttention {
+        let d = self.hidden_size;
+        assert!(
+            self.num_attention_heads > 0 && d.is_multiple_of(self.num_attention_heads),
+            "ClipAttentionConfig: hidden_size {d} is not a multiple of num_attention_heads {}",
+            self.num_attention_heads
+        );
+        let proj = || LinearConfig::new(d, d).init(device);
+        ClipAttention {
+            q_proj: proj(),
+            k_proj: proj(),
+            v_proj: proj(),
+            out_proj: proj(),
+            dropout: DropoutConfig::new(self.attention_dropout).init(),
+            num_heads: self.num_attention_heads,
+        }
+    }
+}
 
 /// HF `CLIPAttention` without a mask (the vision tower attends to every token):
 /// `out_proj(mha(q_proj(x), k_proj(x), v_proj(x)))`. The math is ViT's
@@ -29,20 +73,6 @@ pub struct ClipAttention {
 }
 
 impl ClipAttention {
-    /// Builds the layer of `config` on `device` (weights lazily initialised).
-    pub fn new(config: &ClipVisionConfig, device: &Device) -> Self {
-        let d = config.hidden_size;
-        let proj = || LinearConfig::new(d, d).init(device);
-        Self {
-            q_proj: proj(),
-            k_proj: proj(),
-            v_proj: proj(),
-            out_proj: proj(),
-            dropout: DropoutConfig::new(config.attention_dropout).init(),
-            num_heads: config.num_attention_heads,
-        }
-    }
-
     /// # Shapes
     /// - `hidden` (already normalised), output (before the residual): `[batch, seq, d]`
     pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {

@@ -10,7 +10,7 @@ use emloc::nn::LinearConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ClipEncoder, ClipVisionEmbeddings, ClipVisionModel};
+use super::{ClipEncoderConfig, ClipVisionEmbeddingsConfig, ClipVisionModel};
 use crate::error::{ConfigProblem, ModelError, Result};
 use crate::loading::{check_sizes, parse_config, read_json};
 
@@ -211,9 +211,9 @@ impl ClipVisionConfig {
         }
         let norm = || LayerNormConfig::new(self.hidden_size).with_epsilon(self.layer_norm_eps);
         ClipVisionModel {
-            embeddings: ClipVisionEmbeddings::new(self, device),
+            embeddings: ClipVisionEmbeddingsConfig::from_clip(self).init(device),
             pre_layrnorm: norm().init(device),
-            encoder: ClipEncoder::new(self, device),
+            encoder: ClipEncoderConfig::from_clip(self).init(device),
             post_layernorm: norm().init(device),
             visual_projection: with_projection.then(|| {
                 LinearConfig::new(self.hidden_size, self.projection_dim)

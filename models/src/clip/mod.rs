@@ -48,10 +48,12 @@ mod embeddings;
 mod encoder;
 mod model;
 
-pub use attention::ClipAttention;
+pub use attention::{ClipAttention, ClipAttentionConfig};
 pub use config::{ClipActivation, ClipVisionConfig};
-pub use embeddings::ClipVisionEmbeddings;
-pub use encoder::{ClipEncoder, ClipEncoderLayer, ClipMlp};
+pub use embeddings::{ClipVisionEmbeddings, ClipVisionEmbeddingsConfig};
+pub use encoder::{
+    ClipEncoder, ClipEncoderConfig, ClipEncoderLayer, ClipEncoderLayerConfig, ClipMlp,
+};
 pub use model::{
     ClipVisionModel, ClipVisionOutput, HF_PREFIX, PROJECTION_KEY, key_mapping, linear_paths,
 };

@@ -2,6 +2,7 @@
 //! optional [`LayerKvCache`] for incremental decoding and key padding through
 //! [`AttentionInputs`].
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, Int, Tensor};
@@ -10,7 +11,7 @@ use emloc::nn::{Linear, LinearConfig};
 use super::LlamaConfig;
 use super::cache::LayerKvCache;
 use super::mask::AttentionInputs;
-use super::rope::RotaryEmbedding;
+use super::rope::{RopeScaling, RotaryEmbedding};
 
 /// The score of a key a query may not attend: scores are overwritten with it by masked fill
 /// (never added as a `{0, 1} · MIN` product, which gives `0 · -inf = NaN` where the value is
@@ -43,6 +44,81 @@ pub fn mask_value(dtype: DType) -> f64 {
     }
 }
 
+/// Configuration of [`LlamaAttention`].
+#[derive(Config, Debug)]
+pub struct LlamaAttentionConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); must divide `num_attention_heads`.
+    pub num_key_value_heads: usize,
+    /// Width of one head; must be even (RoPE rotates pairs).
+    pub head_dim: usize,
+    /// Whether `q_proj`, `k_proj` and `v_proj` have biases.
+    #[config(default = false)]
+    pub qkv_bias: bool,
+    /// Whether `o_proj` has a bias.
+    #[config(default = false)]
+    pub o_bias: bool,
+    /// RoPE base `θ`.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// RoPE frequency scaling (none by default).
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+impl LlamaAttentionConfig {
+    /// The attention configuration of a [`LlamaConfig`]: its key/value heads and head width
+    /// (with HF's defaults when absent), biases as [`LlamaConfig::qkv_bias`] and
+    /// [`LlamaConfig::o_bias`] say, and its RoPE `θ` and scaling.
+    pub fn from_llama(config: &LlamaConfig) -> Self {
+        Self::new(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads(),
+            config.head_dim(),
+        )
+        .with_qkv_bias(config.qkv_bias())
+        .with_o_bias(config.o_bias())
+        .with_rope_theta(config.rope_theta)
+        .with_rope_scaling(config.rope_scaling.clone())
+    }
+
+    /// Builds the layer on `device` (weights lazily initialised): `q_proj`
+    /// `[d, heads · head_dim]`, `k_proj` and `v_proj` `[d, kv_heads · head_dim]`, `o_proj`
+    /// `[heads · head_dim, d]`, and the RoPE frequencies of `head_dim`, `rope_theta` and
+    /// `rope_scaling`.
+    ///
+    /// # Panics
+    /// If `num_key_value_heads` is zero or does not divide `num_attention_heads`, or
+    /// `head_dim` is zero or odd.
+    pub fn init(&self, device: &Device) -> LlamaAttention {
+        let d = self.hidden_size;
+        let (heads, kv, hd) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        assert!(
+            kv > 0 && heads.is_multiple_of(kv),
+            "LlamaAttentionConfig: num_attention_heads {heads} is not a multiple of \
+             num_key_value_heads {kv}"
+        );
+        assert!(
+            hd > 0 && hd.is_multiple_of(2),
+            "LlamaAttentionConfig: head_dim {hd} must be positive and even (RoPE)"
+        );
+        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        LlamaAttention {
+            q_proj: linear(d, heads * hd, self.qkv_bias),
+            k_proj: linear(d, kv * hd, self.qkv_bias),
+            v_proj: linear(d, kv * hd, self.qkv_bias),
+            o_proj: linear(heads * hd, d, self.o_bias),
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: hd,
+            rope: RotaryEmbedding::new(hd, self.rope_theta, self.rope_scaling.as_ref()),
+        }
+    }
+}
+
 /// HF `LlamaAttention` / `Qwen2Attention` (module path `self_attn`).
 #[derive(Module, Debug)]
 pub struct LlamaAttention {
@@ -66,30 +142,6 @@ pub struct LlamaAttention {
 }
 
 impl LlamaAttention {
-    /// Builds the layer of `config` on `device` (weights lazily initialised).
-    ///
-    /// # Panics
-    /// If the config is invalid (see [`LlamaConfig::validate`]).
-    pub fn new(config: &LlamaConfig, device: &Device) -> Self {
-        if let Err(problem) = config.validate() {
-            panic!("invalid LlamaConfig: {problem}");
-        }
-        let d = config.hidden_size;
-        let (heads, kv, hd) =
-            (config.num_attention_heads, config.num_key_value_heads(), config.head_dim());
-        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
-        Self {
-            q_proj: linear(d, heads * hd, config.qkv_bias()),
-            k_proj: linear(d, kv * hd, config.qkv_bias()),
-            v_proj: linear(d, kv * hd, config.qkv_bias()),
-            o_proj: linear(heads * hd, d, config.o_bias()),
-            num_heads: heads,
-            num_kv_heads: kv,
-            head_dim: hd,
-            rope: RotaryEmbedding::new(hd, config.rope_theta, config.rope_scaling.as_ref()),
-        }
-    }
-
     /// Causal self-attention of `hidden` (positions `offset..offset + seq`, where `offset` is
     /// the number of positions in `cache`, 0 without one) over itself and the cached positions,
     /// without padding. With a cache, this call's keys and values are appended to it.

@@ -1,9 +1,43 @@
 //! [`LlamaMlp`]: the SwiGLU feed-forward layer, `down(silu(gate(x)) ⊙ up(x))`.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use emloc::nn::{Linear, LinearConfig};
+
+use super::LlamaConfig;
+
+/// Configuration of [`LlamaMlp`].
+#[derive(Config, Debug)]
+pub struct LlamaMlpConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+    /// Inner width of the SwiGLU layer.
+    pub intermediate_size: usize,
+    /// Whether the three projections have biases.
+    #[config(default = false)]
+    pub bias: bool,
+}
+
+impl LlamaMlpConfig {
+    /// The MLP configuration of a [`LlamaConfig`] (biases as [`LlamaConfig::mlp_bias`] says).
+    pub fn from_llama(config: &LlamaConfig) -> Self {
+        Self::new(config.hidden_size, config.intermediate_size).with_bias(config.mlp_bias())
+    }
+
+    /// Builds the layer on `device` (weights lazily initialised): `gate_proj` and `up_proj`
+    /// `[d, intermediate_size]`, `down_proj` `[intermediate_size, d]`.
+    pub fn init(&self, device: &Device) -> LlamaMlp {
+        let linear = |i, o| LinearConfig::new(i, o).with_bias(self.bias).init(device);
+        let (hidden, intermediate) = (self.hidden_size, self.intermediate_size);
+        LlamaMlp {
+            gate_proj: linear(hidden, intermediate),
+            up_proj: linear(hidden, intermediate),
+            down_proj: linear(intermediate, hidden),
+        }
+    }
+}
 
 /// HF `LlamaMLP` / `Qwen2MLP` (module path `mlp`).
 #[derive(Module, Debug)]
@@ -17,17 +51,6 @@ pub struct LlamaMlp {
 }
 
 impl LlamaMlp {
-    /// A SwiGLU layer of width `hidden` and inner width `intermediate` on `device`, with biases
-    /// when `bias` (weights lazily initialised).
-    pub fn new(hidden: usize, intermediate: usize, bias: bool, device: &Device) -> Self {
-        let linear = |i, o| LinearConfig::new(i, o).with_bias(bias).init(device);
-        Self {
-            gate_proj: linear(hidden, intermediate),
-            up_proj: linear(hidden, intermediate),
-            down_proj: linear(intermediate, hidden),
-        }
-    }
-
     /// # Shapes
     /// - input, output: `[batch, seq, d]`
     ///

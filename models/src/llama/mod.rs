@@ -69,15 +69,18 @@ mod rope;
 mod tokenizer;
 
 pub use crate::rng::XorShiftRng;
-pub use attention::{CAUSAL_MASK_BIAS, LlamaAttention, causal_mask_bias, mask_value};
+pub use attention::{
+    CAUSAL_MASK_BIAS, LlamaAttention, LlamaAttentionConfig, causal_mask_bias, mask_value,
+};
 pub use cache::{KvCache, LayerKvCache};
 pub use config::{LlamaConfig, LlamaFamily, REQUIRED_FIELDS, TokenIds};
 pub use generate::{GenerationConfig, argmax, check_logits, sample_token};
 pub use mask::{AttentionInputs, PaddingMask};
-pub use mlp::LlamaMlp;
+pub use mlp::{LlamaMlp, LlamaMlpConfig};
 pub use model::{
-    LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, check_ids, key_mapping, linear_paths,
+    LlamaDecoderLayer, LlamaDecoderLayerConfig, LlamaForCausalLM, LlamaModel, check_ids,
+    key_mapping, linear_paths,
 };
-pub use rms_norm::RmsNorm;
+pub use rms_norm::{RmsNorm, RmsNormConfig};
 pub use rope::{RopeScaling, RotaryEmbedding, inverse_frequencies};
 pub use tokenizer::LlamaTokenizer;

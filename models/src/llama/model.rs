@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::module::linear;
@@ -12,9 +13,48 @@ use emloc::nn::{Linear, LinearConfig};
 
 use super::cache::{KvCache, LayerKvCache};
 use super::mask::{AttentionInputs, PaddingMask};
-use super::{LlamaAttention, LlamaConfig, LlamaMlp, RmsNorm};
+use super::{
+    LlamaAttention, LlamaAttentionConfig, LlamaConfig, LlamaMlp, LlamaMlpConfig, RmsNorm,
+    RmsNormConfig,
+};
 use crate::error::{ModelError, Result};
 use crate::loading::{Checkpoint, KeyMapping, LoadReport};
+
+/// Configuration of [`LlamaDecoderLayer`].
+#[derive(Config, Debug)]
+pub struct LlamaDecoderLayerConfig {
+    /// The attention block (HF `self_attn`).
+    pub attention: LlamaAttentionConfig,
+    /// The feed-forward block (HF `mlp`).
+    pub mlp: LlamaMlpConfig,
+    /// Both norms (HF `input_layernorm`, `post_attention_layernorm`).
+    pub norm: RmsNormConfig,
+}
+
+impl LlamaDecoderLayerConfig {
+    /// The decoder-layer configuration of a [`LlamaConfig`] (every layer has the same).
+    pub fn from_llama(config: &LlamaConfig) -> Self {
+        Self::new(
+            LlamaAttentionConfig::from_llama(config),
+            LlamaMlpConfig::from_llama(config),
+            RmsNormConfig::from_llama(config),
+        )
+    }
+
+    /// Builds the layer on `device` (weights lazily initialised); it maps `[batch, seq, d]` to
+    /// `[batch, seq, d]`.
+    ///
+    /// # Panics
+    /// As [`LlamaAttentionConfig::init`].
+    pub fn init(&self, device: &Device) -> LlamaDecoderLayer {
+        LlamaDecoderLayer {
+            self_attn: self.attention.init(device),
+            mlp: self.mlp.init(device),
+            input_layernorm: self.norm.init(device),
+            post_attention_layernorm: self.norm.init(device),
+        }
+    }
+}
 
 /// HF `LlamaDecoderLayer` (pre-norm): `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 #[derive(Module, Debug)]
@@ -30,20 +70,6 @@ pub struct LlamaDecoderLayer {
 }
 
 impl LlamaDecoderLayer {
-    /// Builds a layer of `config` on `device` (weights lazily initialised).
-    ///
-    /// # Panics
-    /// If the config is invalid.
-    pub fn new(config: &LlamaConfig, device: &Device) -> Self {
-        let d = config.hidden_size;
-        Self {
-            self_attn: LlamaAttention::new(config, device),
-            mlp: LlamaMlp::new(d, config.intermediate_size, config.mlp_bias(), device),
-            input_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
-            post_attention_layernorm: RmsNorm::new(d, config.rms_norm_eps, device),
-        }
-    }
-
     /// # Shapes
     /// - `hidden`, output: `[batch, seq, d]`
     ///
@@ -197,13 +223,12 @@ impl LlamaConfig {
             panic!("invalid LlamaConfig: {problem}");
         }
         let d = self.hidden_size;
+        let layer = LlamaDecoderLayerConfig::from_llama(self);
         LlamaForCausalLM {
             model: LlamaModel {
                 embed_tokens: EmbeddingConfig::new(self.vocab_size, d).init(device),
-                layers: (0..self.num_hidden_layers)
-                    .map(|_| LlamaDecoderLayer::new(self, device))
-                    .collect(),
-                norm: RmsNorm::new(d, self.rms_norm_eps, device),
+                layers: (0..self.num_hidden_layers).map(|_| layer.init(device)).collect(),
+                norm: RmsNormConfig::from_llama(self).init(device),
             },
             lm_head: (!tied_head)
                 .then(|| LinearConfig::new(d, self.vocab_size).with_bias(false).init(device)),

@@ -1,8 +1,33 @@
 //! [`RmsNorm`]: HF `LlamaRMSNorm` (parameter `weight`, so checkpoints load under HF's names).
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Device, Tensor};
+
+use super::LlamaConfig;
+
+/// Configuration of [`RmsNorm`].
+#[derive(Config, Debug)]
+pub struct RmsNormConfig {
+    /// Width `d` of the normalised features.
+    pub hidden_size: usize,
+    /// ε added to the mean square (HF `rms_norm_eps`).
+    #[config(default = 1e-6)]
+    pub eps: f64,
+}
+
+impl RmsNormConfig {
+    /// The norm configuration of a [`LlamaConfig`] (every norm of the model has the same).
+    pub fn from_llama(config: &LlamaConfig) -> Self {
+        Self::new(config.hidden_size).with_eps(config.rms_norm_eps)
+    }
+
+    /// Builds the norm on `device`: a scale `weight` of shape `[d]`, lazily initialised to ones.
+    pub fn init(&self, device: &Device) -> RmsNorm {
+        RmsNorm { weight: Initializer::Ones.init([self.hidden_size], device), eps: self.eps }
+    }
+}
 
 /// Root-mean-square normalisation with a learned scale: `weight · x / √(mean(x²) + ε)`.
 ///
@@ -18,11 +43,6 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// A norm of width `d` with epsilon `eps` on `device` (scale lazily initialised to ones).
-    pub fn new(d: usize, eps: f64, device: &Device) -> Self {
-        Self { weight: Initializer::Ones.init([d], device), eps }
-    }
-
     /// Normalises over the last dimension.
     ///
     /// # Shapes
@@ -49,7 +69,7 @@ mod tests {
     #[test]
     fn unit_scale_gives_unit_root_mean_square() {
         let device = Device::default();
-        let norm = RmsNorm::new(4, 1e-6, &device);
+        let norm = RmsNormConfig::new(4).with_eps(1e-6).init(&device);
         let x = Tensor::<2>::from_data(
             TensorData::new(vec![1.0f32, -2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 0.5], [2, 4]),
             &device,

@@ -1,6 +1,7 @@
 //! [`ViTAttention`]: multi-head self-attention (HF `attention.attention`) and its output
 //! projection (HF `attention.output`, no residual or norm inside: ViT blocks are pre-LN).
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
@@ -76,6 +77,62 @@ pub struct ViTSelfOutput {
     pub dropout: Dropout,
 }
 
+/// Configuration of [`ViTAttention`].
+#[derive(Config, Debug)]
+pub struct ViTAttentionConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+    /// Number of heads; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Biases on query, key and value.
+    #[config(default = true)]
+    pub qkv_bias: bool,
+    /// Dropout on the attention probabilities (training only).
+    #[config(default = 0.0)]
+    pub attention_dropout: f64,
+    /// Dropout on the output projection (training only).
+    #[config(default = 0.0)]
+    pub hidden_dropout: f64,
+}
+
+impl ViTAttentionConfig {
+    /// The attention configuration of a [`ViTConfig`].
+    pub fn from_vit(config: &ViTConfig) -> Self {
+        Self::new(config.hidden_size, config.num_attention_heads)
+            .with_qkv_bias(config.qkv_bias)
+            .with_attention_dropout(config.attention_probs_dropout_prob)
+            .with_hidden_dropout(config.hidden_dropout_prob)
+    }
+
+    /// Builds the layer on `device` (weights lazily initialised): `attention.{query,key,value}`
+    /// `[d, d]` (biases when `qkv_bias`) and `output.dense` `[d, d]` with bias.
+    ///
+    /// # Panics
+    /// If `num_attention_heads` is zero or does not divide `hidden_size`.
+    pub fn init(&self, device: &Device) -> ViTAttention {
+        let d = self.hidden_size;
+        assert!(
+            self.num_attention_heads > 0 && d.is_multiple_of(self.num_attention_heads),
+            "ViTAttentionConfig: hidden_size {d} is not a multiple of num_attention_heads {}",
+            self.num_attention_heads
+        );
+        let qkv = || LinearConfig::new(d, d).with_bias(self.qkv_bias).init(device);
+        ViTAttention {
+            attention: ViTSelfAttention {
+                query: qkv(),
+                key: qkv(),
+                value: qkv(),
+                dropout: DropoutConfig::new(self.attention_dropout).init(),
+                num_heads: self.num_attention_heads,
+            },
+            output: ViTSelfOutput {
+                dense: LinearConfig::new(d, d).init(device),
+                dropout: DropoutConfig::new(self.hidden_dropout).init(),
+            },
+        }
+    }
+}
+
 /// HF `ViTAttention`: `attention` then `output` (module paths `attention.attention.query`,
 /// `attention.output.dense`, as in HF).
 #[derive(Module, Debug)]
@@ -87,25 +144,6 @@ pub struct ViTAttention {
 }
 
 impl ViTAttention {
-    /// Builds the layer of `config` on `device` (weights lazily initialised).
-    pub fn new(config: &ViTConfig, device: &Device) -> Self {
-        let d = config.hidden_size;
-        let qkv = |_| LinearConfig::new(d, d).with_bias(config.qkv_bias).init(device);
-        Self {
-            attention: ViTSelfAttention {
-                query: qkv(0),
-                key: qkv(1),
-                value: qkv(2),
-                dropout: DropoutConfig::new(config.attention_probs_dropout_prob).init(),
-                num_heads: config.num_attention_heads,
-            },
-            output: ViTSelfOutput {
-                dense: LinearConfig::new(d, d).init(device),
-                dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
-            },
-        }
-    }
-
     /// # Shapes
     /// - `hidden` (already normalised), output (before the residual): `[batch, seq, d]`
     pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {

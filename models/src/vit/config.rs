@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
-use super::{ViTEmbeddings, ViTEncoder, ViTModel, ViTPooler};
+use super::{ViTEmbeddingsConfig, ViTEncoderConfig, ViTModel, ViTPoolerConfig};
 use crate::bert::HiddenAct;
 use crate::error::{ConfigProblem, Result};
 use crate::loading::{check_sizes, parse_config, read_json};
@@ -134,12 +134,12 @@ impl ViTConfig {
             panic!("invalid ViTConfig: {problem}");
         }
         ViTModel {
-            embeddings: ViTEmbeddings::new(self, device),
-            encoder: ViTEncoder::new(self, device),
+            embeddings: ViTEmbeddingsConfig::from_vit(self).init(device),
+            encoder: ViTEncoderConfig::from_vit(self).init(device),
             layernorm: burn::nn::LayerNormConfig::new(self.hidden_size)
                 .with_epsilon(self.layer_norm_eps)
                 .init(device),
-            pooler: add_pooling_layer.then(|| ViTPooler::new(self.hidden_size, device)),
+            pooler: add_pooling_layer.then(|| ViTPoolerConfig::from_vit(self).init(device)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! [`ViTEmbeddings`]: patch projection (a strided convolution), `[CLS]` token and learned
 //! positions.
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -38,6 +39,61 @@ pub fn patch_tokens(projection: &Conv2d, pixels: Tensor<4>) -> Tensor<3> {
     x.reshape([b, d, gh * gw]).swap_dims(1, 2)
 }
 
+/// Configuration of [`ViTEmbeddings`].
+#[derive(Config, Debug)]
+pub struct ViTEmbeddingsConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+    /// Side of the (square) input image in pixels.
+    pub image_size: usize,
+    /// Side of a (square) patch; must divide `image_size`.
+    pub patch_size: usize,
+    /// Input channels.
+    #[config(default = 3)]
+    pub num_channels: usize,
+    /// Dropout on the embeddings (training only).
+    #[config(default = 0.0)]
+    pub dropout: f64,
+}
+
+impl ViTEmbeddingsConfig {
+    /// The embedding configuration of a [`ViTConfig`].
+    pub fn from_vit(config: &ViTConfig) -> Self {
+        Self::new(config.hidden_size, config.image_size, config.patch_size)
+            .with_num_channels(config.num_channels)
+            .with_dropout(config.hidden_dropout_prob)
+    }
+
+    /// Builds the embeddings on `device` (weights lazily initialised): `cls_token` `[1, 1, d]`,
+    /// `position_embeddings` `[1, num_patches + 1, d]` and the patch projection, weight
+    /// `[d, num_channels, patch_size, patch_size]` with bias, where `num_patches =
+    /// (image_size / patch_size)²`.
+    ///
+    /// # Panics
+    /// If `patch_size` is zero or does not divide `image_size`.
+    pub fn init(&self, device: &Device) -> ViTEmbeddings {
+        let (d, p) = (self.hidden_size, self.patch_size);
+        assert!(
+            p > 0 && self.image_size.is_multiple_of(p),
+            "ViTEmbeddingsConfig: image_size {} is not a multiple of patch_size {p}",
+            self.image_size
+        );
+        let num_patches = (self.image_size / p).pow(2);
+        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        ViTEmbeddings {
+            cls_token: init.init([1, 1, d], device),
+            position_embeddings: init.init([1, num_patches + 1, d], device),
+            patch_embeddings: ViTPatchEmbeddings {
+                projection: Conv2dConfig::new([self.num_channels, d], [p, p])
+                    .with_stride([p, p])
+                    .init(device),
+            },
+            dropout: DropoutConfig::new(self.dropout).init(),
+            image_size: self.image_size,
+        }
+    }
+}
+
 /// HF `ViTEmbeddings` (no interpolation of positions, no mask token).
 #[derive(Module, Debug)]
 pub struct ViTEmbeddings {
@@ -54,23 +110,6 @@ pub struct ViTEmbeddings {
 }
 
 impl ViTEmbeddings {
-    /// Builds the embeddings of `config` on `device` (weights lazily initialised).
-    pub fn new(config: &ViTConfig, device: &Device) -> Self {
-        let (d, p) = (config.hidden_size, config.patch_size);
-        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
-        Self {
-            cls_token: init.init([1, 1, d], device),
-            position_embeddings: init.init([1, config.num_patches() + 1, d], device),
-            patch_embeddings: ViTPatchEmbeddings {
-                projection: Conv2dConfig::new([config.num_channels, d], [p, p])
-                    .with_stride([p, p])
-                    .init(device),
-            },
-            dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
-            image_size: config.image_size,
-        }
-    }
-
     /// `[CLS]` followed by one token per patch, plus positions.
     ///
     /// # Shapes

@@ -1,5 +1,6 @@
 //! [`ViTEncoder`]: a stack of pre-LN [`ViTLayer`]s.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::tensor::activation::{gelu_approximate, relu, silu};
@@ -7,8 +8,99 @@ use burn::tensor::{Device, Tensor};
 use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
 
-use super::{ViTAttention, ViTConfig};
+use super::{ViTAttention, ViTAttentionConfig, ViTConfig};
 use crate::bert::HiddenAct;
+
+/// Configuration of [`ViTLayer`].
+#[derive(Config, Debug)]
+pub struct ViTLayerConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+    /// Attention heads; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Feed-forward width.
+    pub intermediate_size: usize,
+    /// Feed-forward activation.
+    #[config(default = "HiddenAct::Gelu")]
+    pub hidden_act: HiddenAct,
+    /// LayerNorm epsilon.
+    #[config(default = 1e-12)]
+    pub layer_norm_eps: f64,
+    /// Biases on query, key and value.
+    #[config(default = true)]
+    pub qkv_bias: bool,
+    /// Dropout on sublayer outputs (training only).
+    #[config(default = 0.0)]
+    pub hidden_dropout: f64,
+    /// Dropout on attention probabilities (training only).
+    #[config(default = 0.0)]
+    pub attention_dropout: f64,
+}
+
+impl ViTLayerConfig {
+    /// The layer configuration of a [`ViTConfig`] (every layer has the same).
+    pub fn from_vit(config: &ViTConfig) -> Self {
+        Self::new(config.hidden_size, config.num_attention_heads, config.intermediate_size)
+            .with_hidden_act(config.hidden_act)
+            .with_layer_norm_eps(config.layer_norm_eps)
+            .with_qkv_bias(config.qkv_bias)
+            .with_hidden_dropout(config.hidden_dropout_prob)
+            .with_attention_dropout(config.attention_probs_dropout_prob)
+    }
+
+    /// Builds the layer on `device` (weights lazily initialised); it maps `[batch, seq, d]` to
+    /// `[batch, seq, d]`, with `intermediate.dense` `[d, intermediate_size]` and `output.dense`
+    /// `[intermediate_size, d]`.
+    ///
+    /// # Panics
+    /// If `num_attention_heads` is zero or does not divide `hidden_size`.
+    pub fn init(&self, device: &Device) -> ViTLayer {
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let norm = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
+        ViTLayer {
+            attention: ViTAttentionConfig::new(d, self.num_attention_heads)
+                .with_qkv_bias(self.qkv_bias)
+                .with_attention_dropout(self.attention_dropout)
+                .with_hidden_dropout(self.hidden_dropout)
+                .init(device),
+            intermediate: ViTIntermediate {
+                dense: LinearConfig::new(d, f).init(device),
+                activation: self.hidden_act,
+            },
+            output: ViTOutput {
+                dense: LinearConfig::new(f, d).init(device),
+                dropout: DropoutConfig::new(self.hidden_dropout).init(),
+            },
+            layernorm_before: norm(),
+            layernorm_after: norm(),
+        }
+    }
+}
+
+/// Configuration of [`ViTEncoder`].
+#[derive(Config, Debug)]
+pub struct ViTEncoderConfig {
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Every layer's configuration.
+    pub layer: ViTLayerConfig,
+}
+
+impl ViTEncoderConfig {
+    /// The encoder configuration of a [`ViTConfig`].
+    pub fn from_vit(config: &ViTConfig) -> Self {
+        Self::new(config.num_hidden_layers, ViTLayerConfig::from_vit(config))
+    }
+
+    /// Builds the encoder on `device` (weights lazily initialised); it maps `[batch, seq, d]`
+    /// to `[batch, seq, d]`.
+    ///
+    /// # Panics
+    /// As [`ViTLayerConfig::init`].
+    pub fn init(&self, device: &Device) -> ViTEncoder {
+        ViTEncoder { layer: (0..self.num_hidden_layers).map(|_| self.layer.init(device)).collect() }
+    }
+}
 
 /// HF `ViTIntermediate`: `act(dense(x))`.
 #[derive(Module, Debug)]
@@ -59,25 +151,6 @@ pub struct ViTLayer {
 }
 
 impl ViTLayer {
-    /// Builds a layer of `config` on `device` (weights lazily initialised).
-    pub fn new(config: &ViTConfig, device: &Device) -> Self {
-        let (d, f) = (config.hidden_size, config.intermediate_size);
-        let norm = || LayerNormConfig::new(d).with_epsilon(config.layer_norm_eps).init(device);
-        Self {
-            attention: ViTAttention::new(config, device),
-            intermediate: ViTIntermediate {
-                dense: LinearConfig::new(d, f).init(device),
-                activation: config.hidden_act,
-            },
-            output: ViTOutput {
-                dense: LinearConfig::new(f, d).init(device),
-                dropout: DropoutConfig::new(config.hidden_dropout_prob).init(),
-            },
-            layernorm_before: norm(),
-            layernorm_after: norm(),
-        }
-    }
-
     /// # Shapes
     /// - `hidden`, output: `[batch, seq, d]`
     pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {
@@ -95,13 +168,6 @@ pub struct ViTEncoder {
 }
 
 impl ViTEncoder {
-    /// Builds the encoder of `config` on `device` (weights lazily initialised).
-    pub fn new(config: &ViTConfig, device: &Device) -> Self {
-        Self {
-            layer: (0..config.num_hidden_layers).map(|_| ViTLayer::new(config, device)).collect(),
-        }
-    }
-
     /// # Shapes
     /// - `hidden`, output: `[batch, seq, d]`
     pub fn forward(&self, hidden: Tensor<3>) -> Tensor<3> {

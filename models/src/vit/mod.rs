@@ -38,8 +38,14 @@ mod embeddings;
 mod encoder;
 mod model;
 
-pub use attention::{ViTAttention, ViTSelfAttention, ViTSelfOutput, multi_head_attention};
+pub use attention::{
+    ViTAttention, ViTAttentionConfig, ViTSelfAttention, ViTSelfOutput, multi_head_attention,
+};
 pub use config::{REQUIRED_FIELDS, ViTConfig};
-pub use embeddings::{ViTEmbeddings, ViTPatchEmbeddings, patch_tokens};
-pub use encoder::{ViTEncoder, ViTIntermediate, ViTLayer, ViTOutput};
-pub use model::{HF_PREFIX, ViTModel, ViTModelOutput, ViTPooler, key_mapping, linear_paths};
+pub use embeddings::{ViTEmbeddings, ViTEmbeddingsConfig, ViTPatchEmbeddings, patch_tokens};
+pub use encoder::{
+    ViTEncoder, ViTEncoderConfig, ViTIntermediate, ViTLayer, ViTLayerConfig, ViTOutput,
+};
+pub use model::{
+    HF_PREFIX, ViTModel, ViTModelOutput, ViTPooler, ViTPoolerConfig, key_mapping, linear_paths,
+};

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::LayerNorm;
 use burn::tensor::activation::tanh;
@@ -16,6 +17,25 @@ use crate::loading::{Checkpoint, KeyMapping, LoadReport};
 /// The prefix of ViT keys inside task checkpoints (`ViTForImageClassification`).
 pub const HF_PREFIX: &str = "vit.";
 
+/// Configuration of [`ViTPooler`].
+#[derive(Config, Debug)]
+pub struct ViTPoolerConfig {
+    /// Hidden width `d`.
+    pub hidden_size: usize,
+}
+
+impl ViTPoolerConfig {
+    /// The pooler configuration of a [`ViTConfig`].
+    pub fn from_vit(config: &ViTConfig) -> Self {
+        Self::new(config.hidden_size)
+    }
+
+    /// Builds the pooler on `device` (weights lazily initialised): `dense` `[d, d]` with bias.
+    pub fn init(&self, device: &Device) -> ViTPooler {
+        ViTPooler { dense: LinearConfig::new(self.hidden_size, self.hidden_size).init(device) }
+    }
+}
+
 /// HF `ViTPooler`: `tanh(dense(hidden[:, 0]))`.
 #[derive(Module, Debug)]
 pub struct ViTPooler {
@@ -24,11 +44,6 @@ pub struct ViTPooler {
 }
 
 impl ViTPooler {
-    /// A pooler of width `hidden_size` on `device` (weights lazily initialised).
-    pub fn new(hidden_size: usize, device: &Device) -> Self {
-        Self { dense: LinearConfig::new(hidden_size, hidden_size).init(device) }
-    }
-
     /// # Shapes
     /// - `hidden`: `[batch, seq, d]`
     /// - output: `[batch, d]` (from the `[CLS]` token)
