@@ -269,6 +269,41 @@ impl AdapterParamIds {
     }
 }
 
+/// Casts every float parameter of `model` except the attached adapters' `A` and `B` to `dtype`
+/// (the frozen weights: dense weights, emulator factors, biases, norms, embeddings), keeping
+/// each parameter's id and gradient setting. Adapters and their optimizer state stay `f32`:
+/// an adapted layer whose input has another dtype runs its adapter in the adapter's dtype and
+/// casts the result back.
+///
+/// What each stage does with such a model: calibration accumulates Grams in `f32`;
+/// factorisation, correction and merges read the weights in `f32` (f64 on the host) and write
+/// emulator factors back in the weights' dtype; the model then runs in `dtype` end to end.
+pub fn cast_frozen<M: Module>(model: M, dtype: burn::tensor::FloatDType) -> M {
+    struct Cast {
+        dtype: burn::tensor::FloatDType,
+        adapters: BTreeSet<ParamId>,
+    }
+    impl burn::module::ModuleMapper for Cast {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: Param<burn::tensor::Tensor<D>>,
+        ) -> Param<burn::tensor::Tensor<D>> {
+            if self.adapters.contains(&param.id) {
+                return param;
+            }
+            let dtype = self.dtype;
+            param.map(|t| t.cast(dtype))
+        }
+    }
+    let mut adapters = BTreeSet::new();
+    for_each_linear(&model, |_, linear| {
+        if let Some(lora) = &linear.lora {
+            adapters.extend(adapter_ids(lora));
+        }
+    });
+    model.map(&mut Cast { dtype, adapters })
+}
+
 /// The parameter ids of every attached adapter in `model`.
 pub fn adapter_param_ids<M: Module>(model: &M) -> AdapterParamIds {
     let mut ids = BTreeMap::new();

@@ -6,6 +6,9 @@
 //! 1. [`emulate`]: run the original model on a few downstream samples, accumulate every
 //!    [`nn::Linear`]'s input Gram matrix (an [`nn::Conv2d`]'s: of its unfolded patches), and
 //!    replace the layers by activation-aware low-rank factors (whitened truncated SVD).
+//!    [`emulate_part`] does this for one part of a model (a decoder block), so that an emulator
+//!    can be built block by block without ever holding the whole original (for Llama-family
+//!    checkpoints: `emloc_models::causal_lm::emulate_streaming`).
 //! 2. [`attach_new_adapter`]: put LoRA adapters on the emulator and train them with any Burn loop; the
 //!    emulator layer computes `(x W_v) W_u + s (x A) B` without building a dense matrix.
 //! 3. [`correct`]: fix each adapter in closed form for the emulator/original mismatch, then
@@ -59,7 +62,8 @@ mod stock;
 
 pub use adapter::{
     AdapterParamIds, adapter_param_ids, attach_adapter, attach_adapter_with_ids,
-    attach_new_adapter, export_adapter, linear_layers, merge_adapter, merge_attached_adapter,
+    attach_new_adapter, cast_frozen, export_adapter, linear_layers, merge_adapter,
+    merge_attached_adapter,
 };
 pub use correction::{CorrectionConfig, CorrectionReport, correct};
 pub use device::DeviceChoice;

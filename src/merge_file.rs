@@ -44,7 +44,19 @@ fn weight_key<'a>(keys: impl Iterator<Item = &'a str>, path: &str) -> Vec<&'a st
 }
 
 /// Writes `input_files` (the safetensors files of one HF checkpoint, e.g. `model.safetensors`
-/// or its shards) to `output_dir` with `adapter` merged into them; see the [module docs](self).
+/// or its shards) to `output_dir` with `adapter` merged into them.
+///
+/// For each adapted layer `path`, the checkpoint tensor `path.weight` (or `PREFIX.path.weight`,
+/// e.g. `bert.` or `model.`) in PyTorch layout `[d_out, d_in]` becomes `W + s · B A` (PEFT's
+/// `lora_B` `[d_out, r]`, `lora_A` `[r, d_in]`), computed in f64 and rounded to nearest in the
+/// tensor's own dtype (F32, F16 or BF16), so every tensor keeps its dtype, shape and byte range:
+/// the header, the metadata and every other tensor are copied byte for byte, and a
+/// `model.safetensors.index.json` beside the shards stays true. A convolution's weight
+/// `[C_out, C_in, kh, kw]` takes its adapter (`lora_A` `[r, C_in, kh, kw]`, `lora_B`
+/// `[C_out, r, 1, 1]`) the same way, flattened to `d_in = C_in·kh·kw`.
+///
+/// The files are streamed one at a time from read-only memory maps and written one row of a
+/// merged weight at a time, so the merge holds at most one input shard's pages and one row.
 ///
 /// Everything is checked before anything is written: the headers, that each adapter layer's
 /// weight is exactly one F32/F16/BF16 `[d_out, d_in]` (convolution: `[C_out, C_in, kh, kw]`)

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
+use burn::tensor::{Device, FloatDType};
 use clap::{Args, ValueEnum};
 use emloc::{DeviceChoice, EmulatorConfig, EmulatorDescription, LoraConfig, WhiteningMethod};
 use emloc_models::bert::SentenceEncoder;
@@ -76,6 +76,22 @@ pub struct DeviceArgs {
     /// `emloc/cuda`). Correction and merging always run on the host.
     #[arg(long = "device", value_name = "DEVICE", value_enum, default_value_t = DeviceChoice::Cpu)]
     pub choice: DeviceChoice,
+    /// The dtype of the frozen weights (dense weights, emulator factors, norms, embeddings);
+    /// adapters, their optimizer state, Gram matrices, losses, correction and merges stay f32.
+    #[arg(long, value_enum, default_value_t = WeightDType::F32)]
+    pub dtype: WeightDType,
+}
+
+/// `--dtype`: what the frozen weights are held and run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDType {
+    /// 32-bit floats (the checkpoints' values converted exactly from bf16/f16).
+    F32,
+    /// bfloat16: half the memory of f32, f32's range.
+    Bf16,
+    /// IEEE half precision: half the memory of f32, range ±65504.
+    F16,
 }
 
 impl DeviceArgs {
@@ -85,6 +101,23 @@ impl DeviceArgs {
     /// [`emloc::EmlocError::DeviceUnavailable`] when this build lacks the backend.
     pub fn device(&self) -> emloc::Result<Device> {
         self.choice.device()
+    }
+
+    /// Burn's dtype of `--dtype`.
+    pub fn float_dtype(&self) -> FloatDType {
+        match self.dtype {
+            WeightDType::F32 => FloatDType::F32,
+            WeightDType::Bf16 => FloatDType::BF16,
+            WeightDType::F16 => FloatDType::F16,
+        }
+    }
+
+    /// `model` with its frozen weights in `--dtype` (unchanged for f32).
+    pub fn cast<M: burn::module::Module>(&self, model: M) -> M {
+        match self.dtype {
+            WeightDType::F32 => model,
+            _ => emloc::cast_frozen(model, self.float_dtype()),
+        }
     }
 }
 
@@ -225,7 +258,8 @@ impl ModelArgs {
             SentenceEncoder::load(&dir, &device)
         })?
         .with_max_seq_length(self.encoder_max_seq_length())?;
-        Ok((encoder, dir))
+        let model = self.device.cast(encoder.model.clone());
+        Ok((encoder.with_model(model), dir))
     }
 
     /// Loads the model as the emulator saved in `emulator_dir`: the emulated layers' dense
@@ -245,7 +279,7 @@ impl ModelArgs {
         })?
         .with_max_seq_length(self.encoder_max_seq_length())?;
         let (model, description) = emloc::load_emulator(encoder.model.clone(), emulator_dir)?;
-        Ok((encoder.with_model(model), dir, description))
+        Ok((encoder.with_model(self.device.cast(model)), dir, description))
     }
 }
 

@@ -605,8 +605,13 @@ fn llama_phase(
                 })
                 .collect();
             let emulator_config = llama_emulator_config(args)?;
-            let (emulator, report) =
-                build_emulator_streaming(path, &device, &calibration, &emulator_config)?;
+            let (emulator, report) = build_emulator_streaming(
+                path,
+                &device,
+                &calibration,
+                &emulator_config,
+                burn::tensor::FloatDType::F32,
+            )?;
             log_llama_emulator(&report);
             save_emulator(
                 &emulator,

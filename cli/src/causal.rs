@@ -44,14 +44,18 @@ pub fn load(
     emulator_dir: Option<&Path>,
 ) -> CliResult<(CausalLm, Option<EmulatorDescription>)> {
     match emulator_dir {
-        None => Ok((model.load_decoder(&BTreeSet::new())?, None)),
+        None => {
+            let mut lm = model.load_decoder(&BTreeSet::new())?;
+            lm.model = model.device.cast(lm.model);
+            Ok((lm, None))
+        }
         Some(dir) => {
             // Checked first, so a bad emulator directory fails before the checkpoint is read.
             let description = emloc::read_emulator_description(dir)?;
             let mut lm = model.load_decoder(&replaced_weights(&description))?;
             check_emulator_source(&description, dir, &lm.source)?;
             let (emulated, description) = load_emulator(lm.model, dir)?;
-            lm.model = emulated;
+            lm.model = model.device.cast(emulated);
             Ok((lm, Some(description)))
         }
     }
@@ -110,8 +114,13 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let lm = args.model.load_decoder(&causal_lm::parameter_paths(path)?)?;
     check_out(&args.out, &lm.source)?;
     let sequences = calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
-    let (emulator, report) =
-        build_emulator_streaming(&lm.source, &args.model.device()?, &sequences, &config)?;
+    let (emulator, report) = build_emulator_streaming(
+        &lm.source,
+        &args.model.device()?,
+        &sequences,
+        &config,
+        args.model.device.float_dtype(),
+    )?;
     save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, staged)
 }
 
@@ -124,11 +133,12 @@ pub fn build_emulator_streaming(
     device: &burn::tensor::Device,
     sequences: &[Vec<u32>],
     config: &emloc::EmulatorConfig,
+    dtype: burn::tensor::FloatDType,
 ) -> CliResult<(LlamaForCausalLM, EmulatorReport)> {
     let mut blocks = None;
     let mut factorization = progress::factorization();
     let result =
-        causal_lm::emulate_streaming(path, device, sequences, config, |event| match event {
+        causal_lm::emulate_streaming(path, device, sequences, config, dtype, |event| match event {
             causal_lm::StreamingProgress::Part { done, total } => {
                 let bar = blocks.get_or_insert_with(|| progress(total, "blocks (load, calibrate)"));
                 bar.set_position(done as u64);

@@ -65,6 +65,12 @@ fn decoder_pipeline_runs_every_stage() {
         "{zero_shot}"
     );
 
+    // Frozen weights in bf16 (`--dtype`): the loss within bf16's rounding of f32's.
+    let bf16: serde_json::Value =
+        serde_json::from_str(&run("eval", &["--max-new-tokens", "0", "--dtype", "bf16"])).unwrap();
+    let (got, want) = (bf16["loss"].as_f64().unwrap(), zero_shot["loss"].as_f64().unwrap());
+    assert!((got - want).abs() < 0.02 * want, "bf16 loss {got} vs f32 {want}");
+
     run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
     let description = read_json(dir.path().join("emulator/emulator.json"));
     assert!(description.to_string().contains("model.layers.1.mlp.down_proj"), "{description}");
@@ -92,6 +98,16 @@ fn decoder_pipeline_runs_every_stage() {
     assert_eq!(config["task_type"], "CAUSAL_LM", "{config}");
     assert_eq!(config["target_modules"].as_array().map(Vec::len), Some(2 * 7), "{config}");
     assert!(dir.path().join("adapter/checkpoint-6/trainer_state.json").is_file());
+    // The same training on bf16 frozen weights (the adapter stays f32) learns as well.
+    let bf16_adapter = p("adapter-bf16");
+    let mut extra =
+        vec!["--emulator", emulator.as_str(), "--dtype", "bf16", "--out", &bf16_adapter];
+    extra.extend(train);
+    run("finetune", &extra);
+    let report = read_json(dir.path().join("adapter-bf16/report.json"));
+    let loss = |key: &str| report["details"][key].as_f64().or(report[key].as_f64());
+    let (first, last) = (loss("first_loss"), loss("last_loss"));
+    assert!(matches!((first, last), (Some(f), Some(l)) if l < f), "{report}");
 
     ok(&correct_args(&model, &emulator, &adapter, &p("corrected"), &[]));
     ok(&["merge", "--model", &model, "--adapter", &p("corrected"), "--out", &p("merged")]);

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use burn::optim::ModuleOptimizer;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertModel, SentenceEncoder};
@@ -293,7 +293,7 @@ pub fn classification_loss(
 ) -> Tensor<1> {
     let batch = sentences.dims()[0];
     let scores = sentences.matmul(descriptions.transpose()).mul_scalar(scale);
-    let log_probs = log_softmax(scores, 1);
+    let log_probs = log_softmax(scores.cast(FloatDType::F32), 1);
     log_probs.gather(1, targets.reshape([batch, 1])).mean().neg()
 }
 

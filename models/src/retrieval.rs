@@ -11,7 +11,7 @@ use std::path::Path;
 
 use burn::optim::ModuleOptimizer;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertModel, Encoded, SentenceEncoder};
@@ -181,7 +181,7 @@ pub fn contrastive_loss(questions: Tensor<2>, answers: Tensor<2>, scale: f64) ->
     let batch = questions.dims()[0];
     let device = questions.device();
     let scores = questions.matmul(answers.transpose()).mul_scalar(scale);
-    let log_probs = log_softmax(scores, 1);
+    let log_probs = log_softmax(scores.cast(FloatDType::F32), 1);
     let diagonal = log_probs * Tensor::<2>::eye(batch, &device);
     diagonal.sum().div_scalar(batch as f64).neg()
 }

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use common::*;
 use emloc::{EmulatorConfig, EmulatorReport, emulate, linear_layers};
 use emloc_models::causal_lm::{StreamingProgress, emulate_streaming, is_gguf};
@@ -56,11 +56,12 @@ fn check_streaming_equals_in_memory(path: &Path, config: &EmulatorConfig) -> Emu
     let (want, want_report) = in_memory(path, config);
     let mut parts = Vec::new();
     let mut layers = Vec::new();
-    let (got, got_report) = emulate_streaming(path, &device, &sequences(), config, |p| match p {
-        StreamingProgress::Part { done, total } => parts.push((done, total)),
-        StreamingProgress::Layer(l) => layers.push((l.done, l.total, l.path.to_string())),
-    })
-    .unwrap();
+    let (got, got_report) =
+        emulate_streaming(path, &device, &sequences(), config, FloatDType::F32, |p| match p {
+            StreamingProgress::Part { done, total } => parts.push((done, total)),
+            StreamingProgress::Layer(l) => layers.push((l.done, l.total, l.path.to_string())),
+        })
+        .unwrap();
 
     assert_eq!(got_report.layers, want_report.layers, "per-layer reports");
     assert_eq!(got_report.dense_layers, want_report.dense_layers);
@@ -157,11 +158,14 @@ fn streaming_keeps_unselected_blocks_dense_and_checks_before_work() {
 
     let device = Device::flex();
     let dir = fixtures().join("tiny_llama");
-    let err = emulate_streaming(&dir, &device, &[], &config, |_| {}).unwrap_err();
+    let err = emulate_streaming(&dir, &device, &[], &config, FloatDType::F32, |_| {}).unwrap_err();
     assert!(err.to_string().contains("calibration sequence"), "{err}");
     config.rules = vec![emloc::LayerRule::ratio("nothing", 0.5)];
-    let err = emulate_streaming(&dir, &device, &sequences(), &config, |_| {}).unwrap_err();
+    let err = emulate_streaming(&dir, &device, &sequences(), &config, FloatDType::F32, |_| {})
+        .unwrap_err();
     assert!(err.to_string().contains("nothing"), "{err}");
     config.rules = vec![emloc::LayerRule::ratio(".*", 1.5)];
-    assert!(emulate_streaming(&dir, &device, &sequences(), &config, |_| {}).is_err());
+    assert!(
+        emulate_streaming(&dir, &device, &sequences(), &config, FloatDType::F32, |_| {}).is_err()
+    );
 }

@@ -316,8 +316,12 @@ where
                     total: plan.len(),
                     path: &layer.path,
                 });
-                linear.factors =
-                    Some(LowRankFactors::new(f.w_v.to_tensor(&device), f.w_u.to_tensor(&device)));
+                // The factors take the dense weight's dtype (f32 unless `cast_frozen`).
+                let dtype = linear.weight.val().dtype();
+                linear.factors = Some(LowRankFactors::new(
+                    f.w_v.to_tensor(&device).cast(dtype),
+                    f.w_u.to_tensor(&device).cast(dtype),
+                ));
                 // Drop the dense weight; keep its id so the layer stays addressable.
                 linear.weight =
                     Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))

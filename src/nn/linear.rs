@@ -94,7 +94,13 @@ impl Linear {
         calibration::record(&self.weight.id, &input);
 
         let bias = self.bias.as_ref().map(|b| b.val());
-        if let (Some(factors), Some(lora)) = (&self.factors, &self.lora) {
+        let dtype = input.dtype();
+        // An f32 adapter on frozen weights of another dtype (`cast_frozen`) runs unfused, in
+        // its own dtype.
+        let adapter_dtype = self.lora.as_ref().map(|lora| lora.a.val().dtype());
+        if let (Some(factors), Some(lora), true) =
+            (&self.factors, &self.lora, adapter_dtype == Some(dtype))
+        {
             // Emulator + adapter: one fused op on every backend (emloc::ops); the LoRA branch
             // gets its own input only when dropout actually changes it.
             let dropped = (lora.dropout.prob > 0.0).then(|| lora.dropout.forward(input.clone()));
@@ -109,9 +115,12 @@ impl Linear {
             }
             None => linear(input.clone(), self.weight.val(), bias),
         };
-        match &self.lora {
-            Some(lora) => base + lora.forward(input),
-            None => base,
+        match (&self.lora, adapter_dtype) {
+            (Some(lora), Some(own)) if own != dtype => {
+                base + lora.forward(input.cast(own)).cast(dtype)
+            }
+            (Some(lora), _) => base + lora.forward(input),
+            (None, _) => base,
         }
     }
 

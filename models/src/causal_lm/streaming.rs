@@ -1,27 +1,10 @@
-//! Streaming emulator construction: a decoder's emulator built one block at a time, never
-//! holding the whole original model.
-//!
-//! [`emloc::emulate`] calibrates the whole original model and then factors it, so it holds every
-//! dense weight plus every layer's Gram matrix: about 2.1× the memory of running the model on
-//! a 1.24 B Llama. [`emulate_streaming`] instead
-//! 1. loads the embeddings, the final norm and the head (every decoder block stays a lazily
-//!    initialised placeholder that holds no memory);
-//! 2. embeds the calibration sequences (one hidden state per sequence, `[1, len, d]`);
-//! 3. for each block in order: reads only that block's weights from the checkpoint
-//!    (safetensors through memory maps, GGUF tensor by tensor), runs it on the hidden states
-//!    while its layers accumulate their Grams, keeps its outputs as the next block's inputs,
-//!    factors its selected layers and drops their dense weights ([`emloc::emulate_part`]);
-//! 4. calibrates and factors the head the same way, when a rule selects it.
-//!
-//! Every layer sees exactly the inputs, in the same order, that the whole-model calibration of
-//! [`emloc::emulate`] gives it (one sequence per forward pass, no padding), so the emulator is
-//! the same, bit for bit, as `emulate` with a forward pass per sequence on the loaded original.
+//! Streaming emulator construction: a decoder's emulator built one block at a time.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use emloc::{EmulatorConfig, EmulatorReport, FactorizationProgress};
 
 use crate::error::{ModelError, Result};
@@ -46,10 +29,28 @@ pub enum StreamingProgress<'a> {
 }
 
 /// Builds the emulator of the Llama-family model at `path` (an HF directory with safetensors
-/// weights, or a `.gguf` file) block by block; see the [module docs](self). `sequences` are
-/// the calibration token sequences, each run as a batch of one. Returns the emulator (dense
+/// weights, or a `.gguf` file) block by block, never holding the whole original. `sequences` are
+/// the calibration token sequences, each run as a batch of one. The frozen weights are held
+/// and calibrated in `dtype` ([`emloc::cast_frozen`]; `F32` keeps the checkpoint's values
+/// exactly). Returns the emulator (dense
 /// layers loaded, selected layers factored) and the same report as [`emloc::emulate`], except
 /// for its timings.
+///
+/// [`emloc::emulate`] calibrates the whole original model and then factors it, so it holds every
+/// dense weight plus every layer's Gram matrix: about 2.1× the memory of running the model on
+/// a 1.24 B Llama. This function instead
+/// 1. loads the embeddings, the final norm and the head (every decoder block stays a lazily
+///    initialised placeholder that holds no memory);
+/// 2. embeds the calibration sequences (one hidden state per sequence, `[1, len, d]`);
+/// 3. for each block in order: reads only that block's weights from the checkpoint
+///    (safetensors through memory maps, GGUF tensor by tensor), runs it on the hidden states
+///    while its layers accumulate their Grams, keeps its outputs as the next block's inputs,
+///    factors its selected layers and drops their dense weights ([`emloc::emulate_part`]);
+/// 4. calibrates and factors the head the same way, when a rule selects it.
+///
+/// Every layer sees exactly the inputs, in the same order, that the whole-model calibration of
+/// [`emloc::emulate`] gives it (one sequence per forward pass, no padding), so the emulator is
+/// the same, bit for bit, as `emulate` with a forward pass per sequence on the loaded original.
 ///
 /// Peak memory: the embeddings, norm and head, the factors built so far, one dense block, the
 /// hidden states of every calibration sequence, and one block's Gram matrices.
@@ -64,6 +65,7 @@ pub fn emulate_streaming(
     device: &Device,
     sequences: &[Vec<u32>],
     config: &EmulatorConfig,
+    dtype: FloatDType,
     mut on_progress: impl FnMut(StreamingProgress<'_>),
 ) -> Result<(LlamaForCausalLM, EmulatorReport)> {
     config.validate()?;
@@ -79,7 +81,7 @@ pub fn emulate_streaming(
         all_params.iter().filter(|p| p.starts_with("model.layers.")).cloned().collect();
 
     // The embeddings, the final norm and the head; the blocks stay lazy placeholders.
-    let mut model = load_weights_skipping(path, device, &blocks)?;
+    let mut model = cast(load_weights_skipping(path, device, &blocks)?, dtype);
     let layers = model.model.layers.len();
     let total_layers = selected_layers(&model_config, model.lm_head.is_none(), config)?;
     let total_parts = layers + usize::from(model.lm_head.is_some());
@@ -117,6 +119,7 @@ pub fn emulate_streaming(
             all_params.iter().filter(|p| !p.starts_with(&prefix)).cloned().collect();
         let loaded = load_weights_skipping(path, device, &skip)?;
         let block = loaded.model.layers.into_iter().nth(l).expect("the config's block count");
+        let block = cast(block, dtype);
         let part_path = prefix.trim_end_matches('.');
         let selects = emloc::linear_layers(&block).iter().any(|layer| {
             let path = format!("{part_path}.{}", layer.path);
@@ -199,6 +202,14 @@ pub fn emulate_streaming(
         .filter(|p| !emulated.contains(p.as_str()))
         .collect();
     Ok((model, report))
+}
+
+/// `model` with its frozen weights in `dtype` (unchanged for f32: bit for bit the checkpoint).
+fn cast<M: burn::module::Module>(model: M, dtype: FloatDType) -> M {
+    match dtype {
+        FloatDType::F32 => model,
+        _ => emloc::cast_frozen(model, dtype),
+    }
 }
 
 /// The config of the Llama-family model at `path`: an HF directory's `config.json`, or a GGUF

@@ -2,7 +2,7 @@
 //! truncation), right-padded batches, the completion-only loss, and likelihood scoring.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::chat::ChatTemplate;
@@ -298,7 +298,8 @@ pub fn token_nll(model: &LlamaForCausalLM, batch: &CausalBatch) -> Tensor<1> {
     let n = batch.rows.len();
     let scored = hidden.reshape([b * s, d]).select(0, batch.completion_positions.clone());
     let logits = model.logits(scored.reshape([1, n, d])).reshape([n, model.vocab_size()]);
-    let log_probs = log_softmax(logits, 1);
+    // In f32 whatever the frozen weights' dtype (`emloc::cast_frozen`).
+    let log_probs = log_softmax(logits.cast(FloatDType::F32), 1);
     log_probs.gather(1, batch.completion_targets.clone().reshape([n, 1])).reshape([n]).neg()
 }
 

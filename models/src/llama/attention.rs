@@ -5,7 +5,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
 use super::LlamaConfig;
@@ -215,7 +215,14 @@ impl LlamaAttention {
             }
             None => scores,
         };
-        let probs = softmax(scores, 4).reshape([batch, kv, group * seq, total]);
+        // Softmax in f32 whatever the weights' dtype, as HF does (a no-op for f32).
+        let dtype = scores.dtype();
+        let probs = softmax(scores.cast(FloatDType::F32), 4).cast(dtype).reshape([
+            batch,
+            kv,
+            group * seq,
+            total,
+        ]);
         let context = probs.matmul(v).reshape([batch, heads, seq, hd]);
         self.o_proj.forward(context.swap_dims(1, 2).reshape([batch, seq, heads * hd]))
     }

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use super::LlamaConfig;
 
@@ -54,10 +54,13 @@ impl RmsNorm {
         let d = self.weight.shape().dims::<1>()[0];
         let got = x.dims()[D - 1];
         assert_eq!(got, d, "RmsNorm::forward: input has {got} features, norm has {d}");
+        // In f32 whatever the input's dtype, as HF does (a no-op for f32 inputs).
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let rms = x.clone().powi_scalar(2).mean_dim(D - 1).add_scalar(self.eps).sqrt();
         let mut shape = [1; D];
         shape[D - 1] = d;
-        (x / rms) * self.weight.val().reshape(shape)
+        (x / rms).cast(dtype) * self.weight.val().reshape(shape)
     }
 }
 
