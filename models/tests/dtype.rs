@@ -159,3 +159,30 @@ fn f16_weights_on_wgpu_match_f32_on_the_cpu() {
     assert_eq!(logits(&gpu_emulator, &probe).len(), want.len());
     same_whitened_errors(&gpu_report, &cpu_report, 1e-3);
 }
+
+#[test]
+fn half_precision_sentence_encoder_embeds_like_f32() {
+    // The encoder path (BERT: LayerNorm, exact GELU, padding mask bias) with bf16 / f16 weights:
+    // each sentence's embedding keeps its direction.
+    use emloc_models::bert::SentenceEncoder;
+    let texts = ["a cat sat on the mat", "dogs run", "the weather is fine today"];
+    let encoder = SentenceEncoder::load(fixtures().join("tiny_bert"), &Device::flex()).unwrap();
+    let embed = |encoder: &SentenceEncoder| -> Vec<f32> {
+        let out = encoder.forward(encoder.inputs(&texts).unwrap());
+        out.into_data().iter::<f32>().collect()
+    };
+    let want = embed(&encoder);
+    let dim = want.len() / texts.len();
+    for (dtype, _, tolerance) in DTYPES {
+        let half = SentenceEncoder::load(fixtures().join("tiny_bert"), &Device::flex()).unwrap();
+        let model = cast_frozen(half.model.clone(), dtype);
+        let got = embed(&half.with_model(model));
+        for (g, w) in got.chunks(dim).zip(want.chunks(dim)) {
+            let dot: f32 = g.iter().zip(w).map(|(a, b)| a * b).sum();
+            let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            let cosine = dot / (norm(g) * norm(w));
+            println!("{dtype:?} sentence embedding cosine to f32: {cosine:.6}");
+            assert!(cosine > 1.0 - tolerance / 10.0, "{dtype:?}: cosine {cosine}");
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use serde_json::Value;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
@@ -320,7 +320,8 @@ impl SentenceEncoder {
         let mask = input.attention_mask.clone().unwrap_or_else(|| {
             Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
         });
-        let hidden = model.forward(input).last_hidden_state;
+        // Pooled (and compared) in f32 whatever the weights' dtype (`emloc::cast_frozen`).
+        let hidden = model.forward(input).last_hidden_state.cast(FloatDType::F32);
         let pooled = match self.pooling {
             Pooling::Mean => mean_pooling(hidden, mask),
             Pooling::Cls => {

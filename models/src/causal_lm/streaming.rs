@@ -107,7 +107,19 @@ pub fn emulate_streaming(
     };
 
     let mut report = EmulatorReport { calibration_batches: sequences.len(), ..Default::default() };
+    // Layers are numbered over the whole model, not per part.
     let mut factored = 0;
+    let mut emit = |event: StreamingProgress<'_>| match event {
+        StreamingProgress::Layer(p) => {
+            factored += 1;
+            on_progress(StreamingProgress::Layer(FactorizationProgress {
+                done: factored,
+                total: total_layers,
+                path: p.path,
+            }))
+        }
+        part => on_progress(part),
+    };
     let absorb = |part: EmulatorReport, report: &mut EmulatorReport| {
         report.layers.extend(part.layers);
         report.calibration_seconds += part.calibration_seconds;
@@ -134,14 +146,7 @@ pub fn emulate_streaming(
                     *h = block.forward_with(h.clone(), inputs, None);
                 },
                 config,
-                |p| {
-                    factored += 1;
-                    on_progress(StreamingProgress::Layer(FactorizationProgress {
-                        done: factored,
-                        total: total_layers,
-                        path: p.path,
-                    }))
-                },
+                |p| emit(StreamingProgress::Layer(p)),
             )?;
             absorb(part, &mut report);
             block
@@ -154,7 +159,7 @@ pub fn emulate_streaming(
             block
         };
         model.model.layers[l] = block;
-        on_progress(StreamingProgress::Part { done: l + 1, total: total_parts });
+        emit(StreamingProgress::Part { done: l + 1, total: total_parts });
     }
 
     if let Some(head) = model.lm_head.take() {
@@ -171,14 +176,7 @@ pub fn emulate_streaming(
                     head.forward(norm.forward(h.clone()));
                 },
                 config,
-                |p| {
-                    factored += 1;
-                    on_progress(StreamingProgress::Layer(FactorizationProgress {
-                        done: factored,
-                        total: total_layers,
-                        path: p.path,
-                    }))
-                },
+                |p| emit(StreamingProgress::Layer(p)),
             )?;
             absorb(part, &mut report);
             head
@@ -186,7 +184,7 @@ pub fn emulate_streaming(
             head
         };
         model.lm_head = Some(head);
-        on_progress(StreamingProgress::Part { done: total_parts, total: total_parts });
+        emit(StreamingProgress::Part { done: total_parts, total: total_parts });
     }
     if report.layers.is_empty() {
         return Err(emloc::EmlocError::NoMatchingLayers(format!(
