@@ -124,9 +124,9 @@ fn linear_device(linear: &Linear) -> burn::tensor::Device {
 ///
 /// PEFT reads pattern keys as regexes matching a path's tail (see [`crate::peft::Patterns`]),
 /// so a plain path key would also match every longer path ending in it (`attn.q` matches
-/// `cross.attn.q`). Keys are therefore written as exact-path patterns (`^` and the escaped path), and
-/// `target_modules` becomes a regex of the adapted paths when the plain list would also
-/// target another layer. Every layer is checked to resolve to its own rank and alpha.
+/// `cross.attn.q`). Keys are therefore written as exact-path patterns (`^` and the escaped
+/// path), and `target_modules` becomes a regex of the adapted paths when the plain list would
+/// also target another layer. Every layer is checked to resolve to its own rank and alpha.
 pub fn export_adapter<M: Module>(model: &M) -> Result<PeftAdapter> {
     let mut layers = BTreeMap::new();
     let mut meta = Vec::new();

@@ -9,8 +9,8 @@
 //!    [`emulate_part`] does this for one part of a model (a decoder block), so that an emulator
 //!    can be built block by block without ever holding the whole original (for Llama-family
 //!    checkpoints: `emloc_models::causal_lm::emulate_streaming`).
-//! 2. [`attach_new_adapter`]: put LoRA adapters on the emulator and train them with any Burn loop; the
-//!    emulator layer computes `(x W_v) W_u + s (x A) B` without building a dense matrix.
+//! 2. [`attach_new_adapter`]: put LoRA adapters on the emulator and train them with any Burn
+//!    loop; the emulator layer computes `(x W_v) W_u + s (x A) B` without building a dense matrix.
 //! 3. [`correct`]: fix each adapter in closed form for the emulator/original mismatch, then
 //!    [`merge_adapter`] into the original model (or [`attach_adapter`] to serve it unmerged).
 //!    Adapters travel in HF PEFT's format ([`peft`]).
@@ -30,12 +30,13 @@
 //! A Burn `ModuleMapper` sees parameters, never the module around them, and cannot change a
 //! module's structure, so no mapper can turn a dense layer into a factored one inside a user's
 //! model. emloc's layers therefore implement `Module` by hand: their `visit`/`map` first call a
-//! thread-local hook. [`emulate`], [`attach_new_adapter`], [`correct`] and the other transforms install
-//! it for one traversal of the model and receive every emloc layer with its module path (dot-
+//! thread-local hook. [`emulate`], [`attach_new_adapter`], [`correct`] and the other transforms
+//! install it for one traversal of the model and receive every emloc layer with its module path (dot-
 //! joined field names, as in Burn's records); outside those calls the hook does nothing.
 //! During calibration, each layer's forward also adds its input's Gram matrix `XᵀX` (in f32,
 //! through [`ops::gram_accumulate`]) to the statistics of the session that [`emulate`] or
-//! [`calibrate`] opened on the calling thread (the forward passes must run on that thread). The kernels behind [`ops`] are a Burn backend extension: emloc's CubeCL
+//! [`calibrate`] opened on the calling thread (the forward passes must run on that thread).
+//! The kernels behind [`ops`] are a Burn backend extension: emloc's CubeCL
 //! kernels on CubeCL devices, plain tensor ops on Flex with the dense products through faer.
 //! [`DeviceChoice`] names the device a pipeline runs on. Design notes: the repository's
 //! `docs/DESIGN.md`; the method and the corrections to the official release that emloc follows:

@@ -1,8 +1,9 @@
 //! Frozen weights in bf16 / f16 (`emloc::cast_frozen`, the CLI's `--dtype`) with f32 adapters,
 //! against the f32 path on the tiny Llama fixture, stage by stage: logits, streaming emulator
 //! construction (per-layer whitened errors), LoRA fine-tuning (the adapter stays f32 and
-//! learns), correction and merge; on Flex and, for f16, on wgpu (Mesa lavapipe in CI). Tolerances are those of the dtypes' 8 (bf16) and 11 (f16) mantissa bits on values of
-//! order 1 to 10 through two blocks.
+//! learns), correction and merge; on Flex and, for f16, on wgpu (Mesa lavapipe in CI).
+//! Tolerances are those of the dtypes' 8 (bf16) and 11 (f16) mantissa bits on values of order 1
+//! to 10 through two blocks.
 
 mod common;
 

@@ -4,8 +4,8 @@
 //! Replace `use burn::nn::attention::{...}` by `use emloc::nn::attention::{...}`: the config (fields
 //! and defaults), the module's fields, the forward signatures and the record layout
 //! (`query.weight`, `query.bias`, ..., `output.bias`) are Burn's, so Burn checkpoints load
-//! unchanged, and [`emulate`](crate::emulate), [`attach_new_adapter`](crate::attach_new_adapter) and the rest of
-//! emloc reach the four projections.
+//! unchanged, and [`emulate`](crate::emulate), [`attach_new_adapter`](crate::attach_new_adapter)
+//! and the rest of emloc reach the four projections.
 //!
 //! Burn's [`MhaOutput`] is re-exported (its fields are public). [`MhaInput`] and [`MhaCache`] are
 //! emloc's own types with Burn's API: Burn's keep their fields private, so a forward pass outside

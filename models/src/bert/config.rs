@@ -27,7 +27,9 @@ pub enum HiddenAct {
 }
 
 /// The fields of `config.json` that have no default: a config without one of them is rejected
-/// with [`ModelError::MissingConfigField`](crate::ModelError::MissingConfigField).
+/// with [`ModelError::MissingConfigField`].
+///
+/// [`ModelError::MissingConfigField`]: crate::ModelError::MissingConfigField
 pub const REQUIRED_FIELDS: [&str; 6] = [
     "vocab_size",
     "hidden_size",
@@ -120,10 +122,15 @@ impl BertConfig {
     /// Reads and validates `config.json`.
     ///
     /// # Errors
-    /// [`ModelError::Io`](crate::ModelError::Io) if the file cannot be read; [`ModelError::MissingConfigField`](crate::ModelError::MissingConfigField) naming
-    /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`](crate::ModelError::InvalidConfig) for
-    /// malformed JSON or a value of the wrong type; [`ModelError::ConfigValue`](crate::ModelError::ConfigValue) for a value
+    /// [`ModelError::Io`] if the file cannot be read; [`ModelError::MissingConfigField`] naming
+    /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`] for
+    /// malformed JSON or a value of the wrong type; [`ModelError::ConfigValue`] for a value
     /// [`validate`](Self::validate) rejects.
+    ///
+    /// [`ModelError::ConfigValue`]: crate::ModelError::ConfigValue
+    /// [`ModelError::InvalidConfig`]: crate::ModelError::InvalidConfig
+    /// [`ModelError::Io`]: crate::ModelError::Io
+    /// [`ModelError::MissingConfigField`]: crate::ModelError::MissingConfigField
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         parse_config(read_json(path)?, path, &REQUIRED_FIELDS, Self::validate)

@@ -11,7 +11,9 @@ use crate::error::{ConfigProblem, Result};
 use crate::loading::{check_sizes, parse_config, read_json};
 
 /// The fields of `config.json` that have no default: a config without one of them is rejected
-/// with [`ModelError::MissingConfigField`](crate::ModelError::MissingConfigField).
+/// with [`ModelError::MissingConfigField`].
+///
+/// [`ModelError::MissingConfigField`]: crate::ModelError::MissingConfigField
 pub const REQUIRED_FIELDS: [&str; 6] = [
     "hidden_size",
     "num_hidden_layers",
@@ -72,10 +74,15 @@ impl ViTConfig {
     /// Reads and validates `config.json`.
     ///
     /// # Errors
-    /// [`ModelError::Io`](crate::ModelError::Io) if the file cannot be read; [`ModelError::MissingConfigField`](crate::ModelError::MissingConfigField) naming
-    /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`](crate::ModelError::InvalidConfig) for
-    /// malformed JSON or a value of the wrong type; [`ModelError::ConfigValue`](crate::ModelError::ConfigValue) for a value
+    /// [`ModelError::Io`] if the file cannot be read; [`ModelError::MissingConfigField`] naming
+    /// the first absent field of [`REQUIRED_FIELDS`]; [`ModelError::InvalidConfig`] for
+    /// malformed JSON or a value of the wrong type; [`ModelError::ConfigValue`] for a value
     /// [`validate`](Self::validate) rejects (naming the field).
+    ///
+    /// [`ModelError::ConfigValue`]: crate::ModelError::ConfigValue
+    /// [`ModelError::InvalidConfig`]: crate::ModelError::InvalidConfig
+    /// [`ModelError::Io`]: crate::ModelError::Io
+    /// [`ModelError::MissingConfigField`]: crate::ModelError::MissingConfigField
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         parse_config(read_json(path)?, path, &REQUIRED_FIELDS, Self::validate)
