@@ -704,3 +704,40 @@ mod cube {
         assert_close("split-K grad B", gb, &host(wb).0, 1e-5);
     }
 }
+
+/// `ops::softmax_last` against Burn's softmax in f64 (values and gradient), on rows of different
+/// lengths and with large and masked (-1e4) scores; on Flex, which fuses it.
+#[test]
+fn flex_softmax_and_its_gradient_match_burns_in_f64() {
+    let device = Device::flex().autodiff();
+    for (rows, n) in [(96, 64), (7, 13), (4, 1)] {
+        let mut raw: Vec<f32> = values(rows * n, 37).into_iter().map(|v| 30.0 * v).collect();
+        raw.iter_mut().step_by(5).for_each(|v| *v = -1.0e4);
+        let weights: Vec<f32> = values(rows * n, 38);
+        let x =
+            Tensor::<2>::from_data(TensorData::new(raw.clone(), [rows, n]), &device).require_grad();
+        let w = Tensor::<2>::from_data(TensorData::new(weights.clone(), [rows, n]), &device);
+        let y = ops::softmax_last(x.clone());
+        let grads = (y.clone() * w).sum().backward();
+        let dx = x.grad(&grads).expect("softmax gradient");
+
+        let f64_device = Device::flex().autodiff();
+        let t = Tensor::<2>::from_data(TensorData::new(raw, [rows, n]), &f64_device)
+            .cast(FloatDType::F64)
+            .require_grad();
+        let w = Tensor::<2>::from_data(TensorData::new(weights, [rows, n]), &f64_device)
+            .cast(FloatDType::F64);
+        let want = burn::tensor::activation::softmax(t.clone(), 1);
+        // The composed path (dtypes other than f32, Cube backends) on f64 agrees too.
+        let composed = ops::softmax_last(t.clone()).inner().into_data().try_to_vec::<f64>();
+        let reference = want.clone().inner().into_data().try_to_vec::<f64>().unwrap();
+        let gap =
+            composed.unwrap().iter().zip(&reference).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(gap < 1e-12, "composed softmax off by {gap}");
+        let want_grads = (want.clone() * w).sum().backward();
+        let want_dx = t.grad(&want_grads).unwrap().into_data().try_to_vec::<f64>().unwrap();
+        let want = want.inner().into_data().try_to_vec::<f64>().unwrap();
+        assert_close("softmax", y.inner(), &want, 1e-6);
+        assert_close("softmax gradient", dx, &want_dx, 1e-6);
+    }
+}
