@@ -25,11 +25,16 @@ pub enum DeviceChoice {
     Wgpu,
     /// The first CUDA GPU, with emloc's CubeCL kernels; needs the `cuda` feature.
     Cuda,
+    /// The host CPU through CubeCL's LLVM CPU runtime, with emloc's CubeCL kernels; needs the
+    /// `cpu` feature (and its offline LLVM bundle, see the repository's BENCHMARKS.md).
+    #[serde(rename = "cubecl-cpu")]
+    #[cfg_attr(feature = "clap", value(name = "cubecl-cpu"))]
+    CubeclCpu,
 }
 
 impl DeviceChoice {
     /// Every choice, in the order the CLI lists them.
-    pub const ALL: [Self; 3] = [Self::Cpu, Self::Wgpu, Self::Cuda];
+    pub const ALL: [Self; 4] = [Self::Cpu, Self::Wgpu, Self::Cuda, Self::CubeclCpu];
 
     /// The name the CLI and config files use.
     pub fn name(self) -> &'static str {
@@ -37,6 +42,7 @@ impl DeviceChoice {
             Self::Cpu => "cpu",
             Self::Wgpu => "wgpu",
             Self::Cuda => "cuda",
+            Self::CubeclCpu => "cubecl-cpu",
         }
     }
 
@@ -60,6 +66,10 @@ impl DeviceChoice {
             Self::Cuda => Ok(Device::cuda(0)),
             #[cfg(not(feature = "cuda"))]
             Self::Cuda => Err(unavailable("cuda")),
+            #[cfg(feature = "cpu")]
+            Self::CubeclCpu => Ok(Device::cpu()),
+            #[cfg(not(feature = "cpu"))]
+            Self::CubeclCpu => Err(unavailable("cpu")),
         }
     }
 }
@@ -75,7 +85,9 @@ impl FromStr for DeviceChoice {
 
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|c| c.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
-            EmlocError::InvalidConfig(format!("unknown device `{s}` (expected cpu, wgpu or cuda)"))
+            EmlocError::InvalidConfig(format!(
+                "unknown device `{s}` (expected cpu, wgpu, cuda or cubecl-cpu)"
+            ))
         })
     }
 }
@@ -95,6 +107,11 @@ mod tests {
         assert!(matches!(
             DeviceChoice::Cuda.device(),
             Err(EmlocError::DeviceUnavailable { feature, .. }) if feature == "emloc/cuda"
+        ));
+        #[cfg(not(feature = "cpu"))]
+        assert!(matches!(
+            DeviceChoice::CubeclCpu.device(),
+            Err(EmlocError::DeviceUnavailable { feature, .. }) if feature == "emloc/cpu"
         ));
     }
 }
