@@ -158,15 +158,6 @@ pub trait EmlocOps: Backend {
     /// `dy · (Φ(x) + x φ(x))`, the exact GELU's input gradient. Not differentiable itself.
     fn erf_gelu_backward(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// Softmax over the last dimension, any shape. Flex runs `f32` row by row in two passes
-    /// (max; exp, sum and scale) instead of Burn's five tensor passes; other dtypes and
-    /// backends compose Burn's ops. Differentiable; the backward keeps only the output.
-    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self>;
-
-    /// `y ⊙ (dy − Σ_last(dy ⊙ y))`, the softmax's input gradient from its output `y`. Not
-    /// differentiable itself.
-    fn softmax_last_backward(y: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self>;
-
     /// Cholesky factor of `g + λI` (`g` `[d, d]` symmetric, any float dtype, only its lower
     /// triangle read; `λ = relative_damping · mean(diag g)`), in `f32`: `(L, status)` with `L`
     /// `[d, d]` lower-triangular and `status` the `[4]` `f32` tensor described in
@@ -254,14 +245,6 @@ pub fn linear<const D: usize>(
     }
     dims[D - 1] = d_out;
     y.reshape(dims)
-}
-
-/// Softmax over the last dimension (attention scores), through [`EmlocOps::softmax_last`].
-///
-/// # Shapes
-/// - `x`, output: any shape; rows are the last dimension
-pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    Tensor::from_dispatch(<Dispatch as EmlocOps>::softmax_last(x.into_dispatch()))
 }
 
 /// The exact GELU, `x Φ(x)`, elementwise (HF's `"gelu"`), through [`EmlocOps::erf_gelu`]:

@@ -135,38 +135,7 @@ impl<B: Backend + EmlocOps> Backward<B, 1> for GeluBackward {
     }
 }
 
-#[derive(Debug)]
-struct SoftmaxBackward;
-
-impl<B: Backend + EmlocOps> Backward<B, 1> for SoftmaxBackward {
-    /// The output.
-    type State = FloatTensor<B>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let dy = grads.consume::<B>(&ops.node);
-        if let Some(node) = &ops.parents[0] {
-            grads.register::<B>(node.id, B::softmax_last_backward(ops.state, dy));
-        }
-    }
-}
-
 impl<B: Backend + EmlocOps, C: CheckpointStrategy> EmlocOps for Autodiff<B, C> {
-    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let guards = [x.node()];
-        let x = x.into_primitive();
-        match SoftmaxBackward.prepare::<C>(guards).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let y = B::softmax_last(x);
-                prep.finish(y.clone(), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::softmax_last(x)),
-        }
-    }
-
-    fn softmax_last_backward(y: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::from_inner(B::softmax_last_backward(y.into_primitive(), dy.into_primitive()))
-    }
-
     fn erf_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let guards = [x.node()];
         let x = x.into_primitive();

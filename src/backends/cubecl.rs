@@ -112,14 +112,6 @@ impl EmlocOps for CubeBackend {
         generic::erf_gelu_backward::<Self>(x, dy)
     }
 
-    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        generic::softmax_last::<Self>(x)
-    }
-
-    fn softmax_last_backward(y: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
-        generic::softmax_last_backward::<Self>(y, dy)
-    }
-
     fn gram(x: FloatTensor<Self>) -> FloatTensor<Self> {
         if on_matmul(&x) {
             return gram_on_matmul(x);

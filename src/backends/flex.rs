@@ -99,48 +99,9 @@ impl EmlocOps for Flex {
             |x, dy| {
                 let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
                 // Clamped at e⁻⁸⁰, where the term no longer counts: exp never underflows.
-                dy * (cdf + x * inv_sqrt_2pi * exp((-0.5 * x * x).max(-80.0)))
+                dy * (cdf + x * inv_sqrt_2pi * (-0.5 * x * x).max(-80.0).exp())
             },
         );
-        dx
-    }
-
-    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        if x.dtype() != DType::F32 {
-            return generic::softmax_last::<Self>(x);
-        }
-        let x = x.to_contiguous();
-        let shape = x.shape();
-        let n = shape[shape.num_dims() - 1].max(1);
-        let mut y = FloatTensor::<Self>::empty(shape, DType::F32);
-        for (x, y) in x.storage::<f32>().chunks(n).zip(y.storage_mut::<f32>().chunks_mut(n)) {
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0;
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = exp(x - max);
-                sum += *y;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|y| *y *= inv);
-        }
-        y
-    }
-
-    fn softmax_last_backward(y: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
-        if y.dtype() != DType::F32 || dy.dtype() != DType::F32 {
-            return generic::softmax_last_backward::<Self>(y, dy);
-        }
-        let (y, dy) = (y.to_contiguous(), dy.to_contiguous());
-        let shape = y.shape();
-        let n = shape[shape.num_dims() - 1].max(1);
-        let mut dx = FloatTensor::<Self>::empty(shape, DType::F32);
-        let rows = y.storage::<f32>().chunks(n).zip(dy.storage::<f32>().chunks(n));
-        for ((y, dy), dx) in rows.zip(dx.storage_mut::<f32>().chunks_mut(n)) {
-            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
-            for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                *dx = y * (dy - dot);
-            }
-        }
         dx
     }
 
@@ -249,25 +210,6 @@ fn elementwise(x: &[f32], dy: Option<&[f32]>, out: &mut [f32], f: impl Fn(f32, f
     }
 }
 
-/// `eˣ` in `f32` for `x ≤ 0` (softmax after its max is subtracted), branch-free so that a loop
-/// of it vectorises: `2ⁿ · e^r` with `n = ⌊x log₂e + ½⌋`, `|r| ≤ ln2 / 2`, and Cephes' degree-5
-/// polynomial for `e^r` (relative error about 2·10⁻⁷); inputs below -87 give `e⁻⁸⁷ ≈ 1.6·10⁻³⁸`
-/// instead of a denormal or zero.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 0.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = [1.987_569_1e-4_f32, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5]
-        .iter()
-        .fold(0.0_f32, |acc, &c| acc * r + c);
-    let er = p * r * r + r + 1.0;
-    // 2ⁿ for n in [-126, 0]: the exponent field directly.
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 /// `erf(x)` in `f32` as Eigen's rational approximation on `[-4, 4]` (clamped outside, where
 /// `erf` is ±1 to `f32` precision): absolute error below 5·10⁻⁷, no branches and no `exp`.
 #[inline(always)]
@@ -374,24 +316,5 @@ pub(crate) fn host_solve_lower_right(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_is_within_a_few_ulps_of_f64_on_the_softmax_range() {
-        let mut worst = 0.0f64;
-        for i in 0..=870_000 {
-            let x = -(i as f32) * 1e-4;
-            let want = f64::from(x).exp();
-            worst = worst.max((f64::from(exp(x)) - want).abs() / want);
-        }
-        assert!(worst < 4e-7, "relative error {worst:.2e}");
-        assert_eq!(exp(0.0), 1.0);
-        // Far below: the clamp, not a denormal.
-        assert!(exp(-1.0e4) > 0.0 && exp(-1.0e4) < 2e-38);
     }
 }

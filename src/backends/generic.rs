@@ -148,24 +148,3 @@ pub(crate) fn erf_gelu_backward<B: Backend>(
     let pdf = B::float_mul_scalar(pdf, Scalar::from(1.0 / (2.0 * std::f64::consts::PI).sqrt()));
     B::float_mul(dy, B::float_add(cdf, B::float_mul(x, pdf)))
 }
-
-/// Softmax over the last dimension from Burn's ops.
-pub(crate) fn softmax_last<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    let shape = x.shape();
-    let dim = shape.num_dims() - 1;
-    let max = B::float_expand(B::float_max_dim(x.clone(), dim), shape.clone());
-    let e = B::float_exp(B::float_sub(x, max));
-    let sum = B::float_expand(B::float_sum_dim(e.clone(), dim), shape);
-    B::float_div(e, sum)
-}
-
-/// `y ⊙ (dy − Σ_last(dy ⊙ y))` from Burn's ops.
-pub(crate) fn softmax_last_backward<B: Backend>(
-    y: FloatTensor<B>,
-    dy: FloatTensor<B>,
-) -> FloatTensor<B> {
-    let shape = y.shape();
-    let dim = shape.num_dims() - 1;
-    let dot = B::float_sum_dim(B::float_mul(dy.clone(), y.clone()), dim);
-    B::float_mul(y, B::float_sub(dy, B::float_expand(dot, shape)))
-}

@@ -6,11 +6,10 @@ use burn::module::{
     Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
 };
 use burn::nn::{LayerNorm, LayerNormConfig};
-
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
-use emloc::ops::softmax_last;
 
 /// Configuration of [`BertAttention`].
 #[derive(Config, Debug)]
@@ -107,7 +106,7 @@ impl BertSelfAttention {
             Some(bias) => scores + bias,
             None => scores,
         };
-        let probs = self.dropout.forward(softmax_last(scores));
+        let probs = self.dropout.forward(softmax(scores, 3));
         probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d])
     }
 }

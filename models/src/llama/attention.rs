@@ -4,10 +4,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-
+use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, FloatDType, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
-use emloc::ops::softmax_last;
 
 use super::LlamaConfig;
 use super::cache::LayerKvCache;
@@ -218,7 +217,7 @@ impl LlamaAttention {
         };
         // Softmax in f32 whatever the weights' dtype, as HF does (a no-op for f32).
         let dtype = scores.dtype();
-        let probs = softmax_last(scores.cast(FloatDType::F32)).cast(dtype).reshape([
+        let probs = softmax(scores.cast(FloatDType::F32), 4).cast(dtype).reshape([
             batch,
             kv,
             group * seq,

@@ -3,11 +3,10 @@
 
 use burn::config::Config;
 use burn::module::Module;
-
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 use emloc::nn::{Dropout, DropoutConfig};
 use emloc::nn::{Linear, LinearConfig};
-use emloc::ops::softmax_last;
 
 use super::ViTConfig;
 
@@ -65,7 +64,7 @@ pub fn multi_head_attention(
     let split = |x: Tensor<3>| x.reshape([batch, seq, num_heads, hd]).swap_dims(1, 2);
     let (q, k, v) = (split(q), split(k), split(v));
     let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((hd as f64).sqrt());
-    let probs = dropout.forward(softmax_last(scores));
+    let probs = dropout.forward(softmax(scores, 3));
     probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d])
 }
 
