@@ -312,7 +312,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     }
     let lm = model_args.load_decoder(&BTreeSet::new())?;
     let calibration = calibration_sequences(&lm, &train, args.emulator.calibration_pairs)?;
-    let original = lm.model.clone();
+    let original = model_args.device.cast(lm.model.clone());
     let inference = inference_bytes(&lm, &original, &train, train_args.batch_size)?;
     eprintln!(
         "model {} loaded in {:.1}s; {} tasks, {} validation items each, {} mixed training items, \
