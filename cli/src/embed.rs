@@ -21,6 +21,8 @@ pub struct EmbedArgs {
 /// Loads the encoder and prints one JSON array of floats per text, in order.
 pub fn run(args: &EmbedArgs) -> emloc_models::Result<()> {
     let encoder = SentenceEncoder::load(&args.model, &args.device.device()?)?;
+    let model = args.device.cast(encoder.model.clone());
+    let encoder = encoder.with_model(model);
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let embeddings = encoder.embed(&texts)?;
     println!("{}", serde_json::to_string(&embeddings).expect("floats serialize"));

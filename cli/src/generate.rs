@@ -61,7 +61,8 @@ impl GenerateArgs {
 /// [`ModelError::InvalidInput`](emloc_models::ModelError::InvalidInput) for bad settings, `--chat` without a chat template, or a prompt
 /// the tokenizer maps outside the vocabulary.
 pub fn run(args: &GenerateArgs) -> emloc_models::Result<()> {
-    let lm = load_causal_lm(&args.model, &args.device.device()?, &BTreeSet::new())?;
+    let mut lm = load_causal_lm(&args.model, &args.device.device()?, &BTreeSet::new())?;
+    lm.model = args.device.cast(lm.model);
     let settings = args.generation_config(lm.task.eos_token_ids().to_vec());
     settings.validate()?;
     let style = if args.chat { PromptStyle::Chat } else { PromptStyle::Raw };
