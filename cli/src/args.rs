@@ -272,7 +272,7 @@ impl ModelArgs {
         // Checked first, so a bad emulator directory fails before the checkpoint is read.
         let description = emloc::read_emulator_description(emulator_dir)?;
         check_emulator_source(&description, emulator_dir, &dir)?;
-        let skip = description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
+        let skip = crate::causal::replaced_weights(&description);
         let device = self.device()?;
         let encoder = crate::progress::with_spinner(format!("loading {}", dir.display()), || {
             SentenceEncoder::load_skipping(&dir, &device, &skip)

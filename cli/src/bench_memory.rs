@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::CliResult;
 use crate::args::{EmulatorArgs, ModelArgs, TrainArgs};
-use crate::causal::build_emulator_streaming;
+use crate::causal::{build_emulator_streaming, replaced_weights};
 use crate::data::{DataArgs, calibration_texts};
 use crate::memory::{Phase, PhaseStats};
 use crate::progress::progress;
@@ -647,9 +647,8 @@ fn llama_phase(
         }
         MemoryPhase::FinetuneEmulator => {
             let description = emloc::read_emulator_description(&emulator_dir(args))?;
-            let replaced =
-                description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect();
-            let (emulator, _) = load_emulator(model(&replaced)?, &emulator_dir(args))?;
+            let (emulator, _) =
+                load_emulator(model(&replaced_weights(&description))?, &emulator_dir(args))?;
             // The rest of the model (embeddings, norms) is materialised by the first step.
             loaded();
             llama_finetune(args, emulator, config.vocab_size, &mut rng, "LoRA on the emulator")

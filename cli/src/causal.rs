@@ -33,7 +33,7 @@ use crate::training::train_with_progress;
 const PEFT_TASK_TYPE: &str = "CAUSAL_LM";
 
 /// The module paths of the weights an emulator replaces (never read when loading it).
-fn replaced_weights(description: &EmulatorDescription) -> BTreeSet<String> {
+pub(crate) fn replaced_weights(description: &EmulatorDescription) -> BTreeSet<String> {
     description.report.layers.iter().map(|l| format!("{}.weight", l.path)).collect()
 }
 
