@@ -12,7 +12,7 @@ use emloc::{
     emulate_with_progress, export_adapter, load_emulator,
 };
 use emloc_models::causal_lm::{self, CausalLm, CausalLmMetrics, EvalConfig, Example};
-use emloc_models::llama::LlamaForCausalLM;
+use emloc_models::llama::{GenerationConfig, LlamaForCausalLM};
 use emloc_models::training::TrainReport;
 use serde::Serialize;
 
@@ -255,6 +255,8 @@ pub fn eval(args: &EvalArgs) -> CliResult<()> {
     let phase = Phase::start();
     let split = args.data.split_examples()?;
     let (lm, _) = load(&args.model, args.emulator.as_deref())?;
+    let context = lm.config.max_position_embeddings;
+    GenerationConfig::greedy(args.max_new_tokens).check_context(0, context)?;
     let mut model = lm.model.clone();
     if let Some(dir) = &args.adapter {
         model = attach_adapter(model, &PeftAdapter::load(dir)?)?;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use emloc_models::causal_lm::{Prompt, PromptStyle, load_causal_lm};
+use emloc_models::causal_lm::{Prompt, PromptStyle, load_causal_lm, read_config};
 use emloc_models::llama::GenerationConfig;
 
 /// Options of `emloc generate`.
@@ -58,16 +58,22 @@ impl GenerateArgs {
 ///
 /// # Errors
 /// Loading errors of [`load_causal_lm`] (a missing `tokenizer.json` included), and
-/// [`ModelError::InvalidInput`](emloc_models::ModelError::InvalidInput) for bad settings, `--chat` without a chat template, or a prompt
-/// the tokenizer maps outside the vocabulary.
+/// [`ModelError::InvalidInput`](emloc_models::ModelError::InvalidInput) for bad settings (a
+/// token budget past the model's context window included, refused before the weights are
+/// read), `--chat` without a chat template, or a prompt the tokenizer maps outside the
+/// vocabulary.
 pub fn run(args: &GenerateArgs) -> emloc_models::Result<()> {
+    // Settings are checked against the config alone, before the weights are read.
+    let context = read_config(&args.model)?.max_position_embeddings;
+    args.generation_config(Vec::new()).validate()?;
+    args.generation_config(Vec::new()).check_context(0, context)?;
     let mut lm = load_causal_lm(&args.model, &args.device.device()?, &BTreeSet::new())?;
     lm.model = args.device.cast(lm.model);
     let settings = args.generation_config(lm.task.eos_token_ids().to_vec());
-    settings.validate()?;
     let style = if args.chat { PromptStyle::Chat } else { PromptStyle::Raw };
     let task = lm.task.with_style(style)?;
     let prompt = task.encode_prompt(&Prompt::Text(args.prompt.clone()))?;
+    settings.check_context(prompt.len(), context)?;
     let start = Instant::now();
     let generated = lm.model.generate(&prompt, &settings)?;
     let seconds = start.elapsed().as_secs_f64();
@@ -156,5 +162,31 @@ mod tests {
             "2",
         ]);
         assert!(matches!(run(&cli.args), Err(ModelError::InvalidInput(_))));
+    }
+
+    #[test]
+    fn a_token_budget_past_the_context_window_is_refused_not_allocated() {
+        let run_with = |budget: &str, prompt: &str| {
+            let cli = Cli::parse_from([
+                "generate",
+                "--model",
+                &fixture("tiny_llama"),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                budget,
+            ]);
+            run(&cli.args)
+        };
+        // Before the fix this asked the allocator for 400 GB and aborted the process.
+        let Err(ModelError::InvalidInput(message)) = run_with("100000000000", "x") else {
+            panic!("an oversized budget must be refused");
+        };
+        assert!(message.contains("context window of 64 tokens"), "{message}");
+        // Within the window alone, but not with the prompt: refused after tokenizing.
+        let Err(ModelError::InvalidInput(message)) = run_with("63", "hello world hello") else {
+            panic!("prompt + budget past the window must be refused");
+        };
+        assert!(message.contains("a prompt of"), "{message}");
     }
 }

@@ -70,6 +70,32 @@ impl GenerationConfig {
         self.seed.wrapping_add((row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
     }
 
+    /// Checks that a prompt of `prompt_tokens` tokens followed by `max_new_tokens` new ones fits
+    /// a context window of `context` tokens (the config's `max_position_embeddings`): past it a
+    /// model was never trained, and a token budget given by mistake (say `10¹¹`) must be refused
+    /// before anything is sized by it. `prompt_tokens = 0` checks the budget alone, before the
+    /// prompt is tokenized.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] naming the budget, the prompt's length and the window, and
+    /// the largest budget that fits.
+    pub fn check_context(&self, prompt_tokens: usize, context: usize) -> Result<()> {
+        let fits = context.saturating_sub(prompt_tokens);
+        if self.max_new_tokens > fits {
+            let prompt = if prompt_tokens == 0 {
+                String::new()
+            } else {
+                format!("a prompt of {prompt_tokens} tokens plus ")
+            };
+            return Err(ModelError::InvalidInput(format!(
+                "{prompt}max_new_tokens {} exceeds the model's context window of {context} \
+                 tokens (max_position_embeddings); at most {fits} new tokens fit",
+                self.max_new_tokens
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks the temperature (finite, `>= 0`) and `top_p` (in `[0, 1]`).
     ///
     /// # Errors
@@ -208,7 +234,8 @@ impl LlamaForCausalLM {
             )));
         }
         let batch = prompts.len();
-        let mut generated = vec![Vec::with_capacity(config.max_new_tokens); batch];
+        // The budget is the user's: it bounds the loop, never an allocation made up front.
+        let mut generated = vec![Vec::with_capacity(config.max_new_tokens.min(256)); batch];
         if batch == 0 || config.max_new_tokens == 0 {
             return Ok(generated);
         }
@@ -284,6 +311,17 @@ mod tests {
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         assert!((mean - 0.5).abs() < 0.02, "{mean}");
         assert_ne!(XorShiftRng::new(1).next_u64(), XorShiftRng::new(2).next_u64());
+    }
+
+    #[test]
+    fn a_budget_past_the_context_window_is_refused_with_what_fits() {
+        let config = GenerationConfig::greedy(100_000_000_000);
+        let err = config.check_context(0, 2048).unwrap_err().to_string();
+        assert!(err.contains("100000000000") && err.contains("2048"), "{err}");
+        let err = GenerationConfig::greedy(60).check_context(10, 64).unwrap_err().to_string();
+        assert!(err.contains("a prompt of 10 tokens") && err.contains("at most 54"), "{err}");
+        GenerationConfig::greedy(54).check_context(10, 64).unwrap();
+        assert!(GenerationConfig::greedy(1).check_context(70, 64).is_err());
     }
 
     #[test]
