@@ -357,6 +357,12 @@ pub struct TrainArgs {
     /// Seed of the batch order and the adapter initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Recompute each decoder block's activations in the backward pass and run the LM head in
+    /// chunks instead of keeping them: the same gradients (within f32 rounding) in a fraction
+    /// of the memory, for one more forward pass (decoders; encoders ignore it).
+    #[arg(long)]
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl TrainArgs {
@@ -378,6 +384,7 @@ impl TrainArgs {
             weight_decay: 0.0,
             scale: 20.0,
             seed: self.seed,
+            gradient_checkpointing: self.gradient_checkpointing,
         }
     }
 }

@@ -32,7 +32,9 @@ use emloc::{
     EmulatorConfig, EmulatorDescription, LoraConfig, attach_new_adapter, emulate, load_emulator,
     save_emulator,
 };
-use emloc_models::causal_lm;
+use emloc_models::causal_lm::{
+    self, CausalBatch, HEAD_CHUNK_POSITIONS, completion_gradients_checkpointed,
+};
 use emloc_models::llama::{LlamaConfig, LlamaForCausalLM};
 use emloc_models::retrieval::batch_order;
 use emloc_models::rng::XorShiftRng;
@@ -132,6 +134,10 @@ pub struct BenchMemoryArgs {
     /// read from `--model`).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub phases: Vec<MemoryPhase>,
+    /// Fine-tune with gradient checkpointing: decoder blocks recomputed in the backward pass,
+    /// the LM head in chunks (Llama; MiniLM ignores it).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Internal: run only this phase and print its statistics as one JSON line.
     #[arg(long, value_enum, hide = true)]
     pub phase: Option<MemoryPhase>,
@@ -447,6 +453,7 @@ fn train_args(args: &BenchMemoryArgs) -> TrainArgs {
         lr: 1e-3,
         warmup_steps: 0,
         seed: 0,
+        gradient_checkpointing: args.gradient_checkpointing,
     }
 }
 
@@ -547,6 +554,29 @@ fn random_ids(
 }
 
 /// Mean next-token cross-entropy of `logits` `[b, s, v]` against `ids` `[b, s]`.
+/// `ids` as a [`CausalBatch`] that scores every next token, the loss of [`lm_loss`].
+fn next_token_batch(ids: &Tensor<2, Int>) -> CausalBatch {
+    let [rows, seq] = ids.dims();
+    let values: Vec<i64> = ids.clone().into_data().convert::<i64>().try_to_vec().expect("ids");
+    let (mut positions, mut targets, mut scored_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for row in 0..rows {
+        for t in 0..seq - 1 {
+            positions.push((row * seq + t) as i64);
+            targets.push(values[row * seq + t + 1]);
+            scored_rows.push(row);
+        }
+    }
+    let n = positions.len();
+    let device = ids.device();
+    CausalBatch {
+        inputs: ids.clone(),
+        completion_positions: Tensor::from_data(TensorData::new(positions, [n]), &device),
+        completion_targets: Tensor::from_data(TensorData::new(targets, [n]), &device),
+        rows: scored_rows,
+        tokens: rows * seq,
+    }
+}
+
 fn lm_loss(logits: Tensor<3>, ids: Tensor<2, Int>) -> Tensor<1> {
     let [b, s, v] = logits.dims();
     let logp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
@@ -681,12 +711,23 @@ fn llama_finetune(
     let mut losses = Vec::new();
     // One fixed batch: the loss must fall, which checks that the adapter actually trains.
     let ids = random_ids(rng, args.batch_size, args.llama.seq_len, vocab, &train_device);
+    let every_position = next_token_batch(&ids);
     for _ in 0..args.steps {
-        let loss = lm_loss(model.forward(ids.clone(), None), ids.clone());
-        let value = loss.clone().into_scalar::<f32>();
+        let (value, grads) = if args.gradient_checkpointing {
+            let (value, grads) = completion_gradients_checkpointed(
+                &model,
+                &every_position,
+                1.0,
+                HEAD_CHUNK_POSITIONS,
+            );
+            (value as f32, grads)
+        } else {
+            let loss = lm_loss(model.forward(ids.clone(), None), ids.clone());
+            let value = loss.clone().into_scalar::<f32>();
+            (value, GradientsParams::from_grads(loss.backward(), &model))
+        };
         losses.push(value);
         bar.set_message(format!("loss {value:.4}"));
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-3, model, grads);
         bar.inc(1);
     }

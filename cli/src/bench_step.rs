@@ -189,6 +189,7 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
         lr: args.lr,
         warmup_steps: 1,
         seed: 0,
+        gradient_checkpointing: false,
     };
     let rayon_threads = rayon_threads();
     eprintln!(

@@ -14,15 +14,15 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use burn::optim::ModuleOptimizer;
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::bert::{BertModel, SentenceEncoder};
+use crate::bert::{BertInput, BertModel, SentenceEncoder};
 use crate::error::{ModelError, Result};
 use crate::jsonl::{nonblank_string, parse_records};
-use crate::training::train;
+use crate::training::{MicroBatchGradients, train, train_with_gradients};
 pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport};
 
 /// One sentence with its class.
@@ -301,7 +301,9 @@ pub fn classification_loss(
 /// its emulator) to classify `examples` with [`classification_loss`] at `task.scale`, the label
 /// descriptions embedded through the model being trained at every step, with the shared loop
 /// ([`train`]: AdamW, warmup + cosine, seeded batch order, resumable). `config.scale` is unused:
-/// the task's scale is the one evaluation uses. Returns the model in inference mode.
+/// the task's scale is the one evaluation uses. With `config.gradient_checkpointing` the
+/// encoder's layers are recomputed in the backward pass ([`BertModel::forward_checkpointed`]).
+/// Returns the model in inference mode.
 ///
 /// # Errors
 /// As [`train`]; tokenizer errors of [`SentenceEncoder::tokenize`].
@@ -318,18 +320,81 @@ pub fn finetune(
     let descriptions: Vec<&str> = task.descriptions.iter().map(String::as_str).collect();
     let described = encoder.tokenize(&descriptions)?;
     let description_tokens: usize = described.iter().map(|e| e.ids.len()).sum();
-    let loss_of = |model: &BertModel, indices: &[usize]| {
+    let prepare = |indices: &[usize]| -> Result<(BertInput, Tensor<1, Int>, usize)> {
         let inputs: Vec<&str> = indices.iter().map(|&i| examples[i].input.as_str()).collect();
         let encoded = encoder.tokenize(&inputs)?;
         let tokens = encoded.iter().map(|e| e.ids.len()).sum::<usize>() + description_tokens;
         let targets: Vec<i64> = indices.iter().map(|&i| examples[i].label as i64).collect();
         let targets =
             Tensor::<1, Int>::from_data(TensorData::new(targets, [indices.len()]), &train_device);
-        let s = encoder.forward_with(model, encoder.batch(&encoded).to_device(&train_device));
-        let d = encoder.forward_with(model, encoder.batch(&described).to_device(&train_device));
+        Ok((encoder.batch(&encoded).to_device(&train_device), targets, tokens))
+    };
+    let descriptions = encoder.batch(&described).to_device(&train_device);
+    if config.gradient_checkpointing {
+        let gradients_of = |model: &BertModel, indices: &[usize]| {
+            let (sentences, targets, tokens) = prepare(indices)?;
+            let (loss, grads) = checkpointed_classification_gradients(
+                encoder,
+                model,
+                [sentences, descriptions.clone()],
+                targets,
+                task.scale,
+                1.0 / config.grad_accumulation as f64,
+            );
+            Ok(MicroBatchGradients { loss, grads, tokens })
+        };
+        let device = encoder.device();
+        return train_with_gradients(
+            model,
+            examples.len(),
+            config,
+            resume,
+            device,
+            gradients_of,
+            on_step,
+        );
+    }
+    let loss_of = |model: &BertModel, indices: &[usize]| {
+        let (sentences, targets, tokens) = prepare(indices)?;
+        let s = encoder.forward_with(model, sentences);
+        let d = encoder.forward_with(model, descriptions.clone());
         Ok((classification_loss(s, d, targets, task.scale), tokens))
     };
     train(model, examples.len(), config, resume, encoder.device(), loss_of, on_step)
+}
+
+/// `weight ×` [`classification_loss`] of `[sentences, descriptions]` and its gradients, with
+/// the encoder's layers recomputed in the backward pass ([`BertModel::forward_checkpointed`]):
+/// plain autodiff's within f32 rounding, in the memory of one layer's activations.
+fn checkpointed_classification_gradients(
+    encoder: &SentenceEncoder,
+    model: &BertModel,
+    inputs: [BertInput; 2],
+    targets: Tensor<1, Int>,
+    scale: f64,
+    weight: f64,
+) -> (f64, GradientsParams) {
+    let masks = inputs.clone().map(|input| {
+        input.attention_mask.unwrap_or_else(|| {
+            Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
+        })
+    });
+    let [sentences, descriptions] = inputs.map(|input| model.forward_checkpointed(input));
+    let [mask_s, mask_d] = masks;
+    let s = encoder.pool(sentences.last_hidden_state.clone(), mask_s);
+    let d = encoder.pool(descriptions.last_hidden_state.clone(), mask_d);
+    let loss = classification_loss(s, d, targets, scale).mul_scalar(weight);
+    let value = f64::from(loss.clone().into_scalar::<f32>());
+    let mut grads = loss.backward();
+    let mut accumulator = GradientsAccumulator::new();
+    let upstream = [&sentences, &descriptions].map(|pass| {
+        pass.last_hidden_state.grad_remove(&mut grads).expect("the last hidden state's gradient")
+    });
+    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    let [upstream_s, upstream_d] = upstream;
+    sentences.backward(model, upstream_s, &mut accumulator);
+    descriptions.backward(model, upstream_d, &mut accumulator);
+    (value, accumulator.grads())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod bert;
 pub mod causal_lm;
+pub mod checkpointing;
 pub mod classification;
 pub mod clip;
 pub mod error;

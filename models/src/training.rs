@@ -40,6 +40,13 @@ pub struct TrainConfig {
     pub scale: f64,
     /// Seed of the batch order.
     pub seed: u64,
+    /// Recompute activations instead of keeping them, where the task supports it
+    /// ([`causal_lm::finetune`](crate::causal_lm::finetune): block by block, the LM head in
+    /// chunks; see [`causal_lm::completion_gradients_checkpointed`](crate::causal_lm::completion_gradients_checkpointed)):
+    /// the same gradients within f32 rounding for about one more forward pass, in a fraction
+    /// of the memory. Off by default.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -53,6 +60,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             scale: 20.0,
             seed: 0,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -152,6 +160,16 @@ pub struct Resume {
     pub optimizer: OptimizerRecord,
 }
 
+/// What one micro-batch gives an optimizer step in [`train_with_gradients`].
+pub struct MicroBatchGradients {
+    /// The micro-batch's loss, already divided by `grad_accumulation` (its share of the step's).
+    pub loss: f64,
+    /// Its gradients, scaled as `loss`.
+    pub grads: GradientsParams,
+    /// Tokens (padding excluded) it processed.
+    pub tokens: usize,
+}
+
 /// The training loop every task shares: trains the trainable parameters of `model` (e.g. LoRA
 /// adapters) with AdamW and [`TrainConfig::learning_rate`]'s schedule over [`batch_order`]'s
 /// micro-batches of `0..items`, summing `config.grad_accumulation` micro-batch gradients per
@@ -172,6 +190,35 @@ pub fn train<M: Module>(
     resume: Option<Resume>,
     device: &Device,
     mut micro_batch_loss: impl FnMut(&M, &[usize]) -> Result<(Tensor<1>, usize)>,
+    on_step: impl FnMut(&StepInfo, &M, &ModuleOptimizer),
+) -> Result<(M, TrainReport)> {
+    let micro_batch_gradients = |model: &M, indices: &[usize]| {
+        let (loss, tokens) = micro_batch_loss(model, indices)?;
+        let loss = loss.div_scalar(config.grad_accumulation as f64);
+        let value = f64::from(loss.clone().into_scalar::<f32>());
+        Ok(MicroBatchGradients {
+            loss: value,
+            grads: GradientsParams::from_grads(loss.backward(), model),
+            tokens,
+        })
+    };
+    train_with_gradients(model, items, config, resume, device, micro_batch_gradients, on_step)
+}
+
+/// [`train`] for tasks that compute their gradients themselves (e.g. by recomputation,
+/// [`causal_lm::completion_gradients_checkpointed`](crate::causal_lm::completion_gradients_checkpointed)):
+/// `micro_batch_gradients` returns a micro-batch's loss and gradients, both divided by
+/// `config.grad_accumulation`, and its token count.
+///
+/// # Errors
+/// As [`train`].
+pub fn train_with_gradients<M: Module>(
+    model: M,
+    items: usize,
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    device: &Device,
+    mut micro_batch_gradients: impl FnMut(&M, &[usize]) -> Result<MicroBatchGradients>,
     mut on_step: impl FnMut(&StepInfo, &M, &ModuleOptimizer),
 ) -> Result<(M, TrainReport)> {
     config.validate()?;
@@ -206,12 +253,10 @@ pub fn train<M: Module>(
         let mut accumulator = GradientsAccumulator::new();
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         for indices in micro_batches {
-            let (loss, micro_tokens) = micro_batch_loss(&model, indices)?;
-            let loss = loss.div_scalar(config.grad_accumulation as f64);
-            tokens += micro_tokens;
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
+            let micro = micro_batch_gradients(&model, indices)?;
+            tokens += micro.tokens;
+            loss_sum += micro.loss;
+            accumulator.accumulate(&model, micro.grads);
         }
         if !loss_sum.is_finite() {
             return Err(ModelError::InvalidInput(format!(

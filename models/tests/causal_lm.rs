@@ -193,3 +193,133 @@ fn finetuning_lowers_the_validation_loss_and_gguf_loads_the_same_way() {
         "the assistant turn ends with <|im_end|>: {t:?}"
     );
 }
+
+/// Every float parameter's gradient in `a` and `b` (present in both or neither), compared
+/// within `tol` relative to the larger magnitude.
+struct SameGradients<'a> {
+    a: &'a burn::optim::GradientsParams,
+    b: &'a burn::optim::GradientsParams,
+    tol: f32,
+    compared: usize,
+}
+
+impl burn::module::ModuleVisitor for SameGradients<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        match (self.a.get::<D>(param.id), self.b.get::<D>(param.id)) {
+            (None, None) => {}
+            (Some(a), Some(b)) => {
+                let (a, b) = (values(a), values(b));
+                let scale = a.iter().chain(&b).fold(1e-3f32, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(&a, &b);
+                assert!(diff <= self.tol * scale, "param {}: diff {diff}, scale {scale}", param.id);
+                self.compared += 1;
+            }
+            (a, b) => panic!("param {}: gradient in one only ({a:?} / {b:?})", param.id),
+        }
+    }
+}
+
+fn assert_same_gradients(
+    model: &emloc_models::llama::LlamaForCausalLM,
+    a: &burn::optim::GradientsParams,
+    b: &burn::optim::GradientsParams,
+    tol: f32,
+) -> usize {
+    use burn::module::Module;
+    let mut visitor = SameGradients { a, b, tol, compared: 0 };
+    model.visit(&mut visitor);
+    visitor.compared
+}
+
+#[test]
+fn checkpointed_gradients_equal_plain_autodiff_and_the_chunked_head_the_whole_one() {
+    use burn::module::Module;
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use emloc_models::causal_lm::completion_gradients_checkpointed;
+
+    // Untied head (Llama) and tied head with q/k/v biases (Qwen2).
+    for fixture in ["tiny_llama", "tiny_qwen2"] {
+        let device = Device::flex();
+        let dir = fixtures().join(fixture);
+        let (model, config) = emloc_models::llama::LlamaForCausalLM::load(&dir, &device).unwrap();
+        let tokenizer = emloc_models::llama::LlamaTokenizer::from_dir(&dir)
+            .or_else(|_| {
+                emloc_models::llama::LlamaTokenizer::from_dir(fixtures().join("tiny_llama"))
+            })
+            .unwrap();
+        let task =
+            emloc_models::causal_lm::CausalLmTask::new(tokenizer, None, config.eos_token_ids())
+                .unwrap();
+        let lora = emloc::LoraConfig::new(4).with_alpha(8.0).with_target_modules(
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+        );
+        let (model, _) = emloc::attach_new_adapter(model, &lora).unwrap();
+        let train_device = device.clone().autodiff();
+        let items: Vec<Tokenized> = [
+            ("the cat sat on", "the mat"),
+            ("a dog runs in", "the park and the cat sat"),
+            ("the bird", "sat"),
+        ]
+        .iter()
+        .map(|(p, c)| task.encode(&example(p, c, None)).unwrap())
+        .collect();
+        let batch = task.batch(&items, &train_device);
+        // One plain step first, so that B ≠ 0 and every A has a gradient too.
+        let mut model = model.train();
+        let mut optim = AdamWConfig::new().init();
+        let grads = GradientsParams::from_grads(completion_loss(&model, &batch).backward(), &model);
+        model = optim.step(1e-2, model, grads);
+
+        let plain_loss = completion_loss(&model, &batch).mul_scalar(0.5);
+        let plain_value = f64::from(plain_loss.clone().into_scalar::<f32>());
+        let plain = GradientsParams::from_grads(plain_loss.backward(), &model);
+        // 3 positions per chunk: the scored positions span several chunks and one partial one.
+        let (value, checkpointed) = completion_gradients_checkpointed(&model, &batch, 0.5, 3);
+        assert!((value - plain_value).abs() < 1e-5 * plain_value.abs(), "{value} vs {plain_value}");
+        let compared = assert_same_gradients(&model, &plain, &checkpointed, 1e-4);
+        // 7 adapted projections × 2 layers × (A, B).
+        assert_eq!(compared, 28, "{fixture}");
+        let (whole_value, whole) = completion_gradients_checkpointed(&model, &batch, 0.5, 10_000);
+        assert!((value - whole_value).abs() < 1e-5 * value.abs(), "{value} vs {whole_value}");
+        assert_same_gradients(&model, &whole, &checkpointed, 1e-5);
+    }
+}
+
+#[test]
+fn finetuning_with_gradient_checkpointing_reaches_the_adapters_of_plain_finetuning() {
+    let lm =
+        load_causal_lm(&fixtures().join("tiny_llama"), &Device::flex(), &BTreeSet::new()).unwrap();
+    let data: Vec<Example> =
+        (0..8).map(|i| example(&format!("the cat {i} in the"), "park runs fast", None)).collect();
+    let lora = emloc::LoraConfig::new(4).with_alpha(8.0).with_target_modules(vec![
+        "q_proj".into(),
+        "v_proj".into(),
+        "down_proj".into(),
+    ]);
+    let (model, _) = emloc::attach_new_adapter(lm.model.clone(), &lora).unwrap();
+    let plain = TrainConfig {
+        steps: 4,
+        batch_size: 4,
+        grad_accumulation: 2,
+        lr: 1e-2,
+        warmup_steps: 1,
+        ..TrainConfig::default()
+    };
+    let checkpointed = TrainConfig { gradient_checkpointing: true, ..plain.clone() };
+    let run = |config: &TrainConfig| {
+        finetune(&lm.task, model.clone(), &data, config, None, |_, _, _| {}).unwrap()
+    };
+    let ((a, report_a), (b, report_b)) = (run(&plain), run(&checkpointed));
+    assert!((report_a.last_loss - report_b.last_loss).abs() < 1e-4, "{report_a:?} {report_b:?}");
+    for (x, y) in a.model.layers.iter().zip(&b.model.layers) {
+        for (p, q) in
+            [(&x.self_attn.q_proj, &y.self_attn.q_proj), (&x.mlp.down_proj, &y.mlp.down_proj)]
+        {
+            let (p, q) = (p.lora.as_ref().unwrap(), q.lora.as_ref().unwrap());
+            assert_within("B", &values(q.b.val()), &values(p.b.val()), 1e-4);
+            assert_within("A", &values(q.a.val()), &values(p.a.val()), 1e-4);
+        }
+    }
+}

@@ -182,3 +182,60 @@ fn emulate_lora_correct_merge_runs_through_classification() {
         zero_shot.loss
     );
 }
+
+/// The tiny BERT with every dropout probability 0, so that plain and recomputed runs see the
+/// same network (with dropout their masks are drawn differently, see `emloc_models::checkpointing`).
+fn encoder_without_dropout() -> (tempfile::TempDir, SentenceEncoder) {
+    let from = fixtures().join("tiny_bert");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(from.join(file), dir.path().join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(from.join("config.json")).unwrap();
+    let config = config.replace("\"hidden_dropout_prob\": 0.1", "\"hidden_dropout_prob\": 0.0");
+    let config = config
+        .replace("\"attention_probs_dropout_prob\": 0.1", "\"attention_probs_dropout_prob\": 0.0");
+    assert_eq!(config.matches(": 0.0,").count(), 2, "both dropouts zeroed");
+    std::fs::write(dir.path().join("config.json"), config).unwrap();
+    let encoder = SentenceEncoder::load(dir.path(), &Device::flex()).unwrap().with_batch_size(5);
+    (dir, encoder)
+}
+
+#[test]
+fn gradient_checkpointing_trains_the_adapters_plain_autodiff_does() {
+    let (_dir, encoder) = encoder_without_dropout();
+    let (task, examples) = data();
+    let (model, _) = emloc::attach_new_adapter(encoder.model.clone(), &lora()).unwrap();
+    let plain = TrainConfig { steps: 3, grad_accumulation: 2, ..config() };
+    let checkpointed = TrainConfig { gradient_checkpointing: true, ..plain.clone() };
+    let run = |config: &TrainConfig| {
+        classification::finetune(
+            &encoder,
+            model.clone(),
+            &task,
+            &examples,
+            config,
+            None,
+            |_, _, _| {},
+        )
+        .unwrap()
+    };
+    let ((a, report_a), (b, report_b)) = (run(&plain), run(&checkpointed));
+    assert!((report_a.last_loss - report_b.last_loss).abs() < 1e-5, "{report_a:?} {report_b:?}");
+    let mut compared = 0;
+    for (x, y) in a.encoder.layer.iter().zip(&b.encoder.layer) {
+        let pairs = [
+            (&x.attention.self_attn.query, &y.attention.self_attn.query),
+            (&x.attention.self_attn.value, &y.attention.self_attn.value),
+            (&x.intermediate.dense, &y.intermediate.dense),
+            (&x.output.dense, &y.output.dense),
+        ];
+        for (p, q) in pairs {
+            let (p, q) = (p.lora.as_ref().unwrap(), q.lora.as_ref().unwrap());
+            assert_within("B", &values(q.b.val()), &values(p.b.val()), 1e-5);
+            assert_within("A", &values(q.a.val()), &values(p.a.val()), 1e-5);
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 8);
+}

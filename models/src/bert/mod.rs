@@ -34,6 +34,7 @@
 //! checkpoint key (e.g. a masked-LM head `cls.*`) is reported as unexpected.
 
 mod attention;
+mod checkpointed;
 mod config;
 mod embeddings;
 mod encoder;
@@ -43,6 +44,7 @@ mod sentence;
 pub use attention::{
     BertAttention, BertAttentionConfig, BertSelfAttention, BertSelfOutput, SELF_ATTENTION_PATH,
 };
+pub use checkpointed::CheckpointedForward;
 pub use config::{BertConfig, HiddenAct, REQUIRED_FIELDS};
 pub use embeddings::{BertEmbeddings, BertEmbeddingsConfig};
 pub use encoder::{BertEncoder, BertEncoderConfig, BertIntermediate, BertLayer, BertOutput};

@@ -320,8 +320,20 @@ impl SentenceEncoder {
         let mask = input.attention_mask.clone().unwrap_or_else(|| {
             Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
         });
+        self.pool(model.forward(input).last_hidden_state, mask)
+    }
+
+    /// This encoder's pooling of a model's last hidden states into unit-norm embeddings
+    /// ([`forward_with`](Self::forward_with) after the model; apart for
+    /// [`BertModel::forward_checkpointed`]).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, d]`; `attention_mask`: `[batch, seq]` (1 = token)
+    /// - output: `[batch, d]`
+    pub fn pool(&self, hidden: Tensor<3>, attention_mask: Tensor<2, Int>) -> Tensor<2> {
+        let mask = attention_mask;
         // Pooled (and compared) in f32 whatever the weights' dtype (`emloc::cast_frozen`).
-        let hidden = model.forward(input).last_hidden_state.cast(FloatDType::F32);
+        let hidden = hidden.cast(FloatDType::F32);
         let pooled = match self.pooling {
             Pooling::Mean => mean_pooling(hidden, mask),
             Pooling::Cls => {

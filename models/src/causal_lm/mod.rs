@@ -37,6 +37,7 @@
 //! ```
 
 mod chat;
+mod checkpointed;
 mod data;
 mod eval;
 mod load;
@@ -45,6 +46,7 @@ mod task;
 mod train;
 
 pub use chat::ChatTemplate;
+pub use checkpointed::{HEAD_CHUNK_POSITIONS, completion_gradients_checkpointed};
 pub use data::{
     Choices, Example, FORMATS, Message, Prompt, is_causal_lm_record, parse_jsonl, parse_record,
     read_jsonl,

@@ -4,11 +4,14 @@
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 
+use super::checkpointed::{HEAD_CHUNK_POSITIONS, completion_gradients_checkpointed};
 use super::data::Example;
 use super::task::{CausalLmTask, Tokenized, completion_loss};
 use crate::error::{ModelError, Result};
 use crate::llama::LlamaForCausalLM;
-use crate::training::{Resume, StepInfo, TrainConfig, TrainReport, train};
+use crate::training::{
+    MicroBatchGradients, Resume, StepInfo, TrainConfig, TrainReport, train, train_with_gradients,
+};
 
 /// Tokenizes every example (so bad data fails before any training).
 ///
@@ -26,7 +29,8 @@ pub fn tokenize_all(task: &CausalLmTask, examples: &[Example]) -> Result<Vec<Tok
 
 /// Trains the trainable parameters of `model` (LoRA adapters attached with
 /// [`emloc::attach_new_adapter`], on the original model or on its emulator) on `examples` with the
-/// completion-only loss ([`completion_loss`]), AdamW and a warmup + cosine schedule. `on_step`
+/// completion-only loss ([`completion_loss`]), AdamW and a warmup + cosine schedule; with
+/// `config.gradient_checkpointing`, by recomputation ([`completion_gradients_checkpointed`]). `on_step`
 /// sees every optimizer step with the model and the optimizer (to log or checkpoint them).
 /// Returns the model in inference mode.
 ///
@@ -48,9 +52,30 @@ pub fn finetune(
     let tokenized = tokenize_all(task, examples)?;
     let device: Device = model.device();
     let train_device = device.clone().autodiff();
-    let loss_of = |model: &LlamaForCausalLM, indices: &[usize]| {
+    let batch_of = |indices: &[usize]| {
         let items: Vec<Tokenized> = indices.iter().map(|&i| tokenized[i].clone()).collect();
-        let batch = task.batch(&items, &train_device);
+        task.batch(&items, &train_device)
+    };
+    if config.gradient_checkpointing {
+        let scale = 1.0 / config.grad_accumulation as f64;
+        let gradients_of = |model: &LlamaForCausalLM, indices: &[usize]| {
+            let batch = batch_of(indices);
+            let (loss, grads) =
+                completion_gradients_checkpointed(model, &batch, scale, HEAD_CHUNK_POSITIONS);
+            Ok(MicroBatchGradients { loss, grads, tokens: batch.tokens })
+        };
+        return train_with_gradients(
+            model,
+            tokenized.len(),
+            config,
+            resume,
+            &device,
+            gradients_of,
+            on_step,
+        );
+    }
+    let loss_of = |model: &LlamaForCausalLM, indices: &[usize]| {
+        let batch = batch_of(indices);
         Ok((completion_loss(model, &batch), batch.tokens))
     };
     train(model, tokenized.len(), config, resume, &device, loss_of, on_step)
