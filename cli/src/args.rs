@@ -357,10 +357,13 @@ pub struct TrainArgs {
     /// Seed of the batch order and the adapter initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Recompute each decoder block's activations in the backward pass and run the LM head in
-    /// chunks instead of keeping them: the same gradients (within f32 rounding) in a fraction
-    /// of the memory, for one more forward pass (decoders; encoders ignore it).
-    #[arg(long)]
+    /// Gradient checkpointing: keep only each layer's input in the forward pass and recompute
+    /// one layer at a time in the backward pass (a decoder's LM head and loss in chunks), so
+    /// fine-tuning fits in the memory of running the model; `false` keeps every activation
+    /// (faster, several times the memory). The same gradients within f32 rounding (dropout
+    /// masks are drawn per layer).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
     #[serde(default)]
     pub gradient_checkpointing: bool,
 }

@@ -134,9 +134,10 @@ pub struct BenchMemoryArgs {
     /// read from `--model`).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub phases: Vec<MemoryPhase>,
-    /// Fine-tune with gradient checkpointing: decoder blocks recomputed in the backward pass,
-    /// the LM head in chunks (Llama; MiniLM ignores it).
-    #[arg(long)]
+    /// Fine-tune with gradient checkpointing, as `finetune` does by default: layers recomputed
+    /// in the backward pass, a decoder's LM head in chunks; `false` keeps every activation.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
     pub gradient_checkpointing: bool,
     /// Internal: run only this phase and print its statistics as one JSON line.
     #[arg(long, value_enum, hide = true)]

@@ -14,7 +14,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -302,7 +302,8 @@ pub fn classification_loss(
 /// descriptions embedded through the model being trained at every step, with the shared loop
 /// ([`train`]: AdamW, warmup + cosine, seeded batch order, resumable). `config.scale` is unused:
 /// the task's scale is the one evaluation uses. With `config.gradient_checkpointing` the
-/// encoder's layers are recomputed in the backward pass ([`BertModel::forward_checkpointed`]).
+/// encoder's layers are recomputed in the backward pass
+/// ([`SentenceEncoder::gradients_checkpointed`]).
 /// Returns the model in inference mode.
 ///
 /// # Errors
@@ -333,14 +334,11 @@ pub fn finetune(
     if config.gradient_checkpointing {
         let gradients_of = |model: &BertModel, indices: &[usize]| {
             let (sentences, targets, tokens) = prepare(indices)?;
-            let (loss, grads) = checkpointed_classification_gradients(
-                encoder,
-                model,
-                [sentences, descriptions.clone()],
-                targets,
-                task.scale,
-                1.0 / config.grad_accumulation as f64,
-            );
+            let weight = 1.0 / config.grad_accumulation as f64;
+            let (loss, grads) =
+                encoder.gradients_checkpointed(model, [sentences, descriptions.clone()], |s, d| {
+                    classification_loss(s, d, targets, task.scale).mul_scalar(weight)
+                });
             Ok(MicroBatchGradients { loss, grads, tokens })
         };
         let device = encoder.device();
@@ -361,40 +359,6 @@ pub fn finetune(
         Ok((classification_loss(s, d, targets, task.scale), tokens))
     };
     train(model, examples.len(), config, resume, encoder.device(), loss_of, on_step)
-}
-
-/// `weight ×` [`classification_loss`] of `[sentences, descriptions]` and its gradients, with
-/// the encoder's layers recomputed in the backward pass ([`BertModel::forward_checkpointed`]):
-/// plain autodiff's within f32 rounding, in the memory of one layer's activations.
-fn checkpointed_classification_gradients(
-    encoder: &SentenceEncoder,
-    model: &BertModel,
-    inputs: [BertInput; 2],
-    targets: Tensor<1, Int>,
-    scale: f64,
-    weight: f64,
-) -> (f64, GradientsParams) {
-    let masks = inputs.clone().map(|input| {
-        input.attention_mask.unwrap_or_else(|| {
-            Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
-        })
-    });
-    let [sentences, descriptions] = inputs.map(|input| model.forward_checkpointed(input));
-    let [mask_s, mask_d] = masks;
-    let s = encoder.pool(sentences.last_hidden_state.clone(), mask_s);
-    let d = encoder.pool(descriptions.last_hidden_state.clone(), mask_d);
-    let loss = classification_loss(s, d, targets, scale).mul_scalar(weight);
-    let value = f64::from(loss.clone().into_scalar::<f32>());
-    let mut grads = loss.backward();
-    let mut accumulator = GradientsAccumulator::new();
-    let upstream = [&sentences, &descriptions].map(|pass| {
-        pass.last_hidden_state.grad_remove(&mut grads).expect("the last hidden state's gradient")
-    });
-    accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
-    let [upstream_s, upstream_d] = upstream;
-    sentences.backward(model, upstream_s, &mut accumulator);
-    descriptions.backward(model, upstream_d, &mut accumulator);
-    (value, accumulator.grads())
 }
 
 #[cfg(test)]

@@ -234,7 +234,7 @@ fn assert_same_gradients(
 #[test]
 fn checkpointed_gradients_equal_plain_autodiff_and_the_chunked_head_the_whole_one() {
     use burn::module::Module;
-    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use burn::optim::{AdamWConfig, GradientsParams};
     use emloc_models::causal_lm::completion_gradients_checkpointed;
 
     // Untied head (Llama) and tied head with q/k/v biases (Qwen2).

@@ -7,7 +7,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Int, Tensor};
 
 use super::model::attention_mask_bias;
-use super::{BertInput, BertLayer, BertModel};
+use super::{BertInput, BertLayer, BertModel, SentenceEncoder};
 use crate::checkpointing::{
     backward_recomputed, block_seed, draw_step_seed, forward_keeping_inputs,
 };
@@ -90,5 +90,46 @@ impl CheckpointedForward {
             accumulator
                 .accumulate(model, GradientsParams::from_module(&mut grads, &model.embeddings));
         }
+    }
+}
+
+impl SentenceEncoder {
+    /// The value and gradients of `loss` of the pooled embeddings of two batches through
+    /// `model` (e.g. sentences and label descriptions, or questions and answers), with the
+    /// layers recomputed in the backward pass ([`BertModel::forward_checkpointed`]): plain
+    /// autodiff's within f32 rounding (without dropout: with it, masks are drawn per layer), in
+    /// the memory of one layer's activations.
+    ///
+    /// # Panics
+    /// As [`BertModel::forward_checkpointed`].
+    pub fn gradients_checkpointed(
+        &self,
+        model: &BertModel,
+        inputs: [BertInput; 2],
+        loss: impl FnOnce(Tensor<2>, Tensor<2>) -> Tensor<1>,
+    ) -> (f64, GradientsParams) {
+        let masks = inputs.clone().map(|input| {
+            input.attention_mask.unwrap_or_else(|| {
+                Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
+            })
+        });
+        let passes = inputs.map(|input| model.forward_checkpointed(input));
+        let [mask_a, mask_b] = masks;
+        let a = self.pool(passes[0].last_hidden_state.clone(), mask_a);
+        let b = self.pool(passes[1].last_hidden_state.clone(), mask_b);
+        let loss = loss(a, b);
+        let value = f64::from(loss.clone().into_scalar::<f32>());
+        let mut grads = loss.backward();
+        let upstream = passes.each_ref().map(|pass| {
+            pass.last_hidden_state
+                .grad_remove(&mut grads)
+                .expect("the last hidden state's gradient")
+        });
+        let mut accumulator = GradientsAccumulator::new();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        for (pass, upstream) in passes.into_iter().zip(upstream) {
+            pass.backward(model, upstream, &mut accumulator);
+        }
+        (value, accumulator.grads())
     }
 }
