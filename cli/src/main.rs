@@ -4,6 +4,7 @@
 
 mod args;
 mod bench;
+mod bench_generate;
 mod bench_memory;
 mod bench_step;
 mod causal;
@@ -81,6 +82,8 @@ enum Command {
     /// The CPU training step of the main job (LoRA on MiniLM, MultiEmo classification) on the
     /// full model and on the emulator, against HF PEFT on PyTorch on the same batches.
     BenchStep(bench_step::BenchStepArgs),
+    /// Greedy decoding speed (prefill, per token) against HF transformers on the same file.
+    BenchGenerate(bench_generate::BenchGenerateArgs),
     Generate(generate::GenerateArgs),
 }
 
@@ -107,6 +110,9 @@ fn main() -> ExitCode {
         Command::BenchLayer(args) => bench::bench_layer(&args).map_err(|e| e.to_string()),
         Command::BenchStep(args) => bench_step::bench_step(&args).map_err(|e| e.to_string()),
         Command::BenchMemory(args) => bench_memory::bench_memory(&args).map_err(|e| e.to_string()),
+        Command::BenchGenerate(args) => {
+            bench_generate::bench_generate(&args).map_err(|e| e.to_string())
+        }
         Command::Generate(args) => generate::run(&args).map_err(|e| e.to_string()),
     };
     match result {

@@ -225,6 +225,18 @@ fn generate_prints_only_the_completion() {
     assert!(!text.trim_start().starts_with("the cat"), "the prompt is echoed: {text}");
 }
 
+#[test]
+fn bench_generate_times_emloc_and_refuses_bad_budgets_before_loading() {
+    let llama = fixture("tiny_llama").display().to_string();
+    let args = ["bench-generate", "--model", &llama, "--prompt", "the cat", "--no-peer"];
+    let out = ok(&[&args[..], &["--new-tokens", "5", "--runs", "2"]].concat());
+    let row = out.lines().find(|l| l.starts_with("| emloc |")).expect(&out);
+    let tokens_per_second: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
+    assert!(tokens_per_second > 0.0, "{out}");
+    fails_with(&[&args[..], &["--new-tokens", "100000000000"]].concat(), "context window of 64");
+    fails_with(&[&args[..], &["--new-tokens", "1"]].concat(), "--new-tokens must be at least 2");
+}
+
 /// Lowercase completion data the tiny GGUF's 50-token byte-level vocabulary can spell.
 fn write_gguf_data(path: &Path) {
     let words = ["cat", "hat", "mat", "sat"];

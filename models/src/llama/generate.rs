@@ -220,6 +220,22 @@ impl LlamaForCausalLM {
         config: &GenerationConfig,
         pad_id: u32,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_batch_with(prompts, config, pad_id, |_| {})
+    }
+
+    /// [`generate_batch`](Self::generate_batch), calling `on_step` with the tokens of every row
+    /// so far after each step (the first call comes after the prompts' forward pass: to stream
+    /// the output, or to time prefill and decoding apart).
+    ///
+    /// # Errors
+    /// As [`generate_batch`](Self::generate_batch).
+    pub fn generate_batch_with(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+        pad_id: u32,
+        mut on_step: impl FnMut(&[Vec<u32>]),
+    ) -> Result<Vec<Vec<u32>>> {
         config.validate()?;
         let vocab = self.vocab_size();
         for (r, prompt) in prompts.iter().enumerate() {
@@ -275,6 +291,7 @@ impl LlamaForCausalLM {
                 done[r] = config.eos_token_ids.contains(&token)
                     || generated[r].len() >= config.max_new_tokens;
             }
+            on_step(&generated);
             if done.iter().all(|&d| d) {
                 break;
             }

@@ -1,0 +1,214 @@
+//! `emloc bench-generate`: greedy decoding speed (prefill and per token, KV cache) of a
+//! Llama-family model against HF transformers on the same file, prompt ids and thread count.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Args;
+use emloc_models::causal_lm::{Prompt, PromptStyle, load_causal_lm};
+use emloc_models::llama::GenerationConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::CliResult;
+
+/// The transformers peer, shipped inside the binary.
+const PEER_SCRIPT: &str = include_str!("../../benches/peers/generate_peer.py");
+
+/// Options of `emloc bench-generate`.
+#[derive(Args, Debug)]
+pub struct BenchGenerateArgs {
+    /// Model: a `.gguf` file (what the peer, transformers with `gguf_file=`, also reads) or an
+    /// HF directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub device: crate::args::DeviceArgs,
+    /// The prompt, tokenised raw (no chat template).
+    #[arg(long, default_value = "def fibonacci(n):")]
+    pub prompt: String,
+    /// Tokens to generate (no early stop at end-of-sequence ids, so both sides do the same work).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Runs of each side; the median run is reported (the first is a warm-up when there are
+    /// more than one).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// PyTorch's thread count (emloc uses rayon's, `RAYON_NUM_THREADS` or every core).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Python interpreter with torch, transformers and gguf.
+    #[arg(long, default_value = "python3")]
+    pub python: PathBuf,
+    /// Time emloc only.
+    #[arg(long)]
+    pub no_peer: bool,
+}
+
+/// One side's timings: prefill (the prompt's forward pass and the first token) and the mean of
+/// the other tokens, in seconds, with the ids generated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecodeTiming {
+    /// Prompt's forward pass plus the first token.
+    pub prefill_seconds: f64,
+    /// Mean seconds per later token.
+    pub per_token_seconds: f64,
+    /// The generated ids.
+    pub ids: Vec<u32>,
+}
+
+impl DecodeTiming {
+    fn tokens_per_second(&self) -> f64 {
+        1.0 / self.per_token_seconds.max(1e-12)
+    }
+}
+
+/// What the peer is asked to do.
+#[derive(Serialize)]
+struct PeerSpec<'a> {
+    model: String,
+    prompt_ids: &'a [u32],
+    new_tokens: usize,
+    runs: usize,
+    threads: usize,
+}
+
+/// What the peer answers.
+#[derive(Deserialize)]
+struct PeerResult {
+    runs: Vec<DecodeTiming>,
+    versions: serde_json::Value,
+}
+
+/// The run with the median per-token time, the first run left out when there are several.
+fn median_run(runs: &[DecodeTiming]) -> DecodeTiming {
+    let mut kept: Vec<&DecodeTiming> = runs.iter().skip(usize::from(runs.len() > 1)).collect();
+    kept.sort_by(|a, b| a.per_token_seconds.total_cmp(&b.per_token_seconds));
+    kept[kept.len() / 2].clone()
+}
+
+/// Times emloc's greedy decoding, then the peer's, and prints both and their ratio.
+///
+/// # Errors
+/// Bad options (checked before loading), loading errors, a failing peer (its stderr included).
+pub fn bench_generate(args: &BenchGenerateArgs) -> CliResult<()> {
+    if args.new_tokens < 2 || args.runs == 0 || args.threads == 0 {
+        return Err("--new-tokens must be at least 2, --runs and --threads at least 1".into());
+    }
+    let context = emloc_models::causal_lm::read_config(&args.model)?.max_position_embeddings;
+    GenerationConfig::greedy(args.new_tokens).check_context(0, context)?;
+    let mut lm = load_causal_lm(&args.model, &args.device.device()?, &BTreeSet::new())?;
+    lm.model = args.device.cast(lm.model);
+    let task = lm.task.with_style(PromptStyle::Raw)?;
+    let prompt = task.encode_prompt(&Prompt::Text(args.prompt.clone()))?;
+    GenerationConfig::greedy(args.new_tokens).check_context(prompt.len(), context)?;
+    // No stop ids: both sides generate exactly `new_tokens`.
+    let settings = GenerationConfig::greedy(args.new_tokens);
+    let mut runs = Vec::new();
+    for run in 0..args.runs {
+        let started = Instant::now();
+        let mut prefill = None;
+        let ids = lm.model.generate_batch_with(&[prompt.clone()], &settings, 0, |_| {
+            prefill.get_or_insert_with(|| started.elapsed().as_secs_f64());
+        })?;
+        let total = started.elapsed().as_secs_f64();
+        let prefill = prefill.expect("at least one step");
+        let timing = DecodeTiming {
+            prefill_seconds: prefill,
+            per_token_seconds: (total - prefill) / (args.new_tokens - 1) as f64,
+            ids: ids.into_iter().next().expect("one row"),
+        };
+        eprintln!(
+            "emloc run {}: prefill {:.3} s, {:.1} tokens/s",
+            run + 1,
+            timing.prefill_seconds,
+            timing.tokens_per_second()
+        );
+        runs.push(timing);
+    }
+    let ours = median_run(&runs);
+    println!(
+        "greedy decoding, {} ({} prompt tokens, {} new), median of {} runs",
+        args.model.display(),
+        prompt.len(),
+        args.new_tokens,
+        args.runs
+    );
+    println!("| side | prefill s | per token ms | tokens/s | × transformers |");
+    println!("|---|---:|---:|---:|---:|");
+    let row = |name: &str, t: &DecodeTiming, ratio: &str| {
+        println!(
+            "| {name} | {:.3} | {:.1} | {:.2} | {ratio} |",
+            t.prefill_seconds,
+            1e3 * t.per_token_seconds,
+            t.tokens_per_second()
+        );
+    };
+    if args.no_peer {
+        row("emloc", &ours, "-");
+        return Ok(());
+    }
+    let peer = run_peer(args, &prompt)?;
+    let theirs = median_run(&peer.runs);
+    row("emloc", &ours, &format!("{:.2}", ours.tokens_per_second() / theirs.tokens_per_second()));
+    row("transformers", &theirs, "1.00");
+    let agree = ours.ids.iter().zip(&theirs.ids).take_while(|(a, b)| a == b).count();
+    println!(
+        "the two sides' greedy ids agree on the first {agree} of {} tokens; peer: {}",
+        args.new_tokens, peer.versions
+    );
+    Ok(())
+}
+
+/// Writes the peer script and its spec into a fresh temporary directory, runs it and parses its
+/// JSON line.
+fn run_peer(args: &BenchGenerateArgs, prompt: &[u32]) -> CliResult<PeerResult> {
+    let dir = tempfile::tempdir().map_err(|e| format!("a temporary directory: {e}"))?;
+    let script = dir.path().join("generate_peer.py");
+    let spec_path = dir.path().join("spec.json");
+    std::fs::write(&script, PEER_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    let model =
+        std::fs::canonicalize(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
+    let spec = PeerSpec {
+        model: model.display().to_string(),
+        prompt_ids: prompt,
+        new_tokens: args.new_tokens,
+        runs: args.runs,
+        threads: args.threads,
+    };
+    std::fs::write(&spec_path, serde_json::to_string(&spec)?)
+        .map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    eprintln!("running the transformers peer ({})", args.python.display());
+    let output = Command::new(&args.python).arg(&script).arg(&spec_path).output().map_err(|e| {
+        format!("--python {}: {e} (use --no-peer to skip the peer)", args.python.display())
+    })?;
+    if !output.status.success() {
+        return Err(format!(
+            "the transformers peer failed ({}); it needs torch, transformers and gguf (--python picks the interpreter, --no-peer skips it):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    serde_json::from_str(line)
+        .map_err(|e| format!("the transformers peer printed no result ({e}): {stdout}").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(per_token: f64) -> DecodeTiming {
+        DecodeTiming { prefill_seconds: 0.0, per_token_seconds: per_token, ids: Vec::new() }
+    }
+
+    #[test]
+    fn the_median_leaves_the_warm_up_run_out() {
+        let runs: Vec<_> = [9.0, 1.0, 3.0, 2.0].map(timing).to_vec();
+        assert_eq!(median_run(&runs).per_token_seconds, 2.0);
+        assert_eq!(median_run(&[timing(5.0)]).per_token_seconds, 5.0);
+    }
+}
