@@ -1,6 +1,7 @@
 //! ggml storage types and their dequantization to `f32`.
 //!
-//! Supported: `F32`, `F16`, `BF16`, `Q8_0`, `Q4_0`, `Q4_1`, `Q4_K`, `Q6_K`. The results equal
+//! Supported: `F32`, `F16`, `BF16`, `Q8_0`, `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q4_K`, `Q5_K`,
+//! `Q6_K` ([`SUPPORTED_TYPES`]). The results equal
 //! the `gguf` Python package's `gguf.quants.dequantize` bit for bit: every block's scales are
 //! converted from f16 to f32 exactly, and the f32 products and sums are formed in the same order
 //! as its numpy code (no fused multiply-add):
@@ -10,7 +11,10 @@
 //! | `Q8_0` | 32 | 34 | `f32(d) · q`, `q: i8` |
 //! | `Q4_0` | 32 | 18 | `f32(d) · (q − 8)`, nibbles low halves first |
 //! | `Q4_1` | 32 | 20 | `f32(d) · q + f32(m)` |
+//! | `Q5_0` | 32 | 22 | `f32(d) · (q − 16)`, `q` = nibble `\| (bit e of u32 qh) << 4` |
+//! | `Q5_1` | 32 | 24 | `f32(d) · q + f32(m)`, 5-bit `q` as `Q5_0` |
 //! | `Q4_K` | 256 | 144 | `(f32(d)·sc) · q − (f32(dmin)·m)`, 8 sub-blocks with 6-bit `sc`, `m` |
+//! | `Q5_K` | 256 | 176 | as `Q4_K`, `q` = nibble `\| (bit j of qh[l]) << 4` in sub-block `j` |
 //! | `Q6_K` | 256 | 210 | `(f32(d)·scale) · (q − 32)`, 16 sub-blocks with `i8` scales |
 
 use std::fmt;
@@ -29,9 +33,9 @@ pub enum GgmlType {
     Q4_0,
     /// 4-bit, f16 scale and minimum per 32 (id 3).
     Q4_1,
-    /// 5-bit, one scale per 32 (id 6; layout known, not dequantized).
+    /// 5-bit, one f16 scale per 32 (id 6).
     Q5_0,
-    /// 5-bit, scale and minimum per 32 (id 7; not dequantized).
+    /// 5-bit, f16 scale and minimum per 32 (id 7).
     Q5_1,
     /// 8-bit, one f16 scale per 32 (id 8).
     Q8_0,
@@ -43,7 +47,7 @@ pub enum GgmlType {
     Q3_K,
     /// 4-bit k-quant, 256-value super-blocks (id 12).
     Q4_K,
-    /// 5-bit k-quant (id 13; not dequantized).
+    /// 5-bit k-quant, 256-value super-blocks (id 13).
     Q5_K,
     /// 6-bit k-quant, 256-value super-blocks (id 14).
     Q6_K,
@@ -160,20 +164,30 @@ impl GgmlType {
         (n_elements / block).checked_mul(bytes)
     }
 
-    /// Whether [`dequantize`] handles the type.
+    /// Whether [`dequantize`] handles the type (one of [`SUPPORTED_TYPES`]).
     pub fn is_supported(self) -> bool {
-        matches!(
-            self,
-            Self::F32
-                | Self::F16
-                | Self::BF16
-                | Self::Q8_0
-                | Self::Q4_0
-                | Self::Q4_1
-                | Self::Q4_K
-                | Self::Q6_K
-        )
+        SUPPORTED_TYPES.contains(&self)
     }
+}
+
+/// The types [`dequantize`] handles, in id order (error messages list them).
+pub const SUPPORTED_TYPES: [GgmlType; 11] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::BF16,
+];
+
+/// [`SUPPORTED_TYPES`] as a comma-separated list of names, for messages.
+pub(crate) fn supported_type_names() -> String {
+    SUPPORTED_TYPES.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ")
 }
 
 impl fmt::Display for GgmlType {
@@ -197,7 +211,10 @@ fn f16_at(bytes: &[u8], i: usize) -> f32 {
 /// whole number of blocks.
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
     if !ty.is_supported() {
-        return Err(format!("ggml type {ty} cannot be dequantized"));
+        return Err(format!(
+            "ggml type {ty} cannot be dequantized (supported: {})",
+            supported_type_names()
+        ));
     }
     let (block, size) = ty.block_layout().expect("supported types have a layout");
     if !bytes.len().is_multiple_of(size) {
@@ -243,6 +260,25 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
                 out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
             }
         }
+        // Element e of a block: low 4 bits from qs[e % 16] (low nibbles first), bit 4 from bit e
+        // of the little-endian u32 qh.
+        GgmlType::Q5_0 => {
+            for b in blocks {
+                let d = f16_at(b, 0);
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let qs = &b[6..22];
+                out.extend((0..32).map(|e| d * (q5(qs, qh, e) as i8 - 16) as f32));
+            }
+        }
+        GgmlType::Q5_1 => {
+            for b in blocks {
+                let d = f16_at(b, 0);
+                let m = f16_at(b, 2);
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let qs = &b[8..24];
+                out.extend((0..32).map(|e| d * q5(qs, qh, e) as f32 + m));
+            }
+        }
         GgmlType::Q4_K => {
             for b in blocks {
                 let d = f16_at(b, 0);
@@ -259,6 +295,24 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
                             .iter()
                             .map(|&q| scale * ((q >> shift) & 0x0F) as f32 - offset),
                     );
+                }
+            }
+        }
+        GgmlType::Q5_K => {
+            for b in blocks {
+                let d = f16_at(b, 0);
+                let dmin = f16_at(b, 2);
+                let (sc, m) = q4_k_scale_min(&b[4..16]);
+                let (qh, qs) = (&b[16..48], &b[48..176]);
+                // As Q4_K; element l of sub-block j takes bit j of qh[l] as its fifth bit.
+                for j in 0..8 {
+                    let (c, shift) = (j / 2, 4 * (j % 2));
+                    let scale = d * sc[j] as f32;
+                    let offset = dmin * m[j] as f32;
+                    out.extend(qs[32 * c..32 * c + 32].iter().zip(qh).map(|(&q, &h)| {
+                        let q = ((q >> shift) & 0x0F) | (((h >> j) & 1) << 4);
+                        scale * q as f32 - offset
+                    }));
                 }
             }
         }
@@ -285,7 +339,13 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
     Ok(out)
 }
 
-/// Unpacks Q4_K's 12 bytes of 6-bit scales and mins (ggml's `get_scale_min_k4`).
+/// The 5-bit quant of element `e` (0..32) of a Q5_0 / Q5_1 block.
+fn q5(qs: &[u8], qh: u32, e: usize) -> u8 {
+    let low = (qs[e % 16] >> (4 * (e / 16))) & 0x0F;
+    low | ((((qh >> e) & 1) as u8) << 4)
+}
+
+/// Unpacks Q4_K's (and Q5_K's) 12 bytes of 6-bit scales and mins (ggml's `get_scale_min_k4`).
 fn q4_k_scale_min(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (d, m, md) = (&s[0..4], &s[4..8], &s[8..12]);
     let mut sc = [0u8; 8];
@@ -319,8 +379,31 @@ mod tests {
     #[test]
     fn partial_block_and_unsupported_are_errors() {
         assert!(dequantize(GgmlType::Q8_0, &[0u8; 33]).is_err());
-        assert!(dequantize(GgmlType::Q5_K, &[0u8; 176]).is_err());
+        let err = dequantize(GgmlType::Q2_K, &[0u8; 84]).unwrap_err();
+        assert!(err.contains("Q2_K (10)") && err.contains("Q5_0, Q5_1"), "{err}");
         assert!(dequantize(GgmlType::Other(99), &[]).is_err());
+    }
+
+    #[test]
+    fn q5_0_and_q5_1_blocks() {
+        // d = 0.5 (m = -1 for Q5_1); qs nibbles 0..15 twice, qh sets the fifth bit of the odd
+        // elements: q_e = e for e < 16 with odd ones + 16, likewise for 16..32.
+        let mut qs = [0u8; 16];
+        for (i, q) in qs.iter_mut().enumerate() {
+            *q = (i as u8) | ((15 - i as u8) << 4);
+        }
+        let qh = 0xAAAA_AAAAu32.to_le_bytes();
+        let q = |e: usize| {
+            let low = if e < 16 { e } else { 15 - (e - 16) };
+            (low + 16 * (e % 2)) as f32
+        };
+        let half = f16::from_f32(0.5).to_le_bytes();
+        let b0 = [&half[..], &qh, &qs].concat();
+        let v = dequantize(GgmlType::Q5_0, &b0).unwrap();
+        assert_eq!(v, (0..32).map(|e| 0.5 * (q(e) - 16.0)).collect::<Vec<_>>());
+        let b1 = [&half[..], &f16::from_f32(-1.0).to_le_bytes(), &qh, &qs].concat();
+        let v = dequantize(GgmlType::Q5_1, &b1).unwrap();
+        assert_eq!(v, (0..32).map(|e| 0.5 * q(e) - 1.0).collect::<Vec<_>>());
     }
 
     #[test]

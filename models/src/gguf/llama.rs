@@ -34,6 +34,7 @@ use burn::store::{ModuleSnapshot, PyTorchToBurnAdapter, bridge};
 use burn::tensor::{DType, Device, Shape, TensorData};
 
 use super::GgufFile;
+use super::dequant::{GgmlType, supported_type_names};
 use crate::error::{ModelError, Result};
 use crate::llama::{LlamaConfig, LlamaFamily, LlamaForCausalLM, RopeScaling, TokenIds};
 
@@ -323,7 +324,10 @@ pub fn expected_shapes(config: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
 /// # Errors
 /// [`ModelError::KeyMismatch`] listing parameters absent from the file (`missing`, HF names),
 /// GGUF tensors with no place in the model (`unexpected`, GGUF names), and tensors of the wrong
-/// shape or of a type that cannot be dequantized (`invalid`).
+/// shape (`invalid`, plus one entry for the types that cannot be dequantized, if any);
+/// otherwise, when tensors have types that cannot be dequantized, one
+/// [`ModelError::Checkpoint`] naming each such type, how many tensors have it and the first
+/// one, and the supported types.
 pub fn hf_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<Vec<HfTensor>> {
     plan(file, config, &BTreeSet::new())
 }
@@ -335,6 +339,8 @@ fn plan(file: &GgufFile, config: &LlamaConfig, skip: &BTreeSet<String>) -> Resul
     let mut tensors = Vec::new();
     let mut unexpected = Vec::new();
     let mut invalid = Vec::new();
+    // (type, tensor count, first tensor): one line per type, however many tensors have it.
+    let mut unsupported: Vec<(GgmlType, usize, String)> = Vec::new();
     for info in file.tensors() {
         let Some(hf_name) = hf_tensor_name(&info.name) else {
             unexpected.push(info.name.clone());
@@ -354,10 +360,10 @@ fn plan(file: &GgufFile, config: &LlamaConfig, skip: &BTreeSet<String>) -> Resul
             continue;
         }
         if !info.ggml_type.is_supported() && !skip.contains(&hf_name) {
-            invalid.push(format!(
-                "{} ({hf_name}): ggml type {} cannot be dequantized",
-                info.name, info.ggml_type
-            ));
+            match unsupported.iter_mut().find(|(ty, ..)| *ty == info.ggml_type) {
+                Some((_, count, _)) => *count += 1,
+                None => unsupported.push((info.ggml_type, 1, info.name.clone())),
+            }
             continue;
         }
         let unpermute_heads = if !permute {
@@ -373,6 +379,9 @@ fn plan(file: &GgufFile, config: &LlamaConfig, skip: &BTreeSet<String>) -> Resul
     }
     let missing: Vec<String> = expected.into_keys().collect();
     if !missing.is_empty() || !unexpected.is_empty() || !invalid.is_empty() {
+        if !unsupported.is_empty() {
+            invalid.push(unsupported_types_message(&unsupported));
+        }
         return Err(ModelError::KeyMismatch {
             path: file.path().to_path_buf(),
             missing,
@@ -380,8 +389,28 @@ fn plan(file: &GgufFile, config: &LlamaConfig, skip: &BTreeSet<String>) -> Resul
             invalid,
         });
     }
+    if !unsupported.is_empty() {
+        return Err(ModelError::Checkpoint {
+            path: file.path().to_path_buf(),
+            message: unsupported_types_message(&unsupported),
+        });
+    }
     tensors.sort_by(|a, b| a.hf_name.cmp(&b.hf_name));
     Ok(tensors)
+}
+
+/// One short line for the tensors whose types cannot be dequantized: per type the count and
+/// the first tensor, then the supported types (a real file has hundreds of such tensors, and
+/// listing each buried the point).
+fn unsupported_types_message(unsupported: &[(GgmlType, usize, String)]) -> String {
+    let types: Vec<String> = unsupported
+        .iter()
+        .map(|(ty, count, first)| {
+            let tensors = if *count == 1 { "tensor" } else { "tensors" };
+            format!("{count} {tensors} of ggml type {ty} (the first `{first}`)")
+        })
+        .collect();
+    format!("cannot dequantize {}; supported types: {}", types.join(", "), supported_type_names())
 }
 
 impl LlamaForCausalLM {
@@ -400,7 +429,8 @@ impl LlamaForCausalLM {
     /// [`ModelError::Io`] / [`ModelError::Checkpoint`] for the file, [`ModelError::InvalidConfig`]
     /// / [`ModelError::ConfigValue`] / [`ModelError::Checkpoint`] for the metadata (see
     /// [`llama_config`]),
-    /// [`ModelError::KeyMismatch`] for tensors (see [`hf_tensors`]).
+    /// [`ModelError::KeyMismatch`] / [`ModelError::Checkpoint`] for tensors (see
+    /// [`hf_tensors`]).
     pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<(Self, LlamaConfig)> {
         Self::load_gguf_skipping(path, device, &BTreeSet::new())
     }

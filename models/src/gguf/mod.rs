@@ -7,8 +7,9 @@
 //! - parses the container ([`GgufFile`]: versions 2 and 3, every metadata value type, tensor
 //!   infos, `general.alignment`), validating every count, length and offset against the file
 //!   size before allocating, and reading each tensor's bytes only when asked;
-//! - dequantizes `F32`, `F16`, `BF16`, `Q8_0`, `Q4_0`, `Q4_1`, `Q4_K` and `Q6_K` to `f32`
-//!   ([`dequantize`]), bit for bit as the `gguf` Python package;
+//! - dequantizes `F32`, `F16`, `BF16`, `Q8_0`, `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q4_K`, `Q5_K`
+//!   and `Q6_K` to `f32` ([`dequantize`], [`SUPPORTED_TYPES`]), bit for bit as the `gguf` Python
+//!   package;
 //! - loads Llama-family decoders (`llama`, `qwen2`) as [`LlamaForCausalLM`]
 //!   ([`LlamaForCausalLM::load_gguf`], [`llama_config`]), undoing llama.cpp's Q/K row
 //!   permutation (see [`llama`]'s docs), or writes them out as an HF directory
@@ -36,7 +37,8 @@
 //! # Errors
 //! Malformed files are [`ModelError::Checkpoint`](crate::ModelError::Checkpoint) naming the file
 //! and the key or tensor at fault (a tensor of a type that cannot be dequantized is an error
-//! only when that tensor is read); unsupported hyper-parameters
+//! only when that tensor is read; loading a model names each such type once, with its tensor
+//! count); unsupported hyper-parameters
 //! [`ModelError::InvalidConfig`](crate::ModelError::InvalidConfig), and values the Llama config
 //! rejects [`ModelError::ConfigValue`](crate::ModelError::ConfigValue); tensors that do not fit the
 //! model [`ModelError::KeyMismatch`](crate::ModelError::KeyMismatch) listing every one; tokenizer
@@ -49,7 +51,7 @@ pub mod llama;
 mod reader;
 mod tokenizer;
 
-pub use dequant::{GgmlType, dequantize};
+pub use dequant::{GgmlType, SUPPORTED_TYPES, dequantize};
 pub use export::{HfExport, config_json, gguf_to_hf_dir};
 pub use llama::{HfTensor, hf_tensor_name, hf_tensors, llama_config, unpermute_rows};
 pub use reader::{

@@ -27,7 +27,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::dequant::{GgmlType, dequantize};
+use super::dequant::{GgmlType, dequantize, supported_type_names};
 use crate::error::{ModelError, Result};
 
 /// The four magic bytes every GGUF file starts with.
@@ -731,9 +731,9 @@ impl GgufFile {
         let info = self.info(name)?;
         if !info.ggml_type.is_supported() {
             return Err(self.error(format!(
-                "tensor `{name}`: ggml type {} cannot be dequantized (supported: F32, F16, \
-                 BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
-                info.ggml_type
+                "tensor `{name}`: ggml type {} cannot be dequantized (supported: {})",
+                info.ggml_type,
+                supported_type_names()
             )));
         }
         let bytes = self.tensor_bytes(name)?;
