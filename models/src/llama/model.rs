@@ -7,7 +7,6 @@ use std::path::Path;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
@@ -279,7 +278,9 @@ impl LlamaForCausalLM {
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => linear(hidden, self.model.embed_tokens.weight.val().transpose(), None),
+            // emloc's product reads the transposed embeddings in place; Burn's `linear` on
+            // Flex made a contiguous copy of the 49 k × 576 matrix at every call (SmolLM2).
+            None => emloc::ops::linear(hidden, self.model.embed_tokens.weight.val().transpose(), None),
         }
     }
 
