@@ -14,11 +14,14 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use emloc_models::ModelError;
+use emloc_models::causal_lm::{ChatTemplate, Message};
 use emloc_models::gguf::{
     GgmlType, GgufArray, GgufFile, GgufTokenizerInfo, GgufValue, gguf_to_hf_dir, hf_tensor_name,
     llama_config, tokenizer_json, unpermute_rows,
 };
-use emloc_models::llama::{GenerationConfig, LlamaFamily, LlamaForCausalLM, LlamaTokenizer};
+use emloc_models::llama::{
+    GenerationConfig, LlamaConfig, LlamaFamily, LlamaForCausalLM, LlamaTokenizer, TokenIds,
+};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -760,4 +763,257 @@ fn smollm2_logits_and_greedy_completions_match_transformers() {
     }
     println!("{checked} greedy completions equal transformers'");
     assert!(checked > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiny Qwen2 (Q5_0 / Q5_1 / Q8_0, q/k/v biases, GQA, untied head, qwen2 pre-tokenizer)
+
+fn tiny_qwen2_gguf() -> PathBuf {
+    gguf_dir().join("tiny_qwen2.gguf")
+}
+
+/// emloc's config against the transformers config values of an expectations file.
+fn check_qwen2_config(config: &LlamaConfig, want: &Value) {
+    assert_eq!(config.model_type, LlamaFamily::Qwen2);
+    assert_eq!(want["model_type"], "qwen2");
+    for (what, got) in [
+        ("vocab_size", config.vocab_size),
+        ("hidden_size", config.hidden_size),
+        ("intermediate_size", config.intermediate_size),
+        ("num_hidden_layers", config.num_hidden_layers),
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_key_value_heads", config.num_key_value_heads()),
+        ("max_position_embeddings", config.max_position_embeddings),
+    ] {
+        assert_eq!(got as u64, want[what].as_u64().unwrap(), "{what}");
+    }
+    assert_eq!(config.rope_theta, want["rope_theta"].as_f64().unwrap(), "rope_theta");
+    assert_eq!(config.rms_norm_eps, want["rms_norm_eps"].as_f64().unwrap(), "rms_norm_eps");
+    assert_eq!(config.tie_word_embeddings, want["tie_word_embeddings"].as_bool().unwrap());
+    assert!(config.qkv_bias() && !config.o_bias() && !config.mlp_bias(), "Qwen2 biases");
+    let id = |key: &str| want[key].as_u64().map(|id| TokenIds::One(id as u32));
+    assert_eq!(config.bos_token_id, id("bos_token_id"), "bos_token_id");
+    assert_eq!(config.eos_token_id, id("eos_token_id"), "eos_token_id");
+}
+
+fn messages(v: &Value) -> Vec<Message> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect()
+}
+
+/// Tokenizer cases (`text`, `ids`, `ids_special`, `decoded`) and chat renderings (`messages`,
+/// `add_generation_prompt`, `text`, `ids`) against transformers; returns the counts.
+fn check_tokenizer_and_chats(file: &GgufFile, cases: &Value, chats: &Value) -> (usize, usize) {
+    let tokenizer = LlamaTokenizer::from_gguf(file).unwrap();
+    let cases = cases.as_array().unwrap();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tokenizer.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?}");
+        assert_eq!(tokenizer.encode(text, true).unwrap(), ids(&case["ids_special"]), "{text:?}");
+        assert_eq!(
+            tokenizer.decode(&ids(&case["ids"]), false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+    let info = GgufTokenizerInfo::from_gguf(file).unwrap();
+    let template = ChatTemplate::new(
+        info.chat_template().unwrap(),
+        info.bos_token().unwrap_or_default(),
+        info.eos_token().unwrap_or_default(),
+    )
+    .unwrap();
+    let chats = chats.as_array().unwrap();
+    for chat in chats {
+        let messages = messages(&chat["messages"]);
+        let generation_prompt = chat["add_generation_prompt"].as_bool().unwrap();
+        let text = template.render(&messages, generation_prompt).unwrap();
+        assert_eq!(text, chat["text"].as_str().unwrap(), "chat rendering of {messages:?}");
+        assert_eq!(tokenizer.encode(&text, false).unwrap(), ids(&chat["ids"]), "{text:?}");
+    }
+    (cases.len(), chats.len())
+}
+
+#[test]
+fn tiny_qwen2_gguf_matches_transformers() {
+    let device = device();
+    let e = json("tiny_qwen2_gguf_expected.json");
+    let file = GgufFile::open(tiny_qwen2_gguf()).unwrap();
+    let types: BTreeSet<String> =
+        file.tensors().iter().map(|t| format!("{:?}", t.ggml_type)).collect();
+    assert_eq!(types, ["F32", "Q5_0", "Q5_1", "Q8_0"].map(String::from).into());
+    check_qwen2_config(&llama_config(&file).unwrap(), &e["config"]);
+    let (cases, chats) =
+        check_tokenizer_and_chats(&file, &e["tokenizer"]["cases"], &e["tokenizer"]["chats"]);
+    println!("{cases} tokenizer cases and {chats} chat renderings equal transformers'");
+
+    let (model, config) = LlamaForCausalLM::load_gguf(tiny_qwen2_gguf(), &device).unwrap();
+    assert!(model.lm_head.is_some() && !config.tie_word_embeddings);
+    let got = tiny_logits(&model, &e, &device);
+    assert_within(
+        "tiny_qwen2.gguf logits vs transformers",
+        &got,
+        &floats(&e["logits"]["values"]),
+        TOL,
+    );
+    let settings = GenerationConfig::greedy(e["max_new_tokens"].as_u64().unwrap() as usize);
+    assert_eq!(model.generate(&ids(&e["prompt"]), &settings).unwrap(), ids(&e["greedy"]));
+}
+
+#[test]
+fn unsupported_types_are_one_short_message() {
+    let path = gguf_dir().join("tiny_qwen2_unsupported.gguf");
+    let message = checkpoint_error_of(LlamaForCausalLM::load_gguf(&path, &device()));
+    println!("{message} ({} bytes)", message.len());
+    assert!(
+        message.contains(
+            "cannot dequantize 7 tensors of ggml type I8 (24) (the first `blk.0.attn_q.weight`), \
+             1 tensor of ggml type F64 (28) (the first `output_norm.weight`); supported types: \
+             F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16"
+        ),
+        "{message}"
+    );
+    assert!(message.len() < 400, "{message}");
+    // The HF export plans the same way.
+    let out = tempfile::tempdir().unwrap();
+    let err = gguf_to_hf_dir(&path, out.path().join("hf")).unwrap_err().to_string();
+    assert_eq!(err, message);
+    // One tensor read alone names it, its type and the supported types.
+    let err = GgufFile::open(&path).unwrap().dequantize("blk.0.ffn_up.weight").unwrap_err();
+    let err = err.to_string();
+    assert!(err.contains("`blk.0.ffn_up.weight`: ggml type I8 (24)") && err.contains("Q5_1"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Qwen2.5-Coder-0.5B / 1.5B-Instruct Q4_K_M (real files, opt-in)
+
+/// Logits tolerance against transformers on the real Qwen2.5-Coder files (float32 on both
+/// sides, the same gguf-py dequantized weights, 24 / 28 layers): measured 1.1e-5 (0.5B) and
+/// 8.6e-6 (1.5B) on the top-5 last-position logits.
+const QWEN_CODER_TOL: f32 = 1e-4;
+
+/// Greedy ids are compared up to the first step whose top-2 margin in transformers is below
+/// this (10× [`QWEN_CODER_TOL`]), where float32 summation order could flip a near tie. The
+/// fixtures' smallest margins are 0.020 (0.5B) and 0.027 (1.5B), so every id is compared.
+const QWEN_CODER_MARGIN: f64 = 1e-3;
+
+/// The file named by `var`, or `None` after printing why the test is skipped.
+fn qwen_coder(var: &str, size: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        None => {
+            println!("skipped: set {var} (scripts/fetch_qwen_coder.sh {size})");
+            None
+        }
+        Some(p) if !Path::new(&p).is_file() => {
+            println!("skipped: {var}={} is not a file", Path::new(&p).display());
+            None
+        }
+        Some(p) => Some(PathBuf::from(p)),
+    }
+}
+
+fn qwen_coder_config_and_tokenizer(path: &Path, expected: &str) {
+    let e = json(expected);
+    let file = GgufFile::open(path).unwrap();
+    let types: std::collections::BTreeMap<String, u64> =
+        file.tensors().iter().fold(Default::default(), |mut m, t| {
+            *m.entry(format!("{:?}", t.ggml_type)).or_default() += 1;
+            m
+        });
+    let want: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(e["gguf"]["tensor_types"].clone()).unwrap();
+    assert_eq!(types, want, "tensor types (is this the file the fixture was made from?)");
+    check_qwen2_config(&llama_config(&file).unwrap(), &e["config"]);
+    let info = GgufTokenizerInfo::from_gguf(&file).unwrap();
+    assert_eq!(info.chat_template(), e["special"]["tokenizer_chat_template"].as_str());
+    assert_eq!(info.eos_token(), e["special"]["eos_token"].as_str());
+    assert_eq!(info.bos_token(), e["special"]["bos_token"].as_str());
+    let (cases, chats) = check_tokenizer_and_chats(&file, &e["tokenizer"], &e["chat"]);
+    println!("{cases} tokenizer cases and {chats} chat renderings equal transformers'");
+}
+
+fn qwen_coder_logits_and_greedy(path: &Path, expected: &str) {
+    // The CPU backend, as `emloc generate` runs: with `--features emloc/wgpu` the default device
+    // is wgpu, and lavapipe fails on the 0.5 GB embedding buffers of these models.
+    let device = Device::flex();
+    let e = json(expected);
+    let start = std::time::Instant::now();
+    let (model, config) = LlamaForCausalLM::load_gguf(path, &device).unwrap();
+    println!("load_gguf: {:.1} s", start.elapsed().as_secs_f64());
+    let vocab = config.vocab_size;
+    let mut worst = 0f32;
+    for last in e["last_logits"].as_array().unwrap() {
+        let prompt = ids(&last["prompt_ids"]);
+        let logits =
+            values(model.forward(int_tensor(std::slice::from_ref(&prompt), &device), None));
+        let row = &logits[(prompt.len() - 1) * vocab..prompt.len() * vocab];
+        let top_ids = ids(&last["top_ids"]);
+        let got: Vec<f32> = top_ids.iter().map(|&i| row[i as usize]).collect();
+        let want = floats(&last["top_values"]);
+        worst = worst.max(max_abs_diff(&got, &want));
+        assert_within("top-5 last-position logits", &got, &want, QWEN_CODER_TOL);
+        // The same top-5 ids, in the same order (where their values are not within the
+        // tolerance of each other).
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        for (k, (&got_id, &want_id)) in order.iter().zip(&top_ids).enumerate() {
+            if got_id as u32 != want_id {
+                let gap = (want[k] - want.get(k + 1).copied().unwrap_or(f32::MIN)).abs();
+                assert!(gap < 2.0 * QWEN_CODER_TOL, "top-{k}: {got_id} vs {want_id}");
+            }
+        }
+    }
+    println!("worst top-5 logit difference: {worst:.2e}");
+
+    let eos: Vec<u32> = ids(&e["config"]["generation_eos_token_ids"]);
+    let (mut compared, mut steps) = (0, 0);
+    let start = std::time::Instant::now();
+    for g in e["generate"].as_array().unwrap() {
+        let want = ids(&g["new_ids"]);
+        let margins: Vec<f64> =
+            g["top2_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let safe = margins.iter().position(|&m| m < QWEN_CODER_MARGIN).unwrap_or(want.len());
+        let settings = GenerationConfig::greedy(want.len()).with_eos_token_ids(eos.clone());
+        let got = model.generate(&ids(&g["prompt_ids"]), &settings).unwrap();
+        let what = g.get("prompt").unwrap_or(&g["messages"]);
+        assert_eq!(got[..safe.min(got.len())], want[..safe], "greedy completion of {what}");
+        if safe == want.len() {
+            assert_eq!(got, want, "greedy completion of {what}");
+        }
+        compared += safe;
+        steps += want.len();
+    }
+    println!(
+        "greedy: {compared} of {steps} new ids compared (up to the first top-2 margin < \
+         {QWEN_CODER_MARGIN}), all equal; {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(compared > steps / 2);
+}
+
+#[test]
+fn qwen_coder_0_5b_config_and_tokenizer_match_transformers() {
+    let Some(path) = qwen_coder("EMLOC_QWEN_CODER_0_5B_GGUF", "0.5b") else { return };
+    qwen_coder_config_and_tokenizer(&path, "qwen_coder_0_5b_expected.json");
+}
+
+#[test]
+fn qwen_coder_0_5b_logits_and_greedy_match_transformers() {
+    let Some(path) = qwen_coder("EMLOC_QWEN_CODER_0_5B_GGUF", "0.5b") else { return };
+    qwen_coder_logits_and_greedy(&path, "qwen_coder_0_5b_expected.json");
+}
+
+#[test]
+fn qwen_coder_1_5b_config_and_tokenizer_match_transformers() {
+    let Some(path) = qwen_coder("EMLOC_QWEN_CODER_1_5B_GGUF", "1.5b") else { return };
+    qwen_coder_config_and_tokenizer(&path, "qwen_coder_1_5b_expected.json");
+}
+
+#[test]
+fn qwen_coder_1_5b_logits_and_greedy_match_transformers() {
+    let Some(path) = qwen_coder("EMLOC_QWEN_CODER_1_5B_GGUF", "1.5b") else { return };
+    qwen_coder_logits_and_greedy(&path, "qwen_coder_1_5b_expected.json");
 }

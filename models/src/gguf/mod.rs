@@ -59,7 +59,8 @@ pub use reader::{
     MAX_DIMS,
 };
 pub use tokenizer::{
-    END_TOKENS, GgufTokenizerInfo, SpecialToken, TOKEN_TYPE_CONTROL, tokenizer_json,
+    END_TOKENS, GgufTokenizerInfo, SpecialToken, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED,
+    tokenizer_json,
 };
 
 #[allow(unused_imports)] // for the docs' links

@@ -6,8 +6,9 @@
 //! `tokenizer.ggml.tokens` / `merges`, GPT-2's `ByteLevel` pre-tokenizer (preceded by the split
 //! regex of the pre-tokenizer `tokenizer.ggml.pre` names, where transformers knows one that
 //! differs from GPT-2's), a `ByteLevel` decoder, a template post-processor adding BOS / EOS
-//! only where `tokenizer.ggml.add_bos_token` / `add_eos_token` say, and the control tokens
-//! (`token_type` 3) plus BOS / EOS / UNK / PAD as special added tokens. SentencePiece
+//! only where `tokenizer.ggml.add_bos_token` / `add_eos_token` say, the control tokens
+//! (`token_type` 3) plus BOS / EOS / UNK / PAD as special added tokens, and the user-defined
+//! tokens (`token_type` 4) as non-special added tokens. SentencePiece
 //! (`"llama"`) files give [`ModelError::Tokenizer`].
 //!
 //! Caveat (as in transformers 5.24): `tokenizer.ggml.pre = "smollm"` keeps GPT-2's split,
@@ -39,6 +40,9 @@ pub const END_TOKENS: [&str; 7] = [
 
 /// `token_type` of a control token (`LLAMA_TOKEN_TYPE_CONTROL`).
 pub const TOKEN_TYPE_CONTROL: i64 = 3;
+/// `token_type` of a user-defined token (`LLAMA_TOKEN_TYPE_USER_DEFINED`, e.g. Qwen2's
+/// `<tool_call>`): matched whole in the text like a control token, but not special.
+pub const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// A special token: its id and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,22 +342,24 @@ pub fn tokenizer_json(file: &GgufFile) -> Result<Value> {
         merge_pairs.push(json!([parts[0], parts[1]]));
     }
 
-    // Added tokens: the control tokens, then BOS / EOS / UNK / PAD, each once, by id.
-    let mut added: BTreeMap<u32, String> = BTreeMap::new();
+    // Added tokens, by id: the control tokens and BOS / EOS / UNK / PAD as special tokens, the
+    // user-defined ones (Qwen2's `<tool_call>`) as plain added tokens, matched whole in the
+    // text but kept when decoding without special tokens.
+    let mut added: BTreeMap<u32, (String, bool)> = BTreeMap::new();
     for (id, (token, kind)) in tokens.iter().zip(&token_type).enumerate() {
-        if *kind == TOKEN_TYPE_CONTROL && in_alphabet(token) {
-            added.insert(id as u32, token.clone());
+        if (*kind == TOKEN_TYPE_CONTROL || *kind == TOKEN_TYPE_USER_DEFINED) && in_alphabet(token) {
+            added.insert(id as u32, (token.clone(), *kind == TOKEN_TYPE_CONTROL));
         }
     }
     for t in [&info.bos, &info.eos, &info.unk, &info.pad].into_iter().flatten() {
-        added.entry(t.id).or_insert_with(|| t.content.clone());
+        added.entry(t.id).or_insert_with(|| (t.content.clone(), true)).1 = true;
     }
     let added_tokens: Vec<Value> = added
         .into_iter()
-        .map(|(id, content)| {
+        .map(|(id, (content, special))| {
             json!({
                 "id": id, "content": content, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true
+                "rstrip": false, "normalized": false, "special": special
             })
         })
         .collect();
