@@ -109,9 +109,10 @@ pub fn bench_generate(args: &BenchGenerateArgs) -> CliResult<()> {
     for run in 0..args.runs {
         let started = Instant::now();
         let mut prefill = None;
-        let ids = lm.model.generate_batch_with(&[prompt.clone()], &settings, 0, |_| {
-            prefill.get_or_insert_with(|| started.elapsed().as_secs_f64());
-        })?;
+        let ids =
+            lm.model.generate_batch_with(std::slice::from_ref(&prompt), &settings, 0, |_| {
+                prefill.get_or_insert_with(|| started.elapsed().as_secs_f64());
+            })?;
         let total = started.elapsed().as_secs_f64();
         let prefill = prefill.expect("at least one step");
         let timing = DecodeTiming {

@@ -209,8 +209,13 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
     let (emulator, _) = build_emulator(&encoder, original, &calibration, &config)?;
     let label = format!("emloc, LoRA on the emulator (ρ = {})", args.ratio);
     let (seconds, stats) =
-        timed_training(&encoder, emulator, &task, &train, &train_args, "emloc emulator")?;
+        timed_training(&encoder, emulator.clone(), &task, &train, &train_args, "emloc emulator")?;
     rows.push(emloc_row(&label, seconds, stats));
+    // What `finetune` runs by default: the same step with the layers recomputed.
+    let checkpointed = TrainArgs { gradient_checkpointing: true, ..train_args.clone() };
+    let (seconds, stats) =
+        timed_training(&encoder, emulator, &task, &train, &checkpointed, "emloc checkpointed")?;
+    rows.push(emloc_row(&format!("{label}, gradient checkpointing"), seconds, stats));
 
     let mut peer_versions = None;
     if !args.no_peer {

@@ -106,8 +106,8 @@ fn chunked_head(
     for start in (0..scored).step_by(chunk) {
         let end = (start + chunk).min(scored);
         let n = end - start;
-        let positions = batch.completion_positions.clone().slice([start..end]);
-        let targets = batch.completion_targets.clone().slice([start..end]);
+        let positions = batch.completion_positions.clone().narrow(0, start, n);
+        let targets = batch.completion_targets.clone().narrow(0, start, n);
         // Each chunk's graph starts at the leaf: a backward consumes every step it crosses.
         let flat = normed.clone().reshape([rows * seq, d]);
         let hidden = flat.select(0, positions).reshape([1, n, d]);

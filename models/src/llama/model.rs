@@ -280,7 +280,9 @@ impl LlamaForCausalLM {
             Some(head) => head.forward(hidden),
             // emloc's product reads the transposed embeddings in place; Burn's `linear` on
             // Flex made a contiguous copy of the 49 k × 576 matrix at every call (SmolLM2).
-            None => emloc::ops::linear(hidden, self.model.embed_tokens.weight.val().transpose(), None),
+            None => {
+                emloc::ops::linear(hidden, self.model.embed_tokens.weight.val().transpose(), None)
+            }
         }
     }
 
