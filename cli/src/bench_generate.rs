@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 use clap::Args;
@@ -12,9 +11,15 @@ use emloc_models::llama::GenerationConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::CliResult;
+use crate::peer::{PeerScript, run_peer};
 
 /// The transformers peer, shipped inside the binary.
-const PEER_SCRIPT: &str = include_str!("../../benches/peers/generate_peer.py");
+const PEER: PeerScript = PeerScript {
+    name: "generate_peer.py",
+    text: include_str!("../../benches/peers/generate_peer.py"),
+    what: "the transformers peer",
+    needs: "torch transformers gguf",
+};
 
 /// Options of `emloc bench-generate`.
 #[derive(Args, Debug)]
@@ -150,7 +155,16 @@ pub fn bench_generate(args: &BenchGenerateArgs) -> CliResult<()> {
         row("emloc", &ours, "-");
         return Ok(());
     }
-    let peer = run_peer(args, &prompt)?;
+    let model =
+        std::fs::canonicalize(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
+    let spec = PeerSpec {
+        model: model.display().to_string(),
+        prompt_ids: &prompt,
+        new_tokens: args.new_tokens,
+        runs: args.runs,
+        threads: args.threads,
+    };
+    let peer: PeerResult = run_peer(&args.python, &PEER, &spec)?;
     let theirs = median_run(&peer.runs);
     row("emloc", &ours, &format!("{:.2}", ours.tokens_per_second() / theirs.tokens_per_second()));
     row("transformers", &theirs, "1.00");
@@ -160,42 +174,6 @@ pub fn bench_generate(args: &BenchGenerateArgs) -> CliResult<()> {
         args.new_tokens, peer.versions
     );
     Ok(())
-}
-
-/// Writes the peer script and its spec into a fresh temporary directory, runs it and parses its
-/// JSON line.
-fn run_peer(args: &BenchGenerateArgs, prompt: &[u32]) -> CliResult<PeerResult> {
-    let dir = tempfile::tempdir().map_err(|e| format!("a temporary directory: {e}"))?;
-    let script = dir.path().join("generate_peer.py");
-    let spec_path = dir.path().join("spec.json");
-    std::fs::write(&script, PEER_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
-    let model =
-        std::fs::canonicalize(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
-    let spec = PeerSpec {
-        model: model.display().to_string(),
-        prompt_ids: prompt,
-        new_tokens: args.new_tokens,
-        runs: args.runs,
-        threads: args.threads,
-    };
-    std::fs::write(&spec_path, serde_json::to_string(&spec)?)
-        .map_err(|e| format!("{}: {e}", spec_path.display()))?;
-    eprintln!("running the transformers peer ({})", args.python.display());
-    let output = Command::new(&args.python).arg(&script).arg(&spec_path).output().map_err(|e| {
-        format!("--python {}: {e} (use --no-peer to skip the peer)", args.python.display())
-    })?;
-    if !output.status.success() {
-        return Err(format!(
-            "the transformers peer failed ({}); it needs torch, transformers and gguf (--python picks the interpreter, --no-peer skips it):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        )
-        .into());
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
-    serde_json::from_str(line)
-        .map_err(|e| format!("the transformers peer printed no result ({e}): {stdout}").into())
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! one run; prints the step times, their ratios and the peaks, and writes `OUT/report.json`.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 use clap::Args;
@@ -19,10 +18,16 @@ use crate::args::{ModelArgs, TrainArgs};
 use crate::data::{DataArgs, EmbeddedData, classification_calibration_texts};
 use crate::memory::{Phase, PhaseStats};
 use crate::output::write_json;
+use crate::peer::{PeerScript, run_peer};
 use crate::training::{build_emulator, train_classifier};
 
 /// The PEFT peer, shipped inside the binary so that the command runs from any directory.
-const PEER_SCRIPT: &str = include_str!("../../benches/peers/peft_step.py");
+const PEER: PeerScript = PeerScript {
+    name: "peft_step.py",
+    text: include_str!("../../benches/peers/peft_step.py"),
+    what: "the PEFT peer",
+    needs: "torch transformers peft",
+};
 
 /// Options of `emloc bench-step`.
 #[derive(Args, Debug, Clone)]
@@ -245,7 +250,7 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
             max_length: max_seq_length,
             threads: args.threads,
         };
-        let peer = run_peer(&args.python, &spec)?;
+        let peer: PeerResult = run_peer(&args.python, &PEER, &spec)?;
         peer_versions = Some(format!(
             "torch {}, transformers {}, peft {}, {} threads",
             peer.torch, peer.transformers, peer.peft, peer.threads
@@ -312,37 +317,6 @@ fn rayon_threads() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
         .unwrap_or_else(default_threads)
-}
-
-/// Writes the peer script and its spec to a fresh temporary directory, runs it and parses its
-/// JSON line.
-fn run_peer(python: &PathBuf, spec: &PeerSpec<'_>) -> CliResult<PeerResult> {
-    let dir = std::env::temp_dir().join(format!("emloc-bench-step-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let script = dir.join("peft_step.py");
-    let spec_path = dir.join("spec.json");
-    let result = (|| -> CliResult<PeerResult> {
-        std::fs::write(&script, PEER_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
-        write_json(&spec_path, spec)?;
-        eprintln!("running the PEFT peer ({} {})", python.display(), script.display());
-        let output = Command::new(python).arg(&script).arg(&spec_path).output().map_err(|e| {
-            format!("--python {}: {e} (use --no-peer to skip the peer)", python.display())
-        })?;
-        if !output.status.success() {
-            return Err(format!(
-                "the PEFT peer failed ({}); it needs torch, transformers and peft (pip install torch transformers peft; --python picks the interpreter, --no-peer skips it):\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            )
-            .into());
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
-        serde_json::from_str(line)
-            .map_err(|e| format!("the PEFT peer printed no result ({e}): {stdout}").into())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
 }
 
 #[cfg(test)]

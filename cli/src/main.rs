@@ -15,6 +15,7 @@ mod embed;
 mod generate;
 mod memory;
 mod output;
+mod peer;
 mod plan;
 mod progress;
 mod run;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::bert::{BertInput, BertModel, SentenceEncoder};
 use crate::error::{ModelError, Result};
 use crate::jsonl::{nonblank_string, parse_records};
-use crate::training::{MicroBatchGradients, train, train_with_gradients};
+use crate::training::train_embedding_pairs;
 pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport};
 
 /// One sentence with its class.
@@ -300,14 +300,14 @@ pub fn classification_loss(
 /// Trains the trainable parameters of `model` (e.g. LoRA adapters, on the original model or on
 /// its emulator) to classify `examples` with [`classification_loss`] at `task.scale`, the label
 /// descriptions embedded through the model being trained at every step, with the shared loop
-/// ([`train`]: AdamW, warmup + cosine, seeded batch order, resumable). `config.scale` is unused:
+/// ([`train`](crate::training::train): AdamW, warmup + cosine, seeded batch order, resumable). `config.scale` is unused:
 /// the task's scale is the one evaluation uses. With `config.gradient_checkpointing` the
 /// encoder's layers are recomputed in the backward pass
 /// ([`SentenceEncoder::gradients_checkpointed`]).
 /// Returns the model in inference mode.
 ///
 /// # Errors
-/// As [`train`]; tokenizer errors of [`SentenceEncoder::tokenize`].
+/// As [`train`](crate::training::train); tokenizer errors of [`SentenceEncoder::tokenize`].
 pub fn finetune(
     encoder: &SentenceEncoder,
     model: BertModel,
@@ -321,44 +321,20 @@ pub fn finetune(
     let descriptions: Vec<&str> = task.descriptions.iter().map(String::as_str).collect();
     let described = encoder.tokenize(&descriptions)?;
     let description_tokens: usize = described.iter().map(|e| e.ids.len()).sum();
-    let prepare = |indices: &[usize]| -> Result<(BertInput, Tensor<1, Int>, usize)> {
+    let descriptions = encoder.batch(&described).to_device(&train_device);
+    let prepare = |indices: &[usize]| -> Result<([BertInput; 2], Tensor<1, Int>, usize)> {
         let inputs: Vec<&str> = indices.iter().map(|&i| examples[i].input.as_str()).collect();
         let encoded = encoder.tokenize(&inputs)?;
         let tokens = encoded.iter().map(|e| e.ids.len()).sum::<usize>() + description_tokens;
         let targets: Vec<i64> = indices.iter().map(|&i| examples[i].label as i64).collect();
         let targets =
             Tensor::<1, Int>::from_data(TensorData::new(targets, [indices.len()]), &train_device);
-        Ok((encoder.batch(&encoded).to_device(&train_device), targets, tokens))
+        let sentences = encoder.batch(&encoded).to_device(&train_device);
+        Ok(([sentences, descriptions.clone()], targets, tokens))
     };
-    let descriptions = encoder.batch(&described).to_device(&train_device);
-    if config.gradient_checkpointing {
-        let gradients_of = |model: &BertModel, indices: &[usize]| {
-            let (sentences, targets, tokens) = prepare(indices)?;
-            let weight = 1.0 / config.grad_accumulation as f64;
-            let (loss, grads) =
-                encoder.gradients_checkpointed(model, [sentences, descriptions.clone()], |s, d| {
-                    classification_loss(s, d, targets, task.scale).mul_scalar(weight)
-                });
-            Ok(MicroBatchGradients { loss, grads, tokens })
-        };
-        let device = encoder.device();
-        return train_with_gradients(
-            model,
-            examples.len(),
-            config,
-            resume,
-            device,
-            gradients_of,
-            on_step,
-        );
-    }
-    let loss_of = |model: &BertModel, indices: &[usize]| {
-        let (sentences, targets, tokens) = prepare(indices)?;
-        let s = encoder.forward_with(model, sentences);
-        let d = encoder.forward_with(model, descriptions.clone());
-        Ok((classification_loss(s, d, targets, task.scale), tokens))
-    };
-    train(model, examples.len(), config, resume, encoder.device(), loss_of, on_step)
+    let loss = |s, d, targets| classification_loss(s, d, targets, task.scale);
+    let items = examples.len();
+    train_embedding_pairs(encoder, model, items, config, resume, prepare, loss, on_step)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::bert::{BertInput, BertModel, Encoded, SentenceEncoder};
 use crate::error::{ModelError, Result};
 use crate::jsonl::{nonblank_string, parse_records};
 use crate::training::rng;
-use crate::training::{MicroBatchGradients, train, train_with_gradients};
+use crate::training::train_embedding_pairs;
 pub use crate::training::{Resume, StepInfo, TrainConfig, TrainReport, batch_order};
 
 /// One question with its worked answer.
@@ -217,40 +217,16 @@ pub fn finetune(
         ));
     }
     let train_device: Device = encoder.device().clone().autodiff();
-    let prepare = |indices: &[usize]| -> Result<([BertInput; 2], usize)> {
+    let prepare = |indices: &[usize]| -> Result<([BertInput; 2], (), usize)> {
         let questions: Vec<&str> = indices.iter().map(|&i| pairs[i].question.as_str()).collect();
         let answers: Vec<&str> = indices.iter().map(|&i| pairs[i].answer.as_str()).collect();
         let (q, a) = (encoder.tokenize(&questions)?, encoder.tokenize(&answers)?);
         let tokens = count_tokens(&q) + count_tokens(&a);
         let batch = |e: &[Encoded]| encoder.batch(e).to_device(&train_device);
-        Ok(([batch(&q), batch(&a)], tokens))
+        Ok(([batch(&q), batch(&a)], (), tokens))
     };
-    if config.gradient_checkpointing {
-        let weight = 1.0 / config.grad_accumulation as f64;
-        let gradients_of = |model: &BertModel, indices: &[usize]| {
-            let (inputs, tokens) = prepare(indices)?;
-            let (loss, grads) = encoder.gradients_checkpointed(model, inputs, |q, a| {
-                contrastive_loss(q, a, config.scale).mul_scalar(weight)
-            });
-            Ok(MicroBatchGradients { loss, grads, tokens })
-        };
-        let device = encoder.device();
-        return train_with_gradients(
-            model,
-            pairs.len(),
-            config,
-            resume,
-            device,
-            gradients_of,
-            on_step,
-        );
-    }
-    let loss_of = |model: &BertModel, indices: &[usize]| {
-        let ([q, a], tokens) = prepare(indices)?;
-        let (q, a) = (encoder.forward_with(model, q), encoder.forward_with(model, a));
-        Ok((contrastive_loss(q, a, config.scale), tokens))
-    };
-    train(model, pairs.len(), config, resume, encoder.device(), loss_of, on_step)
+    let loss = |q, a, ()| contrastive_loss(q, a, config.scale);
+    train_embedding_pairs(encoder, model, pairs.len(), config, resume, prepare, loss, on_step)
 }
 
 fn count_tokens(encoded: &[Encoded]) -> usize {

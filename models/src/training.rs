@@ -10,6 +10,7 @@ use burn::optim::{
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::bert::{BertInput, BertModel, SentenceEncoder};
 use crate::error::{ModelError, Result};
 use crate::rng::XorShiftRng;
 
@@ -282,6 +283,45 @@ pub fn train_with_gradients<M: Module>(
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok((model.valid(), report))
+}
+
+/// The loop of the sentence-embedding tasks ([`retrieval`](crate::retrieval),
+/// [`classification`](crate::classification)): each micro-batch is two padded batches
+/// (`prepare` also gives the loss's extra input and the token count) embedded through `model`
+/// and `encoder`'s pooling, and `loss` of the two embeddings. With
+/// `config.gradient_checkpointing`, through
+/// [`SentenceEncoder::gradients_checkpointed`]; otherwise through [`train`].
+///
+/// # Errors
+/// As [`train`]; whatever `prepare` returns.
+#[allow(clippy::too_many_arguments)] // the shared loop's arguments plus the task's two
+pub(crate) fn train_embedding_pairs<X>(
+    encoder: &SentenceEncoder,
+    model: BertModel,
+    items: usize,
+    config: &TrainConfig,
+    resume: Option<Resume>,
+    prepare: impl Fn(&[usize]) -> Result<([BertInput; 2], X, usize)>,
+    loss: impl Fn(Tensor<2>, Tensor<2>, X) -> Tensor<1>,
+    on_step: impl FnMut(&StepInfo, &BertModel, &ModuleOptimizer),
+) -> Result<(BertModel, TrainReport)> {
+    let device = encoder.device();
+    if config.gradient_checkpointing {
+        let weight = 1.0 / config.grad_accumulation as f64;
+        let gradients_of = |model: &BertModel, indices: &[usize]| {
+            let (inputs, extra, tokens) = prepare(indices)?;
+            let (loss, grads) = encoder
+                .gradients_checkpointed(model, inputs, |a, b| loss(a, b, extra).mul_scalar(weight));
+            Ok(MicroBatchGradients { loss, grads, tokens })
+        };
+        return train_with_gradients(model, items, config, resume, device, gradients_of, on_step);
+    }
+    let loss_of = |model: &BertModel, indices: &[usize]| {
+        let ([a, b], extra, tokens) = prepare(indices)?;
+        let (a, b) = (encoder.forward_with(model, a), encoder.forward_with(model, b));
+        Ok((loss(a, b, extra), tokens))
+    };
+    train(model, items, config, resume, device, loss_of, on_step)
 }
 
 #[cfg(test)]
