@@ -101,15 +101,15 @@ pub fn bench_generate(args: &BenchGenerateArgs) -> CliResult<()> {
     if args.new_tokens < 2 || args.runs == 0 || args.threads == 0 {
         return Err("--new-tokens must be at least 2, --runs and --threads at least 1".into());
     }
+    // No stop ids: both sides generate exactly `new_tokens`.
+    let settings = GenerationConfig::greedy(args.new_tokens);
     let context = emloc_models::causal_lm::read_config(&args.model)?.max_position_embeddings;
-    GenerationConfig::greedy(args.new_tokens).check_context(0, context)?;
+    settings.check_context(0, context)?;
     let mut lm = load_causal_lm(&args.model, &args.device.device()?, &BTreeSet::new())?;
     lm.model = args.device.cast(lm.model);
     let task = lm.task.with_style(PromptStyle::Raw)?;
     let prompt = task.encode_prompt(&Prompt::Text(args.prompt.clone()))?;
-    GenerationConfig::greedy(args.new_tokens).check_context(prompt.len(), context)?;
-    // No stop ids: both sides generate exactly `new_tokens`.
-    let settings = GenerationConfig::greedy(args.new_tokens);
+    settings.check_context(prompt.len(), context)?;
     let mut runs = Vec::new();
     for run in 0..args.runs {
         let started = Instant::now();

@@ -22,23 +22,12 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::Tensor;
 
-/// The seed both runs of block `block` use in a step that drew `step_seed` (SplitMix64's mix).
+/// The seed both runs of block `block` use in a step that drew `step_seed` (from
+/// [`emloc::nn::device_seed`], the draw of a dropout call): SplitMix64's output `block`.
 pub fn block_seed(step_seed: u64, block: usize) -> u64 {
-    let mut z = step_seed.wrapping_add((block as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A step seed from `device`'s generator, so that `device.seed(..)` before a training step
-/// (as [`train`](crate::training::train) does) fixes every mask of the step.
-pub fn draw_step_seed(device: &Device) -> u64 {
-    let draws = Tensor::<1>::random([2], Distribution::Default, device).into_data();
-    let draws = draws.convert::<f32>().try_to_vec::<f32>().expect("f32 draws");
-    let bits = |u: f32| (f64::from(u) * f64::from(1u32 << 24)) as u64;
-    bits(draws[0]) << 24 | bits(draws[1])
+    emloc::nn::splitmix64(step_seed, block as u64)
 }
 
 /// Runs `blocks` in order on `input` without building a graph and returns the output (which
@@ -107,6 +96,7 @@ impl ModuleVisitor for Materialize {
 mod tests {
     use super::*;
     use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::{Device, Distribution};
     use emloc::nn::{Dropout, DropoutConfig};
 
     /// `dropout(relu(x W + b)) + ½` blocks, from plain Burn layers as any user's.

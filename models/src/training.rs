@@ -41,11 +41,12 @@ pub struct TrainConfig {
     pub scale: f64,
     /// Seed of the batch order.
     pub seed: u64,
-    /// Recompute activations instead of keeping them, where the task supports it
-    /// ([`causal_lm::finetune`](crate::causal_lm::finetune): block by block, the LM head in
-    /// chunks; see [`causal_lm::completion_gradients_checkpointed`](crate::causal_lm::completion_gradients_checkpointed)):
-    /// the same gradients within f32 rounding for about one more forward pass, in a fraction
-    /// of the memory. Off by default.
+    /// Recompute activations layer by layer instead of keeping them ([`crate::checkpointing`]):
+    /// in [`causal_lm::finetune`](crate::causal_lm::finetune) (the LM head in chunks too),
+    /// [`retrieval::finetune`](crate::retrieval::finetune) and
+    /// [`classification::finetune`](crate::classification::finetune). The same gradients
+    /// within f32 rounding (dropout masks are drawn per layer) for about one more forward
+    /// pass, in a fraction of the memory. Off by default in the library.
     #[serde(default)]
     pub gradient_checkpointing: bool,
 }

@@ -64,8 +64,9 @@ impl Dropout {
     }
 }
 
-/// One 48-bit seed from `device`'s generator (two uniform `f32` draws of 24 bits each).
-fn device_seed(device: &Device) -> u64 {
+/// One 48-bit seed from `device`'s generator (two uniform `f32` draws of 24 bits each): what
+/// each [`Dropout`] call draws, so `device.seed(..)` fixes it.
+pub fn device_seed(device: &Device) -> u64 {
     let draws = Tensor::<1>::random([2], Distribution::Default, device).into_data();
     let draws = draws.try_to_vec::<f32>().expect("f32 draws");
     let bits = |u: f32| (f64::from(u) * f64::from(1u32 << 24)) as u64;
@@ -73,7 +74,7 @@ fn device_seed(device: &Device) -> u64 {
 }
 
 /// SplitMix64's output for counter `i` of stream `seed`.
-fn splitmix64(seed: u64, i: u64) -> u64 {
+pub fn splitmix64(seed: u64, i: u64) -> u64 {
     let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

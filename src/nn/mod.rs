@@ -15,7 +15,7 @@ mod swiglu;
 
 pub use attention::{MhaCache, MhaInput, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig};
 pub use conv2d::{Conv2d, Conv2dConfig};
-pub use dropout::{Dropout, DropoutConfig};
+pub use dropout::{Dropout, DropoutConfig, device_seed, splitmix64};
 pub use feed_forward::{PositionWiseFeedForward, PositionWiseFeedForwardConfig};
 pub use linear::{Linear, LinearConfig};
 pub(crate) use lora::check_lora_rank;

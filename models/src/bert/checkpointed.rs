@@ -8,9 +8,7 @@ use burn::tensor::{Int, Tensor};
 
 use super::model::attention_mask_bias;
 use super::{BertInput, BertLayer, BertModel, SentenceEncoder};
-use crate::checkpointing::{
-    backward_recomputed, block_seed, draw_step_seed, forward_keeping_inputs,
-};
+use crate::checkpointing::{backward_recomputed, block_seed, forward_keeping_inputs};
 
 /// What [`BertModel::forward_checkpointed`] keeps for [`backward`](Self::backward).
 #[derive(Debug)]
@@ -39,7 +37,7 @@ impl BertModel {
         let token_type_ids =
             token_type_ids.unwrap_or_else(|| Tensor::<2, Int>::zeros(input_ids.dims(), &device));
         let mask_bias = attention_mask.map(attention_mask_bias);
-        let step_seed = draw_step_seed(&device);
+        let step_seed = emloc::nn::device_seed(&device);
         let layers = &self.encoder.layer;
         // The embeddings' dropout is seeded as a block after the layers, in both runs.
         device.seed(block_seed(step_seed, layers.len()));
@@ -108,11 +106,7 @@ impl SentenceEncoder {
         inputs: [BertInput; 2],
         loss: impl FnOnce(Tensor<2>, Tensor<2>) -> Tensor<1>,
     ) -> (f64, GradientsParams) {
-        let masks = inputs.clone().map(|input| {
-            input.attention_mask.unwrap_or_else(|| {
-                Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
-            })
-        });
+        let masks = inputs.each_ref().map(BertInput::attention_mask_or_ones);
         let passes = inputs.map(|input| model.forward_checkpointed(input));
         let [mask_a, mask_b] = masks;
         let a = self.pool(passes[0].last_hidden_state.clone(), mask_a);

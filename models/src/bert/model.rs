@@ -98,6 +98,13 @@ impl BertInput {
         self
     }
 
+    /// The attention mask, or all ones (every position a token) when there is none.
+    pub fn attention_mask_or_ones(&self) -> Tensor<2, Int> {
+        self.attention_mask.clone().unwrap_or_else(|| {
+            Tensor::<2, Int>::ones(self.input_ids.dims(), &self.input_ids.device())
+        })
+    }
+
     /// Moves every tensor to `device` (e.g. the autodiff device of a training loop).
     pub fn to_device(self, device: &Device) -> Self {
         Self {

@@ -317,9 +317,7 @@ impl SentenceEncoder {
     /// # Shapes
     /// - output: `[batch, d]`
     pub fn forward_with(&self, model: &BertModel, input: BertInput) -> Tensor<2> {
-        let mask = input.attention_mask.clone().unwrap_or_else(|| {
-            Tensor::<2, Int>::ones(input.input_ids.dims(), &input.input_ids.device())
-        });
+        let mask = input.attention_mask_or_ones();
         self.pool(model.forward(input).last_hidden_state, mask)
     }
 

@@ -12,7 +12,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{FloatDType, Tensor};
 
 use super::task::CausalBatch;
-use crate::checkpointing::{backward_recomputed, draw_step_seed, forward_keeping_inputs};
+use crate::checkpointing::{backward_recomputed, forward_keeping_inputs};
 use crate::llama::{AttentionInputs, LlamaDecoderLayer, LlamaForCausalLM, PaddingMask};
 
 /// Scored positions whose logits one chunk holds: `[256, vocab]` is 50 MB in f32 for SmolLM2's
@@ -41,12 +41,11 @@ pub fn completion_gradients_checkpointed(
     assert!(device.is_autodiff(), "completion_gradients_checkpointed: model is not on autodiff");
     let [rows, seq] = batch.inputs.dims();
     let layers = &model.model.layers;
-    let step_seed = draw_step_seed(&device);
-    let attention = layers.first().map(|first| {
-        let mask = PaddingMask::all_real(rows, seq);
-        let (past, next) = (vec![Vec::new(); rows], vec![0; rows]);
-        AttentionInputs::padded(&first.self_attn.rope, &past, &next, &mask, &device)
-    });
+    let step_seed = emloc::nn::device_seed(&device);
+    let mask = PaddingMask::all_real(rows, seq);
+    let attention = layers
+        .first()
+        .map(|first| AttentionInputs::uncached(&first.self_attn.rope, &mask, &device));
     let block = |layer: &LlamaDecoderLayer, hidden: Tensor<3>| {
         layer.forward_with(hidden, attention.as_ref().expect("a layer"), None)
     };

@@ -100,7 +100,7 @@ pub fn emulate_streaming(
             .iter()
             .map(|ids| {
                 let mask = PaddingMask::all_real(1, ids.len());
-                AttentionInputs::padded(rope, &[Vec::new()], &[0], &mask, device)
+                AttentionInputs::uncached(rope, &mask, device)
             })
             .collect(),
         None => Vec::new(),

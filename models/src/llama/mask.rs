@@ -183,6 +183,12 @@ impl AttentionInputs {
         Self { cos: cos.reshape([1, seq, hd]), sin: sin.reshape([1, seq, hd]), blocked }
     }
 
+    /// [`padded`](Self::padded) without a cache: every row's positions start at 0.
+    pub fn uncached(rope: &RotaryEmbedding, mask: &PaddingMask, device: &Device) -> Self {
+        let batch = mask.dims()[0];
+        Self::padded(rope, &vec![Vec::new(); batch], &vec![0; batch], mask, device)
+    }
+
     /// Padded attention of a `[batch, seq]` call whose real tokens are `mask`, after cached
     /// keys whose real flags are `past[r]` (all rows the same length, empty without a cache),
     /// with row `r`'s positions continuing from `next_positions[r]`

@@ -182,13 +182,7 @@ impl LlamaModel {
                 cache.record(state, &mask);
             }
             None => {
-                let inputs = AttentionInputs::padded(
-                    rope,
-                    &vec![Vec::new(); batch],
-                    &vec![0; batch],
-                    &mask,
-                    &device,
-                );
+                let inputs = AttentionInputs::uncached(rope, &mask, &device);
                 for layer in &self.layers {
                     hidden = layer.forward_with(hidden, &inputs, None);
                 }
