@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 use emloc_models::causal_lm::{Prompt, PromptStyle, load_causal_lm};
-use emloc_models::llama::GenerationConfig;
+use emloc_models::llama::{GenerationConfig, LlamaForCausalLM};
 use serde::{Deserialize, Serialize};
 
 use crate::CliResult;
@@ -93,6 +93,39 @@ fn median_run(runs: &[DecodeTiming]) -> DecodeTiming {
     kept[kept.len() / 2].clone()
 }
 
+/// `runs` timed greedy generations of `settings.max_new_tokens` (≥ 2) tokens after `prompt`.
+fn time_emloc(
+    model: &LlamaForCausalLM,
+    prompt: &[u32],
+    settings: &GenerationConfig,
+    runs: usize,
+) -> CliResult<Vec<DecodeTiming>> {
+    let prompts = [prompt.to_vec()];
+    let mut timings = Vec::new();
+    for run in 0..runs {
+        let started = Instant::now();
+        let mut prefill = None;
+        let ids = model.generate_batch_with(&prompts, settings, 0, |_| {
+            prefill.get_or_insert_with(|| started.elapsed().as_secs_f64());
+        })?;
+        let total = started.elapsed().as_secs_f64();
+        let prefill = prefill.expect("at least one step");
+        let timing = DecodeTiming {
+            prefill_seconds: prefill,
+            per_token_seconds: (total - prefill) / (settings.max_new_tokens - 1) as f64,
+            ids: ids.into_iter().next().expect("one row"),
+        };
+        eprintln!(
+            "emloc run {}: prefill {:.3} s, {:.1} tokens/s",
+            run + 1,
+            timing.prefill_seconds,
+            timing.tokens_per_second()
+        );
+        timings.push(timing);
+    }
+    Ok(timings)
+}
+
 /// Times emloc's greedy decoding, then the peer's, and prints both and their ratio.
 ///
 /// # Errors
@@ -110,29 +143,7 @@ pub fn bench_generate(args: &BenchGenerateArgs) -> CliResult<()> {
     let task = lm.task.with_style(PromptStyle::Raw)?;
     let prompt = task.encode_prompt(&Prompt::Text(args.prompt.clone()))?;
     settings.check_context(prompt.len(), context)?;
-    let mut runs = Vec::new();
-    for run in 0..args.runs {
-        let started = Instant::now();
-        let mut prefill = None;
-        let ids =
-            lm.model.generate_batch_with(std::slice::from_ref(&prompt), &settings, 0, |_| {
-                prefill.get_or_insert_with(|| started.elapsed().as_secs_f64());
-            })?;
-        let total = started.elapsed().as_secs_f64();
-        let prefill = prefill.expect("at least one step");
-        let timing = DecodeTiming {
-            prefill_seconds: prefill,
-            per_token_seconds: (total - prefill) / (args.new_tokens - 1) as f64,
-            ids: ids.into_iter().next().expect("one row"),
-        };
-        eprintln!(
-            "emloc run {}: prefill {:.3} s, {:.1} tokens/s",
-            run + 1,
-            timing.prefill_seconds,
-            timing.tokens_per_second()
-        );
-        runs.push(timing);
-    }
+    let runs = time_emloc(&lm.model, &prompt, &settings, args.runs)?;
     let ours = median_run(&runs);
     println!(
         "greedy decoding, {} ({} prompt tokens, {} new), median of {} runs",
