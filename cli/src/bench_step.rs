@@ -2,19 +2,19 @@
 //! sentence classification) in emloc, on the full model and on its emulator, then the same
 //! step in HF PEFT on PyTorch (`benches/peers/peft_step.py`, embedded), on the same batches, in
 //! one run; prints the step times, their ratios and the peaks, and writes `OUT/report.json`.
+//! With a decoder as `--model`, the decoder's step (`bench_step_causal.rs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
 use emloc::EmulatorConfig;
-use emloc_models::bert::{BertModel, SentenceEncoder};
-use emloc_models::classification::{ClassificationTask, LabeledText};
-use emloc_models::training::{TrainConfig, batch_order};
+use emloc_models::bert::BertModel;
+use emloc_models::training::{TrainConfig, TrainReport, batch_order};
 use serde::{Deserialize, Serialize};
 
 use crate::CliResult;
-use crate::args::{ModelArgs, TrainArgs};
+use crate::args::{ModelArgs, ModelKind, TrainArgs};
 use crate::data::{DataArgs, EmbeddedData, classification_calibration_texts};
 use crate::memory::{Phase, PhaseStats};
 use crate::output::write_json;
@@ -33,42 +33,43 @@ const PEER: PeerScript = PeerScript {
 #[derive(Args, Debug, Clone)]
 pub struct BenchStepArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     #[command(flatten)]
-    data: DataArgs,
+    pub(crate) data: DataArgs,
     /// Optimizer steps timed per row; the first is a warm-up and not in the median.
     #[arg(long, default_value_t = 6)]
-    steps: usize,
-    /// Sentences per step (the main job's batch).
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
+    pub(crate) steps: usize,
+    /// Examples per step. Default: the recipes' batch, 32 sentences for an encoder (the main
+    /// job), 8 sequences for a decoder (`smollm2-bigbench`).
+    #[arg(long)]
+    pub(crate) batch_size: Option<usize>,
     /// LoRA rank r.
     #[arg(long, default_value_t = 8)]
-    rank: usize,
+    pub(crate) rank: usize,
     /// LoRA α.
     #[arg(long, default_value_t = 16.0)]
-    alpha: f64,
+    pub(crate) alpha: f64,
     /// AdamW learning rate (constant after one warm-up step; speed does not depend on it).
     #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
+    pub(crate) lr: f64,
     /// Emulator keep-ratio ρ of the emulator row.
     #[arg(long, default_value_t = 0.4)]
-    ratio: f64,
+    pub(crate) ratio: f64,
     /// Calibration pairs (two sentences each) for the emulator.
     #[arg(long, default_value_t = 32)]
-    calibration_pairs: usize,
+    pub(crate) calibration_pairs: usize,
     /// Threads PyTorch may use (emloc's pool takes every core: set RAYON_NUM_THREADS to match).
     #[arg(long, default_value_t = default_threads())]
-    threads: usize,
+    pub(crate) threads: usize,
     /// Python with torch, transformers and peft for the peer.
     #[arg(long, default_value = "python3")]
-    python: PathBuf,
+    pub(crate) python: PathBuf,
     /// Skip the PyTorch + PEFT peer (emloc's rows only).
     #[arg(long)]
-    no_peer: bool,
+    pub(crate) no_peer: bool,
     /// Directory for `report.json`.
     #[arg(long, default_value = "emloc-bench-step")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
 fn default_threads() -> usize {
@@ -77,7 +78,7 @@ fn default_threads() -> usize {
 
 /// One timed row.
 #[derive(Debug, Serialize, Deserialize)]
-struct Row {
+pub(crate) struct Row {
     method: String,
     /// Wall seconds of every step, the warm-up first.
     step_seconds: Vec<f64>,
@@ -90,12 +91,16 @@ struct Row {
     peak_heap_bytes: Option<usize>,
     /// Median step time over the PEFT peer's.
     ratio_to_peft: Option<f64>,
+    /// Loss of the first step: the same batch and adapter start in every row on the full model,
+    /// so emloc's and the peer's agree (to f32 rounding) when they compute the same step.
+    first_loss: Option<f64>,
 }
 
-/// What the peer prints.
+/// What either peer prints.
 #[derive(Debug, Deserialize)]
-struct PeerResult {
+pub(crate) struct PeerResult {
     seconds: Vec<f64>,
+    losses: Vec<f64>,
     peak_rss_bytes: u64,
     torch: String,
     transformers: String,
@@ -137,7 +142,7 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn median_after_warmup(seconds: &[f64]) -> f64 {
+pub(crate) fn median_after_warmup(seconds: &[f64]) -> f64 {
     let mut timed: Vec<f64> = seconds.iter().skip(1).copied().collect();
     timed.sort_by(f64::total_cmp);
     match timed.len() {
@@ -147,30 +152,33 @@ fn median_after_warmup(seconds: &[f64]) -> f64 {
     }
 }
 
-/// Trains `model` for the configured steps and returns each step's wall seconds with the
-/// phase's peaks.
-fn timed_training(
-    encoder: &SentenceEncoder,
-    model: BertModel,
-    task: &ClassificationTask,
-    train: &[LabeledText],
-    train_args: &TrainArgs,
-    label: &str,
-) -> CliResult<(Vec<f64>, PhaseStats)> {
+/// What one row's training measured.
+pub(crate) struct TimedTraining {
+    /// Wall seconds of every step, the warm-up first.
+    pub seconds: Vec<f64>,
+    /// The training's peaks.
+    pub stats: PhaseStats,
+    /// Loss of the first step.
+    pub first_loss: f64,
+}
+
+/// Runs `train(on_step)` (a training run that calls `on_step` after every step) and times it.
+pub(crate) fn timed_training<M>(
+    train: impl FnOnce(&mut dyn FnMut()) -> CliResult<(M, TrainReport)>,
+) -> CliResult<TimedTraining> {
     let phase = Phase::start();
     let mut last = Instant::now();
     let mut seconds = Vec::new();
-    train_classifier(encoder, model, task, train, train_args, label, None, |_, _, _| {
+    let (_, report) = train(&mut || {
         seconds.push(last.elapsed().as_secs_f64());
         last = Instant::now();
-        Ok(())
     })?;
-    Ok((seconds, phase.finish()))
+    Ok(TimedTraining { seconds, stats: phase.finish(), first_loss: report.first_loss })
 }
 
-/// Runs the benchmark.
+/// Runs the benchmark: the decoder's step when `--model` is a decoder, else the main job's.
 pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
-    if args.steps < 2 || args.batch_size == 0 || args.threads == 0 {
+    if args.steps < 2 || args.batch_size == Some(0) || args.threads == 0 {
         return Err(
             "--steps must be at least 2 (one warm-up), --batch-size and --threads at least 1"
                 .into(),
@@ -178,6 +186,9 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
     }
     let config = EmulatorConfig::uniform(args.ratio);
     config.validate()?;
+    if args.model.model.is_some() && args.model.task()?.0 == ModelKind::Decoder {
+        return crate::bench_step_causal::bench_step_causal(args, &config);
+    }
     let mut data = args.data.clone();
     data.embedded = EmbeddedData::MultiEmo;
     let (task, split) = data.split_classes()?;
@@ -185,54 +196,40 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
     let calibration = classification_calibration_texts(&task, &train, args.calibration_pairs)?;
     let (encoder, model_dir) = args.model.load()?;
     let max_seq_length = args.model.encoder_max_seq_length();
-    let train_args = TrainArgs {
-        rank: args.rank,
-        alpha: args.alpha,
-        steps: args.steps,
-        batch_size: args.batch_size,
-        grad_accumulation: 1,
-        lr: args.lr,
-        warmup_steps: 1,
-        seed: 0,
-        gradient_checkpointing: false,
-    };
-    let rayon_threads = rayon_threads();
+    let train_args = args.train_args(32);
     eprintln!(
-        "{} steps of {} sentences (≤ {max_seq_length} tokens), LoRA r {} on {}; emloc on {rayon_threads} threads, PyTorch on {}",
+        "{} steps of {} sentences (≤ {max_seq_length} tokens), LoRA r {} on {}; emloc on {} threads, PyTorch on {}",
         args.steps,
-        args.batch_size,
+        train_args.batch_size,
         args.rank,
         model_dir.display(),
+        rayon_threads(),
         args.threads
     );
 
+    let timed = |model: BertModel, train_args: &TrainArgs, label: &str| {
+        timed_training(|on_step| {
+            train_classifier(&encoder, model, &task, &train, train_args, label, None, |_, _, _| {
+                on_step();
+                Ok(())
+            })
+        })
+    };
     let mut rows = Vec::new();
     let original = encoder.model.clone();
-    let (seconds, stats) =
-        timed_training(&encoder, original.clone(), &task, &train, &train_args, "emloc LoRA")?;
-    rows.push(emloc_row("emloc, LoRA on the full model", seconds, stats));
+    let full = timed(original.clone(), &train_args, "emloc LoRA")?;
+    rows.push(emloc_row("emloc, LoRA on the full model", full));
     let (emulator, _) = build_emulator(&encoder, original, &calibration, &config)?;
     let label = format!("emloc, LoRA on the emulator (ρ = {})", args.ratio);
-    let (seconds, stats) =
-        timed_training(&encoder, emulator.clone(), &task, &train, &train_args, "emloc emulator")?;
-    rows.push(emloc_row(&label, seconds, stats));
+    rows.push(emloc_row(&label, timed(emulator.clone(), &train_args, "emloc emulator")?));
     // What `finetune` runs by default: the same step with the layers recomputed.
     let checkpointed = TrainArgs { gradient_checkpointing: true, ..train_args.clone() };
-    let (seconds, stats) =
-        timed_training(&encoder, emulator, &task, &train, &checkpointed, "emloc checkpointed")?;
-    rows.push(emloc_row(&format!("{label}, gradient checkpointing"), seconds, stats));
+    let ckpt = timed(emulator, &checkpointed, "emloc checkpointed")?;
+    rows.push(emloc_row(&format!("{label}, gradient checkpointing"), ckpt));
 
-    let mut peer_versions = None;
+    let mut peer = None;
     if !args.no_peer {
-        let order = batch_order(
-            &TrainConfig {
-                steps: args.steps,
-                batch_size: args.batch_size,
-                seed: train_args.seed,
-                ..TrainConfig::default()
-            },
-            train.len(),
-        );
+        let order = args.batch_order(&train_args, train.len());
         let spec = PeerSpec {
             model: model_dir.display().to_string(),
             descriptions: &task.descriptions,
@@ -250,7 +247,51 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
             max_length: max_seq_length,
             threads: args.threads,
         };
-        let peer: PeerResult = run_peer(&args.python, &PEER, &spec)?;
+        peer = Some(run_peer(&args.python, &PEER, &spec)?);
+    }
+    finish(args, &model_dir, train_args.batch_size, max_seq_length, rows, peer)
+}
+
+impl BenchStepArgs {
+    /// The training options of every emloc row: `default_batch` unless `--batch-size`, one
+    /// warm-up step, seed 0, no checkpointing (the checkpointed row sets it).
+    pub(crate) fn train_args(&self, default_batch: usize) -> TrainArgs {
+        TrainArgs {
+            rank: self.rank,
+            alpha: self.alpha,
+            steps: self.steps,
+            batch_size: self.batch_size.unwrap_or(default_batch),
+            grad_accumulation: 1,
+            lr: self.lr,
+            warmup_steps: 1,
+            seed: 0,
+            gradient_checkpointing: false,
+        }
+    }
+
+    /// The example indices of every step, as emloc's training draws them (the peer's batches).
+    pub(crate) fn batch_order(&self, train_args: &TrainArgs, examples: usize) -> Vec<Vec<usize>> {
+        let config = TrainConfig {
+            steps: train_args.steps,
+            batch_size: train_args.batch_size,
+            seed: train_args.seed,
+            ..TrainConfig::default()
+        };
+        batch_order(&config, examples)
+    }
+}
+
+/// Adds the peer's row and every row's ratio to it, prints the table and writes the report.
+pub(crate) fn finish(
+    args: &BenchStepArgs,
+    model: &Path,
+    batch_size: usize,
+    max_seq_length: usize,
+    mut rows: Vec<Row>,
+    peer: Option<PeerResult>,
+) -> CliResult<()> {
+    let mut peer_versions = None;
+    if let Some(peer) = peer {
         peer_versions = Some(format!(
             "torch {}, transformers {}, peft {}, {} threads",
             peer.torch, peer.transformers, peer.peft, peer.threads
@@ -266,30 +307,31 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
             peak_rss_bytes: Some(peer.peak_rss_bytes),
             peak_heap_bytes: None,
             ratio_to_peft: Some(1.0),
+            first_loss: peer.losses.first().copied(),
         });
     }
-
-    println!("| row | median step s | × PEFT | peak RSS MiB |");
-    println!("|---|---:|---:|---:|");
+    println!("| row | median step s | × PEFT | peak RSS MiB | first loss |");
+    println!("|---|---:|---:|---:|---:|");
     for row in &rows {
         println!(
-            "| {} | {:.3} | {} | {} |",
+            "| {} | {:.3} | {} | {} | {} |",
             row.method,
             row.median_step_seconds,
             row.ratio_to_peft.map_or_else(|| "-".into(), |r| format!("{r:.2}")),
             row.peak_rss_bytes
                 .map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+            row.first_loss.map_or_else(|| "-".into(), |l| format!("{l:.4}")),
         );
     }
     let report = Report {
         command: std::env::args().collect(),
-        model: model_dir.display().to_string(),
-        batch_size: args.batch_size,
+        model: model.display().to_string(),
+        batch_size,
         max_seq_length,
         steps: args.steps,
         ratio: args.ratio,
         threads: args.threads,
-        rayon_threads,
+        rayon_threads: rayon_threads(),
         peer_versions,
         rows,
     };
@@ -299,7 +341,8 @@ pub fn bench_step(args: &BenchStepArgs) -> CliResult<()> {
     Ok(())
 }
 
-fn emloc_row(method: &str, step_seconds: Vec<f64>, stats: PhaseStats) -> Row {
+pub(crate) fn emloc_row(method: &str, timed: TimedTraining) -> Row {
+    let TimedTraining { seconds: step_seconds, stats, first_loss } = timed;
     Row {
         method: method.into(),
         median_step_seconds: median_after_warmup(&step_seconds),
@@ -307,6 +350,7 @@ fn emloc_row(method: &str, step_seconds: Vec<f64>, stats: PhaseStats) -> Row {
         peak_rss_bytes: stats.peak_rss_bytes,
         peak_heap_bytes: Some(stats.peak_heap_bytes),
         ratio_to_peft: None,
+        first_loss: Some(first_loss),
     }
 }
 

@@ -7,6 +7,7 @@ mod bench;
 mod bench_generate;
 mod bench_memory;
 mod bench_step;
+mod bench_step_causal;
 mod causal;
 mod checkpoint;
 mod data;

@@ -84,11 +84,36 @@ impl PhaseStats {
         format!("{:.0}", self.peak_heap_bytes as f64 / (1024.0 * 1024.0))
     }
 
+    /// What the phase needs in a process of its own, as a stage would run it: the model it
+    /// runs (`model_bytes`, held before the phase started) plus what the phase allocated above
+    /// its starting heap. Whatever else the process held (an original kept for a later
+    /// correction, earlier rows) is left out.
+    pub fn needed_bytes(&self, model_bytes: usize) -> usize {
+        model_bytes + self.peak_heap_bytes.saturating_sub(self.start_heap_bytes)
+    }
+
     /// Peak RSS in MiB for tables, or `-` if unknown.
     pub fn peak_mib(&self) -> String {
         self.peak_rss_bytes
             .map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / (1024.0 * 1024.0)))
     }
+}
+
+/// Bytes of `module`'s float parameters, each in its own dtype (bf16 frozen weights count 2).
+pub fn param_bytes<M: burn::module::Module>(module: &M) -> usize {
+    struct Bytes(usize);
+    impl burn::module::ModuleVisitor for Bytes {
+        fn visit_float<const D: usize>(
+            &mut self,
+            param: &burn::module::Param<burn::tensor::Tensor<D>>,
+        ) {
+            let value = param.val();
+            self.0 += value.shape().num_elements() * value.dtype().size();
+        }
+    }
+    let mut bytes = Bytes(0);
+    module.visit(&mut bytes);
+    bytes.0
 }
 
 /// A running phase: started by [`Phase::start`], ended by [`Phase::finish`].

@@ -84,15 +84,15 @@ pub enum Rows {
 }
 
 /// Options a recipe sets when the command line leaves them at their generic default.
-struct RecipeDefaults {
-    validation: usize,
-    steps: usize,
-    batch_size: usize,
-    warmup_steps: usize,
+pub(crate) struct RecipeDefaults {
+    pub(crate) validation: usize,
+    pub(crate) steps: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) warmup_steps: usize,
     /// `None`: the generic default stays.
-    lr: Option<f64>,
+    pub(crate) lr: Option<f64>,
     /// `None`: the generic default stays.
-    train_pairs: Option<usize>,
+    pub(crate) train_pairs: Option<usize>,
 }
 
 impl RecipeDefaults {
@@ -116,7 +116,7 @@ impl RecipeDefaults {
 }
 
 /// The LLM recipe's defaults (about 40 minutes for all rows on a 2-core CPU, EXPERIMENTS.md).
-const BIGBENCH_DEFAULTS: RecipeDefaults = RecipeDefaults {
+pub(crate) const BIGBENCH_DEFAULTS: RecipeDefaults = RecipeDefaults {
     validation: 20,
     steps: 80,
     batch_size: 8,

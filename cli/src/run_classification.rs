@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::CliResult;
 use crate::args::{EmulatorArgs, TrainArgs};
 use crate::data::{DataArgs, classification_calibration_texts};
-use crate::memory::{Phase, PhaseStats};
+use crate::memory::{Phase, PhaseStats, param_bytes};
 use crate::output::write_json;
 use crate::run::{RunArgs, Variant, log_emulator, score_merged_adapters};
 use crate::training::{
@@ -33,7 +33,13 @@ struct Row {
     trained_model_params: usize,
     /// Training loss of the first and the last step.
     training_loss: Option<(f64, f64)>,
-    /// Peak RSS and wall time of fine-tuning (for zero-shot: of evaluating the original).
+    /// Heap fine-tuning needs as the `finetune` stage holds it: the trained model's parameters
+    /// plus what training allocated (adapter, optimizer state, activations, gradients); not the
+    /// original this process keeps for the correction.
+    finetune_bytes: Option<usize>,
+    /// `finetune_bytes` over what running the original on the largest training batch needs.
+    finetune_vs_inference: Option<f64>,
+    /// Peaks and wall time of fine-tuning (for zero-shot: of evaluating the original).
     training: PhaseStats,
     /// Wall time of the whole row in seconds (emulation, training, correction, merge, eval).
     row_seconds: f64,
@@ -51,6 +57,8 @@ struct Report<'a> {
     label_descriptions: &'a [String],
     train_examples: usize,
     validation_examples: usize,
+    /// Heap running the original on the largest training batch needs (its parameters included).
+    inference_bytes: usize,
     rows: Vec<Row>,
     emulators: Vec<(String, emloc::EmulatorReport)>,
     corrections: Vec<(String, emloc::CorrectionReport)>,
@@ -65,6 +73,50 @@ struct Context<'a> {
     validation: &'a [LabeledText],
     args: &'a RunArgs,
     train_args: &'a TrainArgs,
+    inference_bytes: usize,
+}
+
+impl Context<'_> {
+    /// `finetune_bytes` and `finetune_vs_inference` of a row whose training ran on a model of
+    /// `model_bytes` with peaks `stats`.
+    fn needed(&self, model_bytes: usize, stats: &PhaseStats) -> (Option<usize>, Option<f64>) {
+        let bytes = stats.needed_bytes(model_bytes);
+        (Some(bytes), Some(bytes as f64 / self.inference_bytes as f64))
+    }
+}
+
+/// Heap a forward pass of `original` needs on what one training step embeds at most: the
+/// `batch_size` longest training sentences and the label descriptions, counted like
+/// [`PhaseStats::needed_bytes`].
+fn inference_bytes(
+    encoder: &SentenceEncoder,
+    original: &BertModel,
+    task: &ClassificationTask,
+    train: &[LabeledText],
+    batch_size: usize,
+) -> CliResult<usize> {
+    let texts: Vec<&str> = train.iter().map(|t| t.input.as_str()).collect();
+    let lengths: Vec<usize> = encoder.tokenize(&texts)?.iter().map(|e| e.ids.len()).collect();
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let longest: Vec<&str> = order.iter().take(batch_size).map(|&i| texts[i]).collect();
+    let descriptions: Vec<&str> = task.descriptions.iter().map(String::as_str).collect();
+    let forward = || -> CliResult<bool> {
+        let sentences = encoder.forward_with(original, encoder.inputs(&longest)?);
+        let labels = encoder.forward_with(original, encoder.inputs(&descriptions)?);
+        Ok(sentences.sum().into_scalar::<f32>().is_finite()
+            && labels.sum().into_scalar::<f32>().is_finite())
+    };
+    // Once unmeasured: a thread's first product allocates faer's packing buffer for the thread's
+    // life, which the training phases measured later do not meet either.
+    forward()?;
+    let phase = Phase::start();
+    let finite = forward()?;
+    let stats = phase.finish();
+    if !finite {
+        return Err("the original's embeddings of the longest training batch are not finite".into());
+    }
+    Ok(stats.needed_bytes(param_bytes(original)))
 }
 
 /// Runs the classification recipe with `train_args` (the recipe's defaults applied) and prints
@@ -92,6 +144,12 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         split.validation.len(),
         calibration.len()
     );
+    let inference_bytes =
+        inference_bytes(&encoder, &original, &task, &train, train_args.batch_size)?;
+    eprintln!(
+        "running the original on the largest training batch needs {} MiB",
+        inference_bytes >> 20
+    );
     std::fs::create_dir_all(&args.out).map_err(|e| format!("{}: {e}", args.out.display()))?;
     let context = Context {
         encoder: &encoder,
@@ -101,6 +159,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         validation: &split.validation,
         args,
         train_args,
+        inference_bytes,
     };
 
     let mut rows = Vec::new();
@@ -118,6 +177,8 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         trainable_params: 0,
         trained_model_params: 0,
         training_loss: None,
+        finetune_bytes: None,
+        finetune_vs_inference: None,
         training: stats,
         row_seconds: stats.wall_seconds,
     });
@@ -135,6 +196,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         |_, _, _| Ok(()),
     )?;
     let training = phase.finish();
+    let (finetune_bytes, finetune_vs_inference) = context.needed(param_bytes(&original), &training);
     let trainable = adapter_params(&tuned);
     let trained_params = tuned.num_params() - trainable;
     export_adapter(&tuned)?.save(&args.out.join("adapter-full-lora"))?;
@@ -161,6 +223,8 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         trainable_params: trainable,
         trained_model_params: trained_params,
         training_loss: Some((report.first_loss, report.last_loss)),
+        finetune_bytes,
+        finetune_vs_inference,
         training,
         row_seconds: row_phase.elapsed_seconds(),
     });
@@ -262,6 +326,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         label_descriptions: &task.descriptions,
         train_examples: train.len(),
         validation_examples: split.validation.len(),
+        inference_bytes,
         rows,
         emulators,
         corrections,
@@ -282,6 +347,7 @@ fn train_correct_score(
     recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
     corrections: &mut Vec<(String, emloc::CorrectionReport)>,
 ) -> CliResult<Vec<Row>> {
+    let model_bytes = param_bytes(&emulator);
     let phase = Phase::start();
     let label = format!("LoRA on the {}", variant.name);
     let (tuned, report) = train_classifier(
@@ -295,6 +361,7 @@ fn train_correct_score(
         |_, _, _| Ok(()),
     )?;
     let training = phase.finish();
+    let (finetune_bytes, finetune_vs_inference) = cx.needed(model_bytes, &training);
     let trainable = adapter_params(&tuned);
     let trained_params = tuned.num_params() - trainable;
     let built_and_trained = row_phase.elapsed_seconds();
@@ -325,6 +392,8 @@ fn train_correct_score(
                 trainable_params: trainable,
                 trained_model_params: trained_params,
                 training_loss: Some((report.first_loss, report.last_loss)),
+                finetune_bytes,
+                finetune_vs_inference,
                 training,
                 row_seconds: built_and_trained + phase.elapsed_seconds(),
             });
@@ -337,7 +406,7 @@ fn train_correct_score(
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| method | accuracy | macro-F1 | val. loss | accuracy gain recovered | params trained on | fine-tune peak RSS MiB | fine-tune s | row s |"
+        "| method | accuracy | macro-F1 | val. loss | accuracy gain recovered | params trained on | fine-tune MiB (× inference) | fine-tune s | row s |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
@@ -350,7 +419,10 @@ fn print_table(rows: &[Row]) {
             row.accuracy_gain_recovered
                 .map_or_else(|| "-".into(), |r| format!("{:.0} %", 100.0 * r)),
             row.trained_model_params,
-            row.training.peak_mib(),
+            match (row.finetune_bytes, row.finetune_vs_inference) {
+                (Some(b), Some(x)) => format!("{} ({x:.2}×)", b >> 20),
+                _ => "-".into(),
+            },
             row.training.wall_seconds,
             row.row_seconds
         );

@@ -384,3 +384,42 @@ fn bigbench_recipe_scores_every_task_and_checks_its_options() {
     fails_with(&[&args[..], &["--ratios", "0.3,0.5"]].concat(), "must be one of --ratios");
     fails_with(&[&args[..], &["--ratios", "0.4,1.5"]].concat(), "keep-ratio 1.5 must be in (0, 1)");
 }
+
+#[test]
+fn bench_step_on_a_decoder_times_the_bigbench_step_and_names_a_missing_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench").display().to_string();
+    let model = fixture("tiny_llama").display().to_string();
+    let base = [
+        "bench-step",
+        "--model",
+        &model,
+        "--max-seq-length",
+        "24",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--calibration-pairs",
+        "2",
+        "--out",
+        &out,
+    ];
+    let table = ok(&[&base[..], &["--no-peer"]].concat());
+    assert!(table.contains("| emloc, LoRA on the full model |"), "{table}");
+    let report = read_json(dir.path().join("bench/report.json"));
+    assert_eq!(report["batch_size"], 2, "{report}");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{report}");
+    assert!(rows[2]["method"].as_str().unwrap().ends_with("gradient checkpointing"), "{report}");
+    for row in rows {
+        assert_eq!(row["step_seconds"].as_array().unwrap().len(), 2, "{row}");
+        assert!(row["first_loss"].as_f64().unwrap().is_finite(), "{row}");
+    }
+    // The emulator's two rows start from the same adapter on the same batch: checkpointing
+    // changes no value (no dropout in a Llama).
+    let (plain, checkpointed) =
+        (rows[1]["first_loss"].as_f64().unwrap(), rows[2]["first_loss"].as_f64().unwrap());
+    assert!((plain - checkpointed).abs() < 1e-4 * plain.abs().max(1.0), "{report}");
+    fails_with(&[&base[..], &["--python", "/nonexistent/python3"]].concat(), "--no-peer");
+}
