@@ -48,6 +48,36 @@ pub struct LayerCorrection {
     pub discrepancy_norm: f64,
     /// Per-column clamp factors `γ_j`.
     pub gamma: Vec<f64>,
+    /// Share of the columns whose correction the clamp scaled down (`γ_j < 1`).
+    #[serde(default = "not_recorded")]
+    pub clamped_share: f64,
+    /// Mean of the `γ_j` (1 when the clamp never engaged).
+    #[serde(default = "not_recorded")]
+    pub mean_gamma: f64,
+    /// `‖C diag(γ)‖_F / ‖s B A‖_F`: the applied correction against the trained update itself
+    /// (0 when nothing was corrected).
+    #[serde(default = "not_recorded")]
+    pub correction_ratio: f64,
+}
+
+/// NaN: the field of a report written before the field existed.
+fn not_recorded() -> f64 {
+    f64::NAN
+}
+
+impl LayerCorrection {
+    fn new(path: &str, discrepancy_norm: f64, gamma: Vec<f64>, correction_ratio: f64) -> Self {
+        let r = gamma.len().max(1) as f64;
+        Self {
+            path: path.to_string(),
+            rank: gamma.len(),
+            discrepancy_norm,
+            clamped_share: gamma.iter().filter(|&&g| g < 1.0).count() as f64 / r,
+            mean_gamma: if gamma.is_empty() { 1.0 } else { gamma.iter().sum::<f64>() / r },
+            gamma,
+            correction_ratio,
+        }
+    }
 }
 
 /// What [`correct`] did, layer by layer.
@@ -57,6 +87,26 @@ pub struct CorrectionReport {
     pub layers: Vec<LayerCorrection>,
     /// Wall time, seconds.
     pub seconds: f64,
+}
+
+impl CorrectionReport {
+    /// One line for logs: layers, the share of all columns the clamp scaled down, the mean
+    /// `γ`, and the median and largest `‖correction‖ / ‖s B A‖` over the layers.
+    pub fn summary(&self) -> String {
+        let columns: usize = self.layers.iter().map(|l| l.gamma.len()).sum();
+        let gammas = || self.layers.iter().flat_map(|l| l.gamma.iter().copied());
+        let clamped = gammas().filter(|&g| g < 1.0).count();
+        let mean_gamma = gammas().sum::<f64>() / columns.max(1) as f64;
+        let mut ratios: Vec<f64> = self.layers.iter().map(|l| l.correction_ratio).collect();
+        ratios.sort_by(f64::total_cmp);
+        let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+        let max = ratios.last().copied().unwrap_or(f64::NAN);
+        format!(
+            "{} layers corrected; the clamp scaled down {clamped} of {columns} columns (mean γ \
+             {mean_gamma:.3}); ‖correction‖ / ‖s·BA‖ median {median:.3}, max {max:.3}",
+            self.layers.len()
+        )
+    }
 }
 
 /// The frozen weight the adapter was trained against, `W^E` or `W`.
@@ -116,6 +166,7 @@ pub fn correct_layer(
 
     let mut gamma = Vec::with_capacity(r);
     let mut b_c = b_prime.clone();
+    let mut applied_sq = 0.0;
     for j in 0..r {
         let beta = b_prime.col(j).iter().map(|v| (scale * v).abs()).sum::<f64>() / d_out as f64;
         let kappa = c.col(j).iter().map(|v| v.abs()).sum::<f64>() / d_out as f64;
@@ -129,8 +180,12 @@ pub fn correct_layer(
         gamma.push(g);
         for i in 0..d_out {
             b_c[(i, j)] -= c[(i, j)] * g / scale;
+            applied_sq += (c[(i, j)] * g).powi(2);
         }
     }
+    // ‖s B A‖_F = s ‖B'‖_F: A = Σ_A Rᵀ Pᵀ with orthonormal columns in P and R.
+    let update_norm = scale.abs() * b_prime.norm_l2();
+    let correction_ratio = if applied_sq == 0.0 { 0.0 } else { applied_sq.sqrt() / update_norm };
     let corrected = PeftLayer {
         lora_a: Matrix::new(
             r,
@@ -141,7 +196,7 @@ pub fn correct_layer(
         kernel_size: lora.kernel_size,
     };
     let discrepancy_norm = c.norm_l2();
-    Ok((corrected, LayerCorrection { path: path.to_string(), rank: r, discrepancy_norm, gamma }))
+    Ok((corrected, LayerCorrection::new(path, discrepancy_norm, gamma, correction_ratio)))
 }
 
 /// An emulator layer's trained base: its factors `(w_v, w_u)`, or its dense weight.
@@ -381,5 +436,48 @@ mod tests {
         let x = Mat::from_fn(10, 3, |i, j| noise(10, 30)[i * 3 + j] as f64);
         let w = weight_to_faer(&c.weight);
         assert!(rel(&apply(&w, &corrected, s, &x), &apply(&w, &c.lora, s, &x)) < 1e-5);
+    }
+
+    #[test]
+    fn diagnostics_measure_the_applied_correction_against_the_trained_update() {
+        // Dense check: ‖s (B_c A_c − B A)‖_F is the applied correction, ‖s B A‖_F the update.
+        let dense = |l: &PeftLayer| {
+            weight_to_faer(&l.lora_b.transpose()) * weight_to_faer(&l.lora_a.transpose())
+        };
+        let s = 0.5;
+        for (b_scale, clamp) in [(1.0, f64::INFINITY), (1e-3, 3.0)] {
+            let c = case(16, 12, 2, 3, b_scale);
+            let base = TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
+            let (corrected, report) =
+                correct_layer("l", &c.weight, base, &c.lora, s, &CorrectionConfig { clamp })
+                    .unwrap();
+            let update = dense(&c.lora) * s;
+            let applied = dense(&corrected) * s - &update;
+            let expected = applied.norm_l2() / update.norm_l2();
+            assert!(
+                (report.correction_ratio - expected).abs() < 1e-4 * expected,
+                "{} vs {expected}",
+                report.correction_ratio
+            );
+            let clamped = report.gamma.iter().filter(|&&g| g < 1.0).count() as f64 / 3.0;
+            assert_eq!(report.clamped_share, clamped);
+            assert_eq!(report.mean_gamma, report.gamma.iter().sum::<f64>() / 3.0);
+        }
+        // Unclamped: no column scaled down; a tiny adapter against a far emulator: all of them.
+        let c = case(16, 12, 2, 3, 1e-3);
+        let base = TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
+        let (_, clamped) =
+            correct_layer("l", &c.weight, base, &c.lora, s, &CorrectionConfig { clamp: 3.0 })
+                .unwrap();
+        assert_eq!(clamped.clamped_share, 1.0);
+        assert!(clamped.mean_gamma < 1.0);
+        let base = TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
+        let inf = CorrectionConfig { clamp: f64::INFINITY };
+        let (_, free) = correct_layer("l", &c.weight, base, &c.lora, s, &inf).unwrap();
+        assert_eq!((free.clamped_share, free.mean_gamma), (0.0, 1.0));
+        // A layer trained on the original itself needs no correction.
+        let dense_base = TrainedBase::Dense(&c.weight);
+        let (_, none) = correct_layer("l", &c.weight, dense_base, &c.lora, s, &inf).unwrap();
+        assert_eq!(none.correction_ratio, 0.0);
     }
 }

@@ -228,6 +228,7 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     let (corrected, report) = crate::progress::with_spinner("correcting the adapter", || {
         correct(&lm.model, &tuned, &CorrectionConfig { clamp: args.clamp })
     })?;
+    eprintln!("{}", report.summary());
     describe_adapter(corrected, &lm.source).save(staged.path())?;
     finish_staged("correct", phase, staged, &report)
 }

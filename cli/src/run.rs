@@ -403,6 +403,9 @@ pub(crate) fn log_emulator(name: &str, report: &emloc::EmulatorReport, seconds: 
         report.layers.iter().map(|l| l.relative_whitened_error).sum::<f64>()
             / report.layers.len().max(1) as f64,
     );
+    if let Some(warning) = report.calibration_warning() {
+        eprintln!("warning: {name}: {warning}");
+    }
 }
 
 /// An emulator a recipe builds, trains LoRA on and scores.
@@ -436,6 +439,7 @@ pub(crate) fn score_merged_adapters<M: Module>(
     for corrected in std::iter::once(true).chain(variant.uncorrected_too.then_some(false)) {
         let adapter = if corrected {
             let (adapter, report) = correct(original, tuned, &CorrectionConfig { clamp })?;
+            eprintln!("{}: {}", variant.name, report.summary());
             corrections.push((variant.name.clone(), report));
             adapter
         } else {

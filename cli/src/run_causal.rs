@@ -134,6 +134,23 @@ fn score(
     })
 }
 
+/// Mean over the tasks of `model`'s validation loss (NLL per completion token), without
+/// generating: the emulator's own quality before training.
+fn validation_loss(
+    lm: &CausalLm,
+    model: &LlamaForCausalLM,
+    tasks: &[TaskData],
+    label: &str,
+) -> CliResult<f64> {
+    let config = EvalConfig { batch_size: 8, max_new_tokens: 0 };
+    let mut total = 0.0;
+    for data in tasks {
+        let label = format!("{label} before training: {}", data.task.short);
+        total += crate::causal::evaluate(lm, model, &data.validation, &config, &label)?.loss;
+    }
+    Ok(total / tasks.len().max(1) as f64)
+}
+
 /// Heap a forward pass of the original needs on the batch of the `batch_size` longest training
 /// sequences (the largest batch training can meet), counted like [`PhaseStats::needed_bytes`].
 fn inference_bytes(
@@ -173,6 +190,9 @@ struct Row {
     trained_model_params: usize,
     /// Training loss of the first and the last step.
     training_loss: Option<(f64, f64)>,
+    /// Mean validation loss (over tasks) of the emulator itself before any training: its gap to
+    /// the zero-shot row's loss is what the emulator loses before LoRA starts.
+    emulator_loss_before_training: Option<f64>,
     /// Heap fine-tuning needs: the trained model's parameters plus what training allocated
     /// (adapter, optimizer state, activations, gradients).
     finetune_bytes: Option<usize>,
@@ -342,6 +362,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         trainable_params: 0,
         trained_model_params: 0,
         training_loss: None,
+        emulator_loss_before_training: None,
         finetune_bytes: None,
         finetune_vs_inference: None,
         training: stats,
@@ -364,6 +385,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         None,
         lora.clone(),
         &trained,
+        None,
         &recovered,
         &row_phase,
     ));
@@ -481,12 +503,14 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn trained_row(
     cx: &Context<'_>,
     method: String,
     ratio: Option<f64>,
     scores: Scores,
     trained: &Trained,
+    emulator_loss_before_training: Option<f64>,
     recovered: &dyn Fn(&Scores) -> Option<f64>,
     row_phase: &Phase,
 ) -> Row {
@@ -498,6 +522,7 @@ fn trained_row(
         trainable_params: trained.trainable_params,
         trained_model_params: trained.trained_model_params,
         training_loss: Some(trained.training_loss),
+        emulator_loss_before_training,
         finetune_bytes: Some(trained.bytes),
         finetune_vs_inference: Some(trained.bytes as f64 / cx.inference as f64),
         training: trained.stats,
@@ -515,6 +540,8 @@ fn train_correct_score(
     recovered: &dyn Fn(&Scores) -> Option<f64>,
     corrections: &mut Vec<(String, emloc::CorrectionReport)>,
 ) -> CliResult<Vec<Row>> {
+    let before = validation_loss(cx.lm, &emulator, cx.tasks, &variant.name)?;
+    eprintln!("{} before training: mean validation loss {before:.4}", variant.name);
     let (tuned, trained) = cx.train(emulator, &format!("LoRA on the {}", variant.name))?;
     let mut rows = Vec::new();
     if variant.uncorrected_too {
@@ -529,6 +556,7 @@ fn train_correct_score(
             variant.ratio,
             scores,
             &trained,
+            Some(before),
             recovered,
             row_phase,
         ));
@@ -550,6 +578,7 @@ fn train_correct_score(
                 variant.ratio,
                 scores,
                 &trained,
+                Some(before),
                 recovered,
                 row_phase,
             ));

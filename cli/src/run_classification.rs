@@ -33,6 +33,9 @@ struct Row {
     trained_model_params: usize,
     /// Training loss of the first and the last step.
     training_loss: Option<(f64, f64)>,
+    /// The emulator itself on the validation split, before any training (its distance from
+    /// the original's zero-shot row is what the emulator loses before LoRA starts).
+    emulator_before_training: Option<ClassificationMetrics>,
     /// Heap fine-tuning needs as the `finetune` stage holds it: the trained model's parameters
     /// plus what training allocated (adapter, optimizer state, activations, gradients); not the
     /// original this process keeps for the correction.
@@ -177,6 +180,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         trainable_params: 0,
         trained_model_params: 0,
         training_loss: None,
+        emulator_before_training: None,
         finetune_bytes: None,
         finetune_vs_inference: None,
         training: stats,
@@ -223,6 +227,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         trainable_params: trainable,
         trained_model_params: trained_params,
         training_loss: Some((report.first_loss, report.last_loss)),
+        emulator_before_training: None,
         finetune_bytes,
         finetune_vs_inference,
         training,
@@ -347,6 +352,11 @@ fn train_correct_score(
     recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
     corrections: &mut Vec<(String, emloc::CorrectionReport)>,
 ) -> CliResult<Vec<Row>> {
+    let before = evaluate_classes(cx.encoder, &emulator, cx.task, cx.validation, "the emulator")?;
+    eprintln!(
+        "{} before training: accuracy {:.4}, macro-F1 {:.4}, loss {:.4}",
+        variant.name, before.accuracy, before.macro_f1, before.loss
+    );
     let model_bytes = param_bytes(&emulator);
     let phase = Phase::start();
     let label = format!("LoRA on the {}", variant.name);
@@ -392,6 +402,7 @@ fn train_correct_score(
                 trainable_params: trainable,
                 trained_model_params: trained_params,
                 training_loss: Some((report.first_loss, report.last_loss)),
+                emulator_before_training: Some(before.clone()),
                 finetune_bytes,
                 finetune_vs_inference,
                 training,

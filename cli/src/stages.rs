@@ -162,6 +162,9 @@ pub(crate) fn save_emulator<M: Module>(
         description.report.params_original(),
         description.report.params_kept()
     );
+    if let Some(warning) = description.report.calibration_warning() {
+        eprintln!("warning: {warning}");
+    }
     finish_staged("emulate", phase, staged, &description.report)
 }
 
@@ -306,6 +309,7 @@ pub fn correct_adapter(args: &CorrectArgs) -> CliResult<()> {
     let (corrected, report) = crate::progress::with_spinner("correcting the adapter", || {
         correct(&original, &tuned, &CorrectionConfig { clamp: args.clamp })
     })?;
+    eprintln!("{}", report.summary());
     describe_encoder_adapter(corrected, &model_dir).save(staged.path())?;
     finish_staged("correct", phase, staged, &report)
 }

@@ -89,6 +89,31 @@ impl EmulatorReport {
     pub fn params_kept(&self) -> usize {
         self.layers.iter().map(|l| l.params_kept).sum()
     }
+
+    /// The emulated layers whose calibration saw fewer tokens than they have input features:
+    /// their Gram matrix `XᵀX` has rank at most `tokens < d_in`, so whitening measures only
+    /// part of the input space and the damping decides the rest.
+    pub fn rank_deficient_layers(&self) -> impl Iterator<Item = &LayerReport> {
+        self.layers.iter().filter(|l| l.tokens < l.d_in as u64)
+    }
+
+    /// A one-line warning naming the rank-deficient layers (see
+    /// [`rank_deficient_layers`](Self::rank_deficient_layers)), or `None` when there are none.
+    pub fn calibration_warning(&self) -> Option<String> {
+        let layers: Vec<&LayerReport> = self.rank_deficient_layers().collect();
+        let first = layers.first()?;
+        let fewest = layers.iter().map(|l| l.tokens).min().unwrap_or(0);
+        Some(format!(
+            "{} of {} layers saw fewer calibration tokens than input features (e.g. `{}`: {} \
+             tokens, d_in {}; fewest {fewest}): their Gram matrices are rank-deficient; \
+             calibrate on more tokens",
+            layers.len(),
+            self.layers.len(),
+            first.path,
+            first.tokens,
+            first.d_in
+        ))
+    }
 }
 
 /// Calibration statistics of one layer.

@@ -218,3 +218,36 @@ fn factorisation_progress_reports_each_layer_once_in_order() {
     assert!(!want.is_empty());
     assert_eq!(seen, want);
 }
+
+#[test]
+fn layers_calibrated_on_fewer_tokens_than_features_are_named() {
+    let device = Device::flex();
+    device.seed(2);
+    let model = Mlp::new(12, 10, 4, &device);
+    let config = EmulatorConfig {
+        rules: vec![LayerRule { pattern: "l1".into(), keep: Keep::Rank(3) }],
+        whitening: Default::default(),
+    };
+    let build = |batches: Vec<_>| {
+        emulate(
+            model.clone(),
+            batches,
+            |m: &Mlp, x| {
+                m.forward(x);
+            },
+            &config,
+        )
+        .unwrap()
+        .1
+    };
+    // 2 batches of 4 tokens: 8 < d_in = 12.
+    let few = build((0..2).map(|i| tensor(30 + i, [4, 12], &device)).collect());
+    let deficient: Vec<_> = few.rank_deficient_layers().map(|l| l.path.as_str()).collect();
+    assert_eq!(deficient, ["l1"]);
+    let warning = few.calibration_warning().unwrap();
+    assert!(warning.contains("`l1`: 8 tokens, d_in 12"), "{warning}");
+    // 2 batches of 6 tokens: exactly d_in, a Gram that can be full rank.
+    let enough = build((0..2).map(|i| tensor(40 + i, [6, 12], &device)).collect());
+    assert_eq!(enough.rank_deficient_layers().count(), 0);
+    assert_eq!(enough.calibration_warning(), None);
+}
