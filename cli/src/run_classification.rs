@@ -1,14 +1,15 @@
 //! `emloc run`'s default recipe: sentence classification (MultiEmo sentiment by default) with a
 //! sentence encoder, where zero-shot leaves room for fine-tuning to show. Rows: zero-shot, LoRA on
-//! the full model, EMLoC corrected and uncorrected, the plain-SVD emulator, and the global rank
-//! allocation at the uniform emulator's size; one seed, step count and set of hyperparameters
-//! for every row.
+//! the full model, EMLoC corrected and uncorrected, the plain-SVD emulator, the global rank
+//! allocation at the uniform emulator's size, and Offsite-Tuning's layer drop at that size; one
+//! seed, step count and set of hyperparameters for every row.
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_attached_adapter};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
+use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
 use serde::Serialize;
 
 use crate::CliResult;
@@ -319,6 +320,9 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         &mut corrections,
     )?);
 
+    // Offsite-Tuning's layer drop at the EMLoC emulator's size, the paper's baseline.
+    rows.push(layer_drop_row(&context, &emulators[0].1, &recovered)?);
+
     print_table(&rows);
     let report = Report {
         recipe: "multiemo-classification",
@@ -340,6 +344,62 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     write_json(&path, &report)?;
     eprintln!("report: {}", path.display());
     Ok(())
+}
+
+/// Offsite-Tuning's layer-drop emulator with as many encoder layers as come closest to the
+/// parameters `emulator` keeps in its layers (first and last kept, the rest spread evenly), LoRA
+/// on every kept layer, the adapter moved onto the original's matching layers and merged.
+fn layer_drop_row(
+    cx: &Context<'_>,
+    emulator: &emloc::EmulatorReport,
+    recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
+) -> CliResult<Row> {
+    let row_phase = Phase::start();
+    let total = cx.original.encoder.layer.len();
+    let block_params = emulator.params_original() / total.max(1);
+    let keep = blocks_for_params(emulator.params_kept(), block_params, total);
+    let kept = evenly_kept_blocks(total, keep)?;
+    let name = format!("layer drop (Offsite-Tuning), layers {kept:?} of {total}");
+    let dropped = cx.original.clone().keep_layers(&kept)?;
+    let before = evaluate_classes(cx.encoder, &dropped, cx.task, cx.validation, "layer drop")?;
+    eprintln!("{name} before training: accuracy {:.4}, loss {:.4}", before.accuracy, before.loss);
+    let model_bytes = param_bytes(&dropped);
+    let phase = Phase::start();
+    let (tuned, report) = train_classifier(
+        cx.encoder,
+        dropped,
+        cx.task,
+        cx.train,
+        cx.train_args,
+        &format!("LoRA on the {name}"),
+        None,
+        |_, _, _| Ok(()),
+    )?;
+    let training = phase.finish();
+    let (finetune_bytes, finetune_vs_inference) = cx.needed(model_bytes, &training);
+    let trainable = adapter_params(&tuned);
+    let trained_params = tuned.num_params() - trainable;
+    let adapter = export_adapter(&tuned)?.renumber_blocks("encoder.layer.", &kept)?;
+    adapter.save(&cx.args.out.join("adapter-layer-drop"))?;
+    let merged = emloc::merge_adapter(cx.original.clone(), &adapter)?;
+    let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, "layer drop")?;
+    eprintln!(
+        "{name}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
+        metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss
+    );
+    Ok(Row {
+        method: format!("{name}, merged into the original"),
+        accuracy_gain_recovered: recovered(&metrics),
+        metrics,
+        trainable_params: trainable,
+        trained_model_params: trained_params,
+        training_loss: Some((report.first_loss, report.last_loss)),
+        emulator_before_training: Some(before),
+        finetune_bytes,
+        finetune_vs_inference,
+        training,
+        row_seconds: row_phase.elapsed_seconds(),
+    })
 }
 
 /// Trains LoRA on `emulator`, then scores the corrected (and, if asked, the uncorrected) adapter

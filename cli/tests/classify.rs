@@ -125,7 +125,7 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
 }
 
 #[test]
-fn run_prints_the_six_rows_and_applies_only_the_recipe_defaults_not_given() {
+fn run_prints_the_seven_rows_and_applies_only_the_recipe_defaults_not_given() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).display().to_string();
     write_data(&dir.path().join("data.jsonl"));
@@ -157,7 +157,7 @@ fn run_prints_the_six_rows_and_applies_only_the_recipe_defaults_not_given() {
     ]);
     let rows: Vec<&str> =
         table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
-    assert_eq!(rows.len(), 6, "{table}");
+    assert_eq!(rows.len(), 7, "{table}");
     for (row, name) in rows.iter().zip([
         "zero-shot",
         "LoRA on the full model",
@@ -165,6 +165,7 @@ fn run_prints_the_six_rows_and_applies_only_the_recipe_defaults_not_given() {
         "EMLoC",
         "plain-SVD",
         "global allocation",
+        "layer drop (Offsite-Tuning), layers [0, 1] of 2",
     ]) {
         assert!(row.starts_with(&format!("| {name}")), "{row}");
     }
@@ -181,11 +182,17 @@ fn run_prints_the_six_rows_and_applies_only_the_recipe_defaults_not_given() {
         "{report}"
     );
     assert_eq!(report["validation_examples"], 12);
-    assert_eq!(report["rows"].as_array().unwrap().len(), 6);
-    for row in report["rows"].as_array().unwrap() {
+    assert_eq!(report["rows"].as_array().unwrap().len(), 7);
+    assert!(report["inference_bytes"].as_u64().is_some_and(|b| b > 0), "{report}");
+    for (i, row) in report["rows"].as_array().unwrap().iter().enumerate() {
         assert!(
             row["metrics"]["accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)),
             "{row}"
         );
+        // Every trained row says what its fine-tuning needs against inference.
+        assert_eq!(row["finetune_vs_inference"].as_f64().is_some_and(|x| x > 0.0), i > 0, "{row}");
+        // Emulator rows (and layer drop) record their emulator before training.
+        assert_eq!(row["emulator_before_training"].is_object(), i > 1, "{row}");
     }
+    assert!(dir.path().join("run/adapter-layer-drop/adapter_model.safetensors").is_file());
 }

@@ -11,6 +11,7 @@ pub mod clip;
 pub mod error;
 pub mod gguf;
 mod jsonl;
+pub mod layer_drop;
 pub mod llama;
 pub mod loading;
 pub mod retrieval;

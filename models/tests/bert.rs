@@ -475,3 +475,55 @@ fn minilm_embeddings_are_unit_norm_and_rank_paraphrases() {
     println!("batched vs one-by-one: max |diff| = {diff:.2e}");
     assert!(diff < 1e-5);
 }
+
+#[test]
+fn a_layer_dropped_model_trains_an_adapter_that_moves_onto_the_kept_layers() {
+    let device = device();
+    let (model, _) = BertModel::load(tiny_dir(), &device).unwrap();
+    let output = |m: &BertModel| values(m.forward(tiny_input(&device)).last_hidden_state);
+    // Keeping every layer is the model itself; bad selections are refused.
+    assert_eq!(output(&model.clone().keep_layers(&[0, 1]).unwrap()), output(&model));
+    for bad in [&[][..], &[1, 0], &[0, 2], &[1, 1]] {
+        assert!(model.clone().keep_layers(bad).is_err(), "{bad:?}");
+    }
+
+    // An adapter on the model that keeps layer 1 only (its `encoder.layer.0`)...
+    let dropped = model.clone().keep_layers(&[1]).unwrap();
+    let seeded = |seed: u64, n: usize| -> Vec<f32> {
+        let unit = |i| (emloc::nn::splitmix64(seed, i) >> 40) as f32 / (1u64 << 24) as f32;
+        (0..n as u64).map(|i| unit(i) - 0.5).collect()
+    };
+    let config =
+        emloc::peft::PeftConfig::new(2, 4.0, vec!["query".into(), "intermediate.dense".into()]);
+    let layers = ["attention.self.query", "intermediate.dense"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let (d_in, d_out) = if i == 0 { (16, 16) } else { (16, 32) };
+            let layer = emloc::peft::PeftLayer::new(
+                emloc::Matrix::new(2, d_in, seeded(2 * i as u64 + 1, 2 * d_in)),
+                emloc::Matrix::new(d_out, 2, seeded(2 * i as u64 + 2, 2 * d_out)),
+            );
+            (format!("encoder.layer.0.{name}"), layer)
+        })
+        .collect();
+    let adapter = emloc::peft::PeftAdapter { config, layers };
+    let tuned_dropped = emloc::merge_adapter(dropped, &adapter).unwrap();
+    // ...renumbered onto the original's layer 1: the merged original, with layer 0 dropped
+    // again, is the tuned layer-dropped model; its layer 0 is untouched.
+    let moved = adapter.renumber_blocks("encoder.layer.", &[1]).unwrap();
+    let tuned = emloc::merge_adapter(model.clone(), &moved).unwrap();
+    assert_within(
+        "tuned original without layer 0",
+        &output(&tuned.clone().keep_layers(&[1]).unwrap()),
+        &output(&tuned_dropped),
+        1e-6,
+    );
+    let query = |m: &BertModel, i: usize| {
+        values(m.encoder.layer[i].attention.self_attn.query.weight.val().unsqueeze::<3>())
+    };
+    assert_eq!(query(&tuned, 0), query(&model, 0));
+    assert_ne!(query(&tuned, 1), query(&model, 1));
+    // An adapter naming a block the dropped model did not have is refused.
+    assert!(adapter.renumber_blocks("encoder.layer.", &[]).is_err());
+}

@@ -25,6 +25,7 @@ use crate::error::{EmlocError, Result};
 use crate::matrix::Matrix;
 
 mod config;
+mod renumber;
 mod targets;
 #[cfg(test)]
 mod tests;

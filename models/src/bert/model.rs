@@ -9,7 +9,7 @@ use burn::tensor::activation::tanh;
 use burn::tensor::{Device, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
-use super::{BertConfig, BertEmbeddings, BertEncoder};
+use super::{BertConfig, BertEmbeddings, BertEncoder, BertLayer};
 use crate::error::Result;
 use crate::loading::{Checkpoint, KeyMapping, LoadReport};
 
@@ -166,6 +166,31 @@ impl BertModel {
         let last_hidden_state = self.encoder.forward(hidden, mask_bias);
         let pooler_output = self.pooler.as_ref().map(|p| p.forward(last_hidden_state.clone()));
         BertModelOutput { last_hidden_state, pooler_output }
+    }
+
+    /// The model with only the encoder layers `kept`, in order (the layer-drop emulator of
+    /// [`crate::layer_drop`]); embeddings and pooler unchanged. Its kept layers are renumbered
+    /// `encoder.layer.0`, `1`, ...: move an adapter trained on it back onto this model with
+    /// `adapter.renumber_blocks("encoder.layer.", kept)`.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`](crate::ModelError::InvalidInput) unless `kept` is non-empty,
+    /// strictly increasing and within the layer count.
+    pub fn keep_layers(mut self, kept: &[usize]) -> Result<Self> {
+        let total = self.encoder.layer.len();
+        if kept.is_empty()
+            || kept.windows(2).any(|w| w[0] >= w[1])
+            || kept.last().is_some_and(|&last| last >= total)
+        {
+            return Err(crate::ModelError::InvalidInput(format!(
+                "layers to keep {kept:?}: must be non-empty, strictly increasing and below {total}"
+            )));
+        }
+        let mut layers: Vec<Option<BertLayer>> =
+            std::mem::take(&mut self.encoder.layer).into_iter().map(Some).collect();
+        self.encoder.layer =
+            kept.iter().map(|&i| layers[i].take().expect("strictly increasing")).collect();
+        Ok(self)
     }
 
     /// Loads a model from an HF directory: `config.json` plus `model.safetensors` (or the
