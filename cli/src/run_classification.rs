@@ -1,15 +1,18 @@
 //! `emloc run`'s default recipe: sentence classification (MultiEmo sentiment by default) with a
 //! sentence encoder, where zero-shot leaves room for fine-tuning to show. Rows: zero-shot, LoRA on
 //! the full model, EMLoC corrected and uncorrected, the plain-SVD emulator, the global rank
-//! allocation at the uniform emulator's size, and Offsite-Tuning's layer drop at that size; one
-//! seed, step count and set of hyperparameters for every row.
+//! allocation at the uniform emulator's size, and the paper's baselines at that size
+//! (Offsite-Tuning's layer drop, structured pruning of FFN neurons); one seed, step count and set
+//! of hyperparameters for every row.
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
+use emloc::peft::KeptFeatures;
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_attached_adapter};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
 use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
+use emloc_models::pruning::{neurons_for_params, strongest_neurons};
 use serde::Serialize;
 
 use crate::CliResult;
@@ -320,8 +323,10 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         &mut corrections,
     )?);
 
-    // Offsite-Tuning's layer drop at the EMLoC emulator's size, the paper's baseline.
+    // The paper's baselines at the EMLoC emulator's size: Offsite-Tuning's layer drop and
+    // structured pruning of FFN neurons.
     rows.push(layer_drop_row(&context, &emulators[0].1, &recovered)?);
+    rows.push(pruning_row(&context, &emulators[0].1, &calibration, &recovered)?);
 
     print_table(&rows);
     let report = Report {
@@ -383,6 +388,97 @@ fn layer_drop_row(
     adapter.save(&cx.args.out.join("adapter-layer-drop"))?;
     let merged = emloc::merge_adapter(cx.original.clone(), &adapter)?;
     let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, "layer drop")?;
+    eprintln!(
+        "{name}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
+        metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss
+    );
+    Ok(Row {
+        method: format!("{name}, merged into the original"),
+        accuracy_gain_recovered: recovered(&metrics),
+        metrics,
+        trainable_params: trainable,
+        trained_model_params: trained_params,
+        training_loss: Some((report.first_loss, report.last_loss)),
+        emulator_before_training: Some(before),
+        finetune_bytes,
+        finetune_vs_inference,
+        training,
+        row_seconds: row_phase.elapsed_seconds(),
+    })
+}
+
+/// Structured pruning at the size `emulator` keeps in its layers: every layer keeps the same
+/// number of FFN neurons, those of largest activation norm on the calibration texts (attention
+/// unpruned), LoRA on the pruned model, the adapter moved back with zeros for pruned neurons.
+fn pruning_row(
+    cx: &Context<'_>,
+    emulator: &emloc::EmulatorReport,
+    calibration: &[String],
+    recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
+) -> CliResult<Row> {
+    let row_phase = Phase::start();
+    let layers = cx.original.encoder.layer.len();
+    let ffn = &cx.original.encoder.layer[0].intermediate.dense;
+    let (d_model, width) = (ffn.d_input(), ffn.d_output());
+    let attention_params = emulator.params_original().saturating_sub(2 * d_model * width * layers);
+    // At least the LoRA rank, which a layer of fewer features cannot hold.
+    let keep = neurons_for_params(
+        emulator.params_kept().saturating_sub(attention_params),
+        layers,
+        d_model,
+        width,
+    )
+    .max(cx.train_args.rank.min(width));
+    let ffn_output = |l: usize| format!("encoder.layer.{l}.output.dense");
+    let stats = with_calibration(cx.encoder, calibration, |batches, forward| {
+        let wanted: Vec<String> = (0..layers).map(ffn_output).collect();
+        emloc::calibrate(
+            cx.original,
+            batches,
+            |m: &BertModel, b| forward(m, b),
+            |p| wanted.iter().any(|w| w == p),
+        )
+    })??;
+    let kept: Vec<Vec<usize>> = (0..layers)
+        .map(|l| {
+            let gram = &stats.iter().find(|s| s.path == ffn_output(l)).expect("calibrated").gram;
+            strongest_neurons(gram, keep)
+        })
+        .collect();
+    let name = format!("structured pruning, {keep} of {width} FFN neurons per layer");
+    let pruned = cx.original.clone().prune_ffn(&kept)?;
+    let before = evaluate_classes(cx.encoder, &pruned, cx.task, cx.validation, "pruned")?;
+    eprintln!("{name} before training: accuracy {:.4}, loss {:.4}", before.accuracy, before.loss);
+    let model_bytes = param_bytes(&pruned);
+    let phase = Phase::start();
+    let (tuned, report) = train_classifier(
+        cx.encoder,
+        pruned,
+        cx.task,
+        cx.train,
+        cx.train_args,
+        &format!("LoRA on the {name}"),
+        None,
+        |_, _, _| Ok(()),
+    )?;
+    let training = phase.finish();
+    let (finetune_bytes, finetune_vs_inference) = cx.needed(model_bytes, &training);
+    let trainable = adapter_params(&tuned);
+    let trained_params = tuned.num_params() - trainable;
+    let mut adapter = export_adapter(&tuned)?;
+    for (l, neurons) in kept.iter().enumerate() {
+        let neurons = KeptFeatures { indices: neurons, full: width };
+        let up = format!("encoder.layer.{l}.intermediate.dense");
+        if adapter.layers.contains_key(&up) {
+            adapter.unprune_layer(&up, None, Some(neurons))?;
+        }
+        if adapter.layers.contains_key(&ffn_output(l)) {
+            adapter.unprune_layer(&ffn_output(l), Some(neurons), None)?;
+        }
+    }
+    adapter.save(&cx.args.out.join("adapter-pruned"))?;
+    let merged = emloc::merge_adapter(cx.original.clone(), &adapter)?;
+    let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, "pruned")?;
     eprintln!(
         "{name}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
         metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss

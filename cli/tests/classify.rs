@@ -125,7 +125,7 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
 }
 
 #[test]
-fn run_prints_the_seven_rows_and_applies_only_the_recipe_defaults_not_given() {
+fn run_prints_the_eight_rows_and_applies_only_the_recipe_defaults_not_given() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).display().to_string();
     write_data(&dir.path().join("data.jsonl"));
@@ -157,7 +157,7 @@ fn run_prints_the_seven_rows_and_applies_only_the_recipe_defaults_not_given() {
     ]);
     let rows: Vec<&str> =
         table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
-    assert_eq!(rows.len(), 7, "{table}");
+    assert_eq!(rows.len(), 8, "{table}");
     for (row, name) in rows.iter().zip([
         "zero-shot",
         "LoRA on the full model",
@@ -166,6 +166,7 @@ fn run_prints_the_seven_rows_and_applies_only_the_recipe_defaults_not_given() {
         "plain-SVD",
         "global allocation",
         "layer drop (Offsite-Tuning), layers [0, 1] of 2",
+        "structured pruning",
     ]) {
         assert!(row.starts_with(&format!("| {name}")), "{row}");
     }
@@ -182,7 +183,7 @@ fn run_prints_the_seven_rows_and_applies_only_the_recipe_defaults_not_given() {
         "{report}"
     );
     assert_eq!(report["validation_examples"], 12);
-    assert_eq!(report["rows"].as_array().unwrap().len(), 7);
+    assert_eq!(report["rows"].as_array().unwrap().len(), 8);
     assert!(report["inference_bytes"].as_u64().is_some_and(|b| b > 0), "{report}");
     for (i, row) in report["rows"].as_array().unwrap().iter().enumerate() {
         assert!(
@@ -194,5 +195,7 @@ fn run_prints_the_seven_rows_and_applies_only_the_recipe_defaults_not_given() {
         // Emulator rows (and layer drop) record their emulator before training.
         assert_eq!(row["emulator_before_training"].is_object(), i > 1, "{row}");
     }
-    assert!(dir.path().join("run/adapter-layer-drop/adapter_model.safetensors").is_file());
+    for adapter in ["adapter-layer-drop", "adapter-pruned"] {
+        assert!(dir.path().join("run").join(adapter).join("adapter_model.safetensors").is_file());
+    }
 }

@@ -14,6 +14,7 @@ mod jsonl;
 pub mod layer_drop;
 pub mod llama;
 pub mod loading;
+pub mod pruning;
 pub mod retrieval;
 pub mod rng;
 pub mod tiny;

@@ -527,3 +527,78 @@ fn a_layer_dropped_model_trains_an_adapter_that_moves_onto_the_kept_layers() {
     // An adapter naming a block the dropped model did not have is refused.
     assert!(adapter.renumber_blocks("encoder.layer.", &[]).is_err());
 }
+
+#[test]
+fn an_ffn_pruned_model_trains_an_adapter_that_moves_onto_the_unpruned_model() {
+    let device = device();
+    let (model, _) = BertModel::load(tiny_dir(), &device).unwrap();
+    let output = |m: &BertModel| values(m.forward(tiny_input(&device)).last_hidden_state);
+    let kept: Vec<Vec<usize>> = vec![vec![1, 5, 9, 30], (0..32).step_by(3).collect()];
+    for bad in
+        [vec![vec![1]], vec![vec![], vec![1]], vec![vec![2, 1], vec![1]], vec![vec![32], vec![1]]]
+    {
+        assert!(model.clone().prune_ffn(&bad).is_err(), "{bad:?}");
+    }
+    let pruned = model.clone().prune_ffn(&kept).unwrap();
+    assert_eq!(pruned.encoder.layer[0].intermediate.dense.d_output(), 4);
+    assert_eq!(pruned.encoder.layer[1].output.dense.d_input(), 11);
+    // Oracle: the unpruned model whose pruned neurons are silenced (their `output.dense`
+    // input rows zeroed) computes the same function.
+    let silence = |m: BertModel| {
+        let mut m = m;
+        for (layer, neurons) in m.encoder.layer.iter_mut().zip(&kept) {
+            let mask: Vec<f32> =
+                (0..32).map(|n| f32::from(u8::from(neurons.contains(&n)))).collect();
+            let mask = Tensor::<1>::from_floats(mask.as_slice(), &device).reshape([32, 1]);
+            layer.output.dense.weight = layer.output.dense.weight.clone().map(|w| w * mask);
+        }
+        m
+    };
+    let silenced = silence(model.clone());
+    assert_within("pruned vs silenced", &output(&pruned), &output(&silenced), 1e-5);
+
+    // LoRA on both FFN layers of the pruned model, moved back onto the unpruned one.
+    let seeded = |seed: u64, n: usize| -> Vec<f32> {
+        let unit = |i| (emloc::nn::splitmix64(seed, i) >> 40) as f32 / (1u64 << 24) as f32;
+        (0..n as u64).map(|i| unit(i) - 0.5).collect()
+    };
+    let mut layers = std::collections::BTreeMap::new();
+    for (l, neurons) in kept.iter().enumerate() {
+        let m = neurons.len();
+        let seed = 10 * l as u64;
+        let up = emloc::peft::PeftLayer::new(
+            emloc::Matrix::new(2, 16, seeded(seed, 32)),
+            emloc::Matrix::new(m, 2, seeded(seed + 1, 2 * m)),
+        );
+        let down = emloc::peft::PeftLayer::new(
+            emloc::Matrix::new(2, m, seeded(seed + 2, 2 * m)),
+            emloc::Matrix::new(16, 2, seeded(seed + 3, 32)),
+        );
+        layers.insert(format!("encoder.layer.{l}.intermediate.dense"), up);
+        layers.insert(format!("encoder.layer.{l}.output.dense"), down);
+    }
+    let config = emloc::peft::PeftConfig::new(
+        2,
+        4.0,
+        vec!["intermediate.dense".into(), "output.dense".into()],
+    );
+    let mut adapter = emloc::peft::PeftAdapter { config, layers };
+    // `output.dense` also names each attention's output projection: target only the FFN's.
+    adapter.config.target_modules =
+        emloc::peft::TargetModules::List(adapter.layers.keys().cloned().collect());
+    let tuned_pruned = emloc::merge_adapter(pruned, &adapter).unwrap();
+    for (l, neurons) in kept.iter().enumerate() {
+        let kept = emloc::peft::KeptFeatures { indices: neurons, full: 32 };
+        let up = format!("encoder.layer.{l}.intermediate.dense");
+        adapter.unprune_layer(&up, None, Some(kept)).unwrap();
+        let down = format!("encoder.layer.{l}.output.dense");
+        adapter.unprune_layer(&down, Some(kept), None).unwrap();
+    }
+    let tuned = emloc::merge_adapter(model.clone(), &adapter).unwrap();
+    assert_within(
+        "tuned pruned vs tuned unpruned, silenced",
+        &output(&tuned_pruned),
+        &output(&silence(tuned)),
+        1e-5,
+    );
+}

@@ -29,12 +29,14 @@ mod renumber;
 mod targets;
 #[cfg(test)]
 mod tests;
+mod unprune;
 mod weights;
 
 pub use config::PeftConfig;
 use config::parse_config;
 pub use targets::{Patterns, TargetModules};
 pub(crate) use targets::{full_match_regex, module_name_matches};
+pub use unprune::KeptFeatures;
 pub(crate) use weights::f16_to_f32;
 use weights::parse_weights;
 

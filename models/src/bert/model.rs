@@ -193,6 +193,55 @@ impl BertModel {
         Ok(self)
     }
 
+    /// The model with each layer's feed-forward neurons cut to `kept[l]` (structured pruning,
+    /// LLM-Pruner / LORAM style): `intermediate.dense` loses the other output features (weight
+    /// columns and bias entries) and `output.dense` the matching inputs; attention, embeddings
+    /// and the pooler are unchanged. An adapter trained on it moves back onto this model with
+    /// [`emloc::peft::PeftAdapter::unprune_layer`] (the two FFN layers of each block).
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`](crate::ModelError::InvalidInput) unless there is one list
+    /// per layer, each non-empty, strictly increasing and below the FFN width, or if a layer is
+    /// already emulated.
+    pub fn prune_ffn(mut self, kept: &[Vec<usize>]) -> Result<Self> {
+        let invalid = |m: String| crate::ModelError::InvalidInput(m);
+        if kept.len() != self.encoder.layer.len() {
+            return Err(invalid(format!(
+                "{} kept-neuron lists for {} layers",
+                kept.len(),
+                self.encoder.layer.len()
+            )));
+        }
+        for (l, (layer, neurons)) in self.encoder.layer.iter_mut().zip(kept).enumerate() {
+            let up = &mut layer.intermediate.dense;
+            let down = &mut layer.output.dense;
+            if up.is_emulated() || down.is_emulated() {
+                return Err(invalid(format!("layer {l}: prune the dense model, not an emulator")));
+            }
+            let width = up.d_output();
+            if neurons.is_empty()
+                || neurons.windows(2).any(|w| w[0] >= w[1])
+                || neurons.last().is_some_and(|&n| n >= width)
+            {
+                return Err(invalid(format!(
+                    "layer {l}: kept neurons must be non-empty, strictly increasing and below {width}"
+                )));
+            }
+            let device = up.weight.val().device();
+            let index = || {
+                let ids: Vec<i64> = neurons.iter().map(|&n| n as i64).collect();
+                Tensor::<1, Int>::from_data(
+                    burn::tensor::TensorData::new(ids, [neurons.len()]),
+                    &device,
+                )
+            };
+            up.weight = up.weight.clone().map(|w| w.select(1, index()));
+            up.bias = up.bias.take().map(|b| b.map(|b| b.select(0, index())));
+            down.weight = down.weight.clone().map(|w| w.select(0, index()));
+        }
+        Ok(self)
+    }
+
     /// Loads a model from an HF directory: `config.json` plus `model.safetensors` (or the
     /// shards of `model.safetensors.index.json`), keys with or without a `bert.` prefix, any
     /// float dtype (converted to `f32`). The pooler is built when the checkpoint has

@@ -1,0 +1,59 @@
+//! Structured pruning of feed-forward neurons (LLM-Pruner, Ma et al., 2023; LORAM, Zhang et al.,
+//! 2025), the baseline EMLoC compares with: each layer keeps the FFN neurons with the largest
+//! activation norm on the calibration data, the same number in every layer.
+//! [`BertModel::prune_ffn`](crate::bert::BertModel::prune_ffn) cuts them;
+//! [`emloc::peft::PeftAdapter::unprune_layer`] moves LoRA trained on the pruned model back.
+//!
+//! The norms come from the calibration statistics emloc already gathers: the diagonal of the
+//! input Gram matrix `XᵀX` of the layer that reads the neurons (a BERT's `output.dense`) is each
+//! neuron's squared activation norm over the calibration tokens.
+
+use emloc::Matrix;
+
+/// The `keep` neurons with the largest squared activation norms `diag(gram)`, in increasing
+/// index order (ties: the lower index first).
+///
+/// # Panics
+/// If `gram` is not square or `keep` exceeds its size.
+pub fn strongest_neurons(gram: &Matrix, keep: usize) -> Vec<usize> {
+    assert_eq!(gram.rows, gram.cols, "strongest_neurons: a Gram matrix is square");
+    assert!(keep <= gram.rows, "strongest_neurons: keep {keep} of {} neurons", gram.rows);
+    let mut order: Vec<usize> = (0..gram.rows).collect();
+    order.sort_by(|&a, &b| gram.get(b, b).total_cmp(&gram.get(a, a)).then(a.cmp(&b)));
+    let mut kept = order[..keep].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+/// Neurons per layer (at least 1, at most `width`) that bring `layers` FFNs of `d_model → width
+/// → d_model` (weights only) closest to `ffn_params` parameters in all.
+pub fn neurons_for_params(ffn_params: usize, layers: usize, d_model: usize, width: usize) -> usize {
+    let per_neuron = (2 * d_model * layers).max(1) as f64;
+    ((ffn_params as f64 / per_neuron).round() as usize).clamp(1, width)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_norms_are_kept_in_index_order() {
+        let mut gram = Matrix::new(5, 5, vec![0.0; 25]);
+        for (i, v) in [3.0, 9.0, 1.0, 9.0, 4.0].into_iter().enumerate() {
+            gram.data[i * 5 + i] = v;
+            // Off-diagonal entries do not count.
+            gram.data[i * 5 + (i + 1) % 5] = 100.0;
+        }
+        assert_eq!(strongest_neurons(&gram, 3), [1, 3, 4]);
+        assert_eq!(strongest_neurons(&gram, 1), [1]);
+        assert_eq!(strongest_neurons(&gram, 5), [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn neuron_count_comes_closest_to_the_budget() {
+        // MiniLM: 6 layers of 384 → 1536 → 384; 672,768 parameters left for the FFNs.
+        assert_eq!(neurons_for_params(672_768, 6, 384, 1536), 146);
+        assert_eq!(neurons_for_params(0, 6, 384, 1536), 1);
+        assert_eq!(neurons_for_params(usize::MAX / 4, 6, 384, 1536), 1536);
+    }
+}
