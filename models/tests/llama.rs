@@ -774,3 +774,33 @@ fn explicit_head_dim_and_biases_build_and_decode_consistently() {
     assert_within("head_dim 16 cached vs full", &values(Tensor::cat(vec![a, b], 1)), &full, 1e-4);
     assert_eq!(full.len(), 6 * 50);
 }
+
+#[test]
+fn layer_drop_and_mlp_pruning_keep_the_selected_parts_of_the_model() {
+    let device = device();
+    let (model, _) = LlamaForCausalLM::load(dir("tiny_qwen2"), &device).unwrap();
+    let e = expected("tiny_qwen2");
+    let logits = |m: &LlamaForCausalLM| values(m.forward(input_ids(&e, &device), None));
+    // Keeping every layer is the model; a bad selection is refused.
+    assert_eq!(logits(&model.clone().keep_layers(&[0, 1]).unwrap()), logits(&model));
+    assert!(model.clone().keep_layers(&[1, 0]).is_err());
+    let dropped = model.clone().keep_layers(&[1]).unwrap();
+    assert_eq!(dropped.model.layers.len(), 1);
+    assert_ne!(logits(&dropped), logits(&model));
+
+    // Pruned MLP neurons against the oracle of silenced ones: `down_proj` rows zeroed.
+    let width = model.model.layers[0].mlp.gate_proj.d_output();
+    let kept: Vec<Vec<usize>> = vec![(0..width).step_by(5).collect(), vec![0, 7, width - 1]];
+    let pruned = model.clone().prune_mlp(&kept).unwrap();
+    assert_eq!(pruned.model.layers[1].mlp.down_proj.d_input(), 3);
+    let mut silenced = model.clone();
+    for (layer, neurons) in silenced.model.layers.iter_mut().zip(&kept) {
+        let mask: Vec<f32> =
+            (0..width).map(|n| f32::from(u8::from(neurons.contains(&n)))).collect();
+        let mask = Tensor::<1>::from_floats(mask.as_slice(), &device).reshape([width, 1]);
+        layer.mlp.down_proj.weight = layer.mlp.down_proj.weight.clone().map(|w| w * mask);
+    }
+    assert_within("pruned vs silenced", &logits(&pruned), &logits(&silenced), TOL);
+    assert!(model.clone().prune_mlp(&kept[..1]).is_err());
+    assert!(model.prune_mlp(&[vec![width], vec![0]]).is_err());
+}

@@ -145,6 +145,50 @@ impl Linear {
         self.factors.is_some()
     }
 
+    /// The dense layer with only the output features `kept` (weight columns and bias entries,
+    /// in the order given): structured pruning of the neurons it produces.
+    ///
+    /// # Errors
+    /// As [`keep_inputs`](Self::keep_inputs).
+    pub fn keep_outputs(self, kept: &[usize]) -> crate::Result<Self> {
+        let width = self.d_output();
+        self.check_prunable(kept, width, "output")?;
+        let index = feature_index(kept, &self.weight.val().device());
+        let weight = self.weight.map(|w| w.select(1, index.clone()));
+        let bias = self.bias.map(|b| b.map(|b| b.select(0, index)));
+        Ok(Self { weight, bias, ..self })
+    }
+
+    /// The dense layer with only the input features `kept` (weight rows, in the order given):
+    /// what reads a pruned layer's output.
+    ///
+    /// # Errors
+    /// [`EmlocError::InvalidConfig`](crate::EmlocError::InvalidConfig) if the layer is emulated
+    /// or carries an adapter (prune first), or `kept` is empty, not strictly increasing, or
+    /// names a feature the layer does not have.
+    pub fn keep_inputs(self, kept: &[usize]) -> crate::Result<Self> {
+        let width = self.d_input();
+        self.check_prunable(kept, width, "input")?;
+        let index = feature_index(kept, &self.weight.val().device());
+        Ok(Self { weight: self.weight.map(|w| w.select(0, index)), ..self })
+    }
+
+    fn check_prunable(&self, kept: &[usize], width: usize, side: &str) -> crate::Result<()> {
+        let problem = if self.is_emulated() || self.lora.is_some() {
+            Some("an emulator layer or one with an adapter cannot be pruned".to_string())
+        } else if kept.is_empty()
+            || kept.windows(2).any(|w| w[0] >= w[1])
+            || kept.last().is_some_and(|&k| k >= width)
+        {
+            Some(format!(
+                "kept {side} features must be non-empty, strictly increasing and below {width}"
+            ))
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |p| Err(crate::EmlocError::InvalidConfig(p)))
+    }
+
     /// The effective frozen weight `Wᵀ` (dense) or `W^Eᵀ` (emulator), shape `[d_in, d_out]`.
     /// Builds a dense matrix: for merging, correction and tests, not for the forward pass.
     pub fn base_weight(&self) -> Tensor<2> {
@@ -153,6 +197,12 @@ impl Linear {
             None => self.weight.val(),
         }
     }
+}
+
+/// `kept` as an index tensor on `device`.
+fn feature_index(kept: &[usize], device: &Device) -> Tensor<1, burn::tensor::Int> {
+    let ids: Vec<i64> = kept.iter().map(|&k| k as i64).collect();
+    Tensor::from_data(burn::tensor::TensorData::new(ids, [kept.len()]), device)
 }
 
 const CONTAINER: &str = "Struct:Linear";

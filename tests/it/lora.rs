@@ -473,3 +473,32 @@ fn adapters_are_served_and_merged_on_stock_burn_linear_layers() {
     let err = merge_adapter(model, &wrong).unwrap_err();
     assert!(err.to_string().contains("stock"), "{err}");
 }
+
+#[test]
+fn pruned_features_leave_the_kept_ones_exact_and_adapted_or_emulated_layers_refuse() {
+    let device = Device::flex();
+    device.seed(3);
+    let model = Mlp::new(6, 8, 4, &device);
+    let x = tensor(50, [5, 6], &device);
+    // l1 keeps hidden features 1, 4, 7; l2 keeps the matching inputs. Oracle: the dense product
+    // through the kept columns of l1 and rows of l2 (l1 has no activation before l2 here).
+    let kept = [1, 4, 7];
+    let l1 = model.l1.clone().keep_outputs(&kept).unwrap();
+    let l2 = model.l2.clone().keep_inputs(&kept).unwrap();
+    assert_eq!((l1.d_output(), l2.d_input()), (3, 3));
+    let hidden = model.l1.forward(x.clone());
+    let index = Tensor::<1, burn::tensor::Int>::from_ints([1, 4, 7], &device);
+    assert!(rel_diff(l1.forward(x.clone()), hidden.clone().select(1, index.clone())) < 1e-6);
+    let w2 = model.l2.weight.val().select(0, index.clone());
+    let expected = hidden.select(1, index).matmul(w2.unsqueeze::<2>())
+        + model.l2.bias.as_ref().unwrap().val().unsqueeze::<2>();
+    assert!(rel_diff(l2.forward(l1.forward(x)), expected) < 1e-5);
+    for bad in [&[][..], &[4, 1], &[1, 8]] {
+        assert!(model.l1.clone().keep_outputs(bad).is_err(), "{bad:?}");
+    }
+    let (adapted, _) =
+        emloc::attach_new_adapter(model, &LoraConfig::new(2).with_target_modules(targets(&["l1"])))
+            .unwrap();
+    let err = adapted.l1.keep_outputs(&kept).unwrap_err().to_string();
+    assert!(err.contains("cannot be pruned"), "{err}");
+}

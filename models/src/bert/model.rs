@@ -201,8 +201,8 @@ impl BertModel {
     ///
     /// # Errors
     /// [`ModelError::InvalidInput`](crate::ModelError::InvalidInput) unless there is one list
-    /// per layer, each non-empty, strictly increasing and below the FFN width, or if a layer is
-    /// already emulated.
+    /// per layer, each valid for [`emloc::nn::Linear::keep_outputs`] (non-empty, strictly
+    /// increasing, below the FFN width; dense layers without adapters).
     pub fn prune_ffn(mut self, kept: &[Vec<usize>]) -> Result<Self> {
         let invalid = |m: String| crate::ModelError::InvalidInput(m);
         if kept.len() != self.encoder.layer.len() {
@@ -213,31 +213,10 @@ impl BertModel {
             )));
         }
         for (l, (layer, neurons)) in self.encoder.layer.iter_mut().zip(kept).enumerate() {
-            let up = &mut layer.intermediate.dense;
-            let down = &mut layer.output.dense;
-            if up.is_emulated() || down.is_emulated() {
-                return Err(invalid(format!("layer {l}: prune the dense model, not an emulator")));
-            }
-            let width = up.d_output();
-            if neurons.is_empty()
-                || neurons.windows(2).any(|w| w[0] >= w[1])
-                || neurons.last().is_some_and(|&n| n >= width)
-            {
-                return Err(invalid(format!(
-                    "layer {l}: kept neurons must be non-empty, strictly increasing and below {width}"
-                )));
-            }
-            let device = up.weight.val().device();
-            let index = || {
-                let ids: Vec<i64> = neurons.iter().map(|&n| n as i64).collect();
-                Tensor::<1, Int>::from_data(
-                    burn::tensor::TensorData::new(ids, [neurons.len()]),
-                    &device,
-                )
-            };
-            up.weight = up.weight.clone().map(|w| w.select(1, index()));
-            up.bias = up.bias.take().map(|b| b.map(|b| b.select(0, index())));
-            down.weight = down.weight.clone().map(|w| w.select(0, index()));
+            let at = |e: emloc::EmlocError| invalid(format!("layer {l}: {e}"));
+            let up = layer.intermediate.dense.clone().keep_outputs(neurons).map_err(at)?;
+            let down = layer.output.dense.clone().keep_inputs(neurons).map_err(at)?;
+            (layer.intermediate.dense, layer.output.dense) = (up, down);
         }
         Ok(self)
     }

@@ -230,6 +230,58 @@ impl LlamaConfig {
 }
 
 impl LlamaForCausalLM {
+    /// The model with only the decoder layers `kept`, in order (the layer-drop emulator of
+    /// [`crate::layer_drop`]); embeddings, final norm and head unchanged. The kept layers are
+    /// renumbered `model.layers.0`, `1`, ...: move an adapter trained on it back with
+    /// `adapter.renumber_blocks("model.layers.", kept)`.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] unless `kept` is non-empty, strictly increasing and within
+    /// the layer count.
+    pub fn keep_layers(mut self, kept: &[usize]) -> Result<Self> {
+        let total = self.model.layers.len();
+        if kept.is_empty()
+            || kept.windows(2).any(|w| w[0] >= w[1])
+            || kept.last().is_some_and(|&last| last >= total)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "layers to keep {kept:?}: must be non-empty, strictly increasing and below {total}"
+            )));
+        }
+        let mut layers: Vec<Option<LlamaDecoderLayer>> =
+            std::mem::take(&mut self.model.layers).into_iter().map(Some).collect();
+        self.model.layers =
+            kept.iter().map(|&i| layers[i].take().expect("strictly increasing")).collect();
+        Ok(self)
+    }
+
+    /// The model with each layer's MLP neurons cut to `kept[l]` (structured pruning, see
+    /// [`crate::pruning`]): `gate_proj` and `up_proj` lose the other output features,
+    /// `down_proj` the matching inputs; attention unchanged. Move an adapter trained on it back
+    /// with [`emloc::peft::PeftAdapter::unprune_layer`] on the three projections.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] unless there is one list per layer, each valid for
+    /// [`emloc::nn::Linear::keep_outputs`].
+    pub fn prune_mlp(mut self, kept: &[Vec<usize>]) -> Result<Self> {
+        if kept.len() != self.model.layers.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} kept-neuron lists for {} layers",
+                kept.len(),
+                self.model.layers.len()
+            )));
+        }
+        for (l, (layer, neurons)) in self.model.layers.iter_mut().zip(kept).enumerate() {
+            let at = |e: emloc::EmlocError| ModelError::InvalidInput(format!("layer {l}: {e}"));
+            let mlp = &mut layer.mlp;
+            let gate = mlp.gate_proj.clone().keep_outputs(neurons).map_err(at)?;
+            let up = mlp.up_proj.clone().keep_outputs(neurons).map_err(at)?;
+            let down = mlp.down_proj.clone().keep_inputs(neurons).map_err(at)?;
+            (mlp.gate_proj, mlp.up_proj, mlp.down_proj) = (gate, up, down);
+        }
+        Ok(self)
+    }
+
     /// Logits of every position.
     ///
     /// # Shapes
