@@ -55,7 +55,8 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// The main job: EMLoC on all-MiniLM-L6-v2 for MultiEmo sentiment classification (zero-shot,
     /// LoRA on the full model, EMLoC corrected and uncorrected, plain-SVD emulator, global rank
-    /// allocation), as a table; `--recipe gsm8k-retrieval` for GSM8K question → answer retrieval.
+    /// allocation, layer drop and structured pruning at equal size), as a table; `--recipe
+    /// gsm8k-retrieval` for GSM8K question → answer retrieval.
     Run(run::RunArgs),
     /// Calibrate on the downstream data and write the emulator (factors + JSON description).
     Emulate(stages::EmulateArgs),
@@ -82,7 +83,8 @@ enum Command {
     /// P3: forward + backward of one emulator layer with LoRA vs the dense layer with LoRA.
     BenchLayer(bench::BenchLayerArgs),
     /// The CPU training step of the main job (LoRA on MiniLM, MultiEmo classification) on the
-    /// full model and on the emulator, against HF PEFT on PyTorch on the same batches.
+    /// full model and on the emulator, against HF PEFT on PyTorch on the same batches; with a
+    /// decoder as --model, the smollm2-bigbench recipe's step on the same token batches.
     BenchStep(bench_step::BenchStepArgs),
     /// Greedy decoding speed (prefill, per token) against HF transformers on the same file.
     BenchGenerate(bench_generate::BenchGenerateArgs),

@@ -7,7 +7,7 @@
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
-use emloc::peft::KeptFeatures;
+use emloc::peft::{KeptFeatures, PeftAdapter};
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_attached_adapter};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
@@ -366,13 +366,28 @@ fn layer_drop_row(
     let kept = evenly_kept_blocks(total, keep)?;
     let name = format!("layer drop (Offsite-Tuning), layers {kept:?} of {total}");
     let dropped = cx.original.clone().keep_layers(&kept)?;
-    let before = evaluate_classes(cx.encoder, &dropped, cx.task, cx.validation, "layer drop")?;
+    let moved = |adapter: PeftAdapter| Ok(adapter.renumber_blocks("encoder.layer.", &kept)?);
+    cut_model_row(cx, &name, dropped, moved, "adapter-layer-drop", row_phase, recovered)
+}
+
+/// Scores `model` (a cut of the original) before training, trains LoRA on it, moves the adapter
+/// onto the original with `move_back`, saves it as `OUT/{dir}`, merges it and scores the result.
+fn cut_model_row(
+    cx: &Context<'_>,
+    name: &str,
+    model: BertModel,
+    move_back: impl FnOnce(PeftAdapter) -> CliResult<PeftAdapter>,
+    dir: &str,
+    row_phase: Phase,
+    recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
+) -> CliResult<Row> {
+    let before = evaluate_classes(cx.encoder, &model, cx.task, cx.validation, name)?;
     eprintln!("{name} before training: accuracy {:.4}, loss {:.4}", before.accuracy, before.loss);
-    let model_bytes = param_bytes(&dropped);
+    let model_bytes = param_bytes(&model);
     let phase = Phase::start();
     let (tuned, report) = train_classifier(
         cx.encoder,
-        dropped,
+        model,
         cx.task,
         cx.train,
         cx.train_args,
@@ -384,10 +399,10 @@ fn layer_drop_row(
     let (finetune_bytes, finetune_vs_inference) = cx.needed(model_bytes, &training);
     let trainable = adapter_params(&tuned);
     let trained_params = tuned.num_params() - trainable;
-    let adapter = export_adapter(&tuned)?.renumber_blocks("encoder.layer.", &kept)?;
-    adapter.save(&cx.args.out.join("adapter-layer-drop"))?;
+    let adapter = move_back(export_adapter(&tuned)?)?;
+    adapter.save(&cx.args.out.join(dir))?;
     let merged = emloc::merge_adapter(cx.original.clone(), &adapter)?;
-    let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, "layer drop")?;
+    let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, name)?;
     eprintln!(
         "{name}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
         metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss
@@ -447,55 +462,20 @@ fn pruning_row(
         .collect();
     let name = format!("structured pruning, {keep} of {width} FFN neurons per layer");
     let pruned = cx.original.clone().prune_ffn(&kept)?;
-    let before = evaluate_classes(cx.encoder, &pruned, cx.task, cx.validation, "pruned")?;
-    eprintln!("{name} before training: accuracy {:.4}, loss {:.4}", before.accuracy, before.loss);
-    let model_bytes = param_bytes(&pruned);
-    let phase = Phase::start();
-    let (tuned, report) = train_classifier(
-        cx.encoder,
-        pruned,
-        cx.task,
-        cx.train,
-        cx.train_args,
-        &format!("LoRA on the {name}"),
-        None,
-        |_, _, _| Ok(()),
-    )?;
-    let training = phase.finish();
-    let (finetune_bytes, finetune_vs_inference) = cx.needed(model_bytes, &training);
-    let trainable = adapter_params(&tuned);
-    let trained_params = tuned.num_params() - trainable;
-    let mut adapter = export_adapter(&tuned)?;
-    for (l, neurons) in kept.iter().enumerate() {
-        let neurons = KeptFeatures { indices: neurons, full: width };
-        let up = format!("encoder.layer.{l}.intermediate.dense");
-        if adapter.layers.contains_key(&up) {
-            adapter.unprune_layer(&up, None, Some(neurons))?;
+    let moved = |mut adapter: PeftAdapter| {
+        for (l, neurons) in kept.iter().enumerate() {
+            let neurons = KeptFeatures { indices: neurons, full: width };
+            let up = format!("encoder.layer.{l}.intermediate.dense");
+            if adapter.layers.contains_key(&up) {
+                adapter.unprune_layer(&up, None, Some(neurons))?;
+            }
+            if adapter.layers.contains_key(&ffn_output(l)) {
+                adapter.unprune_layer(&ffn_output(l), Some(neurons), None)?;
+            }
         }
-        if adapter.layers.contains_key(&ffn_output(l)) {
-            adapter.unprune_layer(&ffn_output(l), Some(neurons), None)?;
-        }
-    }
-    adapter.save(&cx.args.out.join("adapter-pruned"))?;
-    let merged = emloc::merge_adapter(cx.original.clone(), &adapter)?;
-    let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, "pruned")?;
-    eprintln!(
-        "{name}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
-        metrics.accuracy, metrics.macro_f1, metrics.loss, report.first_loss, report.last_loss
-    );
-    Ok(Row {
-        method: format!("{name}, merged into the original"),
-        accuracy_gain_recovered: recovered(&metrics),
-        metrics,
-        trainable_params: trainable,
-        trained_model_params: trained_params,
-        training_loss: Some((report.first_loss, report.last_loss)),
-        emulator_before_training: Some(before),
-        finetune_bytes,
-        finetune_vs_inference,
-        training,
-        row_seconds: row_phase.elapsed_seconds(),
-    })
+        Ok(adapter)
+    };
+    cut_model_row(cx, &name, pruned, moved, "adapter-pruned", row_phase, recovered)
 }
 
 /// Trains LoRA on `emulator`, then scores the corrected (and, if asked, the uncorrected) adapter

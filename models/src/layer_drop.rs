@@ -27,6 +27,25 @@ pub fn evenly_kept_blocks(total: usize, keep: usize) -> Result<Vec<usize>> {
     Ok((0..keep).map(|j| (2 * j * (total - 1) + (keep - 1)) / (2 * (keep - 1))).collect())
 }
 
+/// `blocks[kept[0]]`, `blocks[kept[1]]`, ...: the blocks a layer-dropped model keeps.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] unless `kept` is non-empty, strictly increasing and below
+/// `blocks.len()`.
+pub fn take_blocks<T>(blocks: Vec<T>, kept: &[usize]) -> Result<Vec<T>> {
+    let total = blocks.len();
+    if kept.is_empty()
+        || kept.windows(2).any(|w| w[0] >= w[1])
+        || kept.last().is_some_and(|&last| last >= total)
+    {
+        return Err(ModelError::InvalidInput(format!(
+            "layers to keep {kept:?}: must be non-empty, strictly increasing and below {total}"
+        )));
+    }
+    let mut slots: Vec<Option<T>> = blocks.into_iter().map(Some).collect();
+    Ok(kept.iter().map(|&i| slots[i].take().expect("strictly increasing")).collect())
+}
+
 /// How many blocks of `block_params` parameters each a layer-dropped model keeps to come
 /// closest to `params` parameters in its blocks (at least the first and the last).
 pub fn blocks_for_params(params: usize, block_params: usize, total: usize) -> usize {

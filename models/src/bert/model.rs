@@ -9,7 +9,7 @@ use burn::tensor::activation::tanh;
 use burn::tensor::{Device, Int, Tensor};
 use emloc::nn::{Linear, LinearConfig};
 
-use super::{BertConfig, BertEmbeddings, BertEncoder, BertLayer};
+use super::{BertConfig, BertEmbeddings, BertEncoder};
 use crate::error::Result;
 use crate::loading::{Checkpoint, KeyMapping, LoadReport};
 
@@ -177,19 +177,8 @@ impl BertModel {
     /// [`ModelError::InvalidInput`](crate::ModelError::InvalidInput) unless `kept` is non-empty,
     /// strictly increasing and within the layer count.
     pub fn keep_layers(mut self, kept: &[usize]) -> Result<Self> {
-        let total = self.encoder.layer.len();
-        if kept.is_empty()
-            || kept.windows(2).any(|w| w[0] >= w[1])
-            || kept.last().is_some_and(|&last| last >= total)
-        {
-            return Err(crate::ModelError::InvalidInput(format!(
-                "layers to keep {kept:?}: must be non-empty, strictly increasing and below {total}"
-            )));
-        }
-        let mut layers: Vec<Option<BertLayer>> =
-            std::mem::take(&mut self.encoder.layer).into_iter().map(Some).collect();
         self.encoder.layer =
-            kept.iter().map(|&i| layers[i].take().expect("strictly increasing")).collect();
+            crate::layer_drop::take_blocks(std::mem::take(&mut self.encoder.layer), kept)?;
         Ok(self)
     }
 

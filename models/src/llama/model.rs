@@ -239,19 +239,8 @@ impl LlamaForCausalLM {
     /// [`ModelError::InvalidInput`] unless `kept` is non-empty, strictly increasing and within
     /// the layer count.
     pub fn keep_layers(mut self, kept: &[usize]) -> Result<Self> {
-        let total = self.model.layers.len();
-        if kept.is_empty()
-            || kept.windows(2).any(|w| w[0] >= w[1])
-            || kept.last().is_some_and(|&last| last >= total)
-        {
-            return Err(ModelError::InvalidInput(format!(
-                "layers to keep {kept:?}: must be non-empty, strictly increasing and below {total}"
-            )));
-        }
-        let mut layers: Vec<Option<LlamaDecoderLayer>> =
-            std::mem::take(&mut self.model.layers).into_iter().map(Some).collect();
         self.model.layers =
-            kept.iter().map(|&i| layers[i].take().expect("strictly increasing")).collect();
+            crate::layer_drop::take_blocks(std::mem::take(&mut self.model.layers), kept)?;
         Ok(self)
     }
 
