@@ -91,8 +91,9 @@ pub(crate) struct Row {
     peak_heap_bytes: Option<usize>,
     /// Median step time over the PEFT peer's.
     ratio_to_peft: Option<f64>,
-    /// Loss of the first step: the same batch and adapter start in every row on the full model,
-    /// so emloc's and the peer's agree (to f32 rounding) when they compute the same step.
+    /// Loss of the first step: the same batch and adapter start (B = 0) in every row on the
+    /// full model, so without dropout (a Llama) emloc's and the peer's agree to f32 rounding
+    /// when they compute the same step; BERT's dropout masks differ between the two.
     first_loss: Option<f64>,
 }
 
