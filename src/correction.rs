@@ -133,6 +133,39 @@ pub fn correct_layer(
     scale: f64,
     config: &CorrectionConfig,
 ) -> Result<(PeftLayer, LayerCorrection)> {
+    correct_layer_with(path, weight, trained_base, lora, scale, config, None)
+}
+
+/// [`correct_layer`] weighted by the layer's calibration inputs: with their Gram matrix `G`
+/// (`[d_in, d_in]`, e.g. from [`calibrate`](crate::calibrate)), the discrepancy is
+/// `C = (W − W^E) G P (Pᵀ G P)⁻¹` instead of `(W − W^E) P`. Unclamped, the corrected layer then
+/// minimises `Σ_x ‖(W + s B_c Pᵀ) x − (W^E + s B A) x‖²` over the calibration inputs among all
+/// `B_c` (the paper's rule is the case `G = I`, exact on span(P) but blind to how the data
+/// couples span(P) with the rest of the input space); the clamp applies as in the paper.
+///
+/// # Errors
+/// As [`correct_layer`], and [`EmlocError::ShapeMismatch`] if `gram` is not `[d_in, d_in]`.
+pub fn correct_layer_weighted(
+    path: &str,
+    weight: &Matrix,
+    trained_base: TrainedBase<'_>,
+    lora: &PeftLayer,
+    scale: f64,
+    gram: &Matrix,
+    config: &CorrectionConfig,
+) -> Result<(PeftLayer, LayerCorrection)> {
+    correct_layer_with(path, weight, trained_base, lora, scale, config, Some(gram))
+}
+
+fn correct_layer_with(
+    path: &str,
+    weight: &Matrix,
+    trained_base: TrainedBase<'_>,
+    lora: &PeftLayer,
+    scale: f64,
+    config: &CorrectionConfig,
+    gram: Option<&Matrix>,
+) -> Result<(PeftLayer, LayerCorrection)> {
     let (d_in, d_out) = (weight.rows, weight.cols);
     let r = lora.lora_a.rows;
     crate::nn::check_lora_rank(path, r, d_in, d_out)?;
@@ -151,15 +184,36 @@ pub fn correct_layer(
         b_prime.col_mut(j).iter_mut().for_each(|v| *v *= s);
     }
 
-    // C = W P − W^E P, each product formed without a dense W^E.
+    // The directions the discrepancy is measured along: P, or G P (Pᵀ G P)⁻¹ weighted by the
+    // calibration inputs (a 10⁻⁹ relative ridge keeps Pᵀ G P invertible).
+    let q = match gram {
+        None => p.to_owned(),
+        Some(g) => {
+            if (g.rows, g.cols) != (d_in, d_in) {
+                return Err(EmlocError::ShapeMismatch {
+                    name: format!("{path} calibration Gram"),
+                    expected: vec![d_in, d_in],
+                    found: vec![g.rows, g.cols],
+                });
+            }
+            let g = to_f64(g);
+            let g_p = &g * p;
+            let mut p_g_p = p.transpose() * &g_p;
+            let ridge = 1e-9 * (0..r).map(|i| p_g_p[(i, i)]).sum::<f64>() / r as f64;
+            (0..r).for_each(|i| p_g_p[(i, i)] += ridge.max(f64::MIN_POSITIVE));
+            let inverse = faer::linalg::solvers::DenseSolveCore::inverse(&p_g_p.partial_piv_lu());
+            g_p * inverse
+        }
+    };
+    // C = W Q − W^E Q, each product formed without a dense W^E.
     let w = weight_to_faer(weight); // [d_out, d_in]
-    let w_p = &w * p;
+    let w_p = &w * &q;
     let we_p = match trained_base {
-        TrainedBase::Dense(we) => weight_to_faer(we) * p,
+        TrainedBase::Dense(we) => weight_to_faer(we) * &q,
         TrainedBase::Factors { w_v, w_u } => {
             let w_v = weight_to_faer(w_v); // W_v [k, d_in]
             let w_u = weight_to_faer(w_u); // W_u [d_out, k]
-            w_u * (w_v * p)
+            w_u * (w_v * &q)
         }
     };
     let c = w_p - we_p; // [d_out, r]
@@ -212,6 +266,30 @@ pub fn correct<M: Module>(
     original: &M,
     emulator: &M,
     config: &CorrectionConfig,
+) -> Result<(PeftAdapter, CorrectionReport)> {
+    correct_all(original, emulator, config, None)
+}
+
+/// [`correct`] with every layer's discrepancy weighted by its calibration inputs
+/// ([`correct_layer_weighted`]); `grams` maps each adapted layer's path to its input Gram
+/// matrix (as [`calibrate`](crate::calibrate) returns them for the original model).
+///
+/// # Errors
+/// As [`correct`], and [`EmlocError::NoMatchingLayers`] if an adapted layer has no Gram.
+pub fn correct_weighted<M: Module>(
+    original: &M,
+    emulator: &M,
+    grams: &BTreeMap<String, Matrix>,
+    config: &CorrectionConfig,
+) -> Result<(PeftAdapter, CorrectionReport)> {
+    correct_all(original, emulator, config, Some(grams))
+}
+
+fn correct_all<M: Module>(
+    original: &M,
+    emulator: &M,
+    config: &CorrectionConfig,
+    grams: Option<&BTreeMap<String, Matrix>>,
 ) -> Result<(PeftAdapter, CorrectionReport)> {
     if config.clamp.is_nan() || config.clamp <= 0.0 {
         return Err(EmlocError::InvalidConfig(format!(
@@ -279,7 +357,13 @@ pub fn correct<M: Module>(
             (None, None) => unreachable!("every adapted layer has a base"),
         };
         let scale = scales[path];
-        let (layer, report) = correct_layer(path, weight, base, lora, scale, config)?;
+        let gram = match grams {
+            None => None,
+            Some(grams) => Some(grams.get(path).ok_or_else(|| {
+                EmlocError::NoMatchingLayers(format!("a calibration Gram for `{path}`"))
+            })?),
+        };
+        let (layer, report) = correct_layer_with(path, weight, base, lora, scale, config, gram)?;
         corrected.insert(path.clone(), layer);
         layers.push(report);
     }
@@ -479,5 +563,55 @@ mod tests {
         let dense_base = TrainedBase::Dense(&c.weight);
         let (_, none) = correct_layer("l", &c.weight, dense_base, &c.lora, s, &inf).unwrap();
         assert_eq!(none.correction_ratio, 0.0);
+    }
+
+    #[test]
+    fn weighted_correction_solves_the_data_weighted_least_squares_and_is_the_paper_rule_at_g_i() {
+        let (d_in, d_out, k, r, s) = (12, 9, 3, 2, 0.5);
+        let c = case(d_in, d_out, k, r, 1.0);
+        let base = || TrainedBase::Factors { w_v: &c.w_v, w_u: &c.w_u };
+        let inf = CorrectionConfig { clamp: f64::INFINITY };
+        // G = I: the paper's rule exactly.
+        let identity = Matrix::new(
+            d_in,
+            d_in,
+            (0..d_in * d_in).map(|i| f32::from(i % (d_in + 1) == 0)).collect(),
+        );
+        let (paper, _) = correct_layer("l", &c.weight, base(), &c.lora, s, &inf).unwrap();
+        let (at_i, _) =
+            correct_layer_weighted("l", &c.weight, base(), &c.lora, s, &identity, &inf).unwrap();
+        for (a, b) in at_i.lora_b.data.iter().zip(&paper.lora_b.data) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Correlated inputs X [40, d_in]: G = XᵀX. The normal equations of
+        // min_Bc Σ_x ‖(W + s Bc Pᵀ − W^E − s B A) x‖² are R G P = 0 for the residual map R.
+        let x = Mat::from_fn(40, d_in, |t, i| {
+            let v = noise(20, 40 * d_in)[t * d_in + i] as f64;
+            v + 0.8 * noise(21, 40)[t] as f64 // a shared component couples the features
+        });
+        let g64 = x.transpose() * &x;
+        let gram = Matrix::new(
+            d_in,
+            d_in,
+            (0..d_in * d_in).map(|i| g64[(i / d_in, i % d_in)] as f32).collect(),
+        );
+        let (weighted, report) =
+            correct_layer_weighted("l", &c.weight, base(), &c.lora, s, &gram, &inf).unwrap();
+        let dense = |l: &PeftLayer| {
+            weight_to_faer(&l.lora_b.transpose()) * weight_to_faer(&l.lora_a.transpose())
+        };
+        let w = weight_to_faer(&c.weight);
+        let w_e = weight_to_faer(&c.w_u) * weight_to_faer(&c.w_v);
+        let residual = |l: &PeftLayer| &w + dense(l) * s - (&w_e + dense(&c.lora) * s);
+        let p = weight_to_faer(&weighted.lora_a.transpose()); // Pᵀ is the corrected A
+        let normal = residual(&weighted) * &g64 * p.transpose();
+        let size = (residual(&weighted) * &g64).norm_l2() * p.norm_l2();
+        assert!(normal.norm_l2() < 1e-5 * size, "{} vs {size}", normal.norm_l2());
+        // It fits the calibration data better than the paper's rule (which ignores G).
+        let loss = |l: &PeftLayer| (residual(l) * x.transpose()).norm_l2();
+        assert!(loss(&weighted) < loss(&paper), "{} vs {}", loss(&weighted), loss(&paper));
+        assert!(report.correction_ratio > 0.0);
+        let wrong = Matrix::new(3, 3, vec![0.0; 9]);
+        assert!(correct_layer_weighted("l", &c.weight, base(), &c.lora, s, &wrong, &inf).is_err());
     }
 }

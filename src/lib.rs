@@ -66,7 +66,7 @@ pub use adapter::{
     attach_new_adapter, cast_frozen, export_adapter, linear_layers, merge_adapter,
     merge_attached_adapter,
 };
-pub use correction::{CorrectionConfig, CorrectionReport, correct};
+pub use correction::{CorrectionConfig, CorrectionReport, correct, correct_weighted};
 pub use device::DeviceChoice;
 pub use emulator::{
     EmulatorConfig, EmulatorDescription, EmulatorReport, FactorizationProgress, Keep, LayerRule,

@@ -5,6 +5,8 @@
 //! (Offsite-Tuning's layer drop, structured pruning of FFN neurons); one seed, step count and set
 //! of hyperparameters for every row.
 
+use std::collections::BTreeMap;
+
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
 use emloc::peft::{KeptFeatures, PeftAdapter};
@@ -13,6 +15,7 @@ use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
 use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
 use emloc_models::pruning::{neurons_for_params, strongest_neurons};
+
 use serde::Serialize;
 
 use crate::CliResult;
@@ -81,11 +84,22 @@ struct Context<'a> {
     args: &'a RunArgs,
     train_args: &'a TrainArgs,
     inference_bytes: usize,
+    /// The calibration texts every emulator (and the pruning's neuron norms) is built from.
+    calibration: &'a [String],
 }
 
 impl Context<'_> {
     /// `finetune_bytes` and `finetune_vs_inference` of a row whose training ran on a model of
     /// `model_bytes` with peaks `stats`.
+    /// The original's input Gram matrices on the calibration texts of the layers `select`
+    /// accepts, by path.
+    fn grams(&self, select: impl Fn(&str) -> bool) -> CliResult<BTreeMap<String, emloc::Matrix>> {
+        let stats = with_calibration(self.encoder, self.calibration, |batches, forward| {
+            emloc::calibrate(self.original, batches, |m: &BertModel, b| forward(m, b), select)
+        })??;
+        Ok(stats.into_iter().map(|s| (s.path, s.gram)).collect())
+    }
+
     fn needed(&self, model_bytes: usize, stats: &PhaseStats) -> (Option<usize>, Option<f64>) {
         let bytes = stats.needed_bytes(model_bytes);
         (Some(bytes), Some(bytes as f64 / self.inference_bytes as f64))
@@ -167,6 +181,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         args,
         train_args,
         inference_bytes,
+        calibration: &calibration,
     };
 
     let mut rows = Vec::new();
@@ -326,7 +341,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     // The paper's baselines at the EMLoC emulator's size: Offsite-Tuning's layer drop and
     // structured pruning of FFN neurons.
     rows.push(layer_drop_row(&context, &emulators[0].1, &recovered)?);
-    rows.push(pruning_row(&context, &emulators[0].1, &calibration, &recovered)?);
+    rows.push(pruning_row(&context, &emulators[0].1, &recovered)?);
 
     print_table(&rows);
     let report = Report {
@@ -428,7 +443,6 @@ fn cut_model_row(
 fn pruning_row(
     cx: &Context<'_>,
     emulator: &emloc::EmulatorReport,
-    calibration: &[String],
     recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
 ) -> CliResult<Row> {
     let row_phase = Phase::start();
@@ -445,21 +459,10 @@ fn pruning_row(
     )
     .max(cx.train_args.rank.min(width));
     let ffn_output = |l: usize| format!("encoder.layer.{l}.output.dense");
-    let stats = with_calibration(cx.encoder, calibration, |batches, forward| {
-        let wanted: Vec<String> = (0..layers).map(ffn_output).collect();
-        emloc::calibrate(
-            cx.original,
-            batches,
-            |m: &BertModel, b| forward(m, b),
-            |p| wanted.iter().any(|w| w == p),
-        )
-    })??;
-    let kept: Vec<Vec<usize>> = (0..layers)
-        .map(|l| {
-            let gram = &stats.iter().find(|s| s.path == ffn_output(l)).expect("calibrated").gram;
-            strongest_neurons(gram, keep)
-        })
-        .collect();
+    let wanted: Vec<String> = (0..layers).map(ffn_output).collect();
+    let grams = cx.grams(|p| wanted.iter().any(|w| w == p))?;
+    let kept: Vec<Vec<usize>> =
+        wanted.iter().map(|path| strongest_neurons(&grams[path], keep)).collect();
     let name = format!("structured pruning, {keep} of {width} FFN neurons per layer");
     let pruned = cx.original.clone().prune_ffn(&kept)?;
     let moved = |mut adapter: PeftAdapter| {
@@ -513,6 +516,33 @@ fn train_correct_score(
     let built_and_trained = row_phase.elapsed_seconds();
     let mut rows = Vec::new();
     let mut phase = Phase::start();
+    let mut score = |which: &str, merged: BertModel| -> CliResult<()> {
+        let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, which)?;
+        eprintln!(
+            "{} {which}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
+            variant.name,
+            metrics.accuracy,
+            metrics.macro_f1,
+            metrics.loss,
+            report.first_loss,
+            report.last_loss
+        );
+        rows.push(Row {
+            method: format!("{} {which}, merged into the original", variant.name),
+            accuracy_gain_recovered: recovered(&metrics),
+            metrics,
+            trainable_params: trainable,
+            trained_model_params: trained_params,
+            training_loss: Some((report.first_loss, report.last_loss)),
+            emulator_before_training: Some(before.clone()),
+            finetune_bytes,
+            finetune_vs_inference,
+            training,
+            row_seconds: built_and_trained + phase.elapsed_seconds(),
+        });
+        phase = Phase::start();
+        Ok(())
+    };
     score_merged_adapters(
         cx.original,
         &tuned,
@@ -520,34 +550,26 @@ fn train_correct_score(
         cx.args.clamp,
         &cx.args.out,
         corrections,
-        |which, merged| {
-            let metrics = evaluate_classes(cx.encoder, &merged, cx.task, cx.validation, which)?;
-            eprintln!(
-                "{} {which}: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} (training loss {:.3} → {:.3})",
-                variant.name,
-                metrics.accuracy,
-                metrics.macro_f1,
-                metrics.loss,
-                report.first_loss,
-                report.last_loss
-            );
-            rows.push(Row {
-                method: format!("{} {which}, merged into the original", variant.name),
-                accuracy_gain_recovered: recovered(&metrics),
-                metrics,
-                trainable_params: trainable,
-                trained_model_params: trained_params,
-                training_loss: Some((report.first_loss, report.last_loss)),
-                emulator_before_training: Some(before.clone()),
-                finetune_bytes,
-                finetune_vs_inference,
-                training,
-                row_seconds: built_and_trained + phase.elapsed_seconds(),
-            });
-            phase = Phase::start();
-            Ok(())
-        },
+        &mut score,
     )?;
+    if variant.uncorrected_too {
+        // The data-weighted correction (`emloc::correct_weighted`), with the paper's clamp and
+        // without it, for the headline emulator.
+        let adapted: Vec<String> = export_adapter(&tuned)?.layers.into_keys().collect();
+        let grams = cx.grams(|p| adapted.iter().any(|a| a == p))?;
+        for (which, clamp, dir) in [
+            ("data-weighted corrected", cx.args.clamp, "weighted"),
+            ("data-weighted corrected, no clamp", f64::INFINITY, "weighted-no-clamp"),
+        ] {
+            let config = emloc::CorrectionConfig { clamp };
+            let (adapter, correction) =
+                emloc::correct_weighted(cx.original, &tuned, &grams, &config)?;
+            eprintln!("{} {which}: {}", variant.name, correction.summary());
+            corrections.push((format!("{} {which}", variant.name), correction));
+            adapter.save(&cx.args.out.join(format!("adapter-{}-{dir}", variant.dir)))?;
+            score(which, emloc::merge_adapter(cx.original.clone(), &adapter)?)?;
+        }
+    }
     Ok(rows)
 }
 

@@ -125,7 +125,7 @@ fn classification_stages_chain_and_eval_prints_accuracy() {
 }
 
 #[test]
-fn run_prints_the_eight_rows_and_applies_only_the_recipe_defaults_not_given() {
+fn run_prints_the_ten_rows_and_applies_only_the_recipe_defaults_not_given() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).display().to_string();
     write_data(&dir.path().join("data.jsonl"));
@@ -157,12 +157,14 @@ fn run_prints_the_eight_rows_and_applies_only_the_recipe_defaults_not_given() {
     ]);
     let rows: Vec<&str> =
         table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
-    assert_eq!(rows.len(), 8, "{table}");
+    assert_eq!(rows.len(), 10, "{table}");
     for (row, name) in rows.iter().zip([
         "zero-shot",
         "LoRA on the full model",
-        "EMLoC",
-        "EMLoC",
+        "EMLoC ρ = 0.5 corrected",
+        "EMLoC ρ = 0.5 uncorrected",
+        "EMLoC ρ = 0.5 data-weighted corrected,",
+        "EMLoC ρ = 0.5 data-weighted corrected, no clamp",
         "plain-SVD",
         "global allocation",
         "layer drop (Offsite-Tuning), layers [0, 1] of 2",
@@ -183,7 +185,7 @@ fn run_prints_the_eight_rows_and_applies_only_the_recipe_defaults_not_given() {
         "{report}"
     );
     assert_eq!(report["validation_examples"], 12);
-    assert_eq!(report["rows"].as_array().unwrap().len(), 8);
+    assert_eq!(report["rows"].as_array().unwrap().len(), 10);
     assert!(report["inference_bytes"].as_u64().is_some_and(|b| b > 0), "{report}");
     for (i, row) in report["rows"].as_array().unwrap().iter().enumerate() {
         assert!(
@@ -195,7 +197,12 @@ fn run_prints_the_eight_rows_and_applies_only_the_recipe_defaults_not_given() {
         // Emulator rows (and layer drop) record their emulator before training.
         assert_eq!(row["emulator_before_training"].is_object(), i > 1, "{row}");
     }
-    for adapter in ["adapter-layer-drop", "adapter-pruned"] {
+    for adapter in [
+        "adapter-layer-drop",
+        "adapter-pruned",
+        "adapter-emulator-whitened-weighted",
+        "adapter-emulator-whitened-weighted-no-clamp",
+    ] {
         assert!(dir.path().join("run").join(adapter).join("adapter_model.safetensors").is_file());
     }
 }
