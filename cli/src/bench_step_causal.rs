@@ -115,7 +115,6 @@ fn peer_batches(
     train: &[Example],
     order: &[Vec<usize>],
 ) -> CliResult<Vec<PeerBatch>> {
-    let tokenized = causal_lm::tokenize_all(&lm.task, train)?;
     let device = Device::default();
     let ints = |t: burn::tensor::Tensor<1, burn::tensor::Int>| -> CliResult<Vec<i64>> {
         Ok(t.into_data().convert::<i64>().try_into_vec::<i64>().map_err(|e| format!("{e:?}"))?)
@@ -123,7 +122,8 @@ fn peer_batches(
     order
         .iter()
         .map(|indices| {
-            let items: Vec<_> = indices.iter().map(|&i| tokenized[i].clone()).collect();
+            let examples: Vec<Example> = indices.iter().map(|&i| train[i].clone()).collect();
+            let items = causal_lm::tokenize_all(&lm.task, &examples)?;
             let batch = lm.task.batch(&items, &device);
             let [rows, len] = batch.inputs.dims();
             let flat = ints(batch.inputs.reshape([rows * len]))?;

@@ -264,6 +264,7 @@ impl Context<'_> {
                 training_loss: (report.first_loss, report.last_loss),
                 bytes,
                 stats,
+                emulator_loss_before_training: None,
             },
         ))
     }
@@ -276,6 +277,8 @@ struct Trained {
     training_loss: (f64, f64),
     bytes: usize,
     stats: PhaseStats,
+    /// The trained-on emulator's mean validation loss before training (`None`: the original).
+    emulator_loss_before_training: Option<f64>,
 }
 
 /// Checks the recipe's own options before any work.
@@ -385,7 +388,6 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         None,
         lora.clone(),
         &trained,
-        None,
         &recovered,
         &row_phase,
     ));
@@ -503,14 +505,12 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn trained_row(
     cx: &Context<'_>,
     method: String,
     ratio: Option<f64>,
     scores: Scores,
     trained: &Trained,
-    emulator_loss_before_training: Option<f64>,
     recovered: &dyn Fn(&Scores) -> Option<f64>,
     row_phase: &Phase,
 ) -> Row {
@@ -522,7 +522,7 @@ fn trained_row(
         trainable_params: trained.trainable_params,
         trained_model_params: trained.trained_model_params,
         training_loss: Some(trained.training_loss),
-        emulator_loss_before_training,
+        emulator_loss_before_training: trained.emulator_loss_before_training,
         finetune_bytes: Some(trained.bytes),
         finetune_vs_inference: Some(trained.bytes as f64 / cx.inference as f64),
         training: trained.stats,
@@ -542,7 +542,8 @@ fn train_correct_score(
 ) -> CliResult<Vec<Row>> {
     let before = validation_loss(cx.lm, &emulator, cx.tasks, &variant.name)?;
     eprintln!("{} before training: mean validation loss {before:.4}", variant.name);
-    let (tuned, trained) = cx.train(emulator, &format!("LoRA on the {}", variant.name))?;
+    let (tuned, mut trained) = cx.train(emulator, &format!("LoRA on the {}", variant.name))?;
+    trained.emulator_loss_before_training = Some(before);
     let mut rows = Vec::new();
     if variant.uncorrected_too {
         // Diagnostic: how well the adapter does on the model it was trained on, which separates
@@ -556,7 +557,6 @@ fn train_correct_score(
             variant.ratio,
             scores,
             &trained,
-            Some(before),
             recovered,
             row_phase,
         ));
@@ -578,7 +578,6 @@ fn train_correct_score(
                 variant.ratio,
                 scores,
                 &trained,
-                Some(before),
                 recovered,
                 row_phase,
             ));

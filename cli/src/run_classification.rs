@@ -15,7 +15,6 @@ use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
 use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
 use emloc_models::pruning::{neurons_for_params, strongest_neurons};
-
 use serde::Serialize;
 
 use crate::CliResult;
@@ -89,8 +88,6 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    /// `finetune_bytes` and `finetune_vs_inference` of a row whose training ran on a model of
-    /// `model_bytes` with peaks `stats`.
     /// The original's input Gram matrices on the calibration texts of the layers `select`
     /// accepts, by path.
     fn grams(&self, select: impl Fn(&str) -> bool) -> CliResult<BTreeMap<String, emloc::Matrix>> {
@@ -100,6 +97,8 @@ impl Context<'_> {
         Ok(stats.into_iter().map(|s| (s.path, s.gram)).collect())
     }
 
+    /// `finetune_bytes` and `finetune_vs_inference` of a row whose training ran on a model of
+    /// `model_bytes` with peaks `stats`.
     fn needed(&self, model_bytes: usize, stats: &PhaseStats) -> (Option<usize>, Option<f64>) {
         let bytes = stats.needed_bytes(model_bytes);
         (Some(bytes), Some(bytes as f64 / self.inference_bytes as f64))
