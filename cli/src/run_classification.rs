@@ -552,24 +552,34 @@ fn train_correct_score(
         &mut score,
     )?;
     if variant.uncorrected_too {
-        // The data-weighted correction (`emloc::correct_weighted`), with the paper's clamp and
-        // without it, for the headline emulator.
-        let adapted: Vec<String> = export_adapter(&tuned)?.layers.into_keys().collect();
-        let grams = cx.grams(|p| adapted.iter().any(|a| a == p))?;
-        for (which, clamp, dir) in [
-            ("data-weighted corrected", cx.args.clamp, "weighted"),
-            ("data-weighted corrected, no clamp", f64::INFINITY, "weighted-no-clamp"),
-        ] {
-            let config = emloc::CorrectionConfig { clamp };
-            let (adapter, correction) =
-                emloc::correct_weighted(cx.original, &tuned, &grams, &config)?;
-            eprintln!("{} {which}: {}", variant.name, correction.summary());
-            corrections.push((format!("{} {which}", variant.name), correction));
-            adapter.save(&cx.args.out.join(format!("adapter-{}-{dir}", variant.dir)))?;
-            score(which, emloc::merge_adapter(cx.original.clone(), &adapter)?)?;
-        }
+        score_weighted_corrections(cx, variant, &tuned, corrections, &mut score)?;
     }
     Ok(rows)
+}
+
+/// Scores `tuned` (trained on `variant`'s emulator) under the data-weighted correction
+/// (`emloc::correct_weighted`), with the paper's clamp and without it.
+fn score_weighted_corrections(
+    cx: &Context<'_>,
+    variant: &Variant,
+    tuned: &BertModel,
+    corrections: &mut Vec<(String, emloc::CorrectionReport)>,
+    score: &mut dyn FnMut(&str, BertModel) -> CliResult<()>,
+) -> CliResult<()> {
+    let adapted: Vec<String> = export_adapter(tuned)?.layers.into_keys().collect();
+    let grams = cx.grams(|p| adapted.iter().any(|a| a == p))?;
+    for (which, clamp, dir) in [
+        ("data-weighted corrected", cx.args.clamp, "weighted"),
+        ("data-weighted corrected, no clamp", f64::INFINITY, "weighted-no-clamp"),
+    ] {
+        let config = emloc::CorrectionConfig { clamp };
+        let (adapter, correction) = emloc::correct_weighted(cx.original, tuned, &grams, &config)?;
+        eprintln!("{} {which}: {}", variant.name, correction.summary());
+        corrections.push((format!("{} {which}", variant.name), correction));
+        adapter.save(&cx.args.out.join(format!("adapter-{}-{dir}", variant.dir)))?;
+        score(which, emloc::merge_adapter(cx.original.clone(), &adapter)?)?;
+    }
+    Ok(())
 }
 
 fn print_table(rows: &[Row]) {
