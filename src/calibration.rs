@@ -21,6 +21,9 @@ pub(crate) struct GramAccumulator {
     pub gram: Option<Tensor<2>>,
     /// Number of tokens (rows of X) accumulated.
     pub tokens: u64,
+    /// In a capturing session ([`CalibrationSession::capture`]): every input seen, as
+    /// `[tokens, d_in]` f32 in call order, instead of the Gram.
+    pub captured: Option<Vec<Tensor<2>>>,
 }
 
 /// One open session's accumulators, keyed by the id of the layer's weight parameter.
@@ -54,9 +57,13 @@ pub(crate) fn record<const D: usize>(id: &ParamId, input: &Tensor<D>) {
         let x: Tensor<2> =
             input.clone().without_autodiff().cast(FloatDType::F32).reshape([-1, d_in as i64]);
         let tokens = x.dims()[0] as u64;
+        acc.tokens += tokens;
+        if let Some(captured) = &mut acc.captured {
+            captured.push(x);
+            return;
+        }
         // emloc's Gram op: one kernel per call on CubeCL devices, updating the sum in place.
         acc.gram = Some(crate::ops::gram_accumulate(acc.gram.take(), x));
-        acc.tokens += tokens;
     });
 }
 
@@ -70,9 +77,24 @@ pub(crate) struct CalibrationSession {
 
 impl CalibrationSession {
     pub(crate) fn start(ids: Vec<ParamId>) -> Self {
+        Self::open(ids, false)
+    }
+
+    /// A session that keeps every input of the registered layers (in
+    /// [`GramAccumulator::captured`]) instead of accumulating Grams.
+    pub(crate) fn capture(ids: Vec<ParamId>) -> Self {
+        Self::open(ids, true)
+    }
+
+    fn open(ids: Vec<ParamId>, capture: bool) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let token = NEXT.fetch_add(1, Ordering::Relaxed);
-        let accumulators = ids.iter().map(|id| (*id, GramAccumulator::default())).collect();
+        let accumulators = ids
+            .iter()
+            .map(|id| {
+                (*id, GramAccumulator { captured: capture.then(Vec::new), ..Default::default() })
+            })
+            .collect();
         SESSIONS.with_borrow_mut(|open| open.push(OpenSession { token, accumulators }));
         Self { ids, token: Some(token), _thread_bound: PhantomData }
     }

@@ -238,7 +238,88 @@ pub fn config_for_ranks(ranks: &BTreeMap<String, usize>, base: &EmulatorConfig) 
             .map(|(path, &rank)| LayerRule { pattern: regex::escape(path), keep: Keep::Rank(rank) })
             .collect(),
         whitening: base.whitening.clone(),
+        sequential: base.sequential,
     }
+}
+
+/// `base` with the layers whose path fully matches one of `dense` kept dense, and every ratio
+/// rule of `base` scaled down by one common factor so that the emulator of `model` keeps no more
+/// parameters in the layers `base` emulates than `base` itself does (dense ends at equal size:
+/// the official release keeps the last block's down-projection dense; Offsite-Tuning keeps
+/// whole end blocks). Returns the config and the factor (≤ 1); the largest factor within the
+/// size is found by bisection, so the size matches to within one rank step of the widest layer.
+///
+/// # Errors
+/// [`EmlocError::InvalidConfig`] if `base` or a pattern is invalid, no pattern matches a layer
+/// `base` emulates, or the dense layers alone exceed `base`'s size (then no factor fits).
+pub fn with_dense_layers<M: Module>(
+    model: &M,
+    base: &EmulatorConfig,
+    dense: &[&str],
+) -> Result<(EmulatorConfig, f64)> {
+    base.validate()?;
+    let patterns = dense
+        .iter()
+        .map(|p| crate::peft::full_match_regex(p, "dense-layer regex"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut shapes = Vec::new();
+    for_each_linear(model, |path, linear| {
+        shapes.push((path.to_string(), linear.d_input(), linear.d_output()));
+    });
+    let mut budget = 0;
+    let mut emulated = Vec::new();
+    for (path, d_in, d_out) in &shapes {
+        if let Some(rank) = base.rank_of(path, *d_in, *d_out)? {
+            budget += rank * (d_in + d_out);
+            let is_dense = patterns.iter().any(|re| re.is_match(path));
+            emulated.push((path.as_str(), *d_in, *d_out, is_dense));
+        }
+    }
+    if !emulated.iter().any(|l| l.3) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "no layer that the emulator factors matches the dense-layer patterns {dense:?}"
+        )));
+    }
+    let scaled = |factor: f64| {
+        let mut rules: Vec<LayerRule> = dense.iter().map(|p| LayerRule::full(*p)).collect();
+        rules.extend(base.rules.iter().map(|rule| match rule.keep {
+            Keep::Ratio(r) => {
+                LayerRule { pattern: rule.pattern.clone(), keep: Keep::Ratio(r * factor) }
+            }
+            _ => rule.clone(),
+        }));
+        EmulatorConfig { rules, ..base.clone() }
+    };
+    // Parameters at `factor`, or `None` where some layer's rank would fall to 0.
+    let size = |config: &EmulatorConfig| -> Option<usize> {
+        emulated.iter().try_fold(0, |total, &(path, d_in, d_out, is_dense)| {
+            let params = if is_dense {
+                d_in * d_out
+            } else {
+                config.rank_of(path, d_in, d_out).ok()?.map_or(d_in * d_out, |k| k * (d_in + d_out))
+            };
+            Some(total + params)
+        })
+    };
+    let fits = |factor: f64| size(&scaled(factor)).is_some_and(|s| s <= budget);
+    let (mut low, mut high) = (0.0, 1.0);
+    if fits(high) {
+        low = high;
+    }
+    for _ in 0..60 {
+        if low == high {
+            break;
+        }
+        let mid = 0.5 * (low + high);
+        if fits(mid) { low = mid } else { high = mid }
+    }
+    if !(low > 0.0 && fits(low)) {
+        return Err(EmlocError::InvalidConfig(format!(
+            "keeping {dense:?} dense leaves no rank ≥ 1 for the other layers within the \
+             emulator's {budget} parameters"
+        )));
+    }
+    Ok((scaled(low), low))
 }
 
 #[cfg(test)]

@@ -118,6 +118,20 @@ impl Default for WhiteningConfig {
     }
 }
 
+/// Sequential calibration: the emulator is built block by block, each block calibrated on the
+/// inputs that the already-emulated blocks before it produce (the sequential scheme of SVD-LLM,
+/// Wang et al., ICLR 2025; `docs/DESIGN.md`), so that each layer is fitted to what it will see
+/// in the emulator instead of what it sees in the original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequentialConfig {
+    /// Also refit each layer's output factor `W_u` in closed form: with `W_v` from the whitened
+    /// SVD on the emulator's inputs `X'`, `W_u = argmin ‖X Wᵀ − X' W_vᵀ W_uᵀ‖_F`, the original
+    /// layer's outputs on the original's inputs `X` being the target, so that each block undoes
+    /// what the blocks before it got wrong instead of passing it on. (SVD-LLM updates `W_u` by
+    /// gradient descent on the calibration data; this is the exact least-squares solution.)
+    pub refit: bool,
+}
+
 /// Configuration of [`emulate`](crate::emulate).
 ///
 /// `rules` map module paths to what is kept; the **first** rule whose regex matches the whole path
@@ -129,6 +143,10 @@ pub struct EmulatorConfig {
     /// Whitening settings.
     #[serde(default)]
     pub whitening: WhiteningConfig,
+    /// `None` (the paper's construction): every layer calibrated in one pass of the original.
+    /// `Some`: block by block on the emulated prefix's outputs ([`SequentialConfig`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequential: Option<SequentialConfig>,
 }
 
 impl Default for EmulatorConfig {
@@ -149,17 +167,28 @@ impl EmulatorConfig {
                 LayerRule::ratio(".*", ratio),
             ],
             whitening: WhiteningConfig::default(),
+            sequential: None,
         }
     }
 
     /// Keep-ratio `ratio` for every linear layer, no exceptions.
     pub fn all_layers(ratio: f64) -> Self {
-        Self { rules: vec![LayerRule::ratio(".*", ratio)], whitening: WhiteningConfig::default() }
+        Self {
+            rules: vec![LayerRule::ratio(".*", ratio)],
+            whitening: WhiteningConfig::default(),
+            sequential: None,
+        }
     }
 
     /// Replaces the whitening method.
     pub fn with_whitening(mut self, method: WhiteningMethod) -> Self {
         self.whitening.method = method;
+        self
+    }
+
+    /// Switches to sequential calibration ([`SequentialConfig`]), with or without the refit.
+    pub fn with_sequential(mut self, refit: bool) -> Self {
+        self.sequential = Some(SequentialConfig { refit });
         self
     }
 

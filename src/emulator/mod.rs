@@ -3,13 +3,16 @@
 mod allocation;
 mod config;
 pub(crate) mod factorize;
+mod sequential;
 mod store;
 
 pub use allocation::{
     LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks,
-    whitened_spectra,
+    whitened_spectra, with_dense_layers,
 };
-pub use config::{EmulatorConfig, Keep, LayerRule, SvdMethod, WhiteningConfig, WhiteningMethod};
+pub use config::{
+    EmulatorConfig, Keep, LayerRule, SequentialConfig, SvdMethod, WhiteningConfig, WhiteningMethod,
+};
 pub use factorize::{FactorizedLayer, Whitening, cholesky_damped, factorize_layer, whitening};
 pub use store::{
     DESCRIPTION_FILE, EmulatorDescription, FACTORS_FILE, FORMAT_VERSION, LayerFactors, Provenance,
@@ -55,6 +58,20 @@ pub struct LayerReport {
     /// Damping added to the Gram diagonal, relative to `mean(diag G)` (eigen path: largest
     /// eigenvalue raise).
     pub relative_damping: f64,
+    /// What the closed-form refit of sequential calibration did (`None` without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refit: Option<RefitReport>,
+}
+
+/// The output error of one layer refitted by sequential calibration
+/// ([`SequentialConfig::refit`]): `‖X Wᵀ − X' Wᴱᵀ‖_F / ‖X Wᵀ‖_F` on the calibration data, with
+/// `X` the original's inputs to the layer and `X'` the emulator's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RefitReport {
+    /// With the whitened SVD's `W_u` (fitted to `X'` only).
+    pub relative_output_error_before: f64,
+    /// With the refitted `W_u`.
+    pub relative_output_error: f64,
 }
 
 /// What [`emulate`] did, layer by layer.
@@ -203,6 +220,40 @@ struct PlannedLayer {
     rank: usize,
 }
 
+impl PlannedLayer {
+    /// The report of this layer factored as `f` from `tokens` calibration tokens.
+    fn report(&self, tokens: u64, f: &FactorizedLayer) -> LayerReport {
+        LayerReport {
+            path: self.path.clone(),
+            d_in: self.d_in,
+            d_out: self.d_out,
+            rank: self.rank,
+            params_original: self.d_in * self.d_out,
+            params_kept: self.rank * (self.d_in + self.d_out),
+            tokens,
+            whitened_error: f.whitened_error,
+            relative_whitened_error: relative(f.whitened_error, f.whitened_norm),
+            whitening: f.whitening.method(),
+            relative_damping: f.whitening.relative_damping,
+            refit: None,
+        }
+    }
+}
+
+/// Turns `linear` into an emulator layer with factors `w_v` (`W_vᵀ`) and `w_u` (`W_uᵀ`) in its
+/// dense weight's dtype (f32 unless `cast_frozen`), dropping the dense weight but keeping its id
+/// so that the layer stays addressable.
+fn install_factors(linear: &mut crate::nn::Linear, w_v: &Matrix, w_u: &Matrix) {
+    let device = linear.weight.val().device();
+    let dtype = linear.weight.val().dtype();
+    linear.factors = Some(LowRankFactors::new(
+        w_v.to_tensor(&device).cast(dtype),
+        w_u.to_tensor(&device).cast(dtype),
+    ));
+    linear.weight = Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
+        .set_require_grad(false);
+}
+
 /// Turns `model` into its emulator.
 ///
 /// Runs `forward(&model, batch)` for every calibration batch (the original model, in inference;
@@ -219,6 +270,15 @@ struct PlannedLayer {
 /// Keep a clone of the original (`model.clone()` shares its tensors) if you need it for the
 /// correction step; otherwise its dense weights are released layer by layer.
 ///
+/// With [`EmulatorConfig::sequential`] set, the batches are collected (hence `Clone`) and run
+/// once per block (twice with the refit, through the original too): block `b`'s layers are
+/// calibrated on what the emulator with blocks `0..b` already factored feeds them. Blocks are
+/// the layers' paths up to their first numeric segment (`encoder.layer.3`), taken in the
+/// module's traversal order, which must be the order data flows through them (it is in
+/// every model of the zoo); a layer outside numbered blocks is a block of its own. The forward
+/// pass must be deterministic (no dropout): the refit pairs each original input with the
+/// emulator's input of the same call.
+///
 /// [`emulate_with_progress`] also reports each factored layer.
 pub fn emulate<M, I, F>(
     model: M,
@@ -229,6 +289,7 @@ pub fn emulate<M, I, F>(
 where
     M: Module,
     I: IntoIterator,
+    I::Item: Clone,
     F: FnMut(&M, I::Item),
 {
     emulate_with_progress(model, batches, forward, config, |_| {})
@@ -251,17 +312,44 @@ pub struct FactorizationProgress<'a> {
 pub fn emulate_with_progress<M, I, F, P>(
     model: M,
     batches: I,
-    forward: F,
+    mut forward: F,
     config: &EmulatorConfig,
-    on_layer: P,
+    mut on_layer: P,
 ) -> Result<(M, EmulatorReport)>
 where
     M: Module,
     I: IntoIterator,
+    I::Item: Clone,
     F: FnMut(&M, I::Item),
     P: FnMut(FactorizationProgress<'_>),
 {
-    emulate_part(model, "", batches, forward, config, on_layer)
+    if config.sequential.is_none() {
+        return emulate_part(model, "", batches, forward, config, on_layer);
+    }
+    config.validate()?;
+    let plan = plan_layers(&model, config, "")?;
+    let batches: Vec<I::Item> = batches.into_iter().collect();
+    if batches.is_empty() {
+        return Err(EmlocError::EmptyCalibration("no calibration batch was given".into()));
+    }
+    let started = Instant::now();
+    let built = sequential::emulate_sequential(
+        model,
+        &plan,
+        &batches,
+        &mut forward,
+        config,
+        &mut on_layer,
+    )?;
+    let report = EmulatorReport {
+        layers: built.layers,
+        dense_layers: Vec::new(),
+        stock_layers: Vec::new(),
+        calibration_batches: batches.len(),
+        calibration_seconds: built.calibration_seconds,
+        construction_seconds: started.elapsed().as_secs_f64() - built.calibration_seconds,
+    };
+    Ok(with_unemulated_layers(built.model, "", report))
 }
 
 /// [`emulate_with_progress`] for one part of a larger model (a decoder block, say) that sits at
@@ -295,6 +383,13 @@ where
 {
     let model = part;
     config.validate()?;
+    if config.sequential.is_some() {
+        return Err(EmlocError::InvalidConfig(
+            "sequential calibration replays the calibration batches through the whole model: \
+             use emloc::emulate (emulate_part builds one part from fixed inputs)"
+                .into(),
+        ));
+    }
     let plan = plan_layers(&model, config, part_path)?;
 
     let (stats, calibration_batches, calibration_seconds) = run_calibration(
@@ -322,35 +417,13 @@ where
         let weight = Matrix::from_tensor(linear.weight.val());
         match factorize_layer(&layer.path, &weight, &gram, layer.rank, &config.whitening) {
             Ok(f) => {
-                let device = linear.weight.val().device();
-                reports.push(LayerReport {
-                    path: layer.path.clone(),
-                    d_in: layer.d_in,
-                    d_out: layer.d_out,
-                    rank: layer.rank,
-                    params_original: layer.d_in * layer.d_out,
-                    params_kept: layer.rank * (layer.d_in + layer.d_out),
-                    tokens,
-                    whitened_error: f.whitened_error,
-                    relative_whitened_error: relative(f.whitened_error, f.whitened_norm),
-                    whitening: f.whitening.method(),
-                    relative_damping: f.whitening.relative_damping,
-                });
+                reports.push(layer.report(tokens, &f));
                 on_layer(FactorizationProgress {
                     done: reports.len(),
                     total: plan.len(),
                     path: &layer.path,
                 });
-                // The factors take the dense weight's dtype (f32 unless `cast_frozen`).
-                let dtype = linear.weight.val().dtype();
-                linear.factors = Some(LowRankFactors::new(
-                    f.w_v.to_tensor(&device).cast(dtype),
-                    f.w_u.to_tensor(&device).cast(dtype),
-                ));
-                // Drop the dense weight; keep its id so the layer stays addressable.
-                linear.weight =
-                    Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
-                        .set_require_grad(false);
+                install_factors(&mut linear, &f.w_v, &f.w_u);
                 linear
             }
             Err(e) => {
@@ -362,7 +435,24 @@ where
     if let Some(e) = failure {
         return Err(e);
     }
-    let emulated: Vec<&str> = reports.iter().map(|r| r.path.as_str()).collect();
+    let report = EmulatorReport {
+        layers: reports,
+        dense_layers: Vec::new(),
+        stock_layers: Vec::new(),
+        calibration_batches,
+        calibration_seconds,
+        construction_seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok(with_unemulated_layers(model, part_path, report))
+}
+
+/// `report` with the part's dense and stock layers filled in.
+fn with_unemulated_layers<M: Module>(
+    model: M,
+    part_path: &str,
+    report: EmulatorReport,
+) -> (M, EmulatorReport) {
+    let emulated: Vec<&str> = report.layers.iter().map(|r| r.path.as_str()).collect();
     let dense_layers = all_layer_paths(&model)
         .into_iter()
         .map(|p| join_path(part_path, &p))
@@ -374,17 +464,7 @@ where
         .into_iter()
         .map(|l| join_path(part_path, &l.shape.path))
         .collect();
-    Ok((
-        model,
-        EmulatorReport {
-            layers: reports,
-            dense_layers,
-            stock_layers,
-            calibration_batches,
-            calibration_seconds,
-            construction_seconds: started.elapsed().as_secs_f64(),
-        },
-    ))
+    (model, EmulatorReport { dense_layers, stock_layers, ..report })
 }
 
 fn relative(error: f64, norm: f64) -> f64 {

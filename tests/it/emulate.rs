@@ -92,7 +92,7 @@ fn emulator_is_exact_on_the_calibration_subspace() {
     let calibration = subspace_batches(12, 3, 16, 2, &device);
     let config = EmulatorConfig {
         rules: vec![LayerRule { pattern: "l1".into(), keep: Keep::Rank(3) }],
-        whitening: Default::default(),
+        ..Default::default()
     };
     let (emulator, report) = emulate(
         model.clone(),
@@ -142,11 +142,9 @@ fn whitened_emulator_beats_plain_svd_on_calibration_outputs() {
         })
         .collect();
     let out_err = |method| {
-        let config = EmulatorConfig {
-            rules: vec![LayerRule::ratio("l1", 0.25)],
-            whitening: Default::default(),
-        }
-        .with_whitening(method);
+        let config =
+            EmulatorConfig { rules: vec![LayerRule::ratio("l1", 0.25)], ..Default::default() }
+                .with_whitening(method);
         let (emu, _) = emulate(
             model.clone(),
             batches.clone(),
@@ -174,10 +172,8 @@ fn same_inputs_give_bit_identical_emulators() {
         let mut model = Mlp::new(8, 8, 2, &device);
         model.l1.weight = burn::module::Param::from_tensor(tensor(30, [8, 8], &device));
         let batches: Vec<_> = (0..2).map(|i| tensor(i, [10, 8], &device)).collect();
-        let config = EmulatorConfig {
-            rules: vec![LayerRule::ratio("l1", 0.5)],
-            whitening: Default::default(),
-        };
+        let config =
+            EmulatorConfig { rules: vec![LayerRule::ratio("l1", 0.5)], ..Default::default() };
         let (emu, _) = emulate(
             model,
             batches,
@@ -226,7 +222,7 @@ fn layers_calibrated_on_fewer_tokens_than_features_are_named() {
     let model = Mlp::new(12, 10, 4, &device);
     let config = EmulatorConfig {
         rules: vec![LayerRule { pattern: "l1".into(), keep: Keep::Rank(3) }],
-        whitening: Default::default(),
+        ..Default::default()
     };
     let build = |batches: Vec<_>| {
         emulate(

@@ -41,7 +41,7 @@ fn rank_zero_or_too_large_is_rejected_with_the_layer() {
     let (model, batches) = setup();
     let rule = |k| EmulatorConfig {
         rules: vec![LayerRule { pattern: "l.".into(), keep: Keep::Rank(k) }],
-        whitening: Default::default(),
+        ..Default::default()
     };
     assert!(matches!(
         run(model, batches, &rule(0)).unwrap_err(),
@@ -125,10 +125,8 @@ fn non_finite_activations_are_named() {
 #[test]
 fn stock_burn_linear_is_reported_not_silently_skipped() {
     let (model, batches) = setup();
-    let only_stock = EmulatorConfig {
-        rules: vec![LayerRule::ratio("stock", 0.5)],
-        whitening: Default::default(),
-    };
+    let only_stock =
+        EmulatorConfig { rules: vec![LayerRule::ratio("stock", 0.5)], ..Default::default() };
     match run(model.clone(), batches, &only_stock).unwrap_err() {
         EmlocError::NoMatchingLayers(msg) => {
             assert!(msg.contains("stock") && msg.contains("burn::nn::Linear"), "{msg}")
@@ -156,8 +154,7 @@ fn bad_lora_config_and_regex_are_rejected() {
             EmlocError::InvalidConfig(_)
         ));
     }
-    let bad_rule =
-        EmulatorConfig { rules: vec![LayerRule::ratio("(", 0.5)], whitening: Default::default() };
+    let bad_rule = EmulatorConfig { rules: vec![LayerRule::ratio("(", 0.5)], ..Default::default() };
     let (model, batches) = setup();
     assert!(matches!(run(model, batches, &bad_rule).unwrap_err(), EmlocError::InvalidConfig(_)));
 }

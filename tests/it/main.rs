@@ -9,4 +9,5 @@ mod emulate;
 mod errors;
 mod kernels;
 mod lora;
+mod sequential;
 mod store;
