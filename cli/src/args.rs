@@ -307,6 +307,15 @@ pub struct EmulatorArgs {
     /// Whitening of the SVD (`none` is the plain-SVD ablation).
     #[arg(long, value_enum, default_value_t = WhiteningMethod::Cholesky)]
     pub whitening: WhiteningMethod,
+    /// Sequential calibration: each block calibrated on what the already-emulated blocks
+    /// before it output (SVD-LLM's scheme); runs the calibration data once per block, through
+    /// the whole loaded model (a decoder is then not built block by block from its file).
+    #[arg(long)]
+    pub sequential: bool,
+    /// With --sequential: also refit each layer's output factor by least squares to the
+    /// original layer's outputs (runs the original alongside).
+    #[arg(long, requires = "sequential")]
+    pub refit: bool,
     /// Training pairs used for calibration (each gives its question and its answer; for
     /// classification, two training sentences, plus every label description once).
     #[arg(long, default_value_t = 64)]
@@ -314,17 +323,20 @@ pub struct EmulatorArgs {
 }
 
 impl EmulatorArgs {
-    /// The emulator config these options describe.
+    /// The emulator config these options describe (--sequential and --refit apply to a
+    /// --config file too).
     pub fn config(&self) -> CliResult<EmulatorConfig> {
-        if let Some(path) = &self.config {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let config: EmulatorConfig =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            config.validate()?;
-            return Ok(config);
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => EmulatorConfig::uniform(self.ratio).with_whitening(self.whitening),
+        };
+        if self.sequential {
+            config = config.with_sequential(self.refit);
         }
-        let config = EmulatorConfig::uniform(self.ratio).with_whitening(self.whitening);
         config.validate()?;
         Ok(config)
     }

@@ -423,6 +423,8 @@ fn emulator_config(args: &BenchMemoryArgs) -> CliResult<EmulatorConfig> {
         config: args.config.clone(),
         whitening: emloc::WhiteningMethod::Cholesky,
         calibration_pairs: args.calibration_pairs,
+        sequential: false,
+        refit: false,
     }
     .config()
 }

@@ -114,13 +114,19 @@ pub fn emulate(args: &EmulateArgs) -> CliResult<()> {
     let lm = args.model.load_decoder(&causal_lm::parameter_paths(path)?)?;
     check_out(&args.out, &lm.source)?;
     let sequences = calibration_sequences(&lm, &split.train, args.emulator.calibration_pairs)?;
-    let (emulator, report) = build_emulator_streaming(
-        &lm.source,
-        &args.model.device()?,
-        &sequences,
-        &config,
-        args.model.device.float_dtype(),
-    )?;
+    let (emulator, report) = if config.sequential.is_some() {
+        // Sequential calibration replays the data through the emulated prefix: whole model.
+        let lm = args.model.load_decoder(&Default::default())?;
+        build_emulator(args.model.device.cast(lm.model), &sequences, &config)?
+    } else {
+        build_emulator_streaming(
+            &lm.source,
+            &args.model.device()?,
+            &sequences,
+            &config,
+            args.model.device.float_dtype(),
+        )?
+    };
     save_emulator(&emulator, config, report, args.provenance(&lm.source)?, phase, staged)
 }
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use burn::module::Module;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
+use emloc::emulator::with_dense_layers;
 use emloc::{
     CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
     merge_attached_adapter,
@@ -54,6 +55,10 @@ pub struct RunArgs {
     /// LLM recipe: which rows run (`headline` for extra seeds).
     #[arg(long, value_enum, default_value_t = Rows::All)]
     pub(crate) rows: Rows,
+    /// Emulator constructions measured beside the paper's, each at the EMLoC emulator's size
+    /// with a corrected and an uncorrected row (comma-separated; `none` for none).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Construction::None])]
+    pub(crate) constructions: Vec<Construction>,
     /// Correction clamp L.
     #[arg(long, default_value_t = 3.0)]
     pub(crate) clamp: f64,
@@ -81,6 +86,74 @@ pub enum Rows {
     All,
     /// Zero-shot, LoRA and EMLoC at --ratio, corrected and uncorrected (for more seeds).
     Headline,
+}
+
+/// `--constructions` values: emulator constructions besides the paper's one-shot calibration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Construction {
+    /// No extra construction.
+    None,
+    /// Sequential calibration: each block calibrated on the emulated prefix's outputs.
+    Sequential,
+    /// Sequential calibration with the least-squares refit of each layer's output factor.
+    SequentialRefit,
+    /// The first and the last block dense, every other layer's ratio lowered to the same size.
+    DenseEnds,
+    /// The last block's FFN output projection dense (as the paper's release), the rest lowered
+    /// to the same size.
+    DenseLastDown,
+}
+
+/// The variants `constructions` ask for, built from `base` (the EMLoC rows' config, named by
+/// `sizing`) on `model`, whose first and last blocks are `blocks` (a regex over their paths'
+/// block part, e.g. `encoder\.layer\.(0|5)`) and whose last FFN output projection is
+/// `last_down` (a path).
+pub(crate) fn construction_variants<M: Module>(
+    constructions: &[Construction],
+    base: &EmulatorConfig,
+    sizing: &str,
+    model: &M,
+    end_blocks: &str,
+    last_down: &str,
+) -> CliResult<Vec<Variant>> {
+    let mut variants = Vec::new();
+    for &construction in constructions {
+        let (name, dir, config) = match construction {
+            Construction::None => continue,
+            Construction::Sequential => {
+                ("sequential calibration", "sequential", base.clone().with_sequential(false))
+            }
+            Construction::SequentialRefit => (
+                "sequential calibration + refit",
+                "sequential-refit",
+                base.clone().with_sequential(true),
+            ),
+            Construction::DenseEnds => (
+                "dense first and last blocks",
+                "dense-ends",
+                with_dense_layers(model, base, &[&format!(r"{end_blocks}\..*")])?.0,
+            ),
+            Construction::DenseLastDown => (
+                "dense last FFN output",
+                "dense-last-down",
+                with_dense_layers(model, base, &[&regex_escape(last_down)])?.0,
+            ),
+        };
+        variants.push(Variant {
+            name: format!("EMLoC {sizing}, {name}"),
+            dir: format!("emulator-{dir}"),
+            ratio: None,
+            config,
+            uncorrected_too: true,
+            weighted_too: false,
+        });
+    }
+    Ok(variants)
+}
+
+/// `path` as a regex matching only itself.
+fn regex_escape(path: &str) -> String {
+    path.replace('.', r"\.")
 }
 
 /// Options a recipe sets when the command line leaves them at their generic default.
@@ -420,6 +493,8 @@ pub(crate) struct Variant {
     pub config: EmulatorConfig,
     /// Whether the uncorrected adapter gets a row too.
     pub uncorrected_too: bool,
+    /// Whether the data-weighted corrections get rows too.
+    pub weighted_too: bool,
 }
 
 /// The corrected adapter of `tuned` (trained on `variant`'s emulator), then the uncorrected one

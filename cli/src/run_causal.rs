@@ -25,7 +25,9 @@ use crate::causal::{build_emulator, calibration_sequences, forward_sequence, tra
 use crate::data::{BIGBENCH_TASKS, BigbenchTask, Scoring};
 use crate::memory::{Phase, PhaseStats, param_bytes};
 use crate::output::write_json;
-use crate::run::{Rows, RunArgs, Variant, log_emulator, score_merged_adapters};
+use crate::run::{
+    Rows, RunArgs, Variant, construction_variants, log_emulator, score_merged_adapters,
+};
 
 /// Most tokens generated per example when scoring exact match: every accepted target of the
 /// seven generation tasks fits in fewer.
@@ -392,9 +394,13 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         &row_phase,
     ));
 
-    let whitening = args.emulator.config()?.whitening.method;
+    let options = args.emulator.config()?;
+    let whitening = options.whitening.method;
     let at = |ratio: f64, method: WhiteningMethod| -> CliResult<EmulatorConfig> {
-        let config = EmulatorConfig::uniform(ratio).with_whitening(method);
+        let config = EmulatorConfig {
+            sequential: options.sequential,
+            ..EmulatorConfig::uniform(ratio).with_whitening(method)
+        };
         config.validate()?;
         Ok(config)
     };
@@ -410,6 +416,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
             ratio: Some(ratio),
             config: at(ratio, whitening)?,
             uncorrected_too: true,
+            weighted_too: true,
         });
     }
     if args.rows == Rows::All {
@@ -420,8 +427,18 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
             ratio: Some(ratio),
             config: at(ratio, WhiteningMethod::None)?,
             uncorrected_too: false,
+            weighted_too: false,
         });
     }
+    let last = original.model.layers.len().saturating_sub(1);
+    variants.extend(construction_variants(
+        &args.constructions,
+        &at(args.emulator.ratio, whitening)?,
+        &format!("ρ = {}", args.emulator.ratio),
+        &original,
+        &format!(r"model\.layers\.(0|{last})"),
+        &format!("model.layers.{last}.mlp.down_proj"),
+    )?);
     let mut emulators = Vec::new();
     let mut corrections = Vec::new();
     for variant in &variants {
@@ -470,6 +487,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
                 &headline,
             ),
             uncorrected_too: false,
+            weighted_too: false,
         };
         let (emulator, report) = build_emulator(original.clone(), &calibration, &global.config)?;
         log_emulator(&global.name, &report, row_phase.elapsed_seconds());

@@ -22,7 +22,7 @@ use crate::args::{EmulatorArgs, TrainArgs};
 use crate::data::{DataArgs, classification_calibration_texts};
 use crate::memory::{Phase, PhaseStats, param_bytes};
 use crate::output::write_json;
-use crate::run::{RunArgs, Variant, log_emulator, score_merged_adapters};
+use crate::run::{RunArgs, Variant, construction_variants, log_emulator, score_merged_adapters};
 use crate::training::{
     adapter_params, build_emulator, evaluate_classes, train_classifier, with_calibration,
 };
@@ -266,13 +266,14 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     };
     let mut emulators = Vec::new();
     let mut corrections = Vec::new();
-    let variants = [
+    let mut variants = vec![
         Variant {
             name: format!("EMLoC {sizing}"),
             dir: "emulator-whitened".into(),
             ratio: None,
             config: with_whitening(WhiteningMethod::Cholesky),
             uncorrected_too: true,
+            weighted_too: true,
         },
         Variant {
             name: format!("plain-SVD emulator {sizing}"),
@@ -280,8 +281,18 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
             ratio: None,
             config: with_whitening(WhiteningMethod::None),
             uncorrected_too: false,
+            weighted_too: false,
         },
     ];
+    let last = original.encoder.layer.len().saturating_sub(1);
+    variants.extend(construction_variants(
+        &args.constructions,
+        &variants[0].config,
+        &sizing,
+        &original,
+        &format!(r"encoder\.layer\.(0|{last})"),
+        &format!("encoder.layer.{last}.output.dense"),
+    )?);
     for variant in &variants {
         let row_phase = Phase::start();
         let (emulator, report) =
@@ -318,6 +329,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         ratio: None,
         config,
         uncorrected_too: false,
+        weighted_too: false,
     };
     let (emulator, report) =
         build_emulator(&encoder, original.clone(), &calibration, &global.config)?;
@@ -551,7 +563,7 @@ fn train_correct_score(
         corrections,
         &mut score,
     )?;
-    if variant.uncorrected_too {
+    if variant.weighted_too {
         score_weighted_corrections(cx, variant, &tuned, corrections, &mut score)?;
     }
     Ok(rows)
