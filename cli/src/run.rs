@@ -82,10 +82,14 @@ pub enum Recipe {
 /// `--rows` values (the LLM recipe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 pub enum Rows {
-    /// Every row: zero-shot, LoRA, EMLoC over --ratios, plain SVD and the global allocation.
+    /// Every row: zero-shot, LoRA, EMLoC over --ratios, plain SVD, the global allocation, layer
+    /// drop and structured pruning.
     All,
     /// Zero-shot, LoRA and EMLoC at --ratio, corrected and uncorrected (for more seeds).
     Headline,
+    /// The headline rows and the paper's baselines at the EMLoC emulator's size: layer drop
+    /// (Offsite-Tuning) and structured pruning of MLP neurons.
+    Baselines,
 }
 
 /// `--constructions` values: emulator constructions besides the paper's one-shot calibration.

@@ -3,18 +3,22 @@
 //! scored per task on validation items carved out of each task's train split: exact match for
 //! the seven generation tasks, choice accuracy for MathQA. Rows: zero-shot, LoRA on the full
 //! model, EMLoC corrected and uncorrected over a ρ sweep (with, as a diagnostic, the adapter
-//! scored on the emulator it was trained on), the plain-SVD emulator and the global rank
-//! allocation at the headline ρ's size; one seed, step count and set of hyperparameters for
-//! every row.
+//! scored on the emulator it was trained on), the plain-SVD emulator, the global rank
+//! allocation and the paper's baselines (layer drop, structured pruning) at the headline ρ's
+//! size, and the emulator constructions `--constructions` asks for; one seed, step count and
+//! set of hyperparameters for every row.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
+use emloc::peft::{KeptFeatures, PeftAdapter};
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_adapter};
 use emloc_models::causal_lm::{self, CausalLm, EvalConfig, Example};
+use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
 use emloc_models::llama::LlamaForCausalLM;
+use emloc_models::pruning::{neurons_for_params, strongest_neurons};
 use emloc_models::retrieval;
 use emloc_models::rng::XorShiftRng;
 use serde::Serialize;
@@ -406,7 +410,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     };
     let ratios: Vec<f64> = match args.rows {
         Rows::All => args.ratios.clone(),
-        Rows::Headline => vec![args.emulator.ratio],
+        Rows::Headline | Rows::Baselines => vec![args.emulator.ratio],
     };
     let mut variants = Vec::new();
     for &ratio in &ratios {
@@ -500,6 +504,19 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
             &recovered,
             &mut corrections,
         )?);
+    }
+
+    if args.rows != Rows::Headline {
+        // The paper's baselines at the headline EMLoC emulator's size.
+        let (_, headline) = emulators
+            .iter()
+            .zip(&variants)
+            .find(|(_, v)| v.ratio == Some(args.emulator.ratio) && v.uncorrected_too)
+            .map(|(emulator, _)| emulator)
+            .expect("the headline ratio has an EMLoC row");
+        let headline = headline.clone();
+        rows.push(layer_drop_row(&cx, &headline, &recovered)?);
+        rows.push(pruning_row(&cx, &headline, &calibration, &recovered)?);
     }
 
     print_table(&rows, &tasks);
@@ -603,6 +620,112 @@ fn train_correct_score(
         },
     )?;
     Ok(rows)
+}
+
+/// Offsite-Tuning's layer-drop emulator with as many decoder layers as come closest to the
+/// parameters `emulator` keeps in its layers (first and last kept, the rest spread evenly), LoRA
+/// on every kept layer, the adapter moved onto the original's matching layers and merged.
+fn layer_drop_row(
+    cx: &Context<'_>,
+    emulator: &emloc::EmulatorReport,
+    recovered: &dyn Fn(&Scores) -> Option<f64>,
+) -> CliResult<Row> {
+    let row_phase = Phase::start();
+    let total = cx.original.model.layers.len();
+    let block_params = emulator.params_original() / total.max(1);
+    let kept =
+        evenly_kept_blocks(total, blocks_for_params(emulator.params_kept(), block_params, total))?;
+    let name = format!("layer drop (Offsite-Tuning), {} of {total} layers", kept.len());
+    let dropped = cx.original.clone().keep_layers(&kept)?;
+    let moved = |adapter: PeftAdapter| Ok(adapter.renumber_blocks("model.layers.", &kept)?);
+    cut_model_row(cx, &name, dropped, moved, "layer-drop", &row_phase, recovered)
+}
+
+/// Structured pruning at the size `emulator` keeps in its layers: every layer keeps the same
+/// number of MLP neurons, those of largest activation norm (the diagonal of `down_proj`'s
+/// calibration Gram) on the `calibration` sequences, attention unpruned; LoRA on the pruned
+/// model, the adapter moved back with zeros for pruned neurons.
+fn pruning_row(
+    cx: &Context<'_>,
+    emulator: &emloc::EmulatorReport,
+    calibration: &[Vec<u32>],
+    recovered: &dyn Fn(&Scores) -> Option<f64>,
+) -> CliResult<Row> {
+    let row_phase = Phase::start();
+    let layers = cx.original.model.layers.len();
+    let first = &cx.original.model.layers[0].mlp.down_proj;
+    let (width, d_model) = (first.d_input(), first.d_output());
+    let attention_params = emulator.params_original().saturating_sub(3 * d_model * width * layers);
+    let mlp_budget = emulator.params_kept().saturating_sub(attention_params);
+    // At least the LoRA rank, which a layer of fewer features cannot hold.
+    let keep = neurons_for_params(mlp_budget, layers, 3 * d_model, width)
+        .max(cx.train_args.rank.min(width));
+    let down = |l: usize| format!("model.layers.{l}.mlp.down_proj");
+    let wanted: Vec<String> = (0..layers).map(down).collect();
+    let bar = crate::progress::progress(calibration.len(), "neuron norms");
+    let stats = emloc::calibrate(
+        cx.original,
+        calibration.iter(),
+        |m: &LlamaForCausalLM, ids: &Vec<u32>| {
+            forward_sequence(m, ids);
+            bar.inc(1);
+        },
+        |p| wanted.iter().any(|w| w == p),
+    )?;
+    bar.finish_and_clear();
+    let grams: BTreeMap<String, emloc::Matrix> =
+        stats.into_iter().map(|s| (s.path, s.gram)).collect();
+    let kept: Vec<Vec<usize>> =
+        wanted.iter().map(|path| strongest_neurons(&grams[path], keep)).collect();
+    let name = format!("structured pruning, {keep} of {width} MLP neurons per layer");
+    let pruned = cx.original.clone().prune_mlp(&kept)?;
+    let moved = |mut adapter: PeftAdapter| {
+        for (l, neurons) in kept.iter().enumerate() {
+            let neurons = KeptFeatures { indices: neurons, full: width };
+            for projection in ["gate_proj", "up_proj"] {
+                let path = format!("model.layers.{l}.mlp.{projection}");
+                if adapter.layers.contains_key(&path) {
+                    adapter.unprune_layer(&path, None, Some(neurons))?;
+                }
+            }
+            if adapter.layers.contains_key(&down(l)) {
+                adapter.unprune_layer(&down(l), Some(neurons), None)?;
+            }
+        }
+        Ok(adapter)
+    };
+    cut_model_row(cx, &name, pruned, moved, "pruned", &row_phase, recovered)
+}
+
+/// Scores `model` (a cut of the original) before training, trains LoRA on it, moves the adapter
+/// onto the original with `move_back`, saves it as `OUT/adapter-{dir}`, merges it and scores
+/// the result.
+fn cut_model_row(
+    cx: &Context<'_>,
+    name: &str,
+    model: LlamaForCausalLM,
+    move_back: impl FnOnce(PeftAdapter) -> CliResult<PeftAdapter>,
+    dir: &str,
+    row_phase: &Phase,
+    recovered: &dyn Fn(&Scores) -> Option<f64>,
+) -> CliResult<Row> {
+    let before = validation_loss(cx.lm, &model, cx.tasks, name)?;
+    eprintln!("{name} before training: mean validation loss {before:.4}");
+    let (tuned, mut trained) = cx.train(model, &format!("LoRA on the {name}"))?;
+    trained.emulator_loss_before_training = Some(before);
+    let adapter = move_back(export_adapter(&tuned)?)?;
+    adapter.save(&cx.args.out.join(format!("adapter-{dir}")))?;
+    let scores = score(cx.lm, &merge_adapter(cx.original.clone(), &adapter)?, cx.tasks, name)?;
+    log_scores(name, &scores);
+    Ok(trained_row(
+        cx,
+        format!("{name}, merged into the original"),
+        None,
+        scores,
+        &trained,
+        recovered,
+        row_phase,
+    ))
 }
 
 fn log_scores(label: &str, scores: &Scores) {

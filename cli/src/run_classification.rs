@@ -465,7 +465,7 @@ fn pruning_row(
     let keep = neurons_for_params(
         emulator.params_kept().saturating_sub(attention_params),
         layers,
-        d_model,
+        2 * d_model,
         width,
     )
     .max(cx.train_args.rank.min(width));

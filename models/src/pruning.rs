@@ -25,10 +25,17 @@ pub fn strongest_neurons(gram: &Matrix, keep: usize) -> Vec<usize> {
     kept
 }
 
-/// Neurons per layer (at least 1, at most `width`) that bring `layers` FFNs of `d_model → width
-/// → d_model` (weights only) closest to `ffn_params` parameters in all.
-pub fn neurons_for_params(ffn_params: usize, layers: usize, d_model: usize, width: usize) -> usize {
-    let per_neuron = (2 * d_model * layers).max(1) as f64;
+/// Neurons per layer (at least 1, at most `width`) that bring `layers` FFNs of `width` neurons,
+/// each neuron costing `params_per_neuron` weights (`2 · d_model` for a BERT FFN `d_model →
+/// width → d_model`, `3 · d_model` for a gated SwiGLU MLP), closest to `ffn_params` parameters
+/// in all.
+pub fn neurons_for_params(
+    ffn_params: usize,
+    layers: usize,
+    params_per_neuron: usize,
+    width: usize,
+) -> usize {
+    let per_neuron = (params_per_neuron * layers).max(1) as f64;
     ((ffn_params as f64 / per_neuron).round() as usize).clamp(1, width)
 }
 
@@ -52,8 +59,10 @@ mod tests {
     #[test]
     fn neuron_count_comes_closest_to_the_budget() {
         // MiniLM: 6 layers of 384 → 1536 → 384; 672,768 parameters left for the FFNs.
-        assert_eq!(neurons_for_params(672_768, 6, 384, 1536), 146);
-        assert_eq!(neurons_for_params(0, 6, 384, 1536), 1);
-        assert_eq!(neurons_for_params(usize::MAX / 4, 6, 384, 1536), 1536);
+        assert_eq!(neurons_for_params(672_768, 6, 2 * 384, 1536), 146);
+        assert_eq!(neurons_for_params(0, 6, 2 * 384, 1536), 1);
+        assert_eq!(neurons_for_params(usize::MAX / 8, 6, 2 * 384, 1536), 1536);
+        // 30 SwiGLU MLPs of 576 → 1536 (SmolLM2-135M), three weights per neuron: 308 · 51,840.
+        assert_eq!(neurons_for_params(15_966_720, 30, 3 * 576, 1536), 308);
     }
 }
