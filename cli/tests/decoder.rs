@@ -74,6 +74,13 @@ fn decoder_pipeline_runs_every_stage() {
     run("emulate", &["--ratio", "0.5", "--calibration-pairs", "8", "--out", &p("emulator")]);
     let description = read_json(dir.path().join("emulator/emulator.json"));
     assert!(description.to_string().contains("model.layers.1.mlp.down_proj"), "{description}");
+    // Sequential calibration with the refit: recorded in the description, reported per layer.
+    let sequential = ["--ratio", "0.5", "--calibration-pairs", "8", "--sequential", "--refit"];
+    run("emulate", &[&sequential[..], &["--out", &p("emulator-sequential")]].concat());
+    let description = read_json(dir.path().join("emulator-sequential/emulator.json"));
+    assert_eq!(description["config"]["sequential"]["refit"], true, "{description}");
+    let layers = description["report"]["layers"].as_array().unwrap();
+    assert!(layers.iter().all(|l| l["refit"]["relative_output_error"].is_number()), "{layers:?}");
 
     let (emulator, adapter) = (p("emulator"), p("adapter"));
     let train = [
@@ -379,6 +386,34 @@ fn bigbench_recipe_scores_every_task_and_checks_its_options() {
     let trained_on = |i: usize| rows[i]["trained_model_params"].as_u64().unwrap();
     assert!(trained_on(3) < trained_on(1), "{methods:?}");
     assert!(dir.path().join("run/adapter-emloc-rho0.4-corrected/adapter_config.json").is_file());
+
+    // The paper's baselines and two constructions at the headline emulator's size.
+    let out = dir.path().join("baselines").display().to_string();
+    let extra = ["--rows", "baselines", "--constructions", "sequential-refit,dense-last-down"];
+    ok(&[&args[..args.len() - 1], &[out.as_str()], &extra].concat());
+    let report = read_json(dir.path().join("baselines/report.json"));
+    let methods: Vec<String> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["method"].as_str().unwrap().to_string())
+        .collect();
+    for wanted in [
+        "sequential calibration + refit corrected",
+        "sequential calibration + refit uncorrected",
+        "dense last FFN output corrected",
+        "layer drop (Offsite-Tuning), 2 of 2 layers",
+        "structured pruning, 8 of 64 MLP neurons per layer",
+    ] {
+        assert!(methods.iter().any(|m| m.contains(wanted)), "no `{wanted}` row in {methods:?}");
+    }
+    let emulators = report["emulators"].as_array().unwrap();
+    let refitted = emulators.iter().find(|e| e[0].as_str().unwrap().contains("refit")).unwrap();
+    assert!(refitted[1]["layers"][0]["refit"]["relative_output_error"].is_number(), "{refitted}");
+    for adapter in ["layer-drop", "pruned", "emulator-sequential-refit-corrected"] {
+        let config = dir.path().join(format!("baselines/adapter-{adapter}/adapter_config.json"));
+        assert!(config.is_file(), "{}", config.display());
+    }
 
     fails_with(&[&args[..], &["--data", "x.jsonl"]].concat(), "--data is for the other recipes");
     fails_with(&[&args[..], &["--ratios", "0.3,0.5"]].concat(), "must be one of --ratios");
