@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, FloatDType};
 use clap::{Args, ValueEnum};
+use emloc::emulator::Refit;
 use emloc::{DeviceChoice, EmulatorConfig, EmulatorDescription, LoraConfig, WhiteningMethod};
 use emloc_models::bert::SentenceEncoder;
 use emloc_models::causal_lm::PromptStyle;
@@ -312,10 +313,12 @@ pub struct EmulatorArgs {
     /// the whole loaded model (a decoder is then not built block by block from its file).
     #[arg(long)]
     pub sequential: bool,
-    /// With --sequential: also refit each layer's output factor by least squares to the
-    /// original layer's outputs (runs the original alongside).
-    #[arg(long, requires = "sequential")]
-    pub refit: bool,
+    /// With --sequential: refit each layer by least squares to the original layer's outputs
+    /// (runs the original alongside): `output` (the output factor; the default of a bare
+    /// --refit) or `both` factors.
+    #[arg(long, value_enum, requires = "sequential", num_args = 0..=1,
+          default_missing_value = "output")]
+    pub refit: Option<Refit>,
     /// Training pairs used for calibration (each gives its question and its answer; for
     /// classification, two training sentences, plus every label description once).
     #[arg(long, default_value_t = 64)]
@@ -335,7 +338,7 @@ impl EmulatorArgs {
             None => EmulatorConfig::uniform(self.ratio).with_whitening(self.whitening),
         };
         if self.sequential {
-            config = config.with_sequential(self.refit);
+            config = config.with_sequential(self.refit.unwrap_or_default());
         }
         config.validate()?;
         Ok(config)

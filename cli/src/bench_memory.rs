@@ -424,7 +424,7 @@ fn emulator_config(args: &BenchMemoryArgs) -> CliResult<EmulatorConfig> {
         whitening: emloc::WhiteningMethod::Cholesky,
         calibration_pairs: args.calibration_pairs,
         sequential: false,
-        refit: false,
+        refit: None,
     }
     .config()
 }

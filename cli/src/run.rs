@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use burn::module::Module;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
-use emloc::emulator::with_dense_layers;
+use emloc::emulator::{Refit, with_dense_layers};
 use emloc::{
     CorrectionConfig, EmulatorConfig, WhiteningMethod, correct, export_adapter, merge_adapter,
     merge_attached_adapter,
@@ -52,7 +52,7 @@ pub struct RunArgs {
     /// must be one of them and sizes the plain-SVD and global-allocation rows.
     #[arg(long, value_delimiter = ',', default_values_t = [0.2, 0.4, 0.6])]
     pub(crate) ratios: Vec<f64>,
-    /// LLM recipe: which rows run (`headline` for extra seeds).
+    /// Which rows run (`headline` for extra seeds); the classification and LLM recipes.
     #[arg(long, value_enum, default_value_t = Rows::All)]
     pub(crate) rows: Rows,
     /// Emulator constructions measured beside the paper's, each at the EMLoC emulator's size
@@ -101,6 +101,8 @@ pub enum Construction {
     Sequential,
     /// Sequential calibration with the least-squares refit of each layer's output factor.
     SequentialRefit,
+    /// Sequential calibration with the best rank-k least-squares fit (both factors).
+    SequentialRefitBoth,
     /// The first and the last block dense, every other layer's ratio lowered to the same size.
     DenseEnds,
     /// The last block's FFN output projection dense (as the paper's release), the rest lowered
@@ -125,12 +127,17 @@ pub(crate) fn construction_variants<M: Module>(
         let (name, dir, config) = match construction {
             Construction::None => continue,
             Construction::Sequential => {
-                ("sequential calibration", "sequential", base.clone().with_sequential(false))
+                ("sequential calibration", "sequential", base.clone().with_sequential(Refit::None))
             }
             Construction::SequentialRefit => (
                 "sequential calibration + refit",
                 "sequential-refit",
-                base.clone().with_sequential(true),
+                base.clone().with_sequential(Refit::Output),
+            ),
+            Construction::SequentialRefitBoth => (
+                "sequential calibration + refit of both factors",
+                "sequential-refit-both",
+                base.clone().with_sequential(Refit::Both),
             ),
             Construction::DenseEnds => (
                 "dense first and last blocks",

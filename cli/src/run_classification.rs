@@ -1,9 +1,10 @@
 //! `emloc run`'s default recipe: sentence classification (MultiEmo sentiment by default) with a
 //! sentence encoder, where zero-shot leaves room for fine-tuning to show. Rows: zero-shot, LoRA on
 //! the full model, EMLoC corrected and uncorrected, the plain-SVD emulator, the global rank
-//! allocation at the uniform emulator's size, and the paper's baselines at that size
-//! (Offsite-Tuning's layer drop, structured pruning of FFN neurons); one seed, step count and set
-//! of hyperparameters for every row.
+//! allocation at the uniform emulator's size, the paper's baselines at that size
+//! (Offsite-Tuning's layer drop, structured pruning of FFN neurons) and the emulator
+//! constructions `--constructions` asks for (`--rows` selects fewer); one seed, step count and
+//! set of hyperparameters for every row.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +23,9 @@ use crate::args::{EmulatorArgs, TrainArgs};
 use crate::data::{DataArgs, classification_calibration_texts};
 use crate::memory::{Phase, PhaseStats, param_bytes};
 use crate::output::write_json;
-use crate::run::{RunArgs, Variant, construction_variants, log_emulator, score_merged_adapters};
+use crate::run::{
+    Rows, RunArgs, Variant, construction_variants, log_emulator, score_merged_adapters,
+};
 use crate::training::{
     adapter_params, build_emulator, evaluate_classes, train_classifier, with_calibration,
 };
@@ -266,24 +269,24 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     };
     let mut emulators = Vec::new();
     let mut corrections = Vec::new();
-    let mut variants = vec![
-        Variant {
-            name: format!("EMLoC {sizing}"),
-            dir: "emulator-whitened".into(),
-            ratio: None,
-            config: with_whitening(WhiteningMethod::Cholesky),
-            uncorrected_too: true,
-            weighted_too: true,
-        },
-        Variant {
+    let mut variants = vec![Variant {
+        name: format!("EMLoC {sizing}"),
+        dir: "emulator-whitened".into(),
+        ratio: None,
+        config: with_whitening(WhiteningMethod::Cholesky),
+        uncorrected_too: true,
+        weighted_too: true,
+    }];
+    if args.rows == Rows::All {
+        variants.push(Variant {
             name: format!("plain-SVD emulator {sizing}"),
             dir: "emulator-plain-svd".into(),
             ratio: None,
             config: with_whitening(WhiteningMethod::None),
             uncorrected_too: false,
             weighted_too: false,
-        },
-    ];
+        });
+    }
     let last = original.encoder.layer.len().saturating_sub(1);
     variants.extend(construction_variants(
         &args.constructions,
@@ -314,45 +317,19 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         )?);
     }
 
-    // The global allocation at the uniform emulator's size: ranks by whitened spectrum (as
-    // `emloc plan` computes them), then the same pipeline as the EMLoC rows.
-    let row_phase = Phase::start();
-    let whitened = &variants[0].config;
-    let spectra = with_calibration(&encoder, &calibration, |batches, forward| {
-        whitened_spectra(&original, batches, |m: &BertModel, b| forward(m, b), whitened)
-    })??;
-    let size = emulators[0].1.params_kept();
-    let config = config_for_ranks(&global_ranks(&spectra, size, Objective::Relative)?, whitened);
-    let global = Variant {
-        name: format!("global allocation, {size} factor params"),
-        dir: "emulator-global".into(),
-        ratio: None,
-        config,
-        uncorrected_too: false,
-        weighted_too: false,
-    };
-    let (emulator, report) =
-        build_emulator(&encoder, original.clone(), &calibration, &global.config)?;
-    log_emulator(&global.name, &report, row_phase.elapsed_seconds());
-    emloc::save_emulator(
-        &emulator,
-        &emloc::EmulatorDescription::new(global.config.clone(), report.clone()),
-        &args.out.join(&global.dir),
-    )?;
-    emulators.push((global.name.clone(), report));
-    rows.extend(train_correct_score(
-        &context,
-        &global,
-        emulator,
-        row_phase,
-        &recovered,
-        &mut corrections,
-    )?);
-
+    if args.rows == Rows::All {
+        let (config, size) = (&variants[0].config, emulators[0].1.params_kept());
+        let (name, report, global_rows) =
+            global_allocation_rows(&context, config, size, &recovered, &mut corrections)?;
+        emulators.push((name, report));
+        rows.extend(global_rows);
+    }
     // The paper's baselines at the EMLoC emulator's size: Offsite-Tuning's layer drop and
     // structured pruning of FFN neurons.
-    rows.push(layer_drop_row(&context, &emulators[0].1, &recovered)?);
-    rows.push(pruning_row(&context, &emulators[0].1, &recovered)?);
+    if args.rows != Rows::Headline {
+        rows.push(layer_drop_row(&context, &emulators[0].1, &recovered)?);
+        rows.push(pruning_row(&context, &emulators[0].1, &recovered)?);
+    }
 
     print_table(&rows);
     let report = Report {
@@ -375,6 +352,41 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
     write_json(&path, &report)?;
     eprintln!("report: {}", path.display());
     Ok(())
+}
+
+/// The global allocation at `size` factor parameters (the uniform emulator's): ranks by
+/// whitened spectrum under `whitened` (as `emloc plan` computes them), then the same pipeline as
+/// the EMLoC rows. Returns the emulator's name and report and its rows.
+fn global_allocation_rows(
+    cx: &Context<'_>,
+    whitened: &EmulatorConfig,
+    size: usize,
+    recovered: &dyn Fn(&ClassificationMetrics) -> Option<f64>,
+    corrections: &mut Vec<(String, emloc::CorrectionReport)>,
+) -> CliResult<(String, emloc::EmulatorReport, Vec<Row>)> {
+    let row_phase = Phase::start();
+    let spectra = with_calibration(cx.encoder, cx.calibration, |batches, forward| {
+        whitened_spectra(cx.original, batches, |m: &BertModel, b| forward(m, b), whitened)
+    })??;
+    let config = config_for_ranks(&global_ranks(&spectra, size, Objective::Relative)?, whitened);
+    let global = Variant {
+        name: format!("global allocation, {size} factor params"),
+        dir: "emulator-global".into(),
+        ratio: None,
+        config,
+        uncorrected_too: false,
+        weighted_too: false,
+    };
+    let (emulator, report) =
+        build_emulator(cx.encoder, cx.original.clone(), cx.calibration, &global.config)?;
+    log_emulator(&global.name, &report, row_phase.elapsed_seconds());
+    emloc::save_emulator(
+        &emulator,
+        &emloc::EmulatorDescription::new(global.config.clone(), report.clone()),
+        &cx.args.out.join(&global.dir),
+    )?;
+    let rows = train_correct_score(cx, &global, emulator, row_phase, recovered, corrections)?;
+    Ok((global.name, report, rows))
 }
 
 /// Offsite-Tuning's layer-drop emulator with as many encoder layers as come closest to the

@@ -78,7 +78,7 @@ fn decoder_pipeline_runs_every_stage() {
     let sequential = ["--ratio", "0.5", "--calibration-pairs", "8", "--sequential", "--refit"];
     run("emulate", &[&sequential[..], &["--out", &p("emulator-sequential")]].concat());
     let description = read_json(dir.path().join("emulator-sequential/emulator.json"));
-    assert_eq!(description["config"]["sequential"]["refit"], true, "{description}");
+    assert_eq!(description["config"]["sequential"]["refit"], "output", "{description}");
     let layers = description["report"]["layers"].as_array().unwrap();
     assert!(layers.iter().all(|l| l["refit"]["relative_output_error"].is_number()), "{layers:?}");
 

@@ -124,12 +124,30 @@ impl Default for WhiteningConfig {
 /// in the emulator instead of what it sees in the original.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SequentialConfig {
-    /// Also refit each layer's output factor `W_u` in closed form: with `W_v` from the whitened
-    /// SVD on the emulator's inputs `X'`, `W_u = argmin ‖X Wᵀ − X' W_vᵀ W_uᵀ‖_F`, the original
-    /// layer's outputs on the original's inputs `X` being the target, so that each block undoes
-    /// what the blocks before it got wrong instead of passing it on. (SVD-LLM updates `W_u` by
-    /// gradient descent on the calibration data; this is the exact least-squares solution.)
-    pub refit: bool,
+    /// Whether (and which factors) to refit in closed form against the original's outputs.
+    pub refit: Refit,
+}
+
+/// The closed-form refit of sequential calibration: with `X` a layer's inputs in the original
+/// and `X'` in the emulator, fit the layer's factors so that `X' Wᴱᵀ` comes closest to the
+/// original layer's outputs `X Wᵀ` (least squares on the calibration data), so that each block
+/// undoes what the blocks before it got wrong instead of passing it on. SVD-LLM updates the
+/// factors by gradient descent on the calibration data; these are exact solutions.
+///
+/// With the `clap` feature it is a `clap::ValueEnum` (`none`, `output`, `both`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum Refit {
+    /// The whitened SVD of `W` on the emulator's inputs, no refit.
+    #[default]
+    None,
+    /// `W_v` from that SVD, `W_u` refitted: `argmin ‖X Wᵀ − X' W_vᵀ W_uᵀ‖_F`.
+    Output,
+    /// Both factors: the best rank-`k` map, `argmin_{rank k} ‖X Wᵀ − X' Mᵀ‖_F` (the whitened SVD
+    /// of the unconstrained least-squares map `(X'ᵀX')⁻¹ X'ᵀ X Wᵀ` on `X'ᵀX'`, with a small ridge
+    /// where `X'ᵀX'` is singular).
+    Both,
 }
 
 /// Configuration of [`emulate`](crate::emulate).
@@ -186,8 +204,8 @@ impl EmulatorConfig {
         self
     }
 
-    /// Switches to sequential calibration ([`SequentialConfig`]), with or without the refit.
-    pub fn with_sequential(mut self, refit: bool) -> Self {
+    /// Switches to sequential calibration ([`SequentialConfig`]) with `refit`.
+    pub fn with_sequential(mut self, refit: Refit) -> Self {
         self.sequential = Some(SequentialConfig { refit });
         self
     }

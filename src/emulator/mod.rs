@@ -11,7 +11,8 @@ pub use allocation::{
     whitened_spectra, with_dense_layers,
 };
 pub use config::{
-    EmulatorConfig, Keep, LayerRule, SequentialConfig, SvdMethod, WhiteningConfig, WhiteningMethod,
+    EmulatorConfig, Keep, LayerRule, Refit, SequentialConfig, SvdMethod, WhiteningConfig,
+    WhiteningMethod,
 };
 pub use factorize::{FactorizedLayer, Whitening, cholesky_damped, factorize_layer, whitening};
 pub use store::{
@@ -68,9 +69,9 @@ pub struct LayerReport {
 /// `X` the original's inputs to the layer and `X'` the emulator's.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RefitReport {
-    /// With the whitened SVD's `W_u` (fitted to `X'` only).
+    /// With the whitened SVD of `W` on `X'` (no refit).
     pub relative_output_error_before: f64,
-    /// With the refitted `W_u`.
+    /// With the refitted factors.
     pub relative_output_error: f64,
 }
 
@@ -271,12 +272,12 @@ fn install_factors(linear: &mut crate::nn::Linear, w_v: &Matrix, w_u: &Matrix) {
 /// correction step; otherwise its dense weights are released layer by layer.
 ///
 /// With [`EmulatorConfig::sequential`] set, the batches are collected (hence `Clone`) and run
-/// once per block (twice with the refit, through the original too): block `b`'s layers are
+/// once per block (twice with a refit, through the original too): block `b`'s layers are
 /// calibrated on what the emulator with blocks `0..b` already factored feeds them. Blocks are
 /// the layers' paths up to their first numeric segment (`encoder.layer.3`), taken in the
 /// module's traversal order, which must be the order data flows through them (it is in
 /// every model of the zoo); a layer outside numbered blocks is a block of its own. The forward
-/// pass must be deterministic (no dropout): the refit pairs each original input with the
+/// pass must be deterministic (no dropout): a refit pairs each original input with the
 /// emulator's input of the same call.
 ///
 /// [`emulate_with_progress`] also reports each factored layer.

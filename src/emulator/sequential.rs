@@ -1,13 +1,13 @@
 //! Sequential calibration ([`super::SequentialConfig`]): the emulator built one block at a time,
 //! each block calibrated on the inputs the already-emulated blocks before it produce, with an
-//! optional closed-form refit of each layer's output factor against the original's outputs.
+//! optional closed-form refit ([`Refit`]) against the original's outputs.
 //!
 //! With `X` a layer's inputs in the original, `X'` its inputs in the emulator built so far and
 //! `W` (Burn layout `[d_in, d_out]`) its weight, the layer is factored by the whitened SVD on
-//! `G' = X'ᵀX'` (so `W_v` spans what matters for the inputs it will see), and the refit then
-//! solves `min_U ‖X W − X' V U‖_F` for `U = W_uᵀ` with `V = W_vᵀ` fixed:
-//! `U = (Vᵀ G' V)⁻¹ Vᵀ C W` with `C = X'ᵀX`. `G'`, `C` and `G = XᵀX` are accumulated in f32
-//! from both models' inputs of the same forward calls; the solve is f64 on the host.
+//! `G' = X'ᵀX'`. [`Refit::Output`] then solves `min_U ‖X W − X' V U‖_F` for `U = W_uᵀ` with
+//! `V = W_vᵀ` fixed: `U = (Vᵀ G' V)⁻¹ Vᵀ C W` with `C = X'ᵀX`; [`Refit::Both`] factors the
+//! unconstrained solution `G'⁻¹ C W` instead of `W`. `G'`, `C` and `G = XᵀX` are accumulated in
+//! f32 from both models' inputs of the same forward calls; the solves are f64 on the host.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -18,7 +18,8 @@ use faer::Mat;
 
 use super::factorize::{FactorizedLayer, factorize_layer};
 use super::{
-    EmulatorConfig, FactorizationProgress, LayerReport, PlannedLayer, RefitReport, install_factors,
+    EmulatorConfig, FactorizationProgress, LayerReport, PlannedLayer, Refit, RefitReport,
+    install_factors,
 };
 use crate::calibration::CalibrationSession;
 use crate::error::{EmlocError, Result};
@@ -73,7 +74,7 @@ where
     F: FnMut(&M, B),
     P: FnMut(FactorizationProgress<'_>),
 {
-    let refit = config.sequential.is_some_and(|s| s.refit);
+    let refit = config.sequential.is_some_and(|s| s.refit != Refit::None);
     // Shares every tensor with `model`; the emulator's factored layers stop sharing theirs.
     let original = refit.then(|| model.clone());
     let mut current = model;
@@ -216,7 +217,7 @@ fn factor_block<M: Module, P: FnMut(FactorizationProgress<'_>)>(
     }
 }
 
-/// One layer's whitened SVD on its emulated inputs, refitted when the statistics allow it.
+/// One layer's whitened SVD on its emulated inputs, refitted as `config` asks.
 fn factor_layer(
     layer: &PlannedLayer,
     weight: &Matrix,
@@ -228,64 +229,107 @@ fn factor_layer(
         return Err(EmlocError::NoCalibrationTokens { layer: path.clone() });
     };
     let gram = finite_matrix(path, gram, "Gram matrix")?;
-    let mut f = factorize_layer(path, weight, &gram, layer.rank, &config.whitening)?;
-    let mut report = layer.report(stat.tokens, &f);
-    if let (Some(cross), Some(original_gram)) = (stat.cross, stat.original_gram) {
-        let cross = finite_matrix(path, cross, "cross-Gram matrix")?;
-        let original_gram = finite_matrix(path, original_gram, "original Gram matrix")?;
-        let (w_u, refit) =
-            refit_output_factor(weight, &f.w_v, &f.w_u, &gram, &cross, &original_gram);
-        f.w_u = w_u;
-        report.refit = Some(refit);
-    }
-    Ok((f, report))
+    let plain = factorize_layer(path, weight, &gram, layer.rank, &config.whitening)?;
+    let (Some(cross), Some(original_gram)) = (stat.cross, stat.original_gram) else {
+        let report = layer.report(stat.tokens, &plain);
+        return Ok((plain, report));
+    };
+    let fit = LeastSquares::new(
+        weight,
+        &gram,
+        &finite_matrix(path, cross, "cross-Gram matrix")?,
+        &finite_matrix(path, original_gram, "original Gram matrix")?,
+    );
+    let before = fit.relative_error(&plain.w_v, &plain.w_u);
+    let refit = config.sequential.map_or(Refit::None, |s| s.refit);
+    let fitted = match refit {
+        Refit::None => plain,
+        Refit::Output => FactorizedLayer { w_u: fit.output_factor(&plain.w_v), ..plain },
+        Refit::Both => {
+            factorize_layer(path, &fit.full_map(), &gram, layer.rank, &config.whitening)?
+        }
+    };
+    let mut report = layer.report(stat.tokens, &fitted);
+    report.refit = Some(RefitReport {
+        relative_output_error_before: before,
+        relative_output_error: fit.relative_error(&fitted.w_v, &fitted.w_u),
+    });
+    Ok((fitted, report))
 }
 
 fn to_f64(m: &Matrix) -> Mat<f64> {
     Mat::from_fn(m.rows, m.cols, |i, j| m.get(i, j) as f64)
 }
 
-/// The least-squares output factor `U = (Vᵀ G' V)⁻¹ Vᵀ C W` (`[k, d_out]`, Burn orientation)
-/// for input factor `v` (`[d_in, k]`), and the relative output errors of `u_svd` (the whitened
-/// SVD's) and of `U`. A 10⁻¹² relative ridge keeps `Vᵀ G' V` invertible when `X' V` is rank
-/// deficient.
-pub(crate) fn refit_output_factor(
-    weight: &Matrix,
-    v: &Matrix,
-    u_svd: &Matrix,
-    emulated_gram: &Matrix,
-    cross: &Matrix,
-    original_gram: &Matrix,
-) -> (Matrix, RefitReport) {
-    let (w, v, g_e, c, g_o) =
-        (to_f64(weight), to_f64(v), to_f64(emulated_gram), to_f64(cross), to_f64(original_gram));
-    let k = v.ncols();
-    let a = v.transpose() * (&g_e * &v); // [k, k]
-    let r = v.transpose() * (&c * &w); // [k, d_out]
+fn to_matrix(m: &Mat<f64>) -> Matrix {
+    let (rows, cols) = (m.nrows(), m.ncols());
+    Matrix::new(
+        rows,
+        cols,
+        (0..rows * cols).map(|idx| m[(idx / cols, idx % cols)] as f32).collect(),
+    )
+}
+
+/// Frobenius inner product.
+fn inner(x: &Mat<f64>, y: &Mat<f64>) -> f64 {
+    (0..x.nrows()).flat_map(|i| (0..x.ncols()).map(move |j| x[(i, j)] * y[(i, j)])).sum()
+}
+
+/// `a⁻¹ b` with a relative ridge `relative · mean(diag a)` on `a`'s diagonal (so that a singular
+/// `a`, from rank-deficient inputs, still gives the minimum-norm-like solution).
+fn ridge_solve(a: &Mat<f64>, b: &Mat<f64>, relative: f64) -> Mat<f64> {
+    let n = a.nrows();
     let mut damped = a.clone();
-    let ridge = 1e-12 * (0..k).map(|i| a[(i, i)]).sum::<f64>() / k.max(1) as f64;
-    (0..k).for_each(|i| damped[(i, i)] += ridge.max(f64::MIN_POSITIVE));
-    let inverse = faer::linalg::solvers::DenseSolveCore::inverse(&damped.partial_piv_lu());
-    let u = &inverse * &r;
-    // ‖X W − X' V U‖² = tr(Wᵀ G W) − 2⟨U, R⟩ + ⟨U, A U⟩ (Frobenius products).
-    let inner = |x: &Mat<f64>, y: &Mat<f64>| {
-        (0..x.nrows())
-            .flat_map(|i| (0..x.ncols()).map(move |j| (i, j)))
-            .map(|(i, j)| x[(i, j)] * y[(i, j)])
-            .sum::<f64>()
-    };
-    let target = inner(&w, &(&g_o * &w)).max(0.0);
-    let error = |u: &Mat<f64>| {
-        let squared = target - 2.0 * inner(u, &r) + inner(u, &(&a * u));
-        if target > 0.0 { (squared.max(0.0) / target).sqrt() } else { 0.0 }
-    };
-    let report = RefitReport {
-        relative_output_error_before: error(&to_f64(u_svd)),
-        relative_output_error: error(&u),
-    };
-    let (rows, cols) = (u.nrows(), u.ncols());
-    let data = (0..rows * cols).map(|idx| u[(idx / cols, idx % cols)] as f32).collect();
-    (Matrix::new(rows, cols, data), report)
+    let ridge = relative * (0..n).map(|i| a[(i, i)]).sum::<f64>() / n.max(1) as f64;
+    (0..n).for_each(|i| damped[(i, i)] += ridge.max(f64::MIN_POSITIVE));
+    faer::linalg::solvers::DenseSolveCore::inverse(&damped.partial_piv_lu()) * b
+}
+
+/// The least-squares problem `min ‖X W − X' M‖_F` of one layer (Burn orientation: `W`, `M` are
+/// `[d_in, d_out]`), from `G' = X'ᵀX'`, `C = X'ᵀX` and `G = XᵀX`, in f64.
+struct LeastSquares {
+    emulated_gram: Mat<f64>,
+    /// `C W = X'ᵀ X W`, `[d_in, d_out]`.
+    cross_target: Mat<f64>,
+    /// `‖X W‖_F²`.
+    target_norm: f64,
+}
+
+impl LeastSquares {
+    fn new(
+        weight: &Matrix,
+        emulated_gram: &Matrix,
+        cross: &Matrix,
+        original_gram: &Matrix,
+    ) -> Self {
+        let w = to_f64(weight);
+        let cross_target = to_f64(cross) * &w;
+        let target_norm = inner(&w, &(to_f64(original_gram) * &w)).max(0.0);
+        Self { emulated_gram: to_f64(emulated_gram), cross_target, target_norm }
+    }
+
+    /// `U = (Vᵀ G' V)⁻¹ Vᵀ C W` (`[k, d_out]`) for `v = V` (`[d_in, k]`); a 10⁻¹² relative
+    /// ridge keeps the `k × k` system invertible when `X' V` is rank-deficient.
+    fn output_factor(&self, v: &Matrix) -> Matrix {
+        let v = to_f64(v);
+        let a = v.transpose() * (&self.emulated_gram * &v);
+        to_matrix(&ridge_solve(&a, &(v.transpose() * &self.cross_target), 1e-12))
+    }
+
+    /// The unconstrained fit `M̂ = G'⁻¹ C W` (10⁻⁶ relative ridge, the whitening's first
+    /// damping, where `G'` is singular): the weight whose whitened SVD on `G'` is the best rank-k
+    /// fit, since `‖X W − X' M‖² = ‖X W − X' M̂‖² + ‖X' (M̂ − M)‖²`.
+    fn full_map(&self) -> Matrix {
+        to_matrix(&ridge_solve(&self.emulated_gram, &self.cross_target, 1e-6))
+    }
+
+    /// `‖X W − X' V U‖_F / ‖X W‖_F` = √(‖X W‖² − 2⟨V U, C W⟩ + ⟨V U, G' V U⟩) / ‖X W‖.
+    fn relative_error(&self, v: &Matrix, u: &Matrix) -> f64 {
+        let m = to_f64(v) * to_f64(u);
+        let squared = self.target_norm - 2.0 * inner(&m, &self.cross_target)
+            + inner(&m, &(&self.emulated_gram * &m));
+        if self.target_norm > 0.0 { (squared.max(0.0) / self.target_norm).sqrt() } else { 0.0 }
+    }
 }
 
 #[cfg(test)]

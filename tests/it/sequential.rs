@@ -2,7 +2,7 @@
 //! computed from the raw activations (QR least squares, not the Gram formulas the library uses).
 
 use burn::tensor::{Device, Tensor};
-use emloc::emulator::{Keep, LayerRule, factorize_layer, with_dense_layers};
+use emloc::emulator::{Keep, LayerRule, Refit, factorize_layer, with_dense_layers};
 use emloc::{EmlocError, EmulatorConfig, Matrix, emulate, emulate_part};
 use faer::Mat;
 use faer::linalg::solvers::SolveLstsq;
@@ -59,7 +59,8 @@ fn max_rel(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
 fn sequential_refit_is_the_float64_least_squares_fit_of_the_original_outputs() {
     let device = Device::flex();
     let (model, batches, config) = setup(&device);
-    let (emulator, report) = build(&model, &batches, &config.clone().with_sequential(true));
+    let (emulator, report) =
+        build(&model, &batches, &config.clone().with_sequential(Refit::Output));
     let x = Tensor::cat(batches.clone(), 0);
     // l2's inputs in the original and in the emulator whose l1 is already factored.
     let h = to_f64(gelu(model.l1.forward(x.clone())));
@@ -85,11 +86,43 @@ fn sequential_refit_is_the_float64_least_squares_fit_of_the_original_outputs() {
 }
 
 #[test]
+fn refitting_both_factors_gives_the_best_rank_k_fit_of_the_original_outputs() {
+    let device = Device::flex();
+    let (model, batches, config) = setup(&device);
+    let (emulator, report) = build(&model, &batches, &config.clone().with_sequential(Refit::Both));
+    let x = Tensor::cat(batches.clone(), 0);
+    let h = to_f64(gelu(model.l1.forward(x.clone())));
+    let h_emulated = to_f64(gelu(emulator.l1.forward(x)));
+    let target = &h * to_f64(model.l2.weight.val());
+    // Oracle: the unconstrained least-squares map by QR, then the rank-4 truncation of its
+    // outputs H' M̂ by an SVD in data space (Eckart–Young): the best rank-4 fit H' M.
+    let fitted = &h_emulated * (&h_emulated).qr().solve_lstsq(&target);
+    let svd = fitted.thin_svd().unwrap();
+    let u4 = svd.U().subcols(0, 4);
+    let best = u4 * (u4.transpose() * &fitted);
+    let (v, u) = factors(&emulator.l2);
+    let got = &h_emulated * &v * &u;
+    // The 10⁻⁶ relative ridge on X'ᵀX' (and f32 Grams) move the fit slightly off the optimum;
+    // its error may exceed the optimum's by a hair only.
+    let (error, optimum) = ((&got - &target).norm_l2(), (&best - &target).norm_l2());
+    assert!(error <= optimum * (1.0 + 1e-4), "error {error} vs the optimum {optimum}");
+    assert!(max_rel(&got, &best) < 1e-2, "not the best rank-4 fit: {}", max_rel(&got, &best));
+    // Better than refitting the output factor alone, which is better than no refit.
+    let (_, output_only) = build(&model, &batches, &config.with_sequential(Refit::Output));
+    let (both, output) = (report.layers[1].refit.unwrap(), output_only.layers[1].refit.unwrap());
+    // (l2's inputs differ by a hair: on block 1, X' = X and M̂ = W up to the ridge.)
+    let befores = (both.relative_output_error_before, output.relative_output_error_before);
+    assert!((befores.0 - befores.1).abs() < 1e-5, "{befores:?}");
+    assert!(both.relative_output_error < output.relative_output_error, "{both:?} vs {output:?}");
+}
+
+#[test]
 fn sequential_calibration_fits_each_block_to_the_emulated_prefix() {
     let device = Device::flex();
     let (model, batches, config) = setup(&device);
     let (one_shot, _) = build(&model, &batches, &config);
-    let (sequential, report) = build(&model, &batches, &config.clone().with_sequential(false));
+    let (sequential, report) =
+        build(&model, &batches, &config.clone().with_sequential(Refit::None));
     assert!(report.layers.iter().all(|l| l.refit.is_none()));
     // Block 1 (l1) sees the original's inputs either way.
     let (v1, u1) = factors(&sequential.l1);
@@ -115,8 +148,9 @@ fn sequential_calibration_is_refused_for_a_part() {
     let device = Device::flex();
     let (model, batches, config) = setup(&device);
     let forward = |m: &Mlp, x: Tensor<2>| drop(m.forward(x));
-    let err = emulate_part(model, "", batches, forward, &config.with_sequential(true), |_| {})
-        .unwrap_err();
+    let err =
+        emulate_part(model, "", batches, forward, &config.with_sequential(Refit::Output), |_| {})
+            .unwrap_err();
     assert!(matches!(err, EmlocError::InvalidConfig(ref m) if m.contains("emulate")), "{err}");
 }
 
