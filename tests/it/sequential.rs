@@ -96,7 +96,7 @@ fn refitting_both_factors_gives_the_best_rank_k_fit_of_the_original_outputs() {
     let target = &h * to_f64(model.l2.weight.val());
     // Oracle: the unconstrained least-squares map by QR, then the rank-4 truncation of its
     // outputs H' M̂ by an SVD in data space (Eckart–Young): the best rank-4 fit H' M.
-    let fitted = &h_emulated * (&h_emulated).qr().solve_lstsq(&target);
+    let fitted = &h_emulated * h_emulated.qr().solve_lstsq(&target);
     let svd = fitted.thin_svd().unwrap();
     let u4 = svd.U().subcols(0, 4);
     let best = u4 * (u4.transpose() * &fitted);
