@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
-use emloc::peft::{KeptFeatures, PeftAdapter};
+use emloc::peft::PeftAdapter;
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_adapter};
 use emloc_models::causal_lm::{self, CausalLm, EvalConfig, Example};
 use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
 use emloc_models::llama::LlamaForCausalLM;
-use emloc_models::pruning::{neurons_for_params, strongest_neurons};
+use emloc_models::pruning::{neurons_for_params, strongest_neurons, unprune_adapter};
 use emloc_models::retrieval;
 use emloc_models::rng::XorShiftRng;
 use serde::Serialize;
@@ -679,20 +679,11 @@ fn pruning_row(
         wanted.iter().map(|path| strongest_neurons(&grams[path], keep)).collect();
     let name = format!("structured pruning, {keep} of {width} MLP neurons per layer");
     let pruned = cx.original.clone().prune_mlp(&kept)?;
-    let moved = |mut adapter: PeftAdapter| {
-        for (l, neurons) in kept.iter().enumerate() {
-            let neurons = KeptFeatures { indices: neurons, full: width };
-            for projection in ["gate_proj", "up_proj"] {
-                let path = format!("model.layers.{l}.mlp.{projection}");
-                if adapter.layers.contains_key(&path) {
-                    adapter.unprune_layer(&path, None, Some(neurons))?;
-                }
-            }
-            if adapter.layers.contains_key(&down(l)) {
-                adapter.unprune_layer(&down(l), Some(neurons), None)?;
-            }
-        }
-        Ok(adapter)
+    let moved = |adapter: PeftAdapter| {
+        let writers = |l: usize| {
+            ["gate_proj", "up_proj"].map(|p| format!("model.layers.{l}.mlp.{p}")).to_vec()
+        };
+        Ok(unprune_adapter(adapter, &kept, width, writers, down)?)
     };
     cut_model_row(cx, &name, pruned, moved, "pruned", &row_phase, recovered)
 }

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 
 use burn::module::Module;
 use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectra};
-use emloc::peft::{KeptFeatures, PeftAdapter};
+use emloc::peft::PeftAdapter;
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_attached_adapter};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
 use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
-use emloc_models::pruning::{neurons_for_params, strongest_neurons};
+use emloc_models::pruning::{neurons_for_params, strongest_neurons, unprune_adapter};
 use serde::Serialize;
 
 use crate::CliResult;
@@ -488,18 +488,9 @@ fn pruning_row(
         wanted.iter().map(|path| strongest_neurons(&grams[path], keep)).collect();
     let name = format!("structured pruning, {keep} of {width} FFN neurons per layer");
     let pruned = cx.original.clone().prune_ffn(&kept)?;
-    let moved = |mut adapter: PeftAdapter| {
-        for (l, neurons) in kept.iter().enumerate() {
-            let neurons = KeptFeatures { indices: neurons, full: width };
-            let up = format!("encoder.layer.{l}.intermediate.dense");
-            if adapter.layers.contains_key(&up) {
-                adapter.unprune_layer(&up, None, Some(neurons))?;
-            }
-            if adapter.layers.contains_key(&ffn_output(l)) {
-                adapter.unprune_layer(&ffn_output(l), Some(neurons), None)?;
-            }
-        }
-        Ok(adapter)
+    let moved = |adapter: PeftAdapter| {
+        let writers = |l: usize| vec![format!("encoder.layer.{l}.intermediate.dense")];
+        Ok(unprune_adapter(adapter, &kept, width, writers, ffn_output)?)
     };
     cut_model_row(cx, &name, pruned, moved, "adapter-pruned", row_phase, recovered)
 }

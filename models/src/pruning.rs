@@ -9,6 +9,7 @@
 //! neuron's squared activation norm over the calibration tokens.
 
 use emloc::Matrix;
+use emloc::peft::{KeptFeatures, PeftAdapter};
 
 /// The `keep` neurons with the largest squared activation norms `diag(gram)`, in increasing
 /// index order (ties: the lower index first).
@@ -37,6 +38,36 @@ pub fn neurons_for_params(
 ) -> usize {
     let per_neuron = (params_per_neuron * layers).max(1) as f64;
     ((ffn_params as f64 / per_neuron).round() as usize).clamp(1, width)
+}
+
+/// LoRA trained on a model whose FFN in layer `l` kept the neurons `kept[l]` of `width`, moved
+/// back onto the unpruned model: the layers `writers(l)` (whose outputs are the neurons: a
+/// BERT's `intermediate.dense`, a Llama's `gate_proj` and `up_proj`) and `reader(l)` (whose
+/// inputs are: `output.dense`, `down_proj`) get zeros at the pruned features
+/// ([`PeftAdapter::unprune_layer`]); layers the adapter does not cover are left alone.
+///
+/// # Errors
+/// As [`PeftAdapter::unprune_layer`] (indices that do not fit the adapter's shapes).
+pub fn unprune_adapter(
+    mut adapter: PeftAdapter,
+    kept: &[Vec<usize>],
+    width: usize,
+    writers: impl Fn(usize) -> Vec<String>,
+    reader: impl Fn(usize) -> String,
+) -> emloc::Result<PeftAdapter> {
+    for (l, neurons) in kept.iter().enumerate() {
+        let neurons = KeptFeatures { indices: neurons, full: width };
+        for path in writers(l) {
+            if adapter.layers.contains_key(&path) {
+                adapter.unprune_layer(&path, None, Some(neurons))?;
+            }
+        }
+        let path = reader(l);
+        if adapter.layers.contains_key(&path) {
+            adapter.unprune_layer(&path, Some(neurons), None)?;
+        }
+    }
+    Ok(adapter)
 }
 
 #[cfg(test)]

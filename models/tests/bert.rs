@@ -587,13 +587,14 @@ fn an_ffn_pruned_model_trains_an_adapter_that_moves_onto_the_unpruned_model() {
     adapter.config.target_modules =
         emloc::peft::TargetModules::List(adapter.layers.keys().cloned().collect());
     let tuned_pruned = emloc::merge_adapter(pruned, &adapter).unwrap();
-    for (l, neurons) in kept.iter().enumerate() {
-        let kept = emloc::peft::KeptFeatures { indices: neurons, full: 32 };
-        let up = format!("encoder.layer.{l}.intermediate.dense");
-        adapter.unprune_layer(&up, None, Some(kept)).unwrap();
-        let down = format!("encoder.layer.{l}.output.dense");
-        adapter.unprune_layer(&down, Some(kept), None).unwrap();
-    }
+    let adapter = emloc_models::pruning::unprune_adapter(
+        adapter,
+        &kept,
+        32,
+        |l| vec![format!("encoder.layer.{l}.intermediate.dense")],
+        |l| format!("encoder.layer.{l}.output.dense"),
+    )
+    .unwrap();
     let tuned = emloc::merge_adapter(model.clone(), &adapter).unwrap();
     assert_within(
         "tuned pruned vs tuned unpruned, silenced",
