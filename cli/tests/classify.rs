@@ -130,7 +130,7 @@ fn run_prints_the_ten_rows_and_applies_only_the_recipe_defaults_not_given() {
     let p = |name: &str| dir.path().join(name).display().to_string();
     write_data(&dir.path().join("data.jsonl"));
     let model = fixture().display().to_string();
-    let table = ok(&[
+    let args = [
         "run",
         "--model",
         &model,
@@ -152,9 +152,9 @@ fn run_prints_the_ten_rows_and_applies_only_the_recipe_defaults_not_given() {
         "8",
         "--ratio",
         "0.5",
-        "--out",
-        &p("run"),
-    ]);
+    ];
+    let out = p("run");
+    let table = ok(&[&args[..], &["--out", &out]].concat());
     let rows: Vec<&str> =
         table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
     assert_eq!(rows.len(), 10, "{table}");
@@ -205,4 +205,21 @@ fn run_prints_the_ten_rows_and_applies_only_the_recipe_defaults_not_given() {
     ] {
         assert!(dir.path().join("run").join(adapter).join("adapter_model.safetensors").is_file());
     }
+    // Fewer rows, and the constructions at the headline emulator's size.
+    let out = p("run-headline");
+    let extra = [
+        "--out",
+        &out,
+        "--rows",
+        "headline",
+        "--constructions",
+        "sequential-refit,dense-last-down",
+    ];
+    let table = ok(&[&args[..], &extra].concat());
+    let methods: Vec<&str> =
+        table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+    assert_eq!(methods.len(), 10, "{table}");
+    assert!(methods[6].contains("sequential calibration + refit corrected"), "{table}");
+    assert!(methods[9].contains("dense last FFN output uncorrected"), "{table}");
+    assert!(!table.contains("plain-SVD") && !table.contains("layer drop"), "{table}");
 }
