@@ -111,7 +111,7 @@ pub enum Construction {
 }
 
 /// The variants `constructions` ask for, built from `base` (the EMLoC rows' config, named by
-/// `sizing`) on `model`, whose first and last blocks are `blocks` (a regex over their paths'
+/// `sizing`) on `model`, whose first and last blocks are `end_blocks` (a regex over their paths'
 /// block part, e.g. `encoder\.layer\.(0|5)`) and whose last FFN output projection is
 /// `last_down` (a path).
 pub(crate) fn construction_variants<M: Module>(
