@@ -146,7 +146,8 @@ pub enum Refit {
     Output,
     /// Both factors: the best rank-`k` map, `argmin_{rank k} ‖X Wᵀ − X' Mᵀ‖_F` (the whitened SVD
     /// of the unconstrained least-squares map `(X'ᵀX')⁻¹ X'ᵀ X Wᵀ` on `X'ᵀX'`, with a small ridge
-    /// where `X'ᵀX'` is singular).
+    /// where `X'ᵀX'` is singular). It can overfit the calibration data: on SmolLM2-135M with 64
+    /// calibration sequences the emulator's held-out loss rose to 21.6 (one-shot: 4.95).
     Both,
 }
 
