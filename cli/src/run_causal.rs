@@ -16,7 +16,7 @@ use emloc::emulator::{Objective, config_for_ranks, global_ranks, whitened_spectr
 use emloc::peft::PeftAdapter;
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_adapter};
 use emloc_models::causal_lm::{self, CausalLm, EvalConfig, Example};
-use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
+use emloc_models::layer_drop::blocks_at_emulator_size;
 use emloc_models::llama::LlamaForCausalLM;
 use emloc_models::pruning::{neurons_for_params, strongest_neurons, unprune_adapter};
 use emloc_models::retrieval;
@@ -632,9 +632,7 @@ fn layer_drop_row(
 ) -> CliResult<Row> {
     let row_phase = Phase::start();
     let total = cx.original.model.layers.len();
-    let block_params = emulator.params_original() / total.max(1);
-    let kept =
-        evenly_kept_blocks(total, blocks_for_params(emulator.params_kept(), block_params, total))?;
+    let kept = blocks_at_emulator_size(emulator, total)?;
     let name = format!("layer drop (Offsite-Tuning), {} of {total} layers", kept.len());
     let dropped = cx.original.clone().keep_layers(&kept)?;
     let moved = |adapter: PeftAdapter| Ok(adapter.renumber_blocks("model.layers.", &kept)?);

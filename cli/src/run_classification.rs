@@ -14,7 +14,7 @@ use emloc::peft::PeftAdapter;
 use emloc::{EmulatorConfig, WhiteningMethod, export_adapter, merge_attached_adapter};
 use emloc_models::bert::{BertModel, SentenceEncoder};
 use emloc_models::classification::{ClassificationMetrics, ClassificationTask, LabeledText};
-use emloc_models::layer_drop::{blocks_for_params, evenly_kept_blocks};
+use emloc_models::layer_drop::blocks_at_emulator_size;
 use emloc_models::pruning::{neurons_for_params, strongest_neurons, unprune_adapter};
 use serde::Serialize;
 
@@ -399,9 +399,7 @@ fn layer_drop_row(
 ) -> CliResult<Row> {
     let row_phase = Phase::start();
     let total = cx.original.encoder.layer.len();
-    let block_params = emulator.params_original() / total.max(1);
-    let keep = blocks_for_params(emulator.params_kept(), block_params, total);
-    let kept = evenly_kept_blocks(total, keep)?;
+    let kept = blocks_at_emulator_size(emulator, total)?;
     let name = format!("layer drop (Offsite-Tuning), layers {kept:?} of {total}");
     let dropped = cx.original.clone().keep_layers(&kept)?;
     let moved = |adapter: PeftAdapter| Ok(adapter.renumber_blocks("encoder.layer.", &kept)?);

@@ -53,6 +53,20 @@ pub fn blocks_for_params(params: usize, block_params: usize, total: usize) -> us
     nearest.clamp(2.min(total), total)
 }
 
+/// The blocks a layer-dropped model of `total` equal blocks keeps to come closest in size to
+/// `emulator` (whose factored layers all sit in those blocks): [`blocks_for_params`] over the
+/// emulator's kept parameters, spread by [`evenly_kept_blocks`].
+///
+/// # Errors
+/// As [`evenly_kept_blocks`].
+pub fn blocks_at_emulator_size(
+    emulator: &emloc::EmulatorReport,
+    total: usize,
+) -> Result<Vec<usize>> {
+    let block_params = emulator.params_original() / total.max(1);
+    evenly_kept_blocks(total, blocks_for_params(emulator.params_kept(), block_params, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
