@@ -123,7 +123,10 @@ mod tests {
             device.seed(seed);
             layer.forward(x.clone()).into_data().try_to_vec::<f32>().unwrap()
         };
-        assert_eq!(run(3), run(3), "the device seed fixes the mask");
+        // The device RNG is process-wide: a test on another thread drawing between our seed and
+        // our draw changes the mask, so a few tries are allowed (an unseeded mask of 2,048
+        // entries never repeats).
+        assert!((0..5).any(|_| run(3) == run(3)), "the device seed fixes the mask");
         assert_ne!(run(3), run(4));
         let y = run(3);
         assert!(y.iter().all(|&v| v == 0.0 || v == 2.0));
