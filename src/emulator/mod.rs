@@ -201,16 +201,23 @@ where
         let Some(gram) = acc.gram.filter(|_| acc.tokens > 0) else {
             return Err(EmlocError::NoCalibrationTokens { layer: path });
         };
-        let gram = Matrix::from_tensor(gram);
-        if !gram.is_finite() {
-            return Err(EmlocError::NonFinite {
-                layer: path,
-                what: "Gram matrix (its calibration inputs contain NaN or Inf)".into(),
-            });
-        }
+        let gram = finite_matrix(&path, gram, "Gram matrix")?;
         stats.push(LayerStatistics { path, gram, tokens: acc.tokens });
     }
     Ok((stats, batch_count, started.elapsed().as_secs_f64()))
+}
+
+/// A calibration statistic of `layer` read back to the host, checked finite (`what` names it
+/// in the error).
+fn finite_matrix(layer: &str, tensor: Tensor<2>, what: &str) -> Result<Matrix> {
+    let matrix = Matrix::from_tensor(tensor);
+    if !matrix.is_finite() {
+        return Err(EmlocError::NonFinite {
+            layer: layer.to_string(),
+            what: format!("{what} (its calibration inputs contain NaN or Inf)"),
+        });
+    }
+    Ok(matrix)
 }
 
 struct PlannedLayer {

@@ -19,7 +19,7 @@ use faer::Mat;
 use super::factorize::{FactorizedLayer, factorize_layer};
 use super::{
     EmulatorConfig, FactorizationProgress, LayerReport, PlannedLayer, Refit, RefitReport,
-    install_factors,
+    finite_matrix, install_factors,
 };
 use crate::calibration::CalibrationSession;
 use crate::error::{EmlocError, Result};
@@ -168,18 +168,6 @@ where
         }
     }
     Ok(stats)
-}
-
-/// `matrix` read back to the host, checked finite.
-fn finite_matrix(layer: &str, tensor: Tensor<2>, what: &str) -> Result<Matrix> {
-    let matrix = Matrix::from_tensor(tensor);
-    if !matrix.is_finite() {
-        return Err(EmlocError::NonFinite {
-            layer: layer.to_string(),
-            what: format!("{what} (its calibration inputs contain NaN or Inf)"),
-        });
-    }
-    Ok(matrix)
 }
 
 /// Factors (and refits) every layer of `block` in `model` from `stats`.
