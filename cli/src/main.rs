@@ -22,6 +22,7 @@ mod progress;
 mod run;
 mod run_causal;
 mod run_classification;
+mod run_scale;
 mod source;
 mod stages;
 mod training;

@@ -33,7 +33,12 @@ pub struct RunArgs {
     /// table) or `smollm2-bigbench` (the LLM experiment on eight embedded BIG-bench tasks:
     /// --validation 20 per task, --train-pairs 300 per task, --steps 80, --batch-size 8,
     /// --lr 2e-3, --warmup-steps 5 unless given; --model defaults to $EMLOC_SMOLLM2_GGUF or
-    /// the path scripts/fetch_smollm2.sh writes). With --data the task follows the data's fields.
+    /// the path scripts/fetch_smollm2.sh writes) or `qwen-coder-scale` (the paper's comparison
+    /// on a real model pair: the large model through its emulator in the small one's fine-tuning
+    /// memory, on the same tasks: --validation 10, --train-pairs 100, --steps 40, --batch-size 4,
+    /// --lr 2e-3, --warmup-steps 3 unless given; --model and --small-model default to the
+    /// Qwen2.5-Coder-1.5B and 0.5B files of scripts/fetch_qwen_coder.sh). With --data the task
+    /// follows the data's fields.
     #[arg(long, value_enum, default_value_t = Recipe::MultiemoClassification)]
     pub(crate) recipe: Recipe,
     #[command(flatten)]
@@ -62,6 +67,11 @@ pub struct RunArgs {
     /// Correction clamp L.
     #[arg(long, default_value_t = 3.0)]
     pub(crate) clamp: f64,
+    /// qwen-coder-scale: the small model of the family, whose LoRA fine-tuning memory the large
+    /// model's emulator must stay within (default: $EMLOC_QWEN_CODER_0_5B_GGUF or the path
+    /// `scripts/fetch_qwen_coder.sh 0.5b` writes).
+    #[arg(long)]
+    pub(crate) small_model: Option<PathBuf>,
     /// Directory for the artifacts (emulators, adapters) and `report.json`.
     #[arg(long, default_value = "emloc-run")]
     pub(crate) out: PathBuf,
@@ -77,6 +87,10 @@ pub enum Recipe {
     /// The LLM experiment: SmolLM2-135M-Instruct (or --model) fine-tuned on eight BIG-bench
     /// tasks mixed, scored per task.
     Smollm2Bigbench,
+    /// The paper's central comparison on the same tasks: LoRA on a small model of a family
+    /// (Qwen2.5-Coder-0.5B, or --small-model) against EMLoC on a large one (Qwen2.5-Coder-1.5B,
+    /// or --model) through an emulator sized to the small model's fine-tuning memory.
+    QwenCoderScale,
 }
 
 /// `--rows` values (the LLM recipe).
@@ -209,6 +223,17 @@ pub(crate) const BIGBENCH_DEFAULTS: RecipeDefaults = RecipeDefaults {
     train_pairs: Some(300),
 };
 
+/// The scale recipe's defaults: the LLM recipe cut so that one seed of a 1.5 B model's rows
+/// fits in about 90 minutes on a 2-core CPU (EXPERIMENTS.md).
+pub(crate) const SCALE_DEFAULTS: RecipeDefaults = RecipeDefaults {
+    validation: 10,
+    steps: 40,
+    batch_size: 4,
+    warmup_steps: 3,
+    lr: Some(2e-3),
+    train_pairs: Some(100),
+};
+
 /// The classification recipe's defaults, sized to finish in about 10 minutes on a 2-core CPU
 /// (EXPERIMENTS.md).
 const CLASSIFICATION_DEFAULTS: RecipeDefaults = RecipeDefaults {
@@ -228,6 +253,9 @@ const CLASSIFICATION_MAX_SEQ_LENGTH: usize = 48;
 pub fn run_recipe(args: &RunArgs, matches: &ArgMatches) -> CliResult<()> {
     let mut args = args.clone();
     let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    if args.small_model.is_some() && args.recipe != Recipe::QwenCoderScale {
+        return Err("--small-model is for --recipe qwen-coder-scale".into());
+    }
     if args.recipe == Recipe::MultiemoClassification {
         args.data.embedded = EmbeddedData::MultiEmo;
     }
@@ -235,6 +263,11 @@ pub fn run_recipe(args: &RunArgs, matches: &ArgMatches) -> CliResult<()> {
         let mut train = args.train.clone();
         BIGBENCH_DEFAULTS.apply(&mut args, &mut train, given);
         return crate::run_causal::run(&args, &train);
+    }
+    if args.recipe == Recipe::QwenCoderScale {
+        let mut train = args.train.clone();
+        SCALE_DEFAULTS.apply(&mut args, &mut train, given);
+        return crate::run_scale::run(&args, &train);
     }
     match args.model.task_for(&args.data)?.1 {
         Task::Classification => {

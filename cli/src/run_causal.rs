@@ -49,9 +49,9 @@ fn default_gguf() -> PathBuf {
 
 /// One task's held-out items and its training share.
 pub(crate) struct TaskData {
-    task: &'static BigbenchTask,
+    pub(crate) task: &'static BigbenchTask,
     validation: Vec<Example>,
-    train: usize,
+    pub(crate) train: usize,
 }
 
 /// Reads the embedded tasks, carves `validation` items out of each with `split_seed` (the same
@@ -88,7 +88,7 @@ pub(crate) fn split_tasks(
 
 /// One task's result.
 #[derive(Debug, Clone, Serialize)]
-struct TaskScore {
+pub(crate) struct TaskScore {
     task: &'static str,
     /// `exact_match` or `accuracy`.
     metric: &'static str,
@@ -99,16 +99,16 @@ struct TaskScore {
 
 /// A model's results over all tasks.
 #[derive(Debug, Clone, Serialize)]
-struct Scores {
+pub(crate) struct Scores {
     /// Mean of the task scores (each task counts once).
-    mean_score: f64,
+    pub(crate) mean_score: f64,
     /// Mean of the task losses.
-    mean_loss: f64,
-    tasks: Vec<TaskScore>,
+    pub(crate) mean_loss: f64,
+    pub(crate) tasks: Vec<TaskScore>,
 }
 
 /// Scores `model` on every task's validation items.
-fn score(
+pub(crate) fn score(
     lm: &CausalLm,
     model: &LlamaForCausalLM,
     tasks: &[TaskData],
@@ -142,7 +142,7 @@ fn score(
 
 /// Mean over the tasks of `model`'s validation loss (NLL per completion token), without
 /// generating: the emulator's own quality before training.
-fn validation_loss(
+pub(crate) fn validation_loss(
     lm: &CausalLm,
     model: &LlamaForCausalLM,
     tasks: &[TaskData],
@@ -159,7 +159,7 @@ fn validation_loss(
 
 /// Heap a forward pass of the original needs on the batch of the `batch_size` longest training
 /// sequences (the largest batch training can meet), counted like [`PhaseStats::needed_bytes`].
-fn inference_bytes(
+pub(crate) fn inference_bytes(
     lm: &CausalLm,
     original: &LlamaForCausalLM,
     train: &[Example],
@@ -184,30 +184,30 @@ fn inference_bytes(
 
 /// One row of the table.
 #[derive(Debug, Serialize)]
-struct Row {
-    method: String,
+pub(crate) struct Row {
+    pub(crate) method: String,
     /// The emulator's keep-ratio, if the row trains on an emulator built with one.
-    ratio: Option<f64>,
-    scores: Scores,
+    pub(crate) ratio: Option<f64>,
+    pub(crate) scores: Scores,
     /// Share of full-model LoRA's mean-score gain over zero-shot.
-    gain_recovered: Option<f64>,
-    trainable_params: usize,
+    pub(crate) gain_recovered: Option<f64>,
+    pub(crate) trainable_params: usize,
     /// Parameters of the model the adapter was trained on (0 for zero-shot).
-    trained_model_params: usize,
+    pub(crate) trained_model_params: usize,
     /// Training loss of the first and the last step.
-    training_loss: Option<(f64, f64)>,
+    pub(crate) training_loss: Option<(f64, f64)>,
     /// Mean validation loss (over tasks) of the emulator itself before any training: its gap to
     /// the zero-shot row's loss is what the emulator loses before LoRA starts.
-    emulator_loss_before_training: Option<f64>,
+    pub(crate) emulator_loss_before_training: Option<f64>,
     /// Heap fine-tuning needs: the trained model's parameters plus what training allocated
     /// (adapter, optimizer state, activations, gradients).
-    finetune_bytes: Option<usize>,
+    pub(crate) finetune_bytes: Option<usize>,
     /// `finetune_bytes` over what running the original on the largest training batch needs.
-    finetune_vs_inference: Option<f64>,
+    pub(crate) finetune_vs_inference: Option<f64>,
     /// Wall time and peaks of fine-tuning (for zero-shot: of evaluating the original).
-    training: PhaseStats,
+    pub(crate) training: PhaseStats,
     /// Wall time of the whole row in seconds (emulation, training, correction, merge, scoring).
-    row_seconds: f64,
+    pub(crate) row_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -227,19 +227,19 @@ struct Report<'a> {
 }
 
 /// What every trained row needs.
-struct Context<'a> {
-    lm: &'a CausalLm,
-    original: &'a LlamaForCausalLM,
-    tasks: &'a [TaskData],
-    train: &'a [Example],
-    args: &'a RunArgs,
-    train_args: &'a TrainArgs,
-    inference: usize,
+pub(crate) struct Context<'a> {
+    pub(crate) lm: &'a CausalLm,
+    pub(crate) original: &'a LlamaForCausalLM,
+    pub(crate) tasks: &'a [TaskData],
+    pub(crate) train: &'a [Example],
+    pub(crate) args: &'a RunArgs,
+    pub(crate) train_args: &'a TrainArgs,
+    pub(crate) inference: usize,
 }
 
 impl Context<'_> {
     /// Trains LoRA on `model`; returns the tuned model and what the rows it gives share.
-    fn train(
+    pub(crate) fn train(
         &self,
         model: LlamaForCausalLM,
         label: &str,
@@ -277,7 +277,7 @@ impl Context<'_> {
 }
 
 /// What a training run contributes to its rows.
-struct Trained {
+pub(crate) struct Trained {
     trainable_params: usize,
     trained_model_params: usize,
     training_loss: (f64, f64),
@@ -288,7 +288,7 @@ struct Trained {
 }
 
 /// Checks the recipe's own options before any work.
-fn validate(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
+pub(crate) fn validate(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     if args.data.data.is_some() {
         return Err("--recipe smollm2-bigbench reads its eight embedded BIG-bench tasks; \
                     --data is for the other recipes"
@@ -358,45 +358,15 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         inference,
     };
 
-    let mut rows = Vec::new();
-    let phase = Phase::start();
-    let zero_shot = score(&lm, &original, &tasks, "zero-shot")?;
-    let stats = phase.finish();
-    log_scores("zero-shot", &zero_shot);
-    rows.push(Row {
-        method: "zero-shot (original model)".into(),
-        ratio: None,
-        scores: zero_shot.clone(),
-        gain_recovered: None,
-        trainable_params: 0,
-        trained_model_params: 0,
-        training_loss: None,
-        emulator_loss_before_training: None,
-        finetune_bytes: None,
-        finetune_vs_inference: None,
-        training: stats,
-        row_seconds: stats.wall_seconds,
-    });
-
-    let row_phase = Phase::start();
-    let (tuned, trained) = cx.train(original.clone(), "LoRA on the full model")?;
-    let adapter = export_adapter(&tuned)?;
-    adapter.save(&args.out.join("adapter-full-lora"))?;
-    let lora = score(&lm, &merge_adapter(original.clone(), &adapter)?, &tasks, "LoRA")?;
-    log_scores("LoRA on the full model", &lora);
-    let full_gain = lora.mean_score - zero_shot.mean_score;
+    let zero_shot = zero_shot_row(&cx, "zero-shot (original model)")?;
+    let lora = full_lora_row(&cx, "LoRA on the full model", "full-lora")?;
+    let full_gain = lora.scores.mean_score - zero_shot.scores.mean_score;
     // A share of a gain only means something when there is a gain.
+    let zero_shot_score = zero_shot.scores.mean_score;
     let recovered =
-        |s: &Scores| (full_gain > 1e-12).then(|| (s.mean_score - zero_shot.mean_score) / full_gain);
-    rows.push(trained_row(
-        &cx,
-        "LoRA on the full model".into(),
-        None,
-        lora.clone(),
-        &trained,
-        &recovered,
-        &row_phase,
-    ));
+        |s: &Scores| (full_gain > 1e-12).then(|| (s.mean_score - zero_shot_score) / full_gain);
+    let mut rows = vec![zero_shot, lora];
+    rows[1].gain_recovered = recovered(&rows[1].scores);
 
     let options = args.emulator.config()?;
     let whitening = options.whitening.method;
@@ -540,7 +510,41 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     Ok(())
 }
 
-fn trained_row(
+/// The original scored as it is, with no training: the `method` row.
+pub(crate) fn zero_shot_row(cx: &Context<'_>, method: &str) -> CliResult<Row> {
+    let phase = Phase::start();
+    let scores = score(cx.lm, cx.original, cx.tasks, method)?;
+    let stats = phase.finish();
+    log_scores(method, &scores);
+    Ok(Row {
+        method: method.into(),
+        ratio: None,
+        scores,
+        gain_recovered: None,
+        trainable_params: 0,
+        trained_model_params: 0,
+        training_loss: None,
+        emulator_loss_before_training: None,
+        finetune_bytes: None,
+        finetune_vs_inference: None,
+        training: stats,
+        row_seconds: stats.wall_seconds,
+    })
+}
+
+/// LoRA trained on the whole original, saved as `OUT/adapter-{dir}`, merged and scored: the
+/// `method` row (its `gain_recovered` left for the caller, who knows the reference).
+pub(crate) fn full_lora_row(cx: &Context<'_>, method: &str, dir: &str) -> CliResult<Row> {
+    let row_phase = Phase::start();
+    let (tuned, trained) = cx.train(cx.original.clone(), method)?;
+    let adapter = export_adapter(&tuned)?;
+    adapter.save(&cx.args.out.join(format!("adapter-{dir}")))?;
+    let scores = score(cx.lm, &merge_adapter(cx.original.clone(), &adapter)?, cx.tasks, method)?;
+    log_scores(method, &scores);
+    Ok(trained_row(cx, method.into(), None, scores, &trained, &|_| None, &row_phase))
+}
+
+pub(crate) fn trained_row(
     cx: &Context<'_>,
     method: String,
     ratio: Option<f64>,
@@ -567,7 +571,7 @@ fn trained_row(
 
 /// Trains LoRA on `emulator`, then scores the corrected (and, if asked, the uncorrected)
 /// adapter merged into the original: one row each.
-fn train_correct_score(
+pub(crate) fn train_correct_score(
     cx: &Context<'_>,
     variant: &Variant,
     emulator: LlamaForCausalLM,
@@ -717,7 +721,7 @@ fn cut_model_row(
     ))
 }
 
-fn log_scores(label: &str, scores: &Scores) {
+pub(crate) fn log_scores(label: &str, scores: &Scores) {
     let tasks: Vec<String> =
         scores.tasks.iter().map(|t| format!("{} {:.2}", t.task, t.score)).collect();
     eprintln!(
@@ -728,7 +732,7 @@ fn log_scores(label: &str, scores: &Scores) {
     );
 }
 
-fn print_table(rows: &[Row], tasks: &[TaskData]) {
+pub(crate) fn print_table(rows: &[Row], tasks: &[TaskData]) {
     let names: Vec<&str> = tasks.iter().map(|t| t.task.short).collect();
     println!(
         "| method | mean score | {} | val. loss | gain recovered | params trained on | fine-tune MiB (× inference) | fine-tune s | row s |",

@@ -420,6 +420,79 @@ fn bigbench_recipe_scores_every_task_and_checks_its_options() {
     fails_with(&[&args[..], &["--ratios", "0.4,1.5"]].concat(), "keep-ratio 1.5 must be in (0, 1)");
 }
 
+/// `emloc run --recipe qwen-coder-scale` with the tiny Llama as both models of the pair: the
+/// small model's LoRA memory sizes the large one's emulator, whose rows stay within the
+/// parameters that budget leaves; missing models and misplaced options are refused first.
+#[test]
+fn scale_recipe_sizes_the_emulator_to_the_small_models_finetuning_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama").display().to_string();
+    let out = dir.path().join("scale").display().to_string();
+    let args = [
+        "run",
+        "--recipe",
+        "qwen-coder-scale",
+        "--model",
+        model.as_str(),
+        "--small-model",
+        model.as_str(),
+        "--validation",
+        "2",
+        "--train-pairs",
+        "4",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--calibration-pairs",
+        "4",
+        "--max-seq-length",
+        "48",
+        "--out",
+        out.as_str(),
+    ];
+    ok(&args);
+    let report = read_json(dir.path().join("scale/report.json"));
+    let rows = report["rows"].as_array().unwrap();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(rows.len(), 7, "{methods:?}");
+    for (i, wanted) in [
+        "zero-shot, small model",
+        "LoRA on the small model",
+        "zero-shot, large model",
+        "LoRA on the large model",
+        "adapter on the emulator itself",
+        "corrected, merged into the original",
+        "uncorrected, merged into the original",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(methods[i].contains(wanted), "row {i}: {methods:?}");
+    }
+    let sizing = &report["sizing"];
+    let budget = sizing["budget_bytes"].as_u64().unwrap();
+    assert_eq!(Some(budget), rows[1]["finetune_bytes"].as_u64(), "{sizing}");
+    let max_params = sizing["max_params"].as_u64().unwrap();
+    let ratio = rows[4]["ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio <= sizing["ratio_head_dense"].as_f64().unwrap(), "{sizing}");
+    for row in &rows[4..] {
+        assert!(row["trained_model_params"].as_u64().unwrap() <= max_params, "{row} {sizing}");
+    }
+    assert!(dir.path().join("scale/adapter-small-lora/adapter_config.json").is_file());
+    assert!(dir.path().join(format!("scale/adapter-emloc-rho{ratio}-corrected")).is_dir());
+
+    let missing = dir.path().join("nothing.gguf").display().to_string();
+    let mut no_small = args.to_vec();
+    no_small[6] = missing.as_str();
+    fails_with(&no_small, "fetch_qwen_coder.sh 0.5b");
+    fails_with(&[&args[..], &["--data", "x.jsonl"]].concat(), "for the other recipes");
+    fails_with(
+        &["run", "--recipe", "smollm2-bigbench", "--small-model", model.as_str()],
+        "--small-model is for --recipe qwen-coder-scale",
+    );
+}
+
 #[test]
 fn bench_step_on_a_decoder_times_the_bigbench_step_and_names_a_missing_peer() {
     let dir = tempfile::tempdir().unwrap();

@@ -322,6 +322,59 @@ pub fn with_dense_layers<M: Module>(
     Ok((scaled(low), low))
 }
 
+/// Parameters of `model` once emulated by `config` (every layer `config` factors at rank `k`
+/// costs `k (d_in + d_out)` instead of `d_in d_out`), computed from the shapes alone: nothing
+/// is calibrated or factored. `model` holds dense layers.
+///
+/// # Errors
+/// [`EmlocError::InvalidConfig`], [`EmlocError::InvalidRatio`] or [`EmlocError::InvalidRank`]
+/// when `config` is invalid or gives some layer rank 0 or more than it has.
+pub fn emulated_params<M: Module>(model: &M, config: &EmulatorConfig) -> Result<usize> {
+    config.validate()?;
+    let mut shapes = Vec::new();
+    for_each_linear(model, |path, linear| {
+        shapes.push((path.to_string(), linear.d_input(), linear.d_output()));
+    });
+    let saved = shapes.iter().try_fold(0usize, |total, (path, d_in, d_out)| {
+        let rank = config.rank_of(path, *d_in, *d_out)?;
+        Ok::<_, EmlocError>(
+            total + rank.map_or(0, |k| (d_in * d_out).saturating_sub(k * (d_in + d_out))),
+        )
+    })?;
+    Ok(model.num_params() - saved)
+}
+
+/// The largest keep-ratio `ρ` in (0, 1) at which `model` emulated by `config_at(ρ)` has at most
+/// `max_params` parameters ([`emulated_params`]), to within 10⁻⁶; `None` when no `ρ` fits (the
+/// layers `config_at` keeps dense already exceed `max_params`, or every fitting `ρ` leaves some
+/// layer rank 0). Sizes an emulator for a memory budget: with `B` the bytes fine-tuning may use,
+/// `T` what training allocates besides the parameters and `b` bytes per frozen parameter,
+/// `max_params = (B − T) / b`.
+///
+/// # Errors
+/// Those of [`emulated_params`] for a `ρ` whose config is invalid for another reason than a
+/// rank below 1.
+pub fn largest_ratio<M: Module>(
+    model: &M,
+    config_at: impl Fn(f64) -> EmulatorConfig,
+    max_params: usize,
+) -> Result<Option<f64>> {
+    // Parameters at ρ, `None` where ρ gives some layer rank 0 (too small a ratio).
+    let size = |ratio: f64| match emulated_params(model, &config_at(ratio)) {
+        Ok(params) => Ok(Some(params)),
+        Err(EmlocError::InvalidRank { rank: 0, .. }) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let fits = |ratio: f64| -> Result<bool> { Ok(size(ratio)?.is_some_and(|p| p <= max_params)) };
+    let (mut low, mut high) = (0.0f64, 1.0f64);
+    // Ranks are floors, so the size never decreases with ρ: bisect on the last ρ that fits.
+    while high - low > 1e-6 {
+        let mid = 0.5 * (low + high);
+        if fits(mid)? { low = mid } else { high = mid }
+    }
+    Ok((low > 0.0 && fits(low)?).then_some(low))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,8 @@ mod sequential;
 mod store;
 
 pub use allocation::{
-    LayerSpectrum, Objective, allocation_cost, config_for_ranks, global_ranks, uniform_ranks,
-    whitened_spectra, with_dense_layers,
+    LayerSpectrum, Objective, allocation_cost, config_for_ranks, emulated_params, global_ranks,
+    largest_ratio, uniform_ranks, whitened_spectra, with_dense_layers,
 };
 pub use config::{
     EmulatorConfig, Keep, LayerRule, Refit, SequentialConfig, SvdMethod, WhiteningConfig,

@@ -1,8 +1,11 @@
 //! Sequential calibration and dense ends through the public API, against float64 references
 //! computed from the raw activations (QR least squares, not the Gram formulas the library uses).
 
+use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use emloc::emulator::{Keep, LayerRule, Refit, factorize_layer, with_dense_layers};
+use emloc::emulator::{
+    Keep, LayerRule, Refit, emulated_params, factorize_layer, largest_ratio, with_dense_layers,
+};
 use emloc::{EmlocError, EmulatorConfig, Matrix, emulate, emulate_part};
 use faer::Mat;
 use faer::linalg::solvers::SolveLstsq;
@@ -174,4 +177,36 @@ fn dense_layers_keep_the_emulator_size_with_lower_ranks_elsewhere() {
         with_dense_layers(&model, &base, &["l1"]).unwrap_err(),
         EmlocError::InvalidConfig(ref m) if m.contains("no rank")
     ));
+}
+
+#[test]
+fn sizing_by_parameters_matches_the_built_emulator_and_finds_the_largest_fitting_ratio() {
+    let device = Device::flex();
+    let (model, batches, _) = setup(&device);
+    let at = |ratio: f64| EmulatorConfig::all_layers(ratio);
+    // The count from shapes alone equals the emulator actually built.
+    for ratio in [0.3, 0.5, 0.9] {
+        let (emulator, _) = build(&model, &batches, &at(ratio));
+        assert_eq!(emulated_params(&model, &at(ratio)).unwrap(), emulator.num_params());
+    }
+    // 240 parameters; at ρ, l1 (8 → 12) keeps rank ⌊4.8ρ⌋ (20 per rank instead of 96), l2
+    // (12 → 6) ⌊4ρ⌋ (18 instead of 72); the stock layer stays dense. Ranks (4, 3) cost 206 and
+    // hold up to ρ → 1; (3, 3) cost 186 on [0.75, 5/6); (3, 2) 168 on [5/8, 0.75); (1, 1) 110.
+    let within = |max: usize| largest_ratio(&model, at, max).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() < 2e-6;
+    assert!(close(within(206).unwrap(), 1.0), "{:?}", within(206));
+    assert!(close(within(205).unwrap(), 5.0 / 6.0), "{:?}", within(205));
+    assert!(close(within(186).unwrap(), 5.0 / 6.0), "{:?}", within(186));
+    assert!(close(within(185).unwrap(), 0.75), "{:?}", within(185));
+    for max in [206, 186, 185, 110] {
+        assert!(emulated_params(&model, &at(within(max).unwrap())).unwrap() <= max);
+    }
+    // Below rank 1 everywhere nothing fits; a layer kept dense counts whole.
+    assert_eq!(within(109), None);
+    let l1_dense = |ratio: f64| EmulatorConfig {
+        rules: vec![LayerRule::full("l1"), LayerRule::ratio("l2", ratio)],
+        ..Default::default()
+    };
+    assert_eq!(largest_ratio(&model, l1_dense, 185).unwrap(), None);
+    assert!(largest_ratio(&model, l1_dense, 186).unwrap().is_some());
 }
