@@ -402,13 +402,16 @@ pub fn merge_adapter<M: Module>(model: M, adapter: &PeftAdapter) -> Result<M> {
     }))
 }
 
-/// `W ← W + delta`, added in f32 and cast back to the weight's dtype.
+/// `W ← W + delta`, added in f32 and cast back to the weight's dtype. A quantized weight is
+/// decoded first: the merged layer is dense.
 fn add_to_weight(linear: &mut Linear, delta: burn::tensor::Tensor<2>) {
     use burn::tensor::FloatDType;
     let delta = delta.cast(FloatDType::F32);
+    let base = linear.base_weight();
+    linear.quantized = None;
     linear.weight = linear.weight.clone().map(|w| {
         let dtype = w.dtype();
-        (w.cast(FloatDType::F32) + delta).cast(dtype)
+        (base.cast(FloatDType::F32) + delta).cast(dtype)
     });
 }
 

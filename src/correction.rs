@@ -311,7 +311,7 @@ fn correct_all<M: Module>(
                     Some((Matrix::from_tensor(f.w_v.val()), Matrix::from_tensor(f.w_u.val()))),
                     None,
                 ),
-                None => (None, Some(Matrix::from_tensor(linear.weight.val()))),
+                None => (None, Some(Matrix::from_tensor(linear.base_weight()))),
             };
             bases.insert(path.to_string(), base);
             scales.insert(path.to_string(), lora.scale());
@@ -334,7 +334,7 @@ fn correct_all<M: Module>(
         } else if found != expected {
             problem = Some(EmlocError::ShapeMismatch { name: path.to_string(), expected, found });
         } else {
-            originals.insert(path.to_string(), Matrix::from_tensor(linear.weight.val()));
+            originals.insert(path.to_string(), Matrix::from_tensor(linear.base_weight()));
         }
     });
     if let Some(e) = problem {

@@ -99,7 +99,8 @@ impl PhaseStats {
     }
 }
 
-/// Bytes of `module`'s float parameters, each in its own dtype (bf16 frozen weights count 2).
+/// Bytes of `module`'s float parameters, each in its own dtype (bf16 frozen weights count 2),
+/// plus what its quantized weights hold ([`emloc::nn::quantized_bytes`]).
 pub fn param_bytes<M: burn::module::Module>(module: &M) -> usize {
     struct Bytes(usize);
     impl burn::module::ModuleVisitor for Bytes {
@@ -113,7 +114,7 @@ pub fn param_bytes<M: burn::module::Module>(module: &M) -> usize {
     }
     let mut bytes = Bytes(0);
     module.visit(&mut bytes);
-    bytes.0
+    bytes.0 + emloc::nn::quantized_bytes(module)
 }
 
 /// A running phase: started by [`Phase::start`], ended by [`Phase::finish`].

@@ -690,10 +690,10 @@ fn pruning_row(
     cut_model_row(cx, &name, pruned, moved, "pruned", &row_phase, recovered)
 }
 
-/// Scores `model` (a cut of the original) before training, trains LoRA on it, moves the adapter
-/// onto the original with `move_back`, saves it as `OUT/adapter-{dir}`, merges it and scores
-/// the result.
-fn cut_model_row(
+/// Scores `model` (a cut or another form of the original) before training, trains LoRA on it,
+/// moves the adapter onto the original with `move_back`, saves it as `OUT/adapter-{dir}`,
+/// merges it and scores the result.
+pub(crate) fn cut_model_row(
     cx: &Context<'_>,
     name: &str,
     model: LlamaForCausalLM,

@@ -3,7 +3,9 @@
 //! *large* one through its emulator, and compare both on the eight BIG-bench tasks of the LLM
 //! recipe ([`crate::run_causal`], whose rows and scoring this reuses). Rows: zero-shot small and
 //! large; LoRA on the small model (whose measured fine-tuning memory is the budget); LoRA on
-//! the large model (the upper bound); EMLoC on the large model with the largest uniform ρ whose
+//! the large model (the upper bound); QLoRA-style LoRA on the large model (its projections in
+//! the GGUF's quantized blocks, unless `--rows headline`); EMLoC on the large model with the
+//! largest uniform ρ whose
 //! emulator fits the budget (sized from the measured rows: [`emloc::emulator::largest_ratio`]),
 //! corrected and uncorrected; and the constructions `--constructions` asks for at that size.
 
@@ -13,19 +15,20 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use emloc::EmulatorConfig;
 use emloc::emulator::{LayerRule, largest_ratio};
-use emloc_models::causal_lm::{CausalLm, Example};
+use emloc_models::causal_lm::{self, CausalLm, Example};
+use emloc_models::gguf::load_gguf_quantized;
 use emloc_models::llama::LlamaForCausalLM;
 use serde::Serialize;
 
 use crate::CliResult;
 use crate::args::{ModelArgs, TrainArgs};
-use crate::causal::{build_emulator, calibration_sequences};
+use crate::causal::{build_emulator, build_emulator_streaming, calibration_sequences};
 use crate::memory::{Phase, param_bytes};
 use crate::output::write_json;
-use crate::run::{RunArgs, Variant, construction_variants, log_emulator};
+use crate::run::{Rows, RunArgs, Variant, construction_variants, log_emulator};
 use crate::run_causal::{
-    Context, Row, Scores, TaskData, full_lora_row, inference_bytes, print_table, split_tasks,
-    train_correct_score, zero_shot_row,
+    Context, Row, Scores, TaskData, cut_model_row, full_lora_row, inference_bytes, print_table,
+    split_tasks, train_correct_score, zero_shot_row,
 };
 
 /// `path`'s value in `$var`, else `~/.cache/emloc/{file}` (where the fetch script writes).
@@ -174,6 +177,24 @@ fn gain_share(zero_shot: &Row, lora: &Row) -> impl Fn(&Scores) -> Option<f64> + 
     move |s: &Scores| (gain > 1e-12).then(|| (s.mean_score - base) / gain)
 }
 
+/// LoRA on the large model with its projections kept in the GGUF's own quantized blocks and
+/// decoded layer by layer on the fly (QLoRA-style, [`load_gguf_quantized`]): the same frozen
+/// values as the dequantized original, so the row trains what LoRA on the large model trains,
+/// in less memory. The adapter is merged into the dequantized original.
+fn qlora_row(
+    args: &RunArgs,
+    cx: &Context<'_>,
+    large: &Loaded,
+    recovered: &dyn Fn(&Scores) -> Option<f64>,
+) -> CliResult<Row> {
+    let row_phase = Phase::start();
+    let (model, _) = load_gguf_quantized(&large.path, &args.model.device()?)?;
+    let model = args.model.device.cast(model);
+    let name =
+        format!("QLoRA-style LoRA on the {} (projections in the GGUF's blocks)", large.label);
+    cut_model_row(cx, &name, model, Ok, "large-qlora", &row_phase, recovered)
+}
+
 /// Runs the recipe with `train_args` (its defaults applied) and prints the table.
 pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     validate(args, train_args)?;
@@ -238,6 +259,9 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         sizing.ratio_head_emulated.map_or_else(|| "none".into(), |r| format!("{r:.3}")),
     );
     rows.extend([zero_shot, lora]);
+    if args.rows != Rows::Headline && causal_lm::is_gguf(&large.path) {
+        rows.push(qlora_row(args, &cx, &large, &recovered)?);
+    }
 
     let mut variants = Vec::new();
     let chosen = match (sizing.ratio_head_dense, sizing.ratio_head_emulated) {
@@ -279,8 +303,20 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     let mut corrections = Vec::new();
     for variant in &variants {
         let row_phase = Phase::start();
-        let (emulator, report) =
-            build_emulator(large.original.clone(), &calibration, &variant.config)?;
+        // Block by block from the file unless calibration is sequential (whole model): the
+        // whole-model calibration would hold every layer's Gram (28 × 8960² floats for the
+        // down projections of a 1.5 B Qwen2) beside the original.
+        let (emulator, report) = if variant.config.sequential.is_some() {
+            build_emulator(large.original.clone(), &calibration, &variant.config)?
+        } else {
+            build_emulator_streaming(
+                &large.lm.source,
+                &args.model.device()?,
+                &calibration,
+                &variant.config,
+                args.model.device.float_dtype(),
+            )?
+        };
         log_emulator(&variant.name, &report, row_phase.elapsed_seconds());
         emulators.push((variant.name.clone(), report));
         let trained =

@@ -420,13 +420,14 @@ fn bigbench_recipe_scores_every_task_and_checks_its_options() {
     fails_with(&[&args[..], &["--ratios", "0.4,1.5"]].concat(), "keep-ratio 1.5 must be in (0, 1)");
 }
 
-/// `emloc run --recipe qwen-coder-scale` with the tiny Llama as both models of the pair: the
+/// `emloc run --recipe qwen-coder-scale` with the tiny Llama GGUF as both models of the pair: the
 /// small model's LoRA memory sizes the large one's emulator, whose rows stay within the
-/// parameters that budget leaves; missing models and misplaced options are refused first.
+/// parameters that budget leaves; the QLoRA-style row trains on the GGUF's blocks; missing
+/// models and misplaced options are refused first.
 #[test]
 fn scale_recipe_sizes_the_emulator_to_the_small_models_finetuning_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let model = fixture("tiny_llama").display().to_string();
+    let model = fixture("gguf/tiny_llama.gguf").display().to_string();
     let out = dir.path().join("scale").display().to_string();
     let args = [
         "run",
@@ -455,12 +456,13 @@ fn scale_recipe_sizes_the_emulator_to_the_small_models_finetuning_memory() {
     let report = read_json(dir.path().join("scale/report.json"));
     let rows = report["rows"].as_array().unwrap();
     let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
-    assert_eq!(rows.len(), 7, "{methods:?}");
+    assert_eq!(rows.len(), 8, "{methods:?}");
     for (i, wanted) in [
         "zero-shot, small model",
         "LoRA on the small model",
         "zero-shot, large model",
         "LoRA on the large model",
+        "QLoRA-style LoRA on the large model",
         "adapter on the emulator itself",
         "corrected, merged into the original",
         "uncorrected, merged into the original",
@@ -474,9 +476,15 @@ fn scale_recipe_sizes_the_emulator_to_the_small_models_finetuning_memory() {
     let budget = sizing["budget_bytes"].as_u64().unwrap();
     assert_eq!(Some(budget), rows[1]["finetune_bytes"].as_u64(), "{sizing}");
     let max_params = sizing["max_params"].as_u64().unwrap();
-    let ratio = rows[4]["ratio"].as_f64().unwrap();
+    // The QLoRA-style model holds fewer bytes (its projections in their blocks) and computes
+    // the same values: its training starts from the original's loss.
+    assert!(rows[4]["finetune_bytes"].as_u64() < rows[3]["finetune_bytes"].as_u64(), "{sizing}");
+    let first_loss = |row: &serde_json::Value| row["training_loss"][0].as_f64().unwrap();
+    assert!((first_loss(&rows[4]) - first_loss(&rows[3])).abs() < 1e-4, "{methods:?}");
+    assert!(dir.path().join("scale/adapter-large-qlora/adapter_config.json").is_file());
+    let ratio = rows[5]["ratio"].as_f64().unwrap();
     assert!(ratio > 0.0 && ratio <= sizing["ratio_head_dense"].as_f64().unwrap(), "{sizing}");
-    for row in &rows[4..] {
+    for row in &rows[5..] {
         assert!(row["trained_model_params"].as_u64().unwrap() <= max_params, "{row} {sizing}");
     }
     assert!(dir.path().join("scale/adapter-small-lora/adapter_config.json").is_file());

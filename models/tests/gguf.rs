@@ -17,7 +17,7 @@ use emloc_models::ModelError;
 use emloc_models::causal_lm::{ChatTemplate, Message};
 use emloc_models::gguf::{
     GgmlType, GgufArray, GgufFile, GgufTokenizerInfo, GgufValue, gguf_to_hf_dir, hf_tensor_name,
-    llama_config, tokenizer_json, unpermute_rows,
+    llama_config, load_gguf_quantized, tokenizer_json, unpermute_rows,
 };
 use emloc_models::llama::{
     GenerationConfig, LlamaConfig, LlamaFamily, LlamaForCausalLM, LlamaTokenizer, TokenIds,
@@ -888,6 +888,76 @@ fn unsupported_types_are_one_short_message() {
     let err = GgufFile::open(&path).unwrap().dequantize("blk.0.ffn_up.weight").unwrap_err();
     let err = err.to_string();
     assert!(err.contains("`blk.0.ffn_up.weight`: ggml type I8 (24)") && err.contains("Q5_1"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Projections kept quantized (QLoRA-style)
+
+/// `load_gguf_quantized` keeps every projection in the file's own blocks (held bytes = the
+/// GGUF's), decodes exactly the dequantized loader's weights, and computes the same logits and
+/// LoRA gradients (within f32 summation order) on a Llama file (un-permuted q/k) and a Qwen2
+/// file (Q5_0 / Q5_1 / Q8_0, biases).
+#[test]
+fn quantized_projections_compute_what_the_dequantized_model_computes() {
+    use burn::module::Module;
+    use burn::tensor::activation::log_softmax;
+    let device = device();
+    for path in [tiny_gguf(), tiny_qwen2_gguf()] {
+        let file = GgufFile::open(&path).unwrap();
+        let (dense, _) = LlamaForCausalLM::load_gguf(&path, &device).unwrap();
+        let (quantized, _) = load_gguf_quantized(&path, &device).unwrap();
+        let mut projections = 0;
+        for (i, (d, q)) in dense.model.layers.iter().zip(&quantized.model.layers).enumerate() {
+            let pairs = [
+                (&d.self_attn.q_proj, &q.self_attn.q_proj, "attn_q"),
+                (&d.self_attn.k_proj, &q.self_attn.k_proj, "attn_k"),
+                (&d.self_attn.v_proj, &q.self_attn.v_proj, "attn_v"),
+                (&d.self_attn.o_proj, &q.self_attn.o_proj, "attn_output"),
+                (&d.mlp.gate_proj, &q.mlp.gate_proj, "ffn_gate"),
+                (&d.mlp.up_proj, &q.mlp.up_proj, "ffn_up"),
+                (&d.mlp.down_proj, &q.mlp.down_proj, "ffn_down"),
+            ];
+            for (d, q, gguf) in pairs {
+                let stored = q.quantized.as_ref().expect("a quantized projection").stored_bytes();
+                let info = file.tensor(&format!("blk.{i}.{gguf}.weight")).unwrap();
+                assert_eq!(stored as u64, info.byte_len().unwrap(), "blk.{i}.{gguf}");
+                assert_eq!(q.weight.val().dims(), [0, 0]);
+                assert_eq!((q.d_input(), q.d_output()), (d.d_input(), d.d_output()));
+                q.base_weight().into_data().assert_eq(&d.weight.val().into_data(), true);
+                projections += 1;
+            }
+        }
+        assert_eq!(projections, 7 * dense.model.layers.len());
+        assert!(quantized.num_params() < dense.num_params());
+
+        // Logits, and the gradient of a LoRA adapter's B on the same batch.
+        let rows = vec![vec![1u32, 5, 9, 13, 2, 7], vec![3, 4, 8, 16, 21, 0]];
+        let lora = emloc::LoraConfig::new(2).with_target_modules(vec!["down_proj".into()]);
+        let (adapted, _) = emloc::attach_new_adapter(dense.clone(), &lora).unwrap();
+        let adapter = emloc::export_adapter(&adapted).unwrap();
+        let train_device = device.clone().autodiff();
+        let run = |model: LlamaForCausalLM| {
+            let model = emloc::attach_adapter(model, &adapter).unwrap().train();
+            let ids = int_tensor(&rows, &device).to_device(&train_device);
+            let logits = model.forward(ids.clone(), None);
+            let values: Vec<f32> = logits.clone().into_data().try_to_vec::<f32>().unwrap();
+            let [b, s, v] = logits.dims();
+            let logp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+            let targets = ids.slice([0..b, 1..s]).unsqueeze_dim::<3>(2);
+            let grads = logp.gather(2, targets).mean().neg().backward();
+            let lora = model.model.layers[0].mlp.down_proj.lora.as_ref().unwrap();
+            let grad: Vec<f32> =
+                lora.b.val().grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
+            (values, grad)
+        };
+        let (dense_logits, dense_grad) = run(dense);
+        let (quantized_logits, quantized_grad) = run(quantized);
+        let name = path.display();
+        assert!(max_abs_diff(&dense_logits, &quantized_logits) < 1e-5, "{name}: logits");
+        let scale = dense_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+        assert!(scale > 0.0, "{name}: no gradient reached the adapter");
+        assert!(max_abs_diff(&dense_grad, &quantized_grad) <= 1e-5 * scale, "{name}: gradient");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -260,6 +260,7 @@ fn install_factors(linear: &mut crate::nn::Linear, w_v: &Matrix, w_u: &Matrix) {
     ));
     linear.weight = Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
         .set_require_grad(false);
+    linear.quantized = None;
 }
 
 /// Turns `model` into its emulator.
@@ -422,7 +423,7 @@ where
             return linear;
         }
         let (gram, tokens) = grams.remove(&linear.weight.id).expect("planned layers have Grams");
-        let weight = Matrix::from_tensor(linear.weight.val());
+        let weight = Matrix::from_tensor(linear.base_weight());
         match factorize_layer(&layer.path, &weight, &gram, layer.rank, &config.whitening) {
             Ok(f) => {
                 reports.push(layer.report(tokens, &f));
@@ -514,7 +515,7 @@ fn plan_layers<M: Module>(
         let (d_in, d_out) = (linear.d_input(), linear.d_output());
         match config::rank_for(path, *keep, d_in, d_out) {
             Ok(Some(rank)) => {
-                if !linear.weight.val().is_finite().all().into_scalar::<bool>() {
+                if !linear.base_weight().is_finite().all().into_scalar::<bool>() {
                     problem = Some(EmlocError::NonFinite {
                         layer: path.to_string(),
                         what: "weight".into(),

@@ -188,7 +188,7 @@ fn factor_block<M: Module, P: FnMut(FactorizationProgress<'_>)>(
         if failure.is_some() {
             return linear;
         }
-        let weight = Matrix::from_tensor(linear.weight.val());
+        let weight = Matrix::from_tensor(linear.base_weight());
         match factor_layer(layer, &weight, stat, config) {
             Ok((f, report)) => {
                 layers.push(report);

@@ -341,6 +341,7 @@ impl Conv2d {
             bias: self.bias.clone(),
             factors: self.factors.clone(),
             lora: self.lora.clone(),
+            quantized: None,
         }
     }
 
@@ -348,7 +349,8 @@ impl Conv2d {
     /// and its weight if the transform replaced it: an empty weight becomes the emulator form's
     /// `[0, 0, 0, 0]`, a dense `[d_in, d_out]` one is reshaped back to the 4-D kernel.
     fn with_linear_view(self, view: Linear) -> Self {
-        let Linear { weight, bias, factors, lora } = view;
+        // A convolution has no quantized form: `quantize` is for `Linear` layers only.
+        let Linear { weight, bias, factors, lora, .. } = view;
         let weight = if weight.id == self.weight.id && !weight.is_initialized() {
             self.weight
         } else if weight.lazy_shape().num_elements() == 0 {

@@ -8,7 +8,7 @@ use burn::nn::Initializer;
 use burn::tensor::{Device, Tensor};
 
 use super::hooks;
-use super::{LoraAdapter, LowRankFactors};
+use super::{LoraAdapter, LowRankFactors, QuantizedWeight};
 use crate::calibration;
 
 /// Configuration of a [`Linear`] layer; the same fields and defaults as `burn::nn::LinearConfig`
@@ -44,7 +44,7 @@ impl LinearConfig {
                 device,
             )
         });
-        Linear { weight, bias, factors: None, lora: None }
+        Linear { weight, bias, factors: None, lora: None, quantized: None }
     }
 }
 
@@ -57,7 +57,9 @@ impl LinearConfig {
 /// - **dense**: `y = x W + b`, exactly like Burn's layer;
 /// - **emulator**: [`factors`](Self::factors) is set and `y = (x W_v) W_u + b`; the dense weight is
 ///   dropped (stored as an empty `[0, 0]` tensor) so the emulator costs `k (d_in + d_out)`;
-/// - either form plus a **LoRA adapter** ([`lora`](Self::lora)): `y += s · (dropout(x) A) B`,
+/// - **quantized** (QLoRA-style): [`quantized`](Self::quantized) is set and the dense weight is
+///   kept only in a compact form, decoded for each forward pass (the dense `weight` is `[0, 0]`);
+/// - any form plus a **LoRA adapter** ([`lora`](Self::lora)): `y += s · (dropout(x) A) B`,
 ///   computed through the rank-`r` bottleneck, never as a dense `B A`.
 ///
 /// While [`emulate`](crate::emulate) or [`calibrate`](crate::calibrate) runs calibration on
@@ -73,6 +75,9 @@ pub struct Linear {
     pub factors: Option<LowRankFactors>,
     /// Trainable LoRA adapter.
     pub lora: Option<LoraAdapter>,
+    /// The frozen dense weight in a compact form (see [`Linear::quantize`]); not a parameter:
+    /// module visitors and mappers do not see it, and records do not hold it.
+    pub quantized: Option<QuantizedWeight>,
 }
 
 impl Linear {
@@ -113,7 +118,10 @@ impl Linear {
                 let h = linear(input.clone(), factors.w_v.val(), None);
                 linear(h, factors.w_u.val(), bias)
             }
-            None => linear(input.clone(), self.weight.val(), bias),
+            None => match &self.quantized {
+                Some(q) => linear(input.clone(), q.dense(&input.device(), dtype.into()), bias),
+                None => linear(input.clone(), self.weight.val(), bias),
+            },
         };
         match (&self.lora, adapter_dtype) {
             (Some(lora), Some(own)) if own != dtype => {
@@ -126,17 +134,19 @@ impl Linear {
 
     /// Input features `d_in`. Never initialises a lazily initialised weight.
     pub fn d_input(&self) -> usize {
-        match &self.factors {
-            Some(f) => f.d_input(),
-            None => self.weight.lazy_shape().dims::<2>()[0],
+        match (&self.factors, &self.quantized) {
+            (Some(f), _) => f.d_input(),
+            (None, Some(q)) => q.d_input(),
+            (None, None) => self.weight.lazy_shape().dims::<2>()[0],
         }
     }
 
     /// Output features `d_out`. Never initialises a lazily initialised weight.
     pub fn d_output(&self) -> usize {
-        match &self.factors {
-            Some(f) => f.d_output(),
-            None => self.weight.lazy_shape().dims::<2>()[1],
+        match (&self.factors, &self.quantized) {
+            (Some(f), _) => f.d_output(),
+            (None, Some(q)) => q.d_output(),
+            (None, None) => self.weight.lazy_shape().dims::<2>()[1],
         }
     }
 
@@ -189,13 +199,47 @@ impl Linear {
         problem.map_or(Ok(()), |p| Err(crate::EmlocError::InvalidConfig(p)))
     }
 
-    /// The effective frozen weight `Wᵀ` (dense) or `W^Eᵀ` (emulator), shape `[d_in, d_out]`.
-    /// Builds a dense matrix: for merging, correction and tests, not for the forward pass.
+    /// The effective frozen weight `Wᵀ` (dense or decoded from its quantized form) or `W^Eᵀ`
+    /// (emulator), shape `[d_in, d_out]`, in the dtype of `weight`. Builds a dense matrix: for
+    /// merging, correction and tests, not for the forward pass.
     pub fn base_weight(&self) -> Tensor<2> {
-        match &self.factors {
-            Some(f) => f.dense(),
-            None => self.weight.val(),
+        match (&self.factors, &self.quantized) {
+            (Some(f), _) => f.dense(),
+            (None, Some(q)) => {
+                let weight = self.weight.val();
+                q.dense(&weight.device(), weight.dtype().into())
+            }
+            (None, None) => self.weight.val(),
         }
+    }
+
+    /// The dense layer with its weight kept only as `quantized` (QLoRA-style: decoded for each
+    /// forward pass, so the layer holds the compact bytes instead of `d_in · d_out` floats).
+    /// The dense weight is dropped (kept as a `[0, 0]` tensor under its id); the bias stays.
+    ///
+    /// # Errors
+    /// [`EmlocError::InvalidConfig`](crate::EmlocError::InvalidConfig) if the layer is emulated
+    /// or carries an adapter; [`EmlocError::ShapeMismatch`](crate::EmlocError::ShapeMismatch)
+    /// if `quantized` is not `[d_out, d_in]` of this layer.
+    pub fn quantize(self, quantized: QuantizedWeight) -> crate::Result<Self> {
+        if self.is_emulated() || self.lora.is_some() {
+            return Err(crate::EmlocError::InvalidConfig(
+                "an emulator layer or one with an adapter cannot be quantized".into(),
+            ));
+        }
+        let expected = vec![self.d_input(), self.d_output()];
+        let found = vec![quantized.d_input(), quantized.d_output()];
+        if found != expected {
+            return Err(crate::EmlocError::ShapeMismatch {
+                name: "quantized weight [d_in, d_out]".into(),
+                expected,
+                found,
+            });
+        }
+        let device = self.weight.lazy_device();
+        let weight = Param::initialized(self.weight.id, Tensor::zeros([0, 0], &device))
+            .set_require_grad(false);
+        Ok(Self { weight, quantized: Some(quantized), ..self })
     }
 }
 
@@ -218,7 +262,7 @@ impl Module for Linear {
     fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
         let this = hooks::on_map(self);
         let (weight, bias, factors, lora) = hooks::map_fields!(this, mapper, CONTAINER);
-        Self { weight, bias, factors, lora }
+        Self { weight, bias, factors, lora, quantized: this.quantized }
     }
 
     hooks::delegate_fields!();

@@ -11,6 +11,7 @@ pub(crate) mod hooks;
 mod linear;
 mod lora;
 mod low_rank;
+mod quantized;
 mod swiglu;
 
 pub use attention::{MhaCache, MhaInput, MhaOutput, MultiHeadAttention, MultiHeadAttentionConfig};
@@ -21,4 +22,5 @@ pub use linear::{Linear, LinearConfig};
 pub(crate) use lora::check_lora_rank;
 pub use lora::{LoraAdapter, LoraConfig, lora_scale};
 pub use low_rank::LowRankFactors;
+pub use quantized::{QuantizedWeight, WeightDecoder, quantized_bytes};
 pub use swiglu::{SwiGlu, SwiGluConfig};

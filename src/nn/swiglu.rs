@@ -54,7 +54,13 @@ impl SwiGluConfig {
                 .with_initializer(self.initializer.clone())
                 .with_layout(self.layout)
                 .init(device);
-            Linear { weight: burn.weight, bias: burn.bias, factors: None, lora: None }
+            Linear {
+                weight: burn.weight,
+                bias: burn.bias,
+                factors: None,
+                lora: None,
+                quantized: None,
+            }
         };
         SwiGlu { linear_inner: linear(), linear_outer: linear() }
     }

@@ -333,7 +333,11 @@ pub fn hf_tensors(file: &GgufFile, config: &LlamaConfig) -> Result<Vec<HfTensor>
 }
 
 /// [`hf_tensors`], accepting any ggml type for the tensors of `skip` (they are never read).
-fn plan(file: &GgufFile, config: &LlamaConfig, skip: &BTreeSet<String>) -> Result<Vec<HfTensor>> {
+pub(crate) fn plan(
+    file: &GgufFile,
+    config: &LlamaConfig,
+    skip: &BTreeSet<String>,
+) -> Result<Vec<HfTensor>> {
     let mut expected = expected_shapes(config);
     let permute = config.model_type == LlamaFamily::Llama;
     let mut tensors = Vec::new();

@@ -48,12 +48,14 @@
 mod dequant;
 mod export;
 pub mod llama;
+mod quantized;
 mod reader;
 mod tokenizer;
 
 pub use dequant::{GgmlType, SUPPORTED_TYPES, dequantize};
 pub use export::{HfExport, config_json, gguf_to_hf_dir};
 pub use llama::{HfTensor, hf_tensor_name, hf_tensors, llama_config, unpermute_rows};
+pub use quantized::load_gguf_quantized;
 pub use reader::{
     DEFAULT_ALIGNMENT, GGUF_MAGIC, GgufArray, GgufFile, GgufTensorInfo, GgufValue, MAX_ARRAY_DEPTH,
     MAX_DIMS,
