@@ -149,6 +149,14 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> CliResult<()> {
     Ok(())
 }
 
+/// Writes a recipe's `report` as `out/report.json` ([`write_json`]) and says where.
+pub fn write_report(out: &Path, report: &impl Serialize) -> CliResult<()> {
+    let path = out.join("report.json");
+    write_json(&path, report)?;
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
 /// PEFT's task type for sentence-encoder adapters (read by `AutoPeftModelForFeatureExtraction`).
 pub const ENCODER_TASK_TYPE: &str = "FEATURE_EXTRACTION";
 

@@ -21,7 +21,7 @@ use crate::CliResult;
 use crate::args::{EmulatorArgs, ModelArgs, Task, TrainArgs};
 use crate::data::{DataArgs, EmbeddedData, calibration_texts};
 use crate::memory::{Phase, PhaseStats};
-use crate::output::write_json;
+use crate::output::write_report;
 use crate::training::{adapter_params, build_emulator, evaluate, train_adapter};
 
 /// Options of `emloc run`.
@@ -504,10 +504,7 @@ pub fn run(args: &RunArgs) -> CliResult<()> {
         emulators,
         corrections,
     };
-    let path = args.out.join("report.json");
-    write_json(&path, &report)?;
-    eprintln!("report: {}", path.display());
-    Ok(())
+    write_report(&args.out, &report)
 }
 
 /// Logs what an emulator build did: layers, parameters kept, mean relative whitened error, time.

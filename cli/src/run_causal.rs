@@ -28,7 +28,7 @@ use crate::args::{EmulatorArgs, TrainArgs};
 use crate::causal::{build_emulator, calibration_sequences, forward_sequence, train_adapter};
 use crate::data::{BIGBENCH_TASKS, BigbenchTask, Scoring};
 use crate::memory::{Phase, PhaseStats, param_bytes};
-use crate::output::write_json;
+use crate::output::write_report;
 use crate::run::{
     Rows, RunArgs, Variant, construction_variants, log_emulator, score_merged_adapters,
 };
@@ -504,10 +504,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         emulators,
         corrections,
     };
-    let path = args.out.join("report.json");
-    write_json(&path, &report)?;
-    eprintln!("report: {}", path.display());
-    Ok(())
+    write_report(&args.out, &report)
 }
 
 /// The original scored as it is, with no training: the `method` row.

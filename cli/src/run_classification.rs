@@ -22,7 +22,7 @@ use crate::CliResult;
 use crate::args::{EmulatorArgs, TrainArgs};
 use crate::data::{DataArgs, classification_calibration_texts};
 use crate::memory::{Phase, PhaseStats, param_bytes};
-use crate::output::write_json;
+use crate::output::write_report;
 use crate::run::{
     Rows, RunArgs, Variant, construction_variants, log_emulator, score_merged_adapters,
 };
@@ -348,10 +348,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs, max_seq_length: usize) -> Cli
         emulators,
         corrections,
     };
-    let path = args.out.join("report.json");
-    write_json(&path, &report)?;
-    eprintln!("report: {}", path.display());
-    Ok(())
+    write_report(&args.out, &report)
 }
 
 /// The global allocation at `size` factor parameters (the uniform emulator's): ranks by

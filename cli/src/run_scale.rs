@@ -24,7 +24,7 @@ use crate::CliResult;
 use crate::args::{ModelArgs, TrainArgs};
 use crate::causal::{build_emulator, build_emulator_streaming, calibration_sequences};
 use crate::memory::{Phase, param_bytes};
-use crate::output::write_json;
+use crate::output::write_report;
 use crate::run::{Rows, RunArgs, Variant, construction_variants, log_emulator};
 use crate::run_causal::{
     Context, Row, Scores, TaskData, cut_model_row, full_lora_row, inference_bytes, print_table,
@@ -350,10 +350,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         emulators,
         corrections,
     };
-    let path = args.out.join("report.json");
-    write_json(&path, &report)?;
-    eprintln!("report: {}", path.display());
-    Ok(())
+    write_report(&args.out, &report)
 }
 
 #[cfg(test)]
