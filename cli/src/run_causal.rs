@@ -88,7 +88,7 @@ pub(crate) fn split_tasks(
 
 /// One task's result.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct TaskScore {
+struct TaskScore {
     task: &'static str,
     /// `exact_match` or `accuracy`.
     metric: &'static str,
@@ -103,12 +103,12 @@ pub(crate) struct Scores {
     /// Mean of the task scores (each task counts once).
     pub(crate) mean_score: f64,
     /// Mean of the task losses.
-    pub(crate) mean_loss: f64,
-    pub(crate) tasks: Vec<TaskScore>,
+    mean_loss: f64,
+    tasks: Vec<TaskScore>,
 }
 
 /// Scores `model` on every task's validation items.
-pub(crate) fn score(
+fn score(
     lm: &CausalLm,
     model: &LlamaForCausalLM,
     tasks: &[TaskData],
@@ -142,7 +142,7 @@ pub(crate) fn score(
 
 /// Mean over the tasks of `model`'s validation loss (NLL per completion token), without
 /// generating: the emulator's own quality before training.
-pub(crate) fn validation_loss(
+fn validation_loss(
     lm: &CausalLm,
     model: &LlamaForCausalLM,
     tasks: &[TaskData],
@@ -191,23 +191,23 @@ pub(crate) struct Row {
     pub(crate) scores: Scores,
     /// Share of full-model LoRA's mean-score gain over zero-shot.
     pub(crate) gain_recovered: Option<f64>,
-    pub(crate) trainable_params: usize,
+    trainable_params: usize,
     /// Parameters of the model the adapter was trained on (0 for zero-shot).
     pub(crate) trained_model_params: usize,
     /// Training loss of the first and the last step.
-    pub(crate) training_loss: Option<(f64, f64)>,
+    training_loss: Option<(f64, f64)>,
     /// Mean validation loss (over tasks) of the emulator itself before any training: its gap to
     /// the zero-shot row's loss is what the emulator loses before LoRA starts.
-    pub(crate) emulator_loss_before_training: Option<f64>,
+    emulator_loss_before_training: Option<f64>,
     /// Heap fine-tuning needs: the trained model's parameters plus what training allocated
     /// (adapter, optimizer state, activations, gradients).
     pub(crate) finetune_bytes: Option<usize>,
     /// `finetune_bytes` over what running the original on the largest training batch needs.
-    pub(crate) finetune_vs_inference: Option<f64>,
+    finetune_vs_inference: Option<f64>,
     /// Wall time and peaks of fine-tuning (for zero-shot: of evaluating the original).
-    pub(crate) training: PhaseStats,
+    training: PhaseStats,
     /// Wall time of the whole row in seconds (emulation, training, correction, merge, scoring).
-    pub(crate) row_seconds: f64,
+    row_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -239,7 +239,7 @@ pub(crate) struct Context<'a> {
 
 impl Context<'_> {
     /// Trains LoRA on `model`; returns the tuned model and what the rows it gives share.
-    pub(crate) fn train(
+    fn train(
         &self,
         model: LlamaForCausalLM,
         label: &str,
@@ -277,7 +277,7 @@ impl Context<'_> {
 }
 
 /// What a training run contributes to its rows.
-pub(crate) struct Trained {
+struct Trained {
     trainable_params: usize,
     trained_model_params: usize,
     training_loss: (f64, f64),
@@ -288,7 +288,7 @@ pub(crate) struct Trained {
 }
 
 /// Checks the recipe's own options before any work.
-pub(crate) fn validate(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
+fn validate(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     if args.data.data.is_some() {
         return Err("--recipe smollm2-bigbench reads its eight embedded BIG-bench tasks; \
                     --data is for the other recipes"
@@ -541,7 +541,7 @@ pub(crate) fn full_lora_row(cx: &Context<'_>, method: &str, dir: &str) -> CliRes
     Ok(trained_row(cx, method.into(), None, scores, &trained, &|_| None, &row_phase))
 }
 
-pub(crate) fn trained_row(
+fn trained_row(
     cx: &Context<'_>,
     method: String,
     ratio: Option<f64>,
@@ -718,7 +718,7 @@ pub(crate) fn cut_model_row(
     ))
 }
 
-pub(crate) fn log_scores(label: &str, scores: &Scores) {
+fn log_scores(label: &str, scores: &Scores) {
     let tasks: Vec<String> =
         scores.tasks.iter().map(|t| format!("{} {:.2}", t.task, t.score)).collect();
     eprintln!(
