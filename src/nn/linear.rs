@@ -184,8 +184,10 @@ impl Linear {
     }
 
     fn check_prunable(&self, kept: &[usize], width: usize, side: &str) -> crate::Result<()> {
-        let problem = if self.is_emulated() || self.lora.is_some() {
-            Some("an emulator layer or one with an adapter cannot be pruned".to_string())
+        let problem = if self.is_emulated() || self.lora.is_some() || self.quantized.is_some() {
+            Some(
+                "an emulator layer, a quantized one or one with an adapter cannot be pruned".into(),
+            )
         } else if kept.is_empty()
             || kept.windows(2).any(|w| w[0] >= w[1])
             || kept.last().is_some_and(|&k| k >= width)
