@@ -195,6 +195,33 @@ fn qlora_row(
     cut_model_row(cx, &name, model, Ok, "large-qlora", &row_phase, recovered)
 }
 
+/// Sizes the large model's emulator to `budget` bytes of fine-tuning: what LoRA training of the
+/// large model (`lora`, its row) allocated besides the frozen weights is taken as the emulator's
+/// too, and the rest buys frozen parameters at the large model's bytes per parameter.
+fn size_emulator(
+    large: &LlamaForCausalLM,
+    budget: usize,
+    lora: &Row,
+    base: &EmulatorConfig,
+) -> CliResult<Sizing> {
+    let large_bytes = param_bytes(large);
+    let trained = lora.finetune_bytes.expect("a trained row has its memory");
+    let overhead = trained.saturating_sub(large_bytes);
+    let bytes_per_param = large_bytes as f64 / large.num_params() as f64;
+    let max_params = (budget.saturating_sub(overhead) as f64 / bytes_per_param) as usize;
+    let fit = |emulate_head: bool| {
+        largest_ratio(large, |r| scale_config(r, emulate_head, base), max_params)
+    };
+    Ok(Sizing {
+        budget_bytes: budget,
+        training_overhead_bytes: overhead,
+        bytes_per_param,
+        max_params,
+        ratio_head_dense: fit(false)?,
+        ratio_head_emulated: fit(true)?,
+    })
+}
+
 /// Runs the recipe with `train_args` (its defaults applied) and prints the table.
 pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     validate(args, train_args)?;
@@ -230,31 +257,17 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     let recovered = gain_share(&zero_shot, &lora);
     lora.gain_recovered = recovered(&lora.scores);
 
-    let large_bytes = param_bytes(&large.original);
-    let overhead =
-        lora.finetune_bytes.expect("a trained row has its memory").saturating_sub(large_bytes);
-    let bytes_per_param = large_bytes as f64 / large.original.num_params() as f64;
-    let max_params = (budget.saturating_sub(overhead) as f64 / bytes_per_param) as usize;
     let options = args.emulator.config()?;
     let base = EmulatorConfig { sequential: options.sequential, ..Default::default() }
         .with_whitening(options.whitening.method);
-    let fit = |emulate_head: bool| {
-        largest_ratio(&large.original, |r| scale_config(r, emulate_head, &base), max_params)
-    };
-    let sizing = Sizing {
-        budget_bytes: budget,
-        training_overhead_bytes: overhead,
-        bytes_per_param,
-        max_params,
-        ratio_head_dense: fit(false)?,
-        ratio_head_emulated: fit(true)?,
-    };
+    let sizing = size_emulator(&large.original, budget, &lora, &base)?;
     eprintln!(
         "budget: {} MiB ({small_label}'s LoRA); the large model's training allocates {} MiB \
-         besides its weights, which leaves {max_params} parameters; largest ρ with the output \
-         head dense: {}, with the head emulated too: {}",
+         besides its weights, which leaves {} parameters; largest ρ with the output head dense: \
+         {}, with the head emulated too: {}",
         budget >> 20,
-        overhead >> 20,
+        sizing.training_overhead_bytes >> 20,
+        sizing.max_params,
         sizing.ratio_head_dense.map_or_else(|| "none".into(), |r| format!("{r:.3}")),
         sizing.ratio_head_emulated.map_or_else(|| "none".into(), |r| format!("{r:.3}")),
     );
