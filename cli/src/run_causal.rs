@@ -37,14 +37,20 @@ use crate::run::{
 /// seven generation tasks fits in fewer.
 const MAX_NEW_TOKENS: usize = 8;
 
-/// Where the recipe looks for SmolLM2 without `--model`: `$EMLOC_SMOLLM2_GGUF`, else the
-/// path `scripts/fetch_smollm2.sh` writes to.
-fn default_gguf() -> PathBuf {
-    if let Some(path) = std::env::var_os("EMLOC_SMOLLM2_GGUF") {
+/// A recipe's model without `--model`: `$var` if set, else `~/.cache/emloc/{file}` (where the
+/// fetch scripts write).
+pub(crate) fn default_model_path(var: &str, file: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(var) {
         return PathBuf::from(path);
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    home.join(".cache/emloc/SmolLM2-135M-Instruct.Q4_1.gguf")
+    home.join(".cache/emloc").join(file)
+}
+
+/// Where the recipe looks for SmolLM2 without `--model`: `$EMLOC_SMOLLM2_GGUF`, else the
+/// path `scripts/fetch_smollm2.sh` writes to.
+fn default_gguf() -> PathBuf {
+    default_model_path("EMLOC_SMOLLM2_GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// One task's held-out items and its training share.
@@ -360,11 +366,7 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
 
     let zero_shot = zero_shot_row(&cx, "zero-shot (original model)")?;
     let lora = full_lora_row(&cx, "LoRA on the full model", "full-lora")?;
-    let full_gain = lora.scores.mean_score - zero_shot.scores.mean_score;
-    // A share of a gain only means something when there is a gain.
-    let zero_shot_score = zero_shot.scores.mean_score;
-    let recovered =
-        |s: &Scores| (full_gain > 1e-12).then(|| (s.mean_score - zero_shot_score) / full_gain);
+    let recovered = gain_share(&zero_shot, &lora);
     let mut rows = vec![zero_shot, lora];
     rows[1].gain_recovered = recovered(&rows[1].scores);
 
@@ -505,6 +507,14 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
         corrections,
     };
     write_report(&args.out, &report)
+}
+
+/// The share of `lora`'s mean-score gain over `zero_shot` that a row recovers (`None` when
+/// LoRA gained nothing: a share of no gain means nothing).
+pub(crate) fn gain_share(zero_shot: &Row, lora: &Row) -> impl Fn(&Scores) -> Option<f64> + use<> {
+    let (base, gain) =
+        (zero_shot.scores.mean_score, lora.scores.mean_score - zero_shot.scores.mean_score);
+    move |s: &Scores| (gain > 1e-12).then(|| (s.mean_score - base) / gain)
 }
 
 /// The original scored as it is, with no training: the `method` row.

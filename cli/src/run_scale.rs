@@ -27,18 +27,9 @@ use crate::memory::{Phase, param_bytes};
 use crate::output::write_report;
 use crate::run::{Rows, RunArgs, Variant, construction_variants, log_emulator};
 use crate::run_causal::{
-    Context, Row, Scores, TaskData, cut_model_row, full_lora_row, inference_bytes, print_table,
-    split_tasks, train_correct_score, zero_shot_row,
+    Context, Row, Scores, TaskData, cut_model_row, default_model_path, full_lora_row, gain_share,
+    inference_bytes, print_table, split_tasks, train_correct_score, zero_shot_row,
 };
-
-/// `path`'s value in `$var`, else `~/.cache/emloc/{file}` (where the fetch script writes).
-fn default_path(var: &str, file: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(var) {
-        return PathBuf::from(path);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    home.join(".cache/emloc").join(file)
-}
 
 /// How the emulator was sized to the small model's fine-tuning memory.
 #[derive(Debug, Serialize)]
@@ -170,13 +161,6 @@ fn context<'a>(
     }
 }
 
-/// The share of `lora`'s mean-score gain over `zero_shot` that a row recovers.
-fn gain_share(zero_shot: &Row, lora: &Row) -> impl Fn(&Scores) -> Option<f64> + use<> {
-    let (base, gain) =
-        (zero_shot.scores.mean_score, lora.scores.mean_score - zero_shot.scores.mean_score);
-    move |s: &Scores| (gain > 1e-12).then(|| (s.mean_score - base) / gain)
-}
-
 /// LoRA on the large model with its projections kept in the GGUF's own quantized blocks and
 /// decoded layer by layer on the fly (QLoRA-style, [`load_gguf_quantized`]): the same frozen
 /// values as the dequantized original, so the row trains what LoRA on the large model trains,
@@ -227,10 +211,10 @@ pub fn run(args: &RunArgs, train_args: &TrainArgs) -> CliResult<()> {
     validate(args, train_args)?;
     let (tasks, train) = split_tasks(args.data.validation, args.data.split_seed, args.train_pairs)?;
     let large_path = args.model.model.clone().unwrap_or_else(|| {
-        default_path("EMLOC_QWEN_CODER_1_5B_GGUF", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+        default_model_path("EMLOC_QWEN_CODER_1_5B_GGUF", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
     });
     let small_path = args.small_model.clone().unwrap_or_else(|| {
-        default_path("EMLOC_QWEN_CODER_0_5B_GGUF", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+        default_model_path("EMLOC_QWEN_CODER_0_5B_GGUF", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
     });
     require(&large_path, "large")?;
     require(&small_path, "small")?;

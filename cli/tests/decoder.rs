@@ -337,6 +337,22 @@ fn gguf_decoder_goes_through_every_stage_and_merges_into_an_hf_directory() {
     assert!(!reply.contains("<|im_start|>"), "{reply}");
 }
 
+/// The LLM recipes' options for a run on a tiny model: a few items, steps and tokens.
+const TINY_RECIPE_OPTIONS: [&str; 12] = [
+    "--validation",
+    "2",
+    "--train-pairs",
+    "4",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--calibration-pairs",
+    "4",
+    "--max-seq-length",
+    "48",
+];
+
 /// `emloc run --recipe smollm2-bigbench` on the tiny Llama: every headline row runs and the
 /// report scores each of the eight tasks with its own metric; its option errors come first.
 #[test]
@@ -345,26 +361,11 @@ fn bigbench_recipe_scores_every_task_and_checks_its_options() {
     let model = fixture("tiny_llama").display().to_string();
     let out = dir.path().join("run").display().to_string();
     let args = [
-        "run",
-        "--recipe",
-        "smollm2-bigbench",
-        "--model",
-        model.as_str(),
-        "--validation",
-        "2",
-        "--train-pairs",
-        "4",
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--calibration-pairs",
-        "4",
-        "--max-seq-length",
-        "48",
-        "--out",
-        out.as_str(),
-    ];
+        &["run", "--recipe", "smollm2-bigbench", "--model", model.as_str()][..],
+        &TINY_RECIPE_OPTIONS,
+        &["--out", out.as_str()],
+    ]
+    .concat();
     let table = ok(&[&args[..], &["--rows", "headline"]].concat());
     assert!(table.contains("| MathQA |"), "{table}");
     let report = read_json(dir.path().join("run/report.json"));
@@ -430,28 +431,11 @@ fn scale_recipe_sizes_the_emulator_to_the_small_models_finetuning_memory() {
     let model = fixture("gguf/tiny_llama.gguf").display().to_string();
     let out = dir.path().join("scale").display().to_string();
     let args = [
-        "run",
-        "--recipe",
-        "qwen-coder-scale",
-        "--model",
-        model.as_str(),
-        "--small-model",
-        model.as_str(),
-        "--validation",
-        "2",
-        "--train-pairs",
-        "4",
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--calibration-pairs",
-        "4",
-        "--max-seq-length",
-        "48",
-        "--out",
-        out.as_str(),
-    ];
+        &["run", "--recipe", "qwen-coder-scale", "--model", &model, "--small-model", &model][..],
+        &TINY_RECIPE_OPTIONS,
+        &["--out", out.as_str()],
+    ]
+    .concat();
     ok(&args);
     let report = read_json(dir.path().join("scale/report.json"));
     let rows = report["rows"].as_array().unwrap();

@@ -23,7 +23,7 @@ pub use store::{
 use std::collections::HashMap;
 use std::time::Instant;
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, ParamId};
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -258,9 +258,7 @@ fn install_factors(linear: &mut crate::nn::Linear, w_v: &Matrix, w_u: &Matrix) {
         w_v.to_tensor(&device).cast(dtype),
         w_u.to_tensor(&device).cast(dtype),
     ));
-    linear.weight = Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
-        .set_require_grad(false);
-    linear.quantized = None;
+    linear.drop_dense_weight();
 }
 
 /// Turns `model` into its emulator.

@@ -11,8 +11,7 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use burn::module::{Module, Param};
-use burn::tensor::Tensor;
+use burn::module::Module;
 use safetensors::tensor::{Dtype, Metadata, TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -386,8 +385,7 @@ pub fn load_emulator<M: Module>(model: M, dir: &Path) -> Result<(M, EmulatorDesc
         let device = linear.weight.lazy_device();
         linear.factors =
             Some(LowRankFactors::new(w_v.into_tensor(&device), w_u.into_tensor(&device)));
-        linear.weight = Param::initialized(linear.weight.id, Tensor::zeros([0, 0], &device))
-            .set_require_grad(false);
+        linear.drop_dense_weight();
         linear
     });
     Ok((model, description))

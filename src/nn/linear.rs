@@ -238,10 +238,20 @@ impl Linear {
                 found,
             });
         }
+        let mut layer = self;
+        layer.drop_dense_weight();
+        layer.quantized = Some(quantized);
+        Ok(layer)
+    }
+
+    /// Drops the dense weight and any quantized form, keeping the weight's id so that the layer
+    /// stays addressable: an empty `[0, 0]` tensor on the weight's device that requires no
+    /// gradient (what emulator and quantized layers hold).
+    pub(crate) fn drop_dense_weight(&mut self) {
         let device = self.weight.lazy_device();
-        let weight = Param::initialized(self.weight.id, Tensor::zeros([0, 0], &device))
+        self.weight = Param::initialized(self.weight.id, Tensor::zeros([0, 0], &device))
             .set_require_grad(false);
-        Ok(Self { weight, quantized: Some(quantized), ..self })
+        self.quantized = None;
     }
 }
 
